@@ -1,0 +1,142 @@
+"""`dlm train`, `dlm sample` and `dlm stats`: the only place that parses argv and prints for a user."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dlm.checkpoint import CheckpointError
+from dlm.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
+from dlm.data import CorpusError, prepare_data
+from dlm.runs import load_run, pick_device
+from dlm.sample import SampleOptions, generate, write_samples
+from dlm.textstats import distribution_summary, heldout_windows
+from dlm.train import RunExistsError, train
+
+USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, ValueError)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One --key option per Config field; values are checked by the same code as YAML presets."""
+    group = parser.add_argument_group("config overrides (any key of dlm.config.Config)")
+    for key, tp in field_types().items():
+        if tp is bool:
+            group.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            group.add_argument(f"--{key}", metavar="VALUE", default=argparse.SUPPRESS, help=describe_type(tp))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlm", description="Diffusion-LM workbench on tiny_shakespeare.",
+                                     allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="train a run from a YAML preset", allow_abbrev=False)
+    train_parser.add_argument("params", help="YAML preset, e.g. params/default.yaml")
+    train_parser.add_argument("--run_dir", required=True, help="folder for config, checkpoints and metrics")
+    train_parser.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
+    add_config_options(train_parser)
+
+    sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
+    sample_parser.add_argument("--run_dir", required=True)
+    sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    sample_parser.add_argument("--num_samples", type=int, default=16)
+    sample_parser.add_argument("--steps", type=int, help="sampling steps (strided, <= T; default: the run's sample_steps)")
+    sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned")
+    sample_parser.add_argument("--clamp", action=argparse.BooleanOptionalAction, help="default: the run's clamp")
+    sample_parser.add_argument("--clamp_fraction", type=float,
+                               help="clamp only during the last share of steps")
+    sample_parser.add_argument("--eta", type=float, help="1 ancestral, 0 deterministic DDIM")
+    sample_parser.add_argument("--temperature", type=float,
+                               help="0: argmax of the rounding logits; >0: draw final tokens from softmax/T")
+    sample_parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                               help="use the EMA weights when the checkpoint has them")
+    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser.add_argument("--batch_size", type=int, default=64)
+    sample_parser.add_argument("--record_every", type=int, default=0,
+                               help="also write FILE.trajectory.json with decoded tokens every N steps")
+    sample_parser.add_argument("--device", default="auto")
+    sample_parser.add_argument("--out", required=True, help="FILE.jsonl (a .txt is written beside it)")
+
+    stats_parser = commands.add_parser("stats", help="token-distribution stats of samples vs held-out text")
+    stats_parser.add_argument("--samples", required=True, help="a .jsonl written by dlm sample")
+    stats_parser.add_argument("--run_dir", required=True, help="the run whose corpus and vocabulary to compare with")
+    stats_parser.add_argument("--json", help="also write the numbers to this file")
+    return parser
+
+
+def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
+    if extra:
+        flag = next((a for a in extra if a.startswith("--")), extra[0])
+        key = flag.lstrip("-").split("=")[0].removeprefix("no-")
+        if key in field_types():
+            raise ConfigError(f"Could not read the value of --{key}: {' '.join(extra)}")
+        raise unknown_key_error(key, where=" on the command line")
+    overrides = {}
+    for key in field_types():
+        if hasattr(namespace, key):
+            value = getattr(namespace, key)
+            overrides[key] = value if isinstance(value, bool) else coerce(key, value, from_text=True)
+    return overrides
+
+
+def run_train(args: argparse.Namespace, extra: list[str]) -> None:
+    config = load_config(args.params, **parse_overrides(extra, args))
+    result = train(config, args.run_dir, resume=args.resume)
+    print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
+    options = SampleOptions.from_config(
+        run.config, num_samples=args.num_samples, steps=args.steps, decoder=args.decoder, clamp=args.clamp,
+        clamp_fraction=args.clamp_fraction, eta=args.eta, temperature=args.temperature, seed=args.seed,
+        batch_size=args.batch_size, record_every=args.record_every,
+    )
+    batch = generate(run, options, device)
+    jsonl, txt = write_samples(batch, args.out, run, options)
+    print(f"{len(batch.texts)} samples from {run.checkpoint} (step {run.step}) -> {jsonl}, {txt}")
+
+
+def run_stats(args: argparse.Namespace) -> None:
+    run = load_run(args.run_dir)
+    path = Path(args.samples)
+    if not path.is_file():
+        raise ValueError(f"No samples file at '{path}'. Write one with dlm sample --out FILE.jsonl.")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"'{path}' holds no samples.")
+    itos = run.tokenizer.itos
+    samples = [[itos[i] for i in r["ids"]] for r in records]
+    data = prepare_data(run.config.corpus, tokenizer=run.tokenizer)
+    heldout = [[itos[i] for i in row] for row in heldout_windows(data.val_ids, run.config.seq_len, len(samples)).tolist()]
+    report = {"samples": distribution_summary(samples), "heldout": distribution_summary(heldout)}
+    for name, summary in report.items():
+        top = ", ".join(f"{t!r} {c}" for t, c in summary["top_tokens"][:5])
+        print(f"{name:8s} tokens {summary['tokens']:6d} | types {summary['types']:5d} | punctuation "
+              f"{summary['punctuation_share']:.3f} | entropy {summary['unigram_entropy']:.3f} bits | "
+              f"top-10 share {summary['top_share']:.3f} | {top}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            run_train(args, extra)
+        else:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            {"sample": run_sample, "stats": run_stats}[args.command](args)
+    except USER_ERRORS as error:
+        print(f"dlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+

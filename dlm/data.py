@@ -1,0 +1,246 @@
+"""Corpus resolution, tokenizers, the train/validation split and training windows."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY_SHAKESPEARE = "tiny_shakespeare"
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+PAD, UNK = "<pad>", "<unk>"
+# Words keep inner apostrophes ("I'll", "o'er"); every other non-space character is its own token;
+# newlines are tokens too, because line structure is part of Shakespeare.
+WORD_PATTERN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|\n|[^\sA-Za-z]")
+NO_SPACE_BEFORE = set(",.;:!?)]}-\n")
+NO_SPACE_AFTER = set("([{'-\n")
+
+
+class CorpusError(FileNotFoundError):
+    """The corpus cannot be found, fetched or read."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dlm"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def resolve_corpus(name_or_path: str, url: str = TINY_SHAKESPEARE_URL) -> Path:
+    """Find the corpus file: $DLM_DATA_DIR, then the user cache, else download (tiny_shakespeare).
+
+    Any other value is a path to a UTF-8 text file.
+    """
+    if name_or_path != TINY_SHAKESPEARE:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise CorpusError(
+                f"Corpus file '{path}' does not exist. Pass 'tiny_shakespeare' or a path to a UTF-8 text file."
+            )
+        return path
+    relative = Path(TINY_SHAKESPEARE) / "input.txt"
+    candidates = []
+    if os.environ.get("DLM_DATA_DIR"):
+        candidates.append(Path(os.environ["DLM_DATA_DIR"]) / relative)
+    cached = cache_dir() / relative
+    candidates.append(cached)
+    for path in candidates:
+        if path.is_file():
+            if sha256_of(path) != TINY_SHAKESPEARE_SHA256:
+                raise CorpusError(
+                    f"'{path}' is not the tiny_shakespeare corpus (SHA-256 mismatch). Replace it with "
+                    f"the char-rnn input.txt or delete it so dlm downloads it again."
+                )
+            return path
+    return _download(url, cached, candidates)
+
+
+def _download(url: str, target: Path, searched: list[Path]) -> Path:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as error:
+        where = " or ".join(f"'{p}'" for p in searched)
+        raise CorpusError(
+            f"tiny_shakespeare was not found at {where} and could not be downloaded from {url} "
+            f"({error}). Put input.txt at $DLM_DATA_DIR/tiny_shakespeare/input.txt (set DLM_DATA_DIR) "
+            f"or at '{target}'."
+        ) from None
+    if hashlib.sha256(payload).hexdigest() != TINY_SHAKESPEARE_SHA256:
+        raise CorpusError(f"The file downloaded from {url} failed its SHA-256 check; nothing was saved.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, payload)
+    return target
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_corpus(name_or_path: str) -> str:
+    path = resolve_corpus(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CorpusError(f"Corpus '{path}' is not UTF-8 text. Convert it to UTF-8 first.") from None
+    if not text.strip():
+        raise CorpusError(f"Corpus '{path}' is empty. Give a text file with some words in it.")
+    return text
+
+
+def split_text(text: str, train_fraction: float = 0.9) -> tuple[str, str]:
+    """First 90% of characters train, the rest validation (the nanoGPT convention)."""
+    cut = int(len(text) * train_fraction)
+    return text[:cut], text[cut:]
+
+
+class Tokenizer:
+    """Maps text to ids and back. `kind` is 'word' or 'char'; ids 0 and 1 are <pad> and <unk>."""
+
+    def __init__(self, kind: str, itos: list[str], lowercase: bool = False):
+        if kind not in ("word", "char"):
+            raise ValueError(f"Unknown tokenizer kind '{kind}': use 'word' or 'char'.")
+        self.kind = kind
+        self.itos = list(itos)
+        self.lowercase = lowercase
+        self.stoi = {token: index for index, token in enumerate(self.itos)}
+        self.pad_id = self.stoi[PAD]
+        self.unk_id = self.stoi[UNK]
+
+    @classmethod
+    def build(cls, text: str, kind: str = "word", min_count: int = 2, lowercase: bool = False) -> Tokenizer:
+        pieces = split_tokens(text, kind, lowercase)
+        if not pieces:
+            raise ValueError("Cannot build a vocabulary from empty text.")
+        counts = collections.Counter(pieces)
+        threshold = min_count if kind == "word" else 1
+        # Most frequent first; ties broken alphabetically so the vocabulary is deterministic.
+        kept = sorted((t for t, c in counts.items() if c >= threshold), key=lambda t: (-counts[t], t))
+        return cls(kind, [PAD, UNK, *kept], lowercase)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def tokenize(self, text: str) -> list[str]:
+        return split_tokens(text, self.kind, self.lowercase)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(token, self.unk_id) for token in self.tokenize(text)]
+
+    def decode(self, ids) -> str:
+        tokens = [self.itos[int(i)] for i in ids]
+        if self.kind == "char":
+            return "".join("" if t == PAD else t for t in tokens)
+        return join_words([t for t in tokens if t != PAD])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "lowercase": self.lowercase, "itos": self.itos}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Tokenizer:
+        return cls(values["kind"], values["itos"], values.get("lowercase", False))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), json.dumps(self.to_dict(), ensure_ascii=False).encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def split_tokens(text: str, kind: str, lowercase: bool) -> list[str]:
+    if lowercase:
+        text = text.lower()
+    if kind == "char":
+        return list(text)
+    return WORD_PATTERN.findall(text)
+
+
+def join_words(tokens: list[str]) -> str:
+    """Rejoin word tokens so punctuation sits where a reader expects it ("Yes, my lord.")."""
+    out: list[str] = []
+    for token in tokens:
+        if out and token not in NO_SPACE_BEFORE and out[-1] not in NO_SPACE_AFTER:
+            out.append(" ")
+        out.append(token)
+    return "".join(out)
+
+
+@dataclass
+class CorpusData:
+    tokenizer: Tokenizer
+    train_ids: torch.Tensor  # (N_train,) int64
+    val_ids: torch.Tensor  # (N_val,) int64
+
+
+def prepare_data(corpus: str, kind: str = "word", min_count: int = 2, lowercase: bool = False,
+                 tokenizer: Tokenizer | None = None, max_train_tokens: int | None = None) -> CorpusData:
+    """Read, split and encode the corpus; the vocabulary is built on the train split only."""
+    train_text, val_text = split_text(read_corpus(corpus))
+    if tokenizer is None:
+        tokenizer = Tokenizer.build(train_text, kind, min_count, lowercase)
+    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    if max_train_tokens is not None:
+        train_ids = train_ids[:max_train_tokens]
+    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    return CorpusData(tokenizer, train_ids, val_ids)
+
+
+def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
+    """How many windows every epoch has, whatever its random offset."""
+    if num_tokens < seq_len:
+        raise ValueError(
+            f"The training text has {num_tokens} tokens, fewer than seq_len={seq_len}. "
+            f"Use a longer corpus or a smaller seq_len."
+        )
+    return (num_tokens - max_offset(num_tokens, seq_len)) // seq_len
+
+
+def max_offset(num_tokens: int, seq_len: int) -> int:
+    return min(seq_len, num_tokens - seq_len + 1) - 1
+
+
+def epoch_windows(ids: torch.Tensor, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Non-overlapping windows at a fresh random offset, shuffled: one epoch's examples (n, seq_len)."""
+    count = windows_per_epoch(len(ids), seq_len)
+    offset = int(torch.randint(0, max_offset(len(ids), seq_len) + 1, (1,), generator=generator))
+    windows = ids[offset: offset + count * seq_len].view(count, seq_len)
+    return windows[torch.randperm(count, generator=generator)]
+
+
+def fixed_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Windows from offset 0 in corpus order: the validation examples."""
+    count = len(ids) // seq_len
+    return ids[: count * seq_len].view(count, seq_len)

@@ -1,0 +1,214 @@
+"""Gaussian diffusion over embeddings: noise schedules, q_sample, the one training loss and the
+samplers. The schedule knows nothing of the network and the network nothing of the schedule."""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dlm.embeddings import nearest_rows
+
+
+def betas_for_alpha_bar(steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
+    """Discretise a continuous alpha_bar(s), s in [0, 1], into per-step betas (improved-diffusion)."""
+    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)]
+    return np.array(betas, dtype=np.float64)
+
+
+def make_betas(name: str, steps: int) -> np.ndarray:
+    if name == "sqrt":  # Diffusion-LM: alpha_bar(s) = 1 - sqrt(s + 1e-4); noise rises fast early on
+        return betas_for_alpha_bar(steps, lambda s: 1 - math.sqrt(s + 1e-4))
+    if name == "cosine":  # improved-diffusion
+        return betas_for_alpha_bar(steps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
+    if name == "linear":  # DDPM's 1e-4..2e-2 at T=1000, rescaled so other T keep the same shape
+        scale = 1000 / steps
+        return np.linspace(scale * 1e-4, scale * 2e-2, steps, dtype=np.float64)
+    raise ValueError(f"Unknown noise schedule '{name}': use sqrt, linear or cosine.")
+
+
+class NoiseSchedule:
+    """Every per-timestep quantity, precomputed once (index t = 0 .. T-1)."""
+
+    def __init__(self, name: str = "sqrt", steps: int = 2000):
+        self.name = name
+        self.steps = steps
+        betas = make_betas(name, steps)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        self.betas = torch.tensor(betas, dtype=torch.float32)
+        self.alphas_cumprod = torch.tensor(alphas_cumprod, dtype=torch.float32)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+
+    @property
+    def sigma0(self) -> float:
+        """Std of q(x0 | w) = EMB(w) + sigma0 * noise: the noise level of the first step."""
+        return float(self.sqrt_one_minus_alphas_cumprod[0])
+
+    def at(self, values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Gather per-timestep values for a batch of t and broadcast to `ndim` dims."""
+        out = values.to(t.device)[t]
+        return out.view(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+    return (schedule.at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+@dataclass
+class LossSettings:
+    predict: str = "x0"  # what the network outputs: x0 or epsilon
+    rounding_weight: float = 1.0
+    rounding_target: str = "noisy"  # clean | noisy | predicted
+    prior_loss: bool = True
+    self_condition: float = 0.0
+
+
+class GaussianDiffusion:
+    def __init__(self, schedule: NoiseSchedule, settings: LossSettings):
+        if settings.predict not in ("x0", "epsilon"):
+            raise ValueError(f"predict must be x0 or epsilon, got '{settings.predict}'.")
+        if settings.rounding_target not in ("clean", "noisy", "predicted"):
+            raise ValueError(f"rounding_target must be clean, noisy or predicted, got '{settings.rounding_target}'.")
+        self.schedule = schedule
+        self.settings = settings
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    def x0_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.settings.predict == "x0":
+            return output
+        s = self.schedule
+        return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
+                / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
+
+    def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The one loss. Returns every term (scalars): mse, rounding, prior, total.
+
+        mse: ||f(x_t, t) - target||^2 with target x0 (or epsilon), and at t = 0 the predicted x0
+        against EMB(w); rounding: CE of the rounding decoder on the configured x0; prior (tT):
+        ||sqrt(alpha_bar_T) x0||^2, which keeps the table from growing without bound.
+        """
+        cfg, s = self.settings, self.schedule
+        device = ids.device
+        emb = model.embedding(ids)  # (B, L, d)
+        batch = ids.shape[0]
+
+        def randn_like(x):
+            return torch.randn(x.shape, generator=generator, device="cpu").to(device) if generator else torch.randn_like(x)
+
+        if cfg.rounding_target == "clean":
+            x0 = emb  # the seed: diffuse the clean embeddings themselves
+        else:
+            x0 = emb + s.sigma0 * randn_like(emb)  # x0 ~ q(x0 | w)
+        t_cpu = torch.randint(0, s.steps, (batch,), generator=generator)
+        t = t_cpu.to(device)
+        noise = randn_like(x0)
+        x_t = q_sample(s, x0, t, noise)
+
+        x0_estimate = None
+        if cfg.self_condition > 0:
+            # Self-conditioning (Analog Bits): on a share of batches, first predict x0 without
+            # gradient and feed that estimate back in as an extra input.
+            use = torch.rand((), generator=generator).item() < cfg.self_condition
+            if use:
+                with torch.no_grad():
+                    x0_estimate = self.x0_from_output(model.denoise(x_t, t), x_t, t).detach()
+        output = model.denoise(x_t, t, x0_estimate)
+        pred_x0 = self.x0_from_output(output, x_t, t)
+
+        target = x0 if cfg.predict == "x0" else noise
+        mse = mean_flat((output - target) ** 2)
+        t0_mse = mean_flat((pred_x0 - emb) ** 2)
+        mse = torch.where(t == 0, t0_mse, mse).mean()
+
+        rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
+        logits = model.rounding(rounding_input)
+        rounding = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+
+        last = torch.full_like(t, s.steps - 1)
+        prior = mean_flat((s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
+
+        total = mse + cfg.rounding_weight * rounding
+        if cfg.prior_loss:
+            total = total + prior
+        return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
+
+
+@dataclass
+class SampleState:
+    """One step of the reverse chain: x at the next (lower) noise level and the predicted x0."""
+
+    index: int  # 0 .. steps-1, in sampling order
+    t: int  # the timestep the network was evaluated at
+    x: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def sampling_timesteps(total_steps: int, steps: int) -> list[int]:
+    """`steps` timesteps from T-1 down to 0, evenly strided (any steps <= T)."""
+    if not 1 <= steps <= total_steps:
+        raise ValueError(f"Sampling steps must be between 1 and {total_steps}, got {steps}.")
+    return sorted({round(v) for v in np.linspace(0, total_steps - 1, steps)}, reverse=True)
+
+
+@torch.inference_mode()
+def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
+                       eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
+                       generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> Iterator[SampleState]:
+    """Run the reverse chain over a strided subset of timesteps, yielding every state.
+
+    eta = 1 is ancestral (DDPM posterior) sampling on the strided chain, eta = 0 deterministic DDIM.
+    clamp: replace the predicted x0 by its nearest embedding row (Diffusion-LM's clamping trick),
+    during the last `clamp_fraction` of the steps only.
+    """
+    s = diffusion.schedule
+    batch, length = shape
+    table = model.embedding.table()
+    dim = table.shape[1]
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator).to(device)
+
+    x = randn(batch, length, dim)
+    timesteps = sampling_timesteps(s.steps, steps)
+    clamp_from = len(timesteps) - math.ceil(clamp_fraction * len(timesteps))
+    x0_estimate = None
+    ac = s.alphas_cumprod.to(device)
+    for index, t in enumerate(timesteps):
+        t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
+        output = model.denoise(x, t_batch, x0_estimate)
+        pred_x0 = diffusion.x0_from_output(output, x, t_batch)
+        if clamp and index >= clamp_from:
+            pred_x0 = table[nearest_rows(pred_x0, table)]
+        x0_estimate = pred_x0 if model.self_conditioned else None
+        if index == len(timesteps) - 1:
+            x = pred_x0  # the last step returns the clean estimate itself
+        else:
+            a_t, a_s = ac[t], ac[timesteps[index + 1]]
+            eps = (x - a_t.sqrt() * pred_x0) / (1 - a_t).sqrt()
+            sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp_min(0).sqrt()
+            x = a_s.sqrt() * pred_x0 + (1 - a_s - sigma**2).clamp_min(0).sqrt() * eps
+            if eta > 0:
+                x = x + sigma * randn(batch, length, dim)
+        yield SampleState(index, t, x, pred_x0)
+
+
+def sample(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int, **options) -> torch.Tensor:
+    """The final x0 of the reverse chain, (B, L, d)."""
+    last = collections.deque(sample_progressive(model, diffusion, shape, steps, **options), maxlen=1)
+    return last[0].x

@@ -1,0 +1,155 @@
+"""The learned embedding table, the rounding decoders that map vectors back to tokens, and
+pretrained-vector loading."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LearnedEmbedding(nn.Module):
+    """EMB(w): a (vocab_size, embed_dim) table trained jointly with the denoiser (Diffusion-LM).
+
+    `norm` fixes the table's geometry: 'l2' scales every row to norm sqrt(embed_dim) (CDCD),
+    'layernorm' normalises each row without affine parameters (Difformer). Either stops the
+    diffusion MSE from shrinking the table, one road to collapse.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, pretrained_embeddings: torch.Tensor | None = None,
+                 trainable: bool = True, norm: str = "none", init_std: float = 1.0):
+        super().__init__()
+        if norm not in ("none", "l2", "layernorm"):
+            raise ValueError(f"Unknown embedding norm '{norm}': use none, l2 or layernorm.")
+        if pretrained_embeddings is not None:
+            if tuple(pretrained_embeddings.shape) != (vocab_size, embed_dim):
+                raise ValueError(
+                    f"Pretrained table has shape {tuple(pretrained_embeddings.shape)}, "
+                    f"expected ({vocab_size}, {embed_dim})."
+                )
+            weight = pretrained_embeddings.detach().clone().float()
+        else:
+            weight = torch.randn(vocab_size, embed_dim) * init_std
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+        self.norm = norm
+
+    @property
+    def embed_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def table(self) -> torch.Tensor:
+        """The table as the diffusion sees it (after normalisation), (V, d)."""
+        if self.norm == "l2":
+            return F.normalize(self.weight, dim=-1) * math.sqrt(self.embed_dim)
+        if self.norm == "layernorm":
+            return F.layer_norm(self.weight, (self.embed_dim,))
+        return self.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table())
+
+
+class LearnedRounding(nn.Module):
+    """p(w | x): logits over the vocabulary for each vector.
+
+    Untied (the seed): one nn.Linear. Tied (Diffusion-LM): logits = x @ E^T + b with E the
+    embedding table, so a vector decodes to the row it is closest to in dot product; with a
+    normalised table a learnable scale sets how peaked the softmax can get.
+    """
+
+    def __init__(self, embed_dim: int, vocab_size: int, tied_embedding: LearnedEmbedding | None = None):
+        super().__init__()
+        self.tied_embedding = tied_embedding
+        if tied_embedding is None:
+            self.decoder = nn.Linear(embed_dim, vocab_size)
+        else:
+            self.bias = nn.Parameter(torch.zeros(vocab_size))
+            self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=tied_embedding.norm != "none")
+
+    @property
+    def output_bias(self) -> torch.Tensor:
+        return self.decoder.bias if self.tied_embedding is None else self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tied_embedding is None:
+            return self.decoder(x)
+        table = self.tied_embedding.table()
+        # Scale the (B, L, d) input rather than the (B, L, V) logits, and fuse the bias add:
+        # the logits are the largest tensor of a training step.
+        return F.linear(x * self.log_scale.exp(), table, self.bias)
+
+
+class CosineRounding(nn.Module):
+    """The baseline learned rounding replaces: cosine similarity to each table row, then argmax."""
+
+    def __init__(self, embedding: LearnedEmbedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = F.normalize(self.embedding.table(), dim=-1)
+        return F.linear(F.normalize(x, dim=-1), table)
+
+
+@torch.no_grad()
+def nearest_rows(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table row (Euclidean) for every vector in x (..., d) -> (...)."""
+    flat = x.reshape(-1, x.shape[-1])
+    # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2; ||x||^2 is constant per row so it is dropped.
+    scores = flat @ table.T * 2 - (table * table).sum(-1)
+    return scores.argmax(-1).view(x.shape[:-1])
+
+
+def read_word_vectors(path: str | Path) -> dict[str, torch.Tensor]:
+    """word2vec / GloVe text format: an optional 'count dim' header, then 'word v1 v2 ...' lines."""
+    vectors: dict[str, torch.Tensor] = {}
+    dim = None
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            parts = line.rstrip().split(" ")
+            if line_number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue  # word2vec header
+            if len(parts) < 2:
+                continue
+            try:
+                values = torch.tensor([float(v) for v in parts[1:]])
+            except ValueError:
+                raise ValueError(f"{path}:{line_number} is not 'word v1 v2 ...' text.") from None
+            if dim is None:
+                dim = len(values)
+            elif len(values) != dim:
+                raise ValueError(f"{path}:{line_number} has {len(values)} values, expected {dim}.")
+            vectors.setdefault(parts[0], values)
+    if not vectors:
+        raise ValueError(f"No word vectors found in '{path}'.")
+    return vectors
+
+
+def pca_project(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """Project rows onto their top `dim` principal components; zero-pad if they have fewer dims.
+
+    PCA keeps the directions along which the vectors differ most, where a random projection
+    (the seed's choice) would mix signal and noise evenly.
+    """
+    centred = matrix - matrix.mean(0, keepdim=True)
+    if matrix.shape[1] <= dim:
+        return F.pad(centred, (0, dim - matrix.shape[1]))
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:dim].T
+
+
+def pretrained_table(vectors: dict[str, torch.Tensor], itos: list[str], embed_dim: int,
+                     init_std: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """An initial (V, embed_dim) table: covered words from `vectors` (PCA-projected and rescaled to
+    `init_std` per dimension), the rest random. Returns the table and how many words were covered."""
+    covered = [i for i, word in enumerate(itos) if word in vectors]
+    table = torch.randn(len(itos), embed_dim, generator=generator) * init_std
+    if covered:
+        found = torch.stack([vectors[itos[i]] for i in covered]).float()
+        projected = pca_project(found, embed_dim)
+        projected = projected / projected.std().clamp_min(1e-8) * init_std
+        table[covered] = projected
+    return table, len(covered)

@@ -1,0 +1,118 @@
+"""TinyTransformer, the denoiser (and, with a causal mask, the autoregressive baseline), and
+DiffusionLM, the module that owns the embedding table, the denoiser and the rounding decoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlm.config import Config
+from dlm.embeddings import LearnedEmbedding, LearnedRounding
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of the (integer) timestep, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(features, (0, dim % 2))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=-1)
+        # (B, L, W) -> (B, nh, L, hs)
+        q, k, v = (z.view(batch, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, dropout, causal)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """embed_dim -> width up-projection, learned positions, (optional) time embedding through an
+    MLP, pre-LN blocks on scaled_dot_product_attention, width -> out_dim down-projection."""
+
+    def __init__(self, embed_dim: int, width: int, depth: int, heads: int, seq_len: int,
+                 dropout: float = 0.1, causal: bool = False, time_conditioned: bool = True,
+                 in_dim: int | None = None, out_dim: int | None = None):
+        super().__init__()
+        self.width = width
+        self.in_proj = nn.Linear(in_dim or embed_dim, width)
+        self.positions = nn.Parameter(torch.randn(seq_len, width) * 0.02)
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
+            if time_conditioned else None
+        )
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.out_proj = nn.Linear(width, out_dim or embed_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        length = x.shape[1]
+        h = self.in_proj(x) + self.positions[:length]  # (B, L, W)
+        if self.time_mlp is not None:
+            h = h + self.time_mlp(timestep_embedding(t, self.width))[:, None, :]
+        h = self.drop(h)
+        for block in self.blocks:
+            h = block(h)
+        return self.out_proj(self.ln_f(h))
+
+
+class DiffusionLM(nn.Module):
+    """Everything trained jointly: EMB(w), the denoiser f(x_t, t) and the rounding p(w | x)."""
+
+    def __init__(self, config: Config, vocab_size: int, pretrained_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        d = config.embed_dim
+        self.embedding = LearnedEmbedding(
+            vocab_size, d, pretrained_embeddings, trainable=config.use_learned_embeddings,
+            norm=config.embedding_norm, init_std=config.embedding_init_std,
+        )
+        self.self_conditioned = config.self_condition > 0
+        # With self-conditioning the denoiser also reads its previous x0 estimate, concatenated.
+        self.denoiser = TinyTransformer(
+            d, config.width, config.depth, config.heads, config.seq_len, config.dropout,
+            in_dim=2 * d if self.self_conditioned else d,
+        )
+        tied = self.embedding if config.rounding == "tied" else None
+        self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        if self.self_conditioned:
+            if x0_estimate is None:
+                x0_estimate = torch.zeros_like(x_t)
+            x_t = torch.cat([x_t, x0_estimate], dim=-1)
+        return self.denoiser(x_t, t)

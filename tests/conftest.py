@@ -1,0 +1,45 @@
+import random
+from pathlib import Path
+
+import pytest
+
+from dlm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = ROOT.parent / "shared" / "data"
+
+LINES = [
+    "First Citizen:", "Before we proceed any further, hear me speak.", "All:", "Speak, speak.",
+    "MENENIUS:", "What work's, my countrymen, in hand? where go you", "With bats and clubs? The matter? speak, I pray you.",
+    "KING RICHARD:", "Now is the winter of our discontent", "Made glorious summer by this sun of York;",
+    "JULIET:", "O Romeo, Romeo! wherefore art thou Romeo?", "Deny thy father and refuse thy name;",
+    "HAMLET:", "To be, or not to be: that is the question.", "I'll speak to it though hell itself should gape.",
+]
+
+
+def make_corpus(path: Path, paragraphs: int = 120, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    blocks = []
+    for _ in range(paragraphs):
+        start = rng.randrange(0, len(LINES) - 3)
+        blocks.append("\n".join(LINES[start: start + rng.randint(2, 4)]))
+    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small made-up corpus (never the real one: that is not committed)."""
+    return make_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture
+def smoke_config(corpus):
+    return load_config(ROOT / "params" / "smoke.yaml", corpus=str(corpus), max_train_tokens=None,
+                       min_count=1, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache or the network from unit tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -1,0 +1,124 @@
+import csv
+
+import pytest
+import torch
+
+import dlm.train as train_module
+from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dlm.runs import RunDir, load_run
+from dlm.train import RunExistsError, train
+
+
+def test_round_trip(tmp_path):
+    payload = {"model": {"w": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 0.1}, "maybe": None}
+    path = save_checkpoint(tmp_path / "c.pt", payload)
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], payload["model"]["w"]) and loaded["step"] == 7
+    assert loaded["maybe"] is None
+
+
+def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"step": 1})
+    before = path.read_bytes()
+
+    def broken(payload, buffer):
+        buffer.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"step": 2})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+
+
+def test_corrupt_foreign_and_missing_files_get_clear_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="corrupt or not a dlm checkpoint"):
+        load_checkpoint(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a dlm checkpoint"):
+        load_checkpoint(foreign)
+    truncated = tmp_path / "truncated.pt"
+    good = save_checkpoint(tmp_path / "good.pt", {"w": torch.ones(1000)})
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_code_in_a_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "dlm-checkpoint", "version": 1, "x": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_training_writes_a_run_folder_and_checkpoints_on_schedule(smoke_config, tmp_path):
+    config = smoke_config.replace(epochs=4, checkpoint_every=2)
+    result = train(config, tmp_path / "run")
+    run = RunDir(result.run_dir)
+    assert run.config.exists() and run.vocab.exists()
+    assert [p.name for p in run.kept_checkpoints()] == ["epoch_0002.pt", "epoch_0004.pt"]
+    rows = read_rows(run.metrics)
+    assert rows[-1]["val_total"] and float(rows[0]["tokens_per_s"]) > 0 and float(rows[0]["embedding_norm"]) > 0
+    loaded = load_run(run.path)
+    assert loaded.step == result.step and loaded.epoch == 4 and loaded.used_ema
+
+
+def test_same_seed_same_losses(smoke_config, tmp_path):
+    train(smoke_config, tmp_path / "a")
+    train(smoke_config, tmp_path / "b")
+    strip = ("tokens_per_s", "elapsed_s")
+    a = [{k: v for k, v in r.items() if k not in strip} for r in read_rows(tmp_path / "a" / "metrics.csv")]
+    b = [{k: v for k, v in r.items() if k not in strip} for r in read_rows(tmp_path / "b" / "metrics.csv")]
+    assert a == b
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_path, monkeypatch):
+    config = smoke_config.replace(epochs=3)
+    whole = train(config, tmp_path / "whole")
+
+    real_save = train_module.save_checkpoint
+    saves = []
+
+    def crash_after_first_epoch(path, payload):
+        real_save(path, payload)
+        saves.append(path.name)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # the process dies right after epoch 1 was saved
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "part")
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train(config, tmp_path / "part", resume=True)
+
+    assert resumed.step == whole.step
+    strip = ("tokens_per_s", "elapsed_s")
+    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_rows(d / "metrics.csv")]
+            for d in (tmp_path / "whole", tmp_path / "part")]
+    assert rows[0] == rows[1]
+    a = load_run(tmp_path / "whole", use_ema=False).model.state_dict()
+    b = load_run(tmp_path / "part", use_ema=False).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_existing_run_is_never_overwritten(smoke_config, tmp_path):
+    train(smoke_config, tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.csv").read_bytes()
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(smoke_config, tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == before

@@ -1,0 +1,102 @@
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from dlm.cli import main
+from tests.conftest import ROOT
+
+SMOKE = str(ROOT / "params" / "smoke.yaml")
+
+
+def train_args(corpus, run_dir, *extra):
+    return ["train", SMOKE, "--run_dir", str(run_dir), "--corpus", str(corpus), "--min_count", "1",
+            "--max_train_tokens", "none", *extra]
+
+
+def test_smoke_train_and_sample_through_python_m(corpus, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "samples" / "s.jsonl"
+    command = [sys.executable, "-m", "dlm"]
+    subprocess.run([*command, *train_args(corpus, run_dir), "--epochs", "2", "--seed", "3"],
+                   check=True, cwd=tmp_path, capture_output=True)
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    done = subprocess.run([*command, "sample", "--run_dir", str(run_dir), "--num_samples", "5", "--steps", "10",
+                           "--out", str(out)], check=True, cwd=tmp_path, capture_output=True, text=True)
+    assert "5 samples" in done.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 5 and all(r["text"].strip() for r in records)
+    assert records[0]["steps"] == 10 and records[0]["decoder"] == "learned"
+    lines = out.with_suffix(".txt").read_text().splitlines()
+    assert lines == [r["text"].replace("\n", " / ") for r in records]
+
+
+def test_sample_options_and_trajectory(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus, run_dir)) == 0
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(run_dir), "--num_samples", "3", "--steps", "8", "--decoder", "cosine",
+                 "--no-clamp", "--eta", "0", "--record_every", "2", "--out", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["decoder"] == "cosine" and record["clamp"] is False and record["eta"] == 0.0
+    trajectory = json.loads(out.with_suffix(".trajectory.json").read_text())
+    assert [f["index"] for f in trajectory["frames"]] == [0, 2, 4, 6, 7]
+    assert len(trajectory["frames"][-1]["ids"]) == 3
+    assert main(["stats", "--samples", str(out), "--run_dir", str(run_dir), "--json", str(tmp_path / "st.json")]) == 0
+    stats = json.loads((tmp_path / "st.json").read_text())
+    assert stats["heldout"]["tokens"] > 0 and 0 <= stats["samples"]["punctuation_share"] <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epoch", "3"], "Unknown config key 'epoch'"),
+    (["--epochs", "three"], "'epochs' got 'three'; it must be an integer"),
+    (["--schedule", "quadratic"], "one of: sqrt, linear, cosine"),
+])
+def test_bad_overrides_get_clear_errors(corpus, tmp_path, capsys, extra, message):
+    assert main(train_args(corpus, tmp_path / "run", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_corpus_and_empty_text(tmp_path, capsys):
+    assert main(["train", SMOKE, "--run_dir", str(tmp_path / "r"), "--corpus", str(tmp_path / "no.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", SMOKE, "--run_dir", str(tmp_path / "r"), "--corpus", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_sampling_errors(corpus, tmp_path, capsys):
+    assert main(["sample", "--run_dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus, run_dir)) == 0
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["sample", "--run_dir", str(run_dir), "--checkpoint", str(bad), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "corrupt or not a dlm checkpoint" in capsys.readouterr().err
+    assert main(["sample", "--run_dir", str(run_dir), "--steps", "100000", "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "steps must be between 1" in capsys.readouterr().err
+
+
+def test_resume_through_the_cli_extends_a_run(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus, run_dir, "--epochs", "1")) == 0
+    assert main(train_args(corpus, run_dir, "--epochs", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(train_args(corpus, run_dir, "--epochs", "2", "--resume")) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+
+
+def test_pretrained_vectors_initialise_the_table(corpus, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dlm")
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("3 4\nspeak 1 0 0 2\nRomeo 0 1 0 1\nzzz 1 1 1 1\n")
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus, run_dir, "--epochs", "1", "--init_from_pretrained", str(vectors))) == 0
+    assert "2 of" in caplog.text  # speak and Romeo are in the vocabulary, zzz is not
+    # a dlm checkpoint works as a source of vectors too
+    assert main(train_args(corpus, tmp_path / "run2", "--epochs", "1", "--init_from_pretrained",
+                           str(run_dir / "checkpoints" / "last.pt"))) == 0

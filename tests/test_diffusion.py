@@ -1,0 +1,155 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlm.config import load_config
+from dlm.diffusion import (
+    NoiseSchedule,
+    q_sample,
+    sample_progressive,
+    sampling_timesteps,
+)
+from dlm.embeddings import CosineRounding, LearnedEmbedding, nearest_rows
+from dlm.model import DiffusionLM
+from dlm.runs import build_diffusion
+
+
+def sqrt_alpha_bar(s: float) -> float:
+    return 1 - math.sqrt(s + 1e-4)
+
+
+def test_sqrt_schedule_follows_its_formula():
+    T = 2000
+    schedule = NoiseSchedule("sqrt", T)
+    for t in (0, T // 2):
+        expected = sqrt_alpha_bar((t + 1) / T) / sqrt_alpha_bar(0)
+        assert schedule.alphas_cumprod[t].item() == pytest.approx(expected, rel=1e-5)
+    assert schedule.alphas_cumprod[T - 1].item() < 1e-4  # alpha_bar(1) < 0: the last beta is clipped
+    assert schedule.sigma0 == pytest.approx(0.12, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["sqrt", "linear", "cosine"])
+def test_schedules_decrease_from_clean_to_noise(name):
+    schedule = NoiseSchedule(name, 1000)
+    ac = schedule.alphas_cumprod
+    assert torch.all(ac[1:] < ac[:-1]) and ac[0] > 0.9 and ac[-1] < 0.05
+    assert torch.all(schedule.betas <= 0.999)
+    if name == "linear":
+        assert schedule.betas[0].item() == pytest.approx(1e-4) and schedule.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_q_sample_has_the_right_mean_and_std():
+    schedule = NoiseSchedule("sqrt", 2000)
+    x0 = torch.full((20000, 4), 2.0)
+    for t in (10, 1000):
+        tt = torch.full((20000,), t)
+        xt = q_sample(schedule, x0, tt, torch.randn_like(x0))
+        assert xt.mean().item() == pytest.approx(2.0 * schedule.sqrt_alphas_cumprod[t].item(), abs=0.02)
+        assert xt.std().item() == pytest.approx(schedule.sqrt_one_minus_alphas_cumprod[t].item(), rel=0.02)
+
+
+def toy(predict="x0", rounding_target="clean", **overrides):
+    config = load_config(None, embed_dim=8, width=16, depth=1, heads=2, seq_len=6, diffusion_steps=50,
+                         sample_steps=50, predict=predict, rounding_target=rounding_target, dropout=0.0, **overrides)
+    torch.manual_seed(0)
+    return DiffusionLM(config, vocab_size=11), build_diffusion(config)
+
+
+def test_loss_terms_on_a_toy_batch():
+    model, diffusion = toy()
+    ids = torch.randint(0, 11, (4, 6))
+    losses = diffusion.training_losses(model, ids)
+    emb = model.embedding(ids)
+    expected_ce = F.cross_entropy(model.rounding(emb).reshape(-1, 11), ids.reshape(-1))
+    assert losses["rounding"].item() == pytest.approx(expected_ce.item(), rel=1e-5)
+    last_ab = diffusion.schedule.alphas_cumprod[-1]
+    assert losses["prior"].item() == pytest.approx((last_ab * emb.pow(2)).mean().item(), rel=1e-4)
+    total = losses["mse"] + losses["rounding"] + losses["prior"]
+    assert losses["total"].item() == pytest.approx(total.item(), rel=1e-6)
+    diffusion.settings.prior_loss, diffusion.settings.rounding_weight = False, 0.5
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(1))
+    assert losses["total"].item() == pytest.approx((losses["mse"] + 0.5 * losses["rounding"]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("predict", ["x0", "epsilon"])
+def test_an_oracle_denoiser_has_zero_mse(predict, monkeypatch):
+    model, diffusion = toy(predict=predict)
+    ids = torch.randint(0, 11, (4, 6))
+    emb = model.embedding(ids).detach()
+    s = diffusion.schedule
+
+    def oracle(x_t, t, x0_estimate=None):
+        if predict == "x0":
+            return emb
+        return (x_t - s.at(s.sqrt_alphas_cumprod, t, 3) * emb) / s.at(s.sqrt_one_minus_alphas_cumprod, t, 3)
+
+    monkeypatch.setattr(model, "denoise", oracle)
+    assert diffusion.training_losses(model, ids)["mse"].item() < 1e-8
+
+
+def test_rounding_target_decides_what_the_cross_entropy_trains():
+    ids = torch.randint(0, 11, (4, 6))
+    for target, reaches_denoiser in [("clean", False), ("noisy", False), ("predicted", True)]:
+        model, diffusion = toy(rounding_target=target)
+        diffusion.training_losses(model, ids)["rounding"].backward()
+        grad = model.denoiser.out_proj.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == reaches_denoiser, target
+
+
+def test_clamping_picks_the_nearest_row():
+    table = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [10.0, 10.0]])
+    x = torch.tensor([[[0.4, -0.2], [2.2, 0.9], [0.1, 2.0], [6.0, 6.5]]])
+    assert nearest_rows(x, table).tolist() == [[0, 1, 2, 3]]
+    brute = torch.cdist(x[0], table).argmin(-1)
+    assert nearest_rows(x, table)[0].tolist() == brute.tolist()
+
+
+def test_cosine_decoding_uses_direction_not_distance():
+    embedding = LearnedEmbedding(3, 2, pretrained_embeddings=torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 4.0]]))
+    x = torch.tensor([[0.9, 0.05], [0.5, 0.45]])
+    assert CosineRounding(embedding)(x).argmax(-1).tolist() == [0, 2]
+    assert nearest_rows(x, embedding.table()).tolist() == [0, 0]  # L2 would say otherwise
+
+
+def test_strided_timesteps():
+    steps = sampling_timesteps(2000, 50)
+    assert len(steps) == 50 and steps[0] == 1999 and steps[-1] == 0
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    assert sampling_timesteps(2000, 2000) == list(range(1999, -1, -1))
+    with pytest.raises(ValueError):
+        sampling_timesteps(100, 101)
+
+
+@pytest.mark.parametrize("eta, clamp", [(1.0, True), (0.0, False)])
+def test_sampler_yields_every_state_with_the_right_shapes(eta, clamp):
+    model, diffusion = toy()
+    model.eval()
+    states = list(sample_progressive(model, diffusion, (3, 6), 10, eta=eta, clamp=clamp,
+                                     generator=torch.Generator().manual_seed(0)))
+    assert [s.index for s in states] == list(range(10))
+    assert all(s.x.shape == (3, 6, 8) and s.pred_x0.shape == (3, 6, 8) for s in states)
+    if clamp:  # the final sample is made of embedding rows
+        table = model.embedding.table()
+        assert torch.allclose(states[-1].x, table[nearest_rows(states[-1].x, table)])
+    again = list(sample_progressive(model, diffusion, (3, 6), 10, eta=eta, clamp=clamp,
+                                    generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(states[-1].x, again[-1].x)
+
+
+def test_ddim_with_a_perfect_denoiser_lands_on_its_prediction():
+    model, diffusion = toy()
+    target = torch.randn(2, 6, 8)
+    model.denoise = lambda x_t, t, x0_estimate=None: target
+    final = list(sample_progressive(model, diffusion, (2, 6), 5, eta=0.0, clamp=False))[-1].x
+    assert torch.allclose(final, target)
+
+
+def test_clamping_only_in_the_last_steps():
+    model, diffusion = toy()
+    model.eval()
+    table = model.embedding.table()
+    states = list(sample_progressive(model, diffusion, (2, 6), 10, clamp=True, clamp_fraction=0.3))
+    on_rows = [torch.allclose(s.pred_x0, table[nearest_rows(s.pred_x0, table)]) for s in states]
+    assert on_rows[-3:] == [True] * 3 and not any(on_rows[:7])

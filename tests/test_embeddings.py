@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from dlm.embeddings import LearnedEmbedding, LearnedRounding, pca_project, pretrained_table, read_word_vectors
+
+
+def test_pca_keeps_the_directions_of_largest_variance():
+    torch.manual_seed(0)
+    signal = torch.randn(500, 1) * torch.tensor([[3.0, 3.0, 0.0, 0.0]])  # variance along (1, 1, 0, 0)
+    noise = torch.randn(500, 4) * 0.1
+    projected = pca_project(signal + noise, 1)
+    assert projected.shape == (500, 1)
+    corr = torch.corrcoef(torch.stack([projected[:, 0], signal[:, 0]]))[0, 1].abs()
+    assert corr > 0.99
+    assert pca_project(torch.randn(10, 2), 5).shape == (10, 5)  # fewer dims: zero-padded
+
+
+def test_pretrained_table_covers_known_words_and_reports_coverage(tmp_path):
+    path = tmp_path / "glove.txt"
+    path.write_text("king 1 2 3\nqueen 1 2 4\nthe 0 0 1\n")
+    vectors = read_word_vectors(path)
+    table, covered = pretrained_table(vectors, ["<pad>", "<unk>", "the", "king", "rare"], 2, 1.0,
+                                      torch.Generator().manual_seed(0))
+    assert covered == 2 and table.shape == (5, 2)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("king 1 2 3\nqueen 1 2\n")
+    with pytest.raises(ValueError, match="expected 3"):
+        read_word_vectors(bad)
+
+
+@pytest.mark.parametrize("norm", ["l2", "layernorm"])
+def test_normalised_tables_have_fixed_geometry(norm):
+    embedding = LearnedEmbedding(50, 16, norm=norm, init_std=0.5)
+    norms = embedding.table().norm(dim=-1)
+    assert torch.allclose(norms, torch.full((50,), math.sqrt(16)), rtol=1e-3)
+
+
+def test_frozen_table_gets_no_gradient():
+    embedding = LearnedEmbedding(10, 4, trainable=False)
+    assert not embedding.weight.requires_grad
+
+
+def test_tied_rounding_decodes_each_row_to_itself():
+    embedding = LearnedEmbedding(20, 32)
+    tied = LearnedRounding(32, 20, tied_embedding=embedding)
+    assert torch.equal(tied(embedding.table()).argmax(-1), torch.arange(20))
+    untied = LearnedRounding(32, 20)
+    assert untied(torch.randn(3, 32)).shape == (3, 20) and untied.output_bias.shape == (20,)
