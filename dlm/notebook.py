@@ -1,0 +1,129 @@
+"""Helpers the notebooks call first: finding the project, resolving path parameters, logging and
+plotting set-up, and turning a notebook's parameters into a Config.
+
+Notebooks run with different working directories: papermill keeps the caller's (or --cwd),
+JupyterLab starts the kernel in notebooks/. Relative path parameters therefore resolve the same way
+in both: against the project root when the working directory is inside the project, else against
+the working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dlm.config import Config, field_types, load_config
+
+logger = logging.getLogger("dlm")
+
+
+def is_project_root(path: Path) -> bool:
+    return (path / "dlm" / "__init__.py").is_file() and (path / "params").is_dir()
+
+
+def project_root(start: str | Path | None = None) -> Path | None:
+    """The nearest folder at or above `start` (default: the working directory) that holds dlm/ and
+    params/, or None outside a checkout."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if is_project_root(folder):
+            return folder
+    return None
+
+
+def package_root() -> Path | None:
+    """The checkout this dlm was imported from (an editable install), if it is one."""
+    folder = Path(__file__).resolve().parents[1]
+    return folder if is_project_root(folder) else None
+
+
+def resolve_path(path: str | Path, start: str | Path | None = None) -> Path:
+    """Where a relative path parameter points: the project root when the working directory is
+    inside the project (so 'runs/x' means the same from the root and from notebooks/), else the
+    working directory. Absolute paths are kept."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    base = Path(start or Path.cwd()).resolve()
+    return (project_root(base) or base) / path
+
+
+def resolve_input(path: str | Path, start: str | Path | None = None) -> Path:
+    """An existing file or folder named by a parameter: tried relative to the working directory,
+    then the project root, then the checkout dlm was imported from. The error names every place."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        base = Path(start or Path.cwd()).resolve()
+        candidates = [base / path]
+        for root in (project_root(base), package_root()):
+            if root is not None and root / path not in candidates:
+                candidates.append(root / path)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    tried = ", ".join(f"'{c}'" for c in candidates)
+    raise FileNotFoundError(f"'{path}' was not found (looked at {tried}).")
+
+
+def setup(threads: int | None = None, level: int = logging.INFO) -> None:
+    """Inside a notebook: log lines of the `dlm` logger as plain text on stdout (no widget progress
+    bars), figures rendered inline as PNG, and optionally a fixed number of torch threads."""
+    handler = next((h for h in logger.handlers if getattr(h, "_dlm_notebook", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stdout)
+        handler._dlm_notebook = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    handler.stream = sys.stdout  # the kernel may swap stdout between cells
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipykernel
+        get_ipython = None
+    shell = get_ipython() if get_ipython else None
+    if shell is not None:
+        # The inline backend is not interactive: figures become PNG outputs that papermill keeps
+        # and nbconvert embeds. dlm.plots builds Figure objects without pyplot's global state.
+        shell.run_line_magic("matplotlib", "inline")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def config_overrides(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """Config keys set in a notebook's namespace (by its parameters cell, `-p` or `-f`), skipping
+    None, which means: keep the preset's value."""
+    keys = field_types()
+    return {name: value for name, value in namespace.items() if name in keys and value is not None}
+
+
+def notebook_config(params: str | Path | None, namespace: Mapping[str, Any], **forced: Any) -> Config:
+    """The preset file `params` (empty: the Config defaults), then the Config keys the notebook's
+    parameters set, then `forced` values (e.g. progress=False inside a notebook)."""
+    path = resolve_input(params) if params else None
+    overrides = {**config_overrides(namespace), **forced}
+    if overrides:
+        logger.info("config: %s%s", f"{path.name} + " if path else "defaults + ",
+                    ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+    return load_config(path, **overrides)
+
+
+def split_list(value: str | list | tuple | None) -> list[str]:
+    """A list parameter given as a list (papermill -y) or as comma-separated text (-p)."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value if str(v).strip()]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def short_names(paths: list[Path]) -> list[str]:
+    """Labels for run folders in tables and legends: 'parent/name' (e.g. 'runs/default', 'smoke/run')."""
+    return [f"{Path(p).parent.name}/{Path(p).name}" if Path(p).parent.name else Path(p).name for p in paths]

@@ -1,0 +1,232 @@
+"""Matplotlib figures for the notebooks: loss curves, training dynamics, token distributions,
+collapse signals over training and embedding geometry.
+
+Every function returns a `matplotlib.figure.Figure` built without pyplot, so no global figure
+state leaks between cells and any backend (inline in a notebook, Agg in tests) can render it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from dlm.analysis import rank_frequency, top_tokens
+from dlm.textstats import content_tokens, punctuation_share
+
+DPI = 90
+HELDOUT_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
+
+
+def token_label(token: str) -> str:
+    """A token as plot text: newlines visible, '$' not read as mathtext."""
+    return repr(token)[1:-1].replace("$", r"\$") if token.strip() else repr(token)
+
+
+def _figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.ticklabel_format(useOffset=False)  # '3.9321' rather than '+3.93e0' offsets on flat curves
+    return figure, axes
+
+
+def _log_if_positive(ax, values: Sequence[float]) -> None:
+    values = [v for v in values if v == v]
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+
+
+def _legend(ax, **options) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
+
+
+def loss_curves(metrics: pd.DataFrame) -> Figure:
+    """Total, diffusion (MSE) and rounding (CE) losses, train and validation, against steps."""
+    figure, axes = _figure(1, 3, 13, 3.6)
+    train = metrics[metrics["total"].notna()] if "total" in metrics else metrics.iloc[0:0]
+    val = metrics[metrics["val_total"].notna()] if "val_total" in metrics else metrics.iloc[0:0]
+    for ax, term, title in zip(axes[0], ("total", "mse", "rounding"), ("total loss", "diffusion loss (MSE)",
+                                                                        "rounding loss (CE)")):
+        if len(train):
+            ax.plot(train["step"], train[term], label="train", color="C0")
+        if len(val):
+            ax.plot(val["step"], val[f"val_{term}"], "o-", label="validation", color="C1", markersize=3)
+        _log_if_positive(ax, [*train.get(term, []), *val.get(f"val_{term}", [])])
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=8)
+    return figure
+
+
+def training_curves(metrics: pd.DataFrame, sigma0: float | None = None) -> Figure:
+    """Embedding norm, nearest-neighbour distance (against sigma0), learning rate and tokens/s."""
+    figure, axes = _figure(1, 4, 15, 3.4)
+    rows = metrics[metrics["embedding_norm"].notna()] if "embedding_norm" in metrics else metrics.iloc[0:0]
+    panels = [("embedding_norm", "mean embedding norm"), ("nn_distance", "nearest-neighbour distance"),
+              ("lr", "learning rate"), ("tokens_per_s", "tokens / s")]
+    for ax, (column, title) in zip(axes[0], panels):
+        if len(rows):
+            ax.plot(rows["step"], rows[column], color="C0")
+        if column == "nn_distance" and sigma0:
+            ax.axhline(sigma0, **HELDOUT_STYLE, label="sigma0 (noise of q(x0|w))")
+            _legend(ax, fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def token_distribution(series: Mapping[str, Sequence[Sequence[str]]], top: int = 15) -> Figure:
+    """Token distributions of several token streams (samples, held-out text, ...): the most frequent
+    tokens' shares, the punctuation share and the rank-frequency curve."""
+    figure, axes = _figure(1, 3, 15, 4.2)
+    names = list(series)
+    # The top tokens of the first stream, then any other stream's top tokens, in one shared order.
+    order: list[str] = []
+    for name in names:
+        for token, _ in top_tokens(series[name], top):
+            if token not in order and len(order) < top + 5:
+                order.append(token)
+    width = 0.8 / max(1, len(names))
+    positions = np.arange(len(order))
+    bars, punct, ranks = axes[0]
+    for k, name in enumerate(names):
+        tokens = content_tokens(series[name])
+        total = max(1, len(tokens))
+        counts = pd.Series(tokens).value_counts() if tokens else pd.Series(dtype=int)
+        bars.bar(positions + k * width, [counts.get(t, 0) / total for t in order], width, label=name)
+        punct.bar(k, punctuation_share(tokens), color=f"C{k}")
+        frequencies = rank_frequency(series[name])
+        if frequencies:
+            ranks.loglog(range(1, len(frequencies) + 1), np.array(frequencies) / sum(frequencies), label=name)
+    bars.set_xticks(positions + width * (len(names) - 1) / 2, [token_label(t) for t in order], rotation=60, fontsize=8)
+    bars.set_title("most frequent tokens (share of all tokens)")
+    _legend(bars, fontsize=8)
+    punct.set_xticks(range(len(names)), names, rotation=20)
+    punct.set_title("punctuation share")
+    punct.set_ylim(0, 1)
+    ranks.set_title("rank-frequency")
+    ranks.set_xlabel("rank")
+    ranks.set_ylabel("share")
+    _legend(ranks, fontsize=8)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def collapse_over_training(series: pd.DataFrame, heldout: Mapping[str, Mapping[str, float]]) -> Figure:
+    """Sample statistics at each analysed checkpoint, one line per run, held-out text dashed."""
+    figure, axes = _figure(1, 4, 16, 3.6)
+    panels = [("punctuation_share", "punctuation share"), ("unigram_entropy", "unigram entropy (bits)"),
+              ("distinct_2", "distinct-2 (distinct-1 dotted)"), ("top10_share", "top-10 share (top-1 dotted)")]
+    for k, (run, rows) in enumerate(series.groupby("run", sort=False)):
+        color = f"C{k}"
+        for ax, (column, _) in zip(axes[0], panels):
+            ax.plot(rows["epoch"], rows[column], "o-", color=color, label=str(run))
+            if column in heldout.get(run, {}):
+                ax.axhline(heldout[run][column], color=color, linestyle="--", linewidth=1, alpha=0.7)
+        axes[0][2].plot(rows["epoch"], rows["distinct_1"], "o:", color=color)
+        axes[0][3].plot(rows["epoch"], rows["top1_share"], "o:", color=color)
+    for ax, (_, title) in zip(axes[0], panels):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, title="run (dashed: held-out)", title_fontsize=8)
+    return figure
+
+
+def geometry_over_training(series: pd.DataFrame) -> Figure:
+    """Mean embedding norm and nearest-neighbour distance against sigma0 at each checkpoint."""
+    figure, axes = _figure(1, 2, 10, 3.4)
+    for k, (run, rows) in enumerate(series.groupby("run", sort=False)):
+        axes[0][0].plot(rows["epoch"], rows["embedding_norm"], "o-", color=f"C{k}", label=str(run))
+        axes[0][1].plot(rows["epoch"], rows["nn_distance"], "o-", color=f"C{k}", label=f"{run}: nn distance")
+        axes[0][1].axhline(float(rows["sigma0"].iloc[0]), color=f"C{k}", linestyle="--", linewidth=1,
+                           label=f"{run}: sigma0")
+    axes[0][0].set_title("mean embedding norm")
+    axes[0][1].set_title("nearest-neighbour distance vs sigma0")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return figure
+
+
+def _seen(geometry: pd.DataFrame) -> pd.DataFrame:
+    return geometry[geometry["count"] > 0]
+
+
+def embedding_geometry(geometries: Mapping[str, pd.DataFrame], sigma0: float) -> Figure:
+    """Per token, against its training count: row norm (top) and nearest-neighbour distance with
+    sigma0 (bottom); one column per checkpoint, punctuation in red."""
+    cols = max(1, len(geometries))
+    figure, axes = _figure(2, cols, 5 * cols, 7)
+    for col, (label, geometry) in enumerate(geometries.items()):
+        seen = _seen(geometry)
+        for row, column in enumerate(("norm", "nn_distance")):
+            ax = axes[row][col]
+            words = seen[~seen["punctuation"]]
+            punct = seen[seen["punctuation"]]
+            ax.scatter(words["count"], words[column], s=4, alpha=0.35, color="C0", label="words")
+            ax.scatter(punct["count"], punct[column], s=18, color="C3", label="punctuation")
+            ax.set_xscale("log")
+            if column == "nn_distance":
+                ax.axhline(sigma0, **HELDOUT_STYLE, label="sigma0")
+            ax.set_xlabel("training count")
+            ax.set_ylabel("row norm" if column == "norm" else "nearest-neighbour distance")
+            ax.set_title(f"{label}: {'norms' if column == 'norm' else 'nearest neighbours'} by frequency")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    return figure
+
+
+def embedding_projection(projections: Mapping[str, np.ndarray], geometries: Mapping[str, pd.DataFrame],
+                         label_top: int = 12) -> Figure:
+    """The table on its top two principal components, coloured by log training count, punctuation
+    as red crosses, the most frequent tokens labelled; one panel per checkpoint."""
+    cols = max(1, len(projections))
+    figure, axes = _figure(1, cols, 5.5 * cols, 4.8)
+    for col, (label, coords) in enumerate(projections.items()):
+        ax = axes[0][col]
+        geometry = geometries[label]
+        coords = np.asarray(coords)
+        seen = (geometry["count"] > 0).to_numpy()
+        punct = geometry["punctuation"].to_numpy() & seen
+        words = seen & ~punct
+        colour = np.log10(geometry["count"].to_numpy() + 1)
+        points = ax.scatter(coords[words, 0], coords[words, 1], c=colour[words], s=5, cmap="viridis", alpha=0.6)
+        ax.scatter(coords[punct, 0], coords[punct, 1], marker="x", color="C3", s=30, label="punctuation")
+        for index in geometry.nsmallest(label_top, "rank").index:
+            ax.annotate(token_label(geometry.at[index, "token"]), coords[index], fontsize=8)
+        figure.colorbar(points, ax=ax, label="log10 training count")
+        ax.set_title(f"{label}: PCA of the embedding table")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def rounding_bias(geometries: Mapping[str, pd.DataFrame], label_top: int = 8) -> Figure:
+    """The rounding decoder's per-token bias against training count; one panel per checkpoint. A
+    bias rising with frequency is where vectors that carry no information get decoded to."""
+    cols = max(1, len(geometries))
+    figure, axes = _figure(1, cols, 5 * cols, 3.8)
+    for col, (label, geometry) in enumerate(geometries.items()):
+        ax = axes[0][col]
+        seen = _seen(geometry)
+        words, punct = seen[~seen["punctuation"]], seen[seen["punctuation"]]
+        ax.scatter(words["count"], words["bias"], s=4, alpha=0.35, color="C0", label="words")
+        ax.scatter(punct["count"], punct["bias"], s=18, color="C3", label="punctuation")
+        for _, row in seen.nsmallest(label_top, "rank").iterrows():
+            ax.annotate(token_label(row["token"]), (row["count"], row["bias"]), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training count")
+        ax.set_ylabel("rounding bias")
+        ax.set_title(f"{label}: rounding bias by frequency")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return figure

@@ -1,0 +1,205 @@
+"""HTML views of generated text: sample tables, and the slider over sampling steps.
+
+Generated text is HTML-escaped everywhere it is shown. The slider exists twice: an ipywidgets
+slider that is live in JupyterLab, and a small self-written `<input type=range>` over pre-rendered
+frames (inline script, no network) that keeps working in an exported HTML report, where no kernel
+runs a widget callback. `step_slider` displays both in one output; JupyterLab shows the widget,
+the report (whose export drops widget views, see dlm.workbook) the offline one.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import uuid
+from collections.abc import Sequence
+
+import pandas as pd
+
+from dlm.data import NO_SPACE_AFTER, NO_SPACE_BEFORE, PAD
+
+SLIDER_CSS = """
+.dlm-steps {font-family: var(--jp-content-font-family, sans-serif); margin: 0.5em 0;}
+.dlm-steps .dlm-controls {display: flex; align-items: center; gap: 0.8em; margin-bottom: 0.4em;}
+.dlm-steps input[type=range] {width: 24em;}
+.dlm-steps .dlm-step-label {font-variant-numeric: tabular-nums;}
+.dlm-steps ol {margin: 0; padding-left: 1.6em;}
+.dlm-steps li {margin: 0.25em 0; line-height: 1.5; font-family: var(--jp-code-font-family, monospace);}
+.dlm-steps mark {background: #ffe08a; border-radius: 2px; padding: 0 1px;}
+.dlm-steps .dlm-note {color: #666; font-size: 0.9em;}
+"""
+
+
+def render_tokens(tokens: Sequence[str], changed: Sequence[bool] | None = None) -> str:
+    """Tokens as escaped HTML text, spaced like dlm.data.join_words, line breaks shown as ' / ';
+    `changed` tokens are wrapped in <mark>."""
+    parts: list[str] = []
+    previous = None
+    for position, token in enumerate(tokens):
+        if token == PAD:
+            continue
+        shown = " / " if token == "\n" else token
+        if previous is not None and token not in NO_SPACE_BEFORE and previous not in NO_SPACE_AFTER:
+            parts.append(" ")
+        escaped = html.escape(shown)
+        if changed is not None and changed[position]:
+            escaped = f"<mark>{escaped}</mark>"
+        parts.append(escaped)
+        previous = token
+    return "".join(parts)
+
+
+def changed_positions(before: Sequence[int] | None, after: Sequence[int]) -> list[bool]:
+    if before is None:
+        return [False] * len(after)
+    return [a != b for a, b in zip(after, before)]
+
+
+def default_record_every(steps: int, frames: int = 40) -> int:
+    """Record every N steps so the slider has about `frames` positions (the last step is always kept)."""
+    return max(1, steps // frames)
+
+
+def frame_label(frame: dict, total_steps: int) -> str:
+    return f"step {frame['index'] + 1} of {total_steps} (t = {frame['t']})"
+
+
+def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int]) -> list[str]:
+    """One HTML block per recorded step: an ordered list of the chosen samples, tokens that changed
+    since the previous recorded step marked."""
+    blocks, previous = [], None
+    for frame in frames:
+        items = []
+        for sample in samples:
+            ids = frame["ids"][sample]
+            before = previous["ids"][sample] if previous is not None else None
+            tokens = [itos[i] for i in ids]
+            items.append(f'<li value="{sample + 1}">{render_tokens(tokens, changed_positions(before, ids))}</li>')
+        blocks.append("<ol>" + "".join(items) + "</ol>")
+        previous = frame
+    return blocks
+
+
+def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+                total_steps: int | None = None) -> str:
+    """The offline slider: an <input type=range> over pre-rendered frames, shown by a few lines of
+    inline JavaScript; the last frame (the final text) shows first, and without JavaScript too."""
+    if not frames:
+        raise ValueError("No recorded steps to show: sample with record_every > 0.")
+    total_steps = total_steps or frames[-1]["index"] + 1
+    uid = f"dlm-steps-{uuid.uuid4().hex[:12]}"  # unique even with several notebooks in one page
+    last = len(frames) - 1
+    blocks = render_frames(frames, itos, samples)
+    divs = "".join(
+        f'<div class="dlm-frame" data-label="{html.escape(frame_label(frame, total_steps), quote=True)}"'
+        f'{"" if i == last else " hidden"}>{block}</div>'
+        for i, (frame, block) in enumerate(zip(frames, blocks))
+    )
+    script = (
+        "(function(){var root=document.getElementById(" + json.dumps(uid) + ");if(!root)return;"
+        "var input=root.querySelector('input[type=range]');var label=root.querySelector('.dlm-step-label');"
+        "var frames=root.querySelectorAll('.dlm-frame');"
+        "function show(i){for(var j=0;j<frames.length;j++){frames[j].hidden=(j!==i);}"
+        "label.textContent=frames[i].getAttribute('data-label');}"
+        "input.addEventListener('input',function(){show(parseInt(input.value,10));});"
+        "show(parseInt(input.value,10));})();"
+    )
+    return (
+        f'<div class="dlm-steps" id="{uid}"><style>{SLIDER_CSS}</style>'
+        f'<div class="dlm-controls"><input type="range" min="0" max="{last}" step="1" value="{last}" '
+        f'aria-label="sampling step">'
+        f'<span class="dlm-step-label">{html.escape(frame_label(frames[-1], total_steps))}</span></div>'
+        f'{divs}<div class="dlm-note">Decoded prediction of x0 at each recorded step; '
+        f'<mark>marked</mark> tokens changed since the previous recorded step.</div></div>'
+        f"<script>{script}</script>"
+    )
+
+
+class StepViewer:
+    """The live slider: an ipywidgets IntSlider over the recorded steps and an HTML widget showing
+    the same pre-rendered frames. A plain observer, so it needs no `interact` machinery."""
+
+    def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+                 total_steps: int | None = None):
+        import ipywidgets as widgets
+
+        if not frames:
+            raise ValueError("No recorded steps to show: sample with record_every > 0.")
+        self.frames = list(frames)
+        self.total_steps = total_steps or self.frames[-1]["index"] + 1
+        self.blocks = render_frames(self.frames, itos, samples)
+        last = len(self.frames) - 1
+        self.slider = widgets.IntSlider(value=last, min=0, max=last, step=1, description="step",
+                                        readout=False, continuous_update=True,
+                                        layout=widgets.Layout(width="32em"))
+        self.label = widgets.Label(frame_label(self.frames[last], self.total_steps))
+        self.text = widgets.HTML(self.blocks[last])
+        self.widget = widgets.VBox([widgets.HBox([self.slider, self.label]), self.text,
+                                    widgets.HTML(f"<style>{SLIDER_CSS}</style>")])
+        self.widget.add_class("dlm-steps")
+        self.slider.observe(self._on_change, names="value")
+
+    def _on_change(self, change: dict) -> None:
+        self.show(change["new"])
+
+    def show(self, position: int) -> None:
+        self.label.value = frame_label(self.frames[position], self.total_steps)
+        self.text.value = self.blocks[position]
+
+
+def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+                       total_steps: int | None = None, live: bool = True) -> dict:
+    """A display bundle with the offline slider as text/html and, when `live`, the ipywidgets
+    slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML."""
+    bundle = {"text/html": slider_html(frames, itos, samples, total_steps),
+              "text/plain": f"<slider over {len(frames)} recorded sampling steps>"}
+    if live:
+        viewer = StepViewer(frames, itos, samples, total_steps)
+        widget_bundle = viewer.widget._repr_mimebundle_()
+        bundle.update({k: v for k, v in widget_bundle.items() if k != "text/plain"})
+        bundle["_viewer"] = viewer  # kept alive by the caller; removed before display
+    return bundle
+
+
+def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+                total_steps: int | None = None, live: bool = True):
+    """Display the slider over sampling steps (see the module docstring); returns the live viewer."""
+    from IPython.display import display
+
+    bundle = step_slider_bundle(frames, itos, samples, total_steps, live)
+    viewer = bundle.pop("_viewer", None)
+    display(bundle, raw=True)
+    return viewer
+
+
+def text_table(frame: pd.DataFrame, text_columns: Sequence[str] | None = None):
+    """A table for display: every cell and index label HTML-escaped, text columns left-aligned
+    (pandas right-aligns them), line breaks shown as ' / '."""
+    if text_columns is None:
+        text_columns = [c for c in frame.columns
+                        if frame[c].dtype == object or pd.api.types.is_string_dtype(frame[c].dtype)]
+    shown = frame.copy()
+    for column in text_columns:
+        shown[column] = shown[column].map(lambda v: v.replace("\n", " / ") if isinstance(v, str) else v)
+    styler = shown.style.format(escape="html", precision=4).format_index(escape="html", axis=0)
+    styler = styler.format_index(escape="html", axis=1)
+    if text_columns:
+        styler = styler.set_properties(subset=list(text_columns), **{"text-align": "left", "white-space": "normal"})
+    return styler
+
+
+def samples_frame(texts: Sequence[str], limit: int | None = None) -> pd.DataFrame:
+    """Samples as a table (line breaks shown as ' / '); pandas escapes the text when shown."""
+    texts = list(texts)[:limit] if limit else list(texts)
+    return pd.DataFrame({"sample": [t.replace("\n", " / ") for t in texts]})
+
+
+def side_by_side(columns: dict[str, Sequence[str]], limit: int | None = None) -> pd.DataFrame:
+    """Texts from several decoders (or checkpoints) of the same latents, one column each."""
+    return pd.DataFrame({name: [t.replace("\n", " / ") for t in (list(texts)[:limit] if limit else texts)]
+                         for name, texts in columns.items()})
+
+
+def escaped_table(frame: pd.DataFrame, **options) -> str:
+    """A DataFrame as escaped HTML (pandas escapes by default; stated here so it stays that way)."""
+    return frame.to_html(escape=True, **options)

@@ -1,0 +1,128 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from dlm import analysis
+from dlm.analysis import (
+    collapse_signals,
+    collapse_verdict,
+    distinct_n,
+    nearest_neighbour_distances,
+    pick_checkpoints,
+    sample_stats,
+    signal_table,
+)
+from dlm.train import train
+
+HELDOUT = {"punctuation_share": 0.2, "unigram_entropy": 8.0, "distinct_2": 0.9, "top1_share": 0.08}
+
+
+def healthy(epoch, **changes):
+    row = {"run": "r", "epoch": epoch, "punctuation_share": 0.22, "unigram_entropy": 7.5, "distinct_2": 0.85,
+           "top1_share": 0.07, "top1_token": ",", "embedding_norm": 5.0, "nn_over_sigma0": 30.0}
+    return {**row, **changes}
+
+
+def series_of(rows):
+    frame = pd.DataFrame(rows)
+    flags = [collapse_signals(r, HELDOUT) for r in rows]
+    frame["collapsed"] = [any(f.values()) for f in flags]
+    frame["signals"] = [", ".join(k for k, v in f.items() if v) for f in flags]
+    return frame
+
+
+def test_distinct_n_and_sample_stats():
+    seqs = [["a", "b", "a", "b", "\n"], ["a", ",", "<pad>"]]
+    assert distinct_n(seqs, 1) == pytest.approx(3 / 6)  # a b a b | a , -> {a, b, ','}
+    assert distinct_n(seqs, 2) == pytest.approx(3 / 4)  # ab ba ab | a, -> 3 distinct of 4
+    stats = sample_stats(seqs)
+    assert stats["tokens"] == 6 and stats["types"] == 3
+    assert stats["punctuation_share"] == pytest.approx(1 / 6)
+    assert stats["top1_token"] == "a" and stats["top1_share"] == pytest.approx(3 / 6)
+    shares = (3 / 6, 2 / 6, 1 / 6)
+    assert stats["unigram_entropy"] == pytest.approx(-sum(p * math.log2(p) for p in shares))
+    assert sample_stats([])["tokens"] == 0
+
+
+def test_nearest_neighbour_distances_match_brute_force():
+    table = torch.randn(37, 5, generator=torch.Generator().manual_seed(0))
+    full = torch.cdist(table, table) + torch.diag(torch.full((37,), float("inf")))
+    assert torch.allclose(nearest_neighbour_distances(table, chunk=8), full.min(-1).values, atol=1e-5)
+
+
+def test_pick_checkpoints_keeps_first_and_last():
+    paths = [f"e{i}" for i in range(10)]
+    assert pick_checkpoints(paths, 0) == paths and pick_checkpoints(paths, 20) == paths
+    picked = pick_checkpoints(paths, 4)
+    assert picked[0] == "e0" and picked[-1] == "e9" and len(picked) == 4
+    assert pick_checkpoints(paths, 1) == ["e9"]
+
+
+def test_verdict_healthy_run():
+    verdict = collapse_verdict(series_of([healthy(1), healthy(2)]), HELDOUT, "r")
+    assert verdict["collapsed"] is False and verdict["began_epoch"] is None
+    assert verdict["signals"] == "" and verdict["warnings"] == ""
+
+
+def test_verdict_names_the_signal_and_when_it_began():
+    rows = [healthy(1), healthy(2, punctuation_share=0.7), healthy(3), healthy(4, punctuation_share=0.8),
+            healthy(5, punctuation_share=0.9, top1_share=0.4, unigram_entropy=2.0)]
+    verdict = collapse_verdict(series_of(rows), HELDOUT, "r")
+    assert verdict["collapsed"] is True
+    assert verdict["began_epoch"] == 4  # the final unbroken stretch; epoch 2 recovered at 3
+    assert verdict["signals"] == "punctuation, one token dominates, low entropy"
+    table = signal_table(series_of(rows), HELDOUT)
+    assert table.set_index("signal").loc["punctuation", "tripped"]
+    assert not table.set_index("signal").loc["repetition", "tripped"]
+
+
+def test_punctuation_threshold_is_relative_to_heldout_with_a_floor():
+    assert not collapse_signals(healthy(1, punctuation_share=0.39), HELDOUT)["punctuation"]  # 2 x 0.2 = 0.4
+    assert collapse_signals(healthy(1, punctuation_share=0.41), HELDOUT)["punctuation"]
+    low = {**HELDOUT, "punctuation_share": 0.02}  # e.g. char level: the 0.4 floor applies
+    assert not collapse_signals(healthy(1, punctuation_share=0.3), low)["punctuation"]
+
+
+def test_geometry_warnings():
+    rows = [healthy(1), healthy(2, embedding_norm=2.0, nn_over_sigma0=1.5)]
+    verdict = collapse_verdict(series_of(rows), HELDOUT)
+    assert verdict["collapsed"] is False
+    assert verdict["warnings"] == "rows within noise, table shrank"
+
+
+@pytest.fixture
+def trained_run(smoke_config, tmp_path):
+    config = smoke_config.replace(epochs=3, threads=1, checkpoint_every=1)
+    train(config, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_analyse_run_and_write_verdict(trained_run):
+    result = analysis.analyse_run(trained_run, max_checkpoints=2, num_samples=4, steps=5, name="tiny")
+    assert list(result.series["epoch"]) == [1, 3]
+    assert set(result.geometry) == {1, 3} and result.projection[3].shape[1] == 2
+    geometry = result.geometry[3]
+    assert len(geometry) == len(json.loads((trained_run / "vocab.json").read_text())["itos"])
+    assert {"norm", "nn_distance", "bias", "count", "rank", "punctuation"} <= set(geometry.columns)
+    assert geometry.loc[geometry["rank"] == 1, "count"].item() == geometry["count"].max()
+    row = result.series.iloc[-1]
+    assert row["sigma0"] > 0 and row["nn_over_sigma0"] == pytest.approx(row["nn_distance"] / row["sigma0"])
+    assert len(result.samples[3]) == 3 and all(isinstance(t, str) for t in result.samples[3])
+    (path,) = analysis.write_verdict([result])
+    verdict = json.loads(path.read_text())
+    assert verdict["run"] == "tiny" and verdict["checkpoints"] == 2 and "heldout" in verdict
+    assert (trained_run / "analysis" / "series.csv").is_file()
+
+
+def test_checkpoint_samples_table(trained_run):
+    table = analysis.checkpoint_samples_table(trained_run, num_samples=2, steps=4, max_checkpoints=2)
+    assert list(table.columns) == ["epoch", "step", "sample", "text"]
+    assert list(table["epoch"]) == [1, 1, 3, 3]
+
+
+def test_run_checkpoints_without_any(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        analysis.run_checkpoints(tmp_path)

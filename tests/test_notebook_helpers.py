@@ -1,0 +1,66 @@
+import logging
+
+import pytest
+
+from dlm import notebook
+from dlm.config import ConfigError
+from tests.conftest import ROOT
+
+
+def test_project_root_from_inside_and_outside(tmp_path):
+    assert notebook.project_root(ROOT / "notebooks") == ROOT
+    assert notebook.project_root(ROOT) == ROOT
+    assert notebook.project_root(tmp_path) is None
+
+
+def test_resolve_path_is_the_same_from_root_and_notebooks(tmp_path):
+    assert notebook.resolve_path("runs/x", ROOT) == ROOT / "runs" / "x"
+    assert notebook.resolve_path("runs/x", ROOT / "notebooks") == ROOT / "runs" / "x"
+    assert notebook.resolve_path("runs/x", tmp_path) == tmp_path.resolve() / "runs" / "x"
+    assert notebook.resolve_path(tmp_path / "abs", ROOT) == tmp_path / "abs"
+
+
+def test_resolve_input_tries_cwd_then_the_project(tmp_path):
+    assert notebook.resolve_input("params/smoke.yaml", ROOT / "notebooks") == ROOT / "params" / "smoke.yaml"
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "smoke.yaml").write_text("epochs: 1\n")
+    assert notebook.resolve_input("params/smoke.yaml", tmp_path) == tmp_path.resolve() / "params" / "smoke.yaml"
+    with pytest.raises(FileNotFoundError, match="nothing.yaml' was not found"):
+        notebook.resolve_input("params/nothing.yaml", tmp_path)
+
+
+def test_notebook_config_precedence(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("epochs: 7\nembed_dim: 24\nlr: 0.01\n")
+    namespace = {"epochs": 2, "lr": None, "run_dir": "x", "params": str(preset), "batch_size": 4}
+    config = notebook.notebook_config(preset, namespace, progress=False)
+    assert config.epochs == 2 and config.embed_dim == 24 and config.lr == 0.01  # None keeps the preset's
+    assert config.batch_size == 4 and config.progress is False
+    assert notebook.notebook_config("", {}).epochs == 10  # no preset: the Config defaults
+    with pytest.raises(ConfigError, match="'epochs' got 'three'"):
+        notebook.notebook_config(preset, {"epochs": "three"})
+
+
+def test_config_overrides_only_take_config_keys():
+    assert notebook.config_overrides({"epochs": 3, "seed": None, "pd": object(), "run_dir": "r"}) == {"epochs": 3}
+
+
+def test_split_list_and_short_names(tmp_path):
+    assert notebook.split_list("a, b,,c ") == ["a", "b", "c"]
+    assert notebook.split_list(["a", ""]) == ["a"] and notebook.split_list(None) == []
+    assert notebook.short_names([tmp_path / "reports" / "smoke" / "run"]) == ["smoke/run"]
+
+
+@pytest.fixture
+def restore_dlm_logger():
+    logger = logging.getLogger("dlm")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+def test_setup_logs_dlm_lines_to_stdout(capsys, restore_dlm_logger):
+    notebook.setup()
+    notebook.setup()  # idempotent: one handler
+    logging.getLogger("dlm").info("step 1 | loss 0.5")
+    assert capsys.readouterr().out.count("step 1 | loss 0.5") == 1

@@ -1,0 +1,74 @@
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from dlm import plots
+
+
+def png_bytes(figure: Figure) -> int:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return len(buffer.getvalue())
+
+
+def metrics_frame():
+    rows = []
+    for step in range(5, 45, 5):
+        rows.append({"step": step, "epoch": 1 + step // 20, "total": 3 / step, "mse": 2 / step, "rounding": 1 / step,
+                     "prior": 0.0, "embedding_norm": 4.0 - step * 1e-4, "nn_distance": 2.5, "lr": 1e-3,
+                     "tokens_per_s": 1000.0, "elapsed_s": step / 10})
+        if step % 20 == 0:
+            rows.append({"step": step, "epoch": step // 20, "val_total": 4 / step, "val_mse": 3 / step,
+                         "val_rounding": 1 / step, "val_prior": 0.0, "elapsed_s": step / 10})
+    return pd.DataFrame(rows)
+
+
+def geometry_frame(n=50):
+    rng = np.random.default_rng(0)
+    tokens = ["<pad>", "<unk>", ",", "$", "\n", *[f"w{i}" for i in range(n - 5)]]
+    return pd.DataFrame({"id": range(n), "token": tokens, "count": rng.integers(0, 100, n), "rank": range(1, n + 1),
+                         "norm": rng.random(n) + 3, "nn_distance": rng.random(n), "bias": rng.normal(size=n),
+                         "punctuation": [t in (",", "$") for t in tokens]})
+
+
+def test_token_label_is_safe_for_mathtext():
+    assert plots.token_label("$") == r"\$" and plots.token_label("\n") == r"'\n'" and plots.token_label("lord") == "lord"
+
+
+def test_training_figures_render():
+    metrics = metrics_frame()
+    for figure in (plots.loss_curves(metrics), plots.training_curves(metrics, sigma0=0.1)):
+        assert isinstance(figure, Figure) and png_bytes(figure) > 1000
+    assert len(plots.loss_curves(metrics).axes) == 3
+
+
+def test_token_distribution_renders_several_streams():
+    samples = [[",", ",", "lord", "$", "\n"]] * 3
+    heldout = [["my", "lord", ",", "good", "\n"]] * 3
+    figure = plots.token_distribution({"samples": samples, "held-out": heldout, "empty": [[]]})
+    assert png_bytes(figure) > 1000
+
+
+def test_collapse_figures_render():
+    series = pd.DataFrame([
+        {"run": run, "epoch": e, "punctuation_share": 0.2 * e, "unigram_entropy": 8 - e, "distinct_1": 0.5,
+         "distinct_2": 0.8, "top1_share": 0.1, "top10_share": 0.3, "embedding_norm": 5 - e, "nn_distance": 2 / e,
+         "sigma0": 0.12}
+        for run in ("a", "b") for e in (1, 2, 3)
+    ])
+    heldout = {"a": {"punctuation_share": 0.2, "unigram_entropy": 7.0, "distinct_2": 0.9, "top10_share": 0.3}}
+    assert png_bytes(plots.collapse_over_training(series, heldout)) > 1000
+    assert png_bytes(plots.geometry_over_training(series)) > 1000
+    geometry = {"epoch 1": geometry_frame(), "epoch 3": geometry_frame()}
+    assert png_bytes(plots.embedding_geometry(geometry, sigma0=0.12)) > 1000
+    coords = {k: np.random.default_rng(1).normal(size=(50, 2)) for k in geometry}
+    assert png_bytes(plots.embedding_projection(coords, geometry)) > 1000
+    assert png_bytes(plots.rounding_bias(geometry)) > 1000
+
+
+@pytest.mark.parametrize("empty", [pd.DataFrame(columns=["step", "total", "val_total"])])
+def test_loss_curves_tolerate_missing_rows(empty):
+    assert isinstance(plots.loss_curves(empty), Figure)

@@ -1,0 +1,70 @@
+import re
+
+import pandas as pd
+
+from dlm import views
+from dlm.workbook import external_references
+
+ITOS = ["<pad>", "<unk>", "<script>", "&", ",", "\n", "lord", "my"]
+FRAMES = [
+    {"index": 0, "t": 99, "ids": [[2, 3, 4], [6, 6, 6]]},
+    {"index": 5, "t": 49, "ids": [[7, 3, 4], [6, 6, 6]]},
+    {"index": 9, "t": 0, "ids": [[7, 6, 5], [7, 6, 4]]},
+]
+
+
+def test_render_tokens_escapes_and_marks():
+    out = views.render_tokens(["<script>", "&", "lord", ",", "\n", "<pad>"], [True, False, False, True, False, False])
+    assert out == "<mark>&lt;script&gt;</mark> &amp; lord<mark>,</mark> / "
+    assert "<script>" not in out
+
+
+def test_changed_positions():
+    assert views.changed_positions(None, [1, 2]) == [False, False]
+    assert views.changed_positions([1, 2, 3], [1, 5, 3]) == [False, True, False]
+
+
+def test_slider_html_is_offline_escaped_and_starts_at_the_last_step():
+    page = views.slider_html(FRAMES, ITOS, samples=[0, 1], total_steps=10)
+    assert external_references(page) == []
+    assert re.findall(r"<script[^>]*>", page) == ["<script>"]  # one inline script, no src
+    assert "<script>(function" in page and "&lt;script&gt;" in page
+    assert 'type="range" min="0" max="2" step="1" value="2"' in page
+    assert page.count('class="dlm-frame"') == 3 and page.count(" hidden>") == 2
+    assert "step 10 of 10 (t = 0)" in page
+    # frame 2 (index 5): token 0 changed from '<script>' to 'my'
+    second = page.split('class="dlm-frame"')[2]
+    assert "<mark>my</mark>" in second and "<mark>&amp;</mark>" not in second
+
+
+def test_step_viewer_follows_the_slider():
+    viewer = views.StepViewer(FRAMES, ITOS, samples=[0], total_steps=10)
+    assert viewer.slider.value == 2 and viewer.label.value == "step 10 of 10 (t = 0)"
+    last_text = viewer.text.value
+    viewer.slider.value = 0
+    assert viewer.label.value == "step 1 of 10 (t = 99)"
+    assert viewer.text.value != last_text and "&lt;script&gt;" in viewer.text.value
+
+
+def test_step_slider_bundle_has_widget_and_offline_html():
+    bundle = views.step_slider_bundle(FRAMES, ITOS, samples=[0], total_steps=10)
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "text/html" in bundle
+    assert isinstance(bundle.pop("_viewer"), views.StepViewer)
+    offline = views.step_slider_bundle(FRAMES, ITOS, live=False)
+    assert set(offline) == {"text/html", "text/plain"}
+
+
+def test_tables_escape_generated_text():
+    frame = views.samples_frame(["<b>bold</b> & co\nnext"])
+    assert frame["sample"][0] == "<b>bold</b> & co / next"
+    styled = views.text_table(frame).to_html()
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; co / next" in styled and "<b>bold" not in styled
+    assert "text-align: left" in styled
+    assert "&lt;b&gt;" in frame._repr_html_()  # plain DataFrames escape too
+    side = views.side_by_side({"learned": ["a\nb"], "cosine": ["<i>"]})
+    assert list(side.columns) == ["learned", "cosine"] and side["learned"][0] == "a / b"
+    assert "&lt;i&gt;" in views.text_table(pd.DataFrame({"x": ["<i>"]})).to_html()
+
+
+def test_default_record_every():
+    assert views.default_record_every(200) == 5 and views.default_record_every(20) == 1
