@@ -1,4 +1,4 @@
-"""`dlm train`, `dlm sample` and `dlm stats`: the only place that parses argv and prints for a user."""
+"""`dlm train`, `dlm sample`, `dlm stats` and `dlm report`: the only place that parses argv and prints for a user."""
 
 from __future__ import annotations
 
@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats_parser.add_argument("--samples", required=True, help="a .jsonl written by dlm sample")
     stats_parser.add_argument("--run_dir", required=True, help="the run whose corpus and vocabulary to compare with")
     stats_parser.add_argument("--json", help="also write the numbers to this file")
+
+    report_parser = commands.add_parser(
+        "report", help="run the train, sample and collapse-analysis notebooks into reports/NAME/ with HTML pages",
+        allow_abbrev=False)
+    report_parser.add_argument("params", help="YAML preset, e.g. params/default.yaml")
+    report_parser.add_argument("--name", help="report folder name (default: the preset's file name, e.g. default)")
+    report_parser.add_argument("--reports_dir", default="reports", help="where report folders and index.html go")
+    report_parser.add_argument("--overwrite", action="store_true", help="replace an existing report of that name")
+    report_parser.add_argument("--show_code", action="store_true", help="show the notebooks' code in the HTML pages")
     return parser
 
 
@@ -124,6 +133,21 @@ def run_stats(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from dlm.workbook import ReportError, build_report, report_size
+
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    try:
+        report_dir = build_report(args.params, args.name, args.reports_dir, show_code=args.show_code,
+                                  overwrite=args.overwrite)
+    except ReportError as error:
+        print(f"dlm report: error: {error}", file=sys.stderr)
+        return 1
+    size = report_size(report_dir) / 1e6
+    print(f"report -> {report_dir} ({size:.1f} MB); index: {Path(args.reports_dir) / 'index.html'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     parser = build_parser()
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            {"sample": run_sample, "stats": run_stats}[args.command](args)
+            return {"sample": run_sample, "stats": run_stats, "report": run_report}[args.command](args) or 0
     except USER_ERRORS as error:
         print(f"dlm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,425 @@
+"""Reports: run train -> sample -> collapse_analysis through papermill into reports/NAME/, export
+each executed notebook to one self-contained HTML page, and keep reports/index.html up to date.
+
+    dlm report params/default.yaml [--name NAME]      (or: python -m dlm.workbook ...)
+
+reports/NAME/ holds the executed notebooks (*.ipynb), their HTML pages (*.html), the run folder
+(run/: config, checkpoints, metrics.csv, samples, analysis) and report.json (status, timings and
+the key numbers the index shows). A failing notebook stops the chain: its executed copy and page
+are still written (papermill marks the failing cell), earlier steps' files stay, and the error
+names the notebook, the cell and the exception.
+
+The pages work with no network: the nbconvert template below drops the require.js, MathJax,
+mermaid and widget-manager scripts the stock template loads from CDNs, widget views are removed
+from the outputs (the sample notebook's slider has an offline HTML fallback in the same output),
+figures are embedded PNGs, and `external_references` checks the result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dlm.config import load_config
+from dlm.data import atomic_write_bytes
+from dlm.notebook import package_root, project_root
+
+logger = logging.getLogger("dlm")
+
+NOTEBOOKS = ("train", "sample", "collapse_analysis")
+TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis"}
+WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# The stock 'lab' template, minus every script it would fetch from a CDN.
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block data_png scoped -%}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+ alt="{{ ((output | get_metadata('alt', 'image/png')) or 'figure') | escape_html }}">
+</div>
+{%- endblock data_png -%}
+"""
+# A script, stylesheet, image or frame that the browser would fetch from another machine.
+EXTERNAL = re.compile(
+    r"""<(?:script|link|img|iframe|source|embed)\b[^>]*?\b(?:src|href)\s*=\s*["']?\s*(?:https?:)?//"""
+    r"""|@import\s+(?:url\()?["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//""",
+    re.IGNORECASE,
+)
+
+
+class ReportError(RuntimeError):
+    """A report that cannot be built; the message says why and what to do."""
+
+
+class ReportExistsError(ReportError):
+    """reports/NAME/ already holds a report and --overwrite was not given."""
+
+
+class NotebookFailed(ReportError):
+    """A notebook of the chain raised; `error` is papermill's PapermillExecutionError."""
+
+    def __init__(self, notebook: str, error: Exception, executed: Path, page: Path | None, report_dir: Path):
+        self.notebook = notebook
+        self.error = error
+        self.executed = executed
+        self.page = page
+        self.cell = getattr(error, "exec_count", None)
+        self.cell_index = getattr(error, "cell_index", None)
+        self.ename = getattr(error, "ename", type(error).__name__)
+        self.evalue = getattr(error, "evalue", str(error))
+        source = (getattr(error, "source", "") or "").strip().splitlines()
+        self.first_line = source[0] if source else ""
+        where = f"cell In [{self.cell}]" if self.cell is not None else "a cell"
+        shown = f" ({self.first_line[:80]})" if self.first_line else ""
+        page_note = f", its page {page}" if page else ""
+        super().__init__(
+            f"{notebook}.ipynb failed in {where}{shown}: {self.ename}: {self.evalue}. "
+            f"The executed notebook is at {executed}{page_note}; what earlier steps wrote is kept in {report_dir}."
+        )
+
+    def summary(self) -> dict:
+        return {"notebook": self.notebook, "cell": self.cell, "cell_index": self.cell_index,
+                "source": self.first_line, "error": f"{self.ename}: {self.evalue}"}
+
+
+# --- locating things ----------------------------------------------------------------------------
+
+def notebooks_dir() -> Path:
+    """The notebooks/ of this checkout (where dlm was imported from, else the working directory's)."""
+    for root in (package_root(), project_root()):
+        if root is not None and (root / "notebooks").is_dir():
+            return root / "notebooks"
+    raise ReportError("No notebooks/ folder found: run dlm report from a checkout of the dlm repository.")
+
+
+def path_for_kernel(path: Path, cwd: Path) -> str:
+    """A path parameter for a kernel started in `cwd`. Relative (so no machine path lands in a
+    report) when `cwd` is the project root, where dlm.notebook resolves relative inputs and outputs
+    alike; absolute otherwise."""
+    path = Path(path).resolve()
+    if project_root(cwd) == cwd.resolve():
+        try:
+            return str(path.relative_to(cwd.resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+# --- running and exporting one notebook ---------------------------------------------------------
+
+def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
+            cwd: str | Path | None = None, kernel_name: str | None = None) -> Path:
+    """Execute a notebook with papermill (no progress bar). Raises PapermillExecutionError, after
+    papermill has written the executed copy with the failing cell marked."""
+    import papermill
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters or {}), cwd=cwd and str(cwd),
+                               kernel_name=kernel_name, progress_bar=False, log_output=False)
+    return output
+
+
+def strip_widgets(nb) -> Any:
+    """Drop widget views and saved widget state: a static page cannot run them, and nbconvert would
+    load the widget manager from a CDN. Outputs that were only a widget are removed. Figures get
+    the nearest heading above them as their alternative text."""
+    nb.metadata.pop("widgets", None)
+    heading = "figure"
+    for cell in nb.cells:
+        if cell.get("cell_type") == "markdown":
+            titles = re.findall(r"^#+\s*(.+)$", cell.get("source", ""), re.M)
+            heading = titles[-1].strip() if titles else heading
+            continue
+        if cell.get("cell_type") != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                output.setdefault("metadata", {}).setdefault("image/png", {}).setdefault("alt", f"figure: {heading}")
+            data = output.get("data")
+            if data is not None and any(m in data for m in WIDGET_MIMETYPES):
+                for mimetype in WIDGET_MIMETYPES:
+                    data.pop(mimetype, None)
+                if set(data) <= {"text/plain"}:
+                    continue
+            kept.append(output)
+        cell["outputs"] = kept
+    return nb
+
+
+def html_exporter(show_code: bool = False):
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"dlm_offline.html.j2": OFFLINE_TEMPLATE})])
+    exporter.template_file = "dlm_offline.html.j2"
+    exporter.exclude_input = not show_code
+    exporter.exclude_input_prompt = not show_code
+    exporter.exclude_output_prompt = True
+    exporter.embed_images = True
+    return exporter
+
+
+def external_references(page: str) -> list[str]:
+    """Every place in an HTML page that would make a browser fetch something from the network."""
+    return [page[max(0, m.start() - 20): m.end() + 60] for m in EXTERNAL.finditer(page)]
+
+
+def export_html(executed: str | Path, page: str | Path | None = None, show_code: bool = False,
+                title: str | None = None) -> Path:
+    """One self-contained, offline HTML page of an executed notebook (code hidden by default)."""
+    import nbformat
+
+    executed = Path(executed)
+    page = Path(page) if page else executed.with_suffix(".html")
+    nb = strip_widgets(nbformat.read(executed, as_version=4))
+    if title:
+        nb.metadata["title"] = title
+    body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem}})
+    found = external_references(body)
+    if found:
+        raise ReportError(f"The page for {executed.name} would load from the network: {found[:3]}")
+    atomic_write_bytes(page, body.encode("utf-8"))
+    return page
+
+
+# --- key numbers and the index ------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_numbers(run_dir: str | Path) -> dict:
+    """The numbers the index shows, from what the notebooks left in the run folder."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    numbers: dict[str, Any] = {}
+    metrics_path = run_dir / "metrics.csv"
+    if metrics_path.is_file():
+        metrics = pd.read_csv(metrics_path)
+        train = metrics[metrics["total"].notna()]
+        val = metrics[metrics["val_total"].notna()]
+        if len(metrics):
+            numbers.update(steps=int(metrics["step"].max()), epochs=int(metrics["epoch"].max()),
+                           train_s=float(metrics["elapsed_s"].max()))
+        if len(train):
+            numbers.update(train_loss=float(train["total"].iloc[-1]), embedding_norm=float(train["embedding_norm"].iloc[-1]),
+                           nn_distance=float(train["nn_distance"].iloc[-1]))
+        if len(val):
+            last = val.iloc[-1]
+            numbers.update(val_loss=float(last["val_total"]), val_mse=float(last["val_mse"]),
+                           val_rounding=float(last["val_rounding"]))
+    summary = _read_json(run_dir / "samples" / "summary.json")
+    if summary:
+        for side in ("samples", "heldout"):
+            stats = summary.get(side, {})
+            for key in ("punctuation_share", "unigram_entropy", "types", "top10_share"):
+                if key in stats:
+                    numbers[f"{side}_{key}"] = stats[key]
+    verdict = _read_json(run_dir / "analysis" / "verdict.json")
+    if verdict:
+        numbers.update(collapsed=verdict.get("collapsed"), collapse_began_epoch=verdict.get("began_epoch"),
+                       collapse_signals=verdict.get("signals", ""), collapse_warnings=verdict.get("warnings", ""))
+    return numbers
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _verdict_text(numbers: Mapping[str, Any]) -> str:
+    if numbers.get("collapsed") is None:
+        return "–"
+    if numbers["collapsed"]:
+        since = numbers.get("collapse_began_epoch")
+        return f"collapsed since epoch {since} ({numbers.get('collapse_signals') or '?'})"
+    warnings = numbers.get("collapse_warnings")
+    return "not collapsed" + (f" (warnings: {warnings})" if warnings else "")
+
+
+INDEX_CSS = """
+body {font-family: system-ui, sans-serif; margin: 2em; color: #222;}
+table {border-collapse: collapse; font-size: 0.92em;}
+th, td {border-bottom: 1px solid #ddd; padding: 0.4em 0.7em; text-align: left; vertical-align: top;}
+th {background: #f4f4f4;}
+td.num {text-align: right; font-variant-numeric: tabular-nums;}
+.failed {color: #b00020;}
+.muted {color: #777;}
+"""
+
+
+def write_index(reports_dir: str | Path) -> Path:
+    """reports/index.html: every report folder with a report.json, newest first, with its key
+    numbers and links to its pages. Plain HTML and CSS: nothing to load."""
+    reports_dir = Path(reports_dir)
+    entries = []
+    for path in sorted(reports_dir.glob("*/report.json")):
+        report = _read_json(path)
+        if report is not None:
+            entries.append((path.parent.name, report))
+    entries.sort(key=lambda e: e[1].get("created", ""), reverse=True)
+    rows = []
+    for name, report in entries:
+        numbers = report.get("numbers", {})
+        status = report.get("status", "?")
+        if status == "failed":
+            failure = report.get("failure", {})
+            status_html = (f'<span class="failed">failed in {html.escape(str(failure.get("notebook", "?")))}.ipynb '
+                           f'cell {html.escape(str(failure.get("cell", "?")))}: '
+                           f'{html.escape(str(failure.get("error", ""))[:200])}</span>')
+        else:
+            status_html = html.escape(status)
+        links = " · ".join(
+            f'<a href="{html.escape(name)}/{html.escape(page)}">{html.escape(TITLES.get(nb, nb))}</a>'
+            for nb, page in report.get("pages", {}).items()
+        ) or '<span class="muted">no pages</span>'
+        punct = f'{_fmt(numbers.get("samples_punctuation_share"))} / {_fmt(numbers.get("heldout_punctuation_share"))}'
+        entropy = f'{_fmt(numbers.get("samples_unigram_entropy"), 2)} / {_fmt(numbers.get("heldout_unigram_entropy"), 2)}'
+        types = f'{_fmt(numbers.get("samples_types"))} / {_fmt(numbers.get("heldout_types"))}'
+        cells = [
+            f"<td><b>{html.escape(name)}</b><br>{links}</td>",
+            f"<td>{status_html}<br><span class=\"muted\">{html.escape(report.get('created', ''))}</span></td>",
+            f"<td>{html.escape(str(report.get('params', '')))}</td>",
+            f'<td class="num">{_fmt(numbers.get("steps"))} / {_fmt(numbers.get("epochs"))}</td>',
+            f'<td class="num">{_fmt(report.get("wall_s"), 0)}</td>',
+            f'<td class="num">{_fmt(numbers.get("train_loss"))} / {_fmt(numbers.get("val_loss"))}</td>',
+            f'<td class="num">{punct}</td>', f'<td class="num">{entropy}</td>', f'<td class="num">{types}</td>',
+            f"<td>{html.escape(_verdict_text(numbers))}</td>",
+        ]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = ("<tr><th>report</th><th>status</th><th>preset</th><th>steps / epochs</th><th>wall time (s)</th>"
+              "<th>loss: train / val</th><th>punctuation: samples / held-out</th>"
+              "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th><th>verdict</th></tr>")
+    body = "\n".join(rows) if rows else '<tr><td colspan="10" class="muted">No reports yet.</td></tr>'
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dlm reports</title>'
+        f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>"
+        "<p>Each report ran notebooks/train.ipynb, sample.ipynb and collapse_analysis.ipynb on one preset "
+        "(<code>dlm report PARAMS.yaml --name NAME</code>). Samples and held-out text are compared at the same "
+        "shape; the verdict thresholds are in dlm/analysis.py.</p>"
+        f"<table>\n{header}\n{body}\n</table></body></html>\n"
+    )
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    index = reports_dir / "index.html"
+    atomic_write_bytes(index, page.encode("utf-8"))
+    return index
+
+
+# --- the whole chain ------------------------------------------------------------------------------
+
+def _write_report_json(report_dir: Path, report: dict) -> None:
+    atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
+
+
+def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports",
+                 show_code: bool = False, overwrite: bool = False,
+                 parameters: Mapping[str, Mapping[str, Any]] | None = None,
+                 kernel_name: str | None = None) -> Path:
+    """Run the three notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them.
+
+    `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
+    Returns the report folder; raises NotebookFailed when a notebook fails.
+    """
+    params = Path(params)
+    load_config(params)  # a bad preset fails here, before any kernel starts
+    name = name or params.stem
+    if not NAME_PATTERN.match(name):
+        raise ReportError(f"Report name '{name}' must be letters, digits, '.', '_' or '-' (it names a folder).")
+    extra = {k: dict(v) for k, v in (parameters or {}).items()}
+    unknown = set(extra) - set(NOTEBOOKS)
+    if unknown:
+        raise ReportError(f"Unknown notebook(s) in parameters: {', '.join(sorted(unknown))}; use {', '.join(NOTEBOOKS)}.")
+    source = notebooks_dir()
+    reports_dir = Path(reports_dir)
+    report_dir = reports_dir / name
+    if report_dir.exists() and any(report_dir.iterdir()):
+        if not overwrite:
+            raise ReportExistsError(f"'{report_dir}' already holds a report. Pass --overwrite to replace it, "
+                                    f"or --name to write another.")
+        shutil.rmtree(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
+    run_dir = path_for_kernel(report_dir / "run", cwd)
+    chain = {
+        "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir},
+        "sample": {"run_dir": run_dir},
+        "collapse_analysis": {"run_dir": run_dir},
+    }
+    report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
+                              "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "pages": {}, "notebook_s": {}, "numbers": {}}
+    started = time.perf_counter()
+    for notebook in NOTEBOOKS:
+        executed = report_dir / f"{notebook}.ipynb"
+        report["status"] = f"running {notebook}"
+        _write_report_json(report_dir, report)
+        logger.info("%s.ipynb: running -> %s", notebook, executed)
+        began = time.perf_counter()
+        try:
+            execute(source / f"{notebook}.ipynb", executed, {**chain[notebook], **extra.get(notebook, {})},
+                    cwd=cwd, kernel_name=kernel_name)
+        except Exception as error:
+            from papermill.exceptions import PapermillExecutionError
+
+            if not isinstance(error, PapermillExecutionError):
+                raise
+            page = None
+            if executed.is_file():
+                page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]} (failed)")
+                report["pages"][notebook] = page.name
+            failure = NotebookFailed(notebook, error, executed, page, report_dir)
+            report.update(status="failed", failure=failure.summary(), wall_s=round(time.perf_counter() - started, 1),
+                          numbers=run_numbers(report_dir / "run"))
+            report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+            _write_report_json(report_dir, report)
+            write_index(reports_dir)
+            raise failure from error
+        page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]}")
+        report["pages"][notebook] = page.name
+        report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+        logger.info("%s.ipynb: done in %.0fs -> %s", notebook, report["notebook_s"][notebook], page)
+    report.update(status="complete", wall_s=round(time.perf_counter() - started, 1),
+                  numbers=run_numbers(report_dir / "run"))
+    _write_report_json(report_dir, report)
+    index = write_index(reports_dir)
+    logger.info("report %s complete in %.0fs -> %s (index: %s)", name, report["wall_s"], report_dir, index)
+    return report_dir
+
+
+def report_size(report_dir: str | Path, include_checkpoints: bool = True) -> int:
+    """Bytes under a report folder (optionally leaving out the run's checkpoints)."""
+    total = 0
+    for path in Path(report_dir).rglob("*"):
+        if path.is_file() and (include_checkpoints or "checkpoints" not in path.parts):
+            total += path.stat().st_size
+    return total
+
+
+if __name__ == "__main__":
+    import sys
+
+    from dlm.cli import main
+
+    sys.exit(main(["report", *sys.argv[1:]]))

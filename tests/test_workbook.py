@@ -1,0 +1,197 @@
+"""The workbook without running notebooks: committed notebooks, HTML export, the index, guards."""
+
+import json
+import re
+import subprocess
+import sys
+import typing
+
+import nbformat
+import papermill
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from dlm import workbook
+from dlm.cli import main
+from dlm.config import ConfigError, field_types
+from tests.conftest import ROOT
+
+NOTEBOOKS = [ROOT / "notebooks" / f"{name}.ipynb" for name in workbook.NOTEBOOKS]
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code), "clear the outputs before committing"
+    assert "widgets" not in nb.metadata
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    assert nb.metadata.kernelspec.name == "python3"
+    parameters = papermill.inspect_notebook(str(path))
+    assert parameters["run_dir"]["inferred_type_name"] == "str"
+    for name, info in parameters.items():
+        assert info["inferred_type_name"] != "None", f"{name} has no type"
+        assert info["help"], f"{name} has no comment"
+
+
+def test_train_parameters_match_the_config():
+    parameters = papermill.inspect_notebook(str(ROOT / "notebooks" / "train.ipynb"))
+    assert parameters["params"]["default"] == '"params/default.yaml"'
+    assert parameters["epochs"]["inferred_type_name"] == "Optional[int]"
+    names = {int: "int", float: "float", bool: "bool", str: "str"}
+    for key, tp in field_types().items():
+        if key not in parameters:
+            continue
+        if typing.get_origin(tp) is typing.Literal:
+            inner = "str"
+        else:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            inner = names[args[0] if args else tp]
+        assert parameters[key]["inferred_type_name"] == f"Optional[{inner}]", key
+        assert parameters[key]["default"] == "None", f"{key}: None must mean 'the preset's value'"
+
+
+def test_papermill_help_notebook_lists_typed_parameters():
+    out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(ROOT / "notebooks" / "train.ipynb")],
+                         capture_output=True, text=True, check=True).stdout
+    assert 'run_dir: str (default "runs/notebook")' in out
+    assert "epochs: Optional[int] (default None)" in out and "passes over the training windows" in out
+    assert "Unable to parse" not in out
+    for name in ("sample", "collapse_analysis"):
+        out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(ROOT / "notebooks" / f"{name}.ipynb")],
+                             capture_output=True, text=True, check=True).stdout
+        assert "run_dir: str" in out and "num_samples: int (default 64)" in out and "Unable to parse" not in out
+
+
+def test_external_references():
+    bad = ['<script src="https://cdn.example/require.js"></script>', "<link rel=stylesheet href=//cdn.example/x.css>",
+           "<style>@import url(https://fonts.example/f.css);</style>", "<img src='http://example.com/x.png'>",
+           '<div style="background: url( https://example.com/a.png)">']
+    for page in bad:
+        assert workbook.external_references(page), page
+    good = ['<a href="https://github.com/x">a link</a>', "/* see https://github.com/x */", "<script>var a = 1;</script>",
+            '<img src="data:image/png;base64,AAAA">']
+    for page in good:
+        assert workbook.external_references(page) == [], page
+
+
+def widget_notebook():
+    nb = new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.cells = [
+        new_markdown_cell("# Title\n\n## Loss <curves>"),
+        new_code_cell("show()", outputs=[
+            new_output("display_data", data={WIDGET: {"model_id": "1"}, "text/plain": "IntSlider()"}),
+            new_output("display_data", data={WIDGET: {"model_id": "2"}, "text/html": "<p>offline slider</p>",
+                                             "text/plain": "x"}),
+            new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}),
+            new_output("stream", name="stdout", text="step 1 | loss 0.5\n"),
+        ]),
+    ]
+    return nb
+
+
+def test_export_html_is_offline_and_hides_code(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(widget_notebook(), path)
+    page = workbook.export_html(path, title="t <1>")
+    text = page.read_text()
+    assert workbook.external_references(text) == []
+    assert not re.search(r"<script[^>]*\bsrc=", text) and "require.js" not in text and "mathjax" not in text.lower()
+    assert WIDGET not in text and "offline slider" in text and "IntSlider()" not in text
+    assert 'alt="figure: Loss &lt;curves&gt;"' in text
+    assert ">show<" not in text and "step 1 | loss 0.5" in text
+    assert "<title>t &lt;1&gt;</title>" in text
+    assert ">show<" in workbook.export_html(path, tmp_path / "code.html", show_code=True).read_text()
+
+
+def test_strip_widgets_keeps_html_fallback():
+    nb = workbook.strip_widgets(widget_notebook())
+    outputs = nb.cells[1].outputs
+    assert "widgets" not in nb.metadata and len(outputs) == 3
+    assert set(outputs[0].data) == {"text/html", "text/plain"}
+
+
+def write_run(folder, collapsed=True):
+    (folder / "samples").mkdir(parents=True)
+    (folder / "analysis").mkdir()
+    (folder / "metrics.csv").write_text(
+        "step,epoch,total,mse,rounding,prior,val_total,val_mse,val_rounding,val_prior,embedding_norm,nn_distance,"
+        "lr,tokens_per_s,elapsed_s\n"
+        "5,1,3.0,1.0,2.0,0.0,,,,,4.0,2.5,0.001,100.0,1.0\n"
+        "10,1,,,,,2.5,1.5,1.0,0.0,,,,,2.0\n")
+    (folder / "samples" / "summary.json").write_text(json.dumps({
+        "samples": {"punctuation_share": 0.8, "unigram_entropy": 2.0, "types": 12, "top10_share": 0.9},
+        "heldout": {"punctuation_share": 0.2, "unigram_entropy": 7.0, "types": 300, "top10_share": 0.3}}))
+    (folder / "analysis" / "verdict.json").write_text(json.dumps(
+        {"collapsed": collapsed, "began_epoch": 1 if collapsed else None, "signals": "punctuation" if collapsed else "",
+         "warnings": ""}))
+
+
+def test_run_numbers_and_index(tmp_path):
+    reports = tmp_path / "reports"
+    write_run(reports / "good" / "run")
+    numbers = workbook.run_numbers(reports / "good" / "run")
+    assert numbers["steps"] == 10 and numbers["train_loss"] == 3.0 and numbers["val_loss"] == 2.5
+    assert numbers["samples_punctuation_share"] == 0.8 and numbers["heldout_types"] == 300
+    assert numbers["collapsed"] is True and numbers["collapse_began_epoch"] == 1
+    (reports / "good" / "report.json").write_text(json.dumps({
+        "name": "good", "params": "params/x.yaml", "status": "complete", "created": "2026-01-02T00:00:00",
+        "pages": {"train": "train.html", "sample": "sample.html"}, "numbers": numbers, "wall_s": 12.0}))
+    (reports / "bad").mkdir()
+    (reports / "bad" / "report.json").write_text(json.dumps({
+        "name": "bad", "params": "<p>.yaml", "status": "failed", "created": "2026-01-03T00:00:00",
+        "failure": {"notebook": "sample", "cell": 4, "error": "ValueError: <steps> too large"},
+        "pages": {"train": "train.html"}, "numbers": {}}))
+    (reports / "stray").mkdir()  # a folder without report.json is not listed
+    index = workbook.write_index(reports).read_text()
+    assert workbook.external_references(index) == [] and "<script" not in index
+    assert index.index(">bad<") < index.index(">good<")  # newest first
+    assert '<a href="good/train.html">training</a>' in index and '<a href="good/sample.html">samples</a>' in index
+    assert "collapsed since epoch 1 (punctuation)" in index and "0.800 / 0.200" in index
+    assert "failed in sample.ipynb cell 4: ValueError: &lt;steps&gt; too large" in index
+    assert "&lt;p&gt;.yaml" in index and "stray" not in index
+
+
+def test_build_report_guards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    preset = tmp_path / "p.yaml"
+    preset.write_text("epochs: 1\n")
+    with pytest.raises(ConfigError, match="Unknown config key 'epoch'"):
+        (tmp_path / "bad.yaml").write_text("epoch: 1\n")
+        workbook.build_report(tmp_path / "bad.yaml", reports_dir=tmp_path / "r")
+    with pytest.raises(workbook.ReportError, match="names a folder"):
+        workbook.build_report(preset, name="../x", reports_dir=tmp_path / "r")
+    with pytest.raises(workbook.ReportError, match="Unknown notebook"):
+        workbook.build_report(preset, reports_dir=tmp_path / "r", parameters={"trian": {}})
+    (tmp_path / "r" / "p").mkdir(parents=True)
+    (tmp_path / "r" / "p" / "report.json").write_text("{}")
+    with pytest.raises(workbook.ReportExistsError, match="--overwrite"):
+        workbook.build_report(preset, reports_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "p" / "run").exists()
+
+
+def test_report_command_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("epoch: 1\n")
+    assert main(["report", "bad.yaml"]) == 2
+    assert "Unknown config key 'epoch'" in capsys.readouterr().err
+    (tmp_path / "p.yaml").write_text("epochs: 1\n")
+    (tmp_path / "reports" / "mine").mkdir(parents=True)
+    (tmp_path / "reports" / "mine" / "x").write_text("")
+    assert main(["report", "p.yaml", "--name", "mine"]) == 1
+    assert "already holds a report" in capsys.readouterr().err
+
+
+def test_python_m_dlm_workbook_is_the_report_command():
+    done = subprocess.run([sys.executable, "-m", "dlm.workbook", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "usage: dlm report" in done.stdout and "--name" in done.stdout
+
+
+def test_path_for_kernel(tmp_path):
+    assert workbook.path_for_kernel(ROOT / "reports" / "x" / "run", ROOT) == "reports/x/run"
+    assert workbook.path_for_kernel(tmp_path / "run", ROOT) == str(tmp_path.resolve() / "run")
+    assert workbook.path_for_kernel(tmp_path / "run", tmp_path) == str(tmp_path.resolve() / "run")
