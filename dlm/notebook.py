@@ -40,6 +40,17 @@ def package_root() -> Path | None:
     return folder if is_project_root(folder) else None
 
 
+def _shorten(path: Path, start: str | Path | None) -> Path:
+    """Relative to the working directory when it lies under it (so paths printed or written by a
+    notebook, e.g. into samples.jsonl, name no machine folder); `start` given: kept as is."""
+    if start is not None:
+        return path
+    try:
+        return path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def resolve_path(path: str | Path, start: str | Path | None = None) -> Path:
     """Where a relative path parameter points: the project root when the working directory is
     inside the project (so 'runs/x' means the same from the root and from notebooks/), else the
@@ -48,7 +59,7 @@ def resolve_path(path: str | Path, start: str | Path | None = None) -> Path:
     if path.is_absolute():
         return path
     base = Path(start or Path.cwd()).resolve()
-    return (project_root(base) or base) / path
+    return _shorten((project_root(base) or base) / path, start)
 
 
 def resolve_input(path: str | Path, start: str | Path | None = None) -> Path:
@@ -65,7 +76,7 @@ def resolve_input(path: str | Path, start: str | Path | None = None) -> Path:
                 candidates.append(root / path)
     for candidate in candidates:
         if candidate.exists():
-            return candidate
+            return candidate if path.is_absolute() else _shorten(candidate, start)
     tried = ", ".join(f"'{c}'" for c in candidates)
     raise FileNotFoundError(f"'{path}' was not found (looked at {tried}).")
 

@@ -378,7 +378,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         logger.info("%s.ipynb: running -> %s", notebook, executed)
         began = time.perf_counter()
         try:
-            execute(source / f"{notebook}.ipynb", executed, {**chain[notebook], **extra.get(notebook, {})},
+            execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
+                    {**chain[notebook], **extra.get(notebook, {})},
                     cwd=cwd, kernel_name=kernel_name)
         except Exception as error:
             from papermill.exceptions import PapermillExecutionError

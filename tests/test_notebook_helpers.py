@@ -20,6 +20,16 @@ def test_resolve_path_is_the_same_from_root_and_notebooks(tmp_path):
     assert notebook.resolve_path(tmp_path / "abs", ROOT) == tmp_path / "abs"
 
 
+def test_resolved_paths_are_relative_under_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    assert notebook.resolve_path("runs/x") == notebook.Path("runs/x")
+    assert notebook.resolve_input("params/smoke.yaml") == notebook.Path("params/smoke.yaml")
+    assert notebook.resolve_input(ROOT / "params") == ROOT / "params"  # absolute stays absolute
+    monkeypatch.chdir(ROOT / "notebooks")  # JupyterLab's working directory
+    assert notebook.resolve_path("runs/x") == ROOT / "runs" / "x"
+    assert notebook.resolve_input("params/smoke.yaml") == ROOT / "params" / "smoke.yaml"
+
+
 def test_resolve_input_tries_cwd_then_the_project(tmp_path):
     assert notebook.resolve_input("params/smoke.yaml", ROOT / "notebooks") == ROOT / "params" / "smoke.yaml"
     (tmp_path / "params").mkdir()

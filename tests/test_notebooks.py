@@ -1,0 +1,243 @@
+"""End to end: the notebooks executed by papermill with tiny parameters, the report chain, the
+HTML pages in headless Chromium with the network blocked, and JupyterLab serving the notebooks."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import nbformat
+import papermill
+import pytest
+import yaml
+from papermill.exceptions import PapermillExecutionError
+
+from dlm import workbook
+from tests.conftest import ROOT, make_corpus
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = ROOT / "notebooks"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Tiny notebook parameters: one CPU thread, a handful of samples and steps.
+SAMPLE = {"num_samples": 6, "threads": 1, "table_rows": 4}
+COLLAPSE = {"num_samples": 6, "threads": 1, "max_checkpoints": 3}
+
+
+def tiny_preset(folder):
+    """params/smoke.yaml on a made-up corpus (the real one is never needed here), one thread."""
+    values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    values.update(corpus=str(make_corpus(folder / "corpus.txt")), min_count=1, max_train_tokens=None, threads=1,
+                  sample_steps=8, epochs=2)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One report built through the papermill API: each notebook executed in a temp folder."""
+    folder = tmp_path_factory.mktemp("report")
+    preset = tiny_preset(folder)
+    report_dir = workbook.build_report(preset, name="tiny", reports_dir=folder / "reports",
+                                       parameters={"sample": SAMPLE, "collapse_analysis": COLLAPSE})
+    return report_dir
+
+
+def error_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+
+
+def test_report_runs_every_notebook(report):
+    for name in workbook.NOTEBOOKS:
+        assert (report / f"{name}.ipynb").is_file() and error_outputs(report / f"{name}.ipynb") == []
+        assert (report / f"{name}.html").is_file()
+    run = report / "run"
+    assert (run / "checkpoints" / "epoch_0002.pt").is_file() and (run / "metrics.csv").is_file()
+    assert (run / "samples" / "samples.jsonl").is_file() and (run / "samples" / "samples.trajectory.json").is_file()
+    assert json.loads((run / "samples" / "summary.json").read_text())["samples"]["tokens"] > 0
+    assert json.loads((run / "analysis" / "verdict.json").read_text())["checkpoints"] == 2
+    info = json.loads((report / "report.json").read_text())
+    assert info["status"] == "complete" and set(info["pages"]) == set(workbook.NOTEBOOKS)
+    assert info["numbers"]["steps"] > 0 and "samples_punctuation_share" in info["numbers"]
+    assert info["numbers"]["collapsed"] in (True, False)
+    index = (report.parent / "index.html").read_text()
+    assert ">tiny<" in index and 'href="tiny/sample.html"' in index
+
+
+def test_report_pages_are_self_contained(report):
+    pages = [report / f"{name}.html" for name in workbook.NOTEBOOKS] + [report.parent / "index.html"]
+    for page in pages:
+        text = page.read_text()
+        assert workbook.external_references(text) == [], page.name
+        assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?\s*(https?:)?//", text, re.I), page.name
+        assert "application/vnd.jupyter.widget" not in text
+    train = (report / "train.html").read_text()
+    assert train.count("data:image/png;base64,") >= 2  # loss curves, training curves
+    assert "loss" in train and "step" in train
+    sample = (report / "sample.html").read_text()
+    assert 'type="range"' in sample and sample.count("data:image/png;base64,") >= 2
+    collapse = (report / "collapse_analysis.html").read_text()
+    assert "Verdict" in collapse and collapse.count("data:image/png;base64,") >= 5
+
+
+def test_papermill_command_line_p_wins_over_f(tmp_path):
+    preset = tiny_preset(tmp_path)
+    (tmp_path / "more.yaml").write_text("epochs: 3\nseq_len: 12\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", str(NOTEBOOKS / "train.ipynb"), "out.ipynb", "-p", "params", str(preset),
+         "-f", "more.yaml", "-p", "epochs", "1", "-p", "run_dir", "run", "-p", "samples_per_checkpoint", "1",
+         "--no-progress-bar"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["epochs"] == 1  # -p beats -f
+    assert config["seq_len"] == 12  # -f beats the preset
+    assert config["embed_dim"] == 16 and config["progress"] is False  # the preset; no progress bar in a notebook
+    assert error_outputs(tmp_path / "out.ipynb") == []
+
+
+def test_bad_parameter_names_the_cell(tmp_path):
+    with pytest.raises(PapermillExecutionError) as caught:
+        papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"params": str(tiny_preset(tmp_path)), "run_dir": str(tmp_path / "run"),
+                                               "epochs": "three"},
+                                   progress_bar=False, cwd=str(tmp_path))
+    error = caught.value
+    assert error.ename == "ConfigError" and "'epochs' got 'three'" in error.evalue
+    assert error.exec_count is not None and "notebook_config" in error.source
+    assert f'In [{error.exec_count}]' in str(error)
+    assert not (tmp_path / "run").exists()
+
+
+def test_failing_notebook_stops_the_chain_and_keeps_earlier_steps(tmp_path):
+    preset = tiny_preset(tmp_path)
+    reports = tmp_path / "reports"
+    with pytest.raises(workbook.NotebookFailed) as caught:
+        workbook.build_report(preset, name="broken", reports_dir=reports,
+                              parameters={"sample": {**SAMPLE, "steps": 100000}})
+    failure = caught.value
+    assert isinstance(failure.__cause__, PapermillExecutionError)
+    assert failure.notebook == "sample" and failure.ename == "ValueError" and "steps must be between" in failure.evalue
+    assert "sample.ipynb failed in cell In [" in str(failure)
+    report = reports / "broken"
+    assert (report / "train.html").is_file() and (report / "run" / "checkpoints" / "last.pt").is_file()
+    assert (report / "sample.html").is_file() and not (report / "collapse_analysis.ipynb").exists()
+    info = json.loads((report / "report.json").read_text())
+    assert info["status"] == "failed" and info["failure"]["notebook"] == "sample"
+    assert "failed in sample.ipynb" in (reports / "index.html").read_text()
+
+
+def browser_or_skip():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("DLM_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing (install Debian's chromium)")
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    return pytest.importorskip("playwright.sync_api")
+
+
+def test_sample_report_slider_works_offline_in_chromium(report):
+    sync_api = browser_or_skip()
+    requests, blocked = [], []
+
+    def route(route):
+        url = route.request.url
+        if url.startswith(("file:", "data:")):
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.route("**/*", route)
+            page = context.new_page()
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto((report / "sample.html").as_uri())
+            slider = page.locator(".dlm-steps input[type=range]").first
+            label = page.locator(".dlm-steps .dlm-step-label").first
+            visible = page.locator(".dlm-steps .dlm-frame:not([hidden])").first
+            maximum = int(slider.get_attribute("max"))
+            assert maximum > 0 and slider.input_value() == str(maximum)
+            final_label, final_text = label.inner_text(), visible.inner_text()
+            assert final_label.startswith("step 8 of 8")
+            slider.focus()
+            page.keyboard.press("Home")
+            assert slider.input_value() == "0" and label.inner_text().startswith("step 1 of 8")
+            texts = {visible.inner_text()}
+            for _ in range(maximum):
+                page.keyboard.press("ArrowRight")
+                texts.add(visible.inner_text())
+            assert label.inner_text() == final_label
+            assert len(texts) > 1 and final_text in texts  # the text changes along the chain
+            assert page.locator(".dlm-steps mark").count() > 0  # changed tokens are marked
+            page.goto((report.parent / "index.html").as_uri())
+            page.get_by_role("link", name="samples").first.click()
+            page.wait_for_load_state()
+            assert page.url.endswith("/sample.html")
+        finally:
+            browser.close()
+    assert blocked == []
+    assert requests and all(url.startswith(("file:", "data:")) for url in requests)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Terminate the server we started (its own process group), then kill it if it lingers."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_jupyterlab_serves_the_notebooks(tmp_path):
+    token, port = "dlm-test-token", free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
+    log = open(tmp_path / "jupyter.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--IdentityProvider.token={token}", f"--port={port}",
+         "--ip=127.0.0.1", f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0",
+         "--LabApp.extension_manager=readonly", *(["--allow-root"] if os.geteuid() == 0 else [])],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/contents/notebooks",
+                                         headers={"Authorization": f"token {token}"})
+        listing, deadline = None, time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    listing = json.loads(response.read())
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        assert listing is not None, (tmp_path / "jupyter.log").read_text()[-3000:]
+        names = {item["name"] for item in listing["content"] if item["type"] == "notebook"}
+        assert {"train.ipynb", "sample.ipynb", "collapse_analysis.ipynb"} <= names
+        denied = urllib.request.Request(f"http://127.0.0.1:{port}/api/contents/notebooks")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(denied, timeout=5)
+    finally:
+        stop(server)
+        log.close()
+    assert server.returncode is not None
+
