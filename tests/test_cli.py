@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from dlm.checkpoint import load_checkpoint
 from dlm.cli import main
 from tests.conftest import ROOT
 
@@ -100,3 +102,12 @@ def test_pretrained_vectors_initialise_the_table(corpus, tmp_path, caplog):
     # a dlm checkpoint works as a source of vectors too
     assert main(train_args(corpus, tmp_path / "run2", "--epochs", "1", "--init_from_pretrained",
                            str(run_dir / "checkpoints" / "last.pt"))) == 0
+
+
+def test_frozen_embeddings_stay_fixed(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus, run_dir, "--epochs", "2", "--no-use_learned_embeddings")) == 0
+    first = load_checkpoint(run_dir / "checkpoints" / "epoch_0001.pt")["model"]
+    last = load_checkpoint(run_dir / "checkpoints" / "epoch_0002.pt")["model"]
+    assert torch.equal(first["embedding.weight"], last["embedding.weight"])
+    assert not torch.equal(first["denoiser.out_proj.weight"], last["denoiser.out_proj.weight"])
