@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dlm.data import atomic_write_bytes, prepare_data
+from dlm.data import CorpusData, atomic_write_bytes, prepare_data
 from dlm.runs import LoadedRun, RunDir, load_run
 from dlm.sample import SampleOptions, generate
 from dlm.textstats import content_tokens, heldout_windows, is_punctuation, punctuation_share, unigram_entropy
@@ -96,16 +96,21 @@ def top_tokens(sequences: Sequence[Sequence[str]], count: int = 15) -> list[tupl
     return [(t, c / total) for t, c in collections.Counter(tokens).most_common(count)]
 
 
-def heldout_sequences(run: LoadedRun, count: int, seed: int = 0) -> list[list[str]]:
+def run_data(run: LoadedRun) -> CorpusData:
+    """The run's corpus encoded with its vocabulary, its train split cut as it was trained."""
+    return prepare_data(run.config.corpus, tokenizer=run.tokenizer, max_train_tokens=run.config.max_train_tokens)
+
+
+def heldout_sequences(run: LoadedRun, count: int, seed: int = 0, data: CorpusData | None = None) -> list[list[str]]:
     """`count` random held-out windows of the run's length, as tokens of the run's vocabulary."""
-    data = prepare_data(run.config.corpus, tokenizer=run.tokenizer)
+    data = data or run_data(run)
     windows = heldout_windows(data.val_ids, run.config.seq_len, count, seed)
     return ids_to_tokens(windows, run.tokenizer.itos)
 
 
-def train_token_counts(run: LoadedRun) -> torch.Tensor:
+def train_token_counts(run: LoadedRun, data: CorpusData | None = None) -> torch.Tensor:
     """How often each vocabulary id occurs in the text the run trained on, (V,)."""
-    data = prepare_data(run.config.corpus, tokenizer=run.tokenizer, max_train_tokens=run.config.max_train_tokens)
+    data = data or run_data(run)
     return torch.bincount(data.train_ids, minlength=len(run.tokenizer))
 
 
@@ -246,10 +251,11 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
     for path in paths:
         run = load_run(run_dir, path)
         if analysis is None:
-            heldout_tokens = heldout_sequences(run, num_samples, seed)
+            data = run_data(run)  # read and encode the corpus once per run
+            heldout_tokens = heldout_sequences(run, num_samples, seed, data)
             analysis = RunAnalysis(name or run_dir.name, run_dir, sample_stats(heldout_tokens), pd.DataFrame(),
                                    heldout_tokens=heldout_tokens)
-            counts = train_token_counts(run)
+            counts = train_token_counts(run, data)
         tokens = sample_checkpoint(run, num_samples, steps, seed)
         geometry = embedding_geometry(run, counts)
         stats = sample_stats(tokens)

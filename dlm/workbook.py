@@ -384,14 +384,18 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         except Exception as error:
             from papermill.exceptions import PapermillExecutionError
 
-            if not isinstance(error, PapermillExecutionError):
-                raise
             page = None
-            if executed.is_file():
+            if isinstance(error, PapermillExecutionError) and executed.is_file():
                 page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]} (failed)")
                 report["pages"][notebook] = page.name
-            failure = NotebookFailed(notebook, error, executed, page, report_dir)
-            report.update(status="failed", failure=failure.summary(), wall_s=round(time.perf_counter() - started, 1),
+            if isinstance(error, PapermillExecutionError):
+                failure = NotebookFailed(notebook, error, executed, page, report_dir)
+                summary = failure.summary()
+            else:  # the kernel died or could not start, a cell timed out, ...
+                failure = ReportError(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
+                                      f"What earlier steps wrote is kept in {report_dir}.")
+                summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
+            report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
                           numbers=run_numbers(report_dir / "run"))
             report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
             _write_report_json(report_dir, report)

@@ -60,10 +60,13 @@ def test_papermill_help_notebook_lists_typed_parameters():
     assert 'run_dir: str (default "runs/notebook")' in out
     assert "epochs: Optional[int] (default None)" in out and "passes over the training windows" in out
     assert "Unable to parse" not in out
-    for name in ("sample", "collapse_analysis"):
-        out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(ROOT / "notebooks" / f"{name}.ipynb")],
-                             capture_output=True, text=True, check=True).stdout
-        assert "run_dir: str" in out and "num_samples: int (default 64)" in out and "Unable to parse" not in out
+
+
+@pytest.mark.parametrize("name", ["sample", "collapse_analysis"])
+def test_sample_and_collapse_parameters(name):
+    parameters = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
+    assert parameters["num_samples"]["inferred_type_name"] == "int" and parameters["num_samples"]["default"] == "64"
+    assert parameters["steps"]["default"] == "-1" and "sample_steps" in parameters["steps"]["help"]
 
 
 def test_external_references():
@@ -195,3 +198,17 @@ def test_path_for_kernel(tmp_path):
     assert workbook.path_for_kernel(ROOT / "reports" / "x" / "run", ROOT) == "reports/x/run"
     assert workbook.path_for_kernel(tmp_path / "run", ROOT) == str(tmp_path.resolve() / "run")
     assert workbook.path_for_kernel(tmp_path / "run", tmp_path) == str(tmp_path.resolve() / "run")
+
+
+def test_a_kernel_that_cannot_run_is_reported(tmp_path, monkeypatch):
+    def dead_kernel(*args, **kwargs):
+        raise RuntimeError("Kernel died before replying to kernel_info")
+
+    monkeypatch.setattr(workbook, "execute", dead_kernel)
+    preset = tmp_path / "p.yaml"
+    preset.write_text("epochs: 1\n")
+    with pytest.raises(workbook.ReportError, match="train.ipynb could not run: RuntimeError: Kernel died"):
+        workbook.build_report(preset, reports_dir=tmp_path / "r")
+    info = json.loads((tmp_path / "r" / "p" / "report.json").read_text())
+    assert info["status"] == "failed" and info["failure"]["notebook"] == "train"
+    assert "failed in train.ipynb" in (tmp_path / "r" / "index.html").read_text()
