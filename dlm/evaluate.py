@@ -1,0 +1,103 @@
+"""Sample-quality numbers that catch collapse and word salad alike, always next to held-out text.
+
+Perplexity under a teacher alone rewards repetitive, low-entropy text, so it is read together with
+the token distribution: entropy against held-out text, punctuation share, Jensen-Shannon divergence
+of unigram distributions, distinct-n, the vocabulary spread at a fixed token count, adjacent
+repetition and the share of 4-grams copied from the training split.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+
+from dlm.analysis import distinct_n, sample_stats
+from dlm.textstats import content_tokens
+
+# --- the `collapsed` verdict (documented thresholds, relative to held-out text of the same shape) ---
+COLLAPSE_ENTROPY_RATIO = 0.75  # unigram entropy below 75% of held-out's
+COLLAPSE_PUNCTUATION_RATIO = 1.5  # punctuation share above 1.5x held-out's
+COLLAPSE_TOP10_RATIO = 1.5  # the 10 commonest tokens take over 1.5x the share they have in held-out text
+COLLAPSE_TYPES_RATIO = 0.25  # fewer than a quarter of held-out's distinct types at the same token count
+
+
+def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
+    counts = collections.Counter(tokens)
+    total = sum(counts.values())
+    return {t: c / total for t, c in counts.items()} if total else {}
+
+
+def js_divergence(p: dict[str, float], q: dict[str, float]) -> float:
+    """Jensen-Shannon divergence in bits (0: same distribution, 1: disjoint support)."""
+    def kl_to_mixture(a: dict[str, float], b: dict[str, float]) -> float:
+        return sum(pa * math.log2(pa / ((pa + b.get(t, 0.0)) / 2)) for t, pa in a.items() if pa > 0)
+
+    return 0.5 * kl_to_mixture(p, q) + 0.5 * kl_to_mixture(q, p)
+
+
+def types_at(tokens: Sequence[str], count: int) -> int:
+    """Distinct types among the first `count` tokens: vocabulary spread at a fixed length."""
+    return len(set(tokens[:count]))
+
+
+def adjacent_repetition(sequences: Sequence[Sequence[str]]) -> float:
+    """Share of tokens equal to the token right before them (within a sequence)."""
+    repeats = total = 0
+    for seq in sequences:
+        tokens = content_tokens([seq])
+        repeats += sum(a == b for a, b in zip(tokens, tokens[1:]))
+        total += max(0, len(tokens) - 1)
+    return repeats / total if total else 0.0
+
+
+def ngram_set(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def copy_rate(sequences: Sequence[Sequence[str]], train_ngrams: set[tuple[str, ...]], n: int = 4) -> float:
+    """Share of the samples' n-grams that occur verbatim in the training split (memorisation)."""
+    grams = [tuple(toks[i: i + n]) for seq in sequences for toks in [content_tokens([seq])]
+             for i in range(len(toks) - n + 1)]
+    return sum(g in train_ngrams for g in grams) / len(grams) if grams else 0.0
+
+
+def text_metrics(sequences: Sequence[Sequence[str]], train_ngrams: set[tuple[str, ...]], types_count: int) -> dict:
+    stats = sample_stats(sequences)
+    tokens = content_tokens(sequences)
+    return {
+        **{k: stats[k] for k in ("tokens", "types", "punctuation_share", "unigram_entropy", "top1_token",
+                                 "top1_share", "top10_share")},
+        "distinct_1": distinct_n(sequences, 1),
+        "distinct_2": distinct_n(sequences, 2),
+        f"types_at_{types_count}": types_at(tokens, types_count),
+        "adjacent_repetition": adjacent_repetition(sequences),
+        "copy_rate_4gram": copy_rate(sequences, train_ngrams, 4),
+    }
+
+
+def compare(samples: Sequence[Sequence[str]], heldout: Sequence[Sequence[str]], train_tokens: Sequence[str]) -> dict:
+    """Every metric for the samples and for held-out text, the ratios between them, and the verdict."""
+    train_ngrams = ngram_set([t for t in train_tokens if t != "\n"], 4)
+    sample_tokens, heldout_tokens = content_tokens(samples), content_tokens(heldout)
+    types_count = max(1, min(len(sample_tokens), len(heldout_tokens)))
+    mine = text_metrics(samples, train_ngrams, types_count)
+    ref = text_metrics(heldout, train_ngrams, types_count)
+    mine["js_divergence"] = js_divergence(unigram_distribution(sample_tokens), unigram_distribution(heldout_tokens))
+    ref["js_divergence"] = 0.0
+    verdict = collapse_verdict(mine, ref, types_count)
+    return {"samples": mine, "heldout": ref, "types_count": types_count, **verdict}
+
+
+def collapse_verdict(mine: dict, ref: dict, types_count: int) -> dict:
+    key = f"types_at_{types_count}"
+    reasons = []
+    if mine["unigram_entropy"] < COLLAPSE_ENTROPY_RATIO * ref["unigram_entropy"]:
+        reasons.append("entropy")
+    if mine["punctuation_share"] > COLLAPSE_PUNCTUATION_RATIO * ref["punctuation_share"]:
+        reasons.append("punctuation")
+    if mine["top10_share"] > COLLAPSE_TOP10_RATIO * ref["top10_share"]:
+        reasons.append("top-10 share")
+    if mine[key] < COLLAPSE_TYPES_RATIO * ref[key]:
+        reasons.append("vocabulary")
+    return {"collapsed": bool(reasons), "collapse_reasons": reasons}

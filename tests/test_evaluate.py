@@ -1,0 +1,33 @@
+import pytest
+
+from dlm.evaluate import adjacent_repetition, compare, copy_rate, js_divergence, ngram_set, types_at, unigram_distribution
+
+HELDOUT = [("To be , or not to be : that is the question . " * 3).split(),
+           ("Now is the winter of our discontent made glorious summer by this sun of York ; " * 2).split()]
+TRAIN = ("To be , or not to be : that is the question . Now is the winter of our discontent "
+         "made glorious summer by this sun of York ; and all the clouds that lour'd upon our house").split()
+
+
+def test_js_divergence_bounds():
+    p = unigram_distribution(["a", "b", "a"])
+    assert js_divergence(p, p) == pytest.approx(0.0)
+    assert js_divergence(p, unigram_distribution(["c", "d"])) == pytest.approx(1.0)
+    middle = js_divergence(p, unigram_distribution(["a", "c"]))
+    assert 0 < middle < 1
+
+
+def test_spread_repetition_and_copying():
+    assert types_at(["a", "b", "a", "c"], 3) == 2
+    assert adjacent_repetition([["a", "a", "b", "b"], ["c", "d"]]) == pytest.approx(2 / 4)
+    grams = ngram_set(TRAIN, 4)
+    assert copy_rate([TRAIN[:8]], grams) == 1.0
+    assert copy_rate([["x", "y", "z", "w", "v"]], grams) == 0.0
+
+
+def test_held_out_text_is_not_collapsed_and_commas_are():
+    fine = compare(HELDOUT, HELDOUT, TRAIN)
+    assert not fine["collapsed"] and fine["samples"]["js_divergence"] == pytest.approx(0.0)
+    commas = [[",", ":", ",", ",", "the", ","] * 5] * 2
+    bad = compare(commas, HELDOUT, TRAIN)
+    assert bad["collapsed"] and {"punctuation", "entropy"} <= set(bad["collapse_reasons"])
+    assert bad["samples"]["punctuation_share"] > 0.8 and bad["heldout"]["punctuation_share"] < 0.2
