@@ -1,0 +1,61 @@
+"""The autoregressive baseline: the same TinyTransformer blocks with a causal mask and a head tied
+to the token embedding. It is the competitor a user would otherwise pick, and the teacher that
+scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlm.config import Config
+from dlm.embeddings import LearnedEmbedding, LearnedRounding
+from dlm.model import TinyTransformer
+
+
+class AutoregressiveLM(nn.Module):
+    """p(w_i | w_<i): token embedding -> causal TinyTransformer -> tied head."""
+
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        d = config.embed_dim
+        self.embedding = LearnedEmbedding(vocab_size, d, init_std=config.embedding_init_std)
+        self.transformer = TinyTransformer(d, config.width, config.depth, config.heads, config.seq_len,
+                                           config.dropout, causal=True, time_conditioned=False)
+        self.head = LearnedRounding(d, vocab_size, tied_embedding=self.embedding)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) for the token after each position."""
+        return self.head(self.transformer(self.embedding(ids)))
+
+    def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy on a batch of windows (the first token of each has no context)."""
+        logits = self(ids[:, :-1])
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return {"total": nll, "nll": nll}
+
+    @torch.inference_mode()
+    def token_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-token negative log-likelihood (nats) of ids[:, 1:] given what precedes, (B, L-1)."""
+        logits = self(ids[:, :-1]).float()
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+    @torch.inference_mode()
+    def generate(self, count: int, length: int, start_id: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample `count` sequences of `length` tokens after a `start_id` token (a newline is a
+        natural start in line-structured text), (count, length)."""
+        device = self.embedding.weight.device
+        prompt = torch.full((count, 1), start_id, dtype=torch.long, device=device)
+        ids = prompt
+        while ids.shape[1] < length + prompt.shape[1]:
+            logits = self(ids[:, -self.transformer.positions.shape[0]:])[:, -1].float()
+            probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator).to(device)], dim=1)
+        return ids[:, prompt.shape[1]:]
+
+
+def perplexity(mean_nll: float) -> float:
+    return math.exp(mean_nll)
