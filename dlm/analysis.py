@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 from dlm.data import CorpusData, atomic_write_bytes, prepare_data
 from dlm.runs import LoadedRun, RunDir, load_run
 from dlm.sample import SampleOptions, generate
-from dlm.textstats import content_tokens, heldout_windows, is_punctuation, punctuation_share, unigram_entropy
+from dlm.textstats import content_tokens, distinct_n, heldout_windows, is_punctuation, sample_stats  # noqa: F401 (re-exported)
 
 # --- verdict thresholds -------------------------------------------------------------------------
 # A checkpoint's samples count as COLLAPSED when any of these signals trips. Each compares the
@@ -53,35 +53,6 @@ WARNINGS = {
 def ids_to_tokens(ids: torch.Tensor | Sequence[Sequence[int]], itos: Sequence[str]) -> list[list[str]]:
     rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
     return [[itos[int(i)] for i in row] for row in rows]
-
-
-def distinct_n(sequences: Iterable[Sequence[str]], n: int) -> float:
-    """Distinct n-grams / all n-grams, counted inside each sequence over its content tokens."""
-    grams: collections.Counter = collections.Counter()
-    for seq in sequences:
-        tokens = content_tokens([seq])
-        grams.update(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
-    total = sum(grams.values())
-    return len(grams) / total if total else 0.0
-
-
-def sample_stats(sequences: Sequence[Sequence[str]], top: int = 10) -> dict:
-    """The token-distribution numbers of a batch of token sequences (samples or held-out text)."""
-    tokens = content_tokens(sequences)
-    counts = collections.Counter(tokens)
-    total = max(1, len(tokens))
-    common = counts.most_common(top)
-    return {
-        "tokens": len(tokens),
-        "types": len(counts),
-        "punctuation_share": punctuation_share(tokens),
-        "unigram_entropy": unigram_entropy(tokens),
-        "distinct_1": distinct_n(sequences, 1),
-        "distinct_2": distinct_n(sequences, 2),
-        "top1_token": common[0][0] if common else "",
-        "top1_share": common[0][1] / total if common else 0.0,
-        "top10_share": sum(c for _, c in common) / total,
-    }
 
 
 def rank_frequency(sequences: Sequence[Sequence[str]]) -> list[int]:

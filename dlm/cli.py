@@ -10,10 +10,10 @@ from pathlib import Path
 
 from dlm.checkpoint import CheckpointError
 from dlm.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
-from dlm.data import CorpusError, prepare_data
+from dlm.data import CorpusError
 from dlm.runs import load_run, pick_device
 from dlm.sample import SampleOptions, generate, write_samples
-from dlm.textstats import distribution_summary, heldout_windows
+from dlm.textstats import sample_stats
 from dlm.train import RunExistsError, train
 
 USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, ValueError)
@@ -112,6 +112,8 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> None:
+    from dlm import analysis
+
     run = load_run(args.run_dir)
     path = Path(args.samples)
     if not path.is_file():
@@ -119,16 +121,15 @@ def run_stats(args: argparse.Namespace) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"'{path}' holds no samples.")
-    itos = run.tokenizer.itos
-    samples = [[itos[i] for i in r["ids"]] for r in records]
-    data = prepare_data(run.config.corpus, tokenizer=run.tokenizer)
-    heldout = [[itos[i] for i in row] for row in heldout_windows(data.val_ids, run.config.seq_len, len(samples)).tolist()]
-    report = {"samples": distribution_summary(samples), "heldout": distribution_summary(heldout)}
+    samples = analysis.ids_to_tokens([r["ids"] for r in records], run.tokenizer.itos)
+    heldout = analysis.heldout_sequences(run, len(samples))
+    report = {name: {**sample_stats(seqs), "top_tokens": analysis.top_tokens(seqs, 5)}
+              for name, seqs in (("samples", samples), ("heldout", heldout))}
     for name, summary in report.items():
-        top = ", ".join(f"{t!r} {c}" for t, c in summary["top_tokens"][:5])
+        top = ", ".join(f"{t!r} {share:.3f}" for t, share in summary["top_tokens"])
         print(f"{name:8s} tokens {summary['tokens']:6d} | types {summary['types']:5d} | punctuation "
               f"{summary['punctuation_share']:.3f} | entropy {summary['unigram_entropy']:.3f} bits | "
-              f"top-10 share {summary['top_share']:.3f} | {top}")
+              f"top-10 share {summary['top10_share']:.3f} | {top}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -12,15 +12,8 @@ import collections
 import math
 from collections.abc import Sequence
 
-from dlm.analysis import distinct_n, sample_stats
-from dlm.textstats import content_tokens
-
-# --- the `collapsed` verdict (documented thresholds, relative to held-out text of the same shape) ---
-COLLAPSE_ENTROPY_RATIO = 0.75  # unigram entropy below 75% of held-out's
-COLLAPSE_PUNCTUATION_RATIO = 1.5  # punctuation share above 1.5x held-out's
-COLLAPSE_TOP10_RATIO = 1.5  # the 10 commonest tokens take over 1.5x the share they have in held-out text
-COLLAPSE_TYPES_RATIO = 0.25  # fewer than a quarter of held-out's distinct types at the same token count
-
+from dlm.analysis import collapse_signals
+from dlm.textstats import content_tokens, distinct_n, sample_stats
 
 def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
     counts = collections.Counter(tokens)
@@ -85,19 +78,12 @@ def compare(samples: Sequence[Sequence[str]], heldout: Sequence[Sequence[str]], 
     ref = text_metrics(heldout, train_ngrams, types_count)
     mine["js_divergence"] = js_divergence(unigram_distribution(sample_tokens), unigram_distribution(heldout_tokens))
     ref["js_divergence"] = 0.0
-    verdict = collapse_verdict(mine, ref, types_count)
+    verdict = collapse_verdict(mine, ref)
     return {"samples": mine, "heldout": ref, "types_count": types_count, **verdict}
 
 
-def collapse_verdict(mine: dict, ref: dict, types_count: int) -> dict:
-    key = f"types_at_{types_count}"
-    reasons = []
-    if mine["unigram_entropy"] < COLLAPSE_ENTROPY_RATIO * ref["unigram_entropy"]:
-        reasons.append("entropy")
-    if mine["punctuation_share"] > COLLAPSE_PUNCTUATION_RATIO * ref["punctuation_share"]:
-        reasons.append("punctuation")
-    if mine["top10_share"] > COLLAPSE_TOP10_RATIO * ref["top10_share"]:
-        reasons.append("top-10 share")
-    if mine[key] < COLLAPSE_TYPES_RATIO * ref[key]:
-        reasons.append("vocabulary")
+def collapse_verdict(mine: dict, ref: dict) -> dict:
+    """The same signals and thresholds as the collapse analysis (dlm/analysis.py), so a run is
+    called collapsed by one rule wherever it is looked at."""
+    reasons = [name for name, tripped in collapse_signals(mine, ref).items() if tripped]
     return {"collapsed": bool(reasons), "collapse_reasons": reasons}

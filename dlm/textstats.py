@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -30,16 +30,32 @@ def unigram_entropy(tokens: list[str]) -> float:
     return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
-def distribution_summary(sequences: Iterable[Iterable[str]], top: int = 10) -> dict:
+def distinct_n(sequences: Iterable[Sequence[str]], n: int) -> float:
+    """Distinct n-grams / all n-grams, counted inside each sequence over its content tokens."""
+    grams: collections.Counter = collections.Counter()
+    for seq in sequences:
+        tokens = content_tokens([seq])
+        grams.update(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
+    total = sum(grams.values())
+    return len(grams) / total if total else 0.0
+
+
+def sample_stats(sequences: Sequence[Sequence[str]], top: int = 10) -> dict:
+    """The token-distribution numbers of a batch of token sequences (samples or held-out text)."""
     tokens = content_tokens(sequences)
     counts = collections.Counter(tokens)
+    total = max(1, len(tokens))
+    common = counts.most_common(top)
     return {
         "tokens": len(tokens),
         "types": len(counts),
         "punctuation_share": punctuation_share(tokens),
         "unigram_entropy": unigram_entropy(tokens),
-        "top_share": sum(c for _, c in counts.most_common(top)) / max(1, len(tokens)),
-        "top_tokens": counts.most_common(top),
+        "distinct_1": distinct_n(sequences, 1),
+        "distinct_2": distinct_n(sequences, 2),
+        "top1_token": common[0][0] if common else "",
+        "top1_share": common[0][1] / total if common else 0.0,
+        "top10_share": sum(c for _, c in common) / total,
     }
 
 

@@ -29,5 +29,5 @@ def test_held_out_text_is_not_collapsed_and_commas_are():
     assert not fine["collapsed"] and fine["samples"]["js_divergence"] == pytest.approx(0.0)
     commas = [[",", ":", ",", ",", "the", ","] * 5] * 2
     bad = compare(commas, HELDOUT, TRAIN)
-    assert bad["collapsed"] and {"punctuation", "entropy"} <= set(bad["collapse_reasons"])
+    assert bad["collapsed"] and {"punctuation", "low entropy"} <= set(bad["collapse_reasons"])
     assert bad["samples"]["punctuation_share"] > 0.8 and bad["heldout"]["punctuation_share"] < 0.2
