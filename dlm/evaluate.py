@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dlm.analysis import collapse_signals
 from dlm.textstats import content_tokens, distinct_n, sample_stats
 
+
 def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
     counts = collections.Counter(tokens)
     total = sum(counts.values())
