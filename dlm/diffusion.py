@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dlm.embeddings import nearest_rows
 
@@ -136,8 +135,8 @@ class GaussianDiffusion:
         mse = torch.where(t == 0, t0_mse, mse).mean()
 
         rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
-        logits = model.rounding(rounding_input)
-        rounding = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+        # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
+        rounding = model.rounding.loss(rounding_input, ids)
 
         last = torch.full_like(t, s.steps - 1)
         prior = mean_flat((s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()

@@ -73,13 +73,98 @@ class LearnedRounding(nn.Module):
     def output_bias(self) -> torch.Tensor:
         return self.decoder.bias if self.tied_embedding is None else self.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input, weight, bias) with logits = input @ weight^T + bias."""
         if self.tied_embedding is None:
-            return self.decoder(x)
-        table = self.tied_embedding.table()
-        # Scale the (B, L, d) input rather than the (B, L, V) logits, and fuse the bias add:
-        # the logits are the largest tensor of a training step.
-        return F.linear(x * self.log_scale.exp(), table, self.bias)
+            return x, self.decoder.weight, self.decoder.bias
+        # Scale the (B, L, d) input rather than the (B, L, V) logits: the logits are the largest
+        # tensor of a training step.
+        return x * self.log_scale.exp(), self.tied_embedding.table(), self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self._weights(x))
+
+    def loss(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the rounding softmax at x (..., d) against ids (...): the same
+        value as F.cross_entropy(self(x), ids), computed in row chunks without keeping the
+        (..., V) logits (see `linear_cross_entropy`)."""
+        inputs, weight, bias = self._weights(x)
+        return linear_cross_entropy(inputs.reshape(-1, inputs.shape[-1]), weight, bias, ids.reshape(-1))
+
+
+# Rows of logits per chunk in linear_cross_entropy: (rows x V) floats stay in the CPU's cache.
+CROSS_ENTROPY_CHUNK_ELEMENTS = 1 << 20
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+                         chunk_elements: int = CROSS_ENTROPY_CHUNK_ELEMENTS) -> torch.Tensor:
+    """F.cross_entropy(F.linear(x, weight, bias), targets) for x (N, d), weight (V, d), bias (V,),
+    targets (N,), without materialising the (N, V) logits.
+
+    The logits are made and used a chunk of rows at a time; when gradients are needed they are
+    computed in the same pass ((softmax - onehot) / N, then into x, weight and bias), so what
+    backward keeps is the size of the inputs, not N x V. Always in float32 (autocast is off here).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    with torch.autocast(x.device.type, enabled=False):
+        x, weight, bias = x.float(), weight.float(), bias.float()
+        rows = max(1, chunk_elements // weight.shape[0])
+        if needs_grad:
+            return _LinearCrossEntropy.apply(x, weight, bias, targets, rows)
+        total = x.new_zeros(())
+        for start in range(0, x.shape[0], rows):
+            logits = torch.addmm(bias, x[start: start + rows], weight.t())
+            picked = logits.gather(1, targets[start: start + rows, None]).squeeze(1)
+            total += (torch.logsumexp(logits, dim=-1) - picked).sum()
+        return total / x.shape[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the mean CE and, chunk by chunk, its gradients; backward scales them.
+
+    Per chunk: e = exp(logits - max) in place, p = e / sum(e); the gradient of the summed CE with
+    respect to the logits is p - onehot. The 1 / sum(e) scaling is applied to the small operands
+    (rows of x, the (rows, d) result) and the onehot part is an index_add of rows, so the
+    (rows, V) block is only written once and read four times (max, exp, sum, two matmuls).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, rows):
+        n, d = x.shape
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        # The weight and bias gradients come out of one matmul: [x / sum(e), 1 / sum(e)]^T e.
+        grad_wb = torch.zeros(weight.shape[0], d + 1, dtype=x.dtype, device=x.device) if need_w or need_b else None
+        total = x.new_zeros(())
+        for start in range(0, n, rows):
+            xs, ts = x[start: start + rows], targets[start: start + rows]
+            logits = torch.addmm(bias, xs, weight.t())  # (rows, V)
+            picked = logits.gather(1, ts[:, None])
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # in place: the chunk's logits become exp(logits - max)
+            norm = e.sum(dim=-1, keepdim=True)
+            total += (top + norm.log() - picked).sum()
+            inv = norm.reciprocal()  # (rows, 1)
+            if need_x:
+                out = grad_x[start: start + rows]
+                torch.mm(e, weight, out=out)
+                out.mul_(inv).sub_(weight[ts])
+            if grad_wb is not None:
+                grad_wb.addmm_(e.t(), torch.cat([xs * inv, inv], dim=1))
+                grad_wb.index_add_(0, ts, torch.cat([xs, torch.ones_like(inv)], dim=1), alpha=-1.0)
+        grads = (grad_x, grad_wb[:, :d] if need_w else None, grad_wb[:, d] if need_b else None)
+        ctx.present = tuple(g is not None for g in grads)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        scale = grad_output / ctx.n
+        grads = [next(saved) * scale if present else None for present in ctx.present]
+        return (*grads, None, None)
 
 
 class CosineRounding(nn.Module):

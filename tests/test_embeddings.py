@@ -48,3 +48,31 @@ def test_tied_rounding_decodes_each_row_to_itself():
     assert torch.equal(tied(embedding.table()).argmax(-1), torch.arange(20))
     untied = LearnedRounding(32, 20)
     assert untied(torch.randn(3, 32)).shape == (3, 20) and untied.output_bias.shape == (20,)
+
+
+@pytest.mark.parametrize("norm, rounding", [("l2", "tied"), ("none", "untied")])
+def test_chunked_rounding_loss_matches_plain_cross_entropy(norm, rounding):
+    """LearnedRounding.loss gives F.cross_entropy's value and gradients, chunked or not."""
+    import torch.nn.functional as F
+
+    from dlm import embeddings
+
+    torch.manual_seed(0)
+    table = LearnedEmbedding(50, 8, norm=norm)
+    head = LearnedRounding(8, 50, tied_embedding=table if rounding == "tied" else None)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 7))
+    params = [x, *(p for p in head.parameters() if p.requires_grad)]  # tied: the table is among them
+
+    plain = F.cross_entropy(head(x).reshape(-1, 50), ids.reshape(-1))
+    expected = torch.autograd.grad(plain, params)
+    for chunk in (50, 4 * 50, 10**6):  # one row per chunk, a few rows, everything at once
+        loss = embeddings.linear_cross_entropy(*head._weights(x.reshape(-1, 8)), ids.reshape(-1), chunk_elements=chunk)
+        assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+        for got, want in zip(torch.autograd.grad(loss, params), expected):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert head.loss(x, ids).item() == pytest.approx(plain.item(), rel=1e-6)
+    with torch.no_grad():
+        assert head.loss(x, ids).item() == pytest.approx(plain.item(), rel=1e-6)
+    x.requires_grad_(False)  # only the table and bias need gradients
+    assert head.loss(x, ids).requires_grad
