@@ -85,6 +85,11 @@ class Config:
     val_batches: int = 4  # validation batches at each epoch end
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = None  # torch intra-op threads; None keeps torch's choice
+    # --- speed: how a run executes (measured in benchmarks/speed.py; see README, "Speed") ---
+    # bf16: autocast the network's matmuls to bfloat16 (the rounding loss stays float32);
+    # auto: bf16 on CUDA, fp32 on a CPU (where it changes the losses; opt in there)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the denoiser: slower first steps, then faster ones
     progress: bool = True  # tqdm bar (text) on stderr
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ DiffusionLM, the module that owns the embedding table, the denoiser and the roun
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(features, (0, dim % 2))
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context for Config.precision: bfloat16 matmuls for 'bf16' (and for 'auto' on
+    CUDA), nothing for 'fp32'. Enter it around forward passes only, not backward."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class SelfAttention(nn.Module):
@@ -115,4 +125,5 @@ class DiffusionLM(nn.Module):
             if x0_estimate is None:
                 x0_estimate = torch.zeros_like(x_t)
             x_t = torch.cat([x_t, x0_estimate], dim=-1)
-        return self.denoiser(x_t, t)
+        # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
+        return self.denoiser(x_t, t).float()

@@ -12,6 +12,7 @@ import torch
 from dlm.data import atomic_write_bytes
 from dlm.diffusion import sample_progressive
 from dlm.embeddings import CosineRounding
+from dlm.model import autocast
 from dlm.runs import LoadedRun
 
 
@@ -81,7 +82,7 @@ def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device 
             run.model, run.diffusion, (count, run.config.seq_len), options.steps, eta=options.eta,
             clamp=options.clamp, clamp_fraction=options.clamp_fraction, generator=generator, device=device,
         )
-        for state in states:
+        for state in _under_autocast(states, run.config.precision, device):
             last = state.index == options.steps - 1
             if options.record_every and (state.index % options.record_every == 0 or last):
                 ids = decode_ids(run, state.pred_x0, options.decoder).cpu()
@@ -91,6 +92,17 @@ def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device 
     ids = torch.cat(all_ids)
     texts = [run.tokenizer.decode(row) for row in ids]
     return SampleBatch(ids, texts, trajectory)
+
+
+def _under_autocast(states, precision: str, device):
+    """Advance the reverse chain under the run's autocast (bf16 with precision bf16, or auto on
+    CUDA); what the caller does with each state (decoding) runs outside it, in float32."""
+    while True:
+        with autocast(precision, device):
+            state = next(states, None)
+        if state is None:
+            return
+        yield state
 
 
 def _record(trajectory: list[dict], first: int, index: int, t: int, ids: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.config import Config, from_dict, save_config
 from dlm.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
+from dlm.model import autocast
 from dlm.runs import RunDir, build_diffusion, build_model, pick_device
 
 logger = logging.getLogger("dlm")
@@ -67,6 +68,30 @@ def lr_factor(step: int, config: Config, total_steps: int) -> float:
     return 1.0 - 0.9 * progress
 
 
+def build_optimizer(model, config: Config) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`, betas (0.9, 0.98)."""
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=(0.9, 0.98))
+
+
+def train_step(model, diffusion, optimizer, ids: torch.Tensor, config: Config,
+               scheduler=None, ema=None) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch of token ids: the loss, backward, clipping, AdamW, the lr
+    schedule and the EMA. Returns the loss terms (detached scalars). The training loop and
+    benchmarks/speed.py both call this, so the benchmark times exactly what training runs."""
+    with autocast(config.precision, ids.device):
+        losses = diffusion.training_losses(model, ids)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if ema is not None:
+        ema.update_parameters(model)
+    return {term: value.detach() for term, value in losses.items()}
+
+
 @torch.no_grad()
 def embedding_stats(table: torch.Tensor, max_rows: int = 2048) -> dict[str, float]:
     """Mean row norm, and the mean distance from a row to its nearest other row (on up to
@@ -91,7 +116,8 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
     batches = 0
     for start in range(0, min(len(windows), config.val_batches * config.batch_size), config.batch_size):
         ids = windows[start: start + config.batch_size].to(device)
-        losses = diffusion.training_losses(model, ids, generator=generator)
+        with autocast(config.precision, device):
+            losses = diffusion.training_losses(model, ids, generator=generator)
         for term in LOSS_TERMS:
             sums[term] += losses[term].item()
         batches += 1
@@ -142,7 +168,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
         payload = load_checkpoint(run.last_checkpoint)
         saved = from_dict(payload["config"])
         # A resumed run keeps its recipe; only how long it trains and how it logs may change.
-        changeable = {"epochs", "max_steps", "log_every", "checkpoint_every", "device", "threads", "progress", "val_batches"}
+        changeable = {"epochs", "max_steps", "log_every", "checkpoint_every", "device", "threads", "progress", "val_batches",
+                      "precision", "compile"}
         changed = [k for k, v in config.to_dict().items() if k not in changeable and getattr(saved, k) != v]
         if changed:
             logger.info("resume keeps the saved recipe; ignoring changed keys: %s", ", ".join(changed))
@@ -160,9 +187,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     tokenizer = data.tokenizer
     model = build_model(config, tokenizer).to(device)
     diffusion = build_diffusion(config)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=(0.9, 0.98))
+    optimizer = build_optimizer(model, config)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
            if config.ema_decay > 0 else None)
+    if config.compile:
+        model.denoiser.compile()  # in place: parameter names and checkpoints stay the same
 
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     steps_per_epoch = math.ceil(epoch_size / config.batch_size)
@@ -208,7 +237,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc="train", unit="step", ascii=True)
     start = time.perf_counter()
     interval_start, interval_tokens = start, 0
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    # Loss sums stay on the device (float64, the same sums as Python floats) so that a CUDA step
+    # never waits for the GPU; they are read once per log interval.
+    sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
     interval_steps = 0
     row: dict = {}
     model.train()
@@ -216,26 +247,20 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
         epoch += 1
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         windows = epoch_windows(data.train_ids, config.seq_len, generator)
+        if device.type == "cuda":
+            windows = windows.pin_memory()  # so that .to(device, non_blocking=True) is asynchronous
         for first in range(0, len(windows), config.batch_size):
             ids = windows[first: first + config.batch_size].to(device, non_blocking=True)
-            losses = diffusion.training_losses(model, ids)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            losses = train_step(model, diffusion, optimizer, ids, config, scheduler, ema)
             step += 1
             interval_steps += 1
             interval_tokens += ids.numel()
-            for term in LOSS_TERMS:
-                sums[term] += losses[term].item()
+            sums += torch.stack([losses[term] for term in LOSS_TERMS]).double()
             bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
-                row = {"step": step, "epoch": epoch, **{k: v / interval_steps for k, v in sums.items()},
+                means = {term: value / interval_steps for term, value in zip(LOSS_TERMS, sums.tolist())}
+                row = {"step": step, "epoch": epoch, **means,
                        **embedding_stats(model.embedding.table()), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": interval_tokens / (now - interval_start), "elapsed_s": now - start}
                 metrics.write(row)
@@ -243,7 +268,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
                             "|E| %.3f, nn %.3f | lr %.2e | %.0f tok/s", step, epoch, row["total"], row["mse"],
                             row["rounding"], row["prior"], row["embedding_norm"], row["nn_distance"],
                             row["lr"], row["tokens_per_s"])
-                sums = dict.fromkeys(LOSS_TERMS, 0.0)
+                sums.zero_()
                 interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             if step >= total_steps:
                 break

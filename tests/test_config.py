@@ -65,3 +65,12 @@ def test_missing_preset_and_inconsistent_values(tmp_path):
         load_config(None, width=30, heads=4)
     with pytest.raises(ConfigError, match="sample_steps"):
         load_config(None, diffusion_steps=100, sample_steps=200)
+
+
+def test_speed_options_are_typed():
+    config = load_config(None, precision="bf16", compile=True)
+    assert config.precision == "bf16" and config.compile is True
+    assert load_config(None).precision == "auto" and load_config(None).compile is False
+    with pytest.raises(ConfigError, match="one of: auto, fp32, bf16"):
+        load_config(None, precision="fp16")
+    assert coerce("compile", "false", from_text=True) is False

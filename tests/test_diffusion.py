@@ -153,3 +153,19 @@ def test_clamping_only_in_the_last_steps():
     states = list(sample_progressive(model, diffusion, (2, 6), 10, clamp=True, clamp_fraction=0.3))
     on_rows = [torch.allclose(s.pred_x0, table[nearest_rows(s.pred_x0, table)]) for s in states]
     assert on_rows[-3:] == [True] * 3 and not any(on_rows[:7])
+
+
+def test_bf16_autocast_keeps_the_loss_terms_close_and_float32():
+    from dlm.model import autocast
+
+    model, diffusion = toy(rounding_target="predicted")
+    ids = torch.randint(0, 11, (4, 6))
+    plain = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+    with autocast("bf16", "cpu"):
+        mixed = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+        assert model.denoise(torch.randn(2, 6, 8), torch.zeros(2, dtype=torch.long)).dtype == torch.float32
+    for term in ("mse", "rounding", "total"):
+        assert mixed[term].dtype == torch.float32
+        assert mixed[term].item() == pytest.approx(plain[term].item(), rel=0.05), term
+    with autocast("fp32", "cpu"), autocast("auto", "cpu"):  # no autocast on a CPU unless asked
+        assert not torch.is_autocast_enabled("cpu")
