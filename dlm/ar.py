@@ -57,5 +57,15 @@ class AutoregressiveLM(nn.Module):
         return ids[:, prompt.shape[1]:]
 
 
+class NextTokenObjective:
+    """The AR model's training objective, shaped like GaussianDiffusion for the training loop."""
+
+    terms = ("total", "nll")
+
+    def training_losses(self, model: AutoregressiveLM, ids: torch.Tensor,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return model.losses(ids)
+
+
 def perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll)

@@ -34,11 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train a run from a YAML preset", allow_abbrev=False)
-    train_parser.add_argument("params", help="YAML preset, e.g. params/default.yaml")
-    train_parser.add_argument("--run_dir", required=True, help="folder for config, checkpoints and metrics")
-    train_parser.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
-    add_config_options(train_parser)
+    for name, help_text in (("train", "train a run from a YAML preset"),
+                            ("train-ar", "train the autoregressive baseline (model: ar) from a YAML preset")):
+        train_parser = commands.add_parser(name, help=help_text, allow_abbrev=False)
+        train_parser.add_argument("params", help="YAML preset, e.g. params/default.yaml or params/ar.yaml")
+        train_parser.add_argument("--run_dir", required=True, help="folder for config, checkpoints and metrics")
+        train_parser.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
+        add_config_options(train_parser)
+
+    evaluate_parser = commands.add_parser("evaluate", help="score samples against held-out text and an AR teacher",
+                                          allow_abbrev=False)
+    evaluate_parser.add_argument("--samples", required=True, help="a .jsonl written by dlm sample")
+    evaluate_parser.add_argument("--teacher", required=True, help="an autoregressive run (dlm train-ar)")
+    evaluate_parser.add_argument("--json", help="also write every number to this file")
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
@@ -93,7 +101,10 @@ def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
 
 
 def run_train(args: argparse.Namespace, extra: list[str]) -> None:
-    config = load_config(args.params, **parse_overrides(extra, args))
+    overrides = parse_overrides(extra, args)
+    if args.command == "train-ar":
+        overrides["model"] = "ar"
+    config = load_config(args.params, **overrides)
     result = train(config, args.run_dir, resume=args.resume)
     print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
@@ -134,6 +145,21 @@ def run_stats(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def run_evaluate(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from dlm.evaluate import evaluate_samples, read_samples
+
+    result = evaluate_samples(read_samples(args.samples), load_run(args.teacher))
+    table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
+        print(table.to_string())
+    reasons = ", ".join(result["collapse_reasons"]) or "none"
+    print(f"collapsed: {result['collapsed']} (signals: {reasons}); {result['num_samples']} samples")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
 def run_report(args: argparse.Namespace) -> int:
     from dlm.workbook import ReportError, build_report, report_size
 
@@ -154,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command == "train":
+        if args.command in ("train", "train-ar"):
             run_train(args, extra)
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            return {"sample": run_sample, "stats": run_stats, "report": run_report}[args.command](args) or 0
+            commands = {"sample": run_sample, "stats": run_stats, "evaluate": run_evaluate, "report": run_report}
+            return commands[args.command](args) or 0
     except USER_ERRORS as error:
         print(f"dlm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -23,6 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
+    # diffusion: Diffusion-LM; ar: the autoregressive baseline (same blocks, causal mask, tied head)
+    model: Literal["diffusion", "ar"] = "diffusion"
+
     # --- data ---
     corpus: str = "tiny_shakespeare"  # the named corpus, or a path to any UTF-8 text file
     tokenizer: Literal["word", "char"] = "word"

@@ -168,6 +168,10 @@ class Tokenizer:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "lowercase": self.lowercase, "itos": self.itos}
 
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary: two runs with the same fingerprint share token ids."""
+        return hashlib.sha256(json.dumps(self.to_dict(), ensure_ascii=False).encode()).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, values: dict) -> Tokenizer:
         return cls(values["kind"], values["itos"], values.get("lowercase", False))

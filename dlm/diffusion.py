@@ -75,6 +75,8 @@ class LossSettings:
 
 
 class GaussianDiffusion:
+    terms = ("total", "mse", "rounding", "prior")  # what training_losses returns, in log order
+
     def __init__(self, schedule: NoiseSchedule, settings: LossSettings):
         if settings.predict not in ("x0", "epsilon"):
             raise ValueError(f"predict must be x0 or epsilon, got '{settings.predict}'.")

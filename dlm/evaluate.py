@@ -9,11 +9,17 @@ repetition and the share of 4-grams copied from the training split.
 from __future__ import annotations
 
 import collections
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
-from dlm.analysis import collapse_signals
-from dlm.textstats import content_tokens, distinct_n, sample_stats
+import torch
+
+from dlm.analysis import collapse_signals, ids_to_tokens, run_data
+from dlm.data import Tokenizer
+from dlm.runs import LoadedRun
+from dlm.textstats import content_tokens, distinct_n, heldout_windows, sample_stats
 
 
 def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
@@ -88,3 +94,63 @@ def collapse_verdict(mine: dict, ref: dict) -> dict:
     called collapsed by one rule wherever it is looked at."""
     reasons = [name for name, tripped in collapse_signals(mine, ref).items() if tripped]
     return {"collapsed": bool(reasons), "collapse_reasons": reasons}
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"No samples file at '{path}'. Write one with: dlm sample --run_dir RUN --out FILE.jsonl")
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"'{path}' is not JSON lines ({error}); give the .jsonl that dlm sample wrote.") from None
+    if not records or not all("text" in r for r in records):
+        raise ValueError(f"'{path}' holds no samples (each line needs at least a 'text').")
+    return records
+
+
+def sample_ids(records: list[dict], tokenizer: Tokenizer) -> list[list[int]]:
+    """Token ids under the teacher's vocabulary: the recorded ids when the samples were made with
+    the same vocabulary, else the texts encoded again (an <unk> then no longer reads as one token)."""
+    if all(r.get("vocab") == tokenizer.fingerprint() and "ids" in r for r in records):
+        return [list(r["ids"]) for r in records]
+    return [tokenizer.encode(r["text"]) for r in records]
+
+
+def teacher_nll(teacher: LoadedRun, rows: list[list[int]], batch_size: int = 64) -> float:
+    """Mean per-token NLL (nats) of the rows under the AR teacher; each row is scored in windows of
+    the teacher's length (the first token of a window has no context and is not scored)."""
+    length = teacher.config.seq_len
+    windows = [row[i: i + length] for row in rows for i in range(0, max(1, len(row) - 1), length - 1)]
+    windows = [w for w in windows if len(w) > 1]
+    total, count = 0.0, 0
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first: first + batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), teacher.tokenizer.pad_id, dtype=torch.long)
+        for i, w in enumerate(batch):
+            ids[i, : len(w)] = torch.tensor(w)
+        nll = teacher.model.token_nll(ids.to(next(teacher.model.parameters()).device)).cpu()
+        mask = torch.zeros_like(nll, dtype=torch.bool)
+        for i, w in enumerate(batch):
+            mask[i, : len(w) - 1] = True
+        total += nll[mask].sum().item()
+        count += int(mask.sum())
+    return total / max(1, count)
+
+
+def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
+    """Every number of `compare`, plus generative perplexity under the teacher, for the samples and
+    for as many held-out windows of the samples' length."""
+    if teacher.config.model != "ar":
+        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+    itos = teacher.tokenizer.itos
+    rows = sample_ids(records, teacher.tokenizer)
+    length = max(len(r) for r in rows)
+    data = run_data(teacher)
+    heldout_rows = heldout_windows(data.val_ids, length, len(rows)).tolist()
+    result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result["samples"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, rows))
+    result["heldout"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, heldout_rows))
+    result["num_samples"] = len(rows)
+    return result

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dlm.ar import AutoregressiveLM, NextTokenObjective
 from dlm.checkpoint import CheckpointError, load_checkpoint
 from dlm.config import Config, ConfigError, from_dict
 from dlm.data import Tokenizer
@@ -56,6 +57,11 @@ def build_diffusion(config: Config) -> GaussianDiffusion:
     return GaussianDiffusion(NoiseSchedule(config.schedule, config.diffusion_steps), settings)
 
 
+def build_objective(config: Config) -> GaussianDiffusion | NextTokenObjective:
+    """What the training loop minimises: the diffusion loss, or next-token CE for the AR baseline."""
+    return NextTokenObjective() if config.model == "ar" else build_diffusion(config)
+
+
 def pretrained_vectors(path: str) -> dict[str, torch.Tensor]:
     """Word vectors from a word2vec/GloVe text file or from a dlm checkpoint's embedding table."""
     if not Path(path).is_file():
@@ -72,7 +78,9 @@ def pretrained_vectors(path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionLM:
+def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionLM | AutoregressiveLM:
+    if config.model == "ar":
+        return AutoregressiveLM(config, len(tokenizer))
     pretrained = None
     if config.init_from_pretrained:
         vectors = pretrained_vectors(config.init_from_pretrained)
@@ -86,8 +94,8 @@ def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionLM:
 class LoadedRun:
     config: Config
     tokenizer: Tokenizer
-    model: DiffusionLM  # EMA weights when present and asked for
-    diffusion: GaussianDiffusion
+    model: DiffusionLM | AutoregressiveLM  # EMA weights when present and asked for
+    diffusion: GaussianDiffusion | NextTokenObjective  # the run's objective
     checkpoint: Path
     step: int
     epoch: int
@@ -103,7 +111,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     payload = load_checkpoint(path)
     config = from_dict(payload["config"])
     tokenizer = Tokenizer.from_dict(payload["vocab"])
-    model = DiffusionLM(config, len(tokenizer))
+    model = AutoregressiveLM(config, len(tokenizer)) if config.model == "ar" else DiffusionLM(config, len(tokenizer))
     used_ema = use_ema and payload.get("ema") is not None
     state = payload["ema"] if used_ema else payload["model"]
     try:
@@ -111,5 +119,5 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     except RuntimeError as error:
         raise CheckpointError(f"'{path}' does not match its own config: {error}") from None
     model.to(device).eval()
-    return LoadedRun(config, tokenizer, model, build_diffusion(config), path,
+    return LoadedRun(config, tokenizer, model, build_objective(config), path,
                      payload["step"], payload["epoch"], used_ema)

@@ -73,6 +73,8 @@ class SampleBatch:
 
 
 def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device = "cpu") -> SampleBatch:
+    if run.config.model == "ar":
+        return generate_autoregressive(run, options)
     options.validate(run.diffusion.steps)
     generator = torch.Generator().manual_seed(options.seed)
     all_ids, trajectory = [], []
@@ -92,6 +94,18 @@ def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device 
     ids = torch.cat(all_ids)
     texts = [run.tokenizer.decode(row) for row in ids]
     return SampleBatch(ids, texts, trajectory)
+
+
+def generate_autoregressive(run: LoadedRun, options: SampleOptions) -> SampleBatch:
+    """The AR baseline's own samples, left to right at `options.temperature` (0: greedy), each
+    starting after a newline, the way the corpus's lines start."""
+    generator = torch.Generator().manual_seed(options.seed)
+    start_id = run.tokenizer.stoi.get("\n", run.tokenizer.unk_id)
+    batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
+                                  start_id, options.temperature, generator).cpu()
+               for first in range(0, options.num_samples, options.batch_size)]
+    ids = torch.cat(batches)
+    return SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], [])
 
 
 def _under_autocast(states, precision: str, device):
@@ -120,6 +134,7 @@ def write_samples(batch: SampleBatch, out: str | Path, run: LoadedRun, options: 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"checkpoint": str(run.checkpoint), "step": run.step, "epoch": run.epoch, "ema": run.used_ema,
+            "model": run.config.model, "vocab": run.tokenizer.fingerprint(),
             **asdict(options)}
     lines = [json.dumps({"index": i, "text": text, "ids": row.tolist(), **meta}, ensure_ascii=False)
              for i, (text, row) in enumerate(zip(batch.texts, batch.ids))]

@@ -18,11 +18,13 @@ from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.config import Config, from_dict, save_config
 from dlm.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.model import autocast
-from dlm.runs import RunDir, build_diffusion, build_model, pick_device
+from dlm.runs import RunDir, build_model, build_objective, pick_device
 
 logger = logging.getLogger("dlm")
 
-LOSS_TERMS = ("total", "mse", "rounding", "prior")
+# Every loss term either model logs (the diffusion loss: total, mse, rounding, prior; the AR
+# baseline: total, nll); each objective's `terms` says which of them it fills.
+LOSS_TERMS = ("total", "mse", "rounding", "prior", "nll")
 METRIC_COLUMNS = (
     "step", "epoch", *LOSS_TERMS, *(f"val_{term}" for term in LOSS_TERMS),
     "embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s",
@@ -112,13 +114,13 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
     generator = torch.Generator().manual_seed(1234)
     was_training = model.training
     model.eval()
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    sums = dict.fromkeys(diffusion.terms, 0.0)
     batches = 0
     for start in range(0, min(len(windows), config.val_batches * config.batch_size), config.batch_size):
         ids = windows[start: start + config.batch_size].to(device)
         with autocast(config.precision, device):
             losses = diffusion.training_losses(model, ids, generator=generator)
-        for term in LOSS_TERMS:
+        for term in diffusion.terms:
             sums[term] += losses[term].item()
         batches += 1
     model.train(was_training)
@@ -147,6 +149,13 @@ class MetricsWriter:
             csv.DictWriter(handle, METRIC_COLUMNS, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
+
+
+def _terms_text(values: dict, names) -> str:
+    text = ", ".join(f"{name.removeprefix('val_')} {values[name]:.4f}" for name in names)
+    if "nll" in names or "val_nll" in names:  # the AR baseline: say it as a perplexity too
+        text += f", ppl {math.exp(values['nll' if 'nll' in names else 'val_nll']):.1f}"
+    return text
 
 
 @dataclass
@@ -186,12 +195,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
                         tokenizer, config.max_train_tokens)
     tokenizer = data.tokenizer
     model = build_model(config, tokenizer).to(device)
-    diffusion = build_diffusion(config)
+    diffusion = build_objective(config)  # the diffusion loss, or next-token CE for model: ar
+    terms = diffusion.terms
     optimizer = build_optimizer(model, config)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
            if config.ema_decay > 0 else None)
     if config.compile:
-        model.denoiser.compile()  # in place: parameter names and checkpoints stay the same
+        # in place: parameter names and checkpoints stay the same
+        (model.transformer if config.model == "ar" else model.denoiser).compile()
 
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     steps_per_epoch = math.ceil(epoch_size / config.batch_size)
@@ -239,7 +250,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     interval_start, interval_tokens = start, 0
     # Loss sums stay on the device (float64, the same sums as Python floats) so that a CUDA step
     # never waits for the GPU; they are read once per log interval.
-    sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(terms), dtype=torch.float64, device=device)
     interval_steps = 0
     row: dict = {}
     model.train()
@@ -255,19 +266,18 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             step += 1
             interval_steps += 1
             interval_tokens += ids.numel()
-            sums += torch.stack([losses[term] for term in LOSS_TERMS]).double()
+            sums += torch.stack([losses[term] for term in terms]).double()
             bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
-                means = {term: value / interval_steps for term, value in zip(LOSS_TERMS, sums.tolist())}
+                means = {term: value / interval_steps for term, value in zip(terms, sums.tolist())}
                 row = {"step": step, "epoch": epoch, **means,
                        **embedding_stats(model.embedding.table()), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": interval_tokens / (now - interval_start), "elapsed_s": now - start}
                 metrics.write(row)
-                logger.info("step %6d | epoch %4d | loss %.4f (mse %.4f, rounding %.4f, prior %.4f) | "
-                            "|E| %.3f, nn %.3f | lr %.2e | %.0f tok/s", step, epoch, row["total"], row["mse"],
-                            row["rounding"], row["prior"], row["embedding_norm"], row["nn_distance"],
-                            row["lr"], row["tokens_per_s"])
+                logger.info("step %6d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s",
+                            step, epoch, row["total"], _terms_text(row, terms[1:]), row["embedding_norm"],
+                            row["nn_distance"], row["lr"], row["tokens_per_s"])
                 sums.zero_()
                 interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             if step >= total_steps:
@@ -277,8 +287,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
         if val:
             row = {**row, "step": step, "epoch": epoch, **val, "elapsed_s": time.perf_counter() - start}
             metrics.write({k: row.get(k, "") for k in ("step", "epoch", *val, "elapsed_s")})
-            logger.info("epoch %4d | val loss %.4f (mse %.4f, rounding %.4f)", epoch, val["val_total"],
-                        val["val_mse"], val["val_rounding"])
+            logger.info("epoch %4d | val loss %.4f (%s)", epoch, val["val_total"],
+                        _terms_text(val, [f"val_{term}" for term in terms[1:]]))
         if epoch % config.checkpoint_every == 0 or step >= total_steps:
             checkpoint(run.epoch_checkpoint(epoch))
         checkpoint(run.last_checkpoint)
