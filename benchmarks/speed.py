@@ -1,0 +1,507 @@
+"""How fast dlm trains and samples on this machine, against what its matmuls can do.
+
+    python benchmarks/speed.py                 # the full table: a few minutes on 2 cores
+    python benchmarks/speed.py --quick         # tiny sizes, seconds: a smoke run for CI
+    python benchmarks/speed.py --profile       # also print torch.profiler's top ops of a default.yaml step
+
+Everything runs in one process tree on the same number of threads (--threads, default torch's
+choice). What it measures, top to bottom:
+
+- ceiling: the best fp32 matmul GFLOP/s over several square sizes (best of repeats). This is
+  what "100% MFU" means here. The bf16 ceiling is measured the same way, for precision: bf16.
+- train: tokens/s of `dlm.train.train_step` (the exact step the training loop runs: loss, backward,
+  clipping, AdamW, lr schedule, EMA) on real corpus windows and the real vocabulary, for
+  params/default.yaml and params/seed.yaml, after warm-up steps; each preset in its own subprocess so
+  its peak resident memory is its own (data, model, optimizer and the step). MFU = model FLOPs per
+  token x tokens/s / ceiling. Step times are medians of individually timed steps, and every timing
+  note carries the 1-minute load average, so a busy machine shows in the table.
+- option: opt-in Config options (--variants; default precision=bf16) on default.yaml, against the
+  default.yaml row.
+- reference: a plain training step at the same sizes, built the way the earlier attempt built it
+  (nn.TransformerEncoder layers, a Linear(1, width) time bias, an untied nn.Linear decoder, epsilon
+  MSE + CE on the clean embeddings, AdamW, batch as configured), and dlm's tokens/s over it.
+- sample: seconds per reverse step and samples/s for a batch of 64 sequences at 50, 200 and 2000
+  steps with default.yaml's recipe. Chains longer than --max_sample_steps are timed on their
+  first steps and extrapolated (every step costs the same network call); the note says so.
+- scaling: step time of default.yaml at seq_len 64/128/256 and at the corpus vocabularies of
+  min_count 10/2/1 (about 2k/7k/13k words).
+
+Model FLOPs per token are counted analytically (`flops_per_token`): 6 x the weights of every
+matmul a token goes through (forward 2, backward 4: the denoiser's projections and MLPs, the time
+MLP divided over the sequence, and the rounding head over the vocabulary, d x V), plus attention's
+scores and weighted sum, 12 x depth x seq_len x width. Norms, activations, the optimizer and
+the loss arithmetic are not counted (as in nanoGPT / PaLM's MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dlm.config import Config, load_config
+from dlm.data import epoch_windows, prepare_data
+from dlm.diffusion import q_sample, sample_progressive
+from dlm.model import DiffusionLM, autocast
+from dlm.runs import build_diffusion
+from dlm.train import build_optimizer, lr_factor, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params"
+COLUMNS = ("section", "setting", "metric", "value", "unit", "note")
+
+# Tiny sizes for --quick (CI smoke): every preset is shrunk to these.
+QUICK_OVERRIDES = {"seq_len": 16, "embed_dim": 16, "width": 32, "depth": 1, "heads": 2, "batch_size": 8,
+                   "max_train_tokens": 4000, "diffusion_steps": 100, "sample_steps": 20}
+
+
+def row(section: str, setting: str, metric: str, value: float, unit: str, note: str = "") -> dict:
+    return {"section": section, "setting": setting, "metric": metric, "value": float(value), "unit": unit, "note": note}
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def machine() -> dict:
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    native_bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "native_bf16": ",".join(native_bf16) or "none",
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def matmul_ceiling(sizes=(256, 512, 1024, 2048), repeats: int = 5, dtype=torch.float32) -> list[dict]:
+    """GFLOP/s of an n x n x n matmul for each size, best of `repeats` timed calls."""
+    rows = []
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        calls = max(1, int(2e9 / (2 * n**3)))  # about 2 GFLOP per timed repeat
+        torch.mm(a, b, out=out)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                torch.mm(a, b, out=out)
+            best = min(best, (time.perf_counter() - start) / calls)
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        rows.append(row("ceiling", f"{name} matmul {n}x{n}x{n}", "throughput",
+                        2 * n**3 / best / 1e9, "GFLOP/s", f"best of {repeats}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(config: Config, vocab_size: int) -> dict[str, float]:
+    """Model FLOPs of one training step per token, counted analytically (see the module doc)."""
+    w, d, L = config.width, config.embed_dim, config.seq_len
+    in_dim = 2 * d if config.self_condition > 0 else d
+    per_block = 3 * w * w + w * w + 2 * 4 * w * w  # qkv, attention out, MLP up and down
+    denoiser = in_dim * w + config.depth * per_block + w * d + 2 * 4 * w * w / L  # + time MLP per sequence
+    attention = 12 * config.depth * L * w  # QK^T and AV: 2 x 2 x L x w forward, x 3 with backward
+    rounding = 6 * d * vocab_size
+    # A self-conditioned batch first runs the denoiser once more, forward only, without gradient.
+    extra = config.self_condition * (2 * denoiser + attention / 3)
+    return {"denoiser": 6 * denoiser + extra, "attention": attention, "rounding": rounding,
+            "total": 6 * denoiser + extra + attention + rounding}
+
+
+# ----------------------------------------------------------------------------- the reference step
+
+
+class ReferenceDenoiser(nn.Module):
+    """The earlier attempt's network at dlm's sizes: a time bias Linear(1, width) added to the input,
+    nn.TransformerEncoder layers (post-LN, ReLU), and the earlier attempt's untied Linear decoder.
+    In/out projections embed_dim <-> width make it the same size as dlm's denoiser."""
+
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        w = config.width
+        self.embedding = nn.Embedding(vocab_size, config.embed_dim)
+        self.in_proj = nn.Linear(config.embed_dim, w)
+        self.positions = nn.Parameter(torch.randn(config.seq_len, w) * 0.02)
+        self.time_emb = nn.Linear(1, w)
+        layer = nn.TransformerEncoderLayer(w, config.heads, 4 * w, config.dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
+        self.out_proj = nn.Linear(w, config.embed_dim)
+        self.decoder = nn.Linear(config.embed_dim, vocab_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, steps: int) -> torch.Tensor:
+        time_bias = self.time_emb((t.float() / steps)[:, None])[:, None, :]  # (B, 1, W)
+        h = self.in_proj(x) + self.positions[: x.shape[1]] + time_bias
+        return self.out_proj(self.encoder(h))
+
+
+def reference_setup(config: Config, vocab_size: int):
+    """The reference model, its schedule and an AdamW over every parameter; returns a step(ids)."""
+    torch.manual_seed(config.seed)
+    model = ReferenceDenoiser(config, vocab_size)
+    schedule = build_diffusion(config).schedule
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    model.train()
+
+    def step(ids: torch.Tensor) -> None:
+        x0 = model.embedding(ids)  # (B, L, d)
+        t = torch.randint(0, schedule.steps, (ids.shape[0],))
+        noise = torch.randn_like(x0)
+        eps = model(q_sample(schedule, x0, t, noise), t, schedule.steps)
+        logits = model.decoder(x0)  # rounding CE on the clean embeddings
+        loss = F.mse_loss(eps, noise) + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def dlm_setup(config: Config, vocab_size: int):
+    """dlm's model, optimizer, lr schedule and EMA exactly as train() builds them; returns a step(ids)."""
+    torch.manual_seed(config.seed)
+    model = DiffusionLM(config, vocab_size)
+    diffusion = build_diffusion(config)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, 10**6))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay > 0 else None
+    if config.compile:
+        model.denoiser.compile()
+    model.train()
+
+    def step(ids: torch.Tensor) -> None:
+        train_step(model, diffusion, optimizer, ids, config, scheduler, ema)
+
+    return step
+
+
+def time_steps(step, batches, warmup: int, steps: int) -> float:
+    """Median seconds per step over `steps` individually timed steps after `warmup` untimed ones.
+    The median, not the mean: on a shared machine a burst of someone else's work lands in a few
+    steps and should not decide the number."""
+    batches = iter(batches)
+    for _ in range(warmup):
+        step(next(batches))
+    times = []
+    for _ in range(steps):
+        ids = next(batches)
+        start = time.perf_counter()
+        step(ids)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def corpus_batches(train_ids: torch.Tensor, config: Config):
+    """Training batches the way train() draws them, epoch after epoch."""
+    epoch = 0
+    while True:
+        epoch += 1
+        windows = epoch_windows(train_ids, config.seq_len, torch.Generator().manual_seed(epoch))
+        for first in range(0, len(windows) - config.batch_size + 1, config.batch_size):
+            yield windows[first: first + config.batch_size]
+
+
+def random_batches(config: Config, vocab_size: int):
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randint(0, vocab_size, (config.batch_size, config.seq_len), generator=generator)
+
+
+def measure_training(config: Config, impl: str, warmup: int, steps: int) -> dict:
+    """Tokens/s of one implementation ('dlm' or 'reference') on the real corpus, and this
+    process's peak resident memory. Run it in a fresh process (`training_in_subprocess`)."""
+    data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase, None,
+                        config.max_train_tokens)
+    vocab = len(data.tokenizer)
+    step = (dlm_setup if impl == "dlm" else reference_setup)(config, vocab)
+    seconds = time_steps(step, corpus_batches(data.train_ids, config), warmup, steps)
+    tokens = config.batch_size * config.seq_len
+    return {"impl": impl, "vocab": vocab, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "flops_per_token": flops_per_token(config, vocab)["total"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "load": os.getloadavg()[0]}  # 1-minute load average as the timing ended
+
+
+def training_in_subprocess(preset: str, overrides: dict, impl: str, warmup: int, steps: int, threads: int) -> dict:
+    """`measure_training` in a child process of this script (same threads), so that the peak
+    memory is that run's own."""
+    spec = json.dumps({"preset": preset, "overrides": overrides, "impl": impl, "warmup": warmup,
+                       "steps": steps, "threads": threads})
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", spec],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark child for {preset} ({impl}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(spec: str) -> None:
+    values = json.loads(spec)
+    torch.set_num_threads(values["threads"])
+    config = load_config(PARAMS / values["preset"], **values["overrides"])
+    print(json.dumps(measure_training(config, values["impl"], values["warmup"], values["steps"])))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def measure_sampling(config: Config, vocab_size: int, batch: int = 64, chains=(50, 200, 2000),
+                     max_timed: int = 200, warmup: int = 3) -> list[dict]:
+    """Seconds per reverse step and samples/s for a batch of `batch` sequences, with the config's
+    own sampling recipe (clamp, eta). Chains longer than `max_timed` steps are timed on their
+    first `max_timed` steps and extrapolated."""
+    torch.manual_seed(config.seed)
+    model = DiffusionLM(config, vocab_size).eval()
+    diffusion = build_diffusion(config)
+    rows = []
+
+    def run(steps: int, limit: int) -> float:
+        """Median seconds of the first `limit` reverse steps of a `steps`-step chain."""
+        chain = sample_progressive(model, diffusion, (batch, config.seq_len), steps, eta=config.sample_eta,
+                                   clamp=config.clamp, clamp_fraction=config.clamp_fraction,
+                                   generator=torch.Generator().manual_seed(0))
+        times = []
+        with autocast(config.precision, "cpu"):
+            start = time.perf_counter()
+            for state in chain:
+                now = time.perf_counter()
+                times.append(now - start)
+                start = now
+                if state.index + 1 >= limit:
+                    break
+        return statistics.median(times)
+
+    run(config.diffusion_steps, warmup)
+    for steps in chains:
+        steps = min(steps, config.diffusion_steps)
+        timed = min(steps, max_timed)
+        per_step = run(steps, timed)
+        note = "median step" if timed == steps else f"median of the first {timed} of {steps} steps, extrapolated"
+        note += f"; load {os.getloadavg()[0]:.1f}"
+        setting = f"{steps} steps, batch {batch}"
+        rows.append(row("sample", setting, "per step", per_step, "s", note))
+        rows.append(row("sample", setting, "throughput", batch / (per_step * steps), "samples/s", note))
+    return rows
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def measure_scaling(config: Config, seq_lens, vocab_sizes: dict[str, int], warmup: int, steps: int) -> list[dict]:
+    """Step time of dlm's train step (random ids) as seq_len and the vocabulary grow."""
+    rows = []
+    base_vocab = list(vocab_sizes.values())[len(vocab_sizes) // 2]
+    cases = [(f"seq_len {n}, vocab {base_vocab}", config.replace(seq_len=n), base_vocab) for n in seq_lens]
+    cases += [(f"seq_len {config.seq_len}, vocab {v} ({name})", config, v) for name, v in vocab_sizes.items()]
+    for setting, case, vocab in cases:
+        seconds = time_steps(dlm_setup(case, vocab), random_batches(case, vocab), warmup, steps)
+        tokens = case.batch_size * case.seq_len
+        rows.append(row("scaling", setting, "step time", seconds, "s",
+                        f"batch {case.batch_size}, median of {steps} steps; load {os.getloadavg()[0]:.1f}"))
+        rows.append(row("scaling", setting, "throughput", tokens / seconds, "tokens/s"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def profile_step(config: Config, vocab_size: int, steps: int = 3, top: int = 25) -> str:
+    """torch.profiler's table of the most expensive ops over a few dlm train steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = dlm_setup(config, vocab_size)
+    batches = random_batches(config, vocab_size)
+    step(next(batches))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step(next(batches))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def presets(quick: bool, extra: dict) -> dict[str, tuple[str, dict]]:
+    shrink = QUICK_OVERRIDES if quick else {}
+    return {"default.yaml": ("default.yaml", {**shrink, **extra}), "seed.yaml": ("seed.yaml", {**shrink, **extra})}
+
+
+def run_benchmark(args) -> tuple[list[dict], dict]:
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    info = machine()
+    extra = dict(args.override)
+    if args.corpus:
+        extra["corpus"] = args.corpus
+    quick = args.quick
+    warmup, steps = (1, 2) if quick else (args.warmup, args.steps)
+    sizes, repeats = ((64, 128), 2) if quick else ((256, 512, 1024, 2048), 5)
+    rows = matmul_ceiling(sizes, repeats)
+    ceiling = max(r["value"] for r in rows)
+    rows.append(row("ceiling", "fp32 matmul", "best", ceiling, "GFLOP/s", "100% MFU"))
+    bf16 = matmul_ceiling(sizes, repeats, dtype=torch.bfloat16)
+    bf16_ceiling = max(r["value"] for r in bf16)
+    rows += [*bf16, row("ceiling", "bf16 matmul", "best", bf16_ceiling, "GFLOP/s", "for precision: bf16")]
+
+    def measure(preset: str, overrides: dict, impl: str) -> dict:
+        if args.in_process:
+            return measure_training(load_config(PARAMS / preset, **overrides), impl, warmup, steps)
+        return training_in_subprocess(preset, overrides, impl, warmup, steps, threads)
+
+    def mfu(result: dict, peak: float) -> float:
+        return 100 * result["flops_per_token"] * result["tokens_per_s"] / (peak * 1e9)
+
+    memory_note = "peak RSS of this whole process (--in_process)" if args.in_process else "peak RSS of its own process"
+    default_config = default_result = None
+    for name, (preset, overrides) in presets(quick, extra).items():
+        config = load_config(PARAMS / preset, **overrides)
+        setting = f"{name}: batch {config.batch_size} x seq {config.seq_len}, width {config.width}, d {config.embed_dim}"
+        ours, ref = measure(preset, overrides, "dlm"), measure(preset, overrides, "reference")
+        note = (f"vocab {ours['vocab']}, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token, median of {steps} steps "
+                f"after {warmup}; load {ours['load']:.1f}")
+        rows += [
+            row("train", setting, "dlm throughput", ours["tokens_per_s"], "tokens/s", note),
+            row("train", setting, "dlm step time", ours["step_s"], "s"),
+            row("train", setting, "dlm MFU", mfu(ours, ceiling), "%", "against the fp32 matmul ceiling"),
+            row("train", setting, "dlm peak memory", ours["peak_rss_mb"], "MB", memory_note),
+            row("train", setting, "reference throughput", ref["tokens_per_s"], "tokens/s",
+                "nn.TransformerEncoder, untied decoder, epsilon MSE + CE on clean embeddings"),
+            row("train", setting, "reference MFU", mfu(ref, ceiling), "%", f"load {ref['load']:.1f}"),
+            row("train", setting, "dlm / reference", ours["tokens_per_s"] / ref["tokens_per_s"], "x"),
+        ]
+        if default_config is None:
+            default_config, default_result, default_preset = config, ours, (preset, overrides)
+    default_vocab = default_result["vocab"]
+
+    for variant in args.variants:
+        preset, overrides = default_preset
+        key, _, value = variant.partition("=")
+        changed = {**overrides, key: yaml_value(value)}
+        result = measure(preset, changed, "dlm")
+        setting = f"default.yaml, {variant}"
+        peak = bf16_ceiling if changed.get("precision") == "bf16" else ceiling
+        rows += [
+            row("option", setting, "dlm throughput", result["tokens_per_s"], "tokens/s",
+                f"median of {steps} steps after {warmup}; load {result['load']:.1f}"),
+            row("option", setting, "speed-up", result["tokens_per_s"] / default_result["tokens_per_s"], "x",
+                "over the default.yaml row above"),
+            row("option", setting, "dlm MFU", mfu(result, peak), "%",
+                "against the bf16 matmul ceiling" if peak == bf16_ceiling else "against the fp32 matmul ceiling"),
+            row("option", setting, "dlm peak memory", result["peak_rss_mb"], "MB", memory_note),
+        ]
+
+    chains = (5, 10, 20) if quick else (50, 200, 2000)
+    batch = 4 if quick else 64
+    max_timed = 10 if quick else args.max_sample_steps
+    rows += measure_sampling(default_config, default_vocab, batch=batch, chains=chains, max_timed=max_timed)
+    for variant in args.variants:
+        key, _, value = variant.partition("=")
+        if key == "precision":
+            case = default_config.replace(precision=yaml_value(value))
+            per_step = [r for r in measure_sampling(case, default_vocab, batch=batch, chains=chains[1:2], max_timed=max_timed)
+                        if r["metric"] == "per step"]
+            rows += [{**r, "section": "option", "setting": f"sample {r['setting']}, {variant}"} for r in per_step]
+
+    if quick:
+        vocab_sizes = {"small": 50, "medium": default_vocab, "large": 2 * default_vocab}
+        seq_lens = (8, 16)
+    else:
+        vocab_sizes = {f"min_count {m}": len(prepare_data(default_config.corpus, default_config.tokenizer, m,
+                                                           default_config.lowercase).tokenizer) for m in (10, 2, 1)}
+        seq_lens = (64, 128, 256)
+    rows += measure_scaling(default_config, seq_lens, vocab_sizes, warmup=1 if quick else 2, steps=2 if quick else 5)
+
+    if args.profile:
+        print(profile_step(default_config, default_vocab))
+    return rows, info
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
+             f"native bf16: {info['native_bf16']}, CUDA: {info['cuda']}", "",
+             "| section | setting | metric | value | unit | note |", "|---|---|---|---:|---|---|"]
+    for r in rows:
+        value = r["value"]
+        shown = f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        lines.append(f"| {r['section']} | {r['setting']} | {r['metric']} | {shown} | {r['unit']} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], info: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, [*COLUMNS, "machine"])
+        writer.writeheader()
+        machine_text = f"{info['cpu']}; {info['cores']} cores; {info['threads']} threads; torch {info['torch']}"
+        for r in rows:
+            writer.writerow({**r, "value": f"{r['value']:.6g}", "machine": machine_text})
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    return key, yaml_value(value)
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps: a smoke run (seconds)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps before timing")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per preset")
+    parser.add_argument("--max_sample_steps", type=int, default=200,
+                        help="time at most this many reverse steps per chain; longer chains are extrapolated")
+    parser.add_argument("--corpus", default=None, help="corpus name or text file (default: the presets')")
+    parser.add_argument("--override", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
+                        help="config override for every measured preset (repeatable), e.g. precision=bf16")
+    parser.add_argument("--in_process", action="store_true",
+                        help="measure training in this process, not one subprocess per preset (peak memory is then shared)")
+    parser.add_argument("--variants", nargs="*", default=["precision=bf16"], metavar="KEY=VALUE",
+                        help="opt-in options measured on default.yaml against its own row (default: precision=bf16; "
+                             "e.g. compile=true, which adds about a minute of compiling)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a default.yaml step")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.csv"), help="CSV to write")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args.child)
+        return 0
+    start = time.perf_counter()
+    rows, info = run_benchmark(args)
+    print(markdown(rows, info))
+    write_csv(rows, info, Path(args.out))
+    print(f"\nwrote {args.out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
