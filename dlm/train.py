@@ -185,7 +185,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
         config = saved.replace(**{k: getattr(config, k) for k in changeable})
     elif run.has_run():
         raise RunExistsError(
-            f"'{run.path}' already holds a run. Pass --resume to continue it, or choose a new --run_dir."
+            f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
+            f"train.ipynb), or choose a new run folder."
         )
     run.path.mkdir(parents=True, exist_ok=True)
 
