@@ -32,8 +32,8 @@ class AutoregressiveLM(nn.Module):
 
     def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy on a batch of windows (the first token of each has no context)."""
-        logits = self(ids[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        hidden = self.transformer(self.embedding(ids[:, :-1]))
+        nll = self.head.loss(hidden, ids[:, 1:])  # the rounding head's chunked CE: no (B, L, V) logits kept
         return {"total": nll, "nll": nll}
 
     @torch.inference_mode()

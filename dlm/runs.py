@@ -78,16 +78,24 @@ def pretrained_vectors(path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionLM | AutoregressiveLM:
+def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> DiffusionLM | AutoregressiveLM:
+    """A freshly initialised model of the config's kind."""
     if config.model == "ar":
-        return AutoregressiveLM(config, len(tokenizer))
+        return AutoregressiveLM(config, vocab_size)
+    return DiffusionLM(config, vocab_size, pretrained)
+
+
+def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionLM | AutoregressiveLM:
+    """A model for training, its table initialised from init_from_pretrained when given."""
+    if config.model == "ar":
+        return new_model(config, len(tokenizer))
     pretrained = None
     if config.init_from_pretrained:
         vectors = pretrained_vectors(config.init_from_pretrained)
         pretrained, covered = pretrained_table(vectors, tokenizer.itos, config.embed_dim, config.embedding_init_std)
         logger.info("pretrained embeddings: %d of %d vocabulary words covered (%.1f%%) by %s",
                     covered, len(tokenizer), 100 * covered / len(tokenizer), config.init_from_pretrained)
-    return DiffusionLM(config, len(tokenizer), pretrained)
+    return new_model(config, len(tokenizer), pretrained)
 
 
 @dataclass
@@ -111,7 +119,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     payload = load_checkpoint(path)
     config = from_dict(payload["config"])
     tokenizer = Tokenizer.from_dict(payload["vocab"])
-    model = AutoregressiveLM(config, len(tokenizer)) if config.model == "ar" else DiffusionLM(config, len(tokenizer))
+    model = new_model(config, len(tokenizer))
     used_ema = use_ema and payload.get("ema") is not None
     state = payload["ema"] if used_ema else payload["model"]
     try:
