@@ -19,7 +19,7 @@ import torch
 from dlm.analysis import collapse_signals, ids_to_tokens, run_data
 from dlm.data import Tokenizer
 from dlm.runs import LoadedRun
-from dlm.textstats import content_tokens, distinct_n, heldout_windows, sample_stats
+from dlm.textstats import content_tokens, heldout_windows, sample_stats
 
 
 def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
@@ -67,9 +67,7 @@ def text_metrics(sequences: Sequence[Sequence[str]], train_ngrams: set[tuple[str
     tokens = content_tokens(sequences)
     return {
         **{k: stats[k] for k in ("tokens", "types", "punctuation_share", "unigram_entropy", "top1_token",
-                                 "top1_share", "top10_share")},
-        "distinct_1": distinct_n(sequences, 1),
-        "distinct_2": distinct_n(sequences, 2),
+                                 "top1_share", "top10_share", "distinct_1", "distinct_2")},
         f"types_at_{types_count}": types_at(tokens, types_count),
         "adjacent_repetition": adjacent_repetition(sequences),
         "copy_rate_4gram": copy_rate(sequences, train_ngrams, 4),
@@ -128,12 +126,11 @@ def teacher_nll(teacher: LoadedRun, rows: list[list[int]], batch_size: int = 64)
         batch = windows[first: first + batch_size]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), teacher.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(batch), width - 1, dtype=torch.bool)  # which next-token predictions count
         for i, w in enumerate(batch):
             ids[i, : len(w)] = torch.tensor(w)
-        nll = teacher.model.token_nll(ids.to(next(teacher.model.parameters()).device)).cpu()
-        mask = torch.zeros_like(nll, dtype=torch.bool)
-        for i, w in enumerate(batch):
             mask[i, : len(w) - 1] = True
+        nll = teacher.model.token_nll(ids.to(next(teacher.model.parameters()).device)).cpu()
         total += nll[mask].sum().item()
         count += int(mask.sum())
     return total / max(1, count)
