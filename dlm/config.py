@@ -40,6 +40,9 @@ class Config:
     init_from_pretrained: Optional[str] = None  # word2vec/GloVe text file or a dlm checkpoint
     embedding_norm: Literal["none", "l2", "layernorm"] = "none"  # l2: rows scaled to norm sqrt(d)
     embedding_init_std: float = 1.0
+    # with embedding_norm l2/layernorm: rows get norm embedding_scale * sqrt(d). Below 1 the same
+    # noise schedule destroys the signal sooner (Difformer's noise rescaling, seen from the table)
+    embedding_scale: float = 1.0
     embedding_lr_scale: float = 1.0  # the table's lr is lr * this
     rounding: Literal["tied", "untied"] = "tied"  # tied: logits = x @ E^T + b (Diffusion-LM)
 
@@ -195,6 +198,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"'width' ({config.width}) must be divisible by 'heads' ({config.heads})."
         )
+    if config.embedding_scale <= 0:
+        raise ConfigError(f"'embedding_scale' must be positive, got {config.embedding_scale}.")
+    if config.embedding_scale != 1.0 and config.embedding_norm == "none":
+        raise ConfigError("'embedding_scale' only applies to a normalised table: set embedding_norm to l2 or layernorm.")
     if not 0.0 <= config.self_condition <= 1.0:
         raise ConfigError("'self_condition' is a share of batches: a number from 0 to 1.")
     if not 1 <= config.sample_steps <= config.diffusion_steps:

@@ -20,7 +20,7 @@ class LearnedEmbedding(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, pretrained_embeddings: torch.Tensor | None = None,
-                 trainable: bool = True, norm: str = "none", init_std: float = 1.0):
+                 trainable: bool = True, norm: str = "none", init_std: float = 1.0, scale: float = 1.0):
         super().__init__()
         if norm not in ("none", "l2", "layernorm"):
             raise ValueError(f"Unknown embedding norm '{norm}': use none, l2 or layernorm.")
@@ -35,6 +35,7 @@ class LearnedEmbedding(nn.Module):
             weight = torch.randn(vocab_size, embed_dim) * init_std
         self.weight = nn.Parameter(weight, requires_grad=trainable)
         self.norm = norm
+        self.scale = scale  # normalised rows get norm scale * sqrt(d): the signal against unit noise
 
     @property
     def embed_dim(self) -> int:
@@ -43,9 +44,9 @@ class LearnedEmbedding(nn.Module):
     def table(self) -> torch.Tensor:
         """The table as the diffusion sees it (after normalisation), (V, d)."""
         if self.norm == "l2":
-            return F.normalize(self.weight, dim=-1) * math.sqrt(self.embed_dim)
+            return F.normalize(self.weight, dim=-1) * (self.scale * math.sqrt(self.embed_dim))
         if self.norm == "layernorm":
-            return F.layer_norm(self.weight, (self.embed_dim,))
+            return F.layer_norm(self.weight, (self.embed_dim,)) * self.scale
         return self.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

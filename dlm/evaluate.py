@@ -9,16 +9,20 @@ repetition and the share of 4-grams copied from the training split.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from dlm.analysis import collapse_signals, ids_to_tokens, run_data
 from dlm.data import Tokenizer
 from dlm.runs import LoadedRun
+from dlm.sample import SampleOptions, generate
 from dlm.textstats import content_tokens, heldout_windows, sample_stats
 
 
@@ -151,3 +155,48 @@ def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
     result["heldout"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, heldout_rows))
     result["num_samples"] = len(rows)
     return result
+
+
+def records_from_ids(ids: torch.Tensor, tokenizer: Tokenizer) -> list[dict]:
+    """Samples held in memory as the records `dlm sample` writes (text, ids, vocabulary)."""
+    fingerprint = tokenizer.fingerprint()
+    return [{"text": tokenizer.decode(row), "ids": row.tolist(), "vocab": fingerprint} for row in ids]
+
+
+def score_ids(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = None) -> dict:
+    """`evaluate_samples` of a batch of sampled ids; without a teacher, every number but the
+    generative perplexity (which is then NaN), against the run's own held-out text."""
+    if teacher is not None:
+        return evaluate_samples(records_from_ids(ids, run.tokenizer), teacher)
+    itos = run.tokenizer.itos
+    data = run_data(run)
+    heldout_rows = heldout_windows(data.val_ids, ids.shape[1], ids.shape[0]).tolist()
+    result = compare(ids_to_tokens(ids, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result["samples"]["teacher_perplexity"] = result["heldout"]["teacher_perplexity"] = float("nan")
+    result["num_samples"] = ids.shape[0]
+    return result
+
+
+CURVE_METRICS = ("teacher_perplexity", "unigram_entropy", "punctuation_share", "distinct_2", "types_at", "top10_share")
+
+
+def quality_vs_steps(run: LoadedRun, step_counts: Sequence[int], options: SampleOptions,
+                     teacher: LoadedRun | None = None) -> pd.DataFrame:
+    """Sample the same seeds at each number of reverse steps and score every set: one row per
+    step count, plus held-out text's row (steps NaN). `agreement` is the share of tokens equal to
+    those of the longest chain (same seed, so same starting noise)."""
+    rows, longest, heldout = [], None, None
+    for steps in sorted(set(step_counts), reverse=True):
+        start = time.perf_counter()
+        batch = generate(run, dataclasses.replace(options, steps=steps, record_every=0))
+        seconds = time.perf_counter() - start
+        result = score_ids(run, batch.ids, teacher)
+        longest = batch.ids if longest is None else longest
+        key = f"types_at_{result['types_count']}"
+        row = {"steps": steps, "seconds": seconds, "seconds_per_step": seconds / steps,
+               "agreement": float((batch.ids == longest).float().mean()), "collapsed": result["collapsed"]}
+        row.update({m: result["samples"][key if m == "types_at" else m] for m in CURVE_METRICS})
+        rows.append(row)
+        heldout = heldout or {m: result["heldout"][key if m == "types_at" else m] for m in CURVE_METRICS}
+    frame = pd.DataFrame(sorted(rows, key=lambda r: r["steps"]))
+    return pd.concat([frame, pd.DataFrame([{"steps": float("nan"), **heldout}])], ignore_index=True)

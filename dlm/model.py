@@ -109,7 +109,7 @@ class DiffusionLM(nn.Module):
         d = config.embed_dim
         self.embedding = LearnedEmbedding(
             vocab_size, d, pretrained_embeddings, trainable=config.use_learned_embeddings,
-            norm=config.embedding_norm, init_std=config.embedding_init_std,
+            norm=config.embedding_norm, init_std=config.embedding_init_std, scale=config.embedding_scale,
         )
         self.self_conditioned = config.self_condition > 0
         # With self-conditioning the denoiser also reads its previous x0 estimate, concatenated.

@@ -135,6 +135,24 @@ def split_list(value: str | list | tuple | None) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def step_counts(value: str | list | tuple | None, total_steps: int, name: str = "curve_steps") -> list[int]:
+    """Sampling step counts from a list parameter, keeping those the run can take (<= its diffusion
+    steps); anything that is not a positive integer is an error naming the parameter."""
+    counts = []
+    for part in split_list(value):
+        try:
+            count = int(part)
+        except ValueError:
+            raise ValueError(f"Parameter '{name}' takes positive integers, e.g. '10,50,200'; got '{part}'.") from None
+        if count < 1:
+            raise ValueError(f"Parameter '{name}' takes positive integers; got {count}.")
+        counts.append(count)
+    kept = sorted({c for c in counts if c <= total_steps})
+    if counts and not kept:
+        raise ValueError(f"Every entry of '{name}' exceeds the run's diffusion_steps ({total_steps}).")
+    return kept
+
+
 def short_names(paths: list[Path]) -> list[str]:
     """Labels for run folders in tables and legends: 'parent/name' (e.g. 'runs/default', 'smoke/run')."""
     return [f"{Path(p).parent.name}/{Path(p).name}" if Path(p).parent.name else Path(p).name for p in paths]

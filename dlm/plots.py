@@ -230,3 +230,25 @@ def rounding_bias(geometries: Mapping[str, pd.DataFrame], label_top: int = 8) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return figure
+
+
+def quality_vs_steps(curve: pd.DataFrame) -> Figure:
+    """Sample quality against the number of reverse steps (log x), held-out text dashed: the
+    generative perplexity when a teacher scored them, entropy, punctuation, vocabulary spread,
+    and the agreement of decoded tokens with the longest chain."""
+    chains, heldout = curve[curve["steps"].notna()], curve[curve["steps"].isna()]
+    panels = [("unigram_entropy", "unigram entropy (bits)"), ("punctuation_share", "punctuation share"),
+              ("types_at", "distinct types at a fixed token count"), ("agreement", "tokens equal to the longest chain's")]
+    if chains["teacher_perplexity"].notna().any():
+        panels.insert(0, ("teacher_perplexity", "generative perplexity (AR teacher)"))
+    figure, axes = _figure(1, len(panels), 3.4 * len(panels), 3.4)
+    for ax, (column, title) in zip(axes[0], panels):
+        ax.plot(chains["steps"], chains[column], "o-", color="C0", label="samples")
+        if len(heldout) and column in heldout and heldout[column].notna().any():
+            ax.axhline(float(heldout[column].iloc[0]), label="held-out text", **HELDOUT_STYLE)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sampling steps")
+        ax.grid(alpha=0.3)
+    _legend(axes[0][0], fontsize=8)
+    return figure

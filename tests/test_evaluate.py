@@ -31,3 +31,23 @@ def test_held_out_text_is_not_collapsed_and_commas_are():
     bad = compare(commas, HELDOUT, TRAIN)
     assert bad["collapsed"] and {"punctuation", "low entropy"} <= set(bad["collapse_reasons"])
     assert bad["samples"]["punctuation_share"] > 0.8 and bad["heldout"]["punctuation_share"] < 0.2
+
+
+def test_quality_vs_steps_scores_each_count_against_held_out_text(tmp_path, smoke_config):
+    from dlm import plots
+    from dlm.evaluate import quality_vs_steps
+    from dlm.runs import load_run
+    from dlm.sample import SampleOptions
+    from dlm.train import train
+
+    train(smoke_config, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    curve = quality_vs_steps(run, [8, 2, 8, 4], SampleOptions.from_config(run.config, num_samples=4, clamp=False))
+    chains, heldout = curve[curve["steps"].notna()], curve[curve["steps"].isna()]
+    assert list(chains["steps"]) == [2, 4, 8] and len(heldout) == 1
+    assert chains["agreement"].iloc[-1] == 1.0 and (chains["agreement"] <= 1).all()
+    assert (chains["seconds"] > 0).all() and chains["unigram_entropy"].between(0, 20).all()
+    assert chains["teacher_perplexity"].isna().all()  # no teacher given
+    assert heldout["punctuation_share"].iloc[0] > 0
+    figure = plots.quality_vs_steps(curve)
+    assert len(figure.axes) == 4  # no perplexity panel without a teacher

@@ -74,3 +74,14 @@ def test_setup_logs_dlm_lines_to_stdout(capsys, restore_dlm_logger):
     notebook.setup()  # idempotent: one handler
     logging.getLogger("dlm").info("step 1 | loss 0.5")
     assert capsys.readouterr().out.count("step 1 | loss 0.5") == 1
+
+
+def test_step_counts_keep_what_the_run_can_take_and_name_bad_entries():
+    assert notebook.step_counts("50, 10,2000,10", total_steps=1000) == [10, 50]
+    assert notebook.step_counts("", total_steps=100) == []
+    with pytest.raises(ValueError, match="curve_steps.*'ten'"):
+        notebook.step_counts("10,ten", total_steps=100)
+    with pytest.raises(ValueError, match="positive"):
+        notebook.step_counts("0", total_steps=100)
+    with pytest.raises(ValueError, match="exceeds"):
+        notebook.step_counts("500", total_steps=100)

@@ -28,7 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Tiny notebook parameters: one CPU thread, a handful of samples and steps.
-SAMPLE = {"num_samples": 6, "threads": 1, "table_rows": 4}
+SAMPLE = {"num_samples": 6, "threads": 1, "table_rows": 4, "curve_steps": "2,4,8,500", "curve_samples": 4}
 COLLAPSE = {"num_samples": 6, "threads": 1, "max_checkpoints": 3}
 
 
@@ -65,6 +65,8 @@ def test_report_runs_every_notebook(report):
     assert (run / "checkpoints" / "epoch_0002.pt").is_file() and (run / "metrics.csv").is_file()
     assert (run / "samples" / "samples.jsonl").is_file() and (run / "samples" / "samples.trajectory.json").is_file()
     assert json.loads((run / "samples" / "summary.json").read_text())["samples"]["tokens"] > 0
+    curve = (run / "samples" / "quality_vs_steps.csv").read_text().splitlines()
+    assert len(curve) == 1 + 3 + 1  # header, 2/4/8 steps (500 exceeds the run's 100), held-out text
     assert json.loads((run / "analysis" / "verdict.json").read_text())["checkpoints"] == 2
     info = json.loads((report / "report.json").read_text())
     assert info["status"] == "complete" and set(info["pages"]) == set(workbook.NOTEBOOKS)
@@ -85,7 +87,8 @@ def test_report_pages_are_self_contained(report):
     assert train.count("data:image/png;base64,") >= 2  # loss curves, training curves
     assert "loss" in train and "step" in train
     sample = (report / "sample.html").read_text()
-    assert 'type="range"' in sample and sample.count("data:image/png;base64,") >= 2
+    assert 'type="range"' in sample and sample.count("data:image/png;base64,") >= 3
+    assert "Quality against sampling steps" in sample
     collapse = (report / "collapse_analysis.html").read_text()
     assert "Verdict" in collapse and collapse.count("data:image/png;base64,") >= 5
 

@@ -1,0 +1,205 @@
+"""Ablations at equal CPU budget: train each recipe for the same wall-clock seconds, sample it, and
+score the samples with `dlm evaluate`'s numbers, next to held-out text and the AR baseline.
+
+An arm is a set of overrides on one base preset: training overrides (a new run) and sampling
+overrides (the same run, sampled differently). Arms with the same training overrides share one
+trained run, so decoding ablations (cosine vs learned, clamping, temperature, steps) cost only
+their sampling. `benchmarks/quality.py` is the command line around this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dlm.config import Config
+from dlm.data import epoch_windows, prepare_data
+from dlm.evaluate import score_ids
+from dlm.runs import build_model, build_objective, load_run, pick_device
+from dlm.sample import SampleOptions, generate
+from dlm.train import build_optimizer, train, train_step
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    group: str  # which question the arm answers (the table is grouped by it)
+    train: dict = field(default_factory=dict)  # Config overrides on the base preset
+    sample: dict = field(default_factory=dict)  # SampleOptions overrides on the run's own recipe
+    budget_factor: float = 1.0  # training length: a multiple of the common budget
+
+    def train_key(self) -> str:
+        return json.dumps({"train": self.train, "budget": self.budget_factor}, sort_keys=True)
+
+
+# The questions issue 4 asks, each answered against the base recipe (params/default.yaml).
+ARMS = [
+    Arm("base", "base"),
+    Arm("decode cosine", "decoding", sample={"decoder": "cosine"}),
+    Arm("clamp every step", "decoding", sample={"clamp": True, "clamp_fraction": 1.0}),
+    Arm("clamp last 10%", "decoding", sample={"clamp": True, "clamp_fraction": 0.1}),
+    Arm("draw at T=1", "decoding", sample={"temperature": 1.0}),
+    Arm("draw at T=0.5", "decoding", sample={"temperature": 0.5}),
+    Arm("DDIM (eta 0)", "decoding", sample={"eta": 0.0}),
+    Arm("50 steps", "decoding", sample={"steps": 50}),
+    Arm("rounding on clean", "rounding target", {"rounding_target": "clean"}),
+    Arm("rounding on noisy", "rounding target", {"rounding_target": "noisy"}),
+    Arm("predict epsilon", "parameterisation", {"predict": "epsilon"}),
+    Arm("no embedding norm", "embedding geometry", {"embedding_norm": "none", "embedding_lr_scale": 1.0}),
+    Arm("layernorm embeddings", "embedding geometry", {"embedding_norm": "layernorm"}),
+    Arm("weight decay on table", "embedding geometry", {"weight_decay": 0.01, "weight_decay_scope": "matrices+embeddings"}),
+    Arm("self-conditioning 50%", "self-conditioning", {"self_condition": 0.5}),
+    Arm("embed_dim 16", "embed_dim", {"embed_dim": 16}),
+    Arm("embed_dim 128", "embed_dim", {"embed_dim": 128}),
+    Arm("cosine schedule", "noise", {"schedule": "cosine"}),
+    Arm("embedding scale 0.5", "noise", {"embedding_scale": 0.5}),
+    Arm("2x training", "training length", budget_factor=2.0),
+]
+
+# The competitor a user would otherwise pick: the AR baseline on the same budget, at two temperatures.
+AR_ARMS = [
+    Arm("AR T=1.0", "autoregressive", {"model": "ar"}, {"temperature": 1.0}),
+    Arm("AR T=0.8", "autoregressive", {"model": "ar"}, {"temperature": 0.8}),
+]
+
+# What the table shows of each arm, in order, with held-out text's value as the first row.
+COLUMNS = ["teacher_perplexity", "unigram_entropy", "punctuation_share", "distinct_2", "types_at",
+           "top10_share", "js_divergence", "copy_rate_4gram", "collapsed"]
+
+
+def arm_config(base: Config, arm: Arm, ar_preset: Config | None = None) -> Config:
+    """The arm's training recipe: the AR preset for AR arms, else the base with the overrides."""
+    if arm.train.get("model") == "ar":
+        if ar_preset is None:
+            raise ValueError(f"Arm '{arm.name}' needs an AR preset (params/ar.yaml).")
+        shared = {k: getattr(base, k) for k in ("corpus", "tokenizer", "min_count", "lowercase", "seq_len",
+                                                "max_train_tokens", "batch_size", "threads", "device", "seed")}
+        return ar_preset.replace(**shared, **{k: v for k, v in arm.train.items() if k != "model"})
+    return base.replace(**arm.train)
+
+
+def seconds_per_step(config: Config, warmup: int = 2, timed: int = 5) -> float:
+    """Median wall time of one real training step of this recipe (model, loss, backward, AdamW)."""
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase, None, config.max_train_tokens)
+    model = build_model(config, data.tokenizer).to(device)
+    objective = build_objective(config)
+    optimizer = build_optimizer(model, config)
+    windows = epoch_windows(data.train_ids, config.seq_len, torch.Generator().manual_seed(0))
+    times = []
+    for index in range(warmup + timed):
+        first = (index * config.batch_size) % max(1, len(windows) - config.batch_size + 1)
+        ids = windows[first: first + config.batch_size].to(device)
+        start = time.perf_counter()
+        train_step(model, objective, optimizer, ids, config)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def steps_for_budget(config: Config, budget_s: float) -> int:
+    """Optimizer steps that fill `budget_s` seconds of training for this recipe (at least 1).
+    Counting in steps fixed up front, rather than stopping on a clock, keeps each run's lr
+    schedule complete and the run reproducible from its config."""
+    return max(1, int(budget_s / seconds_per_step(config)))
+
+
+def flatten(arm: Arm, result: dict, train_info: dict, sample_s: float) -> dict:
+    samples = result["samples"]
+    row = {"arm": arm.name, "group": arm.group, **train_info, "sample_s": round(sample_s, 1)}
+    for column in COLUMNS:
+        if column == "types_at":
+            row[column] = samples[f"types_at_{result['types_count']}"]
+        elif column == "collapsed":
+            row[column] = result["collapsed"]
+        else:
+            row[column] = samples[column]
+    row["types_count"] = result["types_count"]
+    row["collapse_reasons"] = ", ".join(result["collapse_reasons"])
+    return row
+
+
+def heldout_row(result: dict) -> dict:
+    ref = result["heldout"]
+    row = {"arm": "held-out text", "group": "reference"}
+    for column in COLUMNS:
+        row[column] = (ref[f"types_at_{result['types_count']}"] if column == "types_at"
+                       else False if column == "collapsed" else ref[column])
+    row["types_count"] = result["types_count"]
+    return row
+
+
+def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir: str | Path, budget_s: float,
+                 num_samples: int = 64, ar_preset: Config | None = None, log=print) -> pd.DataFrame:
+    """Train (or reuse) one run per distinct training recipe, sample every arm, score every sample
+    set with the teacher, and return one row per arm plus held-out text's row first."""
+    out_dir = Path(out_dir)
+    teacher = load_run(teacher_dir)
+    trained: dict[str, dict] = {}
+    rows: list[dict] = []
+    heldout = None
+    for arm in arms:
+        config = arm_config(base, arm, ar_preset)
+        key = arm.train_key()
+        if key not in trained:
+            run_dir = out_dir / "runs" / f"run{len(trained):02d}"
+            steps = steps_for_budget(config, budget_s * arm.budget_factor)
+            log(f"[{arm.name}] training {steps} steps (~{budget_s * arm.budget_factor:.0f} s) into {run_dir}")
+            result = train(config.replace(max_steps=steps, epochs=max(config.epochs, 1), progress=False,
+                                          checkpoint_every=10**6), run_dir)
+            trained[key] = {"run_dir": str(run_dir), "steps": result.step, "train_s": round(result.wall_s, 1)}
+        info = trained[key]
+        run = load_run(info["run_dir"])
+        options = SampleOptions.from_config(run.config, num_samples=num_samples, **arm.sample)
+        start = time.perf_counter()
+        batch = generate(run, options)
+        sample_s = time.perf_counter() - start
+        result = score_ids(run, batch.ids, teacher)
+        if heldout is None:
+            heldout = heldout_row(result)
+            rows.append(heldout)
+        rows.append(flatten(arm, result, {"steps": info["steps"], "train_s": info["train_s"]}, sample_s))
+        log(f"[{arm.name}] ppl {rows[-1]['teacher_perplexity']:.1f} | entropy {rows[-1]['unigram_entropy']:.2f} | "
+            f"punct {rows[-1]['punctuation_share']:.3f} | types {rows[-1]['types_at']} | collapsed {rows[-1]['collapsed']}")
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples" / f"{slug(arm.name)}.txt").write_text("\n\n".join(batch.texts[:16]) + "\n", encoding="utf-8")
+    return pd.DataFrame(rows)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The README's table: one line per arm, ratios to held-out text where they read better."""
+    header = ["arm", "group", "steps", "train s", "teacher ppl", "entropy (bits)", "punct", "distinct-2",
+              "types", "top-10", "JS", "4-gram copy", "collapsed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, digits=3):
+        if isinstance(value, float) and math.isnan(value):
+            return ""
+        if isinstance(value, (bool,)) or value is None:
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.{digits}g}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    for record in table.to_dict("records"):
+        steps = record.get("steps")
+        cells = [record["arm"], record["group"],
+                 "" if steps is None or (isinstance(steps, float) and math.isnan(steps)) else f"{int(steps):,}",
+                 fmt(record.get("train_s", float("nan"))), fmt(record["teacher_perplexity"]),
+                 fmt(record["unigram_entropy"]), fmt(record["punctuation_share"]), fmt(record["distinct_2"]),
+                 fmt(int(record["types_at"])), fmt(record["top10_share"]), fmt(record["js_divergence"]),
+                 fmt(record["copy_rate_4gram"]), fmt(bool(record["collapsed"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

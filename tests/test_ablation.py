@@ -1,0 +1,93 @@
+"""The ablation machinery behind benchmarks/quality.py, on a made-up corpus and tiny models."""
+
+import importlib.util
+
+import pandas as pd
+import pytest
+
+from dlm.ablation import AR_ARMS, ARMS, Arm, arm_config, markdown_table, run_ablation, steps_for_budget
+from dlm.config import load_config
+from dlm.train import train
+from tests.conftest import ROOT
+
+
+def load_quality_script():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = {"seq_len": 16, "embed_dim": 16, "width": 32, "depth": 1, "heads": 2, "batch_size": 16, "warmup_steps": 2,
+        "progress": False, "val_batches": 1, "min_count": 1}
+
+
+@pytest.fixture
+def tiny_default(corpus):
+    """params/default.yaml, the base every arm changes, at tiny sizes."""
+    return load_config(ROOT / "params" / "default.yaml", corpus=str(corpus), diffusion_steps=100, sample_steps=10,
+                       **TINY)
+
+
+@pytest.fixture
+def tiny_ar(corpus):
+    return load_config(ROOT / "params" / "ar.yaml", corpus=str(corpus), epochs=2, **TINY)
+
+
+def test_arm_names_are_unique_and_every_override_is_a_config_key(tiny_default, tiny_ar):
+    names = [arm.name for arm in ARMS + AR_ARMS]
+    assert len(names) == len(set(names))
+    for arm in ARMS + AR_ARMS:
+        config = arm_config(tiny_default, arm, tiny_ar)  # raises on an unknown or ill-typed key
+        for key, value in arm.train.items():
+            if key != "model":
+                assert getattr(config, key) == value
+
+
+def test_ar_arms_train_on_the_base_data_and_batch(tiny_default, tiny_ar):
+    config = arm_config(tiny_default.replace(batch_size=4, seq_len=12), AR_ARMS[0], tiny_ar)
+    assert config.model == "ar" and config.batch_size == 4 and config.seq_len == 12
+    assert config.corpus == tiny_default.corpus
+    with pytest.raises(ValueError, match="AR preset"):
+        arm_config(tiny_default, AR_ARMS[0], None)
+
+
+def test_budget_becomes_more_steps_when_it_grows(tiny_default):
+    short, long = steps_for_budget(tiny_default, 0.05), steps_for_budget(tiny_default, 5.0)
+    assert short >= 1 and long > 10 * short
+
+
+def test_run_ablation_shares_runs_between_decoding_arms_and_scores_every_arm(tmp_path, tiny_default, tiny_ar):
+    teacher = tmp_path / "teacher"
+    train(tiny_ar, teacher)
+    arms = [Arm("base", "base"), Arm("decode cosine", "decoding", sample={"decoder": "cosine"}),
+            Arm("rounding on clean", "rounding target", {"rounding_target": "clean"}), AR_ARMS[1]]
+    table = run_ablation(tiny_default, arms, teacher, tmp_path / "work", budget_s=0.5, num_samples=4,
+                         ar_preset=tiny_ar, log=lambda line: None)
+    assert list(table["arm"]) == ["held-out text", "base", "decode cosine", "rounding on clean", "AR T=0.8"]
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == ["run00", "run01", "run02"]
+    scored = table.iloc[1:]
+    assert (scored["teacher_perplexity"] > 1).all() and scored["steps"].min() >= 1
+    assert table.loc[0, "teacher_perplexity"] > 1 and table.loc[0, "collapsed"] == False  # noqa: E712
+    # the two decoding arms read the same run, so they trained the same steps
+    assert scored.iloc[0]["steps"] == scored.iloc[1]["steps"]
+    markdown = markdown_table(table)
+    assert markdown.count("\n") == 2 + len(table)
+    assert "| held-out text | reference |" in markdown and "| AR T=0.8 | autoregressive |" in markdown
+
+
+def test_quality_script_quick_writes_csv_and_markdown(tmp_path, corpus):
+    quality = load_quality_script()
+    rc = quality.main(["--quick", "--corpus", str(corpus), "--arms", "base,draw at T=1", "--no_ar",
+                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--budget_s", "0.5"])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "out" / "quality_quick.csv")
+    assert list(table["arm"]) == ["held-out text", "base", "draw at T=1"]
+    assert (tmp_path / "work" / "teacher" / "checkpoints" / "last.pt").exists()  # trained when not given
+    assert "draw at T=1" in (tmp_path / "out" / "quality_quick.md").read_text()
+
+
+def test_quality_script_rejects_an_unknown_arm(tmp_path, corpus, capsys):
+    quality = load_quality_script()
+    assert quality.main(["--quick", "--corpus", str(corpus), "--arms", "bogus", "--work", str(tmp_path)]) == 2
+    assert "Unknown arm(s): bogus" in capsys.readouterr().err
