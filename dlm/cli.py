@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("--reports_dir", default="reports", help="where report folders and index.html go")
     report_parser.add_argument("--overwrite", action="store_true", help="replace an existing report of that name")
     report_parser.add_argument("--show_code", action="store_true", help="show the notebooks' code in the HTML pages")
+    report_parser.add_argument("--from_run", help="a run already trained on this preset: draw its pages instead of training")
+    report_parser.add_argument("--param", action="append", default=[], metavar="NOTEBOOK.KEY=VALUE",
+                               help="a notebook parameter, e.g. sample.num_samples=200 or collapse_analysis.steps=200 "
+                                    "(repeatable; the value is read as YAML)")
     return parser
 
 
@@ -160,13 +164,30 @@ def run_evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
 
+def notebook_parameters(items: list[str]) -> dict[str, dict]:
+    """['sample.num_samples=200', ...] -> {'sample': {'num_samples': 200}}; values are YAML."""
+    import yaml
+
+    from dlm.workbook import ReportError
+
+    parameters: dict[str, dict] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        notebook, dot, key = name.partition(".")
+        if not (eq and dot and notebook and key):
+            raise ReportError(f"--param '{item}' must look like NOTEBOOK.KEY=VALUE, e.g. sample.num_samples=200.")
+        parameters.setdefault(notebook, {})[key] = yaml.safe_load(value)
+    return parameters
+
+
 def run_report(args: argparse.Namespace) -> int:
     from dlm.workbook import ReportError, build_report, report_size
 
     logging.getLogger("papermill").setLevel(logging.WARNING)
     try:
         report_dir = build_report(args.params, args.name, args.reports_dir, show_code=args.show_code,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, parameters=notebook_parameters(args.param),
+                                  from_run=args.from_run)
     except ReportError as error:
         print(f"dlm report: error: {error}", file=sys.stderr)
         return 1

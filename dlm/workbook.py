@@ -21,6 +21,7 @@ import datetime
 import html
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -31,6 +32,7 @@ from typing import Any
 from dlm.config import load_config
 from dlm.data import atomic_write_bytes
 from dlm.notebook import package_root, project_root
+from dlm.runs import RunDir
 
 logger = logging.getLogger("dlm")
 
@@ -333,16 +335,27 @@ def _write_report_json(report_dir: Path, report: dict) -> None:
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports",
                  show_code: bool = False, overwrite: bool = False,
                  parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                 kernel_name: str | None = None) -> Path:
+                 kernel_name: str | None = None, from_run: str | Path | None = None) -> Path:
     """Run the three notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them.
 
     `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
+    `from_run` starts the report from a run already trained on that preset (it is linked into
+    NAME/run and the train notebook resumes it: nothing left to train, only its pages to draw).
     Returns the report folder; raises NotebookFailed when a notebook fails.
     """
     params = Path(params)
+    if from_run is not None and not RunDir(from_run).last_checkpoint.is_file():
+        raise ReportError(f"--from_run '{from_run}' holds no trained run (no checkpoints/last.pt); train it with dlm train.")
     load_config(params)  # a bad preset fails here, before any kernel starts
     name = name or params.stem
     if not NAME_PATTERN.match(name):
@@ -360,10 +373,14 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                                     f"or --name to write another.")
         shutil.rmtree(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    if from_run is not None:
+        # Hard links where the file system allows: checkpoints are hundreds of MB, and a resumed run
+        # replaces files atomically (a new inode), so the source run is never written through them.
+        shutil.copytree(from_run, report_dir / "run", copy_function=_link_or_copy)
     cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
     run_dir = path_for_kernel(report_dir / "run", cwd)
     chain = {
-        "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir},
+        "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir, **({"resume": True} if from_run else {})},
         "sample": {"run_dir": run_dir},
         "collapse_analysis": {"run_dir": run_dir},
     }

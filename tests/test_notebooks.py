@@ -122,6 +122,30 @@ def test_bad_parameter_names_the_cell(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_report_from_a_trained_run_draws_pages_without_training_again(report, tmp_path):
+    source = report / "run"
+    before = (source / "metrics.csv").read_text()
+    again = workbook.build_report(report.parent.parent / "tiny.yaml", name="again", reports_dir=tmp_path,
+                                  from_run=source, parameters={"sample": {**SAMPLE, "curve_steps": ""},  # "" skips the curve
+                                                               "collapse_analysis": COLLAPSE})
+    assert (again / "train.html").is_file() and (again / "collapse_analysis.html").is_file()
+    assert (again / "run" / "metrics.csv").read_text() == before  # nothing was trained
+    assert (source / "metrics.csv").read_text() == before and (source / "checkpoints" / "last.pt").is_file()
+    linked = again / "run" / "checkpoints" / "epoch_0002.pt"
+    assert linked.stat().st_ino == (source / "checkpoints" / "epoch_0002.pt").stat().st_ino  # linked, not copied
+    with pytest.raises(workbook.ReportError, match="no trained run"):
+        workbook.build_report(report.parent.parent / "tiny.yaml", name="none", reports_dir=tmp_path, from_run=tmp_path)
+
+
+def test_report_command_reads_notebook_parameters():
+    from dlm.cli import notebook_parameters
+
+    assert notebook_parameters(["sample.num_samples=200", "collapse_analysis.steps=50", "sample.teacher_dir=runs/ar"]) == {
+        "sample": {"num_samples": 200, "teacher_dir": "runs/ar"}, "collapse_analysis": {"steps": 50}}
+    with pytest.raises(workbook.ReportError, match="NOTEBOOK.KEY=VALUE"):
+        notebook_parameters(["num_samples=200"])
+
+
 def test_failing_notebook_stops_the_chain_and_keeps_earlier_steps(tmp_path):
     preset = tiny_preset(tmp_path)
     reports = tmp_path / "reports"
