@@ -21,7 +21,7 @@ import torch
 
 from dlm.config import Config
 from dlm.data import epoch_windows, prepare_data
-from dlm.evaluate import score_ids
+from dlm.evaluate import pick_metrics, score_ids
 from dlm.runs import build_model, build_objective, load_run, pick_device
 from dlm.sample import SampleOptions, generate
 from dlm.train import build_optimizer, train, train_step
@@ -113,28 +113,14 @@ def steps_for_budget(config: Config, budget_s: float) -> int:
 
 
 def flatten(arm: Arm, result: dict, train_info: dict, sample_s: float) -> dict:
-    samples = result["samples"]
-    row = {"arm": arm.name, "group": arm.group, **train_info, "sample_s": round(sample_s, 1)}
-    for column in COLUMNS:
-        if column == "types_at":
-            row[column] = samples[f"types_at_{result['types_count']}"]
-        elif column == "collapsed":
-            row[column] = result["collapsed"]
-        else:
-            row[column] = samples[column]
-    row["types_count"] = result["types_count"]
-    row["collapse_reasons"] = ", ".join(result["collapse_reasons"])
-    return row
+    return {"arm": arm.name, "group": arm.group, **train_info, "sample_s": round(sample_s, 1),
+            **pick_metrics(result, "samples", COLUMNS), "types_count": result["types_count"],
+            "collapse_reasons": ", ".join(result["collapse_reasons"])}
 
 
 def heldout_row(result: dict) -> dict:
-    ref = result["heldout"]
-    row = {"arm": "held-out text", "group": "reference"}
-    for column in COLUMNS:
-        row[column] = (ref[f"types_at_{result['types_count']}"] if column == "types_at"
-                       else False if column == "collapsed" else ref[column])
-    row["types_count"] = result["types_count"]
-    return row
+    return {"arm": "held-out text", "group": "reference", **pick_metrics(result, "heldout", COLUMNS),
+            "types_count": result["types_count"]}
 
 
 def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir: str | Path, budget_s: float,

@@ -145,16 +145,22 @@ def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
     for as many held-out windows of the samples' length."""
     if teacher.config.model != "ar":
         raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
-    itos = teacher.tokenizer.itos
     rows = sample_ids(records, teacher.tokenizer)
-    length = max(len(r) for r in rows)
-    data = run_data(teacher)
-    heldout_rows = heldout_windows(data.val_ids, length, len(rows)).tolist()
-    result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result, heldout_rows = compare_with_heldout(teacher, rows)
     result["samples"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, rows))
     result["heldout"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, heldout_rows))
-    result["num_samples"] = len(rows)
     return result
+
+
+def compare_with_heldout(run: LoadedRun, rows: list[list[int]]) -> tuple[dict, list[list[int]]]:
+    """`compare` of id rows (in the run's vocabulary) against as many held-out windows of the same
+    length from the run's corpus; returns the result and those held-out rows."""
+    itos = run.tokenizer.itos
+    data = run_data(run)
+    heldout_rows = heldout_windows(data.val_ids, max(len(r) for r in rows), len(rows)).tolist()
+    result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result["num_samples"] = len(rows)
+    return result, heldout_rows
 
 
 def records_from_ids(ids: torch.Tensor, tokenizer: Tokenizer) -> list[dict]:
@@ -168,13 +174,24 @@ def score_ids(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = Non
     generative perplexity (which is then NaN), against the run's own held-out text."""
     if teacher is not None:
         return evaluate_samples(records_from_ids(ids, run.tokenizer), teacher)
-    itos = run.tokenizer.itos
-    data = run_data(run)
-    heldout_rows = heldout_windows(data.val_ids, ids.shape[1], ids.shape[0]).tolist()
-    result = compare(ids_to_tokens(ids, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result, _ = compare_with_heldout(run, ids.tolist())
     result["samples"]["teacher_perplexity"] = result["heldout"]["teacher_perplexity"] = float("nan")
-    result["num_samples"] = ids.shape[0]
     return result
+
+
+def pick_metrics(result: dict, side: str, names: Sequence[str]) -> dict:
+    """The named numbers of one side ('samples' or 'heldout') of a `compare` result; 'types_at'
+    means the types at the result's fixed token count, 'collapsed' the verdict (held-out: False)."""
+    values = result[side]
+    picked = {}
+    for name in names:
+        if name == "types_at":
+            picked[name] = values[f"types_at_{result['types_count']}"]
+        elif name == "collapsed":
+            picked[name] = result["collapsed"] if side == "samples" else False
+        else:
+            picked[name] = values[name]
+    return picked
 
 
 CURVE_METRICS = ("teacher_perplexity", "unigram_entropy", "punctuation_share", "distinct_2", "types_at", "top10_share")
@@ -192,11 +209,9 @@ def quality_vs_steps(run: LoadedRun, step_counts: Sequence[int], options: Sample
         seconds = time.perf_counter() - start
         result = score_ids(run, batch.ids, teacher)
         longest = batch.ids if longest is None else longest
-        key = f"types_at_{result['types_count']}"
         row = {"steps": steps, "seconds": seconds, "seconds_per_step": seconds / steps,
                "agreement": float((batch.ids == longest).float().mean()), "collapsed": result["collapsed"]}
-        row.update({m: result["samples"][key if m == "types_at" else m] for m in CURVE_METRICS})
-        rows.append(row)
-        heldout = heldout or {m: result["heldout"][key if m == "types_at" else m] for m in CURVE_METRICS}
+        rows.append({**row, **pick_metrics(result, "samples", CURVE_METRICS)})
+        heldout = heldout or pick_metrics(result, "heldout", CURVE_METRICS)
     frame = pd.DataFrame(sorted(rows, key=lambda r: r["steps"]))
     return pd.concat([frame, pd.DataFrame([{"steps": float("nan"), **heldout}])], ignore_index=True)
