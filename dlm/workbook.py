@@ -335,11 +335,17 @@ def _write_report_json(report_dir: Path, report: dict) -> None:
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
+    """Checkpoints (hundreds of MB) are hard-linked where the file system allows: they are only
+    ever replaced atomically (a new inode), never written in place. Everything else (metrics.csv
+    is appended to, sample files are rewritten) is copied, so the source run never changes."""
+    if source.endswith(".pt"):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
 
 
 def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports",
@@ -374,9 +380,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         shutil.rmtree(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     if from_run is not None:
-        # Hard links where the file system allows: checkpoints are hundreds of MB, and a resumed run
-        # replaces files atomically (a new inode), so the source run is never written through them.
-        shutil.copytree(from_run, report_dir / "run", copy_function=_link_or_copy)
+        shutil.copytree(from_run, report_dir / "run", copy_function=_link_checkpoints_copy_the_rest)
     cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
     run_dir = path_for_kernel(report_dir / "run", cwd)
     chain = {

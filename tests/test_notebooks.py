@@ -133,6 +133,8 @@ def test_report_from_a_trained_run_draws_pages_without_training_again(report, tm
     assert (source / "metrics.csv").read_text() == before and (source / "checkpoints" / "last.pt").is_file()
     linked = again / "run" / "checkpoints" / "epoch_0002.pt"
     assert linked.stat().st_ino == (source / "checkpoints" / "epoch_0002.pt").stat().st_ino  # linked, not copied
+    # everything that is written in place is a copy of its own
+    assert (again / "run" / "metrics.csv").stat().st_ino != (source / "metrics.csv").stat().st_ino
     with pytest.raises(workbook.ReportError, match="no trained run"):
         workbook.build_report(report.parent.parent / "tiny.yaml", name="none", reports_dir=tmp_path, from_run=tmp_path)
 
