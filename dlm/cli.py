@@ -11,6 +11,7 @@ from pathlib import Path
 from dlm.checkpoint import CheckpointError
 from dlm.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
 from dlm.data import CorpusError
+from dlm.diffusion import SPACINGS
 from dlm.runs import load_run, pick_device
 from dlm.sample import SampleOptions, generate, write_samples
 from dlm.textstats import sample_stats
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
     sample_parser.add_argument("--num_samples", type=int, default=16)
     sample_parser.add_argument("--steps", type=int, help="sampling steps (strided, <= T; default: the run's sample_steps)")
+    sample_parser.add_argument("--spacing", choices=SPACINGS,
+                               help="which timesteps (default: the run's sample_spacing)")
     sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned")
     sample_parser.add_argument("--clamp", action=argparse.BooleanOptionalAction, help="default: the run's clamp")
     sample_parser.add_argument("--clamp_fraction", type=float,
@@ -117,8 +120,8 @@ def run_sample(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
     options = SampleOptions.from_config(
-        run.config, num_samples=args.num_samples, steps=args.steps, decoder=args.decoder, clamp=args.clamp,
-        clamp_fraction=args.clamp_fraction, eta=args.eta, temperature=args.temperature, seed=args.seed,
+        run.config, num_samples=args.num_samples, steps=args.steps, spacing=args.spacing, decoder=args.decoder,
+        clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, temperature=args.temperature, seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
     batch = generate(run, options, device)

@@ -64,7 +64,10 @@ class Config:
     self_condition: float = 0.0  # share of batches trained with self-conditioning (0 = off)
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
-    sample_steps: int = 200  # strided reverse steps (<= diffusion_steps)
+    sample_steps: int = 200  # reverse steps (<= diffusion_steps)
+    # which timesteps those are: quadratic (dense near t = 0; 50 steps sample like 2000) or
+    # uniform (Diffusion-LM's even stride)
+    sample_spacing: Literal["uniform", "quadratic"] = "quadratic"
     clamp: bool = True  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
     clamp_fraction: float = 1.0  # clamp only during the last share of the steps
     sample_eta: float = 1.0  # 1 ancestral (DDPM), 0 deterministic DDIM

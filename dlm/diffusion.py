@@ -159,19 +159,39 @@ class SampleState:
     pred_x0: torch.Tensor
 
 
-def sampling_timesteps(total_steps: int, steps: int) -> list[int]:
-    """`steps` timesteps from T-1 down to 0, evenly strided (any steps <= T)."""
+SPACINGS = ("uniform", "quadratic")
+
+
+def sampling_timesteps(total_steps: int, steps: int, spacing: str = "quadratic") -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0.
+
+    uniform: evenly strided (Diffusion-LM's respacing). quadratic: t_i = (T-1) (i / (steps-1))^2,
+    the DDIM paper's spacing, dense near t = 0. Under the sqrt schedule the uniform stride jumps
+    from t = T/steps straight to 0, and the last few percent of t are where the words are chosen;
+    at 50 steps uniform spacing gave 45% higher generative perplexity than 2000 steps, quadratic
+    spacing the same (README, "Speed").
+    """
     if not 1 <= steps <= total_steps:
         raise ValueError(f"Sampling steps must be between 1 and {total_steps}, got {steps}.")
-    return sorted({round(v) for v in np.linspace(0, total_steps - 1, steps)}, reverse=True)
+    if spacing not in SPACINGS:
+        raise ValueError(f"Unknown timestep spacing '{spacing}': use {' or '.join(SPACINGS)}.")
+    grid = np.linspace(0, 1, steps)
+    ts = np.rint((total_steps - 1) * (grid if spacing == "uniform" else grid**2)).astype(int)
+    # Rounding merges neighbours at the dense end: push each one up past its predecessor, then
+    # each one down below its successor, so there are exactly `steps` distinct values in range.
+    for i in range(1, steps):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    for i in range(steps - 1, -1, -1):
+        ts[i] = min(ts[i], total_steps - steps + i)
+    return ts[::-1].tolist()
 
 
 @torch.inference_mode()
 def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
-                       generator: torch.Generator | None = None,
+                       spacing: str = "quadratic", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu") -> Iterator[SampleState]:
-    """Run the reverse chain over a strided subset of timesteps, yielding every state.
+    """Run the reverse chain over `steps` timesteps (see `sampling_timesteps`), yielding every state.
 
     eta = 1 is ancestral (DDPM posterior) sampling on the strided chain, eta = 0 deterministic DDIM.
     clamp: replace the predicted x0 by its nearest embedding row (Diffusion-LM's clamping trick),
@@ -186,7 +206,7 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
         return torch.randn(*size, generator=generator).to(device)
 
     x = randn(batch, length, dim)
-    timesteps = sampling_timesteps(s.steps, steps)
+    timesteps = sampling_timesteps(s.steps, steps, spacing)
     clamp_from = len(timesteps) - math.ceil(clamp_fraction * len(timesteps))
     x0_estimate = None
     ac = s.alphas_cumprod.to(device)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dlm.data import atomic_write_bytes
-from dlm.diffusion import sample_progressive
+from dlm.diffusion import SPACINGS, sample_progressive
 from dlm.embeddings import CosineRounding
 from dlm.model import autocast
 from dlm.runs import LoadedRun
@@ -20,6 +20,7 @@ from dlm.runs import LoadedRun
 class SampleOptions:
     num_samples: int = 16
     steps: int = 200
+    spacing: str = "quadratic"  # which timesteps: quadratic (dense near t = 0) or uniform
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
     clamp: bool = True  # Diffusion-LM's clamping trick
     clamp_fraction: float = 1.0  # clamp only during the last share of steps
@@ -32,8 +33,8 @@ class SampleOptions:
     @classmethod
     def from_config(cls, config, **overrides) -> SampleOptions:
         """The run's own sampling recipe, with explicit overrides (None means: keep the recipe's)."""
-        options = cls(steps=config.sample_steps, clamp=config.clamp, clamp_fraction=config.clamp_fraction,
-                      eta=config.sample_eta, temperature=config.decode_temperature)
+        options = cls(steps=config.sample_steps, spacing=config.sample_spacing, clamp=config.clamp,
+                      clamp_fraction=config.clamp_fraction, eta=config.sample_eta, temperature=config.decode_temperature)
         for key, value in overrides.items():
             if value is not None:
                 setattr(options, key, value)
@@ -46,6 +47,8 @@ class SampleOptions:
             raise ValueError("num_samples must be at least 1.")
         if not 1 <= self.steps <= total_steps:
             raise ValueError(f"steps must be between 1 and the run's diffusion_steps ({total_steps}), got {self.steps}.")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
         if self.temperature < 0:
             raise ValueError("temperature must be 0 (argmax) or positive.")
         if not 0 <= self.clamp_fraction <= 1:
@@ -82,7 +85,8 @@ def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device 
         count = min(options.batch_size, options.num_samples - first)
         states = sample_progressive(
             run.model, run.diffusion, (count, run.config.seq_len), options.steps, eta=options.eta,
-            clamp=options.clamp, clamp_fraction=options.clamp_fraction, generator=generator, device=device,
+            clamp=options.clamp, clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
+            device=device,
         )
         for state in _under_autocast(states, run.config.precision, device):
             last = state.index == options.steps - 1

@@ -39,9 +39,10 @@ def test_sample_options_and_trajectory(corpus, tmp_path, capsys):
     assert main(train_args(corpus, run_dir)) == 0
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--run_dir", str(run_dir), "--num_samples", "3", "--steps", "8", "--decoder", "cosine",
-                 "--no-clamp", "--eta", "0", "--record_every", "2", "--out", str(out)]) == 0
+                 "--no-clamp", "--eta", "0", "--record_every", "2", "--spacing", "uniform", "--out", str(out)]) == 0
     record = json.loads(out.read_text().splitlines()[0])
     assert record["decoder"] == "cosine" and record["clamp"] is False and record["eta"] == 0.0
+    assert record["spacing"] == "uniform"
     trajectory = json.loads(out.with_suffix(".trajectory.json").read_text())
     assert [f["index"] for f in trajectory["frames"]] == [0, 2, 4, 6, 7]
     assert len(trajectory["frames"][-1]["ids"]) == 3
@@ -81,6 +82,9 @@ def test_sampling_errors(corpus, tmp_path, capsys):
     assert "corrupt or not a dlm checkpoint" in capsys.readouterr().err
     assert main(["sample", "--run_dir", str(run_dir), "--steps", "100000", "--out", str(tmp_path / "s.jsonl")]) == 2
     assert "steps must be between 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["sample", "--run_dir", str(run_dir), "--spacing", "cosine", "--out", str(tmp_path / "s.jsonl")])
+    assert "invalid choice: 'cosine'" in capsys.readouterr().err
 
 
 def test_resume_through_the_cli_extends_a_run(corpus, tmp_path, capsys):

@@ -113,13 +113,26 @@ def test_cosine_decoding_uses_direction_not_distance():
     assert nearest_rows(x, embedding.table()).tolist() == [0, 0]  # L2 would say otherwise
 
 
-def test_strided_timesteps():
-    steps = sampling_timesteps(2000, 50)
-    assert len(steps) == 50 and steps[0] == 1999 and steps[-1] == 0
-    assert all(a > b for a, b in zip(steps, steps[1:]))
-    assert sampling_timesteps(2000, 2000) == list(range(1999, -1, -1))
-    with pytest.raises(ValueError):
-        sampling_timesteps(100, 101)
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_timesteps_are_distinct_and_span_the_chain(spacing):
+    for total, steps in [(2000, 50), (2000, 1000), (100, 99), (10, 2), (10, 1)]:
+        ts = sampling_timesteps(total, steps, spacing)
+        assert len(ts) == steps and ts[0] == (total - 1 if steps > 1 else 0) and ts[-1] == 0
+        assert all(a > b for a, b in zip(ts, ts[1:]))
+    assert sampling_timesteps(2000, 2000, spacing) == list(range(1999, -1, -1))
+    with pytest.raises(ValueError, match="between 1 and 100"):
+        sampling_timesteps(100, 101, spacing)
+
+
+def test_quadratic_spacing_is_dense_near_the_data_end():
+    uniform = sampling_timesteps(2000, 50, "uniform")
+    quadratic = sampling_timesteps(2000, 50, "quadratic")
+    assert uniform[-2] == 41 and uniform[0] - uniform[1] == 41  # an even stride
+    assert quadratic[-5:] == [13, 7, 3, 1, 0]  # round((T-1)(i/49)^2) for i = 4 .. 0
+    assert quadratic[0] - quadratic[1] == 81  # (T-1)(1 - (48/49)^2): wide steps where noise rules
+    assert sum(t < 100 for t in quadratic) == 11 and sum(t < 100 for t in uniform) == 3
+    with pytest.raises(ValueError, match="uniform or quadratic"):
+        sampling_timesteps(2000, 50, "cosine")
 
 
 @pytest.mark.parametrize("eta, clamp", [(1.0, True), (0.0, False)])
