@@ -13,9 +13,11 @@ choice). What it measures, top to bottom:
   clipping, AdamW, lr schedule, EMA) on real corpus windows and the real vocabulary, for
   params/default.yaml and params/seed.yaml, after warm-up steps; each preset in its own subprocess so
   its peak resident memory is its own (data, model, optimizer and the step). MFU = model FLOPs per
-  token x tokens/s / ceiling. Step times are medians of individually timed steps, and every timing
-  note carries the 1-minute load average, so a busy machine shows in the table.
-- option: opt-in Config options (--variants; default precision=bf16) on default.yaml, against the
+  token x tokens/s / the ceiling of the precision the run resolves to. Step times are medians of
+  individually timed steps, and every timing note carries the 1-minute load average, so a busy
+  machine shows in the table.
+- option: other Config options (--variants; default: the precision the default did not resolve
+  to, fp32 where `precision: auto` means bf16, as on CPUs with AMX) on default.yaml, against the
   default.yaml row.
 - reference: a plain training step at the same sizes, built the way the earlier attempt built it
   (nn.TransformerEncoder layers, a Linear(1, width) time bias, an untied nn.Linear decoder, epsilon
@@ -57,7 +59,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dlm.config import Config, load_config
 from dlm.data import epoch_windows, prepare_data
 from dlm.diffusion import q_sample, sample_progressive
-from dlm.model import DiffusionLM, autocast
+from dlm.model import DiffusionLM, autocast, resolved_precision
 from dlm.runs import build_diffusion
 from dlm.train import build_optimizer, lr_factor, train_step
 
@@ -368,45 +370,53 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
             return measure_training(load_config(PARAMS / preset, **overrides), impl, warmup, steps)
         return training_in_subprocess(preset, overrides, impl, warmup, steps, threads)
 
-    def mfu(result: dict, peak: float) -> float:
-        return 100 * result["flops_per_token"] * result["tokens_per_s"] / (peak * 1e9)
+    def mfu(result: dict, config: Config) -> tuple[float, str, str]:
+        """MFU against the ceiling of the precision `config` runs at here: value, unit, note."""
+        precision = resolved_precision(config.precision, "cpu")
+        peak = bf16_ceiling if precision == "bf16" else ceiling
+        value = 100 * result["flops_per_token"] * result["tokens_per_s"] / (peak * 1e9)
+        return value, "%", f"against the {precision} matmul ceiling"
 
     memory_note = "peak RSS of this whole process (--in_process)" if args.in_process else "peak RSS of its own process"
     default_config = default_result = None
     for name, (preset, overrides) in presets(quick, extra).items():
         config = load_config(PARAMS / preset, **overrides)
-        setting = f"{name}: batch {config.batch_size} x seq {config.seq_len}, width {config.width}, d {config.embed_dim}"
+        setting = (f"{name}: batch {config.batch_size} x seq {config.seq_len}, width {config.width}, d {config.embed_dim}, "
+                   f"{resolved_precision(config.precision, 'cpu')}")
         ours, ref = measure(preset, overrides, "dlm"), measure(preset, overrides, "reference")
         note = (f"vocab {ours['vocab']}, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token, median of {steps} steps "
                 f"after {warmup}; load {ours['load']:.1f}")
         rows += [
             row("train", setting, "dlm throughput", ours["tokens_per_s"], "tokens/s", note),
             row("train", setting, "dlm step time", ours["step_s"], "s"),
-            row("train", setting, "dlm MFU", mfu(ours, ceiling), "%", "against the fp32 matmul ceiling"),
+            row("train", setting, "dlm MFU", *mfu(ours, config)),
             row("train", setting, "dlm peak memory", ours["peak_rss_mb"], "MB", memory_note),
             row("train", setting, "reference throughput", ref["tokens_per_s"], "tokens/s",
                 "nn.TransformerEncoder, untied decoder, epsilon MSE + CE on clean embeddings"),
-            row("train", setting, "reference MFU", mfu(ref, ceiling), "%", f"load {ref['load']:.1f}"),
+            row("train", setting, "reference MFU", mfu(ref, config.replace(precision="fp32"))[0], "%",
+                f"fp32; load {ref['load']:.1f}"),
             row("train", setting, "dlm / reference", ours["tokens_per_s"] / ref["tokens_per_s"], "x"),
         ]
         if default_config is None:
             default_config, default_result, default_preset = config, ours, (preset, overrides)
     default_vocab = default_result["vocab"]
 
-    for variant in args.variants:
+    variants = args.variants
+    if variants is None:  # the precision the default did not pick, measured against it
+        other = "fp32" if resolved_precision(default_config.precision, "cpu") == "bf16" else "bf16"
+        variants = [f"precision={other}"]
+    for variant in variants:
         preset, overrides = default_preset
         key, _, value = variant.partition("=")
         changed = {**overrides, key: yaml_value(value)}
         result = measure(preset, changed, "dlm")
         setting = f"default.yaml, {variant}"
-        peak = bf16_ceiling if changed.get("precision") == "bf16" else ceiling
         rows += [
             row("option", setting, "dlm throughput", result["tokens_per_s"], "tokens/s",
                 f"median of {steps} steps after {warmup}; load {result['load']:.1f}"),
             row("option", setting, "speed-up", result["tokens_per_s"] / default_result["tokens_per_s"], "x",
                 "over the default.yaml row above"),
-            row("option", setting, "dlm MFU", mfu(result, peak), "%",
-                "against the bf16 matmul ceiling" if peak == bf16_ceiling else "against the fp32 matmul ceiling"),
+            row("option", setting, "dlm MFU", *mfu(result, load_config(PARAMS / preset, **changed))),
             row("option", setting, "dlm peak memory", result["peak_rss_mb"], "MB", memory_note),
         ]
 
@@ -414,7 +424,7 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
     batch = 4 if quick else 64
     max_timed = 10 if quick else args.max_sample_steps
     rows += measure_sampling(default_config, default_vocab, batch=batch, chains=chains, max_timed=max_timed)
-    for variant in args.variants:
+    for variant in variants:
         key, _, value = variant.partition("=")
         if key == "precision":
             case = default_config.replace(precision=yaml_value(value))
@@ -481,9 +491,9 @@ def parse_args(argv=None):
                         help="config override for every measured preset (repeatable), e.g. precision=bf16")
     parser.add_argument("--in_process", action="store_true",
                         help="measure training in this process, not one subprocess per preset (peak memory is then shared)")
-    parser.add_argument("--variants", nargs="*", default=["precision=bf16"], metavar="KEY=VALUE",
-                        help="opt-in options measured on default.yaml against its own row (default: precision=bf16; "
-                             "e.g. compile=true, which adds about a minute of compiling)")
+    parser.add_argument("--variants", nargs="*", default=None, metavar="KEY=VALUE",
+                        help="options measured on default.yaml against its own row (default: the precision it did not "
+                             "resolve to; e.g. compile=true, which adds about a minute of compiling)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a default.yaml step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.csv"), help="CSV to write")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -4,7 +4,9 @@ DiffusionLM, the module that owns the embedding table, the denoiser and the roun
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,30 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(features, (0, dim % 2))
 
 
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast context for Config.precision: bfloat16 matmuls for 'bf16' (and for 'auto' on
-    CUDA), nothing for 'fp32'. Enter it around forward passes only, not backward."""
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in AMX tiles (Linux's cpuinfo flag). There,
+    bf16 autocast trained default.yaml 1.68x faster and sampled 2.6x faster, with the same sample
+    quality (README, "Speed"); with AVX512-BF16 alone it measured 1.07x, not worth the rounding."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def resolved_precision(precision: str, device: torch.device | str) -> str:
+    """Config.precision made concrete: 'auto' is bf16 on CUDA and on CPUs with AMX, else fp32."""
+    if precision != "auto":
+        return precision
     device = torch.device(device)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16()) else "fp32"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context for Config.precision: bfloat16 matmuls when it resolves to bf16,
+    nothing for fp32. Enter it around forward passes only, not backward."""
+    device = torch.device(device)
+    if resolved_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.config import Config, from_dict, save_config
 from dlm.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
-from dlm.model import autocast
+from dlm.model import autocast, resolved_precision
 from dlm.runs import RunDir, build_model, build_objective, pick_device
 
 logger = logging.getLogger("dlm")
@@ -177,8 +177,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
         payload = load_checkpoint(run.last_checkpoint)
         saved = from_dict(payload["config"])
         # A resumed run keeps its recipe; only how long it trains and how it logs may change.
-        changeable = {"epochs", "max_steps", "log_every", "checkpoint_every", "device", "threads", "progress", "val_batches",
-                      "precision", "compile"}
+        changeable = {"epochs", "max_steps", "max_train_seconds", "log_every", "checkpoint_every", "device", "threads",
+                      "progress", "val_batches", "precision", "compile"}
         changed = [k for k, v in config.to_dict().items() if k not in changeable and getattr(saved, k) != v]
         if changed:
             logger.info("resume keeps the saved recipe; ignoring changed keys: %s", ", ".join(changed))
@@ -208,7 +208,18 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     steps_per_epoch = math.ceil(epoch_size / config.batch_size)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
+    budget_s = config.max_train_seconds
+    first_step, start = 0, time.perf_counter()  # for planned_steps; set again where the loop starts
+
+    def planned_steps(current: int) -> int:
+        """The step the lr schedule decays towards: the last one, or under a time budget the
+        step the budget will reach at this invocation's pace so far (re-estimated every step)."""
+        if budget_s is None or current <= first_step:
+            return total_steps
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        return max(current + 1, first_step + round((current - first_step) * budget_s / elapsed))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, planned_steps(s)))
 
     step, epoch = 0, 0
     if payload:
@@ -230,8 +241,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     val_windows = fixed_windows(data.val_ids, config.seq_len)
 
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("device %s | vocab %d | %d train windows/epoch | %d steps/epoch | %d steps total | %.2fM params",
-                device, len(tokenizer), epoch_size, steps_per_epoch, total_steps, n_params / 1e6)
+    logger.info("device %s (%s) | vocab %d | %d train windows/epoch | %d steps/epoch | %s | %.2fM params",
+                device, resolved_precision(config.precision, device), len(tokenizer), epoch_size, steps_per_epoch,
+                f"{total_steps} steps total" if budget_s is None else f"{budget_s:g} s of training",
+                n_params / 1e6)
     for group in optimizer.param_groups:
         logger.info("  param group %-12s %8d params, weight_decay %g, peak lr %g", group["name"],
                     sum(p.numel() for p in group["params"]), group["weight_decay"], group["initial_lr"])
@@ -246,8 +259,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             "step": step, "epoch": epoch, "rng": torch.get_rng_state(),
         })
 
-    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc="train", unit="step", ascii=True)
-    start = time.perf_counter()
+    bar = tqdm(total=None if budget_s else total_steps, initial=step, disable=not config.progress, desc="train",
+               unit="step", ascii=True)
+    first_step, start = step, time.perf_counter()
+    out_of_time = False
     interval_start, interval_tokens = start, 0
     # Loss sums stay on the device (float64, the same sums as Python floats) so that a CUDA step
     # never waits for the GPU; they are read once per log interval.
@@ -255,7 +270,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     interval_steps = 0
     row: dict = {}
     model.train()
-    while step < total_steps:
+    while step < total_steps and not out_of_time:
         epoch += 1
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         windows = epoch_windows(data.train_ids, config.seq_len, generator)
@@ -269,7 +284,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             interval_tokens += ids.numel()
             sums += torch.stack([losses[term] for term in terms]).double()
             bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
+            out_of_time = budget_s is not None and time.perf_counter() - start >= budget_s
+            if step % config.log_every == 0 or step == total_steps or out_of_time:
                 now = time.perf_counter()
                 means = {term: value / interval_steps for term, value in zip(terms, sums.tolist())}
                 row = {"step": step, "epoch": epoch, **means,
@@ -281,16 +297,16 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
                             row["nn_distance"], row["lr"], row["tokens_per_s"])
                 sums.zero_()
                 interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
-            if step >= total_steps:
+            if step >= total_steps or out_of_time:
                 break
-        # Every epoch has the same number of steps, so this is an epoch end unless max_steps cut it.
+        # Every epoch has the same number of steps, so this is an epoch end unless max_steps or the clock cut it.
         val = validation_losses(ema.module if ema is not None else model, diffusion, val_windows, config, device)
         if val:
             row = {**row, "step": step, "epoch": epoch, **val, "elapsed_s": time.perf_counter() - start}
             metrics.write({k: row.get(k, "") for k in ("step", "epoch", *val, "elapsed_s")})
             logger.info("epoch %4d | val loss %.4f (%s)", epoch, val["val_total"],
                         _terms_text(val, [f"val_{term}" for term in terms[1:]]))
-        if epoch % config.checkpoint_every == 0 or step >= total_steps:
+        if epoch % config.checkpoint_every == 0 or step >= total_steps or out_of_time:
             checkpoint(run.epoch_checkpoint(epoch))
         checkpoint(run.last_checkpoint)
     bar.close()

@@ -5,6 +5,7 @@ import torch
 
 import dlm.train as train_module
 from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dlm.config import ConfigError
 from dlm.runs import RunDir, load_run
 from dlm.train import RunExistsError, train
 
@@ -122,3 +123,19 @@ def test_an_existing_run_is_never_overwritten(smoke_config, tmp_path):
     with pytest.raises(RunExistsError, match="--resume"):
         train(smoke_config, tmp_path / "run")
     assert (tmp_path / "run" / "metrics.csv").read_bytes() == before
+
+
+def test_a_time_budget_stops_on_the_clock_and_decays_the_lr_over_it(smoke_config, tmp_path):
+    config = smoke_config.replace(epochs=10**6, max_train_seconds=1.5, warmup_steps=1, lr_decay="linear",
+                                  log_every=1, checkpoint_every=10**6)
+    result = train(config, tmp_path / "run")
+    assert 1.5 <= result.wall_s and result.epoch < 10**6  # it stopped on the clock, not on the epochs
+    rows = [r for r in read_rows(tmp_path / "run" / "metrics.csv") if r["lr"]]
+    assert len(rows) == result.step > 3
+    lrs = [float(r["lr"]) for r in rows]
+    # the schedule decays over the budget: from near the peak to near the 10% floor at the end
+    assert lrs[1] > 0.6 * config.lr and lrs[-1] < 0.35 * config.lr
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert load_run(tmp_path / "run").step == result.step
+    with pytest.raises(ConfigError, match="max_train_seconds"):
+        smoke_config.replace(max_train_seconds=0)

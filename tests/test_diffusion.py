@@ -168,7 +168,8 @@ def test_clamping_only_in_the_last_steps():
     assert on_rows[-3:] == [True] * 3 and not any(on_rows[:7])
 
 
-def test_bf16_autocast_keeps_the_loss_terms_close_and_float32():
+def test_bf16_autocast_keeps_the_loss_terms_close_and_float32(monkeypatch):
+    from dlm import model as model_module
     from dlm.model import autocast
 
     model, diffusion = toy(rounding_target="predicted")
@@ -180,5 +181,9 @@ def test_bf16_autocast_keeps_the_loss_terms_close_and_float32():
     for term in ("mse", "rounding", "total"):
         assert mixed[term].dtype == torch.float32
         assert mixed[term].item() == pytest.approx(plain[term].item(), rel=0.05), term
-    with autocast("fp32", "cpu"), autocast("auto", "cpu"):  # no autocast on a CPU unless asked
+    with autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
+    for has_amx in (False, True):  # auto: bf16 only on a CPU that multiplies bf16 in AMX tiles
+        monkeypatch.setattr(model_module, "cpu_has_amx_bf16", lambda answer=has_amx: answer)
+        with autocast("auto", "cpu"):
+            assert torch.is_autocast_enabled("cpu") == has_amx
