@@ -46,6 +46,7 @@ ARMS = [
     Arm("draw at T=0.5", "decoding", sample={"temperature": 0.5}),
     Arm("DDIM (eta 0)", "decoding", sample={"eta": 0.0}),
     Arm("50 steps", "decoding", sample={"steps": 50}),
+    Arm("50 steps, uniform spacing", "decoding", sample={"steps": 50, "spacing": "uniform"}),
     Arm("rounding on clean", "rounding target", {"rounding_target": "clean"}),
     Arm("rounding on noisy", "rounding target", {"rounding_target": "noisy"}),
     Arm("predict epsilon", "parameterisation", {"predict": "epsilon"}),
