@@ -187,3 +187,14 @@ def test_bf16_autocast_keeps_the_loss_terms_close_and_float32(monkeypatch):
         monkeypatch.setattr(model_module, "cpu_has_amx_bf16", lambda answer=has_amx: answer)
         with autocast("auto", "cpu"):
             assert torch.is_autocast_enabled("cpu") == has_amx
+
+
+def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():
+    from dlm.sample import SampleOptions
+
+    config = load_config(None)
+    assert SampleOptions.from_config(config).spacing == "quadratic"
+    assert SampleOptions.from_config(config.replace(sample_spacing="uniform")).spacing == "uniform"
+    assert SampleOptions.from_config(config, spacing="uniform").spacing == "uniform"
+    with pytest.raises(ValueError, match="spacing must be one of quadratic, uniform, got 'cosine'"):
+        SampleOptions(spacing="cosine").validate(2000)
