@@ -196,5 +196,5 @@ def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():
     assert SampleOptions.from_config(config).spacing == "quadratic"
     assert SampleOptions.from_config(config.replace(sample_spacing="uniform")).spacing == "uniform"
     assert SampleOptions.from_config(config, spacing="uniform").spacing == "uniform"
-    with pytest.raises(ValueError, match="spacing must be one of quadratic, uniform, got 'cosine'"):
+    with pytest.raises(ValueError, match="spacing must be one of uniform, quadratic, got 'cosine'"):
         SampleOptions(spacing="cosine").validate(2000)
