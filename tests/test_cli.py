@@ -133,8 +133,11 @@ def test_ar_baseline_trains_samples_and_scores_diffusion_samples(corpus, tmp_pat
     printed = capsys.readouterr().out
     assert "teacher_perplexity" in printed and "held-out" in printed and "collapsed:" in printed
     result = json.loads(out.read_text())
-    # held-out text is what the teacher was trained to predict: it must score better than noise
-    assert result["heldout"]["teacher_perplexity"] < result["samples"]["teacher_perplexity"]
     assert result["samples"]["teacher_perplexity"] > 1 and result["heldout"]["teacher_perplexity"] > 1
+    # the teacher's own samples at T=1 score exp(its entropy), below its held-out perplexity
+    # (a tiny model over-fits: held-out text surprises it more than what it writes itself)
+    assert main(["evaluate", "--samples", str(ar_samples), "--teacher", str(teacher), "--json", str(out)]) == 0
+    own = json.loads(out.read_text())
+    assert own["samples"]["teacher_perplexity"] < own["heldout"]["teacher_perplexity"]
     assert main(["evaluate", "--samples", str(samples), "--teacher", str(student)]) == 2
     assert "must be an autoregressive run" in capsys.readouterr().err
