@@ -65,9 +65,9 @@ class Config:
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = 200  # reverse steps (<= diffusion_steps)
-    # which timesteps those are: quadratic (dense near t = 0; 50 steps sample like 2000) or
-    # uniform (Diffusion-LM's even stride)
-    sample_spacing: Literal["uniform", "quadratic"] = "quadratic"
+    # which timesteps those are: logsnr (evenly spaced in log signal-to-noise; 50 steps sample
+    # like 2000), quadratic (the DDIM paper's) or uniform (Diffusion-LM's even stride)
+    sample_spacing: Literal["logsnr", "quadratic", "uniform"] = "logsnr"
     clamp: bool = True  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
     clamp_fraction: float = 1.0  # clamp only during the last share of the steps
     sample_eta: float = 1.0  # 1 ancestral (DDPM), 0 deterministic DDIM

@@ -159,24 +159,35 @@ class SampleState:
     pred_x0: torch.Tensor
 
 
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = ("logsnr", "quadratic", "uniform")
 
 
-def sampling_timesteps(total_steps: int, steps: int, spacing: str = "quadratic") -> list[int]:
-    """`steps` distinct timesteps from T-1 down to 0.
+def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") -> list[int]:
+    """`steps` distinct timesteps of `schedule`, from T-1 down to 0.
 
-    uniform: evenly strided (Diffusion-LM's respacing). quadratic: t_i = (T-1) (i / (steps-1))^2,
-    the DDIM paper's spacing, dense near t = 0. Under the sqrt schedule the uniform stride jumps
-    from t = T/steps straight to 0, and the last few percent of t are where the words are chosen;
-    at 50 steps uniform spacing gave 45% higher generative perplexity than 2000 steps, quadratic
-    spacing the same (README, "Speed").
+    logsnr: evenly spaced in log(alpha_bar / (1 - alpha_bar)), the signal-to-noise ratio's log
+    (as DPM-Solver spaces its steps); quadratic: t_i = (T-1) (i / (steps-1))^2 (the DDIM paper);
+    uniform: an even stride (Diffusion-LM's respacing). Under the sqrt schedule the uniform stride
+    jumps from t = T/steps straight to 0, across the low-noise end where the words are chosen.
+    Measured on the default run (README, "Speed"), 50 steps against 2000, three sets of seeds:
+    generative perplexity +45% uniform, +5% to +22% quadratic, -6% to +0.1% logsnr. Under the
+    sqrt schedule the clipped last beta sends the log-SNR from -6 to -15 within the last ~28
+    timesteps, so about half of a 50-step logsnr chain is spent there, at pure noise.
     """
+    total_steps = schedule.steps
     if not 1 <= steps <= total_steps:
         raise ValueError(f"Sampling steps must be between 1 and {total_steps}, got {steps}.")
     if spacing not in SPACINGS:
-        raise ValueError(f"Unknown timestep spacing '{spacing}': use {' or '.join(SPACINGS)}.")
+        raise ValueError(f"Unknown timestep spacing '{spacing}': use {', '.join(SPACINGS)}.")
     grid = np.linspace(0, 1, steps)
-    ts = np.rint((total_steps - 1) * (grid if spacing == "uniform" else grid**2)).astype(int)
+    if spacing == "logsnr":
+        alpha_bar = schedule.alphas_cumprod.double().clamp(1e-12, 1 - 1e-12).numpy()
+        log_snr = np.log(alpha_bar / (1 - alpha_bar))  # falls with t
+        targets = log_snr[0] + grid * (log_snr[-1] - log_snr[0])
+        positions = np.interp(-targets, -log_snr, np.arange(total_steps))  # interp wants rising x
+    else:
+        positions = (total_steps - 1) * (grid if spacing == "uniform" else grid**2)
+    ts = np.rint(positions).astype(int)
     # Rounding merges neighbours at the dense end: push each one up past its predecessor, then
     # each one down below its successor, so there are exactly `steps` distinct values in range.
     for i in range(1, steps):
@@ -189,7 +200,7 @@ def sampling_timesteps(total_steps: int, steps: int, spacing: str = "quadratic")
 @torch.inference_mode()
 def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
-                       spacing: str = "quadratic", generator: torch.Generator | None = None,
+                       spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu") -> Iterator[SampleState]:
     """Run the reverse chain over `steps` timesteps (see `sampling_timesteps`), yielding every state.
 
@@ -206,7 +217,7 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
         return torch.randn(*size, generator=generator).to(device)
 
     x = randn(batch, length, dim)
-    timesteps = sampling_timesteps(s.steps, steps, spacing)
+    timesteps = sampling_timesteps(s, steps, spacing)
     clamp_from = len(timesteps) - math.ceil(clamp_fraction * len(timesteps))
     x0_estimate = None
     ac = s.alphas_cumprod.to(device)

@@ -20,7 +20,7 @@ from dlm.runs import LoadedRun
 class SampleOptions:
     num_samples: int = 16
     steps: int = 200
-    spacing: str = "quadratic"  # which timesteps: quadratic (dense near t = 0) or uniform
+    spacing: str = "logsnr"  # which timesteps: logsnr, quadratic or uniform (see sampling_timesteps)
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
     clamp: bool = True  # Diffusion-LM's clamping trick
     clamp_fraction: float = 1.0  # clamp only during the last share of steps

@@ -113,26 +113,35 @@ def test_cosine_decoding_uses_direction_not_distance():
     assert nearest_rows(x, embedding.table()).tolist() == [0, 0]  # L2 would say otherwise
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+@pytest.mark.parametrize("spacing", ["logsnr", "quadratic", "uniform"])
 def test_timesteps_are_distinct_and_span_the_chain(spacing):
     for total, steps in [(2000, 50), (2000, 1000), (100, 99), (10, 2), (10, 1)]:
-        ts = sampling_timesteps(total, steps, spacing)
+        ts = sampling_timesteps(NoiseSchedule("sqrt", total), steps, spacing)
         assert len(ts) == steps and ts[0] == (total - 1 if steps > 1 else 0) and ts[-1] == 0
         assert all(a > b for a, b in zip(ts, ts[1:]))
-    assert sampling_timesteps(2000, 2000, spacing) == list(range(1999, -1, -1))
+    assert sampling_timesteps(NoiseSchedule("sqrt", 2000), 2000, spacing) == list(range(1999, -1, -1))
     with pytest.raises(ValueError, match="between 1 and 100"):
-        sampling_timesteps(100, 101, spacing)
+        sampling_timesteps(NoiseSchedule("sqrt", 100), 101, spacing)
 
 
-def test_quadratic_spacing_is_dense_near_the_data_end():
-    uniform = sampling_timesteps(2000, 50, "uniform")
-    quadratic = sampling_timesteps(2000, 50, "quadratic")
+def test_spacings_place_the_steps_where_they_say():
+    schedule = NoiseSchedule("sqrt", 2000)
+    uniform = sampling_timesteps(schedule, 50, "uniform")
+    quadratic = sampling_timesteps(schedule, 50, "quadratic")
+    logsnr = sampling_timesteps(schedule, 50, "logsnr")
     assert uniform[-2] == 41 and uniform[0] - uniform[1] == 41  # an even stride
     assert quadratic[-5:] == [13, 7, 3, 1, 0]  # round((T-1)(i/49)^2) for i = 4 .. 0
-    assert quadratic[0] - quadratic[1] == 81  # (T-1)(1 - (48/49)^2): wide steps where noise rules
     assert sum(t < 100 for t in quadratic) == 11 and sum(t < 100 for t in uniform) == 3
-    with pytest.raises(ValueError, match="uniform or quadratic"):
-        sampling_timesteps(2000, 50, "cosine")
+    # logsnr: consecutive steps change log(alpha_bar / (1 - alpha_bar)) by the same amount, except
+    # at both ends, where steps are whole timesteps: t = 0, 1, 2 and the last ~28 timesteps, where
+    # the clipped last beta sends the log-SNR from -6 to -15
+    alpha_bar = schedule.alphas_cumprod.double()
+    log_snr = (alpha_bar / (1 - alpha_bar)).log()
+    gaps = [float(log_snr[b] - log_snr[a]) for a, b in zip(logsnr, logsnr[1:])]
+    assert max(gaps[27:45]) < 1.2 * min(gaps[27:45])
+    assert logsnr[-3:] == [2, 1, 0] and logsnr[:3] == [1999, 1998, 1997] and sum(t < 100 for t in logsnr) == 8
+    with pytest.raises(ValueError, match="use logsnr, quadratic, uniform"):
+        sampling_timesteps(schedule, 50, "cosine")
 
 
 @pytest.mark.parametrize("eta, clamp", [(1.0, True), (0.0, False)])
@@ -193,8 +202,8 @@ def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():
     from dlm.sample import SampleOptions
 
     config = load_config(None)
-    assert SampleOptions.from_config(config).spacing == "quadratic"
+    assert SampleOptions.from_config(config).spacing == "logsnr"
     assert SampleOptions.from_config(config.replace(sample_spacing="uniform")).spacing == "uniform"
     assert SampleOptions.from_config(config, spacing="uniform").spacing == "uniform"
-    with pytest.raises(ValueError, match="spacing must be one of uniform, quadratic, got 'cosine'"):
+    with pytest.raises(ValueError, match="spacing must be one of logsnr, quadratic, uniform, got 'cosine'"):
         SampleOptions(spacing="cosine").validate(2000)
