@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--run_dir", required=True)
     sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
     sample_parser.add_argument("--num_samples", type=int, default=16)
-    sample_parser.add_argument("--steps", type=int, help="sampling steps (strided, <= T; default: the run's sample_steps)")
+    sample_parser.add_argument("--steps", type=int,
+                               help="sampling steps (<= T, placed by --spacing; default: the run's sample_steps)")
     sample_parser.add_argument("--spacing", choices=SPACINGS,
                                help="which timesteps (default: the run's sample_spacing)")
     sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned")

@@ -204,7 +204,7 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
                        device: torch.device | str = "cpu") -> Iterator[SampleState]:
     """Run the reverse chain over `steps` timesteps (see `sampling_timesteps`), yielding every state.
 
-    eta = 1 is ancestral (DDPM posterior) sampling on the strided chain, eta = 0 deterministic DDIM.
+    eta = 1 is ancestral (DDPM posterior) sampling on the shortened chain, eta = 0 deterministic DDIM.
     clamp: replace the predicted x0 by its nearest embedding row (Diffusion-LM's clamping trick),
     during the last `clamp_fraction` of the steps only.
     """
