@@ -5,8 +5,8 @@
     python benchmarks/quality.py --quick                         # tiny sizes, a minute: CI's smoke run
 
 Each arm is params/default.yaml with a few keys changed (dlm/ablation.py lists them). Every
-training recipe gets the same wall-clock seconds (--budget_s), turned into optimizer steps by
-timing its real step first; decoding-only arms reuse their recipe's run. Each arm draws
+training recipe trains for the same wall-clock seconds (--budget_s, `max_train_seconds`), its lr
+decaying over that time; decoding-only arms reuse their recipe's run. Each arm draws
 --samples sequences with the run's own sampling recipe plus its overrides, and they are scored
 by an autoregressive teacher (generative perplexity) and against held-out windows of the same
 shape. The AR baseline trained on the same budget is in the table too (its own samples at

@@ -55,7 +55,9 @@ class Config:
     # --- diffusion ---
     schedule: Literal["sqrt", "linear", "cosine"] = "sqrt"
     diffusion_steps: int = 2000
-    predict: Literal["x0", "epsilon"] = "x0"
+    # x0 or epsilon: regress the vector (Diffusion-LM); logits: classify each position through the
+    # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD)
+    predict: Literal["x0", "epsilon", "logits"] = "x0"
     rounding_weight: float = 1.0
     # clean: CE on EMB(w) and diffusion on clean x0 (the seed); noisy: x0 ~ q(x0|w) (Diffusion-LM);
     # predicted: CE on the denoiser's predicted x0 (Difformer's anchor loss), x0 ~ q(x0|w)

@@ -67,19 +67,22 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossSettings:
-    predict: str = "x0"  # what the network outputs: x0 or epsilon
+    predict: str = "x0"  # what the network outputs: x0, epsilon, or logits (through the rounding head)
     rounding_weight: float = 1.0
     rounding_target: str = "noisy"  # clean | noisy | predicted
     prior_loss: bool = True
     self_condition: float = 0.0
 
 
+PREDICTIONS = ("x0", "epsilon", "logits")
+
+
 class GaussianDiffusion:
     terms = ("total", "mse", "rounding", "prior")  # what training_losses returns, in log order
 
     def __init__(self, schedule: NoiseSchedule, settings: LossSettings):
-        if settings.predict not in ("x0", "epsilon"):
-            raise ValueError(f"predict must be x0 or epsilon, got '{settings.predict}'.")
+        if settings.predict not in PREDICTIONS:
+            raise ValueError(f"predict must be one of {', '.join(PREDICTIONS)}, got '{settings.predict}'.")
         if settings.rounding_target not in ("clean", "noisy", "predicted"):
             raise ValueError(f"rounding_target must be clean, noisy or predicted, got '{settings.rounding_target}'.")
         self.schedule = schedule
@@ -89,9 +92,14 @@ class GaussianDiffusion:
     def steps(self) -> int:
         return self.schedule.steps
 
-    def x0_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def x0_from_output(self, model, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.settings.predict == "x0":
             return output
+        if self.settings.predict == "logits":
+            # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
+            # float32 like the rest of the diffusion arithmetic.
+            with torch.autocast(output.device.type, enabled=False):
+                return torch.softmax(model.rounding(output.float()), dim=-1) @ model.embedding.table().float()
         s = self.schedule
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
@@ -127,10 +135,24 @@ class GaussianDiffusion:
             use = torch.rand((), generator=generator).item() < cfg.self_condition
             if use:
                 with torch.no_grad():
-                    x0_estimate = self.x0_from_output(model.denoise(x_t, t), x_t, t).detach()
+                    x0_estimate = self.x0_from_output(model, model.denoise(x_t, t), x_t, t).detach()
         output = model.denoise(x_t, t, x0_estimate)
-        pred_x0 = self.x0_from_output(output, x_t, t)
+        last = torch.full_like(t, s.steps - 1)
+        prior = mean_flat((s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
+        if cfg.predict == "logits":
+            # CDCD's categorical reparameterisation: the denoiser classifies every position and is
+            # trained by cross-entropy alone; its x0 is the softmax-weighted embedding. The MSE of
+            # that x0 is reported, not trained (it needs the (B, L, V) logits).
+            rounding = model.rounding.loss(output, ids)
+            with torch.no_grad():
+                mse = mean_flat((self.x0_from_output(model, output, x_t, t) - x0) ** 2).mean()
+            total = rounding
+            if cfg.prior_loss:
+                total = total + prior
+            return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
+
+        pred_x0 = self.x0_from_output(model, output, x_t, t)
         target = x0 if cfg.predict == "x0" else noise
         mse = mean_flat((output - target) ** 2)
         t0_mse = mean_flat((pred_x0 - emb) ** 2)
@@ -139,9 +161,6 @@ class GaussianDiffusion:
         rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
         # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
         rounding = model.rounding.loss(rounding_input, ids)
-
-        last = torch.full_like(t, s.steps - 1)
-        prior = mean_flat((s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
         total = mse + cfg.rounding_weight * rounding
         if cfg.prior_loss:
@@ -224,7 +243,7 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
     for index, t in enumerate(timesteps):
         t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
         output = model.denoise(x, t_batch, x0_estimate)
-        pred_x0 = diffusion.x0_from_output(output, x, t_batch)
+        pred_x0 = diffusion.x0_from_output(model, output, x, t_batch)
         if clamp and index >= clamp_from:
             pred_x0 = table[nearest_rows(pred_x0, table)]
         x0_estimate = pred_x0 if model.self_conditioned else None

@@ -8,6 +8,7 @@ from dlm.config import load_config
 from dlm.diffusion import (
     NoiseSchedule,
     q_sample,
+    sample,
     sample_progressive,
     sampling_timesteps,
 )
@@ -87,6 +88,34 @@ def test_an_oracle_denoiser_has_zero_mse(predict, monkeypatch):
 
     monkeypatch.setattr(model, "denoise", oracle)
     assert diffusion.training_losses(model, ids)["mse"].item() < 1e-8
+
+
+def test_logits_prediction_is_cross_entropy_and_a_softmax_weighted_x0(monkeypatch):
+    model, diffusion = toy(predict="logits", rounding_target="noisy", embedding_norm="l2")
+    ids = torch.randint(0, 11, (4, 6))
+    output = torch.randn(4, 6, 8)
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None: output)
+    losses = diffusion.training_losses(model, ids)
+    expected_ce = F.cross_entropy(model.rounding(output).reshape(-1, 11), ids.reshape(-1))
+    assert losses["rounding"].item() == pytest.approx(expected_ce.item(), rel=1e-5)
+    assert losses["total"].item() == pytest.approx((losses["rounding"] + losses["prior"]).item(), rel=1e-6)
+    # x0 is the expected row under the rounding softmax: a confident logit gives the row itself
+    t = torch.zeros(4, dtype=torch.long)
+    x0 = diffusion.x0_from_output(model, output, output, t)
+    probs = torch.softmax(model.rounding(output), -1)
+    assert torch.allclose(x0, probs @ model.embedding.table(), atol=1e-5)
+    table = model.embedding.table().detach()
+    sharp = table[ids] * 50.0  # equal-norm rows: x @ E^T peaks at the row itself
+    assert torch.allclose(diffusion.x0_from_output(model, sharp, sharp, t), table[ids], atol=1e-3)
+
+
+def test_logits_prediction_trains_the_denoiser_and_samples():
+    model, diffusion = toy(predict="logits", rounding_target="noisy")
+    ids = torch.randint(0, 11, (4, 6))
+    diffusion.training_losses(model, ids)["total"].backward()
+    assert model.denoiser.out_proj.weight.grad.abs().sum() > 0
+    x = sample(model, diffusion, (2, 6), steps=10, clamp=False, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 6, 8) and torch.isfinite(x).all()
 
 
 def test_rounding_target_decides_what_the_cross_entropy_trains():
