@@ -64,6 +64,9 @@ class Config:
     rounding_target: Literal["clean", "noisy", "predicted"] = "noisy"
     prior_loss: bool = True  # the tT term that keeps embedding norms from growing
     self_condition: float = 0.0  # share of batches trained with self-conditioning (0 = off)
+    # AR-Diffusion (Wu et al. 2023): position i runs the chain late by left_to_right * i / (L - 1)
+    # of it, in training and sampling, so words are settled left to right. 0: Diffusion-LM
+    left_to_right: float = 0.0
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = 200  # reverse steps (<= diffusion_steps)
@@ -215,6 +218,10 @@ def validate(config: Config) -> None:
         raise ConfigError("'embedding_scale' only applies to a normalised table: set embedding_norm to l2 or layernorm.")
     if not 0.0 <= config.self_condition <= 1.0:
         raise ConfigError("'self_condition' is a share of batches: a number from 0 to 1.")
+    if config.left_to_right < 0:
+        raise ConfigError("'left_to_right' is a delay (a share of the chain per sequence length): 0 or more.")
+    if config.left_to_right > 0 and config.sample_steps < 2:
+        raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
     if not 1 <= config.sample_steps <= config.diffusion_steps:
         raise ConfigError(f"'sample_steps' must be between 1 and diffusion_steps ({config.diffusion_steps}).")
     if not 0.0 <= config.clamp_fraction <= 1.0:

@@ -50,9 +50,9 @@ class NoiseSchedule:
         return float(self.sqrt_one_minus_alphas_cumprod[0])
 
     def at(self, values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Gather per-timestep values for a batch of t and broadcast to `ndim` dims."""
+        """Gather per-timestep values for t, (B,) or per position (B, L), broadcast to `ndim` dims."""
         out = values.to(t.device)[t]
-        return out.view(-1, *([1] * (ndim - 1)))
+        return out.view(*t.shape, *([1] * (ndim - t.ndim)))
 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,23 @@ class LossSettings:
     rounding_target: str = "noisy"  # clean | noisy | predicted
     prior_loss: bool = True
     self_condition: float = 0.0
+    left_to_right: float = 0.0  # AR-Diffusion's per-position delay (see position_timesteps)
 
 
 PREDICTIONS = ("x0", "epsilon", "logits")
+
+
+def position_timesteps(schedule: NoiseSchedule, progress: torch.Tensor, length: int, skew: float) -> torch.Tensor:
+    """Per-position timesteps (..., L) at chain progress in [0, 1] (0: pure noise, 1: clean).
+
+    AR-Diffusion (Wu et al. 2023): position i runs the chain late by skew * i / (L - 1) of it, so
+    at any moment the words to its left are less noisy than it is, and generation sweeps from
+    left to right. Each position's noise fraction is clip(1 - (1 + skew) progress + skew i/(L-1)),
+    linear in t; skew = 0 puts every position at (T - 1)(1 - progress).
+    """
+    place = torch.arange(length, dtype=torch.float64) / max(length - 1, 1)
+    fraction = 1 - (1 + skew) * progress.double()[..., None] + skew * place
+    return torch.round(fraction.clamp(0, 1) * (schedule.steps - 1)).long()
 
 
 class GaussianDiffusion:
@@ -123,8 +137,11 @@ class GaussianDiffusion:
             x0 = emb  # the seed: diffuse the clean embeddings themselves
         else:
             x0 = emb + s.sigma0 * randn_like(emb)  # x0 ~ q(x0 | w)
-        t_cpu = torch.randint(0, s.steps, (batch,), generator=generator)
-        t = t_cpu.to(device)
+        if cfg.left_to_right > 0:
+            progress = torch.rand((batch,), generator=generator)
+            t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
+        else:
+            t = torch.randint(0, s.steps, (batch,), generator=generator).to(device)
         noise = randn_like(x0)
         x_t = q_sample(s, x0, t, noise)
 
@@ -154,9 +171,10 @@ class GaussianDiffusion:
 
         pred_x0 = self.x0_from_output(model, output, x_t, t)
         target = x0 if cfg.predict == "x0" else noise
-        mse = mean_flat((output - target) ** 2)
-        t0_mse = mean_flat((pred_x0 - emb) ** 2)
-        mse = torch.where(t == 0, t0_mse, mse).mean()
+        # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
+        # scored against EMB(w) itself.
+        t_per_position = t if t.ndim == 2 else t[:, None]
+        mse = torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1), ((output - target) ** 2).mean(-1)).mean()
 
         rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
         # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
@@ -216,16 +234,35 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logs
     return ts[::-1].tolist()
 
 
+def chain_timesteps(diffusion: GaussianDiffusion, steps: int, length: int, spacing: str = "logsnr") -> torch.Tensor:
+    """The reverse chain's timesteps per step and position, (steps, L), from T-1 to 0.
+
+    Every position shares `sampling_timesteps` unless the run was trained left to right; then
+    the chain's progress runs evenly from 0 to 1 and `position_timesteps` spreads it over the
+    positions (the spacing does not apply: its t is linear, as in training).
+    """
+    schedule, skew = diffusion.schedule, diffusion.settings.left_to_right
+    if skew > 0:
+        if steps < 2:
+            raise ValueError("A left-to-right chain needs at least 2 sampling steps.")
+        return position_timesteps(schedule, torch.linspace(0, 1, steps), length, skew)
+    return torch.tensor(sampling_timesteps(schedule, steps, spacing))[:, None].expand(steps, length)
+
+
 @torch.inference_mode()
 def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
-                       device: torch.device | str = "cpu") -> Iterator[SampleState]:
-    """Run the reverse chain over `steps` timesteps (see `sampling_timesteps`), yielding every state.
+                       device: torch.device | str = "cpu", start: torch.Tensor | None = None,
+                       start_t: int | None = None) -> Iterator[SampleState]:
+    """Run the reverse chain over `steps` steps (see `chain_timesteps`), yielding every state.
 
     eta = 1 is ancestral (DDPM posterior) sampling on the shortened chain, eta = 0 deterministic DDIM.
     clamp: replace the predicted x0 by its nearest embedding row (Diffusion-LM's clamping trick),
-    during the last `clamp_fraction` of the steps only.
+    during the last `clamp_fraction` of the steps only. A position whose timestep does not change
+    in a step (a left-to-right chain's clean or not-yet-started positions) keeps its x.
+    start, start_t: begin from this x_t (B, L, d) at timestep start_t instead of pure noise,
+    running only the chain's steps at or below start_t (SDEdit; `dlm.probe` uses it).
     """
     s = diffusion.schedule
     batch, length = shape
@@ -236,12 +273,19 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
         return torch.randn(*size, generator=generator).to(device)
 
     x = randn(batch, length, dim)
-    timesteps = sampling_timesteps(s, steps, spacing)
+    timesteps = chain_timesteps(diffusion, steps, length, spacing).to(device)
+    if start is not None:
+        if diffusion.settings.left_to_right > 0:
+            raise ValueError("A chain from a given x_t needs one timestep for every position (left_to_right 0).")
+        timesteps = torch.cat([torch.full_like(timesteps[:1], start_t), timesteps[timesteps[:, 0] < start_t]])
+        x = start.to(device)
     clamp_from = len(timesteps) - math.ceil(clamp_fraction * len(timesteps))
     x0_estimate = None
     ac = s.alphas_cumprod.to(device)
-    for index, t in enumerate(timesteps):
-        t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
+    for index, t_row in enumerate(timesteps):
+        shared = bool((t_row == t_row[0]).all())
+        # One timestep per sequence when the positions share it (the time MLP runs once per row).
+        t_batch = t_row[:1].expand(batch) if shared else t_row.expand(batch, length)
         output = model.denoise(x, t_batch, x0_estimate)
         pred_x0 = diffusion.x0_from_output(model, output, x, t_batch)
         if clamp and index >= clamp_from:
@@ -250,13 +294,13 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
         if index == len(timesteps) - 1:
             x = pred_x0  # the last step returns the clean estimate itself
         else:
-            a_t, a_s = ac[t], ac[timesteps[index + 1]]
+            a_t, a_s = ac[t_row][:, None], ac[timesteps[index + 1]][:, None]  # (L, 1)
             eps = (x - a_t.sqrt() * pred_x0) / (1 - a_t).sqrt()
             sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp_min(0).sqrt()
             x = a_s.sqrt() * pred_x0 + (1 - a_s - sigma**2).clamp_min(0).sqrt() * eps
             if eta > 0:
                 x = x + sigma * randn(batch, length, dim)
-        yield SampleState(index, t, x, pred_x0)
+        yield SampleState(index, int(t_row.max()), x, pred_x0)
 
 
 def sample(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int, **options) -> torch.Tensor:

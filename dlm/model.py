@@ -121,7 +121,9 @@ class TinyTransformer(nn.Module):
         length = x.shape[1]
         h = self.in_proj(x) + self.positions[:length]  # (B, L, W)
         if self.time_mlp is not None:
-            h = h + self.time_mlp(timestep_embedding(t, self.width))[:, None, :]
+            # t is one timestep per sequence (B,) or one per position (B, L) (left-to-right chains)
+            time = self.time_mlp(timestep_embedding(t.reshape(-1), self.width))
+            h = h + (time[:, None, :] if t.ndim == 1 else time.view(*t.shape, -1))
         h = self.drop(h)
         for block in self.blocks:
             h = block(h)

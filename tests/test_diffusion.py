@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from dlm.config import load_config
 from dlm.diffusion import (
     NoiseSchedule,
+    chain_timesteps,
+    position_timesteps,
     q_sample,
     sample,
     sample_progressive,
@@ -116,6 +118,44 @@ def test_logits_prediction_trains_the_denoiser_and_samples():
     assert model.denoiser.out_proj.weight.grad.abs().sum() > 0
     x = sample(model, diffusion, (2, 6), steps=10, clamp=False, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 6, 8) and torch.isfinite(x).all()
+
+
+def test_left_to_right_timesteps_lag_along_the_sequence():
+    schedule = NoiseSchedule("sqrt", 2000)
+    progress = torch.linspace(0, 1, 101)
+    t = position_timesteps(schedule, progress, 8, skew=1.0)  # (101, 8)
+    assert (t[0] == 1999).all() and (t[-1] == 0).all()
+    assert (t[:, 1:] >= t[:, :-1]).all()  # words to the left are never noisier
+    assert (t[1:] <= t[:-1]).all()  # and every position only ever gets cleaner
+    assert t[50, 0] == 0 and t[50, -1] == 1999  # halfway: the first word is done, the last not begun
+    plain = position_timesteps(schedule, progress, 8, skew=0.0)
+    assert (plain == plain[:, :1]).all()  # no skew: the positions share the timestep
+
+
+def test_left_to_right_training_and_sampling(monkeypatch):
+    model, diffusion = toy(rounding_target="predicted", left_to_right=1.0)
+    ids = torch.randint(0, 11, (4, 6))
+    seen = []
+    denoise = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None: seen.append(t) or denoise(x_t, t, x0_estimate))
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+    assert seen[0].shape == (4, 6) and torch.isfinite(losses["total"])
+    losses["total"].backward()
+    # per-position time conditioning: a constant row means the same as one timestep per sequence
+    t_row = torch.full((2,), 7)
+    x = torch.randn(2, 6, 8)
+    assert torch.allclose(denoise(x, t_row), denoise(x, t_row[:, None].expand(2, 6)), atol=1e-5)
+
+    table = chain_timesteps(diffusion, 20, 6)
+    assert table.shape == (20, 6) and (table[0] == 49).all() and (table[-1] == 0).all()
+    states = list(sample_progressive(model, diffusion, (3, 6), 20, clamp=False,
+                                     generator=torch.Generator().manual_seed(0)))
+    first, second = states[0].x, states[1].x
+    waiting = table[2] == table[1]  # positions whose chain has not begun keep their x
+    assert waiting.any() and torch.allclose(first[:, waiting], second[:, waiting], atol=1e-5)
+    assert not torch.allclose(first[:, ~waiting], second[:, ~waiting])
+    with pytest.raises(ValueError, match="at least 2"):
+        chain_timesteps(diffusion, 1, 6)
 
 
 def test_rounding_target_decides_what_the_cross_entropy_trains():

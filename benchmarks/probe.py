@@ -1,0 +1,58 @@
+"""Where a run's samples go wrong: the denoiser's one-step accuracy by noise level, and how many
+held-out words the reverse chain keeps when started from them (dlm/probe.py).
+
+    python benchmarks/probe.py runs/default runs/default_10x      # prints and writes probe.md
+    python benchmarks/probe.py runs/default --windows 128 --start_t 400,1000
+
+Writes --out/probe.md (default benchmarks/results/) with one table of each kind per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dlm.probe import chain_retention, denoising_accuracy, heldout_ids
+from dlm.runs import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (diffusion runs)")
+    parser.add_argument("--windows", type=int, default=64, help="held-out windows probed")
+    parser.add_argument("--start_t", default="400,1000,1400", help="timesteps the chain starts from")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where probe.md goes")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sections = []
+    for run_dir in args.runs:
+        run = load_run(run_dir)
+        ids = heldout_ids(run, args.windows)
+        accuracy = denoising_accuracy(run, ids)
+        sections.append(f"## {run_dir} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
+                        f"windows:\n\n{accuracy.to_markdown(index=False, floatfmt='.3f')}\n")
+        if run.config.left_to_right == 0:
+            rows = [{k: v for k, v in chain_retention(run, ids, int(t), clamp=clamp).items() if k != "final_ids"}
+                    for t in args.start_t.split(",") for clamp in (False, True)]
+            sections.append(f"The run's reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
+                            f"from held-out x_t:\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3f')}\n")
+        print(sections[-1] if run.config.left_to_right else sections[-2] + "\n" + sections[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.md").write_text("\n".join(sections), encoding="utf-8")
+    print(f"wrote {out / 'probe.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Probes of a trained denoiser on held-out text, to see where samples go wrong.
+
+`denoising_accuracy`: noise held-out windows to timestep t and ask the denoiser for x0 once: how
+often its rounding picks the right word, against picking the row nearest to the noisy vector
+itself (no context). The gap is what the model reads from context; the t where the two meet is
+where words stop being chosen. `chain_retention`: noise held-out windows to t and run the reverse
+chain from there: how many words survive. A sampler that loses words the denoiser knew adds
+errors of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from dlm.analysis import run_data
+from dlm.data import fixed_windows
+from dlm.diffusion import q_sample, sample_progressive
+from dlm.embeddings import nearest_rows
+from dlm.runs import LoadedRun
+
+PROBE_TIMESTEPS = (0, 50, 200, 400, 700, 1000, 1400, 1800, 1999)  # for T = 2000; scaled otherwise
+
+
+def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
+    """`count` validation windows spread over the whole split, (count, seq_len)."""
+    windows = fixed_windows(run_data(run).val_ids, run.config.seq_len)
+    if len(windows) < count:
+        raise ValueError(f"The validation split has {len(windows)} windows; asked for {count}.")
+    return windows[torch.linspace(0, len(windows) - 1, count).long()]
+
+
+def probe_timesteps(total_steps: int) -> list[int]:
+    return sorted({min(total_steps - 1, round(t * total_steps / 2000)) for t in PROBE_TIMESTEPS})
+
+
+def noised(run: LoadedRun, ids: torch.Tensor, t: int, generator: torch.Generator) -> torch.Tensor:
+    """x_t ~ q(x_t | EMB(w)) for every window, all positions at timestep t."""
+    emb = run.model.embedding(ids)
+    noise = torch.randn(emb.shape, generator=generator)
+    return q_sample(run.diffusion.schedule, emb, torch.full((ids.shape[0],), t), noise)
+
+
+@torch.inference_mode()
+def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[int] | None = None,
+                       seed: int = 0) -> pd.DataFrame:
+    """One row per timestep: log-SNR, the denoiser's cross-entropy and accuracy on the words of
+    `ids` from x_t in one step, and the accuracy of the row nearest to x_t / sqrt(alpha_bar)."""
+    model, diffusion = run.model, run.diffusion
+    schedule = diffusion.schedule
+    generator = torch.Generator().manual_seed(seed)
+    table = model.embedding.table()
+    rows = []
+    for t in timesteps or probe_timesteps(schedule.steps):
+        x_t = noised(run, ids, t, generator)
+        t_batch = torch.full((ids.shape[0],), t)
+        pred_x0 = diffusion.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)
+        logits = model.rounding(pred_x0)
+        alpha_bar = float(schedule.alphas_cumprod[t])
+        own = nearest_rows(x_t / math.sqrt(alpha_bar), table)
+        rows.append({"t": t, "log_snr": math.log(alpha_bar / (1 - alpha_bar)),
+                     "cross_entropy": F.cross_entropy(logits.flatten(0, 1), ids.flatten()).item(),
+                     "accuracy": (logits.argmax(-1) == ids).float().mean().item(),
+                     "own_vector_accuracy": (own == ids).float().mean().item()})
+    return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int | None = None,
+                    clamp: bool = False, seed: int = 0) -> dict:
+    """Noise `ids` to start_t, run the run's reverse chain (its `steps`, spacing and eta) from
+    there, and report the share of words the denoiser got right in its first step and the share
+    the chain's final argmax keeps."""
+    config, model = run.config, run.model
+    generator = torch.Generator().manual_seed(seed)
+    x_t = noised(run, ids, start_t, generator)
+    states = sample_progressive(model, run.diffusion, tuple(ids.shape), steps or config.sample_steps,
+                                eta=config.sample_eta, clamp=clamp, spacing=config.sample_spacing,
+                                generator=generator, start=x_t, start_t=start_t)
+    first = next(states)
+    first_ids = model.rounding(first.pred_x0).argmax(-1)
+    remaining = collections.deque(states, maxlen=1)
+    last = remaining[0] if remaining else first
+    final_ids = model.rounding(last.x).argmax(-1)
+    return {"start_t": start_t, "chain_steps": last.index + 1, "clamp": clamp,
+            "first_step_accuracy": (first_ids == ids).float().mean().item(),
+            "kept": (final_ids == ids).float().mean().item(), "final_ids": final_ids}

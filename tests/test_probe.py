@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from dlm import probe
+from dlm.diffusion import sampling_timesteps
+from dlm.runs import load_run
+from dlm.train import train
+
+
+@pytest.fixture
+def run(smoke_config, tmp_path):
+    train(smoke_config.replace(epochs=3, threads=1, embedding_norm="l2"), tmp_path / "run")
+    return load_run(tmp_path / "run")
+
+
+def test_denoising_accuracy_falls_with_noise(run):
+    ids = probe.heldout_ids(run, 8)
+    assert ids.shape == (8, run.config.seq_len)
+    table = probe.denoising_accuracy(run, ids)
+    assert list(table["t"]) == probe.probe_timesteps(100) and table["t"].iloc[-1] == 99
+    assert table["log_snr"].is_monotonic_decreasing
+    first, last = table.iloc[0], table.iloc[-1]
+    assert first["own_vector_accuracy"] == 1.0  # at t = 0 every vector is nearest its own row
+    assert last["own_vector_accuracy"] < 0.5 and 0 <= last["accuracy"] <= 1 and last["cross_entropy"] > 0
+    with pytest.raises(ValueError, match="windows"):
+        probe.heldout_ids(run, 10**6)
+
+
+def test_chain_retention_runs_the_chain_from_the_start_timestep(run):
+    ids = probe.heldout_ids(run, 8)
+    one = probe.chain_retention(run, ids, start_t=0)
+    assert one["chain_steps"] == 1 and one["kept"] == one["first_step_accuracy"]
+    middle = probe.chain_retention(run, ids, start_t=50, clamp=True)
+    below = [t for t in sampling_timesteps(run.diffusion.schedule, run.config.sample_steps, run.config.sample_spacing) if t < 50]
+    assert middle["chain_steps"] == 1 + len(below)
+    assert middle["final_ids"].shape == ids.shape and 0 <= middle["kept"] <= 1
+
+
+def test_chain_retention_needs_a_shared_timestep(smoke_config, tmp_path):
+    train(smoke_config.replace(epochs=1, threads=1, left_to_right=1.0), tmp_path / "l2r")
+    l2r = load_run(tmp_path / "l2r")
+    with pytest.raises(ValueError, match="left_to_right"):
+        probe.chain_retention(l2r, probe.heldout_ids(l2r, 2), start_t=10)
+
+
+def test_a_chain_started_at_t0_is_one_clamped_step(run):
+    ids = probe.heldout_ids(run, 2)
+    emb = run.model.embedding(ids).detach()
+    states = list(probe.sample_progressive(run.model, run.diffusion, tuple(ids.shape), 20, clamp=True,
+                                           start=emb, start_t=0))
+    assert len(states) == 1 and states[0].t == 0  # one step, at t = 0, and clamped onto rows
+    table = run.model.embedding.table().detach()
+    assert torch.equal(states[0].x, table[probe.nearest_rows(states[0].x, table)])
+
+
+def test_probe_benchmark_writes_both_tables(run, tmp_path, capsys):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("probe_benchmark", ROOT / "benchmarks" / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_dir = str(run.checkpoint.parents[1])
+    assert module.main([run_dir, "--windows", "4", "--start_t", "20", "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "probe.md").read_text()
+    assert "own_vector_accuracy" in text and "first_step_accuracy" in text and f"## {run_dir}" in text
+    assert "kept" in capsys.readouterr().out
