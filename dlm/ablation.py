@@ -51,6 +51,8 @@ ARMS = [
     Arm("rounding on noisy", "rounding target", {"rounding_target": "noisy"}),
     Arm("predict epsilon", "parameterisation", {"predict": "epsilon"}),
     Arm("predict logits (CDCD)", "parameterisation", {"predict": "logits"}),
+    Arm("left to right, delay 1", "generation order", {"left_to_right": 1.0}),
+    Arm("left to right, delay 4", "generation order", {"left_to_right": 4.0}),
     Arm("no embedding norm", "embedding geometry", {"embedding_norm": "none", "embedding_lr_scale": 1.0}),
     Arm("layernorm embeddings", "embedding geometry", {"embedding_norm": "layernorm"}),
     Arm("weight decay on table", "embedding geometry", {"weight_decay": 0.01, "weight_decay_scope": "matrices+embeddings"}),
