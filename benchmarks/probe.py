@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(run_dir)
         ids = heldout_ids(run, args.windows)
         accuracy = denoising_accuracy(run, ids)
-        sections.append(f"## {run_dir} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
-                        f"windows:\n\n{accuracy.to_markdown(index=False, floatfmt='.3f')}\n")
-        if run.config.left_to_right == 0:
+        section = (f"## {run_dir} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
+                   f"windows:\n\n{accuracy.to_markdown(index=False, floatfmt='.3f')}\n")
+        if run.config.left_to_right == 0:  # a chain from x_t needs one timestep for every position
             rows = [{k: v for k, v in chain_retention(run, ids, int(t), clamp=clamp).items() if k != "final_ids"}
                     for t in args.start_t.split(",") for clamp in (False, True)]
-            sections.append(f"The run's reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
-                            f"from held-out x_t:\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3f')}\n")
-        print(sections[-1] if run.config.left_to_right else sections[-2] + "\n" + sections[-1], flush=True)
+            section += (f"\nThe run's reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
+                        f"from held-out x_t:\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3f')}\n")
+        sections.append(section)
+        print(section, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.md").write_text("\n".join(sections), encoding="utf-8")

@@ -165,22 +165,18 @@ class GaussianDiffusion:
             with torch.no_grad():
                 mse = mean_flat((self.x0_from_output(model, output, x_t, t) - x0) ** 2).mean()
             total = rounding
-            if cfg.prior_loss:
-                total = total + prior
-            return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
-
-        pred_x0 = self.x0_from_output(model, output, x_t, t)
-        target = x0 if cfg.predict == "x0" else noise
-        # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
-        # scored against EMB(w) itself.
-        t_per_position = t if t.ndim == 2 else t[:, None]
-        mse = torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1), ((output - target) ** 2).mean(-1)).mean()
-
-        rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
-        # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
-        rounding = model.rounding.loss(rounding_input, ids)
-
-        total = mse + cfg.rounding_weight * rounding
+        else:
+            pred_x0 = self.x0_from_output(model, output, x_t, t)
+            target = x0 if cfg.predict == "x0" else noise
+            # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
+            # scored against EMB(w) itself.
+            t_per_position = t if t.ndim == 2 else t[:, None]
+            mse = torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
+                              ((output - target) ** 2).mean(-1)).mean()
+            rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
+            # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
+            rounding = model.rounding.loss(rounding_input, ids)
+            total = mse + cfg.rounding_weight * rounding
         if cfg.prior_loss:
             total = total + prior
         return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
