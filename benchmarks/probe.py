@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def markdown(table: pd.DataFrame) -> str:
+    # tabulate reads the frame as one float array, so integer columns need their own format
+    formats = [".0f" if pd.api.types.is_integer_dtype(dtype) else ".3f" for dtype in table.dtypes]
+    return table.to_markdown(index=False, floatfmt=formats)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -40,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         ids = heldout_ids(run, args.windows)
         accuracy = denoising_accuracy(run, ids)
         section = (f"## {run_dir} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
-                   f"windows:\n\n{accuracy.to_markdown(index=False, floatfmt='.3f')}\n")
+                   f"windows:\n\n{markdown(accuracy)}\n")
         if run.config.left_to_right == 0:  # a chain from x_t needs one timestep for every position
             rows = [{k: v for k, v in chain_retention(run, ids, int(t), clamp=clamp).items() if k != "final_ids"}
                     for t in args.start_t.split(",") for clamp in (False, True)]
             section += (f"\nThe run's reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
-                        f"from held-out x_t:\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.3f')}\n")
+                        f"from held-out x_t:\n\n{markdown(pd.DataFrame(rows))}\n")
         sections.append(section)
         print(section, flush=True)
     out = Path(args.out)

@@ -61,6 +61,7 @@ ARMS = [
     Arm("embed_dim 128", "embed_dim", {"embed_dim": 128}),
     Arm("cosine schedule", "noise", {"schedule": "cosine"}),
     Arm("embedding scale 0.5", "noise", {"embedding_scale": 0.5}),
+    Arm("time warping", "noise", {"time_warp": True}),
     Arm("2x training", "training length", budget_factor=2.0),
 ]
 

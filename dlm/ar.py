@@ -63,7 +63,8 @@ class NextTokenObjective:
     terms = ("total", "nll")
 
     def training_losses(self, model: AutoregressiveLM, ids: torch.Tensor,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None, uniform_t: bool = False) -> dict[str, torch.Tensor]:
+        # generator and uniform_t: the diffusion loss's signature (no noise, no timesteps here)
         return model.losses(ids)
 
 

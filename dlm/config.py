@@ -67,6 +67,9 @@ class Config:
     # AR-Diffusion (Wu et al. 2023): position i runs the chain late by left_to_right * i / (L - 1)
     # of it, in training and sampling, so words are settled left to right. 0: Diffusion-LM
     left_to_right: float = 0.0
+    # CDCD-style time warping: draw training timesteps with density following the rise of the
+    # measured word cross-entropy over t (where words are being chosen), not uniformly
+    time_warp: bool = False
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = 200  # reverse steps (<= diffusion_steps)
@@ -220,6 +223,9 @@ def validate(config: Config) -> None:
         raise ConfigError("'self_condition' is a share of batches: a number from 0 to 1.")
     if config.left_to_right < 0:
         raise ConfigError("'left_to_right' is a delay (a share of the chain per sequence length): 0 or more.")
+    if config.left_to_right > 0 and config.time_warp:
+        raise ConfigError("'time_warp' draws one timestep per sequence and 'left_to_right' one per position: "
+                          "use one of them.")
     if config.left_to_right > 0 and config.sample_steps < 2:
         raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
     if not 1 <= config.sample_steps <= config.diffusion_steps:

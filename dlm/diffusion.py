@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dlm.embeddings import nearest_rows
 
@@ -73,6 +74,7 @@ class LossSettings:
     prior_loss: bool = True
     self_condition: float = 0.0
     left_to_right: float = 0.0  # AR-Diffusion's per-position delay (see position_timesteps)
+    time_warp: bool = False  # draw training timesteps where the words' cross-entropy rises (TimeWarp)
 
 
 PREDICTIONS = ("x0", "epsilon", "logits")
@@ -91,6 +93,65 @@ def position_timesteps(schedule: NoiseSchedule, progress: torch.Tensor, length: 
     return torch.round(fraction.clamp(0, 1) * (schedule.steps - 1)).long()
 
 
+class TimeWarp:
+    """CDCD-style time warping (Dieleman et al. 2022): draw training timesteps where the loss is
+    still changing with t instead of uniformly.
+
+    CDCD learns a monotone map from uniform u to t so that the cross-entropy is linear in u: t then
+    has density proportional to dCE/dt. Here that curve is measured, not learned: an exponential
+    moving average of each sequence's word cross-entropy (`word_loss_per_sequence`) in `bins`
+    equal bins of t, made monotone. Below the band where words are chosen it is near zero and
+    flat; at pure noise the prediction is the mean embedding and it flattens again; both ends get
+    few draws. A `uniform` share of the draws stays uniform, so every bin keeps being measured.
+    (The x0 MSE would be the cheaper signal, but it rises evenly over all t and warps nothing.)
+    """
+
+    def __init__(self, steps: int, bins: int = 40, uniform: float = 0.2, decay: float = 0.98):
+        bins = min(bins, steps)  # so that no bin is empty
+        self.steps, self.bins, self.uniform, self.decay = steps, bins, uniform, decay
+        self.error = torch.zeros(bins, dtype=torch.float64)
+        self.seen = torch.zeros(bins, dtype=torch.bool)
+
+    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.div(t.cpu() * self.bins, self.steps, rounding_mode="floor")
+
+    def density(self) -> torch.Tensor:
+        """Probability of each bin: uniform until every bin has been measured."""
+        even = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float64)
+        if not self.seen.all():
+            return even
+        curve = torch.cummax(self.error, dim=0).values
+        rise = torch.diff(curve, prepend=curve.new_zeros(1))
+        if rise.sum() <= 0:
+            return even
+        return self.uniform * even + (1 - self.uniform) * rise / rise.sum()
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        chosen = torch.multinomial(self.density(), batch, replacement=True, generator=generator)
+        # bin k holds the t with floor(t * bins / steps) = k: from ceil(k steps / bins) on
+        low = -torch.div(-chosen * self.steps, self.bins, rounding_mode="floor")
+        high = -torch.div(-(chosen + 1) * self.steps, self.bins, rounding_mode="floor")
+        return low + (torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low)).long()
+
+    def update(self, t: torch.Tensor, error: torch.Tensor) -> None:
+        """Fold a batch's per-sequence losses (B,) at timesteps t (B,) into the curve."""
+        bins, error = self.bin_of(t), error.detach().double().cpu()
+        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, error)
+        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(error))
+        hit = count > 0
+        mean = total[hit] / count[hit]
+        self.error[hit] = torch.where(self.seen[hit], self.decay * self.error[hit] + (1 - self.decay) * mean, mean)
+        self.seen |= hit
+
+    def state_dict(self) -> dict:
+        return {"error": self.error.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["error"].shape != self.error.shape:
+            raise ValueError(f"time warp has {len(state['error'])} bins, expected {self.bins}")
+        self.error, self.seen = state["error"].clone().double(), state["seen"].clone().bool()
+
+
 class GaussianDiffusion:
     terms = ("total", "mse", "rounding", "prior")  # what training_losses returns, in log order
 
@@ -99,8 +160,11 @@ class GaussianDiffusion:
             raise ValueError(f"predict must be one of {', '.join(PREDICTIONS)}, got '{settings.predict}'.")
         if settings.rounding_target not in ("clean", "noisy", "predicted"):
             raise ValueError(f"rounding_target must be clean, noisy or predicted, got '{settings.rounding_target}'.")
+        if settings.time_warp and settings.left_to_right > 0:
+            raise ValueError("time_warp draws one timestep per sequence; it cannot be combined with left_to_right.")
         self.schedule = schedule
         self.settings = settings
+        self.time_warp = TimeWarp(schedule.steps) if settings.time_warp else None
 
     @property
     def steps(self) -> int:
@@ -118,8 +182,21 @@ class GaussianDiffusion:
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
 
-    def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def word_loss_per_sequence(self, model, decoded: torch.Tensor, ids: torch.Tensor, positions: int = 4) -> torch.Tensor:
+        """The rounding decoder's cross-entropy on `positions` evenly spread positions of each
+        sequence, (B,): how well the words are known at each sequence's t (the time warp's signal;
+        a few positions keep the (B, positions, V) logits small)."""
+        picked = torch.linspace(0, ids.shape[1] - 1, min(positions, ids.shape[1])).round().long().to(ids.device)
+        logits = model.rounding(decoded[:, picked].detach()).float()
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, picked], reduction="none").mean(1)
+
+    def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None,
+                        uniform_t: bool = False) -> dict[str, torch.Tensor]:
         """The one loss. Returns every term (scalars): mse, rounding, prior, total.
+
+        Timesteps are uniform, or drawn and measured by the time warp when the run has one and
+        uniform_t is False (validation passes True, so its losses compare across runs).
 
         mse: ||f(x_t, t) - target||^2 with target x0 (or epsilon), and at t = 0 the predicted x0
         against EMB(w); rounding: CE of the rounding decoder on the configured x0; prior (tT):
@@ -140,6 +217,8 @@ class GaussianDiffusion:
         if cfg.left_to_right > 0:
             progress = torch.rand((batch,), generator=generator)
             t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
+        elif self.time_warp is not None and not uniform_t:
+            t = self.time_warp.sample(batch, generator).to(device)
         else:
             t = torch.randint(0, s.steps, (batch,), generator=generator).to(device)
         noise = randn_like(x0)
@@ -177,6 +256,10 @@ class GaussianDiffusion:
             # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
             rounding = model.rounding.loss(rounding_input, ids)
             total = mse + cfg.rounding_weight * rounding
+        if self.time_warp is not None and not uniform_t:
+            decoded = output if cfg.predict == "logits" else pred_x0
+            # reads the losses on the CPU: one sync per step on CUDA
+            self.time_warp.update(t, self.word_loss_per_sequence(model, decoded, ids))
         if cfg.prior_loss:
             total = total + prior
         return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}

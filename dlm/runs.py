@@ -53,7 +53,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def build_diffusion(config: Config) -> GaussianDiffusion:
     settings = LossSettings(config.predict, config.rounding_weight, config.rounding_target,
-                            config.prior_loss, config.self_condition, config.left_to_right)
+                            config.prior_loss, config.self_condition, config.left_to_right,
+                            config.time_warp)
     return GaussianDiffusion(NoiseSchedule(config.schedule, config.diffusion_steps), settings)
 
 

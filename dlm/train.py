@@ -119,7 +119,7 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
     for start in range(0, min(len(windows), config.val_batches * config.batch_size), config.batch_size):
         ids = windows[start: start + config.batch_size].to(device)
         with autocast(config.precision, device):
-            losses = diffusion.training_losses(model, ids, generator=generator)
+            losses = diffusion.training_losses(model, ids, generator=generator, uniform_t=True)
         for term in diffusion.terms:
             sums[term] += losses[term].item()
         batches += 1
@@ -198,6 +198,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     model = build_model(config, tokenizer).to(device)
     diffusion = build_objective(config)  # the diffusion loss, or next-token CE for model: ar
     terms = diffusion.terms
+    warp = getattr(diffusion, "time_warp", None)  # measured during training, so it is checkpointed
     optimizer = build_optimizer(model, config)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
            if config.ema_decay > 0 else None)
@@ -230,6 +231,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             if ema is not None:
                 ema.module.load_state_dict(payload["ema"])
                 ema.n_averaged.fill_(payload["ema_n_averaged"])
+            if warp is not None:
+                warp.load_state_dict(payload["time_warp"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"'{run.last_checkpoint}' does not match this run: {error}") from None
         torch.set_rng_state(payload["rng"])
@@ -257,6 +260,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
             "config": config.to_dict(), "vocab": tokenizer.to_dict(),
             "step": step, "epoch": epoch, "rng": torch.get_rng_state(),
+            "time_warp": warp.state_dict() if warp is not None else None,
         })
 
     bar = tqdm(total=None if budget_s else total_steps, initial=step, disable=not config.progress, desc="train",

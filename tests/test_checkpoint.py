@@ -88,8 +88,9 @@ def test_same_seed_same_losses(smoke_config, tmp_path):
     assert a == b
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_path, monkeypatch):
-    config = smoke_config.replace(epochs=3)
+@pytest.mark.parametrize("time_warp", [False, True])
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_path, monkeypatch, time_warp):
+    config = smoke_config.replace(epochs=3, time_warp=time_warp)
     whole = train(config, tmp_path / "whole")
 
     real_save = train_module.save_checkpoint
@@ -115,6 +116,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_pa
     a = load_run(tmp_path / "whole", use_ema=False).model.state_dict()
     b = load_run(tmp_path / "part", use_ema=False).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if time_warp:  # the measured curve travels with the checkpoint, and was in use
+        warps = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["time_warp"]
+                 for d in (tmp_path / "whole", tmp_path / "part")]
+        assert warps[0]["seen"].all() and torch.equal(warps[0]["error"], warps[1]["error"])
 
 
 def test_an_existing_run_is_never_overwritten(smoke_config, tmp_path):
