@@ -109,7 +109,7 @@ class TimeWarp:
     def __init__(self, steps: int, bins: int = 40, uniform: float = 0.2, decay: float = 0.98):
         bins = min(bins, steps)  # so that no bin is empty
         self.steps, self.bins, self.uniform, self.decay = steps, bins, uniform, decay
-        self.error = torch.zeros(bins, dtype=torch.float64)
+        self.loss = torch.zeros(bins, dtype=torch.float64)
         self.seen = torch.zeros(bins, dtype=torch.bool)
 
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class TimeWarp:
         even = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float64)
         if not self.seen.all():
             return even
-        curve = torch.cummax(self.error, dim=0).values
+        curve = torch.cummax(self.loss, dim=0).values
         rise = torch.diff(curve, prepend=curve.new_zeros(1))
         if rise.sum() <= 0:
             return even
@@ -133,23 +133,23 @@ class TimeWarp:
         high = -torch.div(-(chosen + 1) * self.steps, self.bins, rounding_mode="floor")
         return low + (torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low)).long()
 
-    def update(self, t: torch.Tensor, error: torch.Tensor) -> None:
+    def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
         """Fold a batch's per-sequence losses (B,) at timesteps t (B,) into the curve."""
-        bins, error = self.bin_of(t), error.detach().double().cpu()
-        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, error)
-        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(error))
+        bins, loss = self.bin_of(t), loss.detach().double().cpu()
+        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, loss)
+        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(loss))
         hit = count > 0
         mean = total[hit] / count[hit]
-        self.error[hit] = torch.where(self.seen[hit], self.decay * self.error[hit] + (1 - self.decay) * mean, mean)
+        self.loss[hit] = torch.where(self.seen[hit], self.decay * self.loss[hit] + (1 - self.decay) * mean, mean)
         self.seen |= hit
 
     def state_dict(self) -> dict:
-        return {"error": self.error.clone(), "seen": self.seen.clone()}
+        return {"loss": self.loss.clone(), "seen": self.seen.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["error"].shape != self.error.shape:
-            raise ValueError(f"time warp has {len(state['error'])} bins, expected {self.bins}")
-        self.error, self.seen = state["error"].clone().double(), state["seen"].clone().bool()
+        if state["loss"].shape != self.loss.shape:
+            raise ValueError(f"time warp has {len(state['loss'])} bins, expected {self.bins}")
+        self.loss, self.seen = state["loss"].clone().double(), state["seen"].clone().bool()
 
 
 class GaussianDiffusion:

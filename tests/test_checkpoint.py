@@ -119,7 +119,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_pa
     if time_warp:  # the measured curve travels with the checkpoint, and was in use
         warps = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["time_warp"]
                  for d in (tmp_path / "whole", tmp_path / "part")]
-        assert warps[0]["seen"].all() and torch.equal(warps[0]["error"], warps[1]["error"])
+        assert warps[0]["seen"].all() and torch.equal(warps[0]["loss"], warps[1]["loss"])
 
 
 def test_an_existing_run_is_never_overwritten(smoke_config, tmp_path):

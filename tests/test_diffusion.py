@@ -121,25 +121,25 @@ def test_logits_prediction_trains_the_denoiser_and_samples():
     assert x.shape == (2, 6, 8) and torch.isfinite(x).all()
 
 
-def test_time_warp_draws_timesteps_where_the_error_rises():
+def test_time_warp_draws_timesteps_where_the_loss_rises():
     warp = TimeWarp(steps=100, bins=10, uniform=0.2)
     assert torch.allclose(warp.density(), torch.full((10,), 0.1, dtype=torch.float64))  # nothing measured yet
-    # An error curve flat at both ends that rises only over t in [30, 60): the shape measured
+    # A loss curve flat at both ends that rises only over t in [30, 60): the shape measured
     # for Diffusion-LM, where words are chosen in a middle band of noise levels.
     t = torch.arange(100)
-    error = (t.div(10, rounding_mode="floor") - 2).clamp(0, 3).double() / 3
-    warp.update(t, error)
+    loss = (t.div(10, rounding_mode="floor") - 2).clamp(0, 3).double() / 3
+    warp.update(t, loss)
     density = warp.density()
     assert density.sum().item() == pytest.approx(1.0)
-    assert density[3:6].sum().item() == pytest.approx(0.86)  # the band where the error rises
+    assert density[3:6].sum().item() == pytest.approx(0.86)  # the band where the loss rises
     assert density[0].item() == pytest.approx(0.02)  # the uniform floor elsewhere
     drawn = warp.sample(20000, torch.Generator().manual_seed(0))
     assert drawn.min() >= 0 and drawn.max() <= 99
     assert ((drawn >= 30) & (drawn < 60)).double().mean().item() == pytest.approx(density[3:6].sum().item(), abs=0.01)
     # a moving average: one new batch moves a measured bin by (1 - decay) of the difference
-    before = warp.error[4].item()
+    before = warp.loss[4].item()
     warp.update(torch.tensor([45]), torch.tensor([before + 1.0]))
-    assert warp.error[4].item() == pytest.approx(before + (1 - warp.decay))
+    assert warp.loss[4].item() == pytest.approx(before + (1 - warp.decay))
     restored = TimeWarp(steps=100, bins=10)
     restored.load_state_dict(warp.state_dict())
     assert torch.equal(restored.density(), warp.density())
@@ -153,7 +153,7 @@ def test_time_warp_in_training_losses(monkeypatch):
     for seed in range(30):  # uniform draws until every bin has been measured
         diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(seed))
     warp = diffusion.time_warp
-    assert warp.seen.all() and (warp.error > 0).all()
+    assert warp.seen.all() and (warp.loss > 0).all()
     # the signal: the rounding CE at four evenly spread positions of each sequence
     decoded = torch.randn(8, 6, 8)
     logits = model.rounding(decoded)[:, [0, 2, 3, 5]]
@@ -162,14 +162,14 @@ def test_time_warp_in_training_losses(monkeypatch):
     seen = []
     denoise = model.denoise
     monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None: seen.append(t) or denoise(x_t, t, x0_estimate))
-    warp.error = torch.linspace(0, 1, warp.bins, dtype=torch.float64).clamp(max=0.1)  # rises in the first bins only
+    warp.loss = torch.linspace(0, 1, warp.bins, dtype=torch.float64).clamp(max=0.1)  # rises in the first bins only
     diffusion.training_losses(model, torch.randint(0, 11, (400, 6)), generator=torch.Generator().manual_seed(0))
     first_five_bins = -(-warp.steps * 5 // warp.bins)  # t below this: 80% of draws + the uniform floor's share
     assert (seen[0] < first_five_bins).double().mean() > 0.7
     before = warp.state_dict()
     seen.clear()
     diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0), uniform_t=True)
-    assert torch.equal(warp.error, before["error"])  # validation neither warps nor measures
+    assert torch.equal(warp.loss, before["loss"])  # validation neither warps nor measures
     with pytest.raises(ValueError, match="left_to_right"):
         toy(time_warp=True, left_to_right=1.0)
 
