@@ -109,6 +109,8 @@ class TimeWarp:
     def __init__(self, steps: int, bins: int = 40, uniform: float = 0.2, decay: float = 0.98):
         bins = min(bins, steps)  # so that no bin is empty
         self.steps, self.bins, self.uniform, self.decay = steps, bins, uniform, decay
+        # bin k holds the t with floor(t * bins / steps) = k: edges[k] <= t < edges[k + 1]
+        self.edges = -torch.div(-torch.arange(bins + 1) * steps, bins, rounding_mode="floor")
         self.loss = torch.zeros(bins, dtype=torch.float64)
         self.seen = torch.zeros(bins, dtype=torch.bool)
 
@@ -128,9 +130,7 @@ class TimeWarp:
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         chosen = torch.multinomial(self.density(), batch, replacement=True, generator=generator)
-        # bin k holds the t with floor(t * bins / steps) = k: from ceil(k steps / bins) on
-        low = -torch.div(-chosen * self.steps, self.bins, rounding_mode="floor")
-        high = -torch.div(-(chosen + 1) * self.steps, self.bins, rounding_mode="floor")
+        low, high = self.edges[chosen], self.edges[chosen + 1]
         return low + (torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low)).long()
 
     def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
@@ -188,7 +188,7 @@ class GaussianDiffusion:
         sequence, (B,): how well the words are known at each sequence's t (the time warp's signal;
         a few positions keep the (B, positions, V) logits small)."""
         picked = torch.linspace(0, ids.shape[1] - 1, min(positions, ids.shape[1])).round().long().to(ids.device)
-        logits = model.rounding(decoded[:, picked].detach()).float()
+        logits = model.rounding(decoded[:, picked]).float()
         return F.cross_entropy(logits.transpose(1, 2), ids[:, picked], reduction="none").mean(1)
 
     def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None,

@@ -167,7 +167,6 @@ def test_time_warp_in_training_losses(monkeypatch):
     first_five_bins = -(-warp.steps * 5 // warp.bins)  # t below this: 80% of draws + the uniform floor's share
     assert (seen[0] < first_five_bins).double().mean() > 0.7
     before = warp.state_dict()
-    seen.clear()
     diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0), uniform_t=True)
     assert torch.equal(warp.loss, before["loss"])  # validation neither warps nor measures
     with pytest.raises(ValueError, match="left_to_right"):
