@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dlm.probe import chain_retention, denoising_accuracy, heldout_ids
-from dlm.runs import load_run
+from dlm.evaluation.probe import chain_retention, denoising_accuracy, heldout_ids
+from dlm.runs.build import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

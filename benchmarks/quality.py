@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dlm.ablation import AR_ARMS, ARMS, markdown_table, run_ablation
-from dlm.config import load_config
-from dlm.train import train
+from dlm.core.config import load_config
+from dlm.evaluation.ablation import AR_ARMS, ARMS, markdown_table, run_ablation
+from dlm.runs.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"

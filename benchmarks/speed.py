@@ -56,12 +56,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dlm.config import Config, load_config
-from dlm.data import epoch_windows, prepare_data
-from dlm.diffusion import q_sample, sample_progressive
-from dlm.model import DiffusionLM, autocast, resolved_precision
-from dlm.runs import build_diffusion
-from dlm.train import build_optimizer, lr_factor, train_step
+from dlm.core.config import Config, load_config
+from dlm.core.data import epoch_windows, prepare_data
+from dlm.core.runtime import autocast, resolved_precision
+from dlm.core.schedule import q_sample
+from dlm.families.gaussian import DiffusionLM, sample_progressive
+from dlm.runs.build import build_diffusion
+from dlm.runs.train import build_optimizer, lr_factor, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"

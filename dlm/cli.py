@@ -8,14 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from dlm.checkpoint import CheckpointError
-from dlm.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
-from dlm.data import CorpusError
-from dlm.diffusion import SPACINGS
-from dlm.runs import load_run, pick_device
-from dlm.sample import SampleOptions, generate, write_samples
-from dlm.textstats import sample_stats
-from dlm.train import RunExistsError, train
+from dlm.core.checkpoint import CheckpointError
+from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
+from dlm.core.data import CorpusError
+from dlm.core.runtime import pick_device
+from dlm.core.schedule import SPACINGS
+from dlm.core.textstats import sample_stats
+from dlm.runs.build import load_run
+from dlm.runs.sample import SampleOptions, generate, write_samples
+from dlm.runs.train import RunExistsError, train
 
 USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, ValueError)
 
@@ -131,7 +132,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> None:
-    from dlm import analysis
+    from dlm.evaluation import analysis
 
     run = load_run(args.run_dir)
     path = Path(args.samples)
@@ -156,7 +157,7 @@ def run_stats(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from dlm.evaluate import evaluate_samples, read_samples
+    from dlm.evaluation.evaluate import evaluate_samples, read_samples
 
     result = evaluate_samples(read_samples(args.samples), load_run(args.teacher))
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
@@ -172,7 +173,7 @@ def notebook_parameters(items: list[str]) -> dict[str, dict]:
     """['sample.num_samples=200', ...] -> {'sample': {'num_samples': 200}}; values are YAML."""
     import yaml
 
-    from dlm.workbook import ReportError
+    from dlm.workbench.workbook import ReportError
 
     parameters: dict[str, dict] = {}
     for item in items:
@@ -185,7 +186,7 @@ def notebook_parameters(items: list[str]) -> dict[str, dict]:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dlm.workbook import ReportError, build_report, report_size
+    from dlm.workbench.workbook import ReportError, build_report, report_size
 
     logging.getLogger("papermill").setLevel(logging.WARNING)
     try:

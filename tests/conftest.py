@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dlm.config import load_config
+from dlm.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = ROOT.parent / "shared" / "data"

@@ -5,9 +5,9 @@ import importlib.util
 import pandas as pd
 import pytest
 
-from dlm.ablation import AR_ARMS, ARMS, Arm, arm_config, markdown_table, run_ablation
-from dlm.config import load_config
-from dlm.train import train
+from dlm.core.config import load_config
+from dlm.evaluation.ablation import AR_ARMS, ARMS, Arm, arm_config, markdown_table, run_ablation
+from dlm.runs.train import train
 from tests.conftest import ROOT
 
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dlm import analysis
-from dlm.analysis import (
+from dlm.evaluation import analysis
+from dlm.evaluation.analysis import (
     collapse_signals,
     collapse_verdict,
     distinct_n,
@@ -15,7 +15,7 @@ from dlm.analysis import (
     sample_stats,
     signal_table,
 )
-from dlm.train import train
+from dlm.runs.train import train
 
 HELDOUT = {"punctuation_share": 0.2, "unigram_entropy": 8.0, "distinct_2": 0.9, "top1_share": 0.08}
 

@@ -1,7 +1,7 @@
 import torch
 
-from dlm.ar import AutoregressiveLM
-from dlm.config import load_config
+from dlm.core.config import load_config
+from dlm.families.autoregressive import AutoregressiveLM
 
 
 def tiny_ar():

@@ -3,11 +3,12 @@ import csv
 import pytest
 import torch
 
-import dlm.train as train_module
-from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dlm.config import ConfigError
-from dlm.runs import RunDir, load_run
-from dlm.train import RunExistsError, train
+import dlm.runs.train as train_module
+from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dlm.core.config import ConfigError
+from dlm.runs.build import load_run
+from dlm.runs.rundir import RunDir
+from dlm.runs.train import RunExistsError, train
 
 
 def test_round_trip(tmp_path):

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from dlm.checkpoint import load_checkpoint
 from dlm.cli import main
+from dlm.core.checkpoint import load_checkpoint
 from tests.conftest import ROOT
 
 SMOKE = str(ROOT / "params" / "smoke.yaml")

@@ -1,6 +1,6 @@
 import pytest
 
-from dlm.config import Config, ConfigError, coerce, load_config
+from dlm.core.config import Config, ConfigError, coerce, load_config
 from tests.conftest import ROOT
 
 PRESETS = sorted((ROOT / "params").glob("*.yaml"))

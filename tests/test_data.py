@@ -3,8 +3,8 @@ import hashlib
 import pytest
 import torch
 
-from dlm import data
-from dlm.data import CorpusError, Tokenizer, epoch_windows, prepare_data, read_corpus, resolve_corpus, split_text
+from dlm.core import data
+from dlm.core.data import CorpusError, Tokenizer, epoch_windows, prepare_data, read_corpus, resolve_corpus, split_text
 from tests.conftest import SHARED_CORPUS
 
 TEXT = "First Citizen:\nYes, my lord. I'll go--now!\n\nWhat's this? (A 'tis) 'Tis 3 o'clock;\n"

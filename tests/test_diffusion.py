@@ -4,20 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlm.config import load_config
-from dlm.diffusion import (
-    NoiseSchedule,
-    TimeWarp,
-    chain_timesteps,
-    position_timesteps,
-    q_sample,
-    sample,
-    sample_progressive,
-    sampling_timesteps,
-)
-from dlm.embeddings import CosineRounding, LearnedEmbedding, nearest_rows
-from dlm.model import DiffusionLM
-from dlm.runs import build_diffusion
+from dlm.core.config import load_config
+from dlm.core.embeddings import CosineRounding, LearnedEmbedding, nearest_rows
+from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample, sampling_timesteps
+from dlm.families.gaussian import DiffusionLM, TimeWarp, chain_timesteps, sample_progressive
+from dlm.runs.build import build_diffusion
 
 
 def sqrt_alpha_bar(s: float) -> float:
@@ -117,7 +108,7 @@ def test_logits_prediction_trains_the_denoiser_and_samples():
     ids = torch.randint(0, 11, (4, 6))
     diffusion.training_losses(model, ids)["total"].backward()
     assert model.denoiser.out_proj.weight.grad.abs().sum() > 0
-    x = sample(model, diffusion, (2, 6), steps=10, clamp=False, generator=torch.Generator().manual_seed(0))
+    x = list(sample_progressive(model, diffusion, (2, 6), 10, clamp=False, generator=torch.Generator().manual_seed(0)))[-1].x
     assert x.shape == (2, 6, 8) and torch.isfinite(x).all()
 
 
@@ -300,8 +291,8 @@ def test_clamping_only_in_the_last_steps():
 
 
 def test_bf16_autocast_keeps_the_loss_terms_close_and_float32(monkeypatch):
-    from dlm import model as model_module
-    from dlm.model import autocast
+    from dlm.core import runtime as model_module
+    from dlm.core.runtime import autocast
 
     model, diffusion = toy(rounding_target="predicted")
     ids = torch.randint(0, 11, (4, 6))
@@ -321,7 +312,7 @@ def test_bf16_autocast_keeps_the_loss_terms_close_and_float32(monkeypatch):
 
 
 def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():
-    from dlm.sample import SampleOptions
+    from dlm.runs.sample import SampleOptions
 
     config = load_config(None)
     assert SampleOptions.from_config(config).spacing == "logsnr"

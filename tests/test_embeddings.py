@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dlm.embeddings import LearnedEmbedding, LearnedRounding, pca_project, pretrained_table, read_word_vectors
+from dlm.core.embeddings import LearnedEmbedding, LearnedRounding, pca_project, pretrained_table, read_word_vectors
 
 
 def test_pca_keeps_the_directions_of_largest_variance():
@@ -55,7 +55,7 @@ def test_chunked_rounding_loss_matches_plain_cross_entropy(norm, rounding):
     """LearnedRounding.loss gives F.cross_entropy's value and gradients, chunked or not."""
     import torch.nn.functional as F
 
-    from dlm import embeddings
+    from dlm.core import embeddings
 
     torch.manual_seed(0)
     table = LearnedEmbedding(50, 8, norm=norm)

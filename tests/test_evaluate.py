@@ -1,6 +1,14 @@
 import pytest
 
-from dlm.evaluate import adjacent_repetition, compare, copy_rate, js_divergence, ngram_set, types_at, unigram_distribution
+from dlm.evaluation.evaluate import (
+    adjacent_repetition,
+    compare,
+    copy_rate,
+    js_divergence,
+    ngram_set,
+    types_at,
+    unigram_distribution,
+)
 
 HELDOUT = [("To be , or not to be : that is the question . " * 3).split(),
            ("Now is the winter of our discontent made glorious summer by this sun of York ; " * 2).split()]
@@ -34,11 +42,11 @@ def test_held_out_text_is_not_collapsed_and_commas_are():
 
 
 def test_quality_vs_steps_scores_each_count_against_held_out_text(tmp_path, smoke_config):
-    from dlm import plots
-    from dlm.evaluate import quality_vs_steps
-    from dlm.runs import load_run
-    from dlm.sample import SampleOptions
-    from dlm.train import train
+    from dlm.evaluation.evaluate import quality_vs_steps
+    from dlm.runs.build import load_run
+    from dlm.runs.sample import SampleOptions
+    from dlm.runs.train import train
+    from dlm.workbench import plots
 
     train(smoke_config, tmp_path / "run")
     run = load_run(tmp_path / "run")

@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from dlm import notebook
-from dlm.config import ConfigError
+from dlm.core.config import ConfigError
+from dlm.workbench import notebook
 from tests.conftest import ROOT
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from papermill.exceptions import PapermillExecutionError
 
-from dlm import workbook
+from dlm.workbench import workbook
 from tests.conftest import ROOT, make_corpus
 
 pytestmark = pytest.mark.slow

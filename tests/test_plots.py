@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from dlm import plots
+from dlm.workbench import plots
 
 
 def png_bytes(figure: Figure) -> int:

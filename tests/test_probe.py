@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from dlm import probe
-from dlm.diffusion import sampling_timesteps
-from dlm.runs import load_run
-from dlm.train import train
+from dlm.core.schedule import sampling_timesteps
+from dlm.evaluation import probe
+from dlm.runs.build import load_run
+from dlm.runs.train import train
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_chain_retention_runs_the_chain_from_the_start_timestep(run):
     one = probe.chain_retention(run, ids, start_t=0)
     assert one["chain_steps"] == 1 and one["kept"] == one["first_step_accuracy"]
     middle = probe.chain_retention(run, ids, start_t=50, clamp=True)
-    below = [t for t in sampling_timesteps(run.diffusion.schedule, run.config.sample_steps, run.config.sample_spacing) if t < 50]
+    below = [t for t in sampling_timesteps(run.objective.schedule, run.config.sample_steps, run.config.sample_spacing) if t < 50]
     assert middle["chain_steps"] == 1 + len(below)
     assert middle["final_ids"].shape == ids.shape and 0 <= middle["kept"] <= 1
 
@@ -46,7 +46,7 @@ def test_chain_retention_needs_a_shared_timestep(smoke_config, tmp_path):
 def test_a_chain_started_at_t0_is_one_clamped_step(run):
     ids = probe.heldout_ids(run, 2)
     emb = run.model.embedding(ids).detach()
-    states = list(probe.sample_progressive(run.model, run.diffusion, tuple(ids.shape), 20, clamp=True,
+    states = list(probe.sample_progressive(run.model, run.objective, tuple(ids.shape), 20, clamp=True,
                                            start=emb, start_t=0))
     assert len(states) == 1 and states[0].t == 0  # one step, at t = 0, and clamped onto rows
     table = run.model.embedding.table().detach()

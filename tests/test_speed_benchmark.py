@@ -46,8 +46,8 @@ def test_flops_count_matches_the_model():
     """6 x the weights of every matmul per token: check the analytic count against the model."""
     import torch
 
-    from dlm.config import load_config
-    from dlm.model import DiffusionLM
+    from dlm.core.config import load_config
+    from dlm.families.gaussian import DiffusionLM
 
     speed = load_speed()
     config = load_config(ROOT / "params" / "default.yaml")

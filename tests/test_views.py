@@ -2,8 +2,8 @@ import re
 
 import pandas as pd
 
-from dlm import views
-from dlm.workbook import external_references
+from dlm.workbench import views
+from dlm.workbench.workbook import external_references
 
 ITOS = ["<pad>", "<unk>", "<script>", "&", ",", "\n", "lord", "my"]
 FRAMES = [

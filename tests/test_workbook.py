@@ -11,9 +11,9 @@ import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from dlm import workbook
 from dlm.cli import main
-from dlm.config import ConfigError, field_types
+from dlm.core.config import ConfigError, field_types
+from dlm.workbench import workbook
 from tests.conftest import ROOT
 
 NOTEBOOKS = [ROOT / "notebooks" / f"{name}.ipynb" for name in workbook.NOTEBOOKS]
@@ -189,8 +189,8 @@ def test_report_command_errors(tmp_path, monkeypatch, capsys):
     assert "already holds a report" in capsys.readouterr().err
 
 
-def test_python_m_dlm_workbook_is_the_report_command():
-    done = subprocess.run([sys.executable, "-m", "dlm.workbook", "--help"], capture_output=True, text=True, cwd=ROOT)
+def test_python_m_dlm_report_is_the_report_command():
+    done = subprocess.run([sys.executable, "-m", "dlm", "report", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "usage: dlm report" in done.stdout and "--name" in done.stdout
 
 

@@ -14,11 +14,14 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from dlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dlm.config import Config, from_dict, save_config
-from dlm.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
-from dlm.model import autocast, resolved_precision
-from dlm.runs import RunDir, build_model, build_objective, pick_device
+from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dlm.core.config import Config, from_dict, save_config
+from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
+from dlm.core.runtime import autocast, resolved_precision
+from dlm.runs.rundir import RunDir
+from dlm.families import family
+from dlm.runs.build import build_model, build_objective
+from dlm.core.runtime import pick_device
 
 logger = logging.getLogger("dlm")
 
@@ -204,7 +207,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
            if config.ema_decay > 0 else None)
     if config.compile:
         # in place: parameter names and checkpoints stay the same
-        (model.transformer if config.model == "ar" else model.denoiser).compile()
+        family(config.model).trunk(model).compile()
 
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     steps_per_epoch = math.ceil(epoch_size / config.batch_size)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dlm.config import Config, field_types, load_config
+from dlm.core.config import Config, field_types, load_config
 
 logger = logging.getLogger("dlm")
 
@@ -36,7 +36,7 @@ def project_root(start: str | Path | None = None) -> Path | None:
 
 def package_root() -> Path | None:
     """The checkout this dlm was imported from (an editable install), if it is one."""
-    folder = Path(__file__).resolve().parents[1]
+    folder = Path(__file__).resolve().parents[2]
     return folder if is_project_root(folder) else None
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dlm.analysis import collapse_signals, ids_to_tokens, run_data
-from dlm.data import Tokenizer
-from dlm.runs import LoadedRun
-from dlm.sample import SampleOptions, generate
-from dlm.textstats import content_tokens, heldout_windows, sample_stats
+from dlm.core.data import Tokenizer
+from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
+from dlm.evaluation.analysis import collapse_signals, ids_to_tokens, run_data
+from dlm.runs.build import LoadedRun
+from dlm.runs.sample import SampleOptions, generate
 
 
 def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
@@ -143,7 +143,7 @@ def teacher_nll(teacher: LoadedRun, rows: list[list[int]], batch_size: int = 64)
 def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
     """Every number of `compare`, plus generative perplexity under the teacher, for the samples and
     for as many held-out windows of the samples' length."""
-    if teacher.config.model != "ar":
+    if not teacher.family.SCORES_TOKENS:
         raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     rows = sample_ids(records, teacher.tokenizer)
     result, heldout_rows = compare_with_heldout(teacher, rows)

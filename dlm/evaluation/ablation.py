@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from dlm.config import Config
-from dlm.evaluate import pick_metrics, score_ids
-from dlm.runs import load_run
-from dlm.sample import SampleOptions, generate
-from dlm.train import train
+from dlm.core.config import Config
+from dlm.evaluation.evaluate import pick_metrics, score_ids
+from dlm.runs.build import load_run
+from dlm.runs.sample import SampleOptions, generate
+from dlm.runs.train import train
 
 
 @dataclass(frozen=True)

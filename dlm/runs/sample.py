@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from dlm.data import atomic_write_bytes
-from dlm.diffusion import SPACINGS, sample_progressive
-from dlm.embeddings import CosineRounding
-from dlm.model import autocast
-from dlm.runs import LoadedRun
+from dlm.core.data import atomic_write_bytes
+from dlm.core.schedule import SPACINGS
+from dlm.families.gaussian import decode
+from dlm.runs.build import LoadedRun
 
 
 @dataclass
@@ -55,17 +54,10 @@ class SampleOptions:
             raise ValueError("clamp_fraction must be between 0 and 1.")
 
 
-@torch.inference_mode()
 def decode_ids(run: LoadedRun, x0: torch.Tensor, decoder: str = "learned", temperature: float = 0.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Vectors (B, L, d) to token ids (B, L)."""
-    rounding = run.model.rounding if decoder == "learned" else CosineRounding(run.model.embedding)
-    logits = rounding(x0).float()
-    if decoder == "cosine" or temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1).cpu()
-    flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.view(logits.shape[:-1])
+    """A diffusion run's vectors (B, L, d) to token ids (B, L)."""
+    return decode(run.model, x0, decoder, temperature, generator)
 
 
 @dataclass
@@ -76,60 +68,10 @@ class SampleBatch:
 
 
 def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device = "cpu") -> SampleBatch:
-    if run.config.model == "ar":
-        return generate_autoregressive(run, options)
-    options.validate(run.diffusion.steps)
+    """Samples of the run's family (the reverse chain, or left to right for the AR baseline)."""
     generator = torch.Generator().manual_seed(options.seed)
-    all_ids, trajectory = [], []
-    for first in range(0, options.num_samples, options.batch_size):
-        count = min(options.batch_size, options.num_samples - first)
-        states = sample_progressive(
-            run.model, run.diffusion, (count, run.config.seq_len), options.steps, eta=options.eta,
-            clamp=options.clamp, clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
-            device=device,
-        )
-        for state in _under_autocast(states, run.config.precision, device):
-            last = state.index == options.steps - 1
-            if options.record_every and (state.index % options.record_every == 0 or last):
-                ids = decode_ids(run, state.pred_x0, options.decoder).cpu()
-                _record(trajectory, first, state.index, state.t, ids)
-        x0 = state.x
-        all_ids.append(decode_ids(run, x0, options.decoder, options.temperature, generator).cpu())
-    ids = torch.cat(all_ids)
-    texts = [run.tokenizer.decode(row) for row in ids]
-    return SampleBatch(ids, texts, trajectory)
-
-
-def generate_autoregressive(run: LoadedRun, options: SampleOptions) -> SampleBatch:
-    """The AR baseline's own samples, left to right at `options.temperature` (0: greedy), each
-    starting after a newline, the way the corpus's lines start."""
-    generator = torch.Generator().manual_seed(options.seed)
-    start_id = run.tokenizer.stoi.get("\n", run.tokenizer.unk_id)
-    batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
-                                  start_id, options.temperature, generator).cpu()
-               for first in range(0, options.num_samples, options.batch_size)]
-    ids = torch.cat(batches)
-    return SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], [])
-
-
-def _under_autocast(states, precision: str, device):
-    """Advance the reverse chain under the run's autocast (bf16 with precision bf16, or auto on
-    CUDA); what the caller does with each state (decoding) runs outside it, in float32."""
-    while True:
-        with autocast(precision, device):
-            state = next(states, None)
-        if state is None:
-            return
-        yield state
-
-
-def _record(trajectory: list[dict], first: int, index: int, t: int, ids: torch.Tensor) -> None:
-    """Frames are per step; later batches append their rows to the frame of the same step."""
-    if first == 0:
-        trajectory.append({"index": index, "t": t, "ids": ids.tolist()})
-    else:
-        frame = next(f for f in trajectory if f["index"] == index)
-        frame["ids"].extend(ids.tolist())
+    ids, trajectory = run.family.generate(run, options, generator, device)
+    return SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], trajectory)
 
 
 def write_samples(batch: SampleBatch, out: str | Path, run: LoadedRun, options: SampleOptions) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """Reports: run train -> sample -> collapse_analysis through papermill into reports/NAME/, export
 each executed notebook to one self-contained HTML page, and keep reports/index.html up to date.
 
-    dlm report params/default.yaml [--name NAME]      (or: python -m dlm.workbook ...)
+    dlm report params/default.yaml [--name NAME]      (or: python -m dlm report ...)
 
 reports/NAME/ holds the executed notebooks (*.ipynb), their HTML pages (*.html), the run folder
 (run/: config, checkpoints, metrics.csv, samples, analysis) and report.json (status, timings and
@@ -29,10 +29,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dlm.config import load_config
-from dlm.data import atomic_write_bytes
-from dlm.notebook import package_root, project_root
-from dlm.runs import RunDir
+from dlm.core.config import load_config
+from dlm.core.data import atomic_write_bytes
+from dlm.runs.rundir import RunDir
+from dlm.workbench.notebook import package_root, project_root
 
 logger = logging.getLogger("dlm")
 
@@ -441,11 +441,3 @@ def report_size(report_dir: str | Path, include_checkpoints: bool = True) -> int
         if path.is_file() and (include_checkpoints or "checkpoints" not in path.parts):
             total += path.stat().st_size
     return total
-
-
-if __name__ == "__main__":
-    import sys
-
-    from dlm.cli import main
-
-    sys.exit(main(["report", *sys.argv[1:]]))

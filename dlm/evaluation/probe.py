@@ -18,11 +18,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from dlm.analysis import run_data
-from dlm.data import fixed_windows
-from dlm.diffusion import q_sample, sample_progressive
-from dlm.embeddings import nearest_rows
-from dlm.runs import LoadedRun
+from dlm.core.data import fixed_windows
+from dlm.core.embeddings import nearest_rows
+from dlm.core.schedule import q_sample
+from dlm.evaluation.analysis import run_data
+from dlm.families.gaussian import sample_progressive
+from dlm.runs.build import LoadedRun
 
 PROBE_TIMESTEPS = (0, 50, 200, 400, 700, 1000, 1400, 1800, 1999)  # for T = 2000; scaled otherwise
 
@@ -43,7 +44,7 @@ def noised(run: LoadedRun, ids: torch.Tensor, t: int, generator: torch.Generator
     """x_t ~ q(x_t | EMB(w)) for every window, all positions at timestep t."""
     emb = run.model.embedding(ids)
     noise = torch.randn(emb.shape, generator=generator)
-    return q_sample(run.diffusion.schedule, emb, torch.full((ids.shape[0],), t), noise)
+    return q_sample(run.objective.schedule, emb, torch.full((ids.shape[0],), t), noise)
 
 
 @torch.inference_mode()
@@ -51,7 +52,7 @@ def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[in
                        seed: int = 0) -> pd.DataFrame:
     """One row per timestep: log-SNR, the denoiser's cross-entropy and accuracy on the words of
     `ids` from x_t in one step, and the accuracy of the row nearest to x_t / sqrt(alpha_bar)."""
-    model, diffusion = run.model, run.diffusion
+    model, diffusion = run.model, run.objective
     schedule = diffusion.schedule
     generator = torch.Generator().manual_seed(seed)
     table = model.embedding.table()
@@ -79,7 +80,7 @@ def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int 
     config, model = run.config, run.model
     generator = torch.Generator().manual_seed(seed)
     x_t = noised(run, ids, start_t, generator)
-    states = sample_progressive(model, run.diffusion, tuple(ids.shape), steps or config.sample_steps,
+    states = sample_progressive(model, run.objective, tuple(ids.shape), steps or config.sample_steps,
                                 eta=config.sample_eta, clamp=clamp, spacing=config.sample_spacing,
                                 generator=generator, start=x_t, start_t=start_t)
     first = next(states)

@@ -1,65 +1,21 @@
-"""Gaussian diffusion over embeddings: noise schedules, q_sample, the one training loss and the
-samplers. The schedule knows nothing of the network and the network nothing of the schedule."""
+"""The Gaussian diffusion family (Diffusion-LM): the model that owns the embedding table, the
+denoiser and the rounding decoder; the one training loss; the reverse chain."""
 
 from __future__ import annotations
 
-import collections
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dlm.embeddings import nearest_rows
-
-
-def betas_for_alpha_bar(steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
-    """Discretise a continuous alpha_bar(s), s in [0, 1], into per-step betas (improved-diffusion)."""
-    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)]
-    return np.array(betas, dtype=np.float64)
-
-
-def make_betas(name: str, steps: int) -> np.ndarray:
-    if name == "sqrt":  # Diffusion-LM: alpha_bar(s) = 1 - sqrt(s + 1e-4); noise rises fast early on
-        return betas_for_alpha_bar(steps, lambda s: 1 - math.sqrt(s + 1e-4))
-    if name == "cosine":  # improved-diffusion
-        return betas_for_alpha_bar(steps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
-    if name == "linear":  # DDPM's 1e-4..2e-2 at T=1000, rescaled so other T keep the same shape
-        scale = 1000 / steps
-        return np.linspace(scale * 1e-4, scale * 2e-2, steps, dtype=np.float64)
-    raise ValueError(f"Unknown noise schedule '{name}': use sqrt, linear or cosine.")
-
-
-class NoiseSchedule:
-    """Every per-timestep quantity, precomputed once (index t = 0 .. T-1)."""
-
-    def __init__(self, name: str = "sqrt", steps: int = 2000):
-        self.name = name
-        self.steps = steps
-        betas = make_betas(name, steps)
-        alphas_cumprod = np.cumprod(1.0 - betas)
-        self.betas = torch.tensor(betas, dtype=torch.float32)
-        self.alphas_cumprod = torch.tensor(alphas_cumprod, dtype=torch.float32)
-        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
-
-    @property
-    def sigma0(self) -> float:
-        """Std of q(x0 | w) = EMB(w) + sigma0 * noise: the noise level of the first step."""
-        return float(self.sqrt_one_minus_alphas_cumprod[0])
-
-    def at(self, values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Gather per-timestep values for t, (B,) or per position (B, L), broadcast to `ndim` dims."""
-        out = values.to(t.device)[t]
-        return out.view(*t.shape, *([1] * (ndim - t.ndim)))
-
-
-def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
-    return (schedule.at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-            + schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+from dlm.core.config import Config
+from dlm.core.embeddings import CosineRounding, LearnedEmbedding, LearnedRounding, nearest_rows
+from dlm.core.nets import TinyTransformer
+from dlm.core.runtime import autocast
+from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample, sampling_timesteps
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -78,19 +34,6 @@ class LossSettings:
 
 
 PREDICTIONS = ("x0", "epsilon", "logits")
-
-
-def position_timesteps(schedule: NoiseSchedule, progress: torch.Tensor, length: int, skew: float) -> torch.Tensor:
-    """Per-position timesteps (..., L) at chain progress in [0, 1] (0: pure noise, 1: clean).
-
-    AR-Diffusion (Wu et al. 2023): position i runs the chain late by skew * i / (L - 1) of it, so
-    at any moment the words to its left are less noisy than it is, and generation sweeps from
-    left to right. Each position's noise fraction is clip(1 - (1 + skew) progress + skew i/(L-1)),
-    linear in t; skew = 0 puts every position at (T - 1)(1 - progress).
-    """
-    place = torch.arange(length, dtype=torch.float64) / max(length - 1, 1)
-    fraction = 1 - (1 + skew) * progress.double()[..., None] + skew * place
-    return torch.round(fraction.clamp(0, 1) * (schedule.steps - 1)).long()
 
 
 class TimeWarp:
@@ -275,44 +218,6 @@ class SampleState:
     pred_x0: torch.Tensor
 
 
-SPACINGS = ("logsnr", "quadratic", "uniform")
-
-
-def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") -> list[int]:
-    """`steps` distinct timesteps of `schedule`, from T-1 down to 0.
-
-    logsnr: evenly spaced in log(alpha_bar / (1 - alpha_bar)), the signal-to-noise ratio's log
-    (as DPM-Solver spaces its steps); quadratic: t_i = (T-1) (i / (steps-1))^2 (the DDIM paper);
-    uniform: an even stride (Diffusion-LM's respacing). Under the sqrt schedule the uniform stride
-    jumps from t = T/steps straight to 0, across the low-noise end where the words are chosen.
-    Measured on the default run (README, "Speed"), 50 steps against 2000, three sets of seeds:
-    generative perplexity +45% uniform, +5% to +22% quadratic, -6% to +0.1% logsnr. Under the
-    sqrt schedule the clipped last beta sends the log-SNR from -6 to -15 within the last ~28
-    timesteps, so about half of a 50-step logsnr chain is spent there, at pure noise.
-    """
-    total_steps = schedule.steps
-    if not 1 <= steps <= total_steps:
-        raise ValueError(f"Sampling steps must be between 1 and {total_steps}, got {steps}.")
-    if spacing not in SPACINGS:
-        raise ValueError(f"Unknown timestep spacing '{spacing}': use {', '.join(SPACINGS)}.")
-    grid = np.linspace(0, 1, steps)
-    if spacing == "logsnr":
-        alpha_bar = schedule.alphas_cumprod.double().clamp(1e-12, 1 - 1e-12).numpy()
-        log_snr = np.log(alpha_bar / (1 - alpha_bar))  # falls with t
-        targets = log_snr[0] + grid * (log_snr[-1] - log_snr[0])
-        positions = np.interp(-targets, -log_snr, np.arange(total_steps))  # interp wants rising x
-    else:
-        positions = (total_steps - 1) * (grid if spacing == "uniform" else grid**2)
-    ts = np.rint(positions).astype(int)
-    # Rounding merges neighbours at the dense end: push each one up past its predecessor, then
-    # each one down below its successor, so there are exactly `steps` distinct values in range.
-    for i in range(1, steps):
-        ts[i] = max(ts[i], ts[i - 1] + 1)
-    for i in range(steps - 1, -1, -1):
-        ts[i] = min(ts[i], total_steps - steps + i)
-    return ts[::-1].tolist()
-
-
 def chain_timesteps(diffusion: GaussianDiffusion, steps: int, length: int, spacing: str = "logsnr") -> torch.Tensor:
     """The reverse chain's timesteps per step and position, (steps, L), from T-1 to 0.
 
@@ -382,7 +287,107 @@ def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, in
         yield SampleState(index, int(t_row.max()), x, pred_x0)
 
 
-def sample(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int, **options) -> torch.Tensor:
-    """The final x0 of the reverse chain, (B, L, d)."""
-    last = collections.deque(sample_progressive(model, diffusion, shape, steps, **options), maxlen=1)
-    return last[0].x
+class DiffusionLM(nn.Module):
+    """Everything trained jointly: EMB(w), the denoiser f(x_t, t) and the rounding p(w | x)."""
+
+    def __init__(self, config: Config, vocab_size: int, pretrained_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        d = config.embed_dim
+        self.embedding = LearnedEmbedding(
+            vocab_size, d, pretrained_embeddings, trainable=config.use_learned_embeddings,
+            norm=config.embedding_norm, init_std=config.embedding_init_std, scale=config.embedding_scale,
+        )
+        self.self_conditioned = config.self_condition > 0
+        # With self-conditioning the denoiser also reads its previous x0 estimate, concatenated.
+        self.denoiser = TinyTransformer(
+            d, config.width, config.depth, config.heads, config.seq_len, config.dropout,
+            in_dim=2 * d if self.self_conditioned else d,
+        )
+        tied = self.embedding if config.rounding == "tied" else None
+        self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        if self.self_conditioned:
+            if x0_estimate is None:
+                x0_estimate = torch.zeros_like(x_t)
+            x_t = torch.cat([x_t, x0_estimate], dim=-1)
+        # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
+        return self.denoiser(x_t, t).float()
+
+
+# --- the family interface (see dlm.families) ---------------------------------------------------
+
+NAME = "diffusion"
+SCORES_TOKENS = False  # no exact likelihood: the NLL bound is the closest thing
+ANALYSES = ("collapse", "embedding_geometry", "rounding", "trajectory", "probe")
+
+
+def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> DiffusionLM:
+    return DiffusionLM(config, vocab_size, pretrained)
+
+
+def objective(config: Config) -> GaussianDiffusion:
+    settings = LossSettings(config.predict, config.rounding_weight, config.rounding_target,
+                            config.prior_loss, config.self_condition, config.left_to_right,
+                            config.time_warp)
+    return GaussianDiffusion(NoiseSchedule(config.schedule, config.diffusion_steps), settings)
+
+
+def trunk(model: DiffusionLM) -> nn.Module:
+    return model.denoiser
+
+
+@torch.inference_mode()
+def decode(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned", temperature: float = 0.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Vectors (B, L, d) to token ids (B, L): the learned rounding (argmax, or drawn at a
+    temperature) or the cosine baseline."""
+    rounding = model.rounding if decoder == "learned" else CosineRounding(model.embedding)
+    logits = rounding(x0).float()
+    if decoder == "cosine" or temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1).cpu()
+    flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.view(logits.shape[:-1]).to(x0.device)
+
+
+def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
+    """`run` (model, objective, config) sampled: options.num_samples samples (N, L) in batches of
+    options.batch_size, and the trajectory of decoded states every options.record_every steps
+    (frames [{"index", "t", "ids"}])."""
+    model, diffusion, config = run.model, run.objective, run.config
+    options.validate(diffusion.steps)
+    all_ids, trajectory = [], []
+    for first in range(0, options.num_samples, options.batch_size):
+        count = min(options.batch_size, options.num_samples - first)
+        states = sample_progressive(
+            model, diffusion, (count, config.seq_len), options.steps, eta=options.eta,
+            clamp=options.clamp, clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
+            device=device,
+        )
+        for state in _under_autocast(states, config.precision, device):
+            last = state.index == options.steps - 1
+            if options.record_every and (state.index % options.record_every == 0 or last):
+                _record(trajectory, first, state.index, state.t, decode(model, state.pred_x0, options.decoder).cpu())
+        all_ids.append(decode(model, state.x, options.decoder, options.temperature, generator).cpu())
+    return torch.cat(all_ids), trajectory
+
+
+def _under_autocast(states, precision: str, device):
+    """Advance the reverse chain under the run's autocast (bf16 with precision bf16, or auto on
+    CUDA); what the caller does with each state (decoding) runs outside it, in float32."""
+    while True:
+        with autocast(precision, device):
+            state = next(states, None)
+        if state is None:
+            return
+        yield state
+
+
+def _record(trajectory: list[dict], first: int, index: int, t: int, ids: torch.Tensor) -> None:
+    """Frames are per step; later batches append their rows to the frame of the same step."""
+    if first == 0:
+        trajectory.append({"index": index, "t": t, "ids": ids.tolist()})
+    else:
+        frame = next(f for f in trajectory if f["index"] == index)
+        frame["ids"].extend(ids.tolist())

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dlm.analysis import rank_frequency, top_tokens
-from dlm.textstats import content_tokens, punctuation_share
+from dlm.core.textstats import content_tokens, punctuation_share
+from dlm.evaluation.analysis import rank_frequency, top_tokens
 
 DPI = 90
 HELDOUT_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}

@@ -1,19 +1,13 @@
-"""TinyTransformer, the denoiser (and, with a causal mask, the autoregressive baseline), and
-DiffusionLM, the module that owns the embedding table, the denoiser and the rounding decoder."""
+"""TinyTransformer: the blocks of the denoiser and, with a causal mask, of the autoregressive baseline.
+It knows nothing of noise schedules or tokens."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dlm.config import Config
-from dlm.embeddings import LearnedEmbedding, LearnedRounding
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -23,34 +17,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(features, (0, dim % 2))
-
-
-@functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in AMX tiles (Linux's cpuinfo flag). There,
-    bf16 autocast trained default.yaml 1.68x faster and sampled 2.6x faster, with the same sample
-    quality (README, "Speed"); with AVX512-BF16 alone it measured 1.07x, not worth the rounding."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
-def resolved_precision(precision: str, device: torch.device | str) -> str:
-    """Config.precision made concrete: 'auto' is bf16 on CUDA and on CPUs with AMX, else fp32."""
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16()) else "fp32"
-
-
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast context for Config.precision: bfloat16 matmuls when it resolves to bf16,
-    nothing for fp32. Enter it around forward passes only, not backward."""
-    device = torch.device(device)
-    if resolved_precision(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class SelfAttention(nn.Module):
@@ -128,31 +94,3 @@ class TinyTransformer(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.out_proj(self.ln_f(h))
-
-
-class DiffusionLM(nn.Module):
-    """Everything trained jointly: EMB(w), the denoiser f(x_t, t) and the rounding p(w | x)."""
-
-    def __init__(self, config: Config, vocab_size: int, pretrained_embeddings: torch.Tensor | None = None):
-        super().__init__()
-        d = config.embed_dim
-        self.embedding = LearnedEmbedding(
-            vocab_size, d, pretrained_embeddings, trainable=config.use_learned_embeddings,
-            norm=config.embedding_norm, init_std=config.embedding_init_std, scale=config.embedding_scale,
-        )
-        self.self_conditioned = config.self_condition > 0
-        # With self-conditioning the denoiser also reads its previous x0 estimate, concatenated.
-        self.denoiser = TinyTransformer(
-            d, config.width, config.depth, config.heads, config.seq_len, config.dropout,
-            in_dim=2 * d if self.self_conditioned else d,
-        )
-        tied = self.embedding if config.rounding == "tied" else None
-        self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)
-
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
-        if self.self_conditioned:
-            if x0_estimate is None:
-                x0_estimate = torch.zeros_like(x_t)
-            x_t = torch.cat([x_t, x0_estimate], dim=-1)
-        # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
-        return self.denoiser(x_t, t).float()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dlm.data import atomic_write_bytes
+from dlm.core.data import atomic_write_bytes
 
 FORMAT = "dlm-checkpoint"
 VERSION = 1

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from dlm.data import NO_SPACE_AFTER, NO_SPACE_BEFORE, PAD
+from dlm.core.data import NO_SPACE_AFTER, NO_SPACE_BEFORE, PAD
 
 SLIDER_CSS = """
 .dlm-steps {font-family: var(--jp-content-font-family, sans-serif); margin: 0.5em 0;}

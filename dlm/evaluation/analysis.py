@@ -19,10 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dlm.data import CorpusData, atomic_write_bytes, prepare_data
-from dlm.runs import LoadedRun, RunDir, load_run
-from dlm.sample import SampleOptions, generate
-from dlm.textstats import content_tokens, distinct_n, heldout_windows, is_punctuation, sample_stats  # noqa: F401 (re-exported)
+from dlm.core.data import CorpusData, atomic_write_bytes, prepare_data
+from dlm.core.textstats import content_tokens, distinct_n, heldout_windows, is_punctuation, sample_stats  # noqa: F401 (re-exported)
+from dlm.runs.build import LoadedRun, load_run
+from dlm.runs.rundir import RunDir
+from dlm.runs.sample import SampleOptions, generate
 
 # --- verdict thresholds -------------------------------------------------------------------------
 # A checkpoint's samples count as COLLAPSED when any of these signals trips. Each compares the
@@ -231,7 +232,7 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
         geometry = embedding_geometry(run, counts)
         stats = sample_stats(tokens)
         rows.append({"run": analysis.name, "checkpoint": path.name, "epoch": run.epoch, "step": run.step,
-                     **stats, **geometry_summary(geometry, run.diffusion.schedule.sigma0)})
+                     **stats, **geometry_summary(geometry, run.objective.schedule.sigma0)})
         analysis.geometry[run.epoch] = geometry
         analysis.projection[run.epoch] = projection_2d(run)
         analysis.sample_tokens[run.epoch] = tokens

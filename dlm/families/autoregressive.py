@@ -4,24 +4,22 @@ scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlm.config import Config
-from dlm.embeddings import LearnedEmbedding, LearnedRounding
-from dlm.model import TinyTransformer
+from dlm.core.config import Config
+from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
+from dlm.core.nets import TinyTransformer
 
 
 class AutoregressiveLM(nn.Module):
     """p(w_i | w_<i): token embedding -> causal TinyTransformer -> tied head."""
 
-    def __init__(self, config: Config, vocab_size: int):
+    def __init__(self, config: Config, vocab_size: int, pretrained_embeddings: torch.Tensor | None = None):
         super().__init__()
         d = config.embed_dim
-        self.embedding = LearnedEmbedding(vocab_size, d, init_std=config.embedding_init_std)
+        self.embedding = LearnedEmbedding(vocab_size, d, pretrained_embeddings, init_std=config.embedding_init_std)
         self.transformer = TinyTransformer(d, config.width, config.depth, config.heads, config.seq_len,
                                            config.dropout, causal=True, time_conditioned=False)
         self.head = LearnedRounding(d, vocab_size, tied_embedding=self.embedding)
@@ -68,5 +66,32 @@ class NextTokenObjective:
         return model.losses(ids)
 
 
-def perplexity(mean_nll: float) -> float:
-    return math.exp(mean_nll)
+# --- the family interface (see dlm.families) ---------------------------------------------------
+
+NAME = "ar"
+SCORES_TOKENS = True  # exact per-token likelihoods: it can be the teacher
+ANALYSES = ()  # the collapse and geometry analyses read a diffusion model's table and chain
+
+
+def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> AutoregressiveLM:
+    return AutoregressiveLM(config, vocab_size, pretrained)
+
+
+def objective(config: Config) -> NextTokenObjective:
+    return NextTokenObjective()
+
+
+def trunk(model: AutoregressiveLM) -> nn.Module:
+    return model.transformer
+
+
+def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
+    """`run` (model, tokenizer, config) sampled left to right at options.temperature (0: greedy),
+    each sample starting after a newline, the way the corpus's lines start. No trajectory."""
+    if options.num_samples < 1:
+        raise ValueError("num_samples must be at least 1.")
+    start_id = run.tokenizer.stoi.get("\n", run.tokenizer.unk_id)
+    batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
+                                  start_id, options.temperature, generator).cpu()
+               for first in range(0, options.num_samples, options.batch_size)]
+    return torch.cat(batches), []

@@ -1,0 +1,100 @@
+"""Building a run's model and objective from its config (through its family), and loading a run."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dlm.core.checkpoint import CheckpointError, load_checkpoint
+from dlm.core.config import Config, ConfigError, from_dict
+from dlm.core.data import Tokenizer
+from dlm.core.embeddings import pretrained_table, read_word_vectors
+from dlm.families import family
+from dlm.families.gaussian import GaussianDiffusion
+from dlm.runs.rundir import RunDir
+
+logger = logging.getLogger("dlm")
+
+
+def build_diffusion(config: Config) -> GaussianDiffusion:
+    """The Gaussian diffusion objective of a config (the train notebook reads its schedule)."""
+    return family("diffusion").objective(config)
+
+
+def build_objective(config: Config):
+    """What the training loop minimises, as the config's model family defines it."""
+    return family(config.model).objective(config)
+
+
+def pretrained_vectors(path: str) -> dict[str, torch.Tensor]:
+    """Word vectors from a word2vec/GloVe text file or from a dlm checkpoint's embedding table."""
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from_pretrained: no file at '{path}'. Give a word-vector text file or a dlm checkpoint.")
+    if path.endswith(".pt"):
+        payload = load_checkpoint(path)
+        table = payload["model"]["embedding.weight"]
+        return dict(zip(payload["vocab"]["itos"], table))
+    try:
+        return read_word_vectors(path)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"init_from_pretrained: '{path}' is neither word-vector text nor a dlm checkpoint (.pt)."
+        ) from None
+
+
+def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> nn.Module:
+    """A freshly initialised model of the config's family."""
+    return family(config.model).new_model(config, vocab_size, pretrained)
+
+
+def build_model(config: Config, tokenizer: Tokenizer) -> nn.Module:
+    """A model for training, its table initialised from init_from_pretrained when given."""
+    pretrained = None
+    if config.init_from_pretrained:
+        vectors = pretrained_vectors(config.init_from_pretrained)
+        pretrained, covered = pretrained_table(vectors, tokenizer.itos, config.embed_dim, config.embedding_init_std)
+        logger.info("pretrained embeddings: %d of %d vocabulary words covered (%.1f%%) by %s",
+                    covered, len(tokenizer), 100 * covered / len(tokenizer), config.init_from_pretrained)
+    return new_model(config, len(tokenizer), pretrained)
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    tokenizer: Tokenizer
+    model: nn.Module  # EMA weights when present and asked for
+    objective: object  # the run's training objective, from its family (GaussianDiffusion for diffusion runs)
+    checkpoint: Path
+    step: int
+    epoch: int
+    used_ema: bool
+
+    @property
+    def family(self):
+        """The module of the run's model family (dlm.families)."""
+        return family(self.config.model)
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
+             device: str | torch.device = "cpu") -> LoadedRun:
+    run = RunDir(run_dir)
+    path = Path(checkpoint) if checkpoint else run.last_checkpoint
+    if checkpoint is None and not run.path.is_dir():
+        raise CheckpointError(f"Run folder '{run.path}' does not exist. Train into it first with dlm train.")
+    payload = load_checkpoint(path)
+    config = from_dict(payload["config"])
+    tokenizer = Tokenizer.from_dict(payload["vocab"])
+    model = new_model(config, len(tokenizer))
+    used_ema = use_ema and payload.get("ema") is not None
+    state = payload["ema"] if used_ema else payload["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"'{path}' does not match its own config: {error}") from None
+    model.to(device).eval()
+    return LoadedRun(config, tokenizer, model, build_objective(config), path,
+                     payload["step"], payload["epoch"], used_ema)
