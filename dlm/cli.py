@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
-from dlm.core.data import CorpusError
+from dlm.core.data import CorpusError, check_destination
 from dlm.core.runtime import pick_device
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
@@ -119,6 +119,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
+    check_destination(args.out)  # before sampling, so that a bad --out never costs the samples
     device = pick_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
     options = SampleOptions.from_config(

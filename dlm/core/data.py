@@ -103,6 +103,24 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def check_destination(path: str | Path, what: str = "--out") -> Path:
+    """Fail early, before any work, when a file cannot be written at `path`: it is a folder, it lies
+    under a file, or its folder cannot be created or written."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ValueError(f"{what} is empty: give a file name such as samples/out.jsonl.")
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a folder: give a file inside it, such as {path / 'samples.jsonl'}.")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} '{path}' cannot be written: no write permission in '{parent}'. Choose another path.")
+    return path
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -85,7 +85,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     path = Path(checkpoint) if checkpoint else run.last_checkpoint
     if checkpoint is None and not run.path.is_dir():
         raise CheckpointError(f"Run folder '{run.path}' does not exist. Train into it first with dlm train.")
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, require=("config", "vocab", "model", "step", "epoch"))
     config = from_dict(payload["config"])
     tokenizer = Tokenizer.from_dict(payload["vocab"])
     model = new_model(config, len(tokenizer))
