@@ -4,7 +4,7 @@
     python benchmarks/quality.py --teacher runs/ar --arms base,"decode cosine" --budget_s 60
     python benchmarks/quality.py --quick                         # tiny sizes, a minute: CI's smoke run
 
-Each arm is params/default.yaml with a few keys changed (dlm/ablation.py lists them). Every
+Each arm is params/default.yaml with a few keys changed (dlm/evaluation/ablation.py lists them). Every
 training recipe trains for the same wall-clock seconds (--budget_s, `max_train_seconds`), its lr
 decaying over that time; decoding-only arms reuse their recipe's run. Each arm draws
 --samples sequences with the run's own sampling recipe plus its overrides, and they are scored
@@ -39,13 +39,16 @@ QUICK_OVERRIDES = {"seq_len": 16, "embed_dim": 16, "width": 32, "depth": 1, "hea
                    "max_train_tokens": 4000, "diffusion_steps": 100, "sample_steps": 20, "warmup_steps": 5,
                    "val_batches": 1, "log_every": 10, "progress": False}
 QUICK_ARMS = ["base", "decode cosine", "clamp last 10%", "rounding on clean", "AR T=1.0"]
+# --quick: the AR teacher (trained when --teacher is not given) gets one epoch, not params/ar.yaml's 10:
+# a smoke run checks that samples are scored, not how well.
+QUICK_TEACHER_EPOCHS = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(PARAMS / "default.yaml"), help="the preset every arm changes")
     parser.add_argument("--teacher", help="an AR run (dlm train-ar) that scores samples; trained first when absent")
-    parser.add_argument("--arms", help="comma-separated arm names (default: all); see dlm/ablation.py")
+    parser.add_argument("--arms", help="comma-separated arm names (default: all); see dlm/evaluation/ablation.py")
     parser.add_argument("--budget_s", type=float, help="training seconds per recipe (default 180; --quick: 2)")
     parser.add_argument("--samples", type=int, help="samples per arm (default 64; --quick: 8)")
     parser.add_argument("--no_ar", action="store_true", help="leave out the AR baseline arms")
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         teacher = str(work / "teacher")
         if not (Path(teacher) / "checkpoints" / "last.pt").exists():
             print(f"training the AR teacher from params/ar.yaml into {teacher} ...", flush=True)
-            train(ar_preset.replace(progress=False), teacher)
+            teacher_config = ar_preset.replace(progress=False)
+            if args.quick:
+                teacher_config = teacher_config.replace(epochs=QUICK_TEACHER_EPOCHS, checkpoint_every=1)
+            train(teacher_config, teacher)
 
     start = time.perf_counter()
     table = run_ablation(base, arms, teacher, work, args.budget_s, args.samples, ar_preset,

@@ -52,6 +52,7 @@ def test_ar_arms_train_on_the_base_data_and_batch(tiny_default, tiny_ar):
         arm_config(tiny_default, AR_ARMS[0], None)
 
 
+@pytest.mark.slow
 def test_run_ablation_shares_runs_between_decoding_arms_and_scores_every_arm(tmp_path, tiny_default, tiny_ar):
     teacher = tmp_path / "teacher"
     train(tiny_ar, teacher)
@@ -73,6 +74,7 @@ def test_run_ablation_shares_runs_between_decoding_arms_and_scores_every_arm(tmp
     assert "| held-out text | reference |" in markdown and "| AR T=0.8 | autoregressive |" in markdown
 
 
+@pytest.mark.slow
 def test_quality_script_quick_writes_csv_and_markdown(tmp_path, corpus):
     quality = load_quality_script()
     rc = quality.main(["--quick", "--corpus", str(corpus), "--arms", "base,draw at T=1", "--no_ar",

@@ -18,6 +18,7 @@ def train_args(corpus, run_dir, *extra):
             "--max_train_tokens", "none", *extra]
 
 
+@pytest.mark.slow
 def test_smoke_train_and_sample_through_python_m(corpus, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "samples" / "s.jsonl"
     command = [sys.executable, "-m", "dlm"]

@@ -52,6 +52,7 @@ def test_token_distribution_renders_several_streams():
     assert png_bytes(figure) > 1000
 
 
+@pytest.mark.slow
 def test_collapse_figures_render():
     series = pd.DataFrame([
         {"run": run, "epoch": e, "punctuation_share": 0.2 * e, "unigram_entropy": 8 - e, "distinct_1": 0.5,

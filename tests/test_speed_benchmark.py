@@ -15,6 +15,7 @@ def load_speed():
     return module
 
 
+@pytest.mark.slow
 def test_quick_benchmark_has_every_row(corpus, tmp_path, capsys):
     speed = load_speed()
     out = tmp_path / "speed.csv"
@@ -61,6 +62,7 @@ def test_flops_count_matches_the_model():
     assert flops["attention"] == 12 * config.depth * config.seq_len * config.width
 
 
+@pytest.mark.slow
 def test_training_runs_in_its_own_process(corpus):
     speed = load_speed()
     result = speed.training_in_subprocess("smoke.yaml", {"corpus": str(corpus), "min_count": 1, "max_train_tokens": None},

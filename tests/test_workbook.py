@@ -54,6 +54,7 @@ def test_train_parameters_match_the_config():
         assert parameters[key]["default"] == "None", f"{key}: None must mean 'the preset's value'"
 
 
+@pytest.mark.slow
 def test_papermill_help_notebook_lists_typed_parameters():
     out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(ROOT / "notebooks" / "train.ipynb")],
                          capture_output=True, text=True, check=True).stdout
@@ -189,6 +190,7 @@ def test_report_command_errors(tmp_path, monkeypatch, capsys):
     assert "already holds a report" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_m_dlm_report_is_the_report_command():
     done = subprocess.run([sys.executable, "-m", "dlm", "report", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "usage: dlm report" in done.stdout and "--name" in done.stdout

@@ -144,7 +144,7 @@ def slug(name: str) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """The README's table: one line per arm, ratios to held-out text where they read better."""
+    """The ablation table (benchmarks/results/quality.md): one line per arm, ratios to held-out text where they read better."""
     header = ["arm", "group", "steps", "train s", "teacher ppl", "entropy (bits)", "punct", "distinct-2",
               "types", "top-10", "JS", "4-gram copy", "collapsed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
