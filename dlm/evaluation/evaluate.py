@@ -21,7 +21,9 @@ import torch
 
 from dlm.core.data import Tokenizer
 from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
-from dlm.evaluation.analysis import collapse_signals, ids_to_tokens, run_data
+from dlm.evaluation.collapse import collapse_signals
+from dlm.evaluation.rundata import run_data
+from dlm.evaluation.tokens import ids_to_tokens
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
 
@@ -87,13 +89,14 @@ def compare(samples: Sequence[Sequence[str]], heldout: Sequence[Sequence[str]], 
     ref = text_metrics(heldout, train_ngrams, types_count)
     mine["js_divergence"] = js_divergence(unigram_distribution(sample_tokens), unigram_distribution(heldout_tokens))
     ref["js_divergence"] = 0.0
-    verdict = collapse_verdict(mine, ref)
+    verdict = samples_collapse_verdict(mine, ref)
     return {"samples": mine, "heldout": ref, "types_count": types_count, **verdict}
 
 
-def collapse_verdict(mine: dict, ref: dict) -> dict:
-    """The same signals and thresholds as the collapse analysis (dlm/analysis.py), so a run is
-    called collapsed by one rule wherever it is looked at."""
+def samples_collapse_verdict(mine: dict, ref: dict) -> dict:
+    """One set of samples' metrics against held-out text's: collapsed or not, and which signals
+    say so. The signals and thresholds of dlm.evaluation.collapse (whose run_collapse_verdict judges
+    a run over its checkpoints), so a run is called collapsed by one rule wherever it is looked at."""
     reasons = [name for name, tripped in collapse_signals(mine, ref).items() if tripped]
     return {"collapsed": bool(reasons), "collapse_reasons": reasons}
 

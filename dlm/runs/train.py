@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config
+from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.core.runtime import autocast, resolved_precision
 from dlm.runs.rundir import RunDir
@@ -102,11 +103,8 @@ def embedding_stats(table: torch.Tensor, max_rows: int = 2048) -> dict[str, floa
     """Mean row norm, and the mean distance from a row to its nearest other row (on up to
     `max_rows` rows): shrinking or merging embeddings show up here before samples fail."""
     table = table.detach().float()
-    rows = table[:max_rows]
-    distances = torch.cdist(rows, table)
-    distances[torch.arange(len(rows)), torch.arange(len(rows))] = float("inf")
     return {"embedding_norm": table.norm(dim=-1).mean().item(),
-            "nn_distance": distances.min(dim=-1).values.mean().item()}
+            "nn_distance": nearest_neighbour_distances(table, rows=max_rows).mean().item()}
 
 
 @torch.no_grad()

@@ -320,7 +320,7 @@ def write_index(reports_dir: str | Path) -> Path:
         f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>"
         "<p>Each report ran notebooks/train.ipynb, sample.ipynb and collapse_analysis.ipynb on one preset "
         "(<code>dlm report PARAMS.yaml --name NAME</code>). Samples and held-out text are compared at the same "
-        "shape; the verdict thresholds are in dlm/analysis.py.</p>"
+        "shape; the verdict thresholds are in dlm/evaluation/collapse.py.</p>"
         f"<table>\n{header}\n{body}\n</table></body></html>\n"
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
