@@ -199,7 +199,3 @@ def side_by_side(columns: dict[str, Sequence[str]], limit: int | None = None) ->
     return pd.DataFrame({name: [t.replace("\n", " / ") for t in (list(texts)[:limit] if limit else texts)]
                          for name, texts in columns.items()})
 
-
-def escaped_table(frame: pd.DataFrame, **options) -> str:
-    """A DataFrame as escaped HTML (pandas escapes by default; stated here so it stays that way)."""
-    return frame.to_html(escape=True, **options)

@@ -212,11 +212,10 @@ def run_numbers(run_dir: str | Path) -> dict:
     """The numbers the index shows, from what the notebooks left in the run folder."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     numbers: dict[str, Any] = {}
-    metrics_path = run_dir / "metrics.csv"
-    if metrics_path.is_file():
-        metrics = pd.read_csv(metrics_path)
+    if run.metrics.is_file():
+        metrics = pd.read_csv(run.metrics)
         train = metrics[metrics["total"].notna()]
         val = metrics[metrics["val_total"].notna()]
         if len(metrics):
@@ -229,14 +228,14 @@ def run_numbers(run_dir: str | Path) -> dict:
             last = val.iloc[-1]
             numbers.update(val_loss=float(last["val_total"]), val_mse=float(last["val_mse"]),
                            val_rounding=float(last["val_rounding"]))
-    summary = _read_json(run_dir / "samples" / "summary.json")
+    summary = _read_json(run.sample_summary)
     if summary:
         for side in ("samples", "heldout"):
             stats = summary.get(side, {})
             for key in ("punctuation_share", "unigram_entropy", "types", "top10_share"):
                 if key in stats:
                     numbers[f"{side}_{key}"] = stats[key]
-    verdict = _read_json(run_dir / "analysis" / "verdict.json")
+    verdict = _read_json(run.verdict)
     if verdict:
         numbers.update(collapsed=verdict.get("collapsed"), collapse_began_epoch=verdict.get("began_epoch"),
                        collapse_signals=verdict.get("signals", ""), collapse_warnings=verdict.get("warnings", ""))
@@ -437,7 +436,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
 def report_size(report_dir: str | Path, include_checkpoints: bool = True) -> int:
     """Bytes under a report folder (optionally leaving out the run's checkpoints)."""
     total = 0
+    checkpoints = RunDir(Path(report_dir) / "run").checkpoints
     for path in Path(report_dir).rglob("*"):
-        if path.is_file() and (include_checkpoints or "checkpoints" not in path.parts):
+        if path.is_file() and (include_checkpoints or not path.is_relative_to(checkpoints)):
             total += path.stat().st_size
     return total
