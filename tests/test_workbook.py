@@ -65,7 +65,7 @@ def test_papermill_help_notebook_lists_typed_parameters():
 @pytest.mark.parametrize("name", ["sample", "collapse_analysis"])
 def test_sample_and_collapse_parameters(name):
     parameters = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
-    assert parameters["num_samples"]["inferred_type_name"] == "int" and parameters["num_samples"]["default"] == "64"
+    assert parameters["num_samples"]["inferred_type_name"] == "int" and int(parameters["num_samples"]["default"]) > 0
     assert parameters["steps"]["default"] == "-1" and "sample_steps" in parameters["steps"]["help"]
 
 

@@ -6,6 +6,8 @@ judge each checkpoint and the run (dlm.evaluation.collapse), and write what the 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from dlm.evaluation.geometry import embedding_geometry, geometry_summary, projec
 from dlm.evaluation.rundata import heldout_sequences, run_checkpoints, run_data, sample_checkpoint, train_token_counts
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir
+
+logger = logging.getLogger("dlm")
 
 
 @dataclass
@@ -56,7 +60,10 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
             analysis = RunAnalysis(name or run_dir.name, run_dir, sample_stats(heldout_tokens), pd.DataFrame(),
                                    heldout_tokens=heldout_tokens)
             counts = train_token_counts(run, data)
+        began = time.perf_counter()
         tokens = sample_checkpoint(run, num_samples, steps, seed)
+        logger.info("analysis: %s (epoch %d), %d samples in %.1fs", path.name, run.epoch, num_samples,
+                    time.perf_counter() - began)
         geometry = embedding_geometry(run, counts)
         stats = sample_stats(tokens)
         rows.append({"run": analysis.name, "checkpoint": path.name, "epoch": run.epoch, "step": run.step,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config
@@ -297,9 +297,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
                        **embedding_stats(model.embedding.table()), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": interval_tokens / (now - interval_start), "elapsed_s": now - start}
                 metrics.write(row)
-                logger.info("step %6d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s",
-                            step, epoch, row["total"], _terms_text(row, terms[1:]), row["embedding_norm"],
-                            row["nn_distance"], row["lr"], row["tokens_per_s"])
+                left_s = (budget_s - (now - start) if budget_s is not None
+                          else (total_steps - step) * (now - start) / max(1, step - first_step))
+                logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
+                            step, total_steps, epoch, row["total"], _terms_text(row, terms[1:]), row["embedding_norm"],
+                            row["nn_distance"], row["lr"], row["tokens_per_s"], *divmod(max(0, round(left_s)), 60))
                 sums.zero_()
                 interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             if step >= total_steps or out_of_time:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,16 +123,40 @@ def path_for_kernel(path: Path, cwd: Path) -> str:
 
 # --- running and exporting one notebook ---------------------------------------------------------
 
+class Echo:
+    """A file-like that writes the text a kernel prints to a terminal stream, each line indented,
+    so a long notebook (a training run) shows its log lines while it runs."""
+
+    def __init__(self, stream, prefix: str = "  | "):
+        self.stream = stream
+        self.prefix = prefix
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
-            cwd: str | Path | None = None, kernel_name: str | None = None) -> Path:
-    """Execute a notebook with papermill (no progress bar). Raises PapermillExecutionError, after
-    papermill has written the executed copy with the failing cell marked."""
+            cwd: str | Path | None = None, kernel_name: str | None = None, echo: bool = False) -> Path:
+    """Execute a notebook with papermill (no progress bar). `echo`: what the cells print (e.g. the
+    training loop's log lines with loss, tokens/s and ETA) goes to this process's stdout and stderr
+    while they run. Raises PapermillExecutionError, after papermill has written the executed copy
+    with the failing cell marked."""
     import papermill
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    streams = {"stdout_file": Echo(sys.stdout), "stderr_file": Echo(sys.stderr)} if echo else {}
     papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters or {}), cwd=cwd and str(cwd),
-                               kernel_name=kernel_name, progress_bar=False, log_output=False)
+                               kernel_name=kernel_name, progress_bar=False, log_output=False, **streams)
     return output
 
 
@@ -350,12 +375,13 @@ def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
 def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports",
                  show_code: bool = False, overwrite: bool = False,
                  parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                 kernel_name: str | None = None, from_run: str | Path | None = None) -> Path:
+                 kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
     """Run the three notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them.
 
     `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
     `from_run` starts the report from a run already trained on that preset (it is linked into
     NAME/run and the train notebook resumes it: nothing left to train, only its pages to draw).
+    `echo` streams what each notebook prints (training log lines with ETA) to the terminal.
     Returns the report folder; raises NotebookFailed when a notebook fails.
     """
     params = Path(params)
@@ -400,7 +426,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         try:
             execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
                     {**chain[notebook], **extra.get(notebook, {})},
-                    cwd=cwd, kernel_name=kernel_name)
+                    cwd=cwd, kernel_name=kernel_name, echo=echo)
         except Exception as error:
             from papermill.exceptions import PapermillExecutionError
 
