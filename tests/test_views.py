@@ -89,3 +89,12 @@ def test_char_level_tokens_are_not_spaced():
     frames = [{"index": 0, "t": 0, "ids": [[2, 3, 4, 2]]}]
     assert ">ab a</li>" in views.slider_html(frames, char_itos, char_level=True)
     assert views.StepViewer(frames, char_itos, char_level=True).text.value.endswith("ab a</li></ol>")
+
+
+def test_folded_table_and_headline():
+    folded = views.Folded(pd.DataFrame({"value": ["<x>"]}), "configuration: 1 key")
+    shown = folded._repr_html_()
+    assert shown.startswith("<details><summary>configuration: 1 key</summary>") and "&lt;x&gt;" in shown
+    assert repr(folded).startswith("configuration: 1 key\n")
+    table = views.headline({"steps": 10, "val loss": 2.123456, "missing": None})
+    assert list(table.index) == ["steps", "val loss"] and table.loc["val loss", "value"] == 2.1235

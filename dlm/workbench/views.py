@@ -224,3 +224,25 @@ def side_by_side(columns: dict[str, Sequence[str]], limit: int | None = None) ->
     return pd.DataFrame({name: [mark_unknown(t) for t in (list(texts)[:limit] if limit else texts)]
                          for name, texts in columns.items()})
 
+
+
+class Folded:
+    """A table folded under a one-line summary (<details>): shown last and closed, so a page leads
+    with its results. Plain text shows the summary and the table."""
+
+    def __init__(self, content, summary: str):
+        self.content = content
+        self.summary = summary
+
+    def _repr_html_(self) -> str:
+        inner = self.content.to_html() if hasattr(self.content, "to_html") else html.escape(str(self.content))
+        return f"<details><summary>{html.escape(self.summary)}</summary>{inner}</details>"
+
+    def __repr__(self) -> str:
+        return f"{self.summary}\n{self.content}"
+
+
+def headline(values: dict, digits: int = 4) -> pd.DataFrame:
+    """A run's key numbers as a one-column table (None left out), for the top of a page."""
+    shown = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+    return pd.DataFrame({"value": pd.Series(shown, dtype=object)})

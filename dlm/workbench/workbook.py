@@ -188,6 +188,36 @@ def strip_widgets(nb) -> Any:
     return nb
 
 
+FOLD_LINES = 12  # printed output longer than this is folded on a page (the training log)
+
+
+def fold_long_streams(nb, max_lines: int = FOLD_LINES) -> Any:
+    """Printed output of more than `max_lines` lines (the training log) becomes a folded
+    <details> block on the page, its last line in the summary, so a page leads with its results;
+    JupyterLab and the terminal still show every line as it is printed."""
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        for index, output in enumerate(cell.get("outputs", [])):
+            if output.get("output_type") != "stream":
+                continue
+            text = output.get("text", "")
+            lines = text.rstrip("\n").splitlines()
+            if len(lines) <= max_lines:
+                continue
+            summary = f"log: {len(lines)} lines (last: {lines[-1].strip()[:120]})"
+            folded = (f'<details class="dlm-log"><summary>{html.escape(summary)}</summary>'
+                      f'<pre style="max-height:30em;overflow:auto">{html.escape(text)}</pre></details>')
+            cell["outputs"][index] = _html_output(folded, text)
+    return nb
+
+
+def _html_output(html_text: str, plain: str):
+    from nbformat.v4 import new_output
+
+    return new_output("display_data", data={"text/html": html_text, "text/plain": plain})
+
+
 def html_exporter(show_code: bool = False):
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
@@ -213,7 +243,7 @@ def export_html(executed: str | Path, page: str | Path | None = None, show_code:
 
     executed = Path(executed)
     page = Path(page) if page else executed.with_suffix(".html")
-    nb = strip_widgets(nbformat.read(executed, as_version=4))
+    nb = fold_long_streams(strip_widgets(nbformat.read(executed, as_version=4)))
     if title:
         nb.metadata["title"] = title
     body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem}})
@@ -326,18 +356,20 @@ def write_index(reports_dir: str | Path) -> Path:
         types = f'{_fmt(numbers.get("samples_types"))} / {_fmt(numbers.get("heldout_types"))}'
         cells = [
             f"<td><b>{html.escape(name)}</b><br>{links}</td>",
+            f"<td>{html.escape(_verdict_text(numbers))}</td>",
             f"<td>{status_html}<br><span class=\"muted\">{html.escape(report.get('created', ''))}</span></td>",
             f"<td>{html.escape(str(report.get('params', '')))}</td>",
             f'<td class="num">{_fmt(numbers.get("steps"))} / {_fmt(numbers.get("epochs"))}</td>',
-            f'<td class="num">{_fmt(report.get("wall_s"), 0)}</td>',
+            f'<td class="num">{_fmt(report.get("wall_s"), 0)}<br><span class="muted">'
+            f'{html.escape(" / ".join(_fmt(report.get("notebook_s", {}).get(nb), 0) for nb in NOTEBOOKS))}</span></td>',
             f'<td class="num">{_fmt(numbers.get("train_loss"))} / {_fmt(numbers.get("val_loss"))}</td>',
             f'<td class="num">{punct}</td>', f'<td class="num">{entropy}</td>', f'<td class="num">{types}</td>',
-            f"<td>{html.escape(_verdict_text(numbers))}</td>",
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    header = ("<tr><th>report</th><th>status</th><th>preset</th><th>steps / epochs</th><th>wall time (s)</th>"
+    header = ("<tr><th>report</th><th>verdict</th><th>status</th><th>preset</th><th>steps / epochs</th>"
+              "<th>wall time (s)<br><span class='muted'>train / sample / analysis</span></th>"
               "<th>loss: train / val</th><th>punctuation: samples / held-out</th>"
-              "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th><th>verdict</th></tr>")
+              "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th></tr>")
     body = "\n".join(rows) if rows else '<tr><td colspan="10" class="muted">No reports yet.</td></tr>'
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dlm reports</title>'
