@@ -217,7 +217,8 @@ def test_a_kernel_that_cannot_run_is_reported(tmp_path, monkeypatch):
 def test_long_printed_output_is_folded_on_the_page(tmp_path):
     log = "".join(f"step {i:4d} | loss {1 / i:.3f}\n" for i in range(1, 41))
     nb = new_notebook(cells=[new_markdown_cell("# Train"),
-                             new_code_cell("train()", outputs=[new_output("stream", name="stdout", text=log)]),
+                             new_code_cell("train()", outputs=[new_output("stream", name="stdout", text=line)
+                                                               for line in log.splitlines(keepends=True)]),
                              new_code_cell("print(1)", outputs=[new_output("stream", name="stdout", text="short\n")])])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "t.ipynb")

@@ -198,7 +198,16 @@ def fold_long_streams(nb, max_lines: int = FOLD_LINES) -> Any:
     for cell in nb.cells:
         if cell.get("cell_type") != "code":
             continue
-        for index, output in enumerate(cell.get("outputs", [])):
+        merged = []  # a kernel prints a log line per message: join neighbouring pieces of one stream
+        for output in cell.get("outputs", []):
+            previous = merged[-1] if merged else None
+            if (output.get("output_type") == "stream" and previous is not None
+                    and previous.get("output_type") == "stream" and previous.get("name") == output.get("name")):
+                previous["text"] = previous.get("text", "") + output.get("text", "")
+            else:
+                merged.append(output)
+        cell["outputs"] = merged
+        for index, output in enumerate(merged):
             if output.get("output_type") != "stream":
                 continue
             text = output.get("text", "")
