@@ -29,6 +29,7 @@ import torch
 
 from dlm.core.config import load_config
 from dlm.evaluation.ablation import AR_ARMS, ARMS, markdown_table, run_ablation
+from dlm.runs.rundir import RunDir
 from dlm.runs.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = args.teacher
     if teacher is None:
         teacher = str(work / "teacher")
-        if not (Path(teacher) / "checkpoints" / "last.pt").exists():
+        if not RunDir(teacher).last_checkpoint.exists():
             print(f"training the AR teacher from params/ar.yaml into {teacher} ...", flush=True)
             teacher_config = ar_preset.replace(progress=False)
             if args.quick:

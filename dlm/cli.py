@@ -133,7 +133,8 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> None:
-    from dlm.evaluation import analysis
+    from dlm.evaluation.rundata import heldout_sequences
+    from dlm.evaluation.tokens import ids_to_tokens, top_tokens
 
     run = load_run(args.run_dir)
     path = Path(args.samples)
@@ -142,9 +143,9 @@ def run_stats(args: argparse.Namespace) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"'{path}' holds no samples.")
-    samples = analysis.ids_to_tokens([r["ids"] for r in records], run.tokenizer.itos)
-    heldout = analysis.heldout_sequences(run, len(samples))
-    report = {name: {**sample_stats(seqs), "top_tokens": analysis.top_tokens(seqs, 5)}
+    samples = ids_to_tokens([r["ids"] for r in records], run.tokenizer.itos)
+    heldout = heldout_sequences(run, len(samples))
+    report = {name: {**sample_stats(seqs), "top_tokens": top_tokens(seqs, 5)}
               for name, seqs in (("samples", samples), ("heldout", heldout))}
     for name, summary in report.items():
         top = ", ".join(f"{t!r} {share:.3f}" for t, share in summary["top_tokens"])

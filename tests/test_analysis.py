@@ -5,17 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dlm.evaluation import analysis
-from dlm.evaluation.analysis import (
-    collapse_signals,
-    collapse_verdict,
-    distinct_n,
-    nearest_neighbour_distances,
-    pick_checkpoints,
-    sample_stats,
-    signal_table,
-)
-from dlm.runs.train import train
+from dlm.core.embeddings import nearest_neighbour_distances, pca_project
+from dlm.core.textstats import distinct_n, sample_stats
+from dlm.evaluation import analysis, rundata
+from dlm.evaluation.collapse import collapse_signals, run_collapse_verdict, signal_table
+from dlm.evaluation.rundata import pick_checkpoints
+from dlm.runs.rundir import RunDir
+from dlm.runs.train import embedding_stats, train
 
 HELDOUT = {"punctuation_share": 0.2, "unigram_entropy": 8.0, "distinct_2": 0.9, "top1_share": 0.08}
 
@@ -51,6 +47,19 @@ def test_nearest_neighbour_distances_match_brute_force():
     table = torch.randn(37, 5, generator=torch.Generator().manual_seed(0))
     full = torch.cdist(table, table) + torch.diag(torch.full((37,), float("inf")))
     assert torch.allclose(nearest_neighbour_distances(table, chunk=8), full.min(-1).values, atol=1e-5)
+    # the first `rows` rows against the whole table: what training logs on a large vocabulary
+    assert torch.allclose(nearest_neighbour_distances(table, rows=10, chunk=4), full.min(-1).values[:10], atol=1e-5)
+    stats = embedding_stats(table, max_rows=10)
+    assert stats["nn_distance"] == pytest.approx(full.min(-1).values[:10].mean().item(), abs=1e-5)
+
+
+def test_projection_is_the_shared_pca():
+    table = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+    projected = pca_project(table, 2)
+    assert projected.shape == (20, 2)
+    centred = table - table.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).S[:2]
+    assert torch.allclose(projected.norm(dim=0), top, atol=1e-4)  # the top two components' spread
 
 
 def test_pick_checkpoints_keeps_first_and_last():
@@ -62,7 +71,7 @@ def test_pick_checkpoints_keeps_first_and_last():
 
 
 def test_verdict_healthy_run():
-    verdict = collapse_verdict(series_of([healthy(1), healthy(2)]), HELDOUT, "r")
+    verdict = run_collapse_verdict(series_of([healthy(1), healthy(2)]), HELDOUT, "r")
     assert verdict["collapsed"] is False and verdict["began_epoch"] is None
     assert verdict["signals"] == "" and verdict["warnings"] == ""
 
@@ -70,7 +79,7 @@ def test_verdict_healthy_run():
 def test_verdict_names_the_signal_and_when_it_began():
     rows = [healthy(1), healthy(2, punctuation_share=0.7), healthy(3), healthy(4, punctuation_share=0.8),
             healthy(5, punctuation_share=0.9, top1_share=0.4, unigram_entropy=2.0)]
-    verdict = collapse_verdict(series_of(rows), HELDOUT, "r")
+    verdict = run_collapse_verdict(series_of(rows), HELDOUT, "r")
     assert verdict["collapsed"] is True
     assert verdict["began_epoch"] == 4  # the final unbroken stretch; epoch 2 recovered at 3
     assert verdict["signals"] == "punctuation, one token dominates, low entropy"
@@ -88,7 +97,7 @@ def test_punctuation_threshold_is_relative_to_heldout_with_a_floor():
 
 def test_geometry_warnings():
     rows = [healthy(1), healthy(2, embedding_norm=2.0, nn_over_sigma0=1.5)]
-    verdict = collapse_verdict(series_of(rows), HELDOUT)
+    verdict = run_collapse_verdict(series_of(rows), HELDOUT)
     assert verdict["collapsed"] is False
     assert verdict["warnings"] == "rows within noise, table shrank"
 
@@ -114,15 +123,47 @@ def test_analyse_run_and_write_verdict(trained_run):
     (path,) = analysis.write_verdict([result])
     verdict = json.loads(path.read_text())
     assert verdict["run"] == "tiny" and verdict["checkpoints"] == 2 and "heldout" in verdict
-    assert (trained_run / "analysis" / "series.csv").is_file()
+    assert path == RunDir(trained_run).verdict and RunDir(trained_run).series.is_file()
 
 
 def test_checkpoint_samples_table(trained_run):
-    table = analysis.checkpoint_samples_table(trained_run, num_samples=2, steps=4, max_checkpoints=2)
+    table = rundata.checkpoint_samples_table(trained_run, num_samples=2, steps=4, max_checkpoints=2)
     assert list(table.columns) == ["epoch", "step", "sample", "text"]
     assert list(table["epoch"]) == [1, 1, 3, 3]
 
 
 def test_run_checkpoints_without_any(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
-        analysis.run_checkpoints(tmp_path)
+        rundata.run_checkpoints(tmp_path)
+
+
+def test_analysis_does_not_reexport_textstats():
+    assert not hasattr(analysis, "distinct_n") and not hasattr(analysis, "content_tokens")
+
+
+LAYERS = {"core": 0, "families": 1, "runs": 2, "evaluation": 3, "workbench": 4, "cli": 5}
+
+
+def test_imports_go_down_the_layers():
+    """dlm/core < families < runs < evaluation < workbench < cli: no module imports from a layer
+    above its own (a layer may import its own modules)."""
+    import ast
+    from pathlib import Path
+
+    import dlm
+
+    root = Path(dlm.__file__).parent
+    upward = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] not in LAYERS:
+            continue
+        own = LAYERS[parts[0]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                bits = name.split(".")
+                if bits[0] == "dlm" and len(bits) > 1 and LAYERS.get(bits[1], -1) > own:
+                    upward.append(f"{path.relative_to(root)} imports {name}")
+    assert not upward, upward

@@ -85,3 +85,13 @@ def test_step_counts_keep_what_the_run_can_take_and_name_bad_entries():
         notebook.step_counts("0", total_steps=100)
     with pytest.raises(ValueError, match="exceeds"):
         notebook.step_counts("500", total_steps=100)
+
+
+def test_unknown_parameter_is_rejected_with_a_suggestion():
+    declared = notebook.assigned_names('run_dir: str = "runs/x"  # a folder\nepochs: Optional[int] = None\nx = 1\n')
+    assert declared == ["run_dir", "epochs", "x"]
+    notebook.unknown_parameters(declared, ["epochs", "run_dir"])  # all known: no error
+    notebook.unknown_parameters(declared, ["lr"], also_allowed={"lr"})
+    with pytest.raises(ValueError, match=r"Unknown parameter 'epoch' for train.ipynb. Did you mean 'epochs'\?") as caught:
+        notebook.unknown_parameters(declared, ["epoch"], notebook="train.ipynb")
+    assert "\n" not in str(caught.value)

@@ -1,6 +1,8 @@
 """End to end: the notebooks executed by papermill with tiny parameters, the report chain, the
 HTML pages in headless Chromium with the network blocked, and JupyterLab serving the notebooks."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -47,8 +49,11 @@ def report(tmp_path_factory):
     """One report built through the papermill API: each notebook executed in a temp folder."""
     folder = tmp_path_factory.mktemp("report")
     preset = tiny_preset(folder)
-    report_dir = workbook.build_report(preset, name="tiny", reports_dir=folder / "reports",
-                                       parameters={"sample": SAMPLE, "collapse_analysis": COLLAPSE})
+    terminal = io.StringIO()
+    with contextlib.redirect_stdout(terminal):  # what the notebooks print is echoed while they run
+        report_dir = workbook.build_report(preset, name="tiny", reports_dir=folder / "reports",
+                                           parameters={"sample": SAMPLE, "collapse_analysis": COLLAPSE})
+    (folder / "terminal.txt").write_text(terminal.getvalue())
     return report_dir
 
 
@@ -76,6 +81,23 @@ def test_report_runs_every_notebook(report):
     assert ">tiny<" in index and 'href="tiny/sample.html"' in index
 
 
+def test_report_shows_training_progress_on_the_terminal(report):
+    printed = (report.parent.parent / "terminal.txt").read_text()
+    steps = [line for line in printed.splitlines() if re.search(r"step +\d+/\d+ \|.*loss.*tok/s \| eta \d+:\d\d", line)]
+    assert steps, printed[-2000:]
+    assert "epoch" in printed and "val loss" in printed and "analysis:" in printed
+
+
+def test_unknown_parameter_is_rejected_before_training(tmp_path):
+    with pytest.raises(PapermillExecutionError) as caught:
+        papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"params": str(tiny_preset(tmp_path)), "run_dir": str(tmp_path / "run"),
+                                               "epoch": 1},
+                                   progress_bar=False, cwd=str(tmp_path))
+    assert caught.value.ename == "ValueError" and "Did you mean 'epochs'?" in caught.value.evalue
+    assert not (tmp_path / "run").exists()
+
+
 def test_report_pages_are_self_contained(report):
     pages = [report / f"{name}.html" for name in workbook.NOTEBOOKS] + [report.parent / "index.html"]
     for page in pages:
@@ -86,11 +108,13 @@ def test_report_pages_are_self_contained(report):
     train = (report / "train.html").read_text()
     assert train.count("data:image/png;base64,") >= 2  # loss curves, training curves
     assert "loss" in train and "step" in train
+    assert train.index("Result") < train.index("Configuration") and "<details" in train  # config folded, last
     sample = (report / "sample.html").read_text()
     assert 'type="range"' in sample and sample.count("data:image/png;base64,") >= 3
     assert "Quality against sampling steps" in sample
     collapse = (report / "collapse_analysis.html").read_text()
-    assert "Verdict" in collapse and collapse.count("data:image/png;base64,") >= 5
+    assert collapse.index("Verdict") < collapse.index("Sample statistics over training")  # the verdict first
+    assert collapse.count("data:image/png;base64,") >= 5
 
 
 def test_papermill_command_line_p_wins_over_f(tmp_path):
@@ -105,7 +129,7 @@ def test_papermill_command_line_p_wins_over_f(tmp_path):
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert config["epochs"] == 1  # -p beats -f
     assert config["seq_len"] == 12  # -f beats the preset
-    assert config["embed_dim"] == 16 and config["progress"] is False  # the preset; no progress bar in a notebook
+    assert config["embed_dim"] == 16 and config["progress"] is True  # the preset; a live bar in a notebook
     assert error_outputs(tmp_path / "out.ipynb") == []
 
 

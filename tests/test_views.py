@@ -68,3 +68,33 @@ def test_tables_escape_generated_text():
 
 def test_default_record_every():
     assert views.default_record_every(200) == 5 and views.default_record_every(20) == 1
+
+
+def test_unk_is_shown_distinctly():
+    out = views.render_tokens(["my", "<unk>", "lord"])
+    assert out.startswith("my ") and out.endswith(" lord") and 'class="dlm-unk"' in out
+    assert "&lt;unk&gt;</span>" not in out.split("title=")[0]  # a styled box, not the raw tag
+    frame = views.samples_frame(["my <unk> lord\nnext"])
+    assert frame["sample"][0] == f"my {views.UNK_MARK} lord / next"  # plain tables: a visible marker
+    styled = views.text_table(pd.DataFrame({"text": ["my <unk> & <b>"], "n": [1.5]})).to_html()
+    assert 'class="dlm-unk"' in styled and "&amp; &lt;b&gt;" in styled and "<b>" not in styled
+    side = views.side_by_side({"learned": ["<unk>"]})
+    assert side["learned"][0] == views.UNK_MARK
+
+
+def test_char_level_tokens_are_not_spaced():
+    assert views.render_tokens(["m", "y", " ", "l", "o"], char_level=True) == "my lo"
+    assert views.render_tokens(["m", "y"]) == "m y"  # word level: spaced
+    char_itos = ["<pad>", "<unk>", "a", "b", " "]
+    frames = [{"index": 0, "t": 0, "ids": [[2, 3, 4, 2]]}]
+    assert ">ab a</li>" in views.slider_html(frames, char_itos, char_level=True)
+    assert views.StepViewer(frames, char_itos, char_level=True).text.value.endswith("ab a</li></ol>")
+
+
+def test_folded_table_and_headline():
+    folded = views.Folded(pd.DataFrame({"value": ["<x>"]}), "configuration: 1 key")
+    shown = folded._repr_html_()
+    assert shown.startswith("<details><summary>configuration: 1 key</summary>") and "&lt;x&gt;" in shown
+    assert repr(folded).startswith("configuration: 1 key\n")
+    table = views.headline({"steps": 10, "val loss": 2.123456, "missing": None})
+    assert list(table.index) == ["steps", "val loss"] and table.loc["val loss", "value"] == 2.1235

@@ -66,7 +66,7 @@ def test_papermill_help_notebook_lists_typed_parameters():
 @pytest.mark.parametrize("name", ["sample", "collapse_analysis"])
 def test_sample_and_collapse_parameters(name):
     parameters = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
-    assert parameters["num_samples"]["inferred_type_name"] == "int" and parameters["num_samples"]["default"] == "64"
+    assert parameters["num_samples"]["inferred_type_name"] == "int" and int(parameters["num_samples"]["default"]) > 0
     assert parameters["steps"]["default"] == "-1" and "sample_steps" in parameters["steps"]["help"]
 
 
@@ -214,3 +214,40 @@ def test_a_kernel_that_cannot_run_is_reported(tmp_path, monkeypatch):
     info = json.loads((tmp_path / "r" / "p" / "report.json").read_text())
     assert info["status"] == "failed" and info["failure"]["notebook"] == "train"
     assert "failed in train.ipynb" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_long_printed_output_is_folded_on_the_page(tmp_path):
+    log = "".join(f"step {i:4d} | loss {1 / i:.3f}\n" for i in range(1, 41))
+    nb = new_notebook(cells=[new_markdown_cell("# Train"),
+                             new_code_cell("train()", outputs=[new_output("stream", name="stdout", text=line)
+                                                               for line in log.splitlines(keepends=True)]),
+                             new_code_cell("print(1)", outputs=[new_output("stream", name="stdout", text="short\n")])])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "t.ipynb")
+    page = workbook.export_html(tmp_path / "t.ipynb").read_text()
+    assert "<details" in page and "log: 40 lines (last: step   40 | loss 0.025)" in page
+    assert "step   40" in page and "short" in page
+    assert page.index("<summary>") < page.index("step    1 |")  # the log itself sits inside the fold
+
+
+def test_echo_indents_kernel_output_line_by_line():
+    import io
+
+    out = io.StringIO()
+    echo = workbook.Echo(out, prefix="> ")
+    echo.write("step 1 | loss 2.0\nstep 2")
+    echo.write(" | loss 1.5\n")
+    assert out.getvalue() == "> step 1 | loss 2.0\n> step 2 | loss 1.5\n"
+
+
+def test_index_leads_with_the_verdict_and_notebook_times(tmp_path):
+    reports = tmp_path / "reports"
+    (reports / "r").mkdir(parents=True)
+    (reports / "r" / "report.json").write_text(json.dumps({
+        "status": "complete", "created": "2026-01-01T00:00:00", "params": "p.yaml", "wall_s": 90.0,
+        "notebook_s": {"train": 60.0, "sample": 20.0, "collapse_analysis": 10.0},
+        "pages": {"train": "train.html"}, "numbers": {"collapsed": False}}))
+    index = workbook.write_index(reports).read_text()
+    row = index.split("<tr>")[2]
+    assert row.index("not collapsed") < row.index("complete")  # the verdict right after the name
+    assert "60 / 20 / 10" in row

@@ -214,6 +214,23 @@ def read_word_vectors(path: str | Path) -> dict[str, torch.Tensor]:
     return vectors
 
 
+@torch.no_grad()
+def nearest_neighbour_distances(table: torch.Tensor, rows: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Euclidean distance from each of the first `rows` rows (all when None) to its nearest other
+    row of the table, (rows,), in chunks of rows so a large vocabulary never needs a V x V matrix.
+    Shrinking or merging rows show up here before samples fail."""
+    table = table.detach().float()
+    count = len(table) if rows is None else min(rows, len(table))
+    out = torch.empty(count, device=table.device)
+    for first in range(0, count, chunk):
+        block = table[first: min(first + chunk, count)]
+        distances = torch.cdist(block, table)
+        index = torch.arange(len(block), device=table.device)
+        distances[index, index + first] = float("inf")
+        out[first: first + len(block)] = distances.min(dim=-1).values
+    return out
+
+
 def pca_project(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     """Project rows onto their top `dim` principal components; zero-pad if they have fewer dims.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -19,11 +20,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dlm.core.data import Tokenizer
+from dlm.core.data import CorpusData, Tokenizer
 from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
-from dlm.evaluation.analysis import collapse_signals, ids_to_tokens, run_data
+from dlm.evaluation.collapse import collapse_signals
+from dlm.evaluation.rundata import run_data
+from dlm.evaluation.tokens import ids_to_tokens
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
+
+logger = logging.getLogger("dlm")
 
 
 def unigram_distribution(tokens: Sequence[str]) -> dict[str, float]:
@@ -87,13 +92,14 @@ def compare(samples: Sequence[Sequence[str]], heldout: Sequence[Sequence[str]], 
     ref = text_metrics(heldout, train_ngrams, types_count)
     mine["js_divergence"] = js_divergence(unigram_distribution(sample_tokens), unigram_distribution(heldout_tokens))
     ref["js_divergence"] = 0.0
-    verdict = collapse_verdict(mine, ref)
+    verdict = samples_collapse_verdict(mine, ref)
     return {"samples": mine, "heldout": ref, "types_count": types_count, **verdict}
 
 
-def collapse_verdict(mine: dict, ref: dict) -> dict:
-    """The same signals and thresholds as the collapse analysis (dlm/analysis.py), so a run is
-    called collapsed by one rule wherever it is looked at."""
+def samples_collapse_verdict(mine: dict, ref: dict) -> dict:
+    """One set of samples' metrics against held-out text's: collapsed or not, and which signals
+    say so. The signals and thresholds of dlm.evaluation.collapse (whose run_collapse_verdict judges
+    a run over its checkpoints), so a run is called collapsed by one rule wherever it is looked at."""
     reasons = [name for name, tripped in collapse_signals(mine, ref).items() if tripped]
     return {"collapsed": bool(reasons), "collapse_reasons": reasons}
 
@@ -152,11 +158,13 @@ def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
     return result
 
 
-def compare_with_heldout(run: LoadedRun, rows: list[list[int]]) -> tuple[dict, list[list[int]]]:
+def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData | None = None
+                         ) -> tuple[dict, list[list[int]]]:
     """`compare` of id rows (in the run's vocabulary) against as many held-out windows of the same
-    length from the run's corpus; returns the result and those held-out rows."""
+    length from the run's corpus (`data`: the run's corpus already read); returns the result and
+    those held-out rows."""
     itos = run.tokenizer.itos
-    data = run_data(run)
+    data = data or run_data(run)
     heldout_rows = heldout_windows(data.val_ids, max(len(r) for r in rows), len(rows)).tolist()
     result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
     result["num_samples"] = len(rows)
@@ -169,12 +177,13 @@ def records_from_ids(ids: torch.Tensor, tokenizer: Tokenizer) -> list[dict]:
     return [{"text": tokenizer.decode(row), "ids": row.tolist(), "vocab": fingerprint} for row in ids]
 
 
-def score_ids(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = None) -> dict:
+def score_ids(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = None,
+              data: CorpusData | None = None) -> dict:
     """`evaluate_samples` of a batch of sampled ids; without a teacher, every number but the
     generative perplexity (which is then NaN), against the run's own held-out text."""
     if teacher is not None:
         return evaluate_samples(records_from_ids(ids, run.tokenizer), teacher)
-    result, _ = compare_with_heldout(run, ids.tolist())
+    result, _ = compare_with_heldout(run, ids.tolist(), data)
     result["samples"]["teacher_perplexity"] = result["heldout"]["teacher_perplexity"] = float("nan")
     return result
 
@@ -203,11 +212,13 @@ def quality_vs_steps(run: LoadedRun, step_counts: Sequence[int], options: Sample
     step count, plus held-out text's row (steps NaN). `agreement` is the share of tokens equal to
     those of the longest chain (same seed, so same starting noise)."""
     rows, longest, heldout = [], None, None
+    data = run_data(run)  # read and encode the corpus once, not once per step count
     for steps in sorted(set(step_counts), reverse=True):
         start = time.perf_counter()
         batch = generate(run, dataclasses.replace(options, steps=steps, record_every=0))
         seconds = time.perf_counter() - start
-        result = score_ids(run, batch.ids, teacher)
+        result = score_ids(run, batch.ids, teacher, data)
+        logger.info("quality vs steps: %d steps, %d samples in %.1fs", steps, len(batch.ids), seconds)
         longest = batch.ids if longest is None else longest
         row = {"steps": steps, "seconds": seconds, "seconds_per_step": seconds / steps,
                "agreement": float((batch.ids == longest).float().mean()), "collapsed": result["collapsed"]}

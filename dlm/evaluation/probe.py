@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dlm.core.data import fixed_windows
 from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import q_sample
-from dlm.evaluation.analysis import run_data
+from dlm.evaluation.rundata import run_data
 from dlm.families.gaussian import sample_progressive
 from dlm.runs.build import LoadedRun
 

@@ -6,7 +6,13 @@ from pathlib import Path
 
 
 class RunDir:
-    """Where one run keeps everything: run_dir/{config.yaml, vocab.json, metrics.csv, checkpoints/}."""
+    """Where one run keeps everything:
+
+        run_dir/config.yaml, vocab.json, metrics.csv        (dlm train / train.ipynb)
+        run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
+        run_dir/samples/{samples.jsonl, .txt, .trajectory.json, summary.json, quality_vs_steps.csv}  (sample.ipynb)
+        run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -17,6 +23,12 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")
     samples = property(lambda self: self.path / "samples")
+    samples_file = property(lambda self: self.samples / "samples.jsonl")  # + .txt and .trajectory.json beside it
+    sample_summary = property(lambda self: self.samples / "summary.json")
+    quality_vs_steps = property(lambda self: self.samples / "quality_vs_steps.csv")
+    analysis = property(lambda self: self.path / "analysis")
+    series = property(lambda self: self.analysis / "series.csv")
+    verdict = property(lambda self: self.analysis / "verdict.json")
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:04d}.pt"

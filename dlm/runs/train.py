@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config
+from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.core.runtime import autocast, resolved_precision
 from dlm.runs.rundir import RunDir
@@ -102,11 +103,8 @@ def embedding_stats(table: torch.Tensor, max_rows: int = 2048) -> dict[str, floa
     """Mean row norm, and the mean distance from a row to its nearest other row (on up to
     `max_rows` rows): shrinking or merging embeddings show up here before samples fail."""
     table = table.detach().float()
-    rows = table[:max_rows]
-    distances = torch.cdist(rows, table)
-    distances[torch.arange(len(rows)), torch.arange(len(rows))] = float("inf")
     return {"embedding_norm": table.norm(dim=-1).mean().item(),
-            "nn_distance": distances.min(dim=-1).values.mean().item()}
+            "nn_distance": nearest_neighbour_distances(table, rows=max_rows).mean().item()}
 
 
 @torch.no_grad()
@@ -299,9 +297,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
                        **embedding_stats(model.embedding.table()), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": interval_tokens / (now - interval_start), "elapsed_s": now - start}
                 metrics.write(row)
-                logger.info("step %6d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s",
-                            step, epoch, row["total"], _terms_text(row, terms[1:]), row["embedding_norm"],
-                            row["nn_distance"], row["lr"], row["tokens_per_s"])
+                left_s = (budget_s - (now - start) if budget_s is not None
+                          else (total_steps - step) * (now - start) / max(1, step - first_step))
+                logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
+                            step, total_steps, epoch, row["total"], _terms_text(row, terms[1:]), row["embedding_norm"],
+                            row["nn_distance"], row["lr"], row["tokens_per_s"], *divmod(max(0, round(left_s)), 60))
                 sums.zero_()
                 interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             if step >= total_steps or out_of_time:

@@ -9,6 +9,8 @@ the working directory.
 
 from __future__ import annotations
 
+import ast
+import difflib
 import logging
 import sys
 from collections.abc import Mapping
@@ -156,3 +158,45 @@ def step_counts(value: str | list | tuple | None, total_steps: int, name: str = 
 def short_names(paths: list[Path]) -> list[str]:
     """Labels for run folders in tables and legends: 'parent/name' (e.g. 'runs/default', 'smoke/run')."""
     return [f"{Path(p).parent.name}/{Path(p).name}" if Path(p).parent.name else Path(p).name for p in paths]
+
+
+INJECTED_HEADER = "# Parameters\n"  # how papermill's injected-parameters cell begins
+
+
+def assigned_names(source: str) -> list[str]:
+    """Names a cell assigns at its top level (plain or annotated assignments)."""
+    names = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def unknown_parameters(declared: list[str], injected: list[str], also_allowed: set[str] | frozenset = frozenset(),
+                       notebook: str = "this notebook") -> None:
+    """Raise a one-line ValueError for the first injected name the parameters cell does not declare
+    (nor `also_allowed`), with the closest declared name, as the CLI does for a mistyped key."""
+    allowed = set(declared) | set(also_allowed)
+    for name in injected:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"Unknown parameter '{name}' for {notebook}.{hint} "
+                             f"Its parameters: {', '.join(declared)}.")
+
+
+def check_parameters(also_allowed: set[str] | frozenset = frozenset(), notebook: str = "this notebook") -> None:
+    """Under papermill: reject a `-p NAME` that the parameters cell does not declare. Papermill
+    runs its injected-parameters cell right after the parameters cell, so both are in the kernel's
+    input history; with no injected cell (JupyterLab, or no -p) there is nothing to check."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipykernel
+        return
+    shell = get_ipython()
+    history = list(shell.user_ns.get("In", [])) if shell is not None else []
+    positions = [i for i, cell in enumerate(history) if cell.startswith(INJECTED_HEADER)]
+    if not positions or positions[-1] == 0:
+        return
+    last = positions[-1]
+    unknown_parameters(assigned_names(history[last - 1]), assigned_names(history[last]), also_allowed, notebook)

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dlm.core.textstats import content_tokens, punctuation_share
-from dlm.evaluation.analysis import rank_frequency, top_tokens
+from dlm.evaluation.tokens import rank_frequency, top_tokens
 
 DPI = 90
 HELDOUT_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}

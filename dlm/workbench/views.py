@@ -16,7 +16,25 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from dlm.core.data import NO_SPACE_AFTER, NO_SPACE_BEFORE, PAD
+from dlm.core.data import NO_SPACE_AFTER, NO_SPACE_BEFORE, PAD, UNK
+
+# About one word in sixteen of word-level tiny_shakespeare is <unk> (rarer than min_count): shown
+# as a grey box in HTML and as this marker in plain text, so it never reads as a generated word.
+UNK_MARK = "«unk»"
+UNK_STYLE = "background:#e4e4e4;color:#666;border-radius:3px;padding:0 3px;font-size:0.85em;font-style:italic"
+UNK_HTML = f'<span class="dlm-unk" style="{UNK_STYLE}" title="a word outside the vocabulary (&lt;unk&gt;)">unk</span>'
+
+
+def mark_unknown(text: str) -> str:
+    """Plain text with every <unk> replaced by a visible marker and line breaks shown as ' / '."""
+    return text.replace(UNK, UNK_MARK).replace("\n", " / ")
+
+
+def unknown_html(escaped: str) -> str:
+    """Already-escaped HTML text with each <unk> (or its plain marker) as a styled span."""
+    if not isinstance(escaped, str):
+        return escaped
+    return escaped.replace(html.escape(UNK), UNK_HTML).replace(html.escape(UNK_MARK), UNK_HTML)
 
 SLIDER_CSS = """
 .dlm-steps {font-family: var(--jp-content-font-family, sans-serif); margin: 0.5em 0;}
@@ -30,18 +48,20 @@ SLIDER_CSS = """
 """
 
 
-def render_tokens(tokens: Sequence[str], changed: Sequence[bool] | None = None) -> str:
-    """Tokens as escaped HTML text, spaced like dlm.data.join_words, line breaks shown as ' / ';
-    `changed` tokens are wrapped in <mark>."""
+def render_tokens(tokens: Sequence[str], changed: Sequence[bool] | None = None, char_level: bool = False) -> str:
+    """Tokens as escaped HTML text, spaced like dlm.data.join_words (char-level tokens are joined
+    as they are), line breaks shown as ' / ', <unk> as a grey box; `changed` tokens are wrapped in
+    <mark>."""
     parts: list[str] = []
     previous = None
     for position, token in enumerate(tokens):
         if token == PAD:
             continue
         shown = " / " if token == "\n" else token
-        if previous is not None and token not in NO_SPACE_BEFORE and previous not in NO_SPACE_AFTER:
+        if (not char_level and previous is not None and token not in NO_SPACE_BEFORE
+                and previous not in NO_SPACE_AFTER):
             parts.append(" ")
-        escaped = html.escape(shown)
+        escaped = UNK_HTML if token == UNK else html.escape(shown)
         if changed is not None and changed[position]:
             escaped = f"<mark>{escaped}</mark>"
         parts.append(escaped)
@@ -64,7 +84,8 @@ def frame_label(frame: dict, total_steps: int) -> str:
     return f"step {frame['index'] + 1} of {total_steps} (t = {frame['t']})"
 
 
-def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int]) -> list[str]:
+def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int],
+                  char_level: bool = False) -> list[str]:
     """One HTML block per recorded step: an ordered list of the chosen samples, tokens that changed
     since the previous recorded step marked."""
     blocks, previous = [], None
@@ -74,14 +95,14 @@ def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence
             ids = frame["ids"][sample]
             before = previous["ids"][sample] if previous is not None else None
             tokens = [itos[i] for i in ids]
-            items.append(f'<li value="{sample + 1}">{render_tokens(tokens, changed_positions(before, ids))}</li>')
+            items.append(f'<li value="{sample + 1}">{render_tokens(tokens, changed_positions(before, ids), char_level)}</li>')
         blocks.append("<ol>" + "".join(items) + "</ol>")
         previous = frame
     return blocks
 
 
 def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                total_steps: int | None = None) -> str:
+                total_steps: int | None = None, char_level: bool = False) -> str:
     """The offline slider: an <input type=range> over pre-rendered frames, shown by a few lines of
     inline JavaScript; the last frame (the final text) shows first, and without JavaScript too."""
     if not frames:
@@ -89,7 +110,7 @@ def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[i
     total_steps = total_steps or frames[-1]["index"] + 1
     uid = f"dlm-steps-{uuid.uuid4().hex[:12]}"  # unique even with several notebooks in one page
     last = len(frames) - 1
-    blocks = render_frames(frames, itos, samples)
+    blocks = render_frames(frames, itos, samples, char_level)
     divs = "".join(
         f'<div class="dlm-frame" data-label="{html.escape(frame_label(frame, total_steps), quote=True)}"'
         f'{"" if i == last else " hidden"}>{block}</div>'
@@ -120,14 +141,14 @@ class StepViewer:
     the same pre-rendered frames. A plain observer, so it needs no `interact` machinery."""
 
     def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, char_level: bool = False):
         import ipywidgets as widgets
 
         if not frames:
             raise ValueError("No recorded steps to show: sample with record_every > 0.")
         self.frames = list(frames)
         self.total_steps = total_steps or self.frames[-1]["index"] + 1
-        self.blocks = render_frames(self.frames, itos, samples)
+        self.blocks = render_frames(self.frames, itos, samples, char_level)
         last = len(self.frames) - 1
         self.slider = widgets.IntSlider(value=last, min=0, max=last, step=1, description="step",
                                         readout=False, continuous_update=True,
@@ -148,13 +169,13 @@ class StepViewer:
 
 
 def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                       total_steps: int | None = None, live: bool = True) -> dict:
+                       total_steps: int | None = None, live: bool = True, char_level: bool = False) -> dict:
     """A display bundle with the offline slider as text/html and, when `live`, the ipywidgets
     slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML."""
-    bundle = {"text/html": slider_html(frames, itos, samples, total_steps),
+    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, char_level),
               "text/plain": f"<slider over {len(frames)} recorded sampling steps>"}
     if live:
-        viewer = StepViewer(frames, itos, samples, total_steps)
+        viewer = StepViewer(frames, itos, samples, total_steps, char_level)
         widget_bundle = viewer.widget._repr_mimebundle_()
         bundle.update({k: v for k, v in widget_bundle.items() if k != "text/plain"})
         bundle["_viewer"] = viewer  # kept alive by the caller; removed before display
@@ -162,11 +183,12 @@ def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Seq
 
 
 def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                total_steps: int | None = None, live: bool = True):
-    """Display the slider over sampling steps (see the module docstring); returns the live viewer."""
+                total_steps: int | None = None, live: bool = True, char_level: bool = False):
+    """Display the slider over sampling steps (see the module docstring); returns the live viewer.
+    `char_level`: the run's tokenizer is 'char' (its tokens are joined without spaces)."""
     from IPython.display import display
 
-    bundle = step_slider_bundle(frames, itos, samples, total_steps, live)
+    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, char_level)
     viewer = bundle.pop("_viewer", None)
     display(bundle, raw=True)
     return viewer
@@ -174,14 +196,17 @@ def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[i
 
 def text_table(frame: pd.DataFrame, text_columns: Sequence[str] | None = None):
     """A table for display: every cell and index label HTML-escaped, text columns left-aligned
-    (pandas right-aligns them), line breaks shown as ' / '."""
+    (pandas right-aligns them), line breaks shown as ' / ', <unk> as a grey box."""
     if text_columns is None:
         text_columns = [c for c in frame.columns
                         if frame[c].dtype == object or pd.api.types.is_string_dtype(frame[c].dtype)]
     shown = frame.copy()
     for column in text_columns:
-        shown[column] = shown[column].map(lambda v: v.replace("\n", " / ") if isinstance(v, str) else v)
+        shown[column] = shown[column].map(lambda v: mark_unknown(v) if isinstance(v, str) else v)
     styler = shown.style.format(escape="html", precision=4).format_index(escape="html", axis=0)
+    if text_columns:  # text cells escaped here, then <unk> boxed (pandas would escape the box too)
+        styler = styler.format(lambda v: unknown_html(html.escape(v)) if isinstance(v, str) else v,
+                               escape=None, precision=4, subset=list(text_columns))
     styler = styler.format_index(escape="html", axis=1)
     if text_columns:
         styler = styler.set_properties(subset=list(text_columns), **{"text-align": "left", "white-space": "normal"})
@@ -189,17 +214,35 @@ def text_table(frame: pd.DataFrame, text_columns: Sequence[str] | None = None):
 
 
 def samples_frame(texts: Sequence[str], limit: int | None = None) -> pd.DataFrame:
-    """Samples as a table (line breaks shown as ' / '); pandas escapes the text when shown."""
+    """Samples as a table (line breaks shown as ' / ', <unk> marked); pandas escapes the text when shown."""
     texts = list(texts)[:limit] if limit else list(texts)
-    return pd.DataFrame({"sample": [t.replace("\n", " / ") for t in texts]})
+    return pd.DataFrame({"sample": [mark_unknown(t) for t in texts]})
 
 
 def side_by_side(columns: dict[str, Sequence[str]], limit: int | None = None) -> pd.DataFrame:
     """Texts from several decoders (or checkpoints) of the same latents, one column each."""
-    return pd.DataFrame({name: [t.replace("\n", " / ") for t in (list(texts)[:limit] if limit else texts)]
+    return pd.DataFrame({name: [mark_unknown(t) for t in (list(texts)[:limit] if limit else texts)]
                          for name, texts in columns.items()})
 
 
-def escaped_table(frame: pd.DataFrame, **options) -> str:
-    """A DataFrame as escaped HTML (pandas escapes by default; stated here so it stays that way)."""
-    return frame.to_html(escape=True, **options)
+
+class Folded:
+    """A table folded under a one-line summary (<details>): shown last and closed, so a page leads
+    with its results. Plain text shows the summary and the table."""
+
+    def __init__(self, content, summary: str):
+        self.content = content
+        self.summary = summary
+
+    def _repr_html_(self) -> str:
+        inner = self.content.to_html() if hasattr(self.content, "to_html") else html.escape(str(self.content))
+        return f"<details><summary>{html.escape(self.summary)}</summary>{inner}</details>"
+
+    def __repr__(self) -> str:
+        return f"{self.summary}\n{self.content}"
+
+
+def headline(values: dict, digits: int = 4) -> pd.DataFrame:
+    """A run's key numbers as a one-column table (None left out), for the top of a page."""
+    shown = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+    return pd.DataFrame({"value": pd.Series(shown, dtype=object)})

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,16 +123,40 @@ def path_for_kernel(path: Path, cwd: Path) -> str:
 
 # --- running and exporting one notebook ---------------------------------------------------------
 
+class Echo:
+    """A file-like that writes the text a kernel prints to a terminal stream, each line indented,
+    so a long notebook (a training run) shows its log lines while it runs."""
+
+    def __init__(self, stream, prefix: str = "  | "):
+        self.stream = stream
+        self.prefix = prefix
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
-            cwd: str | Path | None = None, kernel_name: str | None = None) -> Path:
-    """Execute a notebook with papermill (no progress bar). Raises PapermillExecutionError, after
-    papermill has written the executed copy with the failing cell marked."""
+            cwd: str | Path | None = None, kernel_name: str | None = None, echo: bool = False) -> Path:
+    """Execute a notebook with papermill (no progress bar). `echo`: what the cells print (e.g. the
+    training loop's log lines with loss, tokens/s and ETA) goes to this process's stdout and stderr
+    while they run. Raises PapermillExecutionError, after papermill has written the executed copy
+    with the failing cell marked."""
     import papermill
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    streams = {"stdout_file": Echo(sys.stdout), "stderr_file": Echo(sys.stderr)} if echo else {}
     papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters or {}), cwd=cwd and str(cwd),
-                               kernel_name=kernel_name, progress_bar=False, log_output=False)
+                               kernel_name=kernel_name, progress_bar=False, log_output=False, **streams)
     return output
 
 
@@ -163,6 +188,45 @@ def strip_widgets(nb) -> Any:
     return nb
 
 
+FOLD_LINES = 12  # printed output longer than this is folded on a page (the training log)
+
+
+def fold_long_streams(nb, max_lines: int = FOLD_LINES) -> Any:
+    """Printed output of more than `max_lines` lines (the training log) becomes a folded
+    <details> block on the page, its last line in the summary, so a page leads with its results;
+    JupyterLab and the terminal still show every line as it is printed."""
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        merged = []  # a kernel prints a log line per message: join neighbouring pieces of one stream
+        for output in cell.get("outputs", []):
+            previous = merged[-1] if merged else None
+            if (output.get("output_type") == "stream" and previous is not None
+                    and previous.get("output_type") == "stream" and previous.get("name") == output.get("name")):
+                previous["text"] = previous.get("text", "") + output.get("text", "")
+            else:
+                merged.append(output)
+        cell["outputs"] = merged
+        for index, output in enumerate(merged):
+            if output.get("output_type") != "stream":
+                continue
+            text = output.get("text", "")
+            lines = text.rstrip("\n").splitlines()
+            if len(lines) <= max_lines:
+                continue
+            summary = f"log: {len(lines)} lines (last: {lines[-1].strip()[:120]})"
+            folded = (f'<details class="dlm-log"><summary>{html.escape(summary)}</summary>'
+                      f'<pre style="max-height:30em;overflow:auto">{html.escape(text)}</pre></details>')
+            cell["outputs"][index] = _html_output(folded, text)
+    return nb
+
+
+def _html_output(html_text: str, plain: str):
+    from nbformat.v4 import new_output
+
+    return new_output("display_data", data={"text/html": html_text, "text/plain": plain})
+
+
 def html_exporter(show_code: bool = False):
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
@@ -188,7 +252,7 @@ def export_html(executed: str | Path, page: str | Path | None = None, show_code:
 
     executed = Path(executed)
     page = Path(page) if page else executed.with_suffix(".html")
-    nb = strip_widgets(nbformat.read(executed, as_version=4))
+    nb = fold_long_streams(strip_widgets(nbformat.read(executed, as_version=4)))
     if title:
         nb.metadata["title"] = title
     body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem}})
@@ -212,11 +276,10 @@ def run_numbers(run_dir: str | Path) -> dict:
     """The numbers the index shows, from what the notebooks left in the run folder."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     numbers: dict[str, Any] = {}
-    metrics_path = run_dir / "metrics.csv"
-    if metrics_path.is_file():
-        metrics = pd.read_csv(metrics_path)
+    if run.metrics.is_file():
+        metrics = pd.read_csv(run.metrics)
         train = metrics[metrics["total"].notna()]
         val = metrics[metrics["val_total"].notna()]
         if len(metrics):
@@ -229,14 +292,14 @@ def run_numbers(run_dir: str | Path) -> dict:
             last = val.iloc[-1]
             numbers.update(val_loss=float(last["val_total"]), val_mse=float(last["val_mse"]),
                            val_rounding=float(last["val_rounding"]))
-    summary = _read_json(run_dir / "samples" / "summary.json")
+    summary = _read_json(run.sample_summary)
     if summary:
         for side in ("samples", "heldout"):
             stats = summary.get(side, {})
             for key in ("punctuation_share", "unigram_entropy", "types", "top10_share"):
                 if key in stats:
                     numbers[f"{side}_{key}"] = stats[key]
-    verdict = _read_json(run_dir / "analysis" / "verdict.json")
+    verdict = _read_json(run.verdict)
     if verdict:
         numbers.update(collapsed=verdict.get("collapsed"), collapse_began_epoch=verdict.get("began_epoch"),
                        collapse_signals=verdict.get("signals", ""), collapse_warnings=verdict.get("warnings", ""))
@@ -302,25 +365,27 @@ def write_index(reports_dir: str | Path) -> Path:
         types = f'{_fmt(numbers.get("samples_types"))} / {_fmt(numbers.get("heldout_types"))}'
         cells = [
             f"<td><b>{html.escape(name)}</b><br>{links}</td>",
+            f"<td>{html.escape(_verdict_text(numbers))}</td>",
             f"<td>{status_html}<br><span class=\"muted\">{html.escape(report.get('created', ''))}</span></td>",
             f"<td>{html.escape(str(report.get('params', '')))}</td>",
             f'<td class="num">{_fmt(numbers.get("steps"))} / {_fmt(numbers.get("epochs"))}</td>',
-            f'<td class="num">{_fmt(report.get("wall_s"), 0)}</td>',
+            f'<td class="num">{_fmt(report.get("wall_s"), 0)}<br><span class="muted">'
+            f'{html.escape(" / ".join(_fmt(report.get("notebook_s", {}).get(nb), 0) for nb in NOTEBOOKS))}</span></td>',
             f'<td class="num">{_fmt(numbers.get("train_loss"))} / {_fmt(numbers.get("val_loss"))}</td>',
             f'<td class="num">{punct}</td>', f'<td class="num">{entropy}</td>', f'<td class="num">{types}</td>',
-            f"<td>{html.escape(_verdict_text(numbers))}</td>",
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    header = ("<tr><th>report</th><th>status</th><th>preset</th><th>steps / epochs</th><th>wall time (s)</th>"
+    header = ("<tr><th>report</th><th>verdict</th><th>status</th><th>preset</th><th>steps / epochs</th>"
+              "<th>wall time (s)<br><span class='muted'>train / sample / analysis</span></th>"
               "<th>loss: train / val</th><th>punctuation: samples / held-out</th>"
-              "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th><th>verdict</th></tr>")
+              "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th></tr>")
     body = "\n".join(rows) if rows else '<tr><td colspan="10" class="muted">No reports yet.</td></tr>'
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dlm reports</title>'
         f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>"
         "<p>Each report ran notebooks/train.ipynb, sample.ipynb and collapse_analysis.ipynb on one preset "
         "(<code>dlm report PARAMS.yaml --name NAME</code>). Samples and held-out text are compared at the same "
-        "shape; the verdict thresholds are in dlm/analysis.py.</p>"
+        "shape; the verdict thresholds are in dlm/evaluation/collapse.py.</p>"
         f"<table>\n{header}\n{body}\n</table></body></html>\n"
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -351,12 +416,13 @@ def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
 def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports",
                  show_code: bool = False, overwrite: bool = False,
                  parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                 kernel_name: str | None = None, from_run: str | Path | None = None) -> Path:
+                 kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
     """Run the three notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them.
 
     `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
     `from_run` starts the report from a run already trained on that preset (it is linked into
     NAME/run and the train notebook resumes it: nothing left to train, only its pages to draw).
+    `echo` streams what each notebook prints (training log lines with ETA) to the terminal.
     Returns the report folder; raises NotebookFailed when a notebook fails.
     """
     params = Path(params)
@@ -401,7 +467,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         try:
             execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
                     {**chain[notebook], **extra.get(notebook, {})},
-                    cwd=cwd, kernel_name=kernel_name)
+                    cwd=cwd, kernel_name=kernel_name, echo=echo)
         except Exception as error:
             from papermill.exceptions import PapermillExecutionError
 
@@ -437,7 +503,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
 def report_size(report_dir: str | Path, include_checkpoints: bool = True) -> int:
     """Bytes under a report folder (optionally leaving out the run's checkpoints)."""
     total = 0
+    checkpoints = RunDir(Path(report_dir) / "run").checkpoints
     for path in Path(report_dir).rglob("*"):
-        if path.is_file() and (include_checkpoints or "checkpoints" not in path.parts):
+        if path.is_file() and (include_checkpoints or not path.is_relative_to(checkpoints)):
             total += path.stat().st_size
     return total
