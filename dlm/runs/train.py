@@ -16,13 +16,12 @@ from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a termin
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config
-from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
-from dlm.core.runtime import autocast, resolved_precision
-from dlm.runs.rundir import RunDir
+from dlm.core.embeddings import nearest_neighbour_distances
+from dlm.core.runtime import autocast, pick_device, resolved_precision
 from dlm.families import family
 from dlm.runs.build import build_model, build_objective
-from dlm.core.runtime import pick_device
+from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
 
