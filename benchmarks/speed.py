@@ -54,7 +54,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dlm.core.config import Config, load_config
 from dlm.core.data import epoch_windows, prepare_data
@@ -62,7 +61,7 @@ from dlm.core.runtime import autocast, resolved_precision
 from dlm.core.schedule import q_sample
 from dlm.families.gaussian import DiffusionLM, sample_progressive
 from dlm.runs.build import build_diffusion
-from dlm.runs.train import build_optimizer, lr_factor, train_step
+from dlm.runs.train import build_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
@@ -182,21 +181,11 @@ def reference_setup(config: Config, vocab_size: int):
 
 
 def dlm_setup(config: Config, vocab_size: int):
-    """dlm's model, optimizer, lr schedule and EMA exactly as train() builds them; returns a step(ids)."""
+    """dlm's model, optimizer, lr schedule and EMA built by train()'s own build_state; returns a step(ids)."""
     torch.manual_seed(config.seed)
-    model = DiffusionLM(config, vocab_size)
-    diffusion = build_diffusion(config)
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, 10**6))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay > 0 else None
-    if config.compile:
-        model.denoiser.compile()
-    model.train()
-
-    def step(ids: torch.Tensor) -> None:
-        train_step(model, diffusion, optimizer, ids, config, scheduler, ema)
-
-    return step
+    state = build_state(config, DiffusionLM(config, vocab_size), total_steps=10**6)
+    state.model.train()
+    return state.train_on
 
 
 def time_steps(step, batches, warmup: int, steps: int) -> float:
