@@ -78,7 +78,6 @@ def time_probe(width: int = 256, budget_s: float = 0.2, max_steps: int = 10) -> 
     so a fast machine is timed on a real load. bf16 stops after one timed step that is no faster
     than float32. Well under 2 s in all, even on a slow, busy CPU."""
     generator = torch.Generator().manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
 
     def step(x: torch.Tensor, context) -> float:
         start = time.perf_counter()
@@ -97,13 +96,19 @@ def time_probe(width: int = 256, budget_s: float = 0.2, max_steps: int = 10) -> 
                 break
         return min(times)
 
-    tokens = 128
-    x = torch.randn(tokens, width, generator=generator)
-    while step(x, contextlib.nullcontext) < 0.01 and tokens < 4096:
-        tokens *= 2
+    # Wherever the first `auto` is resolved (inside a sampler's inference mode, under autocast,
+    # mid-training), the probe runs with gradients, in float32, and leaves the global RNG as it was.
+    with (torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(),
+          torch.autocast("cpu", enabled=False)):
+        block = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                    torch.nn.Linear(4 * width, width))
+        tokens = 128
         x = torch.randn(tokens, width, generator=generator)
-    fp32 = fastest(x, contextlib.nullcontext)
-    bf16 = fastest(x, lambda: torch.autocast("cpu", dtype=torch.bfloat16), give_up_above=fp32)
+        while step(x, contextlib.nullcontext) < 0.01 and tokens < 4096:
+            tokens *= 2
+            x = torch.randn(tokens, width, generator=generator)
+        fp32 = fastest(x, contextlib.nullcontext)
+        bf16 = fastest(x, lambda: torch.autocast("cpu", dtype=torch.bfloat16), give_up_above=fp32)
     return fp32, bf16
 
 
