@@ -9,16 +9,16 @@ choice). What it measures, top to bottom:
 
 - ceiling: the best fp32 matmul GFLOP/s over several square sizes (best of repeats). This is
   what "100% MFU" means here. The bf16 ceiling is measured the same way, for precision: bf16.
-- train: tokens/s of `dlm.train.train_step` (the exact step the training loop runs: loss, backward,
-  clipping, AdamW, lr schedule, EMA) on real corpus windows and the real vocabulary, for
-  params/default.yaml and params/seed.yaml, after warm-up steps; each preset in its own subprocess so
-  its peak resident memory is its own (data, model, optimizer and the step). MFU = model FLOPs per
-  token x tokens/s / the ceiling of the precision the run resolves to. Step times are medians of
-  individually timed steps, and every timing note carries the 1-minute load average, so a busy
-  machine shows in the table.
+- train: tokens/s of the optimizer step of a state built by `dlm.runs.train.build_state` (the state
+  and step the training loop runs: loss, backward, clipping, AdamW, lr schedule, EMA) on real
+  corpus windows and the real vocabulary, for params/default.yaml and params/seed.yaml, after
+  warm-up steps; each preset in its own subprocess so its peak resident memory is its own (data,
+  model, optimizer and the step). MFU = model FLOPs per token x tokens/s / the ceiling of the
+  precision the run resolves to. Step times are medians of individually timed steps, and every
+  timing note carries the 1-minute load average, so a busy machine shows in the table.
 - option: other Config options (--variants; default: the precision the default did not resolve
-  to, fp32 where `precision: auto` means bf16, as on CPUs with AMX) on default.yaml, against the
-  default.yaml row.
+  to, fp32 where `precision: auto` means bf16, as where the precision probe finds bf16 faster) on
+  default.yaml, against the default.yaml row.
 - reference: a plain training step at the same sizes, built the way the earlier attempt built it
   (nn.TransformerEncoder layers, a Linear(1, width) time bias, an untied nn.Linear decoder, epsilon
   MSE + CE on the clean embeddings, AdamW, batch as configured), and dlm's tokens/s over it.
