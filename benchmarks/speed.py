@@ -9,16 +9,16 @@ choice). What it measures, top to bottom:
 
 - ceiling: the best fp32 matmul GFLOP/s over several square sizes (best of repeats). This is
   what "100% MFU" means here. The bf16 ceiling is measured the same way, for precision: bf16.
-- train: tokens/s of `dlm.train.train_step` (the exact step the training loop runs: loss, backward,
-  clipping, AdamW, lr schedule, EMA) on real corpus windows and the real vocabulary, for
-  params/default.yaml and params/seed.yaml, after warm-up steps; each preset in its own subprocess so
-  its peak resident memory is its own (data, model, optimizer and the step). MFU = model FLOPs per
-  token x tokens/s / the ceiling of the precision the run resolves to. Step times are medians of
-  individually timed steps, and every timing note carries the 1-minute load average, so a busy
-  machine shows in the table.
+- train: tokens/s of the optimizer step of a state built by `dlm.runs.train.build_state` (the state
+  and step the training loop runs: loss, backward, clipping, AdamW, lr schedule, EMA) on real
+  corpus windows and the real vocabulary, for params/default.yaml and params/seed.yaml, after
+  warm-up steps; each preset in its own subprocess so its peak resident memory is its own (data,
+  model, optimizer and the step). MFU = model FLOPs per token x tokens/s / the ceiling of the
+  precision the run resolves to. Step times are medians of individually timed steps, and every
+  timing note carries the 1-minute load average, so a busy machine shows in the table.
 - option: other Config options (--variants; default: the precision the default did not resolve
-  to, fp32 where `precision: auto` means bf16, as on CPUs with AMX) on default.yaml, against the
-  default.yaml row.
+  to, fp32 where `precision: auto` means bf16, as where the precision probe finds bf16 faster) on
+  default.yaml, against the default.yaml row.
 - reference: a plain training step at the same sizes, built the way the earlier attempt built it
   (nn.TransformerEncoder layers, a Linear(1, width) time bias, an untied nn.Linear decoder, epsilon
   MSE + CE on the clean embeddings, AdamW, batch as configured), and dlm's tokens/s over it.
@@ -54,7 +54,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dlm.core.config import Config, load_config
 from dlm.core.data import epoch_windows, prepare_data
@@ -62,7 +61,7 @@ from dlm.core.runtime import autocast, resolved_precision
 from dlm.core.schedule import q_sample
 from dlm.families.gaussian import DiffusionLM, sample_progressive
 from dlm.runs.build import build_diffusion
-from dlm.runs.train import build_optimizer, lr_factor, train_step
+from dlm.runs.train import build_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
@@ -182,21 +181,11 @@ def reference_setup(config: Config, vocab_size: int):
 
 
 def dlm_setup(config: Config, vocab_size: int):
-    """dlm's model, optimizer, lr schedule and EMA exactly as train() builds them; returns a step(ids)."""
+    """dlm's model, optimizer, lr schedule and EMA built by train()'s own build_state; returns a step(ids)."""
     torch.manual_seed(config.seed)
-    model = DiffusionLM(config, vocab_size)
-    diffusion = build_diffusion(config)
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, 10**6))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay > 0 else None
-    if config.compile:
-        model.denoiser.compile()
-    model.train()
-
-    def step(ids: torch.Tensor) -> None:
-        train_step(model, diffusion, optimizer, ids, config, scheduler, ema)
-
-    return step
+    state = build_state(config, DiffusionLM(config, vocab_size), total_steps=10**6)
+    state.model.train()
+    return state.train_on
 
 
 def time_steps(step, batches, warmup: int, steps: int) -> float:

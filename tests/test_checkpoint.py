@@ -80,6 +80,22 @@ def test_training_writes_a_run_folder_and_checkpoints_on_schedule(smoke_config, 
     assert loaded.step == result.step and loaded.epoch == 4 and loaded.used_ema
 
 
+def test_kept_checkpoints_hold_weights_only_and_last_pt_all_a_resume_needs(smoke_config, tmp_path):
+    run = RunDir(train(smoke_config.replace(epochs=2), tmp_path / "run").run_dir)
+    kept, last = run.epoch_checkpoint(2), run.last_checkpoint
+    weights = {"model", "ema", "config", "vocab", "step", "epoch"}
+    assert set(load_checkpoint(kept)) - {"format", "version"} == weights
+    assert set(load_checkpoint(last)) >= weights | {"optimizer", "scheduler", "ema_n_averaged", "rng"}
+    # AdamW's two moments are as large as the model and its EMA copy together
+    assert kept.stat().st_size < 0.6 * last.stat().st_size
+    for path in (kept, last):  # both still load as a run, EMA or not
+        for use_ema in (True, False):
+            loaded = load_run(run.path, checkpoint=path, use_ema=use_ema)
+            assert loaded.epoch == 2 and loaded.used_ema == use_ema
+    a, b = (load_run(run.path, checkpoint=p).model.state_dict() for p in (kept, last))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_same_seed_same_losses(smoke_config, tmp_path):
     train(smoke_config, tmp_path / "a")
     train(smoke_config, tmp_path / "b")

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from dlm.core.config import Config, ConfigError, coerce, load_config
+from dlm.core.config import SECTIONS, Config, ConfigError, coerce, keys, load_config, notebook_parameter, section_keys, section_of
 from tests.conftest import ROOT
 
 PRESETS = sorted((ROOT / "params").glob("*.yaml"))
@@ -74,3 +76,45 @@ def test_speed_options_are_typed():
     with pytest.raises(ConfigError, match="one of: auto, fp32, bf16"):
         load_config(None, precision="fp16")
     assert coerce("compile", "false", from_text=True) is False
+
+
+def test_every_key_has_one_section_and_sections_read_the_values():
+    config = load_config(None, sample_steps=50, lr=1e-3)
+    assert sorted(k for s in SECTIONS for k in section_keys(s)) == sorted(f.name for f in dataclasses.fields(Config))
+    assert config.section("sampling")["sample_steps"] == 50 and config.section("training")["lr"] == 1e-3
+    assert set(config.section("runtime")) == {"device", "threads", "precision", "compile", "progress"}
+    assert section_of("model") == "model" and section_of("seq_len") == "data"
+    with pytest.raises(ConfigError, match="No config section 'optim'"):
+        config.section("optim")
+
+
+def test_keys_list_every_key_with_its_type_and_comment():
+    listed = {key.name: key for key in keys()}
+    assert list(listed) == [f.name for f in dataclasses.fields(Config)]
+    assert listed["seq_len"].comment == "tokens per training window" and listed["seq_len"].type == "an integer"
+    assert listed["max_train_seconds"].comment.startswith("stop once the training loop")  # the lines above it
+    assert listed["max_train_seconds"].type == "a number or null" and listed["max_train_seconds"].section == "training"
+    assert "---" not in " ".join(key.comment for key in keys())  # section rulers are not comments of a key
+    assert notebook_parameter(listed["tokenizer"]) == (
+        "tokenizer: Optional[str] = None  # tokenizer (one of: word, char)")
+    assert notebook_parameter(listed["epochs"]).startswith("epochs: Optional[int] = None  # ")
+
+
+def test_loss_settings_and_sample_options_are_read_from_the_config_by_name():
+    from dlm.families.gaussian import LossSettings, objective
+    from dlm.runs.sample import SampleOptions
+
+    config = load_config(None, predict="epsilon", rounding_weight=0.5, prior_loss=False, time_warp=True)
+    settings = objective(config).settings
+    for f in dataclasses.fields(LossSettings):
+        assert section_of(f.name) == "diffusion" and getattr(settings, f.name) == getattr(config, f.name)
+    # every sampling key is a sampling option, with the Config's default and the run's value
+    recipe = {f.metadata["config"]: f for f in dataclasses.fields(SampleOptions) if "config" in f.metadata}
+    assert set(recipe) == set(section_keys("sampling"))
+    assert all(recipe[key].default == Config.__dataclass_fields__[key].default for key in recipe)
+    tuned = config.replace(sample_steps=30, sample_eta=0.0, decode_temperature=0.7, clamp=False)
+    options = SampleOptions.from_config(tuned, num_samples=3, steps=None, eta=0.5)
+    assert (options.steps, options.eta, options.temperature, options.clamp) == (30, 0.5, 0.7, False)
+    assert options.num_samples == 3 and options.decoder == "learned"
+    with pytest.raises(TypeError):
+        SampleOptions.from_config(config, stpes=3)

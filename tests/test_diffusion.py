@@ -305,10 +305,11 @@ def test_bf16_autocast_keeps_the_loss_terms_close_and_float32(monkeypatch):
         assert mixed[term].item() == pytest.approx(plain[term].item(), rel=0.05), term
     with autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
-    for has_amx in (False, True):  # auto: bf16 only on a CPU that multiplies bf16 in AMX tiles
-        monkeypatch.setattr(model_module, "cpu_has_amx_bf16", lambda answer=has_amx: answer)
+    for speedup in (1.0, 2.0):  # auto: bf16 only on a CPU where the timed probe found bf16 faster by the margin
+        probe = model_module.PrecisionProbe("this machine", fp32_s=speedup, bf16_s=1.0)
+        monkeypatch.setattr(model_module, "cpu_precision_probe", lambda probe=probe: probe)
         with autocast("auto", "cpu"):
-            assert torch.is_autocast_enabled("cpu") == has_amx
+            assert torch.is_autocast_enabled("cpu") == (speedup > 1)
 
 
 def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():

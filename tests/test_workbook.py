@@ -4,7 +4,6 @@ import json
 import re
 import subprocess
 import sys
-import typing
 
 import nbformat
 import papermill
@@ -12,7 +11,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from dlm.cli import main
-from dlm.core.config import ConfigError, field_types
+from dlm.core.config import ConfigError
 from dlm.workbench import workbook
 from tests.conftest import ROOT
 
@@ -41,17 +40,7 @@ def test_train_parameters_match_the_config():
     parameters = papermill.inspect_notebook(str(ROOT / "notebooks" / "train.ipynb"))
     assert parameters["params"]["default"] == '"params/default.yaml"'
     assert parameters["epochs"]["inferred_type_name"] == "Optional[int]"
-    names = {int: "int", float: "float", bool: "bool", str: "str"}
-    for key, tp in field_types().items():
-        if key not in parameters:
-            continue
-        if typing.get_origin(tp) is typing.Literal:
-            inner = "str"
-        else:
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            inner = names[args[0] if args else tp]
-        assert parameters[key]["inferred_type_name"] == f"Optional[{inner}]", key
-        assert parameters[key]["default"] == "None", f"{key}: None must mean 'the preset's value'"
+    # every Config key, typed and None by default: tests/test_notebook_parameters.py (none skipped)
 
 
 @pytest.mark.slow

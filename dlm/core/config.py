@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -21,103 +27,132 @@ class ConfigError(ValueError):
     """A preset or override that cannot become a Config."""
 
 
+# Every Config key belongs to one section; a section is what one part of the code reads (LossSettings
+# the diffusion keys, SampleOptions the sampling keys, a resumed run may change runtime/bookkeeping).
+SECTIONS = ("data", "model", "diffusion", "sampling", "training", "bookkeeping", "runtime")
+
+
+def _in(section: str) -> Any:
+    """A field maker for one section: `seq_len: int = _data(64)` is a field of section 'data'."""
+    def make(default: Any) -> Any:
+        return dataclasses.field(default=default, metadata={"section": section})
+    return make
+
+
+_data, _model, _diffusion, _sampling, _training, _bookkeeping, _runtime = map(_in, SECTIONS)
+
+
 @dataclass
 class Config:
-    # diffusion: Diffusion-LM; ar: the autoregressive baseline (same blocks, causal mask, tied head)
-    model: Literal["diffusion", "ar"] = "diffusion"
+    """Every knob, flat: presets, `dlm train --KEY value` and `papermill -p KEY value` name keys,
+    not sections. Each key declares its section; `config.section("sampling")` reads one."""
 
     # --- data ---
-    corpus: str = "tiny_shakespeare"  # the named corpus, or a path to any UTF-8 text file
-    tokenizer: Literal["word", "char"] = "word"
-    min_count: int = 2  # word tokenizer: rarer words become <unk>
-    lowercase: bool = False
-    seq_len: int = 64  # tokens per training window
-    max_train_tokens: Optional[int] = None  # train on the first N tokens of the train split only
+    corpus: str = _data("tiny_shakespeare")  # the named corpus, or a path to any UTF-8 text file
+    tokenizer: Literal["word", "char"] = _data("word")
+    min_count: int = _data(2)  # word tokenizer: rarer words become <unk>
+    lowercase: bool = _data(False)
+    seq_len: int = _data(64)  # tokens per training window
+    max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
-    # --- embeddings and rounding ---
-    embed_dim: int = 64
-    use_learned_embeddings: bool = True  # off: a fixed random or pretrained table (the seed's option)
-    init_from_pretrained: Optional[str] = None  # word2vec/GloVe text file or a dlm checkpoint
-    embedding_norm: Literal["none", "l2", "layernorm"] = "none"  # l2: rows scaled to norm sqrt(d)
-    embedding_init_std: float = 1.0
+    # --- model: the family, its embeddings and rounding, the denoiser (TinyTransformer) ---
+    # diffusion: Diffusion-LM; ar: the autoregressive baseline (same blocks, causal mask, tied head)
+    model: Literal["diffusion", "ar"] = _model("diffusion")
+    embed_dim: int = _model(64)
+    use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
+    init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
+    embedding_norm: Literal["none", "l2", "layernorm"] = _model("none")  # l2: rows scaled to norm sqrt(d)
+    embedding_init_std: float = _model(1.0)
     # with embedding_norm l2/layernorm: rows get norm embedding_scale * sqrt(d). Below 1 the same
     # noise schedule destroys the signal sooner (Difformer's noise rescaling, seen from the table)
-    embedding_scale: float = 1.0
-    embedding_lr_scale: float = 1.0  # the table's lr is lr * this
-    rounding: Literal["tied", "untied"] = "tied"  # tied: logits = x @ E^T + b (Diffusion-LM)
-
-    # --- denoiser (TinyTransformer) ---
-    width: int = 256
-    depth: int = 4
-    heads: int = 4
-    dropout: float = 0.1
+    embedding_scale: float = _model(1.0)
+    embedding_lr_scale: float = _model(1.0)  # the table's lr is lr * this
+    rounding: Literal["tied", "untied"] = _model("tied")  # tied: logits = x @ E^T + b (Diffusion-LM)
+    width: int = _model(256)
+    depth: int = _model(4)
+    heads: int = _model(4)
+    dropout: float = _model(0.1)
 
     # --- diffusion ---
-    schedule: Literal["sqrt", "linear", "cosine"] = "sqrt"
-    diffusion_steps: int = 2000
+    schedule: Literal["sqrt", "linear", "cosine"] = _diffusion("sqrt")
+    diffusion_steps: int = _diffusion(2000)
     # x0 or epsilon: regress the vector (Diffusion-LM); logits: classify each position through the
     # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD)
-    predict: Literal["x0", "epsilon", "logits"] = "x0"
-    rounding_weight: float = 1.0
+    predict: Literal["x0", "epsilon", "logits"] = _diffusion("x0")
+    rounding_weight: float = _diffusion(1.0)
     # clean: CE on EMB(w) and diffusion on clean x0 (the seed); noisy: x0 ~ q(x0|w) (Diffusion-LM);
     # predicted: CE on the denoiser's predicted x0 (Difformer's anchor loss), x0 ~ q(x0|w)
-    rounding_target: Literal["clean", "noisy", "predicted"] = "noisy"
-    prior_loss: bool = True  # the tT term that keeps embedding norms from growing
-    self_condition: float = 0.0  # share of batches trained with self-conditioning (0 = off)
+    rounding_target: Literal["clean", "noisy", "predicted"] = _diffusion("noisy")
+    prior_loss: bool = _diffusion(True)  # the tT term that keeps embedding norms from growing
+    self_condition: float = _diffusion(0.0)  # share of batches trained with self-conditioning (0 = off)
     # AR-Diffusion (Wu et al. 2023): position i runs the chain late by left_to_right * i / (L - 1)
     # of it, in training and sampling, so words are settled left to right. 0: Diffusion-LM
-    left_to_right: float = 0.0
+    left_to_right: float = _diffusion(0.0)
     # CDCD-style time warping: draw training timesteps with density following the rise of the
     # measured word cross-entropy over t (where words are being chosen), not uniformly
-    time_warp: bool = False
+    time_warp: bool = _diffusion(False)
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
-    sample_steps: int = 200  # reverse steps (<= diffusion_steps)
+    sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
     # which timesteps those are: logsnr (evenly spaced in log signal-to-noise; 50 steps sample
     # like 2000), quadratic (the DDIM paper's) or uniform (Diffusion-LM's even stride)
-    sample_spacing: Literal["logsnr", "quadratic", "uniform"] = "logsnr"
-    clamp: bool = True  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
-    clamp_fraction: float = 1.0  # clamp only during the last share of the steps
-    sample_eta: float = 1.0  # 1 ancestral (DDPM), 0 deterministic DDIM
-    decode_temperature: float = 0.0  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
+    sample_spacing: Literal["logsnr", "quadratic", "uniform"] = _sampling("logsnr")
+    clamp: bool = _sampling(True)  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
+    clamp_fraction: float = _sampling(1.0)  # clamp only during the last share of the steps
+    sample_eta: float = _sampling(1.0)  # 1 ancestral (DDPM), 0 deterministic DDIM
+    decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
 
-    # --- optimisation ---
-    batch_size: int = 64
-    epochs: int = 10
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
+    # --- training: optimisation, and how long ---
+    batch_size: int = _training(64)
+    epochs: int = _training(10)
+    max_steps: Optional[int] = _training(None)  # stop after this many optimizer steps (overrides epochs)
     # stop once the training loop has run this many wall-clock seconds (in this invocation), and
     # decay the lr over that time rather than over the steps: equal-time comparisons
-    max_train_seconds: Optional[float] = None
-    lr: float = 3e-4
-    weight_decay: float = 0.0
+    max_train_seconds: Optional[float] = _training(None)
+    lr: float = _training(3e-4)
+    weight_decay: float = _training(0.0)
     # which parameters weight decay touches: matrices only (nanoGPT), matrices and the embedding
     # table, or everything (the earlier attempt)
-    weight_decay_scope: Literal["matrices", "matrices+embeddings", "all"] = "matrices"
-    warmup_steps: int = 100
-    lr_decay: Literal["linear", "cosine", "constant"] = "linear"
-    grad_clip: float = 1.0  # 0 disables clipping
-    ema_decay: float = 0.999  # 0 disables the EMA copy
-    seed: int = 0
+    weight_decay_scope: Literal["matrices", "matrices+embeddings", "all"] = _training("matrices")
+    warmup_steps: int = _training(100)
+    lr_decay: Literal["linear", "cosine", "constant"] = _training("linear")
+    grad_clip: float = _training(1.0)  # 0 disables clipping
+    ema_decay: float = _training(0.999)  # 0 disables the EMA copy
+    seed: int = _training(0)
 
-    # --- bookkeeping ---
-    log_every: int = 20  # optimizer steps between log lines / metrics.csv rows
-    checkpoint_every: int = 1  # keep a checkpoint every N epochs (plus last.pt)
-    val_batches: int = 4  # validation batches at each epoch end
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's choice
-    # --- speed: how a run executes (measured in benchmarks/speed.py; see README, "Speed") ---
-    # bf16: autocast the network's matmuls to bfloat16 (the rounding loss stays float32);
-    # auto: bf16 on CUDA and on CPUs with AMX (measured 1.6x faster there, same sample quality),
-    # fp32 on other CPUs (AVX512-BF16 alone measured 1.07x)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False  # torch.compile the denoiser: slower first steps, then faster ones
-    progress: bool = True  # tqdm bar (text) on stderr
+    # --- bookkeeping: what a run records ---
+    log_every: int = _bookkeeping(20)  # optimizer steps between log lines / metrics.csv rows
+    checkpoint_every: int = _bookkeeping(1)  # keep a checkpoint every N epochs (plus last.pt)
+    val_batches: int = _bookkeeping(4)  # validation batches at each epoch end
+
+    # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
+    device: Literal["auto", "cpu", "cuda"] = _runtime("auto")
+    threads: Optional[int] = _runtime(None)  # torch intra-op threads; None keeps torch's choice
+    # bf16: autocast the network's matmuls to bfloat16 (the rounding loss stays float32); auto: bf16
+    # on CUDA, and on a CPU where a short timed probe finds bf16 at least 1.3x faster (dlm.core.runtime)
+    precision: Literal["auto", "fp32", "bf16"] = _runtime("auto")
+    compile: bool = _runtime(False)  # torch.compile the denoiser: slower first steps, then faster ones
+    progress: bool = _runtime(True)  # tqdm bar (text) on stderr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> Config:
         return from_dict({**self.to_dict(), **overrides})
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The keys of one section (see SECTIONS) and their values, in declaration order."""
+        return {key: getattr(self, key) for key in section_keys(name)}
+
+
+def section_keys(name: str) -> tuple[str, ...]:
+    if name not in SECTIONS:
+        raise ConfigError(f"No config section '{name}'; the sections are: {', '.join(SECTIONS)}.")
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["section"] == name)
+
+
+def section_of(key: str) -> str:
+    return Config.__dataclass_fields__[key].metadata["section"]
 
 
 def field_types() -> dict[str, Any]:
@@ -135,6 +170,54 @@ def describe_type(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, str(tp)
     )
+
+
+@dataclass(frozen=True)
+class Key:
+    """One Config key as a user sees it: for --help texts and notebook parameters cells."""
+    name: str
+    section: str
+    type: str  # describe_type's words: 'an integer or null', 'one of: word, char'
+    default: Any
+    comment: str  # the comment lines above the key in Config and the one beside it, joined
+
+
+def keys() -> list[Key]:
+    """Every Config key, in declaration order, with its section, type in words, default and comment."""
+    comments = _comments()
+    types_by_key = field_types()
+    return [Key(f.name, f.metadata["section"], describe_type(types_by_key[f.name]), f.default,
+                comments.get(f.name, "")) for f in dataclasses.fields(Config)]
+
+
+def notebook_parameter(key: Key) -> str:
+    """The key's line for a notebook's parameters cell: typed, None (keep the preset's value), and
+    commented, so that `papermill --help-notebook` explains it."""
+    tp = field_types()[key.name]
+    inner = "str" if typing.get_origin(tp) is Literal else next(
+        a for a in (*typing.get_args(tp), tp) if a is not type(None) and isinstance(a, type)).__name__
+    choices = f" ({key.type})" if key.type.startswith("one of") else ""
+    return f"{key.name}: Optional[{inner}] = None  # {key.comment or key.name.replace('_', ' ')}{choices}"
+
+
+@functools.cache
+def _comments() -> dict[str, str]:
+    """Config's comments, read from this file: the comment lines right above a key (not the
+    `# --- section ---` rulers) and the comment beside it."""
+    source = textwrap.dedent(inspect.getsource(Config))
+    beside = {tok.start[0]: tok.string.lstrip("# ").strip()
+              for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments, above = {}, []
+    for number, line in enumerate(source.splitlines(), start=1):
+        text = line.strip()
+        if text.startswith("#"):
+            above = [] if text.startswith("# ---") else [*above, beside[number]]
+            continue
+        match = re.match(r"(\w+):", text)
+        if match and match[1] in Config.__dataclass_fields__:
+            comments[match[1]] = " ".join([*above, *([beside[number]] if number in beside else [])])
+        above = []
+    return comments
 
 
 def unknown_key_error(key: str, where: str = "") -> ConfigError:

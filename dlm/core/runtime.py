@@ -1,15 +1,33 @@
 """How a run executes on this machine: which device, which precision, the autocast context.
-(Process groups for distributed training belong here too.)"""
+(Process groups for distributed training belong here too.)
+
+`precision: auto` is decided by what the machine does, not by its CPU flags: on CUDA it is bf16;
+on a CPU a short probe times a few forward+backward steps of a TinyTransformer-sized MLP in
+float32 and under bf16 autocast, once per machine (CPU model, torch version, thread count), and
+bf16 is used where it is at least BF16_MARGIN times faster. The measurement is cached in
+$XDG_CACHE_HOME/dlm/precision.json (default ~/.cache), so later runs do not probe again.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from dlm.core.config import ConfigError
+from dlm.core.data import atomic_write_bytes, cache_dir
+
+logger = logging.getLogger("dlm")
+
+# bf16 rounds every matmul input to 8 bits of mantissa; below this speed-up that is not worth it
+# (AVX512-BF16 without AMX measured 1.07x on default.yaml; AMX 1.6x, with the same sample quality).
+BF16_MARGIN = 1.3
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -20,23 +38,122 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in AMX tiles (Linux's cpuinfo flag). There,
-    bf16 autocast trained default.yaml 1.68x faster and sampled 2.6x faster, with the same sample
-    quality (README, "Speed"); with AVX512-BF16 alone it measured 1.07x, not worth the rounding."""
+@dataclass
+class PrecisionProbe:
+    """One machine's measurement: seconds per probe step in float32 and under bf16 autocast."""
+    machine: str
+    fp32_s: float
+    bf16_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_s / self.bf16_s
+
+    @property
+    def precision(self) -> str:
+        return choose_precision(self.fp32_s, self.bf16_s)
+
+
+def choose_precision(fp32_s: float, bf16_s: float, margin: float = BF16_MARGIN) -> str:
+    """bf16 where it is at least `margin` times faster than float32, else fp32."""
+    return "bf16" if fp32_s >= margin * bf16_s else "fp32"
+
+
+def machine_key() -> str:
+    """What the probe's answer depends on: the CPU model, torch's version, the thread count."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def time_probe(width: int = 256, budget_s: float = 0.2, max_steps: int = 10) -> tuple[float, float]:
+    """Seconds per forward+backward step of a TinyTransformer-sized MLP block (width -> 4 width ->
+    width) in float32 and under bf16 autocast, the way training runs it: the fastest of up to
+    `max_steps` timed steps (about `budget_s` each way) after an untimed one. The batch grows
+    from 128 tokens until a float32 step takes 10 ms (4096 tokens, default.yaml's batch, at most),
+    so a fast machine is timed on a real load. bf16 stops after one timed step that is no faster
+    than float32. Well under 2 s in all, even on a slow, busy CPU."""
+    generator = torch.Generator().manual_seed(0)
+
+    def step(x: torch.Tensor, context) -> float:
+        start = time.perf_counter()
+        with context():
+            y = block(x)
+        y.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    def fastest(x: torch.Tensor, context, give_up_above: float = float("inf")) -> float:
+        spent = step(x, context)  # untimed: first-call costs (weight casts, allocator)
+        times: list[float] = []
+        while len(times) < max_steps and (len(times) < 2 or spent < budget_s):
+            times.append(step(x, context))
+            spent += times[-1]
+            if times[-1] >= give_up_above:
+                break
+        return min(times)
+
+    # Wherever the first `auto` is resolved (inside a sampler's inference mode, under autocast,
+    # mid-training), the probe runs with gradients, in float32, and leaves the global RNG as it was.
+    with (torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(),
+          torch.autocast("cpu", enabled=False)):
+        block = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                    torch.nn.Linear(4 * width, width))
+        tokens = 128
+        x = torch.randn(tokens, width, generator=generator)
+        while step(x, contextlib.nullcontext) < 0.01 and tokens < 4096:
+            tokens *= 2
+            x = torch.randn(tokens, width, generator=generator)
+        fp32 = fastest(x, contextlib.nullcontext)
+        bf16 = fastest(x, lambda: torch.autocast("cpu", dtype=torch.bfloat16), give_up_above=fp32)
+    return fp32, bf16
+
+
+def probe_cache() -> Path:
+    return cache_dir() / "precision.json"
+
+
+_measured: dict[str, PrecisionProbe] = {}  # this process's answers, by machine_key()
+
+
+def cpu_precision_probe() -> PrecisionProbe:
+    """This machine's probe: from this process's memory, else the cache file, else measured now
+    (and written to the cache file)."""
+    key = machine_key()
+    if key in _measured:
+        return _measured[key]
+    path = probe_cache()
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    if isinstance(entry, dict) and {"fp32_s", "bf16_s"} <= set(entry):
+        probe, where = PrecisionProbe(key, float(entry["fp32_s"]), float(entry["bf16_s"])), f"cached in {path}"
+    else:
+        probe, where = PrecisionProbe(key, *time_probe()), f"measured now, cached in {path}"
+        cached = cached if isinstance(cached, dict) else {}
+        cached[key] = {k: v for k, v in asdict(probe).items() if k != "machine"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(cached, indent=1) + "\n").encode())
+    logger.info("precision auto: %s on this CPU (bf16 step %.2fx as fast as fp32, needs %.1fx; %s)",
+                probe.precision, probe.speedup, BF16_MARGIN, where)
+    _measured[key] = probe
+    return probe
 
 
 def resolved_precision(precision: str, device: torch.device | str) -> str:
-    """Config.precision made concrete: 'auto' is bf16 on CUDA and on CPUs with AMX, else fp32."""
+    """Config.precision made concrete: fp32 and bf16 as given; auto is bf16 on CUDA, and on a CPU
+    what the probe found (bf16 where it is BF16_MARGIN times faster)."""
     if precision != "auto":
         return precision
     device = torch.device(device)
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16()) else "fp32"
+    if device.type == "cuda":
+        return "bf16"
+    return cpu_precision_probe().precision if device.type == "cpu" else "fp32"
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossSettings:
+    """The loss's switches: each field is the Config key of the same name (section 'diffusion')."""
     predict: str = "x0"  # what the network outputs: x0, epsilon, or logits (through the rounding head)
     rounding_weight: float = 1.0
     rounding_target: str = "noisy"  # clean | noisy | predicted
@@ -327,9 +328,8 @@ def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None =
 
 
 def objective(config: Config) -> GaussianDiffusion:
-    settings = LossSettings(config.predict, config.rounding_weight, config.rounding_target,
-                            config.prior_loss, config.self_condition, config.left_to_right,
-                            config.time_warp)
+    # LossSettings' fields are diffusion keys of the Config, read by name
+    settings = LossSettings(**{f.name: getattr(config, f.name) for f in fields(LossSettings)})
     return GaussianDiffusion(NoiseSchedule(config.schedule, config.diffusion_steps), settings)
 
 

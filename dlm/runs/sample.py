@@ -4,40 +4,43 @@ writing samples (JSONL plus a plain .txt) and, on request, the trajectory of dec
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from dlm.core.config import Config
 from dlm.core.data import atomic_write_bytes
 from dlm.core.schedule import SPACINGS
 from dlm.families.gaussian import decode
 from dlm.runs.build import LoadedRun
 
 
+def recipe(key: str):
+    """A sampling option that a run's config sets: Config key `key` (section 'sampling') gives
+    its default and, in SampleOptions.from_config, its value."""
+    return field(default=Config.__dataclass_fields__[key].default, metadata={"config": key})
+
+
 @dataclass
 class SampleOptions:
     num_samples: int = 16
-    steps: int = 200
-    spacing: str = "logsnr"  # which timesteps: logsnr, quadratic or uniform (see sampling_timesteps)
+    steps: int = recipe("sample_steps")  # reverse steps
+    spacing: str = recipe("sample_spacing")  # which timesteps: logsnr, quadratic or uniform (sampling_timesteps)
+    clamp: bool = recipe("clamp")  # Diffusion-LM's clamping trick
+    clamp_fraction: float = recipe("clamp_fraction")  # clamp only during the last share of steps
+    eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM
+    temperature: float = recipe("decode_temperature")  # final tokens: 0 argmax, >0 drawn from softmax/T
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
-    clamp: bool = True  # Diffusion-LM's clamping trick
-    clamp_fraction: float = 1.0  # clamp only during the last share of steps
-    eta: float = 1.0  # 1 ancestral, 0 deterministic DDIM
-    temperature: float = 0.0  # final tokens: 0 argmax of the rounding logits, >0 drawn from softmax/T
     seed: int = 0
     batch_size: int = 64
     record_every: int = 0  # keep the decoded tokens every N steps (0: not recorded)
 
     @classmethod
-    def from_config(cls, config, **overrides) -> SampleOptions:
+    def from_config(cls, config: Config, **overrides) -> SampleOptions:
         """The run's own sampling recipe, with explicit overrides (None means: keep the recipe's)."""
-        options = cls(steps=config.sample_steps, spacing=config.sample_spacing, clamp=config.clamp,
-                      clamp_fraction=config.clamp_fraction, eta=config.sample_eta, temperature=config.decode_temperature)
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(options, key, value)
-        return options
+        recipe_values = {f.name: getattr(config, f.metadata["config"]) for f in fields(cls) if "config" in f.metadata}
+        return cls(**{**recipe_values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def validate(self, total_steps: int) -> None:
         if self.decoder not in ("learned", "cosine"):

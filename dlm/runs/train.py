@@ -1,5 +1,6 @@
-"""The training loop: AdamW with explicit parameter groups, warm-up + decay, clipping, EMA,
-metrics.csv, scheduled atomic checkpoints and exact resume."""
+"""Training in three stages: build the state (model, objective, AdamW with explicit parameter
+groups, warm-up + decay, EMA), resume it from last.pt, and the loop (clipping, metrics.csv,
+validation, scheduled atomic checkpoints) with its hooks. Resume is exact."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dlm.core.config import Config, from_dict, save_config
+from dlm.core.config import Config, from_dict, save_config, section_keys
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.runtime import autocast, pick_device, resolved_precision
@@ -167,153 +170,278 @@ class TrainResult:
     wall_s: float
 
 
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the state. What one optimizer step needs and changes; what last.pt saves.
+
+
+@dataclass
+class Pace:
+    """How long training runs: `total_steps`, or with a time budget as long as the clock allows.
+    The lr schedule decays towards `planned_steps`, which under a budget is re-estimated every step."""
+    total_steps: int
+    budget_s: float | None = None
+    first_step: int = 0  # where this invocation started (a resumed run starts later)
+    start: float = field(default_factory=time.perf_counter)
+
+    def restart(self, step: int) -> None:
+        self.first_step, self.start = step, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        return self.budget_s is not None and self.elapsed() >= self.budget_s
+
+    def seconds_left(self, current: int) -> float:
+        """What the budget leaves, or the remaining steps at this invocation's pace so far (the ETA)."""
+        if self.budget_s is not None:
+            return self.budget_s - self.elapsed()
+        return (self.total_steps - current) * self.elapsed() / max(1, current - self.first_step)
+
+    def planned_steps(self, current: int) -> int:
+        """The last step, or under a time budget the step the budget will reach at this
+        invocation's pace so far."""
+        if self.budget_s is None or current <= self.first_step:
+            return self.total_steps
+        elapsed = max(self.elapsed(), 1e-9)
+        return max(current + 1, self.first_step + round((current - self.first_step) * self.budget_s / elapsed))
+
+
+@dataclass
+class TrainState:
+    config: Config
+    model: nn.Module
+    objective: Any  # the family's loss: GaussianDiffusion, or next-token CE for model: ar
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: AveragedModel | None
+    pace: Pace
+    step: int = 0
+    epoch: int = 0
+
+    @property
+    def time_warp(self):
+        """The objective's measured timestep density (time_warp: true), checkpointed with the run."""
+        return getattr(self.objective, "time_warp", None)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The EMA weights when there are any: what validation and sampling use."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def train_on(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step on a batch (train_step), counted."""
+        losses = train_step(self.model, self.objective, self.optimizer, ids, self.config, self.scheduler, self.ema)
+        self.step += 1
+        return losses
+
+
+def build_state(config: Config, model: nn.Module, total_steps: int) -> TrainState:
+    """Around a model (already on its device): the family's objective, AdamW over the parameter
+    groups, the lr schedule, the EMA copy, torch.compile when asked. train() and
+    benchmarks/speed.py both build their state here."""
+    objective = build_objective(config)
+    optimizer = build_optimizer(model, config)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+           if config.ema_decay > 0 else None)
+    if config.compile:
+        family(config.model).trunk(model).compile()  # in place: parameter names and checkpoints stay the same
+    pace = Pace(total_steps, config.max_train_seconds)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, pace.planned_steps(s)))
+    return TrainState(config, model, objective, optimizer, scheduler, ema, pace)
+
+
+def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
+    """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them. No
+    optimizer state: that is twice the model again, and only last.pt is resumed from."""
+    return {"model": state.model.state_dict(),
+            "ema": state.ema.module.state_dict() if state.ema is not None else None,
+            "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch}
+
+
+def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
+    """last.pt: a kept checkpoint plus all that an exact resume needs."""
+    warp = state.time_warp
+    return {**kept_payload(state, tokenizer),
+            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+            "ema_n_averaged": int(state.ema.n_averaged) if state.ema is not None else 0,
+            "rng": torch.get_rng_state(), "time_warp": warp.state_dict() if warp is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: resume.
+
+# A resumed run keeps its recipe; only how long it trains, what it records and how it executes may change.
+CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", *section_keys("bookkeeping"),
+                        *section_keys("runtime"))
+
+
+def resumed_config(config: Config, saved: dict) -> Config:
+    saved_config = from_dict(saved)
+    changed = [k for k, v in config.to_dict().items()
+               if k not in CHANGEABLE_ON_RESUME and getattr(saved_config, k) != v]
+    if changed:
+        logger.info("resume keeps the saved recipe; ignoring changed keys: %s", ", ".join(changed))
+    return saved_config.replace(**{k: getattr(config, k) for k in CHANGEABLE_ON_RESUME})
+
+
+def restore(state: TrainState, payload: dict, path: Path) -> None:
+    """last.pt's weights, optimizer, schedule, EMA, time warp, RNG and counters into `state`."""
+    try:
+        state.model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+        if state.ema is not None:
+            state.ema.module.load_state_dict(payload["ema"])
+            state.ema.n_averaged.fill_(payload["ema_n_averaged"])
+        if state.time_warp is not None:
+            state.time_warp.load_state_dict(payload["time_warp"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"'{path}' does not match this run: {error}") from None
+    torch.set_rng_state(payload["rng"])
+    state.step, state.epoch = payload["step"], payload["epoch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: the loop, and what it calls besides the optimizer step.
+
+
+class RunHooks:
+    """What the loop does besides stepping, for one run folder: log lines and metrics.csv rows,
+    validation at each epoch end, the kept checkpoints and last.pt."""
+
+    def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter):
+        self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
+
+    def log(self, state: TrainState, row: dict) -> None:
+        self.metrics.write(row)
+        logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
+                    row["step"], state.pace.total_steps, row["epoch"], row["total"],
+                    _terms_text(row, state.objective.terms[1:]), row["embedding_norm"], row["nn_distance"], row["lr"],
+                    row["tokens_per_s"], *divmod(max(0, round(state.pace.seconds_left(row["step"]))), 60))
+
+    def validate(self, state: TrainState) -> dict:
+        val = validation_losses(state.eval_model, state.objective, self.val_windows, state.config,
+                                next(state.model.parameters()).device)
+        if val:
+            row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
+            self.metrics.write(row)
+            logger.info("epoch %4d | val loss %.4f (%s)", state.epoch, val["val_total"],
+                        _terms_text(val, [f"val_{term}" for term in state.objective.terms[1:]]))
+        return val
+
+    def checkpoint(self, state: TrainState, keep: bool) -> None:
+        if keep:
+            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
+        save_checkpoint(self.run.last_checkpoint, resume_payload(state, self.tokenizer))
+
+
+class Interval:
+    """Loss sums over one log interval. They stay on the device (float64, the same sums as Python
+    floats) so that a CUDA step never waits for the GPU; they are read once per log line."""
+
+    def __init__(self, terms: tuple[str, ...], device: torch.device):
+        self.terms = terms
+        self.sums = torch.zeros(len(terms), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
+        self.sums += torch.stack([losses[term] for term in self.terms]).double()
+        self.steps += 1
+        self.tokens += ids.numel()
+
+    def row(self, state: TrainState) -> dict:
+        means = {term: value / self.steps for term, value in zip(self.terms, self.sums.tolist())}
+        return {"step": state.step, "epoch": state.epoch, **means, **embedding_stats(state.model.embedding.table()),
+                "lr": state.scheduler.get_last_lr()[0],
+                "tokens_per_s": self.tokens / (time.perf_counter() - self.start), "elapsed_s": state.pace.elapsed()}
+
+
+def epoch_batches(train_ids: torch.Tensor, config: Config, epoch: int, device: torch.device):
+    """The epoch's shuffled windows (seeded by the epoch, so a resumed run draws the same), in batches on the device."""
+    windows = epoch_windows(train_ids, config.seq_len, torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    if device.type == "cuda":
+        windows = windows.pin_memory()  # so that .to(device, non_blocking=True) is asynchronous
+    for first in range(0, len(windows), config.batch_size):
+        yield windows[first: first + config.batch_size].to(device, non_blocking=True)
+
+
+def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dict:
+    """Epochs of optimizer steps until the steps or the clock run out; a log row every log_every
+    steps, validation and checkpoints at each epoch end. Returns the last metrics row."""
+    config, pace = state.config, state.pace
+    device = next(state.model.parameters()).device
+    bar = tqdm(total=None if pace.budget_s else pace.total_steps, initial=state.step, disable=not config.progress,
+               desc="train", unit="step", ascii=True)
+    pace.restart(state.step)
+    interval = Interval(state.objective.terms, device)
+    done, row = False, {}
+    state.model.train()
+    while not done and state.step < pace.total_steps:
+        state.epoch += 1
+        for ids in epoch_batches(train_ids, config, state.epoch, device):
+            interval.add(state.train_on(ids), ids)
+            bar.update(1)
+            done = state.step >= pace.total_steps or pace.out_of_time()
+            if state.step % config.log_every == 0 or done:
+                row = interval.row(state)
+                hooks.log(state, row)
+                interval.reset()
+            if done:
+                break
+        # Every epoch has the same number of steps, so this is an epoch end unless max_steps or the clock cut it.
+        val = hooks.validate(state)
+        if val:
+            row = {**row, "step": state.step, "epoch": state.epoch, **val, "elapsed_s": pace.elapsed()}
+        hooks.checkpoint(state, keep=state.epoch % config.checkpoint_every == 0 or done)
+    bar.close()
+    return row
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Build the state, resume it from last.pt when asked, run the loop."""
     run = RunDir(run_dir)
-    device = pick_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     payload = None
     if resume:
         payload = load_checkpoint(run.last_checkpoint)
-        saved = from_dict(payload["config"])
-        # A resumed run keeps its recipe; only how long it trains and how it logs may change.
-        changeable = {"epochs", "max_steps", "max_train_seconds", "log_every", "checkpoint_every", "device", "threads",
-                      "progress", "val_batches", "precision", "compile"}
-        changed = [k for k, v in config.to_dict().items() if k not in changeable and getattr(saved, k) != v]
-        if changed:
-            logger.info("resume keeps the saved recipe; ignoring changed keys: %s", ", ".join(changed))
-        config = saved.replace(**{k: getattr(config, k) for k in changeable})
+        config = resumed_config(config, payload["config"])
     elif run.has_run():
         raise RunExistsError(
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
     run.path.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
-    tokenizer = Tokenizer.from_dict(payload["vocab"]) if payload else None
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
-                        tokenizer, config.max_train_tokens)
-    tokenizer = data.tokenizer
-    model = build_model(config, tokenizer).to(device)
-    diffusion = build_objective(config)  # the diffusion loss, or next-token CE for model: ar
-    terms = diffusion.terms
-    warp = getattr(diffusion, "time_warp", None)  # measured during training, so it is checkpointed
-    optimizer = build_optimizer(model, config)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
-           if config.ema_decay > 0 else None)
-    if config.compile:
-        # in place: parameter names and checkpoints stay the same
-        family(config.model).trunk(model).compile()
-
+                        Tokenizer.from_dict(payload["vocab"]) if payload else None, config.max_train_tokens)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     steps_per_epoch = math.ceil(epoch_size / config.batch_size)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
-    budget_s = config.max_train_seconds
-    first_step, start = 0, time.perf_counter()  # for planned_steps; set again where the loop starts
-
-    def planned_steps(current: int) -> int:
-        """The step the lr schedule decays towards: the last one, or under a time budget the
-        step the budget will reach at this invocation's pace so far (re-estimated every step)."""
-        if budget_s is None or current <= first_step:
-            return total_steps
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        return max(current + 1, first_step + round((current - first_step) * budget_s / elapsed))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, planned_steps(s)))
-
-    step, epoch = 0, 0
+    state = build_state(config, build_model(config, data.tokenizer).to(device), total_steps)
     if payload:
-        try:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-            if ema is not None:
-                ema.module.load_state_dict(payload["ema"])
-                ema.n_averaged.fill_(payload["ema_n_averaged"])
-            if warp is not None:
-                warp.load_state_dict(payload["time_warp"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"'{run.last_checkpoint}' does not match this run: {error}") from None
-        torch.set_rng_state(payload["rng"])
-        step, epoch = payload["step"], payload["epoch"]
+        restore(state, payload, run.last_checkpoint)
     else:
         save_config(config, run.config)
-        tokenizer.save(run.vocab)
-    metrics = MetricsWriter(run.metrics, keep_until_step=step if payload else None)
-    val_windows = fixed_windows(data.val_ids, config.seq_len)
+        data.tokenizer.save(run.vocab)
+    metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload else None)
+    hooks = RunHooks(run, data.tokenizer, fixed_windows(data.val_ids, config.seq_len), metrics)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in state.model.parameters())
     logger.info("device %s (%s) | vocab %d | %d train windows/epoch | %d steps/epoch | %s | %.2fM params",
-                device, resolved_precision(config.precision, device), len(tokenizer), epoch_size, steps_per_epoch,
-                f"{total_steps} steps total" if budget_s is None else f"{budget_s:g} s of training",
-                n_params / 1e6)
-    for group in optimizer.param_groups:
+                device, resolved_precision(config.precision, device), len(data.tokenizer), epoch_size, steps_per_epoch,
+                f"{total_steps} steps total" if config.max_train_seconds is None
+                else f"{config.max_train_seconds:g} s of training", n_params / 1e6)
+    for group in state.optimizer.param_groups:
         logger.info("  param group %-12s %8d params, weight_decay %g, peak lr %g", group["name"],
                     sum(p.numel() for p in group["params"]), group["weight_decay"], group["initial_lr"])
 
-    def checkpoint(path: Path) -> None:
-        save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-            "config": config.to_dict(), "vocab": tokenizer.to_dict(),
-            "step": step, "epoch": epoch, "rng": torch.get_rng_state(),
-            "time_warp": warp.state_dict() if warp is not None else None,
-        })
-
-    bar = tqdm(total=None if budget_s else total_steps, initial=step, disable=not config.progress, desc="train",
-               unit="step", ascii=True)
-    first_step, start = step, time.perf_counter()
-    out_of_time = False
-    interval_start, interval_tokens = start, 0
-    # Loss sums stay on the device (float64, the same sums as Python floats) so that a CUDA step
-    # never waits for the GPU; they are read once per log interval.
-    sums = torch.zeros(len(terms), dtype=torch.float64, device=device)
-    interval_steps = 0
-    row: dict = {}
-    model.train()
-    while step < total_steps and not out_of_time:
-        epoch += 1
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        windows = epoch_windows(data.train_ids, config.seq_len, generator)
-        if device.type == "cuda":
-            windows = windows.pin_memory()  # so that .to(device, non_blocking=True) is asynchronous
-        for first in range(0, len(windows), config.batch_size):
-            ids = windows[first: first + config.batch_size].to(device, non_blocking=True)
-            losses = train_step(model, diffusion, optimizer, ids, config, scheduler, ema)
-            step += 1
-            interval_steps += 1
-            interval_tokens += ids.numel()
-            sums += torch.stack([losses[term] for term in terms]).double()
-            bar.update(1)
-            out_of_time = budget_s is not None and time.perf_counter() - start >= budget_s
-            if step % config.log_every == 0 or step == total_steps or out_of_time:
-                now = time.perf_counter()
-                means = {term: value / interval_steps for term, value in zip(terms, sums.tolist())}
-                row = {"step": step, "epoch": epoch, **means,
-                       **embedding_stats(model.embedding.table()), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": interval_tokens / (now - interval_start), "elapsed_s": now - start}
-                metrics.write(row)
-                left_s = (budget_s - (now - start) if budget_s is not None
-                          else (total_steps - step) * (now - start) / max(1, step - first_step))
-                logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
-                            step, total_steps, epoch, row["total"], _terms_text(row, terms[1:]), row["embedding_norm"],
-                            row["nn_distance"], row["lr"], row["tokens_per_s"], *divmod(max(0, round(left_s)), 60))
-                sums.zero_()
-                interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
-            if step >= total_steps or out_of_time:
-                break
-        # Every epoch has the same number of steps, so this is an epoch end unless max_steps or the clock cut it.
-        val = validation_losses(ema.module if ema is not None else model, diffusion, val_windows, config, device)
-        if val:
-            row = {**row, "step": step, "epoch": epoch, **val, "elapsed_s": time.perf_counter() - start}
-            metrics.write({k: row.get(k, "") for k in ("step", "epoch", *val, "elapsed_s")})
-            logger.info("epoch %4d | val loss %.4f (%s)", epoch, val["val_total"],
-                        _terms_text(val, [f"val_{term}" for term in terms[1:]]))
-        if epoch % config.checkpoint_every == 0 or step >= total_steps or out_of_time:
-            checkpoint(run.epoch_checkpoint(epoch))
-        checkpoint(run.last_checkpoint)
-    bar.close()
-    return TrainResult(run.path, step, epoch, row, time.perf_counter() - start)
+    row = run_loop(state, data.train_ids, hooks)
+    return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
