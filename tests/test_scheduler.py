@@ -21,30 +21,37 @@ def two_step_chain(eta: float) -> tuple[DiffusionScheduler, list[float]]:
     return scheduler, [float(schedule.alphas_cumprod[t]) for t in (9, 2, 0)]
 
 
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 3, generator=generator), 3 * torch.randn(2, 4, 3, generator=generator)
+
+
+# Within 1e-4, not 1e-6: at t = 9 alpha_bar is 5e-5, and the step's float32 sqrt(1 - a_s - sigma^2)
+# loses digits to cancellation (up to 2e-5 over 200 draws). A wrong coefficient is off by O(1).
 @pytest.mark.parametrize("index", [0, 1])
 def test_ddim_step_is_the_closed_form(index):
     scheduler, alpha_bar = two_step_chain(eta=0.0)
     a_t, a_s = alpha_bar[index], alpha_bar[index + 1]
-    x0, x = torch.randn(2, 4, 3), 3 * torch.randn(2, 4, 3)
+    x0, x = inputs()
     # DDIM (Song et al. 2021, eq. 12 with sigma 0): keep the implied noise, move x0 to the next level.
     eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
     expected = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
     x_next, pred_x0 = scheduler.step(x0, index, x)
-    assert torch.allclose(x_next, expected, atol=1e-5) and torch.equal(pred_x0, x0)
+    assert torch.allclose(x_next, expected, atol=1e-4) and torch.equal(pred_x0, x0)
 
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_ddpm_step_is_the_posterior_mean_plus_its_noise(index):
     scheduler, alpha_bar = two_step_chain(eta=1.0)
     a_t, a_s = alpha_bar[index], alpha_bar[index + 1]
-    x0, x = torch.randn(2, 4, 3), 3 * torch.randn(2, 4, 3)
+    x0, x = inputs()
     # q(x_s | x_t, x0) of the shortened chain (DDPM eq. 7 with alpha_t -> a_t / a_s)
     beta = 1 - a_t / a_s
     mean = (math.sqrt(a_s) * beta / (1 - a_t)) * x0 + (math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t)) * x
     std = math.sqrt((1 - a_s) / (1 - a_t) * beta)
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     x_next, _ = scheduler.step(x0, index, x, torch.Generator().manual_seed(3))
-    assert torch.allclose(x_next, mean + std * z, atol=1e-5)
+    assert torch.allclose(x_next, mean + std * z, atol=1e-4)
 
 
 def test_the_last_step_returns_the_prediction():
