@@ -132,7 +132,7 @@ class GaussianDiffusion:
         sequence, (B,): how well the words are known at each sequence's t (the time warp's signal;
         a few positions keep the (B, positions, V) logits small)."""
         picked = torch.linspace(0, ids.shape[1] - 1, min(positions, ids.shape[1])).round().long().to(ids.device)
-        logits = model.rounding(decoded[:, picked]).float()
+        logits = model.round(decoded[:, picked]).float()
         return F.cross_entropy(logits.transpose(1, 2), ids[:, picked], reduction="none").mean(1)
 
     def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None,
