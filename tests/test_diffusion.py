@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from dlm.core.config import load_config
 from dlm.core.embeddings import CosineRounding, LearnedEmbedding, nearest_rows
 from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample, sampling_timesteps
-from dlm.families.gaussian import DiffusionLM, TimeWarp, chain_timesteps, sample_progressive
+from dlm.core.scheduler import DiffusionScheduler
+from dlm.families.gaussian import DiffusionLM, TimeWarp, sample_progressive
 from dlm.runs.build import build_diffusion
 
 
@@ -190,7 +191,9 @@ def test_left_to_right_training_and_sampling(monkeypatch):
     x = torch.randn(2, 6, 8)
     assert torch.allclose(denoise(x, t_row), denoise(x, t_row[:, None].expand(2, 6)), atol=1e-5)
 
-    table = chain_timesteps(diffusion, 20, 6)
+    scheduler = DiffusionScheduler(diffusion.schedule, left_to_right=1.0)
+    scheduler.set_timesteps(20, 6)
+    table = scheduler.timesteps
     assert table.shape == (20, 6) and (table[0] == 49).all() and (table[-1] == 0).all()
     states = list(sample_progressive(model, diffusion, (3, 6), 20, clamp=False,
                                      generator=torch.Generator().manual_seed(0)))
@@ -199,7 +202,7 @@ def test_left_to_right_training_and_sampling(monkeypatch):
     assert waiting.any() and torch.allclose(first[:, waiting], second[:, waiting], atol=1e-5)
     assert not torch.allclose(first[:, ~waiting], second[:, ~waiting])
     with pytest.raises(ValueError, match="at least 2"):
-        chain_timesteps(diffusion, 1, 6)
+        scheduler.set_timesteps(1, 6)
 
 
 def test_rounding_target_decides_what_the_cross_entropy_trains():
@@ -264,30 +267,37 @@ def test_sampler_yields_every_state_with_the_right_shapes(eta, clamp):
     states = list(sample_progressive(model, diffusion, (3, 6), 10, eta=eta, clamp=clamp,
                                      generator=torch.Generator().manual_seed(0)))
     assert [s.index for s in states] == list(range(10))
+    assert [s.t for s in states] == sampling_timesteps(diffusion.schedule, 10)
     assert all(s.x.shape == (3, 6, 8) and s.pred_x0.shape == (3, 6, 8) for s in states)
     if clamp:  # the final sample is made of embedding rows
-        table = model.embedding.table()
+        table = model.table()
         assert torch.allclose(states[-1].x, table[nearest_rows(states[-1].x, table)])
+    else:  # DDIM: each x keeps the noise the previous x held around its predicted x0
+        ac = diffusion.schedule.alphas_cumprod
+        for before, after, t_next in zip(states, states[1:], [s.t for s in states[2:]]):
+            a_t, a_s = ac[after.t], ac[t_next]
+            eps = (before.x - a_t.sqrt() * after.pred_x0) / (1 - a_t).sqrt()
+            assert torch.allclose(after.x, a_s.sqrt() * after.pred_x0 + (1 - a_s).sqrt() * eps, atol=1e-4)
     again = list(sample_progressive(model, diffusion, (3, 6), 10, eta=eta, clamp=clamp,
                                     generator=torch.Generator().manual_seed(0)))
     assert torch.equal(states[-1].x, again[-1].x)
 
 
-def test_ddim_with_a_perfect_denoiser_lands_on_its_prediction():
-    model, diffusion = toy()
-    target = torch.randn(2, 6, 8)
-    model.denoise = lambda x_t, t, x0_estimate=None: target
-    final = list(sample_progressive(model, diffusion, (2, 6), 5, eta=0.0, clamp=False))[-1].x
-    assert torch.allclose(final, target)
-
-
 def test_clamping_only_in_the_last_steps():
     model, diffusion = toy()
     model.eval()
-    table = model.embedding.table()
-    states = list(sample_progressive(model, diffusion, (2, 6), 10, clamp=True, clamp_fraction=0.3))
-    on_rows = [torch.allclose(s.pred_x0, table[nearest_rows(s.pred_x0, table)]) for s in states]
+    table = model.table()
+
+    def chain(clamp):
+        return list(sample_progressive(model, diffusion, (2, 6), 10, clamp=clamp, clamp_fraction=0.3,
+                                       generator=torch.Generator().manual_seed(0)))
+
+    clamped, free = chain(True), chain(False)
+    on_rows = [torch.allclose(s.pred_x0, table[nearest_rows(s.pred_x0, table)]) for s in clamped]
     assert on_rows[-3:] == [True] * 3 and not any(on_rows[:7])
+    # the same chain as without clamping until step 7, whose prediction is snapped to its nearest rows
+    assert all(torch.equal(c.x, f.x) for c, f in zip(clamped[:7], free[:7]))
+    assert torch.equal(clamped[7].pred_x0, table[nearest_rows(free[7].pred_x0, table)])
 
 
 def test_bf16_autocast_keeps_the_loss_terms_close_and_float32(monkeypatch):

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import sampling_timesteps
 from dlm.evaluation import probe
+from dlm.families.gaussian import sample_progressive
 from dlm.runs.build import load_run
 from dlm.runs.train import train
 
@@ -45,12 +47,14 @@ def test_chain_retention_needs_a_shared_timestep(smoke_config, tmp_path):
 
 def test_a_chain_started_at_t0_is_one_clamped_step(run):
     ids = probe.heldout_ids(run, 2)
-    emb = run.model.embedding(ids).detach()
-    states = list(probe.sample_progressive(run.model, run.objective, tuple(ids.shape), 20, clamp=True,
-                                           start=emb, start_t=0))
+    emb = run.model.embed(ids).detach()
+    start = emb + 0.3 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+    states = list(sample_progressive(run.model, run.objective, tuple(ids.shape), 20, clamp=True, start=start, start_t=0))
     assert len(states) == 1 and states[0].t == 0  # one step, at t = 0, and clamped onto rows
-    table = run.model.embedding.table().detach()
-    assert torch.equal(states[0].x, table[probe.nearest_rows(states[0].x, table)])
+    table = run.model.table().detach()
+    t = torch.zeros(2, dtype=torch.long)
+    prediction = run.objective.x0_from_output(run.model, run.model.denoise(start, t), start, t)
+    assert torch.equal(states[0].x, table[nearest_rows(prediction, table)])
 
 
 def test_probe_benchmark_writes_both_tables(run, tmp_path, capsys):

@@ -42,7 +42,7 @@ def probe_timesteps(total_steps: int) -> list[int]:
 
 def noised(run: LoadedRun, ids: torch.Tensor, t: int, generator: torch.Generator) -> torch.Tensor:
     """x_t ~ q(x_t | EMB(w)) for every window, all positions at timestep t."""
-    emb = run.model.embedding(ids)
+    emb = run.model.embed(ids)
     noise = torch.randn(emb.shape, generator=generator)
     return q_sample(run.objective.schedule, emb, torch.full((ids.shape[0],), t), noise)
 
@@ -55,13 +55,13 @@ def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[in
     model, diffusion = run.model, run.objective
     schedule = diffusion.schedule
     generator = torch.Generator().manual_seed(seed)
-    table = model.embedding.table()
+    table = model.table()
     rows = []
     for t in timesteps or probe_timesteps(schedule.steps):
         x_t = noised(run, ids, t, generator)
         t_batch = torch.full((ids.shape[0],), t)
         pred_x0 = diffusion.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)
-        logits = model.rounding(pred_x0)
+        logits = model.round(pred_x0)
         alpha_bar = float(schedule.alphas_cumprod[t])
         own = nearest_rows(x_t / math.sqrt(alpha_bar), table)
         rows.append({"t": t, "log_snr": math.log(alpha_bar / (1 - alpha_bar)),
@@ -84,10 +84,10 @@ def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int 
                                 eta=config.sample_eta, clamp=clamp, spacing=config.sample_spacing,
                                 generator=generator, start=x_t, start_t=start_t)
     first = next(states)
-    first_ids = model.rounding(first.pred_x0).argmax(-1)
+    first_ids = model.round(first.pred_x0).argmax(-1)
     remaining = collections.deque(states, maxlen=1)
     last = remaining[0] if remaining else first
-    final_ids = model.rounding(last.x).argmax(-1)
+    final_ids = model.round(last.x).argmax(-1)
     return {"start_t": start_t, "chain_steps": last.index + 1, "clamp": clamp,
             "first_step_accuracy": (first_ids == ids).float().mean().item(),
             "kept": (final_ids == ids).float().mean().item(), "final_ids": final_ids}

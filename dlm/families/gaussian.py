@@ -4,7 +4,7 @@ denoiser and the rounding decoder; the one training loss; the reverse chain."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,7 +15,8 @@ from dlm.core.config import Config
 from dlm.core.embeddings import CosineRounding, LearnedEmbedding, LearnedRounding, nearest_rows
 from dlm.core.nets import TinyTransformer
 from dlm.core.runtime import autocast
-from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample, sampling_timesteps
+from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample
+from dlm.core.scheduler import DiffusionScheduler
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ class GaussianDiffusion:
             # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
             # float32 like the rest of the diffusion arithmetic.
             with torch.autocast(output.device.type, enabled=False):
-                return torch.softmax(model.rounding(output.float()), dim=-1) @ model.embedding.table().float()
+                return torch.softmax(model.round(output.float()), dim=-1) @ model.table().float()
         s = self.schedule
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
@@ -132,7 +133,7 @@ class GaussianDiffusion:
         sequence, (B,): how well the words are known at each sequence's t (the time warp's signal;
         a few positions keep the (B, positions, V) logits small)."""
         picked = torch.linspace(0, ids.shape[1] - 1, min(positions, ids.shape[1])).round().long().to(ids.device)
-        logits = model.rounding(decoded[:, picked]).float()
+        logits = model.round(decoded[:, picked]).float()
         return F.cross_entropy(logits.transpose(1, 2), ids[:, picked], reduction="none").mean(1)
 
     def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None,
@@ -214,78 +215,81 @@ class SampleState:
     """One step of the reverse chain: x at the next (lower) noise level and the predicted x0."""
 
     index: int  # 0 .. steps-1, in sampling order
-    t: int  # the timestep the network was evaluated at
+    t: int  # the timestep the network was evaluated at (the highest one, when it differs by position)
     x: torch.Tensor
     pred_x0: torch.Tensor
 
 
-def chain_timesteps(diffusion: GaussianDiffusion, steps: int, length: int, spacing: str = "logsnr") -> torch.Tensor:
-    """The reverse chain's timesteps per step and position, (steps, L), from T-1 to 0.
+# A hook sees the denoiser's x0 prediction (B, L, d) at every step, with the timesteps the denoiser
+# was given (B,) or (B, L), the current x_t and the step's index, and returns the x0 the step uses:
+# the one place where guidance, infilling and clamping plug into the chain.
+Hook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-    Every position shares `sampling_timesteps` unless the run was trained left to right; then
-    the chain's progress runs evenly from 0 to 1 and `position_timesteps` spreads it over the
-    positions (the spacing does not apply: its t is linear, as in training).
-    """
-    schedule, skew = diffusion.schedule, diffusion.settings.left_to_right
-    if skew > 0:
-        if steps < 2:
-            raise ValueError("A left-to-right chain needs at least 2 sampling steps.")
-        return position_timesteps(schedule, torch.linspace(0, 1, steps), length, skew)
-    return torch.tensor(sampling_timesteps(schedule, steps, spacing))[:, None].expand(steps, length)
+
+def clamp_hook(model: DiffusionLM, first_index: int = 0) -> Hook:
+    """Diffusion-LM's clamping trick: the predicted x0 replaced by its nearest embedding row, from
+    step `first_index` on."""
+    table = None
+
+    def clamp(pred_x0: torch.Tensor, t: torch.Tensor, x: torch.Tensor, index: int) -> torch.Tensor:
+        nonlocal table
+        if index < first_index:
+            return pred_x0
+        if table is None:  # once per chain, inside the chain's autocast like the steps
+            table = model.table()
+        return table[nearest_rows(pred_x0, table)]
+
+    return clamp
 
 
 @torch.inference_mode()
-def sample_progressive(model, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
+def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: DiffusionScheduler, x: torch.Tensor,
+                  generator: torch.Generator | None = None, hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+    """The pipeline: from x (B, L, d) at scheduler.timesteps[0] down the scheduler's chain, yielding
+    every state. The network's output becomes x0 here (`x0_from_output`), the hooks then edit it
+    in order, and the scheduler steps with what they return. With self-conditioning the step's
+    x0 is fed back to the denoiser at the next step."""
+    batch = x.shape[0]
+    timesteps = scheduler.timesteps.cpu()
+    peaks = timesteps.amax(1).tolist()
+    # One timestep per sequence when the positions share it (the time MLP runs once per row).
+    shared = (timesteps == timesteps[:, :1]).all(1).tolist()
+    x0_estimate = None
+    for index, t_row in enumerate(scheduler.timesteps):
+        t = t_row[:1].expand(batch) if shared[index] else t_row.expand(batch, -1)
+        pred_x0 = diffusion.x0_from_output(model, model.denoise(x, t, x0_estimate), x, t)
+        for hook in hooks:
+            pred_x0 = hook(pred_x0, t, x, index)
+        x0_estimate = pred_x0 if model.self_conditioned else None
+        x, pred_x0 = scheduler.step(pred_x0, index, x, generator)
+        yield SampleState(index, peaks[index], x, pred_x0)
+
+
+def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", start: torch.Tensor | None = None,
-                       start_t: int | None = None) -> Iterator[SampleState]:
-    """Run the reverse chain over `steps` steps (see `chain_timesteps`), yielding every state.
+                       start_t: int | None = None, hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+    """The reverse chain of `steps` steps (see `DiffusionScheduler.set_timesteps`) from pure noise,
+    every state yielded: how `dlm sample`, the probes and the speed benchmark all sample.
 
     eta = 1 is ancestral (DDPM posterior) sampling on the shortened chain, eta = 0 deterministic DDIM.
-    clamp: replace the predicted x0 by its nearest embedding row (Diffusion-LM's clamping trick),
-    during the last `clamp_fraction` of the steps only. A position whose timestep does not change
-    in a step (a left-to-right chain's clean or not-yet-started positions) keeps its x.
+    clamp: Diffusion-LM's clamping trick (`clamp_hook`), during the last `clamp_fraction` of the
+    steps only, after any other `hooks`. A position whose timestep does not change in a step (a
+    left-to-right chain's clean or not-yet-started positions) keeps its x.
     start, start_t: begin from this x_t (B, L, d) at timestep start_t instead of pure noise,
-    running only the chain's steps at or below start_t (SDEdit; `dlm.probe` uses it).
+    running only the chain's steps below start_t (SDEdit; `dlm.evaluation.probe` uses it).
     """
-    s = diffusion.schedule
     batch, length = shape
-    table = model.embedding.table()
-    dim = table.shape[1]
-
-    def randn(*size):
-        return torch.randn(*size, generator=generator).to(device)
-
-    x = randn(batch, length, dim)
-    timesteps = chain_timesteps(diffusion, steps, length, spacing).to(device)
+    scheduler = DiffusionScheduler(diffusion.schedule, eta, diffusion.settings.left_to_right)
+    scheduler.set_timesteps(steps, length, spacing, start_t=None if start is None else start_t, device=device)
+    # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
+    x = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     if start is not None:
-        if diffusion.settings.left_to_right > 0:
-            raise ValueError("A chain from a given x_t needs one timestep for every position (left_to_right 0).")
-        timesteps = torch.cat([torch.full_like(timesteps[:1], start_t), timesteps[timesteps[:, 0] < start_t]])
         x = start.to(device)
-    clamp_from = len(timesteps) - math.ceil(clamp_fraction * len(timesteps))
-    x0_estimate = None
-    ac = s.alphas_cumprod.to(device)
-    for index, t_row in enumerate(timesteps):
-        shared = bool((t_row == t_row[0]).all())
-        # One timestep per sequence when the positions share it (the time MLP runs once per row).
-        t_batch = t_row[:1].expand(batch) if shared else t_row.expand(batch, length)
-        output = model.denoise(x, t_batch, x0_estimate)
-        pred_x0 = diffusion.x0_from_output(model, output, x, t_batch)
-        if clamp and index >= clamp_from:
-            pred_x0 = table[nearest_rows(pred_x0, table)]
-        x0_estimate = pred_x0 if model.self_conditioned else None
-        if index == len(timesteps) - 1:
-            x = pred_x0  # the last step returns the clean estimate itself
-        else:
-            a_t, a_s = ac[t_row][:, None], ac[timesteps[index + 1]][:, None]  # (L, 1)
-            eps = (x - a_t.sqrt() * pred_x0) / (1 - a_t).sqrt()
-            sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp_min(0).sqrt()
-            x = a_s.sqrt() * pred_x0 + (1 - a_s - sigma**2).clamp_min(0).sqrt() * eps
-            if eta > 0:
-                x = x + sigma * randn(batch, length, dim)
-        yield SampleState(index, int(t_row.max()), x, pred_x0)
+    if clamp:
+        hooks = (*hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
+    return reverse_chain(model, diffusion, scheduler, x, generator, hooks)
 
 
 class DiffusionLM(nn.Module):
@@ -315,6 +319,24 @@ class DiffusionLM(nn.Module):
         # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
         return self.denoiser(x_t, t).float()
 
+    # The rest of the denoiser interface: what samplers and probes use instead of the modules.
+
+    @property
+    def embed_dim(self) -> int:
+        return self.embedding.embed_dim
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """EMB(w): token ids (..., L) to vectors (..., L, d)."""
+        return self.embedding(ids)
+
+    def table(self) -> torch.Tensor:
+        """The embedding table as the diffusion sees it, (V, d)."""
+        return self.embedding.table()
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """The rounding decoder p(w | x): vectors (..., d) to logits (..., V)."""
+        return self.rounding(x)
+
 
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
@@ -342,8 +364,7 @@ def decode(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned", tempe
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Vectors (B, L, d) to token ids (B, L): the learned rounding (argmax, or drawn at a
     temperature) or the cosine baseline."""
-    rounding = model.rounding if decoder == "learned" else CosineRounding(model.embedding)
-    logits = rounding(x0).float()
+    logits = (model.round(x0) if decoder == "learned" else CosineRounding(model.embedding)(x0)).float()
     if decoder == "cosine" or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1).cpu()
