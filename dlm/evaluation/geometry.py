@@ -22,7 +22,7 @@ from dlm.runs.build import LoadedRun
 def embedding_geometry(run: LoadedRun, counts: torch.Tensor) -> pd.DataFrame:
     """One row per vocabulary entry: training count, frequency rank, row norm, nearest-neighbour
     distance, the rounding decoder's bias, and whether the token is punctuation."""
-    table = run.model.embedding.table().detach().float().cpu()
+    table = run.model.table().detach().float().cpu()
     itos = run.tokenizer.itos
     order = torch.argsort(counts, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -34,7 +34,7 @@ def embedding_geometry(run: LoadedRun, counts: torch.Tensor) -> pd.DataFrame:
         "rank": rank.tolist(),
         "norm": table.norm(dim=-1).tolist(),
         "nn_distance": nearest_neighbour_distances(table).tolist(),
-        "bias": run.model.rounding.output_bias.detach().float().cpu().tolist(),
+        "bias": run.model.rounding_bias().detach().float().cpu().tolist(),
         "punctuation": [is_punctuation(t) for t in itos],
     })
 
@@ -42,7 +42,7 @@ def embedding_geometry(run: LoadedRun, counts: torch.Tensor) -> pd.DataFrame:
 @torch.no_grad()
 def projection_2d(run: LoadedRun) -> torch.Tensor:
     """The embedding table on its top two principal components, (V, 2)."""
-    return pca_project(run.model.embedding.table().detach().float().cpu(), 2)
+    return pca_project(run.model.table().detach().float().cpu(), 2)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

@@ -24,6 +24,10 @@ class AutoregressiveLM(nn.Module):
                                            config.dropout, causal=True, time_conditioned=False)
         self.head = LearnedRounding(d, vocab_size, tied_embedding=self.embedding)
 
+    def table(self) -> torch.Tensor:
+        """The token embedding table, (V, d) (the training log follows its geometry, as for diffusion)."""
+        return self.embedding.table()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) for the token after each position."""
         return self.head(self.transformer(self.embedding(ids)))

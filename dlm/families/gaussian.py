@@ -337,6 +337,10 @@ class DiffusionLM(nn.Module):
         """The rounding decoder p(w | x): vectors (..., d) to logits (..., V)."""
         return self.rounding(x)
 
+    def rounding_bias(self) -> torch.Tensor:
+        """The rounding decoder's per-word bias (V,): where a vector that carries nothing lands."""
+        return self.rounding.output_bias
+
 
 # --- the family interface (see dlm.families) ---------------------------------------------------
 

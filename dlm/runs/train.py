@@ -356,7 +356,7 @@ class Interval:
 
     def row(self, state: TrainState) -> dict:
         means = {term: value / self.steps for term, value in zip(self.terms, self.sums.tolist())}
-        return {"step": state.step, "epoch": state.epoch, **means, **embedding_stats(state.model.embedding.table()),
+        return {"step": state.step, "epoch": state.epoch, **means, **embedding_stats(state.model.table()),
                 "lr": state.scheduler.get_last_lr()[0],
                 "tokens_per_s": self.tokens / (time.perf_counter() - self.start), "elapsed_s": state.pace.elapsed()}
 
