@@ -59,8 +59,9 @@ from dlm.core.config import Config, load_config
 from dlm.core.data import epoch_windows, prepare_data
 from dlm.core.runtime import autocast, resolved_precision
 from dlm.core.schedule import q_sample
-from dlm.families.gaussian import DiffusionLM, sample_progressive
+from dlm.families.gaussian import DiffusionLM, sample_chain
 from dlm.runs.build import build_diffusion
+from dlm.runs.sample import SampleOptions
 from dlm.runs.train import build_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,8 +261,8 @@ def child(spec: str) -> None:
 def measure_sampling(config: Config, vocab_size: int, batch: int = 64, chains=(50, 200, 2000),
                      max_timed: int = 200, warmup: int = 3) -> list[dict]:
     """Seconds per reverse step and samples/s for a batch of `batch` sequences, with the config's
-    own sampling recipe (clamp, eta). Chains longer than `max_timed` steps are timed on their
-    first `max_timed` steps and extrapolated."""
+    own sampling recipe (clamp, eta, spacing), built as `dlm sample` builds it. Chains longer than
+    `max_timed` steps are timed on their first `max_timed` steps and extrapolated."""
     torch.manual_seed(config.seed)
     model = DiffusionLM(config, vocab_size).eval()
     diffusion = build_diffusion(config)
@@ -269,9 +270,8 @@ def measure_sampling(config: Config, vocab_size: int, batch: int = 64, chains=(5
 
     def run(steps: int, limit: int) -> float:
         """Median seconds of the first `limit` reverse steps of a `steps`-step chain."""
-        chain = sample_progressive(model, diffusion, (batch, config.seq_len), steps, eta=config.sample_eta,
-                                   clamp=config.clamp, clamp_fraction=config.clamp_fraction,
-                                   generator=torch.Generator().manual_seed(0))
+        chain = sample_chain(model, diffusion, SampleOptions.from_config(config, steps=steps), (batch, config.seq_len),
+                             torch.Generator().manual_seed(0))
         times = []
         with autocast(config.precision, "cpu"):
             start = time.perf_counter()

@@ -22,8 +22,9 @@ from dlm.core.data import fixed_windows
 from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import q_sample
 from dlm.evaluation.rundata import run_data
-from dlm.families.gaussian import sample_progressive
+from dlm.families.gaussian import sample_chain
 from dlm.runs.build import LoadedRun
+from dlm.runs.sample import SampleOptions
 
 PROBE_TIMESTEPS = (0, 50, 200, 400, 700, 1000, 1400, 1800, 1999)  # for T = 2000; scaled otherwise
 
@@ -80,9 +81,9 @@ def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int 
     config, model = run.config, run.model
     generator = torch.Generator().manual_seed(seed)
     x_t = noised(run, ids, start_t, generator)
-    states = sample_progressive(model, run.objective, tuple(ids.shape), steps or config.sample_steps,
-                                eta=config.sample_eta, clamp=clamp, spacing=config.sample_spacing,
-                                generator=generator, start=x_t, start_t=start_t)
+    # clamp here means at every step (clamp_fraction 1), whatever the run's recipe says
+    options = SampleOptions.from_config(config, steps=steps, clamp=clamp, clamp_fraction=1.0)
+    states = sample_chain(model, run.objective, options, tuple(ids.shape), generator, start=x_t, start_t=start_t)
     first = next(states)
     first_ids = model.round(first.pred_x0).argmax(-1)
     remaining = collections.deque(states, maxlen=1)

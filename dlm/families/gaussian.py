@@ -265,6 +265,18 @@ def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: D
         yield SampleState(index, peaks[index], x, pred_x0)
 
 
+def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options, shape: tuple[int, int],
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                 start: torch.Tensor | None = None, start_t: int | None = None,
+                 hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+    """The reverse chain as sampling options (dlm.runs.sample.SampleOptions: steps, spacing, eta,
+    clamp, clamp_fraction) describe it: the one way `dlm sample`, the probes and the speed
+    benchmark build their chains, so none of them copies the recipe's keys by hand."""
+    return sample_progressive(model, diffusion, shape, options.steps, eta=options.eta, clamp=options.clamp,
+                              clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
+                              device=device, start=start, start_t=start_t, hooks=hooks)
+
+
 def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
@@ -385,11 +397,7 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     all_ids, trajectory = [], []
     for first in range(0, options.num_samples, options.batch_size):
         count = min(options.batch_size, options.num_samples - first)
-        states = sample_progressive(
-            model, diffusion, (count, config.seq_len), options.steps, eta=options.eta,
-            clamp=options.clamp, clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
-            device=device,
-        )
+        states = sample_chain(model, diffusion, options, (count, config.seq_len), generator, device)
         for state in _under_autocast(states, config.precision, device):
             last = state.index == options.steps - 1
             if options.record_every and (state.index % options.record_every == 0 or last):
