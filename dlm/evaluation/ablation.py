@@ -79,12 +79,14 @@ COLUMNS = ["teacher_perplexity", "unigram_entropy", "punctuation_share", "distin
 
 
 def arm_config(base: Config, arm: Arm, ar_preset: Config | None = None) -> Config:
-    """The arm's training recipe: the AR preset for AR arms, else the base with the overrides."""
-    if arm.train.get("model") == "ar":
+    """The arm's training recipe: an arm of another model family starts from that family's preset
+    (the AR baseline's, params/ar.yaml) on the base's data, batch, device and seed; any other arm is
+    the base with the overrides."""
+    if arm.train.get("model", base.model) != base.model:
         if ar_preset is None:
             raise ValueError(f"Arm '{arm.name}' needs an AR preset (params/ar.yaml).")
-        shared = {k: getattr(base, k) for k in ("corpus", "tokenizer", "min_count", "lowercase", "seq_len",
-                                                "max_train_tokens", "batch_size", "threads", "device", "seed")}
+        shared = {**base.section("data"), "batch_size": base.batch_size, "threads": base.threads,
+                  "device": base.device, "seed": base.seed}
         return ar_preset.replace(**shared, **{k: v for k, v in arm.train.items() if k != "model"})
     return base.replace(**arm.train)
 
