@@ -11,6 +11,8 @@ import difflib
 import functools
 import inspect
 import io
+import math
+import os
 import re
 import textwrap
 import tokenize
@@ -156,6 +158,11 @@ def section_of(key: str) -> str:
 
 
 def field_types() -> dict[str, Any]:
+    return dict(_field_types())  # a copy: callers may change theirs
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:  # get_type_hints evaluates every annotation: ~1 ms a call
     return typing.get_type_hints(Config)
 
 
@@ -231,7 +238,7 @@ def unknown_key_error(key: str, where: str = "") -> ConfigError:
 
 def coerce(key: str, value: Any, from_text: bool = False) -> Any:
     """Check (and for command-line text, parse) one value against the field's type."""
-    types_by_key = field_types()
+    types_by_key = _field_types()
     if key not in types_by_key:
         raise unknown_key_error(key)
     tp = types_by_key[key]
@@ -267,7 +274,10 @@ def _coerce(tp: Any, value: Any, from_text: bool) -> Any:
         if tp is float:
             return float(value)
         return value
-    # From YAML: exact types, except that an int is a fine float.
+    # From YAML: exact types, except that an int is a fine float, and so is a numeric string: PyYAML
+    # (YAML 1.1) reads `lr: 1e-3` as the string '1e-3' (it wants 1.0e-3).
+    if tp is float and isinstance(value, str):
+        return float(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool):
@@ -284,28 +294,62 @@ def from_dict(values: dict[str, Any], from_text: bool = False) -> Config:
     return config
 
 
+# Closed and open ranges of every number key (None: no bound on that side; "[" closed, "(" open).
+RANGES: dict[str, tuple[str, Any, Any, str]] = {
+    "lr": ("(", 0.0, None, "the peak learning rate, e.g. 0.001"),
+    "weight_decay": ("[", 0.0, None, "0 turns it off"),
+    "dropout": ("[", 0.0, 1.0, "a drop probability: 0 turns it off; 1 would drop everything"),
+    "grad_clip": ("[", 0.0, None, "0 disables clipping"),
+    "rounding_weight": ("[", 0.0, None, "the rounding loss's weight"),
+    "embedding_init_std": ("(", 0.0, None, "the table's initial standard deviation"),
+    "embedding_lr_scale": ("(", 0.0, None, "the table's lr is lr * this"),
+    "embedding_scale": ("(", 0.0, None, "rows get norm embedding_scale * sqrt(d)"),
+    "self_condition": ("[", 0.0, 1.0, "a share of batches: a number from 0 to 1"),
+    "left_to_right": ("[", 0.0, None, "a delay (a share of the chain per sequence length): 0 or more"),
+    "clamp_fraction": ("[", 0.0, 1.0, "a share of the sampling steps: a number from 0 to 1"),
+    "sample_eta": ("[", 0.0, 1.0, "1 ancestral (DDPM), 0 deterministic DDIM"),
+    "decode_temperature": ("[", 0.0, None, "0 (argmax) or positive"),
+    "ema_decay": ("[", 0.0, 1.0, "0 disables the EMA copy"),
+    "max_train_seconds": ("(", 0.0, None, "positive, or left out"),
+}
+RANGE_RIGHT_OPEN = {"dropout", "ema_decay"}  # [0, 1): 1 is not allowed
+
+
+def _check_range(key: str, value: Any) -> None:
+    if value is None or key not in RANGES:
+        return
+    left, low, high, meaning = RANGES[key]
+    below = value < low if left == "[" else value <= low
+    above = high is not None and (value >= high if key in RANGE_RIGHT_OPEN else value > high)
+    if below or above:
+        lo = f"{left}{low:g}"
+        hi = (f"{high:g})" if key in RANGE_RIGHT_OPEN else f"{high:g}]") if high is not None else "inf)"
+        raise ConfigError(f"Config key '{key}' must be in {lo}, {hi} ({meaning}), got {value:g}.")
+
+
 def validate(config: Config) -> None:
+    for key in _field_types():  # every number key: finite (nan and inf train silently to nan)
+        value = getattr(config, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"Config key '{key}' must be a finite number, got {value}.")
+        _check_range(key, value)
     positive = ["seq_len", "embed_dim", "width", "depth", "heads", "batch_size", "diffusion_steps",
-                "log_every", "checkpoint_every", "min_count"]
+                "log_every", "checkpoint_every", "min_count", "val_batches"]
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"Config key '{key}' must be at least 1, got {getattr(config, key)}.")
-    if config.max_train_seconds is not None and config.max_train_seconds <= 0:
-        raise ConfigError(f"'max_train_seconds' must be positive (or left out), got {config.max_train_seconds}.")
-    if config.epochs < 0:
-        raise ConfigError(f"Config key 'epochs' must be 0 or more, got {config.epochs}.")
+    for key in ("max_steps", "max_train_tokens", "threads"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ConfigError(f"Config key '{key}' must be at least 1 (or left out, null), got {getattr(config, key)}.")
+    for key in ("epochs", "warmup_steps"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"Config key '{key}' must be 0 or more, got {getattr(config, key)}.")
     if config.width % config.heads:
         raise ConfigError(
             f"'width' ({config.width}) must be divisible by 'heads' ({config.heads})."
         )
-    if config.embedding_scale <= 0:
-        raise ConfigError(f"'embedding_scale' must be positive, got {config.embedding_scale}.")
     if config.embedding_scale != 1.0 and config.embedding_norm == "none":
         raise ConfigError("'embedding_scale' only applies to a normalised table: set embedding_norm to l2 or layernorm.")
-    if not 0.0 <= config.self_condition <= 1.0:
-        raise ConfigError("'self_condition' is a share of batches: a number from 0 to 1.")
-    if config.left_to_right < 0:
-        raise ConfigError("'left_to_right' is a delay (a share of the chain per sequence length): 0 or more.")
     if config.left_to_right > 0 and config.time_warp:
         raise ConfigError("'time_warp' draws one timestep per sequence and 'left_to_right' one per position: "
                           "use one of them.")
@@ -313,12 +357,47 @@ def validate(config: Config) -> None:
         raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
     if not 1 <= config.sample_steps <= config.diffusion_steps:
         raise ConfigError(f"'sample_steps' must be between 1 and diffusion_steps ({config.diffusion_steps}).")
-    if not 0.0 <= config.clamp_fraction <= 1.0:
-        raise ConfigError("'clamp_fraction' is a share of the sampling steps: a number from 0 to 1.")
-    if config.decode_temperature < 0:
-        raise ConfigError("'decode_temperature' must be 0 (argmax) or positive.")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ConfigError("'ema_decay' must be in [0, 1): 0 disables the EMA copy.")
+    check_memory(config)
+
+
+def training_memory_bytes(config: Config) -> int:
+    """A rough estimate of what training needs, before the vocabulary is known (the rounding logits
+    are computed in chunks, so the vocabulary only counts through the table, taken at a small
+    vocabulary here: the estimate errs low): weights, gradients, AdamW's two moments and the EMA
+    copy (~20 bytes a parameter), the saved activations (about 24 floats per token, width and
+    layer, each layer's attention maps, and the noised embeddings), and the schedule tables."""
+    d, w, depth, length = config.embed_dim, config.width, config.depth, config.seq_len
+    vocab = 64 if config.tokenizer == "char" else 1000
+    params = depth * 12 * w * w + 2 * d * w + 2 * length * w + 4 * w * w + vocab * d
+    activations = config.batch_size * length * (depth * (24 * w + 3 * config.heads * length) + 4 * d)
+    return 20 * params + 4 * activations + 16 * 8 * config.diffusion_steps
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's RAM (MemTotal in /proc/meminfo, else sysconf), None where neither says."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(config: Config) -> None:
+    """Refuse sizes (width, depth, seq_len, batch_size, embed_dim, diffusion_steps) whose training
+    would need more memory than the machine has, before anything is allocated."""
+    need, have = training_memory_bytes(config), machine_memory_bytes()
+    if have is not None and need > have:
+        raise ConfigError(
+            f"This config needs about {need / 2**30:,.1f} GiB to train (width {config.width}, depth {config.depth}, "
+            f"embed_dim {config.embed_dim}, seq_len {config.seq_len}, batch_size {config.batch_size}, diffusion_steps "
+            f"{config.diffusion_steps}); this machine has {have / 2**30:,.1f} GiB. Make them smaller."
+        )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
