@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +50,8 @@ def resolve_corpus(name_or_path: str, url: str = TINY_SHAKESPEARE_URL) -> Path:
     """
     if name_or_path != TINY_SHAKESPEARE:
         path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            raise CorpusError(f"Corpus '{path}' is a folder: give a UTF-8 text file (e.g. a file inside it).")
         if not path.is_file():
             raise CorpusError(
                 f"Corpus file '{path}' does not exist. Pass 'tiny_shakespeare' or a path to a UTF-8 text file."
@@ -118,6 +121,36 @@ def check_destination(path: str | Path, what: str = "--out") -> Path:
         raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another path.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what} '{path}' cannot be written: no write permission in '{parent}'. Choose another path.")
+    return path
+
+
+def check_run_folder(path: str | Path, what: str = "run_dir") -> Path:
+    """Fail early, before any work, when `path` cannot be a run folder: it is empty (that would be
+    the working directory), it is a file, it lies under a file, or it cannot be created or written."""
+    if not str(path).strip():
+        raise ValueError(f"{what} is empty: give a folder for the run, such as runs/my_run.")
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} '{path}' is a file: give a folder for the run (it is created if missing).")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} '{path}' cannot be {'written' if parent == path else 'created'}: no write permission "
+                         f"in '{parent}'. Choose another folder.")
+    if parent != path:  # try it (permissions are not the only obstacle), and leave nothing behind
+        try:
+            path.mkdir(parents=True)
+        except OSError as error:
+            raise ValueError(f"{what} '{path}' cannot be created ({error.strerror}). Choose another folder.") from None
+        finally:
+            for folder in (path, *path.parents):
+                if folder == parent or not folder.is_dir():
+                    break
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return path
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
+from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config, section_keys
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
@@ -404,6 +405,7 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
 
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop."""
+    dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     run = RunDir(run_dir)
     payload = None
     if resume:
