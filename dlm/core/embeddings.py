@@ -204,6 +204,9 @@ def read_word_vectors(path: str | Path) -> dict[str, torch.Tensor]:
                 values = torch.tensor([float(v) for v in parts[1:]])
             except ValueError:
                 raise ValueError(f"{path}:{line_number} is not 'word v1 v2 ...' text.") from None
+            if not torch.isfinite(values).all():
+                raise ValueError(f"{path}:{line_number} ('{parts[0]}') has a value that is not a finite number "
+                                 f"(nan or inf): fix or drop that line.")
             if dim is None:
                 dim = len(values)
             elif len(values) != dim:

@@ -37,6 +37,9 @@ def pretrained_vectors(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".pt"):
         payload = load_checkpoint(path)
         table = payload["model"]["embedding.weight"]
+        if not torch.isfinite(table).all():
+            raise ConfigError(f"init_from_pretrained: the embedding table in '{path}' holds nan or inf values "
+                              f"(a run that diverged): use another checkpoint.")
         return dict(zip(payload["vocab"]["itos"], table))
     try:
         return read_word_vectors(path)
