@@ -8,9 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
-from dlm.core.data import CorpusError, check_destination
+from dlm.core.data import CorpusError, check_destination, check_run_folder
 from dlm.core.runtime import pick_device
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
     if extra:
+        if not extra[0].startswith("-") and extra[0].lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            switches = ", ".join(f"--{k} / --no-{k}" for k, tp in field_types().items() if tp is bool)
+            raise ConfigError(f"'{extra[0]}' follows a switch, which takes no value: write --KEY or --no-KEY "
+                              f"({switches}).")
         flag = next((a for a in extra if a.startswith("--")), extra[0])
         key = flag.lstrip("-").split("=")[0].removeprefix("no-")
         if key in field_types():
@@ -110,6 +116,7 @@ def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
 
 
 def run_train(args: argparse.Namespace, extra: list[str]) -> None:
+    check_run_folder(args.run_dir)  # before the corpus is read
     overrides = parse_overrides(extra, args)
     if args.command == "train-ar":
         overrides["model"] = "ar"
@@ -122,6 +129,9 @@ def run_sample(args: argparse.Namespace) -> None:
     check_destination(args.out)  # before sampling, so that a bad --out never costs the samples
     device = pick_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        raise ValueError(f"{run.checkpoint} holds nan or inf weights: the run diverged, so its samples would be "
+                         f"empty. Train it again with a smaller lr (or sample an earlier checkpoint).")
     options = SampleOptions.from_config(
         run.config, num_samples=args.num_samples, steps=args.steps, spacing=args.spacing, decoder=args.decoder,
         clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, temperature=args.temperature, seed=args.seed,

@@ -31,10 +31,17 @@ BF16_MARGIN = 1.3
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N; anything else is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    kind, colon, index = str(name).partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"device '{name}' is not one dlm runs on: use auto, cpu, cuda or cuda:N.")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu.")
+    if colon and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"numbered from 0; use cuda:0 or auto.")
     return torch.device(name)
 
 

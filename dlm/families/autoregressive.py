@@ -92,8 +92,7 @@ def trunk(model: AutoregressiveLM) -> nn.Module:
 def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """`run` (model, tokenizer, config) sampled left to right at options.temperature (0: greedy),
     each sample starting after a newline, the way the corpus's lines start. No trajectory."""
-    if options.num_samples < 1:
-        raise ValueError("num_samples must be at least 1.")
+    options.validate()  # no chain: its steps are not checked
     start_id = run.tokenizer.stoi.get("\n", run.tokenizer.unk_id)
     batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
                                   start_id, options.temperature, generator).cpu()

@@ -4,6 +4,7 @@ writing samples (JSONL plus a plain .txt) and, on request, the trajectory of dec
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -42,12 +43,23 @@ class SampleOptions:
         recipe_values = {f.name: getattr(config, f.metadata["config"]) for f in fields(cls) if "config" in f.metadata}
         return cls(**{**recipe_values, **{k: v for k, v in overrides.items() if v is not None}})
 
-    def validate(self, total_steps: int) -> None:
+    def validate(self, total_steps: int | None = None) -> None:
+        """Every option a user can give, checked before sampling; `total_steps` is the run's
+        diffusion_steps (None for a family without a chain: steps are not checked)."""
+        for name in ("eta", "temperature", "clamp_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
         if self.decoder not in ("learned", "cosine"):
             raise ValueError(f"decoder must be 'learned' or 'cosine', got '{self.decoder}'.")
         if self.num_samples < 1:
-            raise ValueError("num_samples must be at least 1.")
-        if not 1 <= self.steps <= total_steps:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size (samples drawn at once) must be at least 1, got {self.batch_size}.")
+        if self.record_every < 0:
+            raise ValueError(f"record_every must be 0 (no trajectory) or a number of steps, got {self.record_every}.")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {self.eta}.")
+        if total_steps is not None and not 1 <= self.steps <= total_steps:
             raise ValueError(f"steps must be between 1 and the run's diffusion_steps ({total_steps}), got {self.steps}.")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
