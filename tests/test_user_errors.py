@@ -1,0 +1,249 @@
+"""Every bad input a new user gave the CLI ends in one line `dlm CMD: error: ...`, exit 2, no
+traceback, and nothing written (or lost). In-process through dlm.cli.main: the fast lane."""
+
+import json
+import math
+import os
+import typing
+
+import pytest
+import torch
+
+from dlm.cli import main
+from dlm.core.checkpoint import load_checkpoint, save_checkpoint
+from dlm.core.config import ConfigError, field_types, load_config, load_yaml, machine_memory_bytes, training_memory_bytes
+from dlm.core.data import check_run_folder
+from dlm.core.runtime import pick_device
+from dlm.runs.sample import SampleOptions
+from tests.conftest import ROOT, make_corpus
+
+SMOKE = str(ROOT / "params" / "smoke.yaml")
+QUICK = ["--max_steps", "2", "--precision", "fp32", "--device", "cpu", "--min_count", "1",
+         "--max_train_tokens", "none"]
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dlm {command}: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A diffusion run and an AR run, two steps each (the module's only training)."""
+    root = tmp_path_factory.mktemp("runs")
+    corpus = make_corpus(root / "corpus.txt")
+    for name, command in (("diffusion", "train"), ("ar", "train-ar")):
+        assert main([command, SMOKE, "--run_dir", str(root / name), "--corpus", str(corpus), *QUICK]) == 0
+    return root
+
+
+# --- training: every setting, checked before any work -------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rounding_weight", "nan"], "'rounding_weight' must be a finite number, got nan"),
+    (["--lr", "inf"], "'lr' must be a finite number, got inf"),
+    (["--max_steps", "-1"], "'max_steps' must be at least 1 (or left out, null), got -1"),
+    (["--val_batches", "0"], "'val_batches' must be at least 1, got 0"),
+    (["--threads", "-2"], "'threads' must be at least 1 (or left out, null), got -2"),
+    (["--device", "tpu"], "one of: auto, cpu, cuda"),
+    (["--width", "1000000"], "GiB to train"),
+    (["--progress", "false"], "'false' follows a switch, which takes no value: write --KEY or --no-KEY"),
+])
+def test_bad_settings_are_refused_before_training(tmp_path, capsys, extra, message):
+    run_dir = tmp_path / "run"
+    assert main(["train", SMOKE, "--run_dir", str(run_dir), *extra]) == 2
+    assert message in one_error_line(capsys, "train")
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr": 0.0}, "'lr' must be in (0, inf)"),
+    ({"weight_decay": -0.1}, "'weight_decay' must be in [0, inf)"),
+    ({"dropout": 1.0}, "'dropout' must be in [0, 1)"),
+    ({"grad_clip": -1.0}, "'grad_clip' must be in [0, inf)"),
+    ({"rounding_weight": -1.0}, "'rounding_weight' must be in [0, inf)"),
+    ({"embedding_init_std": 0.0}, "'embedding_init_std' must be in (0, inf)"),
+    ({"embedding_lr_scale": -math.inf}, "'embedding_lr_scale' must be a finite number"),
+    ({"embedding_scale": math.nan}, "'embedding_scale' must be a finite number"),
+    ({"sample_eta": math.nan}, "'sample_eta' must be a finite number"),
+    ({"sample_eta": 1.5}, "'sample_eta' must be in [0, 1]"),
+    ({"clamp_fraction": math.inf}, "'clamp_fraction' must be a finite number"),
+    ({"decode_temperature": -1.0}, "'decode_temperature' must be in [0, inf)"),
+    ({"self_condition": math.nan}, "'self_condition' must be a finite number"),
+    ({"left_to_right": -0.5}, "'left_to_right' must be in [0, inf)"),
+    ({"ema_decay": 1.0}, "'ema_decay' must be in [0, 1)"),
+    ({"max_train_seconds": math.inf}, "'max_train_seconds' must be a finite number"),
+    ({"max_train_seconds": 0.0}, "'max_train_seconds' must be in (0, inf)"),
+    ({"warmup_steps": -5}, "'warmup_steps' must be 0 or more"),
+    ({"max_train_tokens": 0}, "'max_train_tokens' must be at least 1"),
+    ({"diffusion_steps": 10**11}, "GiB to train"),
+    ({"embed_dim": 10**8}, "GiB to train"),
+    ({"seq_len": 10**7}, "GiB to train"),
+    ({"batch_size": 10**9}, "GiB to train"),
+])
+def test_every_number_setting_is_finite_and_in_range(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(SMOKE, **overrides)
+    assert message in str(error.value)
+
+
+def test_every_float_key_is_checked_for_finiteness():
+    for key, tp in field_types().items():
+        if float in (tp, *typing.get_args(tp)):
+            with pytest.raises(ConfigError, match=f"'{key}' must be a finite number"):
+                load_config(SMOKE, **{key: math.nan})
+
+
+def test_memory_estimate_names_the_sizes_and_the_machine():
+    with pytest.raises(ConfigError, match=r"needs about [\d,.]+ GiB to train \(width 1000000.*this machine has"):
+        load_config(SMOKE, width=1_000_000)
+    for preset in ("default", "paper_scale"):  # the shipped presets fit (24 GiB machines)
+        assert training_memory_bytes(load_config(ROOT / "params" / f"{preset}.yaml")) < 8 * 2**30
+    assert machine_memory_bytes() > 2**30
+
+
+def test_yaml_numeric_strings_are_read_as_numbers(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 1e-3\nweight_decay: 1E-2\n")  # PyYAML reads these as strings
+    assert load_yaml(preset)["lr"] == "1e-3"
+    config = load_config(preset)
+    assert config.lr == 0.001 and config.weight_decay == 0.01
+    preset.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="'lr' got 'fast'; it must be a number"):
+        load_config(preset)
+    preset.write_text("lr: .nan\n")
+    with pytest.raises(ConfigError, match="'lr' must be a finite number"):
+        load_config(preset)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_word_vectors_with_non_finite_values(tmp_path, capsys, bad):
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text(f"2 16\nspeak {' '.join(['0.5'] * 16)}\nRomeo {' '.join(['0.1'] * 15)} {bad}\n")
+    assert main(["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK,
+                 "--init_from_pretrained", str(vectors)]) == 2
+    assert "vectors.txt:3 ('Romeo') has a value that is not a finite number" in one_error_line(capsys, "train")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+def test_run_dir_that_is_a_file_under_a_file_or_empty(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    cases = [(str(afile), "is a file: give a folder"), (str(afile / "run"), "which is a file: choose another folder"),
+             ("", "run_dir is empty: give a folder"), ("  ", "run_dir is empty"),
+             ("/proc/dlm_run/x", "cannot be created")]
+    monkeypatch.chdir(tmp_path)
+    for run_dir, message in cases:
+        assert main(["train", SMOKE, "--run_dir", run_dir]) == 2
+        assert message in one_error_line(capsys, "train")
+    assert afile.read_text() == "keep me"
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_check_run_folder_leaves_nothing_behind(tmp_path):
+    assert check_run_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()
+    readonly = tmp_path / "ro"
+    readonly.mkdir(mode=0o555)
+    if not os.access(readonly, os.W_OK):  # root may write anywhere
+        with pytest.raises(ValueError, match="no write permission"):
+            check_run_folder(readonly / "run")
+
+
+def test_train_function_checks_the_run_folder(tmp_path, smoke_config):
+    from dlm.runs.train import train
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        train(smoke_config, tmp_path / "afile")
+    with pytest.raises(ValueError, match="empty"):
+        train(smoke_config, "")
+
+
+def test_corpus_that_is_a_folder(tmp_path, capsys):
+    assert main(["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(tmp_path)]) == 2
+    assert "is a folder: give a UTF-8 text file" in one_error_line(capsys, "train")
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+BAD_SAMPLE_OPTIONS = [
+    (["--eta", "nan"], "eta must be a finite number, got nan"),
+    (["--eta", "2"], "eta must be between 0"),
+    (["--temperature", "nan"], "temperature must be a finite number, got nan"),
+    (["--temperature", "-1"], "temperature must be 0 (argmax) or positive"),
+    (["--record_every", "-2"], "record_every must be 0 (no trajectory) or a number of steps, got -2"),
+    (["--batch_size", "0"], "batch_size (samples drawn at once) must be at least 1, got 0"),
+    (["--batch_size", "-1"], "batch_size (samples drawn at once) must be at least 1, got -1"),
+    (["--num_samples", "0"], "num_samples must be at least 1, got 0"),
+    (["--device", "tpu"], "device 'tpu' is not one dlm runs on: use auto, cpu, cuda or cuda:N"),
+]
+OPTION_NAMES = {"--eta": "eta", "--temperature": "temperature", "--record_every": "record_every",
+                "--batch_size": "batch_size", "--num_samples": "num_samples"}
+
+
+@pytest.mark.parametrize("total_steps", [2000, None], ids=["diffusion", "ar"])
+@pytest.mark.parametrize("extra, message", [case for case in BAD_SAMPLE_OPTIONS if case[0][0] in OPTION_NAMES])
+def test_bad_sample_options_fast(total_steps, extra, message):
+    """The same checks as the CLI's, on SampleOptions (the diffusion chain and AR generate call it)."""
+    flag, value = extra
+    options = SampleOptions(**{OPTION_NAMES[flag]: (int if flag in ("--record_every", "--batch_size", "--num_samples")
+                                                    else float)(value)})
+    with pytest.raises(ValueError) as error:
+        options.validate(total_steps)
+    assert message in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["diffusion", "ar"])
+@pytest.mark.parametrize("extra, message", BAD_SAMPLE_OPTIONS)
+def test_bad_sample_options(runs, tmp_path, capsys, model, extra, message):
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(runs / model), "--out", str(out), "--num_samples", "2", *extra]) == 2
+    assert message in one_error_line(capsys, "sample")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_not_sampled_into_empty_text(runs, tmp_path, capsys):
+    checkpoint = runs / "diffusion" / "checkpoints" / "last.pt"
+    payload = load_checkpoint(checkpoint)
+    for name in ("model", "ema"):
+        if isinstance(payload.get(name), dict):
+            payload[name] = {k: v.float().fill_(math.nan) if v.is_floating_point() else v
+                             for k, v in payload[name].items()}
+    bad = tmp_path / "diverged.pt"
+    save_checkpoint(bad, payload)
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(runs / "diffusion"), "--checkpoint", str(bad), "--out", str(out)]) == 2
+    assert "holds nan or inf weights: the run diverged" in one_error_line(capsys, "sample")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_good_sampling_still_works(runs, tmp_path, capsys):
+    for model in ("diffusion", "ar"):
+        out = tmp_path / f"{model}.jsonl"
+        assert main(["sample", "--run_dir", str(runs / model), "--out", str(out), "--num_samples", "3",
+                     "--batch_size", "2", "--steps", "5", "--eta", "0"]) == 0
+        assert len([json.loads(line) for line in out.read_text().splitlines()]) == 3
+
+
+def test_sample_options_validate_directly():
+    SampleOptions().validate(2000)
+    SampleOptions(steps=10**6).validate()  # no chain (AR): steps are not checked
+    with pytest.raises(ValueError, match="clamp_fraction must be a finite number"):
+        SampleOptions(clamp_fraction=math.nan).validate(2000)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tpu", "is not one dlm runs on"), ("cuda:x", "is not one dlm runs on"), ("cpu:0", "is not one dlm runs on"),
+])
+def test_pick_device_names(name, message):
+    with pytest.raises(ConfigError, match=message):
+        pick_device(name)
+    assert pick_device("cpu") == torch.device("cpu")
