@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     (["--lr", "inf"], "'lr' must be a finite number, got inf"),
     (["--max_steps", "-1"], "'max_steps' must be at least 1 (or left out, null), got -1"),
     (["--val_batches", "0"], "'val_batches' must be at least 1, got 0"),
-    (["--threads", "-2"], "'threads' must be at least 1 (or left out, null), got -2"),
+    (["--threads", "-2"], "'threads' must be a number of threads, or 0 or null for torch's choice; got -2"),
     (["--device", "tpu"], "one of: auto, cpu, cuda"),
     (["--width", "1000000"], "GiB to train"),
     (["--progress", "false"], "'false' follows a switch, which takes no value: write --KEY or --no-KEY"),

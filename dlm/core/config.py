@@ -129,7 +129,7 @@ class Config:
 
     # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
     device: Literal["auto", "cpu", "cuda"] = _runtime("auto")
-    threads: Optional[int] = _runtime(None)  # torch intra-op threads; None keeps torch's choice
+    threads: Optional[int] = _runtime(None)  # torch intra-op threads; None (or 0) keeps torch's choice
     # bf16: autocast the network's matmuls to bfloat16 (the rounding loss stays float32); auto: bf16
     # on CUDA, and on a CPU where a short timed probe finds bf16 at least 1.3x faster (dlm.core.runtime)
     precision: Literal["auto", "fp32", "bf16"] = _runtime("auto")
@@ -338,9 +338,12 @@ def validate(config: Config) -> None:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"Config key '{key}' must be at least 1, got {getattr(config, key)}.")
-    for key in ("max_steps", "max_train_tokens", "threads"):
+    for key in ("max_steps", "max_train_tokens"):
         if getattr(config, key) is not None and getattr(config, key) < 1:
             raise ConfigError(f"Config key '{key}' must be at least 1 (or left out, null), got {getattr(config, key)}.")
+    if config.threads is not None and config.threads < 0:
+        raise ConfigError(f"Config key 'threads' must be a number of threads, or 0 or null for torch's choice; "
+                          f"got {config.threads}.")
     for key in ("epochs", "warmup_steps"):
         if getattr(config, key) < 0:
             raise ConfigError(f"Config key '{key}' must be 0 or more, got {getattr(config, key)}.")
