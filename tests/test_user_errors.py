@@ -222,6 +222,13 @@ def test_a_diverged_run_is_not_sampled_into_empty_text(runs, tmp_path, capsys):
     assert main(["sample", "--run_dir", str(runs / "diffusion"), "--checkpoint", str(bad), "--out", str(out)]) == 2
     assert "holds nan or inf weights: the run diverged" in one_error_line(capsys, "sample")
     assert not out.exists()
+    payload = load_checkpoint(checkpoint)  # a run trained with rounding_weight: nan before it was refused
+    payload["config"]["rounding_weight"] = math.nan
+    save_checkpoint(bad, payload)
+    assert main(["sample", "--run_dir", str(runs / "diffusion"), "--checkpoint", str(bad), "--out", str(out)]) == 2
+    line = one_error_line(capsys, "sample")
+    assert "trained with a setting that dlm refuses now" in line and "'rounding_weight' must be a finite" in line
+    assert not out.exists()
 
 
 @pytest.mark.slow

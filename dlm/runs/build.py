@@ -89,7 +89,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     if checkpoint is None and not run.path.is_dir():
         raise CheckpointError(f"Run folder '{run.path}' does not exist. Train into it first with dlm train.")
     payload = load_checkpoint(path, require=("config", "vocab", "model", "step", "epoch"))
-    config = from_dict(payload["config"])
+    try:
+        config = from_dict(payload["config"])
+    except ConfigError as error:  # e.g. a run trained with lr: nan before such settings were refused
+        raise ConfigError(f"'{path}' was trained with a setting that dlm refuses now; train the run again "
+                          f"without it. {error}") from None
     tokenizer = Tokenizer.from_dict(payload["vocab"])
     model = new_model(config, len(tokenizer))
     used_ema = use_ema and payload.get("ema") is not None
