@@ -413,16 +413,16 @@ class Interval:
         self.sums.zero_()
         self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
-        self.sums += torch.stack([losses[term] for term in self.terms]).double()
+    def add(self, losses: dict[str, torch.Tensor], ids: torch.Tensor, share: float = 1.0) -> None:
+        """A step's losses; in a distributed run this process's, weighed by its `share` of the batch."""
+        self.sums += torch.stack([losses[term] for term in self.terms]).double() * share
         self.steps += 1
         self.tokens += ids.numel()
 
     def row(self, state: TrainState) -> dict:
-        # In a distributed run: the losses averaged over the processes, the tokens of all of them.
+        # In a distributed run: the batch means summed over the processes' shares, the tokens of all of them.
         totals = all_reduce_sum(torch.cat([self.sums, self.sums.new_tensor([self.tokens])])).tolist()
-        world = state.ranks.world_size
-        means = {term: value / world / self.steps for term, value in zip(self.terms, totals)}
+        means = {term: value / self.steps for term, value in zip(self.terms, totals)}
         return {"step": state.step, "epoch": state.epoch, **means, **embedding_stats(state.model.table()),
                 "lr": state.scheduler.get_last_lr()[0],
                 "tokens_per_s": totals[-1] / (time.perf_counter() - self.start), "elapsed_s": state.pace.elapsed()}
@@ -484,7 +484,7 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
         for ids, first, size in epoch_batches(train_ids, config, state.epoch, device, state.ranks):
             if share_clock:
                 pace.share_clock()
-            interval.add(state.train_on(ids, first, size), ids)
+            interval.add(state.train_on(ids, first, size), ids, len(ids) / size)
             bar.update(1)
             done = state.step >= pace.total_steps or pace.out_of_time()
             if state.step % config.log_every == 0 or done:
