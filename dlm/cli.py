@@ -238,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         if args.command in ("train", "train-ar") and args.nproc is not None:
-            parse_overrides(extra, args)  # a bad override fails here, not in every process
+            # a bad override or batch size fails here, once, not in every process
+            config = load_config(args.params, **parse_overrides(extra, args))
+            if not args.resume and args.nproc > 1 and config.batch_size % args.nproc:
+                raise ConfigError(f"batch_size is the global batch ({config.batch_size} windows a step); it must "
+                                  f"divide by the {args.nproc} processes. Use a multiple of {args.nproc}.")
             return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.command in ("train", "train-ar"):
             run_train(args, extra)

@@ -63,6 +63,13 @@ def test_batch_size_is_the_global_batch_and_must_divide(smoke_config, tmp_path):
         _train(smoke_config, RunDir(tmp_path / "run"), None, torch.device("cpu"), Ranks(0, 3))
 
 
+def test_nproc_checks_the_batch_before_launching(capsys):
+    from dlm.cli import main
+
+    assert main(["train", str(ROOT / "params" / "smoke.yaml"), "--run_dir", "unused", "--nproc", "3"]) == 2
+    assert "must divide by the 3 processes" in capsys.readouterr().err
+
+
 def test_nproc_is_left_out_of_the_workers_command_line():
     assert without_nproc(["train", "p.yaml", "--nproc", "2", "--run_dir", "r"]) == ["train", "p.yaml", "--run_dir", "r"]
     assert without_nproc(["train", "p.yaml", "--nproc=2", "--lr", "0.1"]) == ["train", "p.yaml", "--lr", "0.1"]
