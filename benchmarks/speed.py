@@ -27,6 +27,9 @@ choice). What it measures, top to bottom:
   first steps and extrapolated (every step costs the same network call); the note says so.
 - scaling: step time of default.yaml at seq_len 64/128/256 and at the corpus vocabularies of
   min_count 10/2/1 (about 2k/7k/13k words).
+- processes: default.yaml's training tokens/s on --processes N processes x 1 thread each
+  (torchrun, gloo, DistributedDataParallel, the same global batch split over them) against 1
+  process x N threads, both through the training loop's own sharded step (`TrainState.train_on`).
 
 Model FLOPs per token are counted analytically (`flops_per_token`): 6 x the weights of every
 matmul a token goes through (forward 2, backward 4: the denoiser's projections and MLPs, the time
@@ -57,7 +60,7 @@ from torch import nn
 
 from dlm.core.config import Config, load_config
 from dlm.core.data import epoch_windows, prepare_data
-from dlm.core.runtime import autocast, resolved_precision
+from dlm.core.runtime import autocast, destroy_distributed, init_distributed, resolved_precision
 from dlm.core.schedule import q_sample
 from dlm.families.gaussian import DiffusionLM, sample_chain
 from dlm.runs.build import build_diffusion
@@ -255,6 +258,62 @@ def child(spec: str) -> None:
     print(json.dumps(measure_training(config, values["impl"], values["warmup"], values["steps"])))
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def measure_processes(preset: str, overrides: dict, nproc: int, threads: int, warmup: int, steps: int) -> dict:
+    """Tokens/s of the training step on `nproc` processes of `threads` threads (torchrun, gloo;
+    each process its shard of every global batch); rank 0's median step time."""
+    spec = json.dumps({"preset": preset, "overrides": overrides, "warmup": warmup, "steps": steps, "threads": threads})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(Path(__file__).resolve()), "--ddp_child", spec]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark on {nproc} processes failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ddp_child(spec: str) -> None:
+    values = json.loads(spec)
+    torch.set_num_threads(values["threads"])
+    config = load_config(PARAMS / values["preset"], **values["overrides"])
+    ranks, device = init_distributed(torch.device("cpu"))
+    data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase, None,
+                        config.max_train_tokens)
+    torch.manual_seed(config.seed)
+    state = build_state(config, DiffusionLM(config, len(data.tokenizer)), total_steps=10**6)
+    state.ranks = ranks
+    state.distribute(device)
+    state.model.train()
+
+    def step(batch: torch.Tensor) -> None:
+        start, stop = ranks.shard(len(batch))
+        state.train_on(batch[start:stop], start, len(batch))
+
+    seconds = time_steps(step, corpus_batches(data.train_ids, config), values["warmup"], values["steps"])
+    destroy_distributed()
+    if ranks.is_main:
+        print(json.dumps({"step_s": seconds, "tokens_per_s": config.batch_size * config.seq_len / seconds,
+                          "load": os.getloadavg()[0]}))
+
+
+def processes_rows(preset: str, overrides: dict, nproc: int, warmup: int, steps: int) -> list[dict]:
+    """N processes x 1 thread against 1 process x N threads, on the same global batches."""
+    config = load_config(PARAMS / preset, **overrides)
+    name = f"{preset}: batch {config.batch_size} x seq {config.seq_len}, {resolved_precision(config.precision, 'cpu')}"
+    spread = measure_processes(preset, overrides, nproc, 1, warmup, steps)
+    threaded = measure_processes(preset, overrides, 1, nproc, warmup, steps)
+    note = f"median of {steps} steps after {warmup}; load {{:.1f}}"
+    return [
+        row("processes", f"{name}, {nproc} processes x 1 thread", "throughput", spread["tokens_per_s"], "tokens/s",
+            "torchrun, gloo, DDP; " + note.format(spread["load"])),
+        row("processes", f"{name}, 1 process x {nproc} threads", "throughput", threaded["tokens_per_s"], "tokens/s",
+            note.format(threaded["load"])),
+        row("processes", f"{name}, {nproc} processes x 1 thread", "speed-up",
+            spread["tokens_per_s"] / threaded["tokens_per_s"], "x", f"over 1 process x {nproc} threads"),
+    ]
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -431,6 +490,10 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
         seq_lens = (64, 128, 256)
     rows += measure_scaling(default_config, seq_lens, vocab_sizes, warmup=1 if quick else 2, steps=2 if quick else 5)
 
+    processes = args.processes if args.processes is not None else (0 if quick else 2)
+    if processes > 1:
+        rows += processes_rows(*default_preset, processes, warmup, steps)
+
     if args.profile:
         print(profile_step(default_config, default_vocab))
     return rows, info
@@ -485,8 +548,14 @@ def parse_args(argv=None):
                         help="options measured on default.yaml against its own row (default: the precision it did not "
                              "resolve to; e.g. compile=true, which adds about a minute of compiling)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a default.yaml step")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.csv"), help="CSV to write")
+    parser.add_argument("--out", default=None,
+                        help="CSV to write (default: benchmarks/results/speed.csv; speed_processes.csv with --processes_only)")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="also time default.yaml on N processes x 1 thread against 1 process x N threads "
+                             "(default: 2; none with --quick)")
+    parser.add_argument("--processes_only", action="store_true", help="time only those process rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ddp_child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -495,9 +564,20 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child)
         return 0
+    if args.ddp_child:
+        ddp_child(args.ddp_child)
+        return 0
     start = time.perf_counter()
-    rows, info = run_benchmark(args)
+    if args.processes_only:
+        extra = {**dict(args.override), **({"corpus": args.corpus} if args.corpus else {})}
+        preset, overrides = presets(args.quick, extra)["default.yaml"]
+        warmup, steps = (1, 2) if args.quick else (args.warmup, args.steps)
+        rows, info = processes_rows(preset, overrides, args.processes or 2, warmup, steps), machine()
+    else:
+        rows, info = run_benchmark(args)
     print(markdown(rows, info))
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("speed_processes.csv" if args.processes_only
+                                                                  else "speed.csv"))
     write_csv(rows, info, Path(args.out))
     print(f"\nwrote {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
 from dlm.core.data import CorpusError, check_destination, check_run_folder
-from dlm.core.runtime import pick_device
+from dlm.core.runtime import pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.runs.build import load_run
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         train_parser.add_argument("params", help="YAML preset, e.g. params/default.yaml or params/ar.yaml")
         train_parser.add_argument("--run_dir", required=True, help="folder for config, checkpoints and metrics")
         train_parser.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
+        train_parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                                  help="train with N processes on this machine (torchrun --standalone "
+                                       "--nproc_per_node N, DistributedDataParallel; batch_size stays the global batch)")
         add_config_options(train_parser)
 
     evaluate_parser = commands.add_parser("evaluate", help="score samples against held-out text and an AR teacher",
@@ -115,6 +119,30 @@ def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
     return overrides
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line less --nproc N (or --nproc=N): what each of torchrun's processes runs."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`dlm train --nproc N ...` as `torchrun --standalone --nproc_per_node N -m dlm train ...`."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}.")
+    if ranks_from_env().distributed:
+        raise ConfigError("--nproc inside a torchrun process: give either torchrun's --nproc_per_node or --nproc.")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "dlm", *without_nproc(argv)]
+    return subprocess.run(command, check=False).returncode
+
+
 def run_train(args: argparse.Namespace, extra: list[str]) -> None:
     check_run_folder(args.run_dir)  # before the corpus is read
     overrides = parse_overrides(extra, args)
@@ -122,7 +150,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         overrides["model"] = "ar"
     config = load_config(args.params, **overrides)
     result = train(config, args.run_dir, resume=args.resume)
-    print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
+    if ranks_from_env().is_main:
+        print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -218,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
+        if args.command in ("train", "train-ar") and args.nproc is not None:
+            # a bad override or batch size fails here, once, not in every process
+            config = load_config(args.params, **parse_overrides(extra, args))
+            if not args.resume and args.nproc > 1 and config.batch_size % args.nproc:
+                raise ConfigError(f"batch_size is the global batch ({config.batch_size} windows a step); it must "
+                                  f"divide by the {args.nproc} processes. Use a multiple of {args.nproc}.")
+            return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.command in ("train", "train-ar"):
             run_train(args, extra)
         else:

@@ -1,5 +1,5 @@
-"""How a run executes on this machine: which device, which precision, the autocast context.
-(Process groups for distributed training belong here too.)
+"""How a run executes on this machine: which device, which precision, the autocast context, and
+the process group of a distributed run (`torchrun`: gloo on the CPU, nccl on CUDA).
 
 `precision: auto` is decided by what the machine does, not by its CPU flags: on CUDA it is bf16;
 on a CPU a short probe times a few forward+backward steps of a TinyTransformer-sized MLP in
@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dlm.core.config import ConfigError
 from dlm.core.data import atomic_write_bytes, cache_dir
@@ -170,3 +172,103 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     if resolved_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed runs: one process per rank, started by torchrun (or `dlm train --nproc N`).
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in its run: rank, world size, local rank (its GPU on a node)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes the run folder."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, count: int) -> tuple[int, int]:
+        """This rank's contiguous share [start, stop) of `count` items: count // world_size each,
+        the first count % world_size ranks one more."""
+        base, extra = divmod(count, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+
+def ranks_from_env() -> Ranks:
+    """The ranks torchrun gives this process in RANK, WORLD_SIZE and LOCAL_RANK (one rank without them)."""
+    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def current_ranks() -> Ranks:
+    """This process's ranks in the process group it has joined (one rank when none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), ranks_from_env().local_rank)
+
+
+_started_group = False  # whether init_distributed started the group (and so destroy_distributed ends it)
+
+
+def init_distributed(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group when there is more than one rank: nccl on CUDA (each rank on
+    the GPU of its LOCAL_RANK), gloo on the CPU. Returns the ranks and the device to train on.
+    A single process (no torchrun, or --nproc_per_node 1) starts no group."""
+    ranks = ranks_from_env()
+    if not ranks.distributed:
+        return ranks, device
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        global _started_group
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _started_group = True
+    return current_ranks(), device
+
+
+def destroy_distributed() -> None:
+    """Leave the process group init_distributed started (one started by the caller stays)."""
+    global _started_group
+    if _started_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _started_group = False
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if distributed_active():
+        dist.barrier()
+
+
+def distributed_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the ranks, in place (nothing in a single process). Returns it."""
+    if not distributed_active():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":  # nccl reduces GPU tensors only
+        on_gpu = tensor.cuda()
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return tensor.copy_(on_gpu)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_float(value: float) -> float:
+    """Rank 0's `value` on every rank (the value itself in a single process)."""
+    if not distributed_active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

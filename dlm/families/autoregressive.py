@@ -65,8 +65,9 @@ class NextTokenObjective:
     terms = ("total", "nll")
 
     def training_losses(self, model: AutoregressiveLM, ids: torch.Tensor,
-                        generator: torch.Generator | None = None, uniform_t: bool = False) -> dict[str, torch.Tensor]:
-        # generator and uniform_t: the diffusion loss's signature (no noise, no timesteps here)
+                        generator: torch.Generator | None = None, uniform_t: bool = False,
+                        keys=None) -> dict[str, torch.Tensor]:
+        # generator, uniform_t and keys: the diffusion loss's signature (no noise, no timesteps here)
         return model.losses(ids)
 
 

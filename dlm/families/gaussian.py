@@ -14,7 +14,8 @@ from torch import nn
 from dlm.core.config import Config
 from dlm.core.embeddings import CosineRounding, LearnedEmbedding, LearnedRounding, nearest_rows
 from dlm.core.nets import TinyTransformer
-from dlm.core.runtime import autocast
+from dlm.core.noise import WindowKeys, per_window
+from dlm.core.runtime import all_reduce_sum, autocast
 from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample
 from dlm.core.scheduler import DiffusionScheduler
 
@@ -83,6 +84,10 @@ class TimeWarp:
         bins, loss = self.bin_of(t), loss.detach().double().cpu()
         total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, loss)
         count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(loss))
+        # In a distributed run each process holds a shard of the batch: fold in the whole batch,
+        # so that every process keeps the same curve (the one a single process would keep).
+        sums = all_reduce_sum(torch.stack([total, count]))
+        total, count = sums[0], sums[1]
         hit = count > 0
         mean = total[hit] / count[hit]
         self.loss[hit] = torch.where(self.seen[hit], self.decay * self.loss[hit] + (1 - self.decay) * mean, mean)
@@ -137,11 +142,16 @@ class GaussianDiffusion:
         return F.cross_entropy(logits.transpose(1, 2), ids[:, picked], reduction="none").mean(1)
 
     def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None,
-                        uniform_t: bool = False) -> dict[str, torch.Tensor]:
+                        uniform_t: bool = False, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
         """The one loss. Returns every term (scalars): mse, rounding, prior, total.
 
         Timesteps are uniform, or drawn and measured by the time warp when the run has one and
         uniform_t is False (validation passes True, so its losses compare across runs).
+
+        What is drawn (the timesteps, the noise, the self-conditioning coin) comes from `keys` when
+        given (training and validation pass them): each window's from its own generator seeded by
+        (seed, step, its index in the global batch), the coin from the step's, so a batch split over
+        processes draws exactly what it draws whole. Else from `generator`, else torch's global RNG.
 
         mse: ||f(x_t, t) - target||^2 with target x0 (or epsilon), and at t = 0 the predicted x0
         against EMB(w); rounding: CE of the rounding decoder on the configured x0; prior (tT):
@@ -152,28 +162,38 @@ class GaussianDiffusion:
         emb = model.embedding(ids)  # (B, L, d)
         batch = ids.shape[0]
 
+        windows = keys.generators() if keys is not None else None
+
         def randn_like(x):
+            if windows is not None:
+                return per_window(windows, lambda g: torch.randn(x.shape[1:], generator=g)).to(device)
             return torch.randn(x.shape, generator=generator, device="cpu").to(device) if generator else torch.randn_like(x)
+
+        def draw(sample):  # sample(count, generator) -> (count,): (batch,) of them, per window when keyed
+            if windows is not None:
+                return per_window(windows, lambda g: sample(1, g)[0])
+            return sample(batch, generator)
 
         if cfg.rounding_target == "clean":
             x0 = emb  # the seed: diffuse the clean embeddings themselves
         else:
             x0 = emb + s.sigma0 * randn_like(emb)  # x0 ~ q(x0 | w)
         if cfg.left_to_right > 0:
-            progress = torch.rand((batch,), generator=generator)
+            progress = draw(lambda n, g: torch.rand((n,), generator=g))
             t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
         elif self.time_warp is not None and not uniform_t:
-            t = self.time_warp.sample(batch, generator).to(device)
+            t = draw(self.time_warp.sample).to(device)
         else:
-            t = torch.randint(0, s.steps, (batch,), generator=generator).to(device)
+            t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
         noise = randn_like(x0)
         x_t = q_sample(s, x0, t, noise)
 
         x0_estimate = None
         if cfg.self_condition > 0:
             # Self-conditioning (Analog Bits): on a share of batches, first predict x0 without
-            # gradient and feed that estimate back in as an extra input.
-            use = torch.rand((), generator=generator).item() < cfg.self_condition
+            # gradient and feed that estimate back in as an extra input. One coin per step.
+            coin = keys.step_generator() if keys is not None else generator
+            use = torch.rand((), generator=coin).item() < cfg.self_condition
             if use:
                 with torch.no_grad():
                     x0_estimate = self.x0_from_output(model, model.denoise(x_t, t), x_t, t).detach()

@@ -14,15 +14,28 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
 from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dlm.core.config import Config, from_dict, save_config, section_keys
+from dlm.core.config import Config, ConfigError, from_dict, save_config, section_keys
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.core.embeddings import nearest_neighbour_distances
-from dlm.core.runtime import autocast, pick_device, resolved_precision
+from dlm.core.noise import WindowKeys
+from dlm.core.runtime import (
+    Ranks,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    broadcast_float,
+    current_ranks,
+    destroy_distributed,
+    init_distributed,
+    pick_device,
+    resolved_precision,
+)
 from dlm.families import family
 from dlm.runs.build import build_model, build_objective
 from dlm.runs.rundir import RunDir
@@ -82,15 +95,33 @@ def build_optimizer(model, config: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=(0.9, 0.98))
 
 
+class ObjectiveModule(nn.Module):
+    """The model and its objective as one module whose forward is the loss: what a distributed
+    run wraps in DistributedDataParallel (the objective calls the model's parts, not its forward)."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, ids: torch.Tensor, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
+        return self.objective.training_losses(self.model, ids, keys=keys)
+
+
 def train_step(model, diffusion, optimizer, ids: torch.Tensor, config: Config,
-               scheduler=None, ema=None) -> dict[str, torch.Tensor]:
+               scheduler=None, ema=None, keys: WindowKeys | None = None, loss_module: nn.Module | None = None,
+               loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """One optimizer step on a batch of token ids: the loss, backward, clipping, AdamW, the lr
     schedule and the EMA. Returns the loss terms (detached scalars). The training loop and
-    benchmarks/speed.py both call this, so the benchmark times exactly what training runs."""
+    benchmarks/speed.py both call this, so the benchmark times exactly what training runs.
+
+    `keys` seed the batch's draws (see dlm.core.noise); `loss_module` is the distributed run's
+    DistributedDataParallel(ObjectiveModule), which averages the gradients over the processes;
+    `loss_scale` weighs a process's shard when the shards of a batch differ in size."""
     with autocast(config.precision, ids.device):
-        losses = diffusion.training_losses(model, ids)
+        losses = (loss_module(ids, keys) if loss_module is not None
+                  else diffusion.training_losses(model, ids, keys=keys))
     optimizer.zero_grad(set_to_none=True)
-    losses["total"].backward()
+    (losses["total"] if loss_scale == 1.0 else losses["total"] * loss_scale).backward()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     optimizer.step()
@@ -110,25 +141,36 @@ def embedding_stats(table: torch.Tensor, max_rows: int = 2048) -> dict[str, floa
             "nn_distance": nearest_neighbour_distances(table, rows=max_rows).mean().item()}
 
 
+VALIDATION_SEED = 1234
+
+
 @torch.no_grad()
-def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, device) -> dict[str, float]:
-    """Loss terms on fixed validation windows with fixed noise, so epochs are comparable."""
+def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, device,
+                      ranks: Ranks | None = None) -> dict[str, float]:
+    """Loss terms on fixed validation windows with fixed noise (keyed by VALIDATION_SEED and the
+    window), so epochs are comparable. In a distributed run each process scores its share of
+    every batch and the batch means are summed over the processes: the same numbers as one process."""
     if len(windows) == 0:
         return {}
-    generator = torch.Generator().manual_seed(1234)
+    ranks = ranks or current_ranks()
     was_training = model.training
     model.eval()
-    sums = dict.fromkeys(diffusion.terms, 0.0)
+    sums = torch.zeros(len(diffusion.terms), dtype=torch.float64)
     batches = 0
-    for start in range(0, min(len(windows), config.val_batches * config.batch_size), config.batch_size):
-        ids = windows[start: start + config.batch_size].to(device)
-        with autocast(config.precision, device):
-            losses = diffusion.training_losses(model, ids, generator=generator, uniform_t=True)
-        for term in diffusion.terms:
-            sums[term] += losses[term].item()
+    for first in range(0, min(len(windows), config.val_batches * config.batch_size), config.batch_size):
+        size = min(config.batch_size, len(windows) - first)
+        start, stop = ranks.shard(size)
+        if stop > start:
+            ids = windows[first + start: first + stop].to(device)
+            keys = WindowKeys(VALIDATION_SEED, batches, torch.arange(start, stop))
+            with autocast(config.precision, device):
+                losses = diffusion.training_losses(model, ids, uniform_t=True, keys=keys)
+            share = (stop - start) / size  # this process's share of the batch mean
+            sums += torch.tensor([losses[term].item() for term in diffusion.terms], dtype=torch.float64) * share
         batches += 1
+    all_reduce_sum(sums)
     model.train(was_training)
-    return {f"val_{term}": value / batches for term, value in sums.items()}
+    return {f"val_{term}": value / batches for term, value in zip(diffusion.terms, sums.tolist())}
 
 
 class MetricsWriter:
@@ -183,12 +225,18 @@ class Pace:
     budget_s: float | None = None
     first_step: int = 0  # where this invocation started (a resumed run starts later)
     start: float = field(default_factory=time.perf_counter)
+    shared_elapsed: float | None = None  # a distributed run's clock: rank 0's, read at each step
 
     def restart(self, step: int) -> None:
         self.first_step, self.start = step, time.perf_counter()
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.shared_elapsed if self.shared_elapsed is not None else time.perf_counter() - self.start
+
+    def share_clock(self) -> None:
+        """Every process takes rank 0's elapsed time, so that under a time budget all of them plan
+        the same lr schedule and stop at the same step."""
+        self.shared_elapsed = broadcast_float(time.perf_counter() - self.start)
 
     def out_of_time(self) -> bool:
         return self.budget_s is not None and self.elapsed() >= self.budget_s
@@ -219,6 +267,8 @@ class TrainState:
     pace: Pace
     step: int = 0
     epoch: int = 0
+    ranks: Ranks = field(default_factory=Ranks)
+    loss_module: nn.Module | None = None  # a distributed run's DistributedDataParallel(ObjectiveModule)
 
     @property
     def time_warp(self):
@@ -230,11 +280,25 @@ class TrainState:
         """The EMA weights when there are any: what validation and sampling use."""
         return self.ema.module if self.ema is not None else self.model
 
-    def train_on(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step on a batch (train_step), counted."""
-        losses = train_step(self.model, self.objective, self.optimizer, ids, self.config, self.scheduler, self.ema)
+    def train_on(self, ids: torch.Tensor, first: int = 0, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """One optimizer step (train_step), counted, on a batch or, in a distributed run, on this
+        process's shard of it: the windows first .. first + len(ids) of a global batch of `batch_size`."""
+        batch_size = batch_size or len(ids)
+        keys = WindowKeys.batch(self.config.seed, self.step, len(ids), first)
+        losses = train_step(self.model, self.objective, self.optimizer, ids, self.config, self.scheduler, self.ema,
+                            keys=keys, loss_module=self.loss_module,
+                            loss_scale=len(ids) * self.ranks.world_size / batch_size)
         self.step += 1
         return losses
+
+    def distribute(self, device: torch.device) -> None:
+        """Wrap the model and objective in DistributedDataParallel (after a resume has loaded the
+        weights; it starts every process from rank 0's). The state's model stays the plain one:
+        checkpoints hold its state_dict, without DDP's `module.` prefixes."""
+        if self.ranks.distributed:
+            self.loss_module = DistributedDataParallel(
+                ObjectiveModule(self.model, self.objective),
+                device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def build_state(config: Config, model: nn.Module, total_steps: int) -> TrainState:
@@ -350,25 +414,58 @@ class Interval:
         self.sums.zero_()
         self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
-        self.sums += torch.stack([losses[term] for term in self.terms]).double()
+    def add(self, losses: dict[str, torch.Tensor], ids: torch.Tensor, share: float = 1.0) -> None:
+        """A step's losses; in a distributed run this process's, weighed by its `share` of the batch."""
+        self.sums += torch.stack([losses[term] for term in self.terms]).double() * share
         self.steps += 1
         self.tokens += ids.numel()
 
     def row(self, state: TrainState) -> dict:
-        means = {term: value / self.steps for term, value in zip(self.terms, self.sums.tolist())}
+        # In a distributed run: the batch means summed over the processes' shares, the tokens of all of them.
+        totals = all_reduce_sum(torch.cat([self.sums, self.sums.new_tensor([self.tokens])])).tolist()
+        means = {term: value / self.steps for term, value in zip(self.terms, totals)}
         return {"step": state.step, "epoch": state.epoch, **means, **embedding_stats(state.model.table()),
                 "lr": state.scheduler.get_last_lr()[0],
-                "tokens_per_s": self.tokens / (time.perf_counter() - self.start), "elapsed_s": state.pace.elapsed()}
+                "tokens_per_s": totals[-1] / (time.perf_counter() - self.start), "elapsed_s": state.pace.elapsed()}
 
 
-def epoch_batches(train_ids: torch.Tensor, config: Config, epoch: int, device: torch.device):
-    """The epoch's shuffled windows (seeded by the epoch, so a resumed run draws the same), in batches on the device."""
+class WorkerHooks(RunHooks):
+    """A distributed run's other processes (rank > 0): they take part in validation's reduction
+    and write nothing; rank 0's RunHooks writes the run folder."""
+
+    def __init__(self, val_windows: torch.Tensor):
+        self.val_windows = val_windows
+
+    def log(self, state: TrainState, row: dict) -> None:
+        pass
+
+    def validate(self, state: TrainState) -> dict:
+        return validation_losses(state.eval_model, state.objective, self.val_windows, state.config,
+                                 next(state.model.parameters()).device, state.ranks)
+
+    def checkpoint(self, state: TrainState, keep: bool) -> None:
+        pass
+
+
+def steps_per_epoch(epoch_size: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches in an epoch: the last may be short, unless it would leave a process without a window."""
+    full, rest = divmod(epoch_size, batch_size)
+    return full + (rest >= world_size)
+
+
+def epoch_batches(train_ids: torch.Tensor, config: Config, epoch: int, device: torch.device,
+                  ranks: Ranks | None = None):
+    """The epoch's shuffled windows (seeded by the epoch, so a resumed run draws the same), in
+    batches of batch_size on the device. Yields (ids, first, size): in a distributed run every
+    process gets its shard of each batch (the batch's windows first .. first + len(ids), of `size`)."""
+    ranks = ranks or Ranks()
     windows = epoch_windows(train_ids, config.seq_len, torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
     if device.type == "cuda":
         windows = windows.pin_memory()  # so that .to(device, non_blocking=True) is asynchronous
-    for first in range(0, len(windows), config.batch_size):
-        yield windows[first: first + config.batch_size].to(device, non_blocking=True)
+    for number in range(steps_per_epoch(len(windows), config.batch_size, ranks.world_size)):
+        batch = windows[number * config.batch_size: (number + 1) * config.batch_size]
+        start, stop = ranks.shard(len(batch))
+        yield batch[start:stop].to(device, non_blocking=True), start, len(batch)
 
 
 def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dict:
@@ -382,10 +479,13 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
     interval = Interval(state.objective.terms, device)
     done, row = False, {}
     state.model.train()
+    share_clock = state.ranks.distributed and pace.budget_s is not None
     while not done and state.step < pace.total_steps:
         state.epoch += 1
-        for ids in epoch_batches(train_ids, config, state.epoch, device):
-            interval.add(state.train_on(ids), ids)
+        for ids, first, size in epoch_batches(train_ids, config, state.epoch, device, state.ranks):
+            if share_clock:
+                pace.share_clock()
+            interval.add(state.train_on(ids, first, size), ids, len(ids) / size)
             bar.update(1)
             done = state.step >= pace.total_steps or pace.out_of_time()
             if state.step % config.log_every == 0 or done:
@@ -416,8 +516,23 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
-    run.path.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
+    ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
+    try:
+        return _train(config, run, payload, device, ranks)
+    finally:
+        destroy_distributed()
+
+
+def _train(config: Config, run: RunDir, payload: dict | None, device: torch.device, ranks: Ranks) -> TrainResult:
+    if ranks.distributed and config.batch_size % ranks.world_size:
+        raise ConfigError(f"batch_size is the global batch ({config.batch_size} windows a step); it must divide "
+                          f"by the {ranks.world_size} processes. Use a multiple of {ranks.world_size}.")
+    if not ranks.is_main:
+        logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
+    barrier()  # every process has checked the run folder before rank 0 writes to it
+    if ranks.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
 
@@ -425,20 +540,29 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
                         Tokenizer.from_dict(payload["vocab"]) if payload else None, config.max_train_tokens)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
-    steps_per_epoch = math.ceil(epoch_size / config.batch_size)
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    epoch_steps = steps_per_epoch(epoch_size, config.batch_size, ranks.world_size)
+    total_steps = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
     state = build_state(config, build_model(config, data.tokenizer).to(device), total_steps)
+    state.ranks = ranks
     if payload:
         restore(state, payload, run.last_checkpoint)
-    else:
+    elif ranks.is_main:
         save_config(config, run.config)
         data.tokenizer.save(run.vocab)
-    metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload else None)
-    hooks = RunHooks(run, data.tokenizer, fixed_windows(data.val_ids, config.seq_len), metrics)
+    state.distribute(device)
+    val_windows = fixed_windows(data.val_ids, config.seq_len)
+    if ranks.is_main:
+        metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload else None)
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics)
+    else:
+        hooks = WorkerHooks(val_windows)
 
     n_params = sum(p.numel() for p in state.model.parameters())
+    if ranks.distributed:
+        logger.info("distributed: %d processes (%s), %d windows of each batch of %d on each", ranks.world_size,
+                    torch.distributed.get_backend(), config.batch_size // ranks.world_size, config.batch_size)
     logger.info("device %s (%s) | vocab %d | %d train windows/epoch | %d steps/epoch | %s | %.2fM params",
-                device, resolved_precision(config.precision, device), len(data.tokenizer), epoch_size, steps_per_epoch,
+                device, resolved_precision(config.precision, device), len(data.tokenizer), epoch_size, epoch_steps,
                 f"{total_steps} steps total" if config.max_train_seconds is None
                 else f"{config.max_train_seconds:g} s of training", n_params / 1e6)
     for group in state.optimizer.param_groups:
