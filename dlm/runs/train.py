@@ -436,7 +436,8 @@ class Interval:
         values = torch.stack(self.history)
         bad = ~torch.isfinite(values)
         at = int(bad.any(dim=1).nonzero()[0])
-        column = int(bad[at].nonzero()[0])
+        columns = [int(c) for c in bad[at].nonzero()]
+        column = next((c for c in columns if self.terms[c] != "total"), columns[0])  # the term, not the sum
         return step - len(self.history) + at + 1, self.terms[column], values[at, column].item()
 
     def row(self, state: TrainState) -> dict:
