@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -310,9 +311,10 @@ def wait_for(condition, process, timeout=120):
         time.sleep(0.02)
 
 
-def logged_step(run):
-    rows = read_rows(run.metrics) if run.metrics.exists() else []
-    return max((int(r["step"]) for r in rows), default=0)
+def logged_step(log):
+    """The last step this process logged (metrics.csv may still hold a killed predecessor's rows)."""
+    steps = re.findall(r"^step +(\d+)/", Path(log).read_text(), flags=re.MULTILINE)
+    return int(steps[-1]) if steps else 0
 
 
 def temp_files(run):
@@ -329,7 +331,7 @@ def test_sigkill_at_random_steps_and_mid_checkpoint_then_resume_equals_an_uninte
 
     def kill_after(step, resume, log, jitter=0.3):
         process = start(args + (["--resume"] if resume else []), tmp_path / log)
-        wait_for(lambda: logged_step(run) >= step, process)
+        wait_for(lambda: logged_step(tmp_path / log) >= step, process)
         time.sleep(rng.uniform(0, jitter))  # somewhere in the next steps
         process.kill()
         process.wait()
@@ -342,10 +344,12 @@ def test_sigkill_at_random_steps_and_mid_checkpoint_then_resume_equals_an_uninte
 
     # killed halfway through writing last.pt: the temp file stays, last.pt is the previous one, whole
     hung = start(args + ["--resume"], tmp_path / "3.log", hang_after=0)
-    wait_for(lambda: bool(temp_files(run)), hung)
-    time.sleep(0.2)
-    hung.kill()
-    hung.wait()
+    try:
+        wait_for(lambda: bool(temp_files(run)), hung)
+        time.sleep(0.2)
+    finally:
+        hung.kill()
+        hung.wait()
     assert temp_files(run) and load_checkpoint(run.last_checkpoint)["step"] == saved
 
     kill_after(rng.randint(saved + 5, 60), True, "4.log")
@@ -365,15 +369,17 @@ def test_two_processes_on_one_run_folder(tmp_path, corpus):
     run = RunDir(tmp_path / "run")
     args = cli_args(corpus, run.path)
     first = start(args, tmp_path / "first.log", hang_after=0)  # holds the lock, stuck in its first checkpoint
-    wait_for(lambda: bool(temp_files(run)), first)
-    seconds = [start(args + extra, tmp_path / f"second{i}.log") for i, extra in enumerate(((), ("--resume",)))]
-    assert [p.wait() for p in seconds] == [2, 2]
-    for i in range(2):
-        err = (tmp_path / f"second{i}.log").read_text()
-        assert f"is being trained right now by pid {first.pid}" in err and "Traceback" not in err
-    assert not run.last_checkpoint.exists()  # neither wrote a checkpoint
-    first.kill()  # its flock dies with it
-    first.wait()
+    try:
+        wait_for(lambda: bool(temp_files(run)), first)
+        seconds = [start(args + extra, tmp_path / f"second{i}.log") for i, extra in enumerate(([], ["--resume"]))]
+        assert [p.wait() for p in seconds] == [2, 2]
+        for i in range(2):
+            err = (tmp_path / f"second{i}.log").read_text()
+            assert f"is being trained right now by pid {first.pid}" in err and "Traceback" not in err
+        assert not run.last_checkpoint.exists()  # neither wrote a checkpoint
+    finally:
+        first.kill()  # its flock dies with it
+        first.wait()
     assert start(args + ["--resume"], tmp_path / "after.log").wait() == 0
 
 
@@ -381,7 +387,7 @@ def test_two_processes_on_one_run_folder(tmp_path, corpus):
 def test_ctrl_c_says_where_the_run_stands_without_a_traceback(tmp_path, corpus):
     run = RunDir(tmp_path / "run")
     process = start(cli_args(corpus, run.path, "--max_steps", "100000"), tmp_path / "train.log")
-    wait_for(lambda: logged_step(run) >= 12, process)
+    wait_for(lambda: logged_step(tmp_path / "train.log") >= 12, process)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130
     err = (tmp_path / "train.log").read_text()

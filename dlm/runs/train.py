@@ -381,11 +381,13 @@ class RunHooks:
 
     def checkpoint(self, state: TrainState, keep: bool) -> None:
         self.check_finite(state)  # never replace the last good last.pt with NaN weights
-        if keep:
-            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
+        # last.pt first: a kill between the two writes then leaves a resumable run (the other way
+        # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
         interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
         save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval})
         self.saved_step = state.step
+        if keep:
+            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
 
     def check_finite(self, state: TrainState) -> None:
         """Raise Diverged when a loss term since the last log line or any weight is NaN or inf."""
