@@ -19,9 +19,9 @@ from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.runs.build import load_run
 from dlm.runs.sample import SampleOptions, generate, write_samples
-from dlm.runs.train import RunExistsError, train
+from dlm.runs.train import DivergedError, RunExistsError, train
 
-USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, ValueError)
+USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, DivergedError, ValueError)
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -264,5 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"dlm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: train has logged where the run stands and how to resume
+        print(f"dlm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 

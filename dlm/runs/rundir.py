@@ -9,6 +9,8 @@ class RunDir:
     """Where one run keeps everything:
 
         run_dir/config.yaml, vocab.json, metrics.csv        (dlm train / train.ipynb)
+        run_dir/provenance.json                              (who trained it: one entry per invocation)
+        run_dir/.train.lock                                  (held by the one process training the run)
         run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
         run_dir/samples/{samples.jsonl, .txt, .trajectory.json, summary.json, quality_vs_steps.csv}  (sample.ipynb)
         run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
@@ -20,6 +22,8 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     vocab = property(lambda self: self.path / "vocab.json")
     metrics = property(lambda self: self.path / "metrics.csv")
+    provenance = property(lambda self: self.path / "provenance.json")
+    lock = property(lambda self: self.path / ".train.lock")
     checkpoints = property(lambda self: self.path / "checkpoints")
     last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")
     samples = property(lambda self: self.path / "samples")
@@ -38,4 +42,14 @@ class RunDir:
         return sorted(self.checkpoints.glob("epoch_*.pt"))
 
     def has_run(self) -> bool:
-        return self.last_checkpoint.exists() or self.metrics.exists()
+        return self.has_checkpoint() or self.metrics.exists()
+
+    def has_checkpoint(self) -> bool:
+        """Anything a run could be resumed or sampled from: last.pt or a kept checkpoint."""
+        return self.last_checkpoint.exists() or bool(self.kept_checkpoints())
+
+    def leftover_temp_files(self) -> list[Path]:
+        """Hidden temp files (.NAME.XXXX.tmp) of atomic writes that a killed process never renamed:
+        never read by anything, safe to delete while this run's lock is held."""
+        return sorted(p for folder in (self.path, self.checkpoints) if folder.is_dir()
+                      for p in folder.glob(".*.tmp") if p.is_file())

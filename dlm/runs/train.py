@@ -5,8 +5,11 @@ validation, scheduled atomic checkpoints) with its hooks. Resume is exact."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from dlm.core.runtime import (
 )
 from dlm.families import family
 from dlm.runs.build import build_model, build_objective
+from dlm.runs.provenance import invocation, record_invocation
 from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
@@ -53,6 +57,23 @@ METRIC_COLUMNS = (
 
 class RunExistsError(FileExistsError):
     """The run folder already holds a run and --resume was not given."""
+
+
+class RunLockedError(RunExistsError):
+    """Another process is training in the run folder."""
+
+
+class DivergedError(RuntimeError):
+    """A loss term or the weights became NaN or inf; the last good checkpoint is kept."""
+
+
+class Diverged(Exception):
+    """Raised inside the loop at the first non-finite loss term (or weights); train() turns it
+    into a DivergedError that says what was kept and how to go on."""
+
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"step {step}: {term} {value}")
+        self.step, self.term, self.value = step, term, value
 
 
 def parameter_groups(model, config: Config) -> list[dict]:
@@ -336,8 +357,9 @@ def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Stage 2: resume.
 
-# A resumed run keeps its recipe; only how long it trains, what it records and how it executes may change.
-CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", *section_keys("bookkeeping"),
+# A resumed run keeps its recipe; only how long it trains, what it records and how it executes may change,
+# and its peak lr (the way on after a divergence: --resume --lr LOWER).
+CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", "lr", *section_keys("bookkeeping"),
                         *section_keys("runtime"))
 
 
@@ -365,6 +387,21 @@ def restore(state: TrainState, payload: dict, path: Path) -> None:
         raise CheckpointError(f"'{path}' does not match this run: {error}") from None
     torch.set_rng_state(payload["rng"])
     state.step, state.epoch = payload["step"], payload["epoch"]
+    saved_lr = payload["config"].get("lr")
+    if saved_lr is not None and saved_lr != state.config.lr:
+        set_peak_lr(state)
+        logger.info("resume: peak lr %g -> %g (the schedule goes on from step %d at the new peak)",
+                    saved_lr, state.config.lr, state.step)
+
+
+def set_peak_lr(state: TrainState) -> None:
+    """Give a restored optimizer and schedule the config's peak lr (the saved state holds the old one)."""
+    scheduler = state.scheduler
+    for index, group in enumerate(state.optimizer.param_groups):
+        peak = state.config.lr * (state.config.embedding_lr_scale if group.get("name") == "embedding" else 1.0)
+        group["initial_lr"] = scheduler.base_lrs[index] = peak
+        group["lr"] = peak * scheduler.lr_lambdas[index](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +412,20 @@ class RunHooks:
     """What the loop does besides stepping, for one run folder: log lines and metrics.csv rows,
     validation at each epoch end, the kept checkpoints and last.pt."""
 
-    def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter):
+    def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
+                 saved: dict | None = None):
         self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
+        # last.pt's log interval (a resumed run's first row then averages the same steps as an
+        # uninterrupted run's) and the step of the last checkpoint written (the one a divergence keeps)
+        self.saved_interval = saved.get("interval") if saved else None
+        self.saved_step = saved["step"] if saved else None
+        self.interval: Interval | None = None
+
+    def open_interval(self, terms: tuple[str, ...], device: torch.device) -> Interval:
+        self.interval = Interval(terms, device)
+        if self.saved_interval is not None:
+            self.interval.load_state_dict(self.saved_interval)
+        return self.interval
 
     def log(self, state: TrainState, row: dict) -> None:
         self.metrics.write(row)
@@ -387,7 +436,7 @@ class RunHooks:
 
     def validate(self, state: TrainState) -> dict:
         val = validation_losses(state.eval_model, state.objective, self.val_windows, state.config,
-                                next(state.model.parameters()).device)
+                                next(state.model.parameters()).device, state.ranks)
         if val:
             row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
             self.metrics.write(row)
@@ -396,9 +445,26 @@ class RunHooks:
         return val
 
     def checkpoint(self, state: TrainState, keep: bool) -> None:
+        self.check_finite(state)  # never replace the last good last.pt with NaN weights
+        # last.pt first: a kill between the two writes then leaves a resumable run (the other way
+        # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
+        interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
+        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval})
+        self.saved_step = state.step
         if keep:
             save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
-        save_checkpoint(self.run.last_checkpoint, resume_payload(state, self.tokenizer))
+
+    def check_finite(self, state: TrainState) -> None:
+        """Raise Diverged when a loss term since the last log line or any weight is NaN or inf."""
+        if self.interval is not None:
+            bad = self.interval.first_nonfinite(state.step)
+            if bad is not None:
+                raise Diverged(*bad)
+        models = [state.model] + ([state.ema.module] if state.ema is not None else [])
+        for model in models:
+            for name, param in model.state_dict().items():
+                if param.is_floating_point() and not torch.isfinite(param).all():
+                    raise Diverged(state.step, f"weights ({name})", float("nan"))
 
 
 class Interval:
@@ -412,17 +478,42 @@ class Interval:
 
     def reset(self) -> None:
         self.sums.zero_()
+        self.history: list[torch.Tensor] = []  # this invocation's per-step terms: which step blew up
         self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """The sums and step count (saved in last.pt so that a resumed interval averages the same steps)."""
+        return {"sums": self.sums.detach().cpu(), "steps": self.steps}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.sums.copy_(saved["sums"])
+        self.steps = int(saved["steps"])
 
     def add(self, losses: dict[str, torch.Tensor], ids: torch.Tensor, share: float = 1.0) -> None:
         """A step's losses; in a distributed run this process's, weighed by its `share` of the batch."""
-        self.sums += torch.stack([losses[term] for term in self.terms]).double() * share
+        terms = torch.stack([losses[term] for term in self.terms]).double() * share
+        self.sums += terms
+        self.history.append(terms)
         self.steps += 1
         self.tokens += ids.numel()
+
+    def first_nonfinite(self, step: int) -> tuple[int, str, float] | None:
+        """(step, term, value) of the first NaN or inf loss term in this interval, else None."""
+        if not self.history or torch.isfinite(self.sums).all():
+            return None
+        values = torch.stack(self.history)
+        bad = ~torch.isfinite(values)
+        at = int(bad.any(dim=1).nonzero()[0])
+        columns = [int(c) for c in bad[at].nonzero()]
+        column = next((c for c in columns if self.terms[c] != "total"), columns[0])  # the term, not the sum
+        return step - len(self.history) + at + 1, self.terms[column], values[at, column].item()
 
     def row(self, state: TrainState) -> dict:
         # In a distributed run: the batch means summed over the processes' shares, the tokens of all of them.
         totals = all_reduce_sum(torch.cat([self.sums, self.sums.new_tensor([self.tokens])])).tolist()
+        if not all(math.isfinite(value) for value in totals[:-1]):
+            found = self.first_nonfinite(state.step)  # None when it blew up in another process
+            raise Diverged(*(found or (state.step, "a loss term (in another process)", float("nan"))))
         means = {term: value / self.steps for term, value in zip(self.terms, totals)}
         return {"step": state.step, "epoch": state.epoch, **means, **embedding_stats(state.model.table()),
                 "lr": state.scheduler.get_last_lr()[0],
@@ -435,6 +526,8 @@ class WorkerHooks(RunHooks):
 
     def __init__(self, val_windows: torch.Tensor):
         self.val_windows = val_windows
+        # rank 0 restores the log interval and knows the last checkpoint; a worker starts its sums afresh
+        self.saved_interval, self.saved_step, self.interval = None, None, None
 
     def log(self, state: TrainState, row: dict) -> None:
         pass
@@ -476,7 +569,7 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
     bar = tqdm(total=None if pace.budget_s else pace.total_steps, initial=state.step, disable=not config.progress,
                desc="train", unit="step", ascii=True)
     pace.restart(state.step)
-    interval = Interval(state.objective.terms, device)
+    interval = hooks.open_interval(state.objective.terms, device)
     done, row = False, {}
     state.model.train()
     share_clock = state.ranks.distributed and pace.budget_s is not None
@@ -503,28 +596,86 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
     return row
 
 
+class RunLock:
+    """One writer per run folder: an exclusive flock on run_dir/.train.lock, held from the start of
+    train() to its end. The kernel releases it when the process dies, so a killed run never leaves
+    a stale lock; the file itself stays (it says who held it last)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.handle = run, None
+
+    def __enter__(self) -> RunLock:
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.run.lock, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLockedError(
+                f"'{self.run.path}' is being trained right now by {holder}; two writers would corrupt it. "
+                f"Wait for that run to end (or stop it), then continue it with --resume; or choose another --run_dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def remove_leftovers(run: RunDir) -> None:
+    """Temp files of checkpoint (or metrics) writes a killed process never finished: no reader ever
+    looks at them, and under the run's lock no other writer owns them."""
+    leftovers = run.leftover_temp_files()
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        logger.info("removed %d temp file(s) left by an interrupted write: %s", len(leftovers),
+                    ", ".join(str(p.relative_to(run.path)) for p in leftovers))
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Build the state, resume it from last.pt when asked, run the loop."""
+    """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
+    the run folder's lock throughout (RunLockedError when another process trains there)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     run = RunDir(run_dir)
-    payload = None
-    if resume:
+    if resume and not run.has_run():
+        raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
+                              f"Drop --resume to start one there.")
+    device = pick_device(config.device)
+    ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
+    try:
+        if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
+            return _train(config, run, resume, device, ranks)
+        with RunLock(run):
+            remove_leftovers(run)
+            return _train(config, run, resume, device, ranks)
+    finally:
+        destroy_distributed()
+
+
+def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks) -> TrainResult:
+    payload, mode = None, "fresh"
+    if run.has_run() and not run.has_checkpoint():
+        # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
+        logger.info("'%s' holds no checkpoint (its run stopped before the first epoch end): starting it afresh, "
+                    "metrics.csv rewritten", run.path)
+        mode = "restarted"
+    elif resume:
         payload = load_checkpoint(run.last_checkpoint)
         config = resumed_config(config, payload["config"])
+        mode = "resume"
     elif run.has_run():
         raise RunExistsError(
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
-    device = pick_device(config.device)
-    ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
-    try:
-        return _train(config, run, payload, device, ranks)
-    finally:
-        destroy_distributed()
-
-
-def _train(config: Config, run: RunDir, payload: dict | None, device: torch.device, ranks: Ranks) -> TrainResult:
     if ranks.distributed and config.batch_size % ranks.world_size:
         raise ConfigError(f"batch_size is the global batch ({config.batch_size} windows a step); it must divide "
                           f"by the {ranks.world_size} processes. Use a multiple of {ranks.world_size}.")
@@ -552,8 +703,12 @@ def _train(config: Config, run: RunDir, payload: dict | None, device: torch.devi
     state.distribute(device)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
-        metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload else None)
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics)
+        metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload or mode == "restarted" else None)
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload)
+        record_invocation(run.provenance, invocation(
+            config.to_dict(), mode=mode, step=state.step, device=str(device),
+            precision=resolved_precision(config.precision, device), processes=ranks.world_size),
+            keep_earlier=mode == "resume")
     else:
         hooks = WorkerHooks(val_windows)
 
@@ -569,5 +724,33 @@ def _train(config: Config, run: RunDir, payload: dict | None, device: torch.devi
         logger.info("  param group %-12s %8d params, weight_decay %g, peak lr %g", group["name"],
                     sum(p.numel() for p in group["params"]), group["weight_decay"], group["initial_lr"])
 
-    row = run_loop(state, data.train_ids, hooks)
+    try:
+        row = run_loop(state, data.train_ids, hooks)
+    except Diverged as blew_up:
+        raise DivergedError(diverged_message(blew_up, run, config, hooks.saved_step)) from None
+    except KeyboardInterrupt:
+        logger.warning("interrupted at step %d (epoch %d). %s", state.step, state.epoch, where_it_stands(run, hooks))
+        raise
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
+
+
+def where_it_stands(run: RunDir, hooks: RunHooks) -> str:
+    """What a stopped run keeps and how to go on (last.pt is only written at epoch ends: an
+    interruption mid-step could leave the weights half updated, so none is written then)."""
+    if hooks.saved_step is None:
+        return (f"No checkpoint was written yet; 'dlm train PARAMS --run_dir {run.path}' starts it again "
+                f"(a run folder without a checkpoint starts afresh).")
+    return (f"checkpoints/last.pt holds step {hooks.saved_step}; continue with 'dlm train PARAMS --run_dir {run.path} "
+            f"--resume' (the steps after it are trained again, with the same losses).")
+
+
+def diverged_message(blew_up: Diverged, run: RunDir, config: Config, saved_step: int | None) -> str:
+    what = (f"the {blew_up.term} became non-finite" if blew_up.term.startswith("weights")
+            else f"loss term '{blew_up.term}' became {blew_up.value}")
+    lower = f"{config.lr / 10:.3g}"
+    if saved_step is None:
+        return (f"Training diverged at step {blew_up.step}: {what}. No checkpoint was written yet; start again with a "
+                f"lower lr: dlm train PARAMS --run_dir {run.path} --lr {lower}")
+    return (f"Training diverged at step {blew_up.step}: {what}. checkpoints/last.pt is kept from step {saved_step}, "
+            f"the last good one; resume it with a lower lr (resume accepts a new lr): "
+            f"dlm train PARAMS --run_dir {run.path} --resume --lr {lower}")

@@ -4,8 +4,9 @@ each executed notebook to one self-contained HTML page, and keep reports/index.h
     dlm report params/default.yaml [--name NAME]      (or: python -m dlm report ...)
 
 reports/NAME/ holds the executed notebooks (*.ipynb), their HTML pages (*.html), the run folder
-(run/: config, checkpoints, metrics.csv, samples, analysis) and report.json (status, timings and
-the key numbers the index shows). A failing notebook stops the chain: its executed copy and page
+(run/: config, provenance.json, checkpoints, metrics.csv, samples, analysis) and report.json (status,
+timings, provenance: git commit, packages and each training invocation's settings, and the key
+numbers the index shows). A failing notebook stops the chain: its executed copy and page
 are still written (papermill marks the failing cell), earlier steps' files stay, and the error
 names the notebook, the cell and the exception.
 
@@ -32,6 +33,7 @@ from typing import Any
 
 from dlm.core.config import load_config
 from dlm.core.data import atomic_write_bytes
+from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
 from dlm.workbench.notebook import package_root, project_root
 
@@ -456,7 +458,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
     }
     report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
                               "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "pages": {}, "notebook_s": {}, "numbers": {}}
+                              "pages": {}, "notebook_s": {}, "numbers": {},
+                              "provenance": {**environment(), "run": []}}
     started = time.perf_counter()
     for notebook in NOTEBOOKS:
         executed = report_dir / f"{notebook}.ipynb"
@@ -484,6 +487,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                 summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
             report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
                           numbers=run_numbers(report_dir / "run"))
+            report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
             report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
             _write_report_json(report_dir, report)
             write_index(reports_dir)
@@ -494,6 +498,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         logger.info("%s.ipynb: done in %.0fs -> %s", notebook, report["notebook_s"][notebook], page)
     report.update(status="complete", wall_s=round(time.perf_counter() - started, 1),
                   numbers=run_numbers(report_dir / "run"))
+    # where the code came from (at report start) and each training invocation's resolved settings
+    report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
     _write_report_json(report_dir, report)
     index = write_index(reports_dir)
     logger.info("report %s complete in %.0fs -> %s (index: %s)", name, report["wall_s"], report_dir, index)
