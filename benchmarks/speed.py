@@ -244,17 +244,27 @@ def training_in_subprocess(preset: str, overrides: dict, impl: str, warmup: int,
     memory is that run's own."""
     spec = json.dumps({"preset": preset, "overrides": overrides, "impl": impl, "warmup": warmup,
                        "steps": steps, "threads": threads})
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", spec],
-                          capture_output=True, text=True, check=False)
+    return child_result([sys.executable, str(Path(__file__).resolve()), "--child", spec],
+                        f"benchmark child for {preset} ({impl})")
+
+
+def child_result(command: list[str], what: str) -> dict:
+    """Run a benchmark child process; what it measured is the JSON on the last line it prints."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark child for {preset} ({impl}) failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child(spec: str) -> None:
+def child_config(spec: str) -> tuple[dict, Config]:
+    """A child's settings (the JSON spec its parent passed) and its config, on its thread count."""
     values = json.loads(spec)
     torch.set_num_threads(values["threads"])
-    config = load_config(PARAMS / values["preset"], **values["overrides"])
+    return values, load_config(PARAMS / values["preset"], **values["overrides"])
+
+
+def child(spec: str) -> None:
+    values, config = child_config(spec)
     print(json.dumps(measure_training(config, values["impl"], values["warmup"], values["steps"])))
 
 
@@ -267,16 +277,11 @@ def measure_processes(preset: str, overrides: dict, nproc: int, threads: int, wa
     spec = json.dumps({"preset": preset, "overrides": overrides, "warmup": warmup, "steps": steps, "threads": threads})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(Path(__file__).resolve()), "--ddp_child", spec]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark on {nproc} processes failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_result(command, f"benchmark on {nproc} processes")
 
 
 def ddp_child(spec: str) -> None:
-    values = json.loads(spec)
-    torch.set_num_threads(values["threads"])
-    config = load_config(PARAMS / values["preset"], **values["overrides"])
+    values, config = child_config(spec)
     ranks, device = init_distributed(torch.device("cpu"))
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase, None,
                         config.max_train_tokens)
