@@ -95,3 +95,9 @@ def test_unknown_parameter_is_rejected_with_a_suggestion():
     with pytest.raises(ValueError, match=r"Unknown parameter 'epoch' for train.ipynb. Did you mean 'epochs'\?") as caught:
         notebook.unknown_parameters(declared, ["epoch"], notebook="train.ipynb")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("threads", [-2, 1.5, True])
+def test_notebook_setup_refuses_a_bad_thread_count_in_one_line(threads):
+    with pytest.raises(ConfigError, match="threads must be a number of threads"):
+        notebook.setup(threads=threads)

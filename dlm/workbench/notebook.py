@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dlm.core.config import Config, field_types, load_config
+from dlm.core.config import Config, ConfigError, field_types, load_config
 
 logger = logging.getLogger("dlm")
 
@@ -86,6 +86,8 @@ def resolve_input(path: str | Path, start: str | Path | None = None) -> Path:
 def setup(threads: int | None = None, level: int = logging.INFO) -> None:
     """Inside a notebook: log lines of the `dlm` logger as plain text on stdout (no widget progress
     bars), figures rendered inline as PNG, and optionally a fixed number of torch threads."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ConfigError(f"threads must be a number of threads, or 0 or None for torch's choice; got {threads!r}.")
     handler = next((h for h in logger.handlers if getattr(h, "_dlm_notebook", False)), None)
     if handler is None:
         handler = logging.StreamHandler(sys.stdout)
