@@ -22,6 +22,7 @@ def probes(monkeypatch):
         monkeypatch.setattr(runtime, "time_probe", fake)
 
     monkeypatch.setattr(runtime, "_measured", {})
+    monkeypatch.setattr(runtime, "load_per_core", lambda: 0.0)  # a quiet machine unless a test says otherwise
     set_timings.calls = calls
     return set_timings
 
@@ -43,7 +44,7 @@ def test_auto_on_cpu_follows_the_probe_and_caches_it(probes, monkeypatch, fp32_s
     assert resolved_precision("auto", "cpu") == expected
     assert resolved_precision("auto", "cpu") == expected and len(probes.calls) == 1  # once per process
     cache = json.loads(runtime.probe_cache().read_text())
-    assert cache == {runtime.machine_key(): {"fp32_s": fp32_s, "bf16_s": 1.0}}
+    assert cache == {runtime.machine_key(): {"fp32_s": fp32_s, "bf16_s": 1.0, "load": 0.0}}
     # a new process on the same machine reads the file instead of probing again
     forget_this_process(monkeypatch)
     probes(99.0, 1.0)  # would say bf16, were it run
@@ -86,3 +87,27 @@ def test_the_real_probe_runs_anywhere_and_leaves_the_rng_alone(monkeypatch):
         probe = runtime.cpu_precision_probe()
     assert torch.equal(torch.get_rng_state(), rng)  # a run's draws do not depend on whether it probed
     assert 0 < probe.fp32_s < 2 and 0 < probe.bf16_s < 10 and probe.precision in ("fp32", "bf16")
+
+
+def test_a_probe_timed_on_a_busy_machine_is_measured_again_when_it_is_quieter(probes, monkeypatch):
+    monkeypatch.setattr(runtime, "load_per_core", lambda: 3.0)  # busy: bf16 looked slow
+    probes(1.0, 4.0)
+    assert resolved_precision("auto", "cpu") == "fp32" and len(probes.calls) == 1
+    forget_this_process(monkeypatch)
+    probes(1.0, 4.0)
+    assert resolved_precision("auto", "cpu") == "fp32" and len(probes.calls) == 1  # as busy: the cache stands
+    forget_this_process(monkeypatch)
+    monkeypatch.setattr(runtime, "load_per_core", lambda: 0.2)
+    probes(2.0, 1.0)  # quiet now: bf16 wins
+    assert resolved_precision("auto", "cpu") == "bf16" and len(probes.calls) == 2
+    assert json.loads(runtime.probe_cache().read_text())[runtime.machine_key()]["load"] == 0.2
+    forget_this_process(monkeypatch)
+    probes(1.0, 4.0)  # a quiet measurement is kept
+    assert resolved_precision("auto", "cpu") == "bf16" and len(probes.calls) == 2
+
+
+def test_a_cache_written_before_loads_were_recorded_counts_as_quiet(probes):
+    runtime.probe_cache().parent.mkdir(parents=True)
+    runtime.probe_cache().write_text(json.dumps({runtime.machine_key(): {"fp32_s": 2.0, "bf16_s": 1.0}}))
+    probes(1.0, 4.0)
+    assert resolved_precision("auto", "cpu") == "bf16" and probes.calls == []

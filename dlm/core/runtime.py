@@ -47,12 +47,29 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+BUSY_LOAD = 0.75  # a probe timed while the 1-minute load per core was above this is measured again later
+
+
+def load_per_core() -> float:
+    """The 1-minute load average per core: how busy the machine was while a probe ran."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return 0.0
+
+
 @dataclass
 class PrecisionProbe:
-    """One machine's measurement: seconds per probe step in float32 and under bf16 autocast."""
+    """One machine's measurement: seconds per probe step in float32 and under bf16 autocast, and
+    the load per core it was taken at (a busy machine's timings may say little)."""
     machine: str
     fp32_s: float
     bf16_s: float
+    load: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.load > BUSY_LOAD
 
     @property
     def speedup(self) -> float:
@@ -140,14 +157,22 @@ def cpu_precision_probe() -> PrecisionProbe:
     except (OSError, ValueError):
         cached = {}
     entry = cached.get(key) if isinstance(cached, dict) else None
+    probe = None
     if isinstance(entry, dict) and {"fp32_s", "bf16_s"} <= set(entry):
-        probe, where = PrecisionProbe(key, float(entry["fp32_s"]), float(entry["bf16_s"])), f"cached in {path}"
-    else:
-        probe, where = PrecisionProbe(key, *time_probe()), f"measured now, cached in {path}"
+        probe = PrecisionProbe(key, float(entry["fp32_s"]), float(entry["bf16_s"]), float(entry.get("load", 0.0)))
+        where = f"cached in {path}"
+    load = load_per_core()
+    # A probe timed on a busy machine is provisional: measured again whenever the machine is quieter.
+    if probe is None or (probe.busy and load < probe.load):
+        again = probe is not None
+        probe = PrecisionProbe(key, *time_probe(), load)
+        where = f"{'measured again (the cached probe ran on a busy machine)' if again else 'measured now'}, cached in {path}"
         cached = cached if isinstance(cached, dict) else {}
         cached[key] = {k: v for k, v in asdict(probe).items() if k != "machine"}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (json.dumps(cached, indent=1) + "\n").encode())
+    if probe.busy:
+        where += f"; timed at load {probe.load:.1f} per core, so it is measured again once the machine is quieter"
     logger.info("precision auto: %s on this CPU (bf16 step %.2fx as fast as fp32, needs %.1fx; %s)",
                 probe.precision, probe.speedup, BF16_MARGIN, where)
     _measured[key] = probe
