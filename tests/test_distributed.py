@@ -20,7 +20,7 @@ from dlm.families.gaussian import DiffusionLM
 from dlm.runs.build import build_diffusion, load_run
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions, generate
-from dlm.runs.train import _train, build_state, steps_per_epoch, train
+from dlm.runs.train import Interval, _train, build_state, steps_per_epoch, train
 
 from .conftest import ROOT
 
@@ -111,6 +111,28 @@ def test_a_two_process_step_makes_the_one_process_update(smoke_config, tmp_path)
         difference = max_difference(one_step(config, ids), updated)
         print(f"one step, batch {len(ids)}, 2 processes vs 1: max abs weight difference {difference:.3g}")
         assert difference < 1e-6
+
+
+def interval_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        interval = Interval(("total",), torch.device("cpu"))
+        interval.add({"total": torch.tensor(rank + 1.0)}, torch.zeros(4, 3), share=0.5)  # this process's half
+        saved = interval.state_dict()  # every process calls it at the same checkpoint
+        if rank == 0:
+            torch.save(saved, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_last_pt_keeps_the_open_log_interval_of_all_processes(tmp_path):
+    """A distributed run's last.pt holds the open interval's sums over every process (here
+    0.5 x 1 + 0.5 x 2), so a run resumed with any number of processes logs the same rows."""
+    out = tmp_path / "interval.pt"
+    mp.spawn(interval_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    saved = torch.load(out)
+    assert saved["steps"] == 1 and saved["sums"].tolist() == [1.5]
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:

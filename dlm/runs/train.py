@@ -482,8 +482,10 @@ class Interval:
         self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
 
     def state_dict(self) -> dict:
-        """The sums and step count (saved in last.pt so that a resumed interval averages the same steps)."""
-        return {"sums": self.sums.detach().cpu(), "steps": self.steps}
+        """The sums and step count (saved in last.pt so that a resumed interval averages the same steps).
+        In a distributed run the sums of all processes: every process calls this at the same checkpoint,
+        and the resumed run (with any number of processes) restores them in its rank 0 alone."""
+        return {"sums": all_reduce_sum(self.sums.detach().clone()).cpu(), "steps": self.steps}
 
     def load_state_dict(self, saved: dict) -> None:
         self.sums.copy_(saved["sums"])
@@ -526,7 +528,7 @@ class WorkerHooks(RunHooks):
 
     def __init__(self, val_windows: torch.Tensor):
         self.val_windows = val_windows
-        # rank 0 restores the log interval and knows the last checkpoint; a worker starts its sums afresh
+        # rank 0 restores the log interval (all processes' sums) and knows the last checkpoint; a worker starts at 0
         self.saved_interval, self.saved_step, self.interval = None, None, None
 
     def log(self, state: TrainState, row: dict) -> None:
@@ -537,7 +539,11 @@ class WorkerHooks(RunHooks):
                                  next(state.model.parameters()).device, state.ranks)
 
     def checkpoint(self, state: TrainState, keep: bool) -> None:
-        pass
+        """Writes nothing; checks the (identical) weights as rank 0 does, and takes part in the
+        reduction of the log interval's sums that rank 0 saves in last.pt."""
+        self.check_finite(state)
+        if self.interval is not None:
+            self.interval.state_dict()
 
 
 def steps_per_epoch(epoch_size: int, batch_size: int, world_size: int = 1) -> int:
