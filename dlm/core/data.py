@@ -106,6 +106,20 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def writable_folder_above(path: Path, start: Path, what: str, choose: str) -> Path:
+    """The nearest existing folder at or above `start`, where `path` would be written (or created
+    under): a one-line error when it is a file or this process may not write there."""
+    parent = start
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another {choose}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        verb = "written" if parent == path or start != path else "created"
+        raise ValueError(f"{what} '{path}' cannot be {verb}: no write permission in '{parent}'. Choose another {choose}.")
+    return parent
+
+
 def check_destination(path: str | Path, what: str = "--out") -> Path:
     """Fail early, before any work, when a file cannot be written at `path`: it is a folder, it lies
     under a file, or its folder cannot be created or written."""
@@ -114,13 +128,7 @@ def check_destination(path: str | Path, what: str = "--out") -> Path:
         raise ValueError(f"{what} is empty: give a file name such as samples/out.jsonl.")
     if path.is_dir():
         raise ValueError(f"{what} '{path}' is a folder: give a file inside it, such as {path / 'samples.jsonl'}.")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} '{path}' cannot be written: no write permission in '{parent}'. Choose another path.")
+    writable_folder_above(path, path.parent, what, "path")
     return path
 
 
@@ -132,14 +140,7 @@ def check_run_folder(path: str | Path, what: str = "run_dir") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} '{path}' is a file: give a folder for the run (it is created if missing).")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} '{path}' cannot be {'written' if parent == path else 'created'}: no write permission "
-                         f"in '{parent}'. Choose another folder.")
+    parent = writable_folder_above(path, path, what, "folder")
     if parent != path:  # try it (permissions are not the only obstacle), and leave nothing behind
         try:
             path.mkdir(parents=True)

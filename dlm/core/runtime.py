@@ -5,7 +5,8 @@ the process group of a distributed run (`torchrun`: gloo on the CPU, nccl on CUD
 on a CPU a short probe times a few forward+backward steps of a TinyTransformer-sized MLP in
 float32 and under bf16 autocast, once per machine (CPU model, torch version, thread count), and
 bf16 is used where it is at least BF16_MARGIN times faster. The measurement is cached in
-$XDG_CACHE_HOME/dlm/precision.json (default ~/.cache), so later runs do not probe again.
+$XDG_CACHE_HOME/dlm/precision.json (default ~/.cache), so later runs do not probe again, unless it
+was timed on a busy machine (then a later run on a quieter one measures again).
 """
 
 from __future__ import annotations

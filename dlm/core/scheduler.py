@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample, sampling_timesteps
+from dlm.core.schedule import NoiseSchedule, position_timesteps, sampling_timesteps
 
 
 class DiffusionScheduler:
@@ -86,7 +86,3 @@ class DiffusionScheduler:
         if self.eta > 0:
             x_next = x_next + self.sigma[index] * torch.randn(x.shape, generator=generator).to(x.device)
         return x_next, pred_x0
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t ~ q(x_t | x0) for timesteps t (B,) or (B, L)."""
-        return q_sample(self.schedule, x0, t, noise)

@@ -13,7 +13,6 @@ import torch
 from dlm.core.config import Config
 from dlm.core.data import atomic_write_bytes
 from dlm.core.schedule import SPACINGS
-from dlm.families.gaussian import decode
 from dlm.runs.build import LoadedRun
 
 
@@ -67,12 +66,6 @@ class SampleOptions:
             raise ValueError("temperature must be 0 (argmax) or positive.")
         if not 0 <= self.clamp_fraction <= 1:
             raise ValueError("clamp_fraction must be between 0 and 1.")
-
-
-def decode_ids(run: LoadedRun, x0: torch.Tensor, decoder: str = "learned", temperature: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """A diffusion run's vectors (B, L, d) to token ids (B, L)."""
-    return decode(run.model, x0, decoder, temperature, generator)
 
 
 @dataclass
