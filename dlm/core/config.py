@@ -376,6 +376,7 @@ def training_memory_bytes(config: Config) -> int:
     return 20 * params + 4 * activations + 16 * 8 * config.diffusion_steps
 
 
+@functools.cache  # every Config is validated (each replace() too); the RAM does not change meanwhile
 def machine_memory_bytes() -> int | None:
     """This machine's RAM (MemTotal in /proc/meminfo, else sysconf), None where neither says."""
     try:
