@@ -14,7 +14,7 @@ import torch
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
 from dlm.core.data import CorpusError, check_destination, check_run_folder
-from dlm.core.runtime import pick_device, ranks_from_env
+from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.runs.build import load_run
@@ -250,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "train-ar") and args.nproc is not None:
             # a bad override or batch size fails here, once, not in every process
             config = load_config(args.params, **parse_overrides(extra, args))
-            if not args.resume and args.nproc > 1 and config.batch_size % args.nproc:
-                raise ConfigError(f"batch_size is the global batch ({config.batch_size} windows a step); it must "
-                                  f"divide by the {args.nproc} processes. Use a multiple of {args.nproc}.")
+            if not args.resume:
+                check_global_batch(config.batch_size, args.nproc)
             return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.command in ("train", "train-ar"):
             run_train(args, extra)

@@ -228,6 +228,13 @@ class Ranks:
         return start, start + base + (self.rank < extra)
 
 
+def check_global_batch(batch_size: int, processes: int) -> None:
+    """batch_size is the global batch: each of the processes takes an equal share of it."""
+    if processes > 1 and batch_size % processes:
+        raise ConfigError(f"batch_size is the global batch ({batch_size} windows a step); it must divide by the "
+                          f"{processes} processes. Use a multiple of {processes}.")
+
+
 def ranks_from_env() -> Ranks:
     """The ranks torchrun gives this process in RANK, WORLD_SIZE and LOCAL_RANK (one rank without them)."""
     return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a termin
 
 from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dlm.core.config import Config, ConfigError, from_dict, save_config, section_keys
+from dlm.core.config import Config, from_dict, save_config, section_keys
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.noise import WindowKeys
@@ -33,6 +33,7 @@ from dlm.core.runtime import (
     autocast,
     barrier,
     broadcast_float,
+    check_global_batch,
     current_ranks,
     destroy_distributed,
     init_distributed,
@@ -682,9 +683,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
-    if ranks.distributed and config.batch_size % ranks.world_size:
-        raise ConfigError(f"batch_size is the global batch ({config.batch_size} windows a step); it must divide "
-                          f"by the {ranks.world_size} processes. Use a multiple of {ranks.world_size}.")
+    check_global_batch(config.batch_size, ranks.world_size)
     if not ranks.is_main:
         logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
     barrier()  # every process has checked the run folder before rank 0 writes to it
