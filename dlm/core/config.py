@@ -227,10 +227,15 @@ def _comments() -> dict[str, str]:
     return comments
 
 
+def did_you_mean(name: str, allowed) -> str:
+    """' Did you mean 'X'?' for the closest allowed name, or nothing when none is close."""
+    close = difflib.get_close_matches(name, sorted(allowed), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def unknown_key_error(key: str, where: str = "") -> ConfigError:
     allowed = sorted(field_types())
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(key, allowed)
     return ConfigError(
         f"Unknown config key '{key}'{where}.{hint} Allowed keys: {', '.join(allowed)}."
     )

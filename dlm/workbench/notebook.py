@@ -10,14 +10,13 @@ the working directory.
 from __future__ import annotations
 
 import ast
-import difflib
 import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dlm.core.config import Config, ConfigError, field_types, load_config
+from dlm.core.config import Config, ConfigError, did_you_mean, field_types, load_config
 
 logger = logging.getLogger("dlm")
 
@@ -181,9 +180,7 @@ def unknown_parameters(declared: list[str], injected: list[str], also_allowed: s
     allowed = set(declared) | set(also_allowed)
     for name in injected:
         if name not in allowed:
-            close = difflib.get_close_matches(name, sorted(allowed), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"Unknown parameter '{name}' for {notebook}.{hint} "
+            raise ValueError(f"Unknown parameter '{name}' for {notebook}.{did_you_mean(name, allowed)} "
                              f"Its parameters: {', '.join(declared)}.")
 
 
