@@ -141,3 +141,24 @@ def test_clamping_is_a_hook_after_the_others():
     nearest_to_far = table[((far[0, 0] - table) ** 2).sum(-1).argmin()]
     assert all(torch.equal(s.pred_x0, far) for s in states[:2])
     assert all(torch.equal(s.pred_x0, nearest_to_far.expand(2, 6, 8)) for s in states[2:])
+
+
+def test_known_positions_hook_keeps_the_fixed_words_through_the_chain():
+    from dlm.families.gaussian import known_positions_hook, sample_chain
+    from dlm.runs.sample import SampleOptions
+
+    config = load_config(None, seq_len=6, embed_dim=8, width=16, depth=1, heads=2, diffusion_steps=50,
+                         sample_steps=10)
+    torch.manual_seed(0)
+    model, diffusion = DiffusionLM(config, 12).eval(), build_diffusion(config)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    known = torch.tensor([[True, False, False, True, False, True]])
+    options = SampleOptions.from_config(config, steps=10, clamp=False)
+    states = list(sample_chain(model, diffusion, options, (1, 6), torch.Generator().manual_seed(0),
+                               hooks=[known_positions_hook(model, ids, known)]))
+    clean = model.embed(ids)
+    for state in states:  # the step used the clean words ...
+        assert torch.allclose(state.pred_x0[known], clean[known])
+    # ... so the chain ends on them exactly, while the free positions are the untrained model's own
+    assert torch.allclose(states[-1].x[known], clean[known])
+    assert not torch.allclose(states[-1].x[~known], clean[~known], atol=1e-2)

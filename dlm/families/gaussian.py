@@ -262,6 +262,23 @@ def clamp_hook(model: DiffusionLM, first_index: int = 0) -> Hook:
     return clamp
 
 
+def known_positions_hook(model: DiffusionLM, ids: torch.Tensor, known: torch.Tensor) -> Hook:
+    """Fixed words (infilling, a prefix, earlier blocks): at the positions where `known` (B, L) is
+    True the predicted x0 is replaced by the words' clean embeddings EMB(ids). The step then draws
+    those positions from q(x_s | x_t, x0 = EMB(w)), so their x stays a noised copy of the word at the
+    chain's current level: Diffusion-LM's replacement method, written as an x0 edit."""
+    known = known.bool()
+    clean = None
+
+    def keep(pred_x0: torch.Tensor, t: torch.Tensor, x: torch.Tensor, index: int) -> torch.Tensor:
+        nonlocal clean
+        if clean is None:  # once per chain, inside the chain's autocast like the steps
+            clean = model.embed(ids.to(pred_x0.device)).to(pred_x0.dtype)
+        return torch.where(known.to(pred_x0.device)[..., None], clean, pred_x0)
+
+    return keep
+
+
 @torch.inference_mode()
 def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: DiffusionScheduler, x: torch.Tensor,
                   generator: torch.Generator | None = None, hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
