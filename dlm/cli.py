@@ -50,11 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--nproc_per_node N, DistributedDataParallel; batch_size stays the global batch)")
         add_config_options(train_parser)
 
-    evaluate_parser = commands.add_parser("evaluate", help="score samples against held-out text and an AR teacher",
-                                          allow_abbrev=False)
-    evaluate_parser.add_argument("--samples", required=True, help="a .jsonl written by dlm sample")
-    evaluate_parser.add_argument("--teacher", required=True, help="an autoregressive run (dlm train-ar)")
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="score samples against held-out text and an AR teacher, or (--nll) a run's likelihood bound",
+        allow_abbrev=False)
+    evaluate_parser.add_argument("--samples", help="a .jsonl written by dlm sample")
+    evaluate_parser.add_argument("--teacher", help="an autoregressive run (dlm train-ar)")
     evaluate_parser.add_argument("--json", help="also write every number to this file")
+    nll = evaluate_parser.add_argument_group("likelihood (--nll)")
+    nll.add_argument("--nll", action="store_true",
+                     help="the variational bound on -log p(w), nats per token, on held-out windows of --run_dir")
+    nll.add_argument("--run_dir", help="the diffusion run to score (its last checkpoint, EMA weights)")
+    nll.add_argument("--ar_run", help="an autoregressive run on the same vocabulary: its exact NLL on the same windows")
+    nll.add_argument("--windows", type=int, default=256, help="held-out windows scored (default 256)")
+    nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
+    nll.add_argument("--seed", type=int, default=0, help="which windows and noise (default 0)")
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
@@ -200,6 +209,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     from dlm.evaluation.evaluate import evaluate_samples, read_samples
 
+    if args.nll:
+        return run_nll(args)
+    if args.samples is None or args.teacher is None:
+        raise ValueError("give --samples FILE.jsonl and --teacher AR_RUN to score samples, "
+                         "or --nll --run_dir RUN for the likelihood bound.")
     result = evaluate_samples(read_samples(args.samples), load_run(args.teacher))
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
@@ -208,6 +222,29 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"collapsed: {result['collapsed']} (signals: {reasons}); {result['num_samples']} samples")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+def run_nll(args: argparse.Namespace) -> None:
+    from dlm.evaluation.likelihood import check_counts, compare_with_ar
+
+    if args.run_dir is None:
+        raise ValueError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
+    check_counts(args.windows, args.draws)  # before any run is loaded
+    run = load_run(args.run_dir)
+    ar = load_run(args.ar_run) if args.ar_run else None
+    result = compare_with_ar(run, ar, args.windows, args.draws, args.seed)
+    bound = result.bound
+    print(f"NLL bound {bound.total:.4f} +- {bound.se:.4f} nats/token ({bound.windows} held-out windows of "
+          f"{bound.tokens} tokens, {bound.draws} timesteps each; {run.checkpoint}, step {run.step})")
+    print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
+    numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
+               "draws": bound.draws, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint)}
+    if result.ar_nll is not None:
+        print(f"AR NLL    {result.ar_nll:.4f} nats/token (exact, the same windows; {ar.checkpoint}); "
+              f"bound / AR = {result.ratio:.3f}")
+        numbers.update(ar_nll=result.ar_nll, ratio=result.ratio)
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2))
 
 
 def notebook_parameters(items: list[str]) -> dict[str, dict]:
