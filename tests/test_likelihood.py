@@ -149,3 +149,14 @@ def test_cli_prints_the_bound_and_the_ar_ratio(corpus, tmp_path, capsys):
     numbers = json.loads(out.read_text())
     assert numbers["nll_bound"] > numbers["nll_bound_se"] > 0 and numbers["ar_nll"] > 0
     assert numbers["ratio"] == pytest.approx(numbers["nll_bound"] / numbers["ar_nll"])
+
+
+def test_bound_stays_above_the_entropy_when_the_words_overlap_under_the_embedding_noise():
+    # A table crowded within a few sigma0: x_0 no longer tells the word, so the rounding term
+    # -log p(w | x_0) carries a large share of the bound (leaving it out falls below log V).
+    table, schedule, diffusion = toy(2000, dim=2)
+    crowded = table * 0.15 / math.sqrt(2)
+    ids = torch.randint(0, len(table), (512, 8), generator=torch.Generator().manual_seed(0))
+    result = bound(Oracle(crowded, schedule), diffusion, ids, draws=4)
+    assert result.terms["rounding"] > 1.0
+    assert result.total > math.log(len(table)) - 3 * result.se
