@@ -45,6 +45,16 @@ def test_training_figures_render():
     assert len(plots.loss_curves(metrics).axes) == 3
 
 
+def test_nll_over_training_renders_bound_and_validation_loss():
+    metrics = metrics_frame()
+    bounds = pd.DataFrame({"epoch": [1, 2], "step": [10, 20], "nll_bound": [9.0, 7.5], "nll_bound_se": [0.1, 0.08]})
+    figure = plots.nll_over_training(bounds, metrics, ar_nll=5.0)
+    assert png_bytes(figure) > 1000
+    bound_ax, loss_ax = figure.axes
+    assert list(bound_ax.lines[0].get_ydata()) == [9.0, 7.5] and len(loss_ax.lines) == 1
+    assert plots.nll_over_training(bounds.iloc[0:0], metrics.iloc[0:0]) is not None  # nothing yet: empty panels
+
+
 def test_token_distribution_renders_several_streams():
     samples = [[",", ",", "lord", "$", "\n"]] * 3
     heldout = [["my", "lord", ",", "good", "\n"]] * 3

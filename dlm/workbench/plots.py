@@ -63,6 +63,28 @@ def loss_curves(metrics: pd.DataFrame) -> Figure:
     return figure
 
 
+def nll_over_training(bounds: pd.DataFrame, metrics: pd.DataFrame, ar_nll: float | None = None) -> Figure:
+    """The likelihood bound at each checkpoint (nats per token, +- 2 standard errors) next to the
+    validation loss, against steps (`dlm.evaluation.likelihood.bound_over_checkpoints`)."""
+    figure, axes = _figure(1, 2, 11, 3.6)
+    bound_ax, loss_ax = axes[0]
+    if len(bounds):
+        bound_ax.errorbar(bounds["step"], bounds["nll_bound"], yerr=2 * bounds["nll_bound_se"], fmt="o-",
+                          color="C2", markersize=4, capsize=3, label="bound (+- 2 SE)")
+    if ar_nll is not None:
+        bound_ax.axhline(ar_nll, **HELDOUT_STYLE, label="AR baseline (exact)")
+    bound_ax.set_title("NLL bound on held-out windows (nats / token)")
+    val = metrics[metrics["val_total"].notna()] if "val_total" in metrics else metrics.iloc[0:0]
+    if len(val):
+        loss_ax.plot(val["step"], val["val_total"], "o-", color="C1", markersize=3, label="validation loss")
+    loss_ax.set_title("validation loss (the training objective)")
+    for ax in (bound_ax, loss_ax):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=8)
+    return figure
+
+
 def training_curves(metrics: pd.DataFrame, sigma0: float | None = None) -> Figure:
     """Embedding norm, nearest-neighbour distance (against sigma0), learning rate and tokens/s."""
     figure, axes = _figure(1, 4, 15, 3.4)
