@@ -160,3 +160,24 @@ def test_bound_stays_above_the_entropy_when_the_words_overlap_under_the_embeddin
     result = bound(Oracle(crowded, schedule), diffusion, ids, draws=4)
     assert result.terms["rounding"] > 1.0
     assert result.total > math.log(len(table)) - 3 * result.se
+
+
+def test_nll_bad_inputs_give_one_clear_line(corpus, tmp_path, capsys):
+    run, other = tmp_path / "d", tmp_path / "lower"
+    assert main(train_args(corpus, run, "--max_steps", "1")) == 0
+    assert main(["train-ar", *train_args(corpus, other, "--max_steps", "1", "--lowercase")[1:]]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--nll", "--run_dir", str(tmp_path / "missing")], "does not exist"),
+        (["--nll"], "--nll needs --run_dir"),
+        (["--nll", "--run_dir", str(run), "--draws", "0"], "--draws must be a positive"),
+        (["--nll", "--run_dir", str(run), "--windows", "1"], "--windows must be at least 2"),
+        (["--nll", "--run_dir", str(run), "--ar_run", str(other), "--windows", "2"], "another vocabulary"),
+        (["--nll", "--run_dir", str(run), "--ar_run", str(run), "--windows", "2"], "not an autoregressive run"),
+        (["--nll", "--run_dir", str(other), "--windows", "2"], "for a diffusion run"),
+        ([], "give --samples"),
+    ]
+    for args, message in cases:
+        assert main(["evaluate", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
