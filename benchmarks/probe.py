@@ -4,6 +4,10 @@ held-out words the reverse chain keeps when started from them (dlm/probe.py).
     python benchmarks/probe.py runs/default runs/default_10x      # prints and writes probe.md
     python benchmarks/probe.py runs/default --windows 128 --start_t 400,1000
 
+Each chain table row is one sampler (SAMPLERS below): first_step_accuracy is the denoiser's one-step
+argmax, first_step_calibrated the share drawing each word once from its rounding softmax keeps,
+kept what the whole chain keeps.
+
 Writes --out/probe.md (default benchmarks/results/) with one table of each kind per run.
 """
 
@@ -20,6 +24,10 @@ from dlm.evaluation.probe import chain_retention, denoising_accuracy, heldout_id
 from dlm.runs.build import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
+# The chains compared from held-out x_t: the step noise (ancestral, DDIM), the x0 the step moves
+# toward (the denoiser's, or its rounding softmax's expected embedding) and clamping at every step.
+SAMPLERS = ({"eta": 1.0, "x0": "predicted"}, {"eta": 0.0, "x0": "predicted"}, {"eta": 1.0, "x0": "expected"},
+            {"eta": 0.0, "x0": "expected"}, {"eta": 1.0, "x0": "predicted", "clamp": True})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         section = (f"## {run_dir} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
                    f"windows:\n\n{markdown(accuracy)}\n")
         if run.config.left_to_right == 0:  # a chain from x_t needs one timestep for every position
-            rows = [{k: v for k, v in chain_retention(run, ids, int(t), clamp=clamp).items() if k != "final_ids"}
-                    for t in args.start_t.split(",") for clamp in (False, True)]
-            section += (f"\nThe run's reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
+            rows = [{k: v for k, v in chain_retention(run, ids, int(t), **variant).items() if k != "final_ids"}
+                    for t in args.start_t.split(",") for variant in SAMPLERS]
+            section += (f"\nThe reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
                         f"from held-out x_t:\n\n{markdown(pd.DataFrame(rows))}\n")
         sections.append(section)
         print(section, flush=True)

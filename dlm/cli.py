@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--clamp_fraction", type=float,
                                help="clamp only during the last share of steps")
     sample_parser.add_argument("--eta", type=float, help="1 ancestral, 0 deterministic DDIM")
+    sample_parser.add_argument("--x0", choices=["predicted", "expected"],
+                               help="the x0 each step moves toward: the denoiser's, or the expected embedding "
+                                    "under its rounding softmax (default: the run's sample_x0)")
     sample_parser.add_argument("--temperature", type=float,
                                help="0: argmax of the rounding logits; >0: draw final tokens from softmax/T")
     sample_parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -172,7 +175,8 @@ def run_sample(args: argparse.Namespace) -> None:
                          f"empty. Train it again with a smaller lr (or sample an earlier checkpoint).")
     options = SampleOptions.from_config(
         run.config, num_samples=args.num_samples, steps=args.steps, spacing=args.spacing, decoder=args.decoder,
-        clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, temperature=args.temperature, seed=args.seed,
+        clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, x0=args.x0, temperature=args.temperature,
+        seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
     batch = generate(run, options, device)

@@ -70,3 +70,20 @@ def test_probe_benchmark_writes_both_tables(run, tmp_path, capsys):
     text = (tmp_path / "out" / "probe.md").read_text()
     assert "own_vector_accuracy" in text and "first_step_accuracy" in text and f"## {run_dir}" in text
     assert "kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampling", [{"eta": 1.0}, {"eta": 0.0}, {"eta": 1.0, "x0": "expected"},
+                                      {"eta": 0.0, "x0": "expected"}])
+def test_a_chain_whose_denoiser_knows_the_words_keeps_every_word(run, sampling, monkeypatch):
+    """Fidelity on a toy: the denoiser answers EMB(w) of the held-out words whatever x_t it sees,
+    so a faithful sampler ends on exactly those words, from any noise level."""
+    ids = probe.heldout_ids(run, 4)
+    monkeypatch.setattr(run.model, "denoise", lambda x_t, t, x0_estimate=None: run.model.embed(ids))
+    for start_t in (40, 99):
+        result = probe.chain_retention(run, ids, start_t=start_t, **sampling)
+        assert result["first_step_accuracy"] == 1.0 and result["kept"] == 1.0, (start_t, result)
+
+
+def test_the_calibrated_share_is_the_mean_probability_of_the_right_word():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    assert probe.calibrated_share(logits, torch.tensor([[0, 2]])) == pytest.approx((0.5 + 0.1) / 2)

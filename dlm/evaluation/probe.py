@@ -52,7 +52,9 @@ def noised(run: LoadedRun, ids: torch.Tensor, t: int, generator: torch.Generator
 def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[int] | None = None,
                        seed: int = 0) -> pd.DataFrame:
     """One row per timestep: log-SNR, the denoiser's cross-entropy and accuracy on the words of
-    `ids` from x_t in one step, and the accuracy of the row nearest to x_t / sqrt(alpha_bar)."""
+    `ids` from x_t in one step, its calibrated share (the mean rounding probability of the right
+    word: what drawing each word once from the rounding softmax gets right), and the accuracy of
+    the row nearest to x_t / sqrt(alpha_bar)."""
     model, diffusion = run.model, run.objective
     schedule = diffusion.schedule
     generator = torch.Generator().manual_seed(seed)
@@ -62,33 +64,42 @@ def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[in
         x_t = noised(run, ids, t, generator)
         t_batch = torch.full((ids.shape[0],), t)
         pred_x0 = diffusion.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)
-        logits = model.round(pred_x0)
+        logits = model.round(pred_x0).float()
         alpha_bar = float(schedule.alphas_cumprod[t])
         own = nearest_rows(x_t / math.sqrt(alpha_bar), table)
         rows.append({"t": t, "log_snr": math.log(alpha_bar / (1 - alpha_bar)),
                      "cross_entropy": F.cross_entropy(logits.flatten(0, 1), ids.flatten()).item(),
                      "accuracy": (logits.argmax(-1) == ids).float().mean().item(),
+                     "calibrated": calibrated_share(logits, ids),
                      "own_vector_accuracy": (own == ids).float().mean().item()})
     return pd.DataFrame(rows)
 
 
+def calibrated_share(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """The mean rounding probability of the right word: the share a sampler that draws each word
+    once from the one-step rounding softmax keeps (a calibrated sampler's share)."""
+    return torch.softmax(logits.float(), -1).gather(-1, ids[..., None]).mean().item()
+
+
 @torch.inference_mode()
 def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int | None = None,
-                    clamp: bool = False, seed: int = 0) -> dict:
-    """Noise `ids` to start_t, run the run's reverse chain (its `steps`, spacing and eta) from
-    there, and report the share of words the denoiser got right in its first step and the share
-    the chain's final argmax keeps."""
+                    clamp: bool = False, seed: int = 0, **sampling) -> dict:
+    """Noise `ids` to start_t, run the run's reverse chain (its `steps`, spacing, eta and x0, or
+    `sampling` overrides of SampleOptions such as eta=0 or x0="expected") from there, and report
+    the share of words the denoiser got right in its first step (argmax, and calibrated: see
+    `calibrated_share`) and the share the chain's final argmax keeps."""
     config, model = run.config, run.model
     generator = torch.Generator().manual_seed(seed)
     x_t = noised(run, ids, start_t, generator)
     # clamp here means at every step (clamp_fraction 1), whatever the run's recipe says
-    options = SampleOptions.from_config(config, steps=steps, clamp=clamp, clamp_fraction=1.0)
+    options = SampleOptions.from_config(config, steps=steps, clamp=clamp, clamp_fraction=1.0, **sampling)
+    t_batch = torch.full((ids.shape[0],), start_t)
+    # the denoiser's own one-step prediction (the chain's first step, before any hook edits it)
+    first_logits = model.round(run.objective.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)).float()
     states = sample_chain(model, run.objective, options, tuple(ids.shape), generator, start=x_t, start_t=start_t)
-    first = next(states)
-    first_ids = model.round(first.pred_x0).argmax(-1)
-    remaining = collections.deque(states, maxlen=1)
-    last = remaining[0] if remaining else first
+    last = collections.deque(states, maxlen=1)[0]
     final_ids = model.round(last.x).argmax(-1)
-    return {"start_t": start_t, "chain_steps": last.index + 1, "clamp": clamp,
-            "first_step_accuracy": (first_ids == ids).float().mean().item(),
+    return {"start_t": start_t, "chain_steps": last.index + 1, "clamp": clamp, "eta": options.eta, "x0": options.x0,
+            "first_step_accuracy": (first_logits.argmax(-1) == ids).float().mean().item(),
+            "first_step_calibrated": calibrated_share(first_logits, ids),
             "kept": (final_ids == ids).float().mean().item(), "final_ids": final_ids}

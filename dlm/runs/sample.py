@@ -15,6 +15,8 @@ from dlm.core.data import atomic_write_bytes
 from dlm.core.schedule import SPACINGS
 from dlm.runs.build import LoadedRun
 
+X0_CHOICES = ("predicted", "expected")
+
 
 def recipe(key: str):
     """A sampling option that a run's config sets: Config key `key` (section 'sampling') gives
@@ -30,6 +32,7 @@ class SampleOptions:
     clamp: bool = recipe("clamp")  # Diffusion-LM's clamping trick
     clamp_fraction: float = recipe("clamp_fraction")  # clamp only during the last share of steps
     eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM
+    x0: str = recipe("sample_x0")  # predicted (the denoiser's) or expected (under its rounding softmax)
     temperature: float = recipe("decode_temperature")  # final tokens: 0 argmax, >0 drawn from softmax/T
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
     seed: int = 0
@@ -48,6 +51,8 @@ class SampleOptions:
         for name in ("eta", "temperature", "clamp_fraction"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
+        if self.x0 not in X0_CHOICES:
+            raise ValueError(f"x0 must be one of {', '.join(X0_CHOICES)}, got '{self.x0}'.")
         if self.decoder not in ("learned", "cosine"):
             raise ValueError(f"decoder must be 'learned' or 'cosine', got '{self.decoder}'.")
         if self.num_samples < 1:
