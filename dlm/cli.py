@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--windows", type=int, default=256, help="held-out windows scored (default 256)")
     nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
     nll.add_argument("--seed", type=int, default=0, help="which windows and noise (default 0)")
+    nll.add_argument("--x0", choices=["predicted", "expected"],
+                     help="the reverse process scored: steps toward the denoiser's x0 or its rounding softmax's "
+                          "expected embedding (default: the run's sample_x0, what dlm sample draws from)")
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
@@ -236,13 +239,14 @@ def run_nll(args: argparse.Namespace) -> None:
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir)
     ar = load_run(args.ar_run) if args.ar_run else None
-    result = compare_with_ar(run, ar, args.windows, args.draws, args.seed)
+    x0 = args.x0 or run.config.sample_x0
+    result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0)
     bound = result.bound
     print(f"NLL bound {bound.total:.4f} +- {bound.se:.4f} nats/token ({bound.windows} held-out windows of "
-          f"{bound.tokens} tokens, {bound.draws} timesteps each; {run.checkpoint}, step {run.step})")
+          f"{bound.tokens} tokens, {bound.draws} timesteps each; x0 {x0}; {run.checkpoint}, step {run.step})")
     print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
     numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
-               "draws": bound.draws, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint)}
+               "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint)}
     if result.ar_nll is not None:
         print(f"AR NLL    {result.ar_nll:.4f} nats/token (exact, the same windows; {ar.checkpoint}); "
               f"bound / AR = {result.ratio:.3f}")

@@ -49,6 +49,7 @@ from dlm.core.schedule import q_sample
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, run_data
+from dlm.families.gaussian import expected_x0_hook
 from dlm.runs.build import LoadedRun, load_run
 
 logger = logging.getLogger("dlm")
@@ -149,16 +150,23 @@ def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, var: float) -> to
     return -0.5 * (((x - mean) ** 2).flatten(1).sum(1) / var + count * math.log(2 * math.pi * var))
 
 
-def _denoise_x0(model, diffusion, x_t: torch.Tensor, t: torch.Tensor, precision: str) -> torch.Tensor:
+def _denoise_x0(model, diffusion, x_t: torch.Tensor, t: torch.Tensor, precision: str,
+                x0_kind: str = "predicted") -> torch.Tensor:
+    """The model's x0 at (x_t, t): the denoiser's prediction, or (x0 'expected') the expected
+    embedding under its rounding softmax, the x0 the sampler steps toward with sample_x0 expected:
+    the bound then scores the reverse process that sampler draws from."""
     with autocast(precision, x_t.device):
         output = model.denoise(x_t, t)
-    return diffusion.x0_from_output(model, output, x_t, t).float()
+    pred_x0 = diffusion.x0_from_output(model, output, x_t, t).float()
+    if x0_kind == "expected":
+        pred_x0 = expected_x0_hook(model)(pred_x0, t, x_t, 0)
+    return pred_x0.float()
 
 
 @torch.inference_mode()
 def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator: torch.Generator | None = None,
-                 all_timesteps: bool = False, precision: str = "fp32", proposal: str = "importance"
-                 ) -> dict[str, torch.Tensor]:
+                 all_timesteps: bool = False, precision: str = "fp32", proposal: str = "importance",
+                 x0_kind: str = "predicted") -> dict[str, torch.Tensor]:
     """Each term of the bound for each window of ids (B, L), summed over the window, (B,) each.
 
     The diffusion term is the mean of KL_t / proposal(t) over `draws` timesteps in 1..T-1 per
@@ -175,7 +183,7 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
     x0 = emb + math.sqrt(terms.sigma0_sq) * randn(emb.shape)  # x_0 ~ q(x_0 | w)
     first = torch.zeros(batch, dtype=torch.long, device=device)
     x1 = q_sample(diffusion.schedule, x0, first, randn(x0.shape))
-    pred_emb = _denoise_x0(model, diffusion, x1, first, precision)
+    pred_emb = _denoise_x0(model, diffusion, x1, first, precision, x0_kind)
     logits = model.round(x0).float()
     rounding = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").double().sum(1)
     out = {"prior": terms.prior(x0), "decoder": terms.decoder(x0, x1, emb, pred_emb), "rounding": rounding}
@@ -189,7 +197,7 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
     diffusion_sum = torch.zeros(batch, dtype=torch.float64, device=device)
     for t, weight in zip(timesteps.to(device), weights.to(device)):
         x_t = q_sample(diffusion.schedule, x0, t, randn(x0.shape))
-        diffusion_sum += weight * terms.step_kl(x0, x_t, _denoise_x0(model, diffusion, x_t, t, precision), t)
+        diffusion_sum += weight * terms.step_kl(x0, x_t, _denoise_x0(model, diffusion, x_t, t, precision, x0_kind), t)
     out["diffusion"] = diffusion_sum
     return {name: out[name].cpu() for name in TERMS}
 
@@ -207,9 +215,9 @@ def check_counts(windows: int, draws: int) -> None:
 
 
 def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4, seed: int = 0,
-              batch_size: int = 64, proposal: str = "importance") -> Bound:
+              batch_size: int = 64, proposal: str = "importance", x0: str | None = None) -> Bound:
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
-    given ids), `draws` uniform timesteps each."""
+    given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each."""
     if run.family.SCORES_TOKENS:
         raise ValueError("The NLL bound is for a diffusion run; an autoregressive run's NLL is exact: "
                          "give it as --ar_run.")
@@ -221,7 +229,8 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
     for start in range(0, len(ids), batch_size):
         batch = ids[start: start + batch_size].to(device)
         for name, value in window_terms(run.model, run.objective, batch, draws, generator,
-                                        precision=run.config.precision, proposal=proposal).items():
+                                        precision=run.config.precision, proposal=proposal,
+                                        x0_kind=x0 or run.config.sample_x0).items():
             parts[name].append(value)
     return summarise({name: torch.cat(values) for name, values in parts.items()}, ids.shape[1], draws)
 
@@ -261,13 +270,13 @@ class Comparison:
 
 
 def compare_with_ar(run: LoadedRun, ar: LoadedRun | None, windows: int = 256, draws: int = 4,
-                    seed: int = 0) -> Comparison:
+                    seed: int = 0, x0: str | None = None) -> Comparison:
     """The bound and, when an AR run is given, its exact NLL on the same windows."""
     check_counts(windows, draws)
     if ar is not None:
         check_ar_run(run, ar)
     ids = validation_windows(run, windows, seed)
-    bound = nll_bound(run, ids, draws, seed)
+    bound = nll_bound(run, ids, draws, seed, x0=x0)
     return Comparison(bound, None if ar is None else ar_nll(ar, ids))
 
 
