@@ -94,6 +94,7 @@ def test_length_control_ends_the_speech_at_n_and_not_before(run, length):
         assert speech[0] != newline and speech[-1] != newline
         assert not ((speech[1:] == newline) & (speech[:-1] == newline)).any()  # no blank line inside
         assert len(run.tokenizer.tokenize(text)) == length and "\n\n" not in text
+    assert min(result.masked) >= 1  # the constraint did the work, and says so
 
 
 def test_mbr_picks_the_medoid():

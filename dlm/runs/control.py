@@ -33,7 +33,8 @@ MODES = ("template", "prefix", "length")
 
 @dataclass
 class Control:
-    """What is fixed in a window of the run's seq_len: ids (L,) (blanks hold <pad>), known (L,)."""
+    """What is fixed in a window of the run's seq_len: ids (L,) (blanks hold <pad>), known (L,).
+    ids may also be (num_samples, L): one set of fixed words per sample, at the same positions."""
 
     mode: str  # template | prefix | length
     given: str  # what the user wrote: the template, the prefix, or N
@@ -187,16 +188,18 @@ class ControlResult:
     kept_by_rounding: list[float]  # per sample: share of fixed positions the rounding already got right
     options: SampleOptions
     mbr: int = 1
-    extra: dict = field(default_factory=dict)
+    masked: list[int] = field(default_factory=list)  # length mode, per sample: newlines the constraint re-rounded
 
 
 def _round(run: LoadedRun, x: torch.Tensor, control: Control, options: SampleOptions,
-           generator: torch.Generator) -> torch.Tensor:
-    """x (B, L, d) to ids; in length mode no blank line inside the speech (the newline's score masked
-    where it would make one: next to a newline, or at the speech's first or last position)."""
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, L, d) to ids, and per row how many positions the length constraint changed: in length
+    mode no blank line inside the speech (the newline's score masked where it would make one: next
+    to a newline, or at the speech's first or last position)."""
     ids = decode(run.model, x, options.decoder, options.temperature, generator).cpu().clone()  # editable
+    masked = torch.zeros(len(ids), dtype=torch.long)
     if control.mode != "length":
-        return ids
+        return ids, masked
     newline = newline_id(run)
     logits = rounding_logits(run.model, x, options.decoder).cpu().clone()
     logits[..., newline] = -torch.inf
@@ -204,31 +207,33 @@ def _round(run: LoadedRun, x: torch.Tensor, control: Control, options: SampleOpt
     for i in range(first, last + 1):  # left to right: position i sees the word chosen at i - 1
         bad = (ids[:, i] == newline) & ((ids[:, i - 1] == newline) | (i in (first, last)))
         ids[bad, i] = logits[bad, i].argmax(-1)
-    return ids
+        masked += bad
+    return ids, masked
 
 
-def _diffusion_rows(run: LoadedRun, control: Control, options: SampleOptions, count: int,
-                    generator: torch.Generator, device) -> torch.Tensor:
-    rows = []
+def _diffusion_rows(run: LoadedRun, control: Control, targets: torch.Tensor, options: SampleOptions,
+                    generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, count = [], len(targets)
     for first in range(0, count, options.batch_size):
         batch = min(options.batch_size, count - first)
-        ids, known = control.ids.expand(batch, -1).to(device), control.known.expand(batch, -1).to(device)
+        ids, known = targets[first: first + batch].to(device), control.known.expand(batch, -1).to(device)
         hook = known_positions_hook(run.model, ids, known)
         states = sample_chain(run.model, run.objective, options, (batch, run.config.seq_len), generator, device,
                               hooks=[hook])
         # the chain's end only: the states before it are dropped as they come
         last = collections.deque(_under_autocast(states, run.config.precision, device), maxlen=1)[0]
         rows.append(_round(run, last.x, control, options, generator))
-    return torch.cat(rows)
+    return torch.cat([ids for ids, _ in rows]), torch.cat([masked for _, masked in rows])
 
 
-def _ar_rows(run: LoadedRun, control: Control, options: SampleOptions, count: int,
+def _ar_rows(run: LoadedRun, control: Control, targets: torch.Tensor, options: SampleOptions,
              generator: torch.Generator) -> torch.Tensor:
-    k = int(control.known.sum())
-    rows = [run.model.generate(min(options.batch_size, count - first), run.config.seq_len - k,
-                               run.tokenizer.pad_id, options.temperature, generator, prompt=control.ids[:k]).cpu()
+    k, count = int(control.known.sum()), len(targets)
+    rows = [run.model.generate(min(options.batch_size, count - first), run.config.seq_len - k, run.tokenizer.pad_id,
+                               options.temperature, generator, prompt=targets[first: first + options.batch_size, :k]
+                               ).cpu()
             for first in range(0, count, options.batch_size)]
-    return torch.cat([control.ids[:k].expand(count, -1), torch.cat(rows)], dim=1)
+    return torch.cat([targets[:, :k], torch.cat(rows)], dim=1)
 
 
 def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None = None, mbr: int = 1,
@@ -245,23 +250,27 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
         raise ValueError(f"--mbr must be at least 1 (the number of candidates per sample), got {mbr}.")
     if mbr_distance not in DISTANCES:
         raise ValueError(f"mbr distance must be one of {', '.join(DISTANCES)}, got '{mbr_distance}'.")
+    if control.ids.ndim == 2 and len(control.ids) != options.num_samples:
+        raise ValueError(f"The control has {len(control.ids)} rows of fixed words for {options.num_samples} samples.")
     generator = torch.Generator().manual_seed(options.seed)
-    count = options.num_samples * mbr
+    # every sample's fixed words, once per MBR candidate
+    targets = control.ids.expand(options.num_samples, -1).repeat_interleave(mbr, 0)
+    masked = torch.zeros(len(targets), dtype=torch.long)  # positions the length constraint re-rounded
     if diffusion:
-        raw = _diffusion_rows(run, control, options, count, generator, device)
+        raw, masked = _diffusion_rows(run, control, targets, options, generator, device)
     else:
-        raw = _ar_rows(run, control, options, count, generator)
+        raw = _ar_rows(run, control, targets, options, generator)
     known = control.known
-    kept = ((raw[:, known] == control.ids[known]).float().mean(1) if known.any()
+    kept = ((raw[:, known] == targets[:, known]).float().mean(1) if known.any()
             else torch.ones(len(raw))).tolist()
-    ids = torch.where(known, control.ids, raw)
+    ids = torch.where(known, targets, raw)
     if mbr > 1:
         picks = [group * mbr + mbr_select(ids[group * mbr: (group + 1) * mbr].tolist(), mbr_distance)
                  for group in range(options.num_samples)]
-        ids, kept = ids[picks], [kept[i] for i in picks]
+        ids, kept, masked = ids[picks], [kept[i] for i in picks], masked[picks]
     span = control.speech if control.mode == "length" else slice(None)
     texts = [run.tokenizer.decode(row[span]) for row in ids]
-    return ControlResult(control, ids, texts, kept, options, mbr)
+    return ControlResult(control, ids, texts, kept, options, mbr, masked.tolist())
 
 
 def control_records(result: ControlResult, run: LoadedRun) -> list[dict]:
@@ -275,6 +284,7 @@ def control_records(result: ControlResult, run: LoadedRun) -> list[dict]:
     for i, (text, row, kept) in enumerate(zip(result.texts, result.ids, result.kept_by_rounding)):
         record = {"index": i, "text": text, "ids": row.tolist(), "kept_by_rounding": kept, **meta}
         if control.mode == "length":  # the speech alone is the text; ids keep the whole window
+            record["newlines_masked"] = result.masked[i]
             record["ids"] = row[control.speech].tolist()
             record["window_ids"] = row.tolist()
         records.append(record)
