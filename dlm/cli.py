@@ -1,4 +1,5 @@
-"""`dlm train`, `dlm sample`, `dlm stats` and `dlm report`: the only place that parses argv and prints for a user."""
+"""`dlm train`, `dlm sample`, `dlm infill`, `dlm stats` and `dlm report`: the only place that parses argv and
+prints for a user."""
 
 from __future__ import annotations
 
@@ -112,7 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("--param", action="append", default=[], metavar="NOTEBOOK.KEY=VALUE",
                                help="a notebook parameter, e.g. sample.num_samples=200 or collapse_analysis.steps=200 "
                                     "(repeatable; the value is read as YAML)")
+    add_infill_parser(commands)
     return parser
+
+
+def add_infill_parser(commands) -> None:
+    infill_parser = commands.add_parser(
+        "infill", help="classifier-free control: fill a template's blanks, continue a prefix, or write a "
+                       "speech of exactly N tokens", allow_abbrev=False)
+    infill_parser.add_argument("--run_dir", required=True)
+    what = infill_parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--template", help="fixed words and __ blanks (one token each), e.g. "
+                                         "\"To be , or not to be : __ __ __ question\"; \\n is a line break")
+    what.add_argument("--prefix", help="the first words, fixed; the rest of the window is generated")
+    what.add_argument("--length", type=int, metavar="N", help="a whole speech of exactly N tokens "
+                                                                "(between two blank lines)")
+    infill_parser.add_argument("--num_samples", type=int, default=4)
+    infill_parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+    infill_parser.add_argument("--mbr", type=int, default=1, metavar="K",
+                               help="draw K candidates per sample and keep the MBR pick (the medoid)")
+    infill_parser.add_argument("--seed", type=int, default=0)
+    infill_parser.add_argument("--device", default="auto")
+    infill_parser.add_argument("--out", help="also write FILE.jsonl (template, fixed positions, text)")
 
 
 def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
@@ -255,6 +277,22 @@ def run_nll(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(numbers, indent=2))
 
 
+def run_infill(args: argparse.Namespace) -> None:
+    from dlm.runs.control import infill, make_control, write_control
+
+    if args.out:
+        check_destination(args.out)
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, device=device)
+    control = make_control(run, args.template, args.prefix, args.length)
+    options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed)
+    result = infill(run, control, options, mbr=args.mbr, device=device)
+    for text in result.texts:
+        print(text.replace("\n", " / "))
+    if args.out:
+        print(f"{len(result.texts)} samples -> {write_control(result, run, args.out)}")
+
+
 def notebook_parameters(items: list[str]) -> dict[str, dict]:
     """['sample.num_samples=200', ...] -> {'sample': {'num_samples': 200}}; values are YAML."""
     import yaml
@@ -303,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            commands = {"sample": run_sample, "stats": run_stats, "evaluate": run_evaluate, "report": run_report}
+            commands = {"infill": run_infill, "sample": run_sample, "stats": run_stats, "evaluate": run_evaluate,
+                        "report": run_report}
             return commands[args.command](args) or 0
     except USER_ERRORS as error:
         print(f"dlm {args.command}: error: {error}", file=sys.stderr)

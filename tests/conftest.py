@@ -43,3 +43,25 @@ def smoke_config(corpus):
 def isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's cache or the network from unit tests."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def toy_run_dir(path: Path, model: str = "diffusion", text: str | None = None, **overrides) -> Path:
+    """An untrained run folder (config, vocab, checkpoints/last.pt) in milliseconds, no training:
+    for commands that only need a loadable run. The vocabulary is the words of `text` (default: LINES
+    as speeches, blank lines included)."""
+    import torch
+
+    from dlm.core.checkpoint import save_checkpoint
+    from dlm.core.data import Tokenizer
+    from dlm.runs.build import new_model
+
+    text = "\n\n".join(LINES) + "\n" if text is None else text
+    config = load_config(None, **{"model": model, "seq_len": 16, "embed_dim": 8, "width": 16, "depth": 1,
+                                  "heads": 2, "diffusion_steps": 50, "sample_steps": 5, "precision": "fp32",
+                                  "device": "cpu", "min_count": 1, **overrides})
+    tokenizer = Tokenizer.build(text, min_count=1)
+    torch.manual_seed(0)
+    weights = new_model(config, len(tokenizer)).state_dict()
+    save_checkpoint(Path(path) / "checkpoints" / "last.pt",
+                    {"config": config.to_dict(), "vocab": tokenizer.to_dict(), "model": weights, "step": 0, "epoch": 0})
+    return Path(path)

@@ -254,3 +254,54 @@ def test_pick_device_names(name, message):
     with pytest.raises(ConfigError, match=message):
         pick_device(name)
     assert pick_device("cpu") == torch.device("cpu")
+
+
+# --- infill (classifier-free control) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """Untrained runs (seq_len 16, 50 diffusion steps), saved in milliseconds: a diffusion run, an AR
+    run, and a diffusion run whose corpus has no line breaks (so no blank line to end a speech)."""
+    from tests.conftest import toy_run_dir
+
+    root = tmp_path_factory.mktemp("toy_runs")
+    toy_run_dir(root / "diffusion")
+    toy_run_dir(root / "ar", model="ar")
+    toy_run_dir(root / "one_line", text="To be, or not to be: that is the question.")
+    return root
+
+
+BAD_INFILL = [
+    ("diffusion", ["--template", ""], "The template is empty: write fixed words and __ blanks"),
+    ("diffusion", ["--template", "  "], "The template is empty"),
+    ("diffusion", ["--template", "__ " * 17], "The template is 17 tokens long, more than the run's seq_len (16)"),
+    ("diffusion", ["--template", "To be zorgle __ blorp"],
+     "not in the run's vocabulary: 'zorgle', 'blorp'. Use words from the run's vocabulary (its vocab.json)"),
+    ("diffusion", ["--prefix", ""], "The prefix is empty"),
+    ("diffusion", ["--prefix", "Hamlet"], "not in the run's vocabulary: 'Hamlet'"),
+    ("diffusion", ["--length", "0"], "--length must be between 1 and 12 (the run's seq_len 16 less"),
+    ("diffusion", ["--length", "13"], "--length must be between 1 and 12"),
+    ("diffusion", ["--template", "__", "--mbr", "0"], "--mbr must be at least 1"),
+    ("diffusion", ["--template", "__", "--steps", "51"], "steps must be between 1 and the run's diffusion_steps (50)"),
+    ("diffusion", ["--template", "__", "--num_samples", "0"], "num_samples must be at least 1"),
+    ("ar", ["--template", "To __ be"], "An autoregressive run can only continue a prefix"),
+    ("ar", ["--length", "4"], "An autoregressive run can only continue a prefix"),
+    ("one_line", ["--length", "4"], "--length needs the blank line that ends a speech, but this run's vocabulary "
+                                    "has no newline token"),
+]
+
+
+@pytest.mark.parametrize("run, extra, message", BAD_INFILL)
+def test_bad_infill_inputs(toy_runs, tmp_path, capsys, run, extra, message):
+    out = tmp_path / "infill.jsonl"
+    assert main(["infill", "--run_dir", str(toy_runs / run), "--out", str(out), "--steps", "3", *extra]) == 2
+    assert message in one_error_line(capsys, "infill")
+    assert not out.exists()
+
+
+def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys):
+    out = tmp_path / "infill.jsonl"
+    assert main(["infill", "--run_dir", str(toy_runs / "diffusion"), "--template", "__ __", "--steps", "3",
+                 "--num_samples", "2", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["fixed_positions"] for r in records] == [[], []]

@@ -46,11 +46,16 @@ class AutoregressiveLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, count: int, length: int, start_id: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Sample `count` sequences of `length` tokens after a `start_id` token (a newline is a
-        natural start in line-structured text), (count, length)."""
+        natural start in line-structured text), (count, length). With `prompt` (k,) the sequences
+        continue those k tokens instead, or (count, k): a prompt per sequence (prefix continuation;
+        the prompt is not part of the result)."""
         device = self.embedding.weight.device
-        prompt = torch.full((count, 1), start_id, dtype=torch.long, device=device)
+        if prompt is None:
+            prompt = torch.full((count, 1), start_id, dtype=torch.long, device=device)
+        else:
+            prompt = prompt.to(device).expand(count, -1)
         ids = prompt
         while ids.shape[1] < length + prompt.shape[1]:
             logits = self(ids[:, -self.transformer.positions.shape[0]:])[:, -1].float()

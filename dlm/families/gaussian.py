@@ -435,11 +435,18 @@ def trunk(model: DiffusionLM) -> nn.Module:
 
 
 @torch.inference_mode()
+def rounding_logits(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned") -> torch.Tensor:
+    """Vectors (B, L, d) to float32 scores (B, L, V): the learned rounding's logits or the cosine
+    baseline's similarities (what `decode` takes the argmax of, and constrained decoding masks)."""
+    return (model.round(x0) if decoder == "learned" else CosineRounding(model.embedding)(x0)).float()
+
+
+@torch.inference_mode()
 def decode(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned", temperature: float = 0.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Vectors (B, L, d) to token ids (B, L): the learned rounding (argmax, or drawn at a
     temperature) or the cosine baseline."""
-    logits = (model.round(x0) if decoder == "learned" else CosineRounding(model.embedding)(x0)).float()
+    logits = rounding_logits(model, x0, decoder)
     if decoder == "cosine" or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1).cpu()
