@@ -73,12 +73,23 @@ def rejection_pick(probs: torch.Tensor, candidates: int) -> torch.Tensor:
     return torch.arange(len(blocks)) * candidates + first
 
 
+def ar_candidates_drawn(run: LoadedRun, ar_run: LoadedRun, options: SampleOptions, candidates: int,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """num_samples * candidates AR samples at the AR run's own temperature, in the diffusion run's
+    vocabulary and length, and the seconds they took."""
+    start = time.perf_counter()
+    ar_options = SampleOptions.from_config(ar_run.config, num_samples=options.num_samples * candidates,
+                                           seed=options.seed, batch_size=options.batch_size)
+    drawn = in_vocabulary(generate(ar_run, ar_options, device).ids, ar_run.tokenizer, run.tokenizer, run.config.seq_len)
+    return drawn, time.perf_counter() - start
+
+
 def control_rows(run: LoadedRun, teacher: LoadedRun, attribute_name: str, guide: Classifier, judge: Classifier,
                  options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
                  ar_run: LoadedRun | None = None, ar_candidates: int = 4, unguided: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu") -> list[dict]:
-    """Every row of one attribute's table (see the module docstring). `unguided`: the unguided
-    samples when already drawn (they are the same for every attribute)."""
+                 ar_drawn: tuple[torch.Tensor, float] | None = None, device: torch.device | str = "cpu") -> list[dict]:
+    """Every row of one attribute's table (see the module docstring). `unguided` and `ar_drawn`:
+    the unguided samples and the AR's candidates when already drawn (the same for every attribute)."""
     target = attribute(attribute_name, run.tokenizer)
     guide.to(device)
     rows = []
@@ -95,12 +106,9 @@ def control_rows(run: LoadedRun, teacher: LoadedRun, attribute_name: str, guide:
             ids = guided_ids(run, options, guide, strength, fluency, inner_steps, device=device)
         add("diffusion" if strength == 0 else "diffusion + guidance", strength, ids, time.perf_counter() - start)
     if ar_run is not None:
-        start = time.perf_counter()
-        ar_options = SampleOptions.from_config(ar_run.config, num_samples=options.num_samples * ar_candidates,
-                                               seed=options.seed, batch_size=options.batch_size)
-        drawn = in_vocabulary(generate(ar_run, ar_options, device).ids, ar_run.tokenizer, run.tokenizer,
-                              run.config.seq_len)
-        seconds = time.perf_counter() - start
+        if ar_drawn is None:
+            ar_drawn = ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
+        drawn, seconds = ar_drawn
         add("AR", float("nan"), drawn[: options.num_samples], seconds / ar_candidates)
         kept = drawn[rejection_pick(guide_prob(run, guide, drawn), ar_candidates)]
         add(f"AR + rejection (best of {ar_candidates})", float("nan"), kept, seconds)
@@ -120,10 +128,11 @@ def control_table(run: LoadedRun, teacher: LoadedRun, classifiers: dict[str, tup
     start = time.perf_counter()
     unguided = guided_ids(run, options, device=device)
     seconds = time.perf_counter() - start
+    ar_drawn = None if ar_run is None else ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
     rows = []
     for name, (guide, judge) in classifiers.items():
         part = control_rows(run, teacher, name, guide, judge, options, strengths, fluency, inner_steps, ar_run,
-                            ar_candidates, unguided, device)
+                            ar_candidates, unguided, ar_drawn, device)
         part[0]["seconds"] = seconds
         rows.extend(part)
     return pd.DataFrame(rows, columns=list(COLUMNS))
