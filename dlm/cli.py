@@ -182,7 +182,8 @@ def run_control_table(args: argparse.Namespace) -> None:
     atomic_write_bytes(out_dir / "control.csv", table.to_csv(index=False).encode())
     atomic_write_bytes(out_dir / "control.md", markdown(table).encode())
     print(markdown(table), end="")
-    print(f"-> {out_dir / 'control.csv'}, {out_dir / 'control.md'}")
+    print(f"diffusion {run.checkpoint} (step {run.step}), teacher and AR {ar_run.checkpoint} (step {ar_run.step}) "
+          f"-> {out_dir / 'control.csv'}, {out_dir / 'control.md'}")
 
 
 def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
