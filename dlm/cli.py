@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="a notebook parameter, e.g. sample.num_samples=200 or collapse_analysis.steps=200 "
                                     "(repeatable; the value is read as YAML)")
     add_infill_parser(commands)
+    add_control_commands(commands)
     return parser
 
 
@@ -135,6 +136,91 @@ def add_infill_parser(commands) -> None:
     infill_parser.add_argument("--seed", type=int, default=0)
     infill_parser.add_argument("--device", default="auto")
     infill_parser.add_argument("--out", help="also write FILE.jsonl (template, fixed positions, text)")
+
+
+def add_control_commands(commands) -> None:
+    """dlm train-classifier and dlm control-table (classifier-guided control)."""
+    from dlm.runs.classifier import ATTRIBUTE_HELP, KINDS
+
+    classifier_parser = commands.add_parser(
+        "train-classifier", allow_abbrev=False,
+        help="train an attribute classifier for guidance (latent: on a diffusion run's noised latents) or judging "
+             "(judge: on clean token ids)")
+    classifier_parser.add_argument("--run_dir", required=True, help="a trained diffusion run")
+    classifier_parser.add_argument("--attribute", required=True, help=ATTRIBUTE_HELP)
+    classifier_parser.add_argument("--kind", choices=KINDS, default="latent")
+    classifier_parser.add_argument("--steps", type=int, default=300, help="training steps (batches)")
+    classifier_parser.add_argument("--batch_size", type=int, default=64)
+    classifier_parser.add_argument("--width", type=int, default=128)
+    classifier_parser.add_argument("--depth", type=int, default=2)
+    classifier_parser.add_argument("--seed", type=int, default=0)
+    classifier_parser.add_argument("--out", help="checkpoint file (default: RUN_DIR/classifiers/KIND/ATTRIBUTE.pt)")
+
+    table_parser = commands.add_parser(
+        "control-table", allow_abbrev=False,
+        help="success (judge) and fluency (teacher perplexity) of unguided, guided and AR samples per attribute")
+    table_parser.add_argument("--run_dir", required=True, help="the diffusion run")
+    table_parser.add_argument("--ar_run", required=True, help="the AR run: the teacher and the AR baseline")
+    table_parser.add_argument("--attribute", action="append", required=True, help=f"repeatable; {ATTRIBUTE_HELP}")
+    table_parser.add_argument("--classifiers", help="folder with latent/ and judge/ checkpoints "
+                                                    "(default: RUN_DIR/classifiers)")
+    table_parser.add_argument("--strengths", default="0.05,0.1,0.2",
+                              help="guidance strengths (Adagrad step sizes), comma-separated")
+    table_parser.add_argument("--fluency", type=float, default=0.01,
+                              help="lambda, the weight of log p(x_{t-1} | x_t) (0.01, the reference code's)")
+    table_parser.add_argument("--inner_steps", type=int, default=3, help="Adagrad steps per diffusion step")
+    table_parser.add_argument("--num_samples", type=int, default=32)
+    table_parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+    table_parser.add_argument("--ar_candidates", type=int, default=4, help="AR rejection sampling: candidates per sample")
+    table_parser.add_argument("--seed", type=int, default=0)
+    table_parser.add_argument("--out_dir", required=True, help="writes control.csv and control.md here")
+    table_parser.add_argument("--device", default="auto")
+
+
+def run_train_classifier(args: argparse.Namespace) -> None:
+    from dlm.runs.classifier import save_classifier, train_classifier
+    from dlm.runs.rundir import RunDir
+
+    out = args.out or RunDir(args.run_dir).classifier(args.kind, args.attribute)
+    check_destination(out)
+    run = load_run(args.run_dir)
+    result = train_classifier(run, args.attribute, args.kind, steps=args.steps, batch_size=args.batch_size,
+                              width=args.width, depth=args.depth, seed=args.seed)
+    path = save_classifier(out, result, run)
+    numbers = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items())
+    print(f"{args.kind} classifier for '{args.attribute}' ({numbers}) -> {path}")
+
+
+def run_control_table(args: argparse.Namespace) -> None:
+    from dlm.core.data import atomic_write_bytes
+    from dlm.evaluation.control import control_table, markdown
+    from dlm.runs.classifier import attribute, load_classifier
+    from dlm.runs.rundir import RunDir
+
+    try:
+        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--strengths must be numbers separated by commas, e.g. 0.05,0.1,0.2; got '{args.strengths}'.") from None
+    if any(not s > 0 for s in strengths):  # also refuses nan
+        raise ValueError(f"--strengths must be positive (strength 0, unguided, is always a row); got '{args.strengths}'.")
+    out_dir = check_destination(Path(args.out_dir) / "control.csv", "--out_dir").parent
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, device=device)
+    for name in args.attribute:  # an unknown attribute fails before anything is loaded or drawn
+        attribute(name, run.tokenizer)
+    folder = RunDir(args.run_dir).classifiers if args.classifiers is None else Path(args.classifiers)
+    classifiers = {name: tuple(load_classifier(RunDir(args.run_dir).classifier(kind, name, folder), run, kind, name)
+                               for kind in ("latent", "judge")) for name in args.attribute}
+    ar_run = load_run(args.ar_run, device=device)
+    options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed)
+    table = control_table(run, ar_run, classifiers, options, strengths, args.fluency, args.inner_steps, ar_run,
+                          args.ar_candidates, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "control.csv", table.to_csv(index=False).encode())
+    atomic_write_bytes(out_dir / "control.md", markdown(table).encode())
+    print(markdown(table), end="")
+    print(f"diffusion {run.checkpoint} (step {run.step}), teacher and AR {ar_run.checkpoint} (step {ar_run.step}) "
+          f"-> {out_dir / 'control.csv'}, {out_dir / 'control.md'}")
 
 
 def parse_overrides(extra: list[str], namespace: argparse.Namespace) -> dict:
@@ -342,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             commands = {"infill": run_infill, "sample": run_sample, "stats": run_stats, "evaluate": run_evaluate,
-                        "report": run_report}
+                        "report": run_report, "train-classifier": run_train_classifier,
+                        "control-table": run_control_table}
             return commands[args.command](args) or 0
     except USER_ERRORS as error:
         print(f"dlm {args.command}: error: {error}", file=sys.stderr)

@@ -305,3 +305,22 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
                  "--num_samples", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["fixed_positions"] for r in records] == [[], []]
+
+
+# --- classifier-guided control ------------------------------------------------------------------
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("train-classifier", ["--attribute", "colour:red"], "Unknown attribute 'colour:red': use question (the window"),
+    ("train-classifier", ["--attribute", "word:Jupiter"], "'Jupiter' is not a word of the run's vocabulary"),
+    ("train-classifier", ["--attribute", "question", "--steps", "0"], "steps must be at least 1, got 0"),
+    ("control-table", ["--attribute", "colour:red"], "Unknown attribute 'colour:red'"),
+    ("control-table", ["--attribute", "question"], "No latent classifier at"),
+    ("control-table", ["--attribute", "question", "--strengths", "0.1,strong"], "--strengths must be numbers"),
+    ("control-table", ["--attribute", "question", "--strengths", "nan"], "--strengths must be positive"),
+])
+def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
+    destination = ["--out", str(tmp_path / "c.pt")] if command == "train-classifier" else [
+        "--ar_run", str(runs / "ar"), "--out_dir", str(tmp_path / "table")]
+    assert main([command, "--run_dir", str(runs / "diffusion"), *destination, *extra]) == 2
+    assert message in one_error_line(capsys, command)
+    assert not list(tmp_path.iterdir())

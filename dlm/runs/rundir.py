@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -14,6 +15,7 @@ class RunDir:
         run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
         run_dir/samples/{samples.jsonl, .txt, .trajectory.json, summary.json, quality_vs_steps.csv}  (sample.ipynb)
         run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
+        run_dir/classifiers/{latent,judge}/ATTRIBUTE.pt       (dlm train-classifier)
     """
 
     def __init__(self, path: str | Path):
@@ -33,6 +35,13 @@ class RunDir:
     analysis = property(lambda self: self.path / "analysis")
     series = property(lambda self: self.analysis / "series.csv")
     verdict = property(lambda self: self.analysis / "verdict.json")
+
+    classifiers = property(lambda self: self.path / "classifiers")
+
+    def classifier(self, kind: str, attribute: str, folder: str | Path | None = None) -> Path:
+        """classifiers/KIND/ATTRIBUTE.pt (or FOLDER/KIND/ATTRIBUTE.pt), 'word:love' written
+        'word-love' (no ':' in file names)."""
+        return Path(folder or self.classifiers) / kind / (re.sub(r"[^A-Za-z0-9_'-]", "-", attribute) + ".pt")
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:04d}.pt"

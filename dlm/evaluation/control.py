@@ -1,0 +1,157 @@
+"""The classifier-guided control table (Diffusion-LM's Table 2, at this budget): for each attribute,
+success and fluency of unguided samples, guided samples at a few strengths, the AR baseline's
+plain samples and its rejection-sampled ones, and held-out text for reference.
+
+success (judge): share of samples that the JUDGE (a classifier on clean token ids, trained apart
+from the guide) calls positive; success (rule): share for which the attribute's own rule holds
+(exact, from the ids); guide p: the guiding classifier's mean p(A) on the samples' clean
+embeddings at t = 0; teacher ppl: perplexity under the AR teacher (lm-score).
+
+The AR baseline does the task by rejection sampling with the SAME guide the diffusion run uses:
+k candidates per sample, the first that the guide (reading the candidate's embeddings in the
+diffusion run's table at t = 0) calls positive, else the one it scores highest. So both methods
+use one classifier, and the judge grades both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from dlm.core.data import Tokenizer
+from dlm.core.textstats import heldout_windows
+from dlm.evaluation.evaluate import records_from_ids, sample_ids, teacher_nll
+from dlm.evaluation.rundata import run_data
+from dlm.runs.build import LoadedRun
+from dlm.runs.classifier import Attribute, Classifier, attribute
+from dlm.runs.guidance import FLUENCY, guided_ids
+from dlm.runs.sample import SampleOptions, generate
+
+COLUMNS = ("attribute", "method", "strength", "samples", "success_judge", "success_rule", "guide_p",
+           "teacher_ppl", "seconds")
+
+
+def in_vocabulary(ids: torch.Tensor, source: Tokenizer, target: Tokenizer, length: int) -> torch.Tensor:
+    """Rows of ids of one vocabulary as rows of `length` ids of another (the same rows when the
+    vocabularies agree; else the texts encoded again, cut or padded)."""
+    if source.fingerprint() == target.fingerprint():
+        return ids[:, :length]
+    rows = sample_ids(records_from_ids(ids, source), target)
+    out = torch.full((len(rows), length), target.pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : min(length, len(row))] = torch.tensor(row[:length], dtype=torch.long)
+    return out
+
+
+def guide_prob(run: LoadedRun, guide: Classifier, ids: torch.Tensor) -> torch.Tensor:
+    """The guide's p(A) for clean windows (N, L): their embeddings in the run's table, at t = 0."""
+    with torch.no_grad():
+        return guide.prob(run.model.embed(ids).float(), torch.zeros(len(ids), dtype=torch.long))
+
+
+def score(run: LoadedRun, teacher: LoadedRun, target: Attribute, guide: Classifier, judge: Classifier,
+          ids: torch.Tensor) -> dict:
+    """One row's numbers for samples `ids` (N, L) in the run's vocabulary."""
+    rows = sample_ids(records_from_ids(ids, run.tokenizer), teacher.tokenizer)
+    return {"samples": len(ids), "success_judge": float((judge.prob(ids) > 0.5).float().mean()),
+            "success_rule": float(target.label(ids).float().mean()),
+            "guide_p": float(guide_prob(run, guide, ids).mean()),
+            "teacher_ppl": math.exp(teacher_nll(teacher, rows))}
+
+
+def rejection_pick(probs: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Index of the kept candidate in each block of `candidates` (probs (N * k,)): the first with
+    p > 0.5, else the most probable."""
+    blocks = probs.view(-1, candidates)
+    accepted = blocks > 0.5
+    first = torch.where(accepted.any(1), accepted.float().argmax(1), blocks.argmax(1))
+    return torch.arange(len(blocks)) * candidates + first
+
+
+def ar_candidates_drawn(run: LoadedRun, ar_run: LoadedRun, options: SampleOptions, candidates: int,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """num_samples * candidates AR samples at the AR run's own temperature, in the diffusion run's
+    vocabulary and length, and the seconds they took."""
+    start = time.perf_counter()
+    ar_options = SampleOptions.from_config(ar_run.config, num_samples=options.num_samples * candidates,
+                                           seed=options.seed, batch_size=options.batch_size)
+    drawn = in_vocabulary(generate(ar_run, ar_options, device).ids, ar_run.tokenizer, run.tokenizer, run.config.seq_len)
+    return drawn, time.perf_counter() - start
+
+
+def control_rows(run: LoadedRun, teacher: LoadedRun, attribute_name: str, guide: Classifier, judge: Classifier,
+                 options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
+                 ar_run: LoadedRun | None = None, ar_candidates: int = 4, unguided: torch.Tensor | None = None,
+                 ar_drawn: tuple[torch.Tensor, float] | None = None, device: torch.device | str = "cpu") -> list[dict]:
+    """Every row of one attribute's table (see the module docstring). `unguided` and `ar_drawn`:
+    the unguided samples and the AR's candidates when already drawn (the same for every attribute)."""
+    target = attribute(attribute_name, run.tokenizer)
+    guide.to(device)
+    rows = []
+
+    def add(method, strength, ids, seconds):
+        rows.append({"attribute": attribute_name, "method": method, "strength": strength,
+                     **score(run, teacher, target, guide, judge, ids), "seconds": seconds})
+
+    for strength in (0.0, *strengths):
+        start = time.perf_counter()
+        if strength == 0 and unguided is not None:
+            ids = unguided
+        else:
+            ids = guided_ids(run, options, guide, strength, fluency, inner_steps, device=device)
+        add("diffusion" if strength == 0 else "diffusion + guidance", strength, ids, time.perf_counter() - start)
+    if ar_run is not None:
+        if ar_drawn is None:
+            ar_drawn = ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
+        drawn, seconds = ar_drawn
+        add("AR", float("nan"), drawn[: options.num_samples], seconds / ar_candidates)
+        kept = drawn[rejection_pick(guide_prob(run, guide, drawn), ar_candidates)]
+        add(f"AR + rejection (best of {ar_candidates})", float("nan"), kept, seconds)
+    heldout = heldout_windows(run_data(run).val_ids, run.config.seq_len, options.num_samples, options.seed)
+    add("held-out text", float("nan"), torch.as_tensor(heldout), 0.0)
+    return rows
+
+
+def control_table(run: LoadedRun, teacher: LoadedRun, classifiers: dict[str, tuple[Classifier, Classifier]],
+                  options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
+                  ar_run: LoadedRun | None = None, ar_candidates: int = 4,
+                  device: torch.device | str = "cpu") -> pd.DataFrame:
+    """control_rows for every attribute ({name: (guide, judge)}); the unguided samples drawn once."""
+    if not teacher.family.SCORES_TOKENS:
+        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+    options = dataclasses.replace(options, record_every=0)
+    start = time.perf_counter()
+    unguided = guided_ids(run, options, device=device)
+    seconds = time.perf_counter() - start
+    ar_drawn = None if ar_run is None else ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
+    rows = []
+    for name, (guide, judge) in classifiers.items():
+        part = control_rows(run, teacher, name, guide, judge, options, strengths, fluency, inner_steps, ar_run,
+                            ar_candidates, unguided, ar_drawn, device)
+        part[0]["seconds"] = seconds
+        rows.extend(part)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as markdown, one line per row."""
+    header = ["attribute", "method", "strength", "samples", "success (judge)", "success (rule)", "guide p",
+              "teacher ppl", "seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, digits=3):
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:,.1f}" if abs(value) >= 100 else f"{value:.{digits}g}"
+        return str(value)
+
+    for record in table.to_dict("records"):
+        cells = [record["attribute"], record["method"], fmt(record["strength"]), str(record["samples"]),
+                 fmt(record["success_judge"], 2), fmt(record["success_rule"], 2), fmt(record["guide_p"], 2),
+                 fmt(record["teacher_ppl"]), fmt(record["seconds"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
