@@ -131,6 +131,10 @@ def test_block_timesteps_run_the_chain_over_the_block_only():
     assert rows.shape == (10, 6) and (rows[:, :2] == 0).all()
     assert rows[:, 2:].tolist() == [[t] * 4 for t in sampling_timesteps(diffusion.schedule, 10)]
     assert scheduler.frozen[:, :2].all() and not scheduler.frozen[:, 2:].any()
+    # a finished block keeps its x bit for bit, whatever x0 a hook hands the step
+    x, pred_x0 = torch.randn(64, 6, 8), torch.randn(64, 6, 8)
+    x_next, _ = scheduler.step(pred_x0, 3, x, torch.Generator().manual_seed(0))
+    assert torch.equal(x_next[:, :2], x[:, :2]) and not torch.allclose(x_next[:, 2:], x[:, 2:])
     scheduler.set_block_timesteps(10, 2, 6, start_t=20)
     assert rows.shape[0] > len(scheduler) and scheduler.timesteps[0, 2] == 20 and (scheduler.timesteps[1:, 2:] < 20).all()
 
