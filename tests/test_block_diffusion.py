@@ -186,3 +186,18 @@ def test_block_size_must_divide_seq_len_and_order_the_chain_alone():
         toy(block_size=2, time_warp=True)
     _, diffusion, _ = toy(block_size=4)
     assert chain_blocks(diffusion, LENGTH) == 2
+
+
+def test_a_block_run_trains_samples_and_prints_its_chain_cost(tmp_path, capsys):
+    from dlm.cli import main
+    from tests.conftest import ROOT, make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    run_dir = tmp_path / "run"
+    assert main(["train", str(ROOT / "params" / "smoke.yaml"), "--run_dir", str(run_dir), "--corpus", str(corpus),
+                 "--max_steps", "2", "--precision", "fp32", "--device", "cpu", "--min_count", "1",
+                 "--max_train_tokens", "none", "--block_size", "4"]) == 0
+    out = tmp_path / "samples.jsonl"
+    assert main(["sample", "--run_dir", str(run_dir), "--out", str(out), "--num_samples", "3", "--steps", "5"]) == 0
+    assert "chain: 4 blocks x 5 steps = 20 denoiser calls" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 3
