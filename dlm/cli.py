@@ -290,6 +290,13 @@ def run_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
+    if run.family.NAME == "diffusion":
+        from dlm.families.gaussian import chain_blocks
+
+        # block diffusion runs the whole chain once per block: the cost a user trades for order
+        blocks = chain_blocks(run.objective, run.config.seq_len)
+        print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
+              f"{blocks * options.steps} denoiser calls per batch of up to {options.batch_size} samples", flush=True)
     batch = generate(run, options, device)
     jsonl, txt = write_samples(batch, args.out, run, options)
     print(f"{len(batch.texts)} samples from {run.checkpoint} (step {run.step}) -> {jsonl}, {txt}")

@@ -93,6 +93,10 @@ class Config:
     # CDCD-style time warping: draw training timesteps with density following the rise of the
     # measured word cross-entropy over t (where words are being chosen), not uniformly
     time_warp: bool = _diffusion(False)
+    # semi-autoregressive block diffusion (SSD-LM, BD3-LM): the window is generated in blocks of
+    # this many tokens, left to right, each by the diffusion chain with the earlier blocks given
+    # clean; trained the same way. Must divide seq_len; null (or seq_len): the whole window at once
+    block_size: Optional[int] = _diffusion(None)
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
@@ -366,9 +370,25 @@ def validate(config: Config) -> None:
                           "use one of them.")
     if config.left_to_right > 0 and config.sample_steps < 2:
         raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
+    if config.block_size is not None:
+        check_block_size(config)
     if not 1 <= config.sample_steps <= config.diffusion_steps:
         raise ConfigError(f"'sample_steps' must be between 1 and diffusion_steps ({config.diffusion_steps}).")
     check_memory(config)
+
+
+def check_block_size(config: Config) -> None:
+    size, length = config.block_size, config.seq_len
+    if not 1 <= size <= length or length % size:
+        divisors = ", ".join(str(d) for d in range(1, length + 1) if length % d == 0)
+        raise ConfigError(f"'block_size' ({size}) must divide seq_len ({length}): use one of {divisors} "
+                          f"(or null for the whole window).")
+    if size < length and config.left_to_right > 0:
+        raise ConfigError("'block_size' and 'left_to_right' both order the generation: use one of them "
+                          "(left_to_right 0, or block_size null).")
+    if size < length and config.time_warp:
+        raise ConfigError("'time_warp' measures the loss over the whole window; it cannot be combined with "
+                          "block_size below seq_len.")
 
 
 def training_memory_bytes(config: Config) -> int:

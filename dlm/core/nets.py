@@ -28,20 +28,22 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.causal = causal
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
+        """attend (B, L) bool, optional: the keys every query may read (False: masked out)."""
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=-1)
         # (B, L, W) -> (B, nh, L, hs)
         q, k, v = (z.view(batch, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
+        mask = None if attend is None else attend[:, None, None, :]  # (B, 1, 1, L): over heads and queries
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # PyTorch's bf16 flash-attention backward on a CPU took 5x the float32 one here
             # (profiled: a quarter of a bf16 training step); attention is a few % of the FLOPs.
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
-                                                   is_causal=self.causal)
+                                                   is_causal=self.causal, attn_mask=mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -58,8 +60,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attend))
         return x + self.mlp(self.ln2(x))
 
 
@@ -83,7 +85,9 @@ class TinyTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, out_dim or embed_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, attend: torch.Tensor | None = None) -> torch.Tensor:
+        """attend (B, L) bool, optional: the positions every position may attend to (block
+        diffusion masks out the blocks after the current one); None: all of them."""
         length = x.shape[1]
         h = self.in_proj(x) + self.positions[:length]  # (B, L, W)
         if self.time_mlp is not None:
@@ -92,5 +96,5 @@ class TinyTransformer(nn.Module):
             h = h + (time[:, None, :] if t.ndim == 1 else time.view(*t.shape, -1))
         h = self.drop(h)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, attend)
         return self.out_proj(self.ln_f(h))

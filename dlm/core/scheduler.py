@@ -26,6 +26,7 @@ class DiffusionScheduler:
         self.eta = eta
         self.left_to_right = left_to_right  # AR-Diffusion's per-position delay (see position_timesteps)
         self.timesteps: torch.Tensor | None = None  # (steps, L), set by set_timesteps
+        self.frozen: torch.Tensor | None = None  # positions each step keeps (set_block_timesteps)
 
     @classmethod
     def from_config(cls, config) -> DiffusionScheduler:
@@ -53,6 +54,27 @@ class DiffusionScheduler:
             timesteps = torch.tensor(sampling_timesteps(self.schedule, steps, spacing))[:, None].expand(steps, length)
         if start_t is not None:
             timesteps = torch.cat([torch.full_like(timesteps[:1], start_t), timesteps[timesteps[:, 0] < start_t]])
+        self.frozen = None
+        self._set_rows(timesteps, device)
+
+    def set_block_timesteps(self, steps: int, start: int, end: int, spacing: str = "logsnr",
+                            start_t: int | None = None, device: torch.device | str = "cpu") -> None:
+        """A chain over the positions start..end-1 of a window of `end` positions (one block of
+        semi-autoregressive block diffusion): those run the chain set_timesteps would give them,
+        the earlier positions (finished blocks, clean) stay at t = 0 and keep their x exactly."""
+        if self.left_to_right > 0:
+            raise ValueError("Block diffusion chains need left_to_right 0.")
+        chain = torch.tensor(sampling_timesteps(self.schedule, steps, spacing))
+        if start_t is not None:
+            chain = torch.cat([torch.tensor([start_t]), chain[chain < start_t]])
+        timesteps = torch.zeros(len(chain), end, dtype=torch.long)
+        timesteps[:, start:] = chain[:, None]
+        self._set_rows(timesteps, device)
+        # Step i leaves these positions as they are (B, L, 1): the step's arithmetic at a_t = a_s
+        # returns x only up to rounding, and a finished block must not move at all.
+        self.frozen = (timesteps[:-1] == timesteps[1:])[..., None].to(device)
+
+    def _set_rows(self, timesteps: torch.Tensor, device: torch.device | str) -> None:
         self.timesteps = timesteps.to(device)
 
         # Step i goes from row i (a_t) to row i + 1 (a_s); (steps - 1, L, 1), broadcast over (B, L, d).
@@ -85,4 +107,6 @@ class DiffusionScheduler:
         x_next = self.sqrt_alpha_bar_next[index] * pred_x0 + self.direction[index] * eps
         if self.eta > 0:
             x_next = x_next + self.sigma[index] * torch.randn(x.shape, generator=generator).to(x.device)
+        if self.frozen is not None:
+            x_next = torch.where(self.frozen[index], x, x_next)
         return x_next, pred_x0

@@ -55,6 +55,11 @@ ARMS = [
     Arm("predict logits (CDCD)", "parameterisation", {"predict": "logits"}),
     Arm("left to right, delay 1", "generation order", {"left_to_right": 1.0}),
     Arm("left to right, delay 4", "generation order", {"left_to_right": 4.0}),
+    # semi-autoregressive blocks (SSD-LM, BD3-LM): every block runs the whole chain, so sampling
+    # costs seq_len / block_size times the base's; the last arm spends the base's sampling budget
+    Arm("blocks of 16", "generation order", {"block_size": 16}),
+    Arm("blocks of 4", "generation order", {"block_size": 4}),
+    Arm("blocks of 4 at 13 steps", "generation order", {"block_size": 4}, {"steps": 13}),
     Arm("no embedding norm", "embedding geometry", {"embedding_norm": "none", "embedding_lr_scale": 1.0}),
     Arm("layernorm embeddings", "embedding geometry", {"embedding_norm": "layernorm"}),
     Arm("weight decay on table", "embedding geometry", {"weight_decay": 0.01, "weight_decay_scope": "matrices+embeddings"}),

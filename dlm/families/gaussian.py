@@ -34,6 +34,7 @@ class LossSettings:
     self_condition: float = 0.0
     left_to_right: float = 0.0  # AR-Diffusion's per-position delay (see position_timesteps)
     time_warp: bool = False  # draw training timesteps where the words' cross-entropy rises (TimeWarp)
+    block_size: int | None = None  # semi-autoregressive blocks (see GaussianDiffusion.block_size_for)
 
 
 PREDICTIONS = ("x0", "epsilon", "logits")
@@ -120,6 +121,19 @@ class GaussianDiffusion:
     def steps(self) -> int:
         return self.schedule.steps
 
+    def block_size_for(self, length: int) -> int | None:
+        """The block size of semi-autoregressive block diffusion (SSD-LM, BD3-LM) for windows of
+        `length` tokens, or None when the whole window is one block (Diffusion-LM: every position
+        noised together, the plain path, untouched)."""
+        size = self.settings.block_size
+        if size is None or size >= length:
+            return None
+        if size < 1 or length % size:
+            raise ValueError(f"block_size ({size}) must divide the window length ({length}).")
+        if self.settings.left_to_right > 0 or self.time_warp is not None:
+            raise ValueError("block_size below the window length cannot be combined with left_to_right or time_warp.")
+        return size
+
     def x0_from_output(self, model, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.settings.predict == "x0":
             return output
@@ -156,6 +170,11 @@ class GaussianDiffusion:
         mse: ||f(x_t, t) - target||^2 with target x0 (or epsilon), and at t = 0 the predicted x0
         against EMB(w); rounding: CE of the rounding decoder on the configured x0; prior (tT):
         ||sqrt(alpha_bar_T) x0||^2, which keeps the table from growing without bound.
+
+        Block diffusion (block_size below the window): each window also draws a block b (after
+        its timestep). The positions of earlier blocks enter clean, EMB(w) at t = 0; block b's
+        are noised to t as usual; later blocks are masked out of attention (and put at T - 1), so
+        their words cannot matter. Every term is taken over block b's positions only.
         """
         cfg, s = self.settings, self.schedule
         device = ids.device
@@ -185,8 +204,24 @@ class GaussianDiffusion:
             t = draw(self.time_warp.sample).to(device)
         else:
             t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
+        length = ids.shape[1]
+        block_size = self.block_size_for(length)
+        attend = None
+        pick = _identity  # the positions the loss is taken over: all of them, or the current block's
+        if block_size is not None:
+            current = draw(lambda n, g: torch.randint(0, length // block_size, (n,), generator=g)).to(device)
+            block_of = torch.arange(length, device=device) // block_size
+            earlier = block_of[None] < current[:, None]  # (B, L)
+            in_block = block_of[None] == current[:, None]
+            attend = block_of[None] <= current[:, None]  # SSD-LM: context and block, bidirectionally
+            t = torch.where(earlier, 0, torch.where(in_block, t[:, None], s.steps - 1))
+
+            def pick(z):  # (B, L, ...) -> (B, block_size, ...)
+                return z[in_block].view(batch, block_size, *z.shape[2:])
         noise = randn_like(x0)
         x_t = q_sample(s, x0, t, noise)
+        if block_size is not None:
+            x_t = torch.where(earlier[..., None], emb, x_t)  # the finished blocks: clean, not noised
 
         x0_estimate = None
         if cfg.self_condition > 0:
@@ -196,18 +231,18 @@ class GaussianDiffusion:
             use = torch.rand((), generator=coin).item() < cfg.self_condition
             if use:
                 with torch.no_grad():
-                    x0_estimate = self.x0_from_output(model, model.denoise(x_t, t), x_t, t).detach()
-        output = model.denoise(x_t, t, x0_estimate)
+                    x0_estimate = self.x0_from_output(model, _denoise(model, x_t, t, None, attend), x_t, t).detach()
+        output = _denoise(model, x_t, t, x0_estimate, attend)
         last = torch.full_like(t, s.steps - 1)
-        prior = mean_flat((s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
+        prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
         if cfg.predict == "logits":
             # CDCD's categorical reparameterisation: the denoiser classifies every position and is
             # trained by cross-entropy alone; its x0 is the softmax-weighted embedding. The MSE of
             # that x0 is reported, not trained (it needs the (B, L, V) logits).
-            rounding = model.rounding.loss(output, ids)
+            rounding = model.rounding.loss(pick(output), pick(ids))
             with torch.no_grad():
-                mse = mean_flat((self.x0_from_output(model, output, x_t, t) - x0) ** 2).mean()
+                mse = mean_flat(pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2).mean()
             total = rounding
         else:
             pred_x0 = self.x0_from_output(model, output, x_t, t)
@@ -215,11 +250,11 @@ class GaussianDiffusion:
             # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
             # scored against EMB(w) itself.
             t_per_position = t if t.ndim == 2 else t[:, None]
-            mse = torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
-                              ((output - target) ** 2).mean(-1)).mean()
+            mse = pick(torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
+                                   ((output - target) ** 2).mean(-1))).mean()
             rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
             # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
-            rounding = model.rounding.loss(rounding_input, ids)
+            rounding = model.rounding.loss(pick(rounding_input), pick(ids))
             total = mse + cfg.rounding_weight * rounding
         if self.time_warp is not None and not uniform_t:
             decoded = output if cfg.predict == "logits" else pred_x0
@@ -230,6 +265,18 @@ class GaussianDiffusion:
         return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
 
 
+def _identity(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+def _denoise(model, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None,
+             attend: torch.Tensor | None) -> torch.Tensor:
+    """model.denoise, with the attention mask only when there is one (the plain call otherwise)."""
+    if attend is None:
+        return model.denoise(x_t, t, x0_estimate)
+    return model.denoise(x_t, t, x0_estimate, attend=attend)
+
+
 @dataclass
 class SampleState:
     """One step of the reverse chain: x at the next (lower) noise level and the predicted x0."""
@@ -238,6 +285,9 @@ class SampleState:
     t: int  # the timestep the network was evaluated at (the highest one, when it differs by position)
     x: torch.Tensor
     pred_x0: torch.Tensor
+    # Block chains: the words fixed so far (B, L), set on each block's last step (the final words
+    # on the chain's last step; decoding x again would redraw the earlier blocks at a temperature).
+    words: torch.Tensor | None = None
 
 
 # A hook sees the denoiser's x0 prediction (B, L, d) at every step, with the timesteps the denoiser
@@ -333,14 +383,23 @@ def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options, shap
         hooks = (expected_x0_hook(model), *hooks)
     return sample_progressive(model, diffusion, shape, options.steps, eta=options.eta, clamp=options.clamp,
                               clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
-                              device=device, start=start, start_t=start_t, hooks=hooks)
+                              device=device, start=start, start_t=start_t, hooks=hooks,
+                              decoder=options.decoder, temperature=options.temperature)
+
+
+def chain_blocks(diffusion: GaussianDiffusion, length: int) -> int:
+    """How many blocks a chain over `length` positions runs one after the other (1: Diffusion-LM);
+    each runs the whole chain, so a sample costs blocks x steps denoiser calls."""
+    size = diffusion.block_size_for(length)
+    return 1 if size is None else length // size
 
 
 def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", start: torch.Tensor | None = None,
-                       start_t: int | None = None, hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+                       start_t: int | None = None, hooks: Sequence[Hook] = (), decoder: str = "learned",
+                       temperature: float = 0.0) -> Iterator[SampleState]:
     """The reverse chain of `steps` steps (see `DiffusionScheduler.set_timesteps`) from pure noise,
     every state yielded: how `dlm sample`, the probes and the speed benchmark all sample.
 
@@ -350,8 +409,16 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     left-to-right chain's clean or not-yet-started positions) keeps its x.
     start, start_t: begin from this x_t (B, L, d) at timestep start_t instead of pure noise,
     running only the chain's steps below start_t (SDEdit; `dlm.evaluation.probe` uses it).
+
+    With block diffusion (the objective's block_size below L) the chain runs once per block, left
+    to right (`_block_chain`); decoder and temperature then turn each finished block into its
+    words (the plain chain leaves that to the caller).
     """
     batch, length = shape
+    block_size = diffusion.block_size_for(length)
+    if block_size is not None:
+        return _block_chain(model, diffusion, shape, block_size, steps, eta, clamp, clamp_fraction, spacing,
+                            generator, device, start, start_t, hooks, decoder, temperature)
     scheduler = DiffusionScheduler(diffusion.schedule, eta, diffusion.settings.left_to_right)
     scheduler.set_timesteps(steps, length, spacing, start_t=None if start is None else start_t, device=device)
     # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
@@ -361,6 +428,47 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     if clamp:
         hooks = (*hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
     return reverse_chain(model, diffusion, scheduler, x, generator, hooks)
+
+
+def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], block_size: int,
+                 steps: int, eta: float, clamp: bool, clamp_fraction: float, spacing: str,
+                 generator: torch.Generator | None, device: torch.device | str, start: torch.Tensor | None,
+                 start_t: int | None, hooks: Sequence[Hook], decoder: str, temperature: float) -> Iterator[SampleState]:
+    """Semi-autoregressive block diffusion (SSD-LM): block b runs the whole reverse chain of
+    `steps` steps over the positions 0 .. end of block b, as in training: the finished blocks
+    are their words' clean embeddings at t = 0 (`known_positions_hook` keeps their x0, the
+    scheduler keeps their x exactly), and the later blocks are left out of the denoiser's input,
+    which is what training's attention mask makes of them (and half the cost). When its chain
+    ends the block is decoded and its words never change again. States are yielded over the whole
+    window (the later blocks' x: their initial noise), indexed on over the blocks."""
+    batch, length = shape
+    noise = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
+    initial = noise if start is None else start.to(device)
+    words = torch.zeros(batch, length, dtype=torch.long, device=device)
+    offset = 0
+    for first in range(0, length, block_size):
+        end = first + block_size
+        scheduler = DiffusionScheduler(diffusion.schedule, eta)
+        scheduler.set_block_timesteps(steps, first, end, spacing, start_t=None if start is None else start_t,
+                                      device=device)
+        known = torch.zeros(batch, end, dtype=torch.bool, device=device)
+        known[:, :first] = True
+        context = words[:, :first].clone()
+        block_hooks = (known_positions_hook(model, words[:, :end].clone(), known), *hooks)
+        if clamp:
+            block_hooks = (*block_hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
+        x = torch.cat([model.embed(context).to(initial.dtype), initial[:, first:end]], dim=1)
+        rest = initial[:, end:]
+        for state in reverse_chain(model, diffusion, scheduler, x, generator, block_hooks):
+            finished = None
+            if state.index == len(scheduler) - 1:
+                # decoded as the caller decodes a plain chain's x: in float32, outside the autocast
+                with torch.autocast(state.x.device.type, enabled=False):
+                    words[:, first:end] = decode(model, state.x[:, first:end].float(), decoder, temperature, generator)
+                finished = words.clone()
+            yield SampleState(offset + state.index, state.t, torch.cat([state.x, rest], dim=1),
+                              torch.cat([state.pred_x0, rest], dim=1), finished)
+        offset += len(scheduler)
 
 
 class DiffusionLM(nn.Module):
@@ -382,13 +490,15 @@ class DiffusionLM(nn.Module):
         tied = self.embedding if config.rounding == "tied" else None
         self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None,
+                attend: torch.Tensor | None = None) -> torch.Tensor:
+        """attend (B, L) bool: the positions every position may read (block diffusion's mask)."""
         if self.self_conditioned:
             if x0_estimate is None:
                 x0_estimate = torch.zeros_like(x_t)
             x_t = torch.cat([x_t, x0_estimate], dim=-1)
         # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
-        return self.denoiser(x_t, t).float()
+        return self.denoiser(x_t, t, attend).float()
 
     # The rest of the denoiser interface: what samplers and probes use instead of the modules.
 
@@ -461,14 +571,18 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     model, diffusion, config = run.model, run.objective, run.config
     options.validate(diffusion.steps)
     all_ids, trajectory = [], []
+    total = options.steps * chain_blocks(diffusion, config.seq_len)
     for first in range(0, options.num_samples, options.batch_size):
         count = min(options.batch_size, options.num_samples - first)
         states = sample_chain(model, diffusion, options, (count, config.seq_len), generator, device)
         for state in _under_autocast(states, config.precision, device):
-            last = state.index == options.steps - 1
+            last = state.index == total - 1
             if options.record_every and (state.index % options.record_every == 0 or last):
                 _record(trajectory, first, state.index, state.t, decode(model, state.pred_x0, options.decoder).cpu())
-        all_ids.append(decode(model, state.x, options.decoder, options.temperature, generator).cpu())
+        if state.words is not None:  # a block chain decoded each block as it finished
+            all_ids.append(state.words.cpu())
+        else:
+            all_ids.append(decode(model, state.x, options.decoder, options.temperature, generator).cpu())
     return torch.cat(all_ids), trajectory
 
 
