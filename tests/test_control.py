@@ -149,3 +149,16 @@ def test_cli_prints_and_writes_the_records(tmp_path, capsys):
         assert record["text"].startswith("To be, or not to be:")
     assert main(["infill", "--run_dir", str(run_dir), "--length", "4", "--steps", "3", "--num_samples", "1"]) == 0
     assert len(capsys.readouterr().out.strip().split()) >= 1
+
+
+def test_a_blanked_window_fixes_everything_but_the_span(tmp_path):
+    from dlm.runs.control import blanked_control
+
+    run = load_run(toy_run_dir(tmp_path / "run"))
+    window = list(range(2, 2 + run.config.seq_len))
+    control = blanked_control(run, window, 3, 6)
+    assert control.fixed_positions == [p for p in range(run.config.seq_len) if not 3 <= p < 6]
+    assert control.ids[control.known].tolist() == [w for p, w in enumerate(window) if not 3 <= p < 6]
+    assert control.given.split()[3:6] == ["__", "__", "__"]
+    with pytest.raises(ValueError, match="inside the window"):
+        blanked_control(run, window, 5, 5)

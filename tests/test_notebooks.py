@@ -32,13 +32,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 # Tiny notebook parameters: one CPU thread, a handful of samples and steps.
 SAMPLE = {"num_samples": 6, "threads": 1, "table_rows": 4, "curve_steps": "2,4,8,500", "curve_samples": 4}
 COLLAPSE = {"num_samples": 6, "threads": 1, "max_checkpoints": 3}
+CONTROL = {"num_samples": 2, "threads": 1, "length": 4, "classifier_steps": 5, "strength": "0.5"}
 
 
 def tiny_preset(folder):
     """params/smoke.yaml on a made-up corpus (the real one is never needed here), one thread."""
     values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
     values.update(corpus=str(make_corpus(folder / "corpus.txt")), min_count=1, max_train_tokens=None, threads=1,
-                  sample_steps=8, epochs=2)
+                  sample_steps=8, epochs=2, control_tasks="infill,prefix,length,guidance")
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -52,7 +53,8 @@ def report(tmp_path_factory):
     terminal = io.StringIO()
     with contextlib.redirect_stdout(terminal):  # what the notebooks print is echoed while they run
         report_dir = workbook.build_report(preset, name="tiny", reports_dir=folder / "reports",
-                                           parameters={"sample": SAMPLE, "collapse_analysis": COLLAPSE})
+                                           parameters={"sample": SAMPLE, "collapse_analysis": COLLAPSE,
+                                                       "control": CONTROL})
     (folder / "terminal.txt").write_text(terminal.getvalue())
     return report_dir
 
@@ -79,6 +81,15 @@ def test_report_runs_every_notebook(report):
     assert info["numbers"]["collapsed"] in (True, False)
     index = (report.parent / "index.html").read_text()
     assert ">tiny<" in index and 'href="tiny/sample.html"' in index
+
+
+def test_report_control_page_marks_fixed_words_and_slides_over_strength(report):
+    page = (report / "control.html").read_text()
+    assert page.count("<mark>") >= 2  # the fixed words of the infilled and continued windows
+    assert 'aria-label="strength"' in page and "strength 0.5" in page and "strength 0 (unguided)" in page
+    assert "diffusion + guidance" in page and "held-out text" in page  # the control table
+    classifiers = report / "run" / "classifiers"
+    assert (classifiers / "latent" / "question.pt").is_file() and (classifiers / "judge" / "question.pt").is_file()
 
 
 def test_report_shows_training_progress_on_the_terminal(report):

@@ -109,6 +109,9 @@ class Config:
     # the x0 each step moves toward: the denoiser's prediction, or the expected embedding under the
     # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/results.md)
     sample_x0: Literal["predicted", "expected"] = _sampling("predicted")
+    # controls `dlm report` shows in notebooks/control.ipynb (comma list of infill, prefix, length,
+    # guidance); empty: the report has no control page
+    control_tasks: str = _sampling("")
     decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
 
     # --- training: optimisation, and how long ---

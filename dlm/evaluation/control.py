@@ -54,14 +54,16 @@ def guide_prob(run: LoadedRun, guide: Classifier, ids: torch.Tensor) -> torch.Te
         return guide.prob(run.model.embed(ids).float(), torch.zeros(len(ids), dtype=torch.long))
 
 
-def score(run: LoadedRun, teacher: LoadedRun, target: Attribute, guide: Classifier, judge: Classifier,
+def score(run: LoadedRun, teacher: LoadedRun | None, target: Attribute, guide: Classifier, judge: Classifier,
           ids: torch.Tensor) -> dict:
-    """One row's numbers for samples `ids` (N, L) in the run's vocabulary."""
-    rows = sample_ids(records_from_ids(ids, run.tokenizer), teacher.tokenizer)
+    """One row's numbers for samples `ids` (N, L) in the run's vocabulary (no teacher: no perplexity)."""
+    fluency = float("nan")
+    if teacher is not None:
+        fluency = math.exp(teacher_nll(teacher, sample_ids(records_from_ids(ids, run.tokenizer), teacher.tokenizer)))
     return {"samples": len(ids), "success_judge": float((judge.prob(ids) > 0.5).float().mean()),
             "success_rule": float(target.label(ids).float().mean()),
             "guide_p": float(guide_prob(run, guide, ids).mean()),
-            "teacher_ppl": math.exp(teacher_nll(teacher, rows))}
+            "teacher_ppl": fluency}
 
 
 def rejection_pick(probs: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -84,12 +86,14 @@ def ar_candidates_drawn(run: LoadedRun, ar_run: LoadedRun, options: SampleOption
     return drawn, time.perf_counter() - start
 
 
-def control_rows(run: LoadedRun, teacher: LoadedRun, attribute_name: str, guide: Classifier, judge: Classifier,
+def control_rows(run: LoadedRun, teacher: LoadedRun | None, attribute_name: str, guide: Classifier, judge: Classifier,
                  options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
                  ar_run: LoadedRun | None = None, ar_candidates: int = 4, unguided: torch.Tensor | None = None,
-                 ar_drawn: tuple[torch.Tensor, float] | None = None, device: torch.device | str = "cpu") -> list[dict]:
+                 ar_drawn: tuple[torch.Tensor, float] | None = None, device: torch.device | str = "cpu",
+                 samples_out: dict | None = None) -> list[dict]:
     """Every row of one attribute's table (see the module docstring). `unguided` and `ar_drawn`:
-    the unguided samples and the AR's candidates when already drawn (the same for every attribute)."""
+    the unguided samples and the AR's candidates when already drawn (the same for every attribute).
+    `samples_out`: filled with {strength: ids} (the control notebook's slider)."""
     target = attribute(attribute_name, run.tokenizer)
     guide.to(device)
     rows = []
@@ -105,6 +109,8 @@ def control_rows(run: LoadedRun, teacher: LoadedRun, attribute_name: str, guide:
         else:
             ids = guided_ids(run, options, guide, strength, fluency, inner_steps, device=device)
         add("diffusion" if strength == 0 else "diffusion + guidance", strength, ids, time.perf_counter() - start)
+        if samples_out is not None:
+            samples_out[strength] = ids
     if ar_run is not None:
         if ar_drawn is None:
             ar_drawn = ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
@@ -117,12 +123,13 @@ def control_rows(run: LoadedRun, teacher: LoadedRun, attribute_name: str, guide:
     return rows
 
 
-def control_table(run: LoadedRun, teacher: LoadedRun, classifiers: dict[str, tuple[Classifier, Classifier]],
+def control_table(run: LoadedRun, teacher: LoadedRun | None, classifiers: dict[str, tuple[Classifier, Classifier]],
                   options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
                   ar_run: LoadedRun | None = None, ar_candidates: int = 4,
-                  device: torch.device | str = "cpu") -> pd.DataFrame:
-    """control_rows for every attribute ({name: (guide, judge)}); the unguided samples drawn once."""
-    if not teacher.family.SCORES_TOKENS:
+                  device: torch.device | str = "cpu", samples_out: dict | None = None) -> pd.DataFrame:
+    """control_rows for every attribute ({name: (guide, judge)}); the unguided samples drawn once.
+    `samples_out`: filled with {attribute: {strength: ids}}."""
+    if teacher is not None and not teacher.family.SCORES_TOKENS:
         raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     options = dataclasses.replace(options, record_every=0)
     start = time.perf_counter()
@@ -132,7 +139,8 @@ def control_table(run: LoadedRun, teacher: LoadedRun, classifiers: dict[str, tup
     rows = []
     for name, (guide, judge) in classifiers.items():
         part = control_rows(run, teacher, name, guide, judge, options, strengths, fluency, inner_steps, ar_run,
-                            ar_candidates, unguided, ar_drawn, device)
+                            ar_candidates, unguided, ar_drawn, device,
+                            None if samples_out is None else samples_out.setdefault(name, {}))
         part[0]["seconds"] = seconds
         rows.extend(part)
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -28,6 +28,7 @@ from dlm.core.data import Tokenizer, fixed_windows, prepare_data
 from dlm.core.nets import TinyTransformer
 from dlm.core.schedule import q_sample
 from dlm.runs.build import LoadedRun
+from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
 
@@ -266,3 +267,21 @@ def expected_log_prob(classifier: Classifier, x: torch.Tensor, t: torch.Tensor, 
     """log p(target | x_t, t) per row (B,), with gradients (the guidance objective's first term)."""
     return torch.log_softmax(classifier(x, t).float(), -1)[:, target]
 
+
+
+def guide_and_judge(run: LoadedRun, run_dir: str | Path, attribute_name: str, steps: int = 300,
+                    judge_steps: int = 100) -> tuple[Classifier, Classifier, dict]:
+    """The guide (latent) and judge classifiers for one attribute: read from the run folder's
+    classifiers/KIND/ATTR.pt (dlm train-classifier's files) when they are there, else trained and
+    written there. Returns both and the metrics of those trained ({} when both were read)."""
+    pair, metrics = [], {}
+    for kind, kind_steps in (("latent", steps), ("judge", judge_steps)):
+        path = RunDir(run_dir).classifier(kind, attribute_name)
+        if path.is_file():
+            pair.append(load_classifier(path, run, kind, attribute_name))
+            continue
+        result = train_classifier(run, attribute_name, kind, steps=kind_steps)
+        save_classifier(path, result, run)
+        pair.append(result.classifier)
+        metrics[kind] = result.metrics
+    return pair[0], pair[1], metrics

@@ -97,6 +97,17 @@ def template_control(run: LoadedRun, template: str) -> Control:
     return _window(run, "template", template, pieces)
 
 
+def blanked_control(run: LoadedRun, window: Sequence[int], start: int, stop: int) -> Control:
+    """A template from a window of text (ids, e.g. held-out): positions start..stop-1 blank, the rest
+    fixed; `given` is that template as a user would type it (the notebook's default task)."""
+    window = [int(i) for i in window][: run.config.seq_len]
+    if not 0 <= start < stop <= len(window):
+        raise ValueError(f"The blank span {start}..{stop} must lie inside the window's {len(window)} tokens.")
+    pieces = [None if start <= i < stop else token for i, token in enumerate(window)]
+    words = [BLANK if p is None else run.tokenizer.itos[p].replace("\n", "\\n") for p in pieces]
+    return _window(run, "template", " ".join(words), pieces)
+
+
 def prefix_control(run: LoadedRun, prefix: str) -> Control:
     """The first k tokens fixed, the rest of the window generated."""
     pieces = _words(prefix, run, "The prefix")

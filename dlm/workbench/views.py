@@ -101,20 +101,27 @@ def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence
     return blocks
 
 
+STEP_NOTE = "Decoded prediction of x0 at each recorded step; <mark>marked</mark> tokens changed since the previous recorded step."
+
+
 def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                total_steps: int | None = None, char_level: bool = False) -> str:
+                total_steps: int | None = None, char_level: bool = False, labels: Sequence[str] | None = None,
+                note: str = STEP_NOTE, name: str = "sampling step") -> str:
     """The offline slider: an <input type=range> over pre-rendered frames, shown by a few lines of
-    inline JavaScript; the last frame (the final text) shows first, and without JavaScript too."""
+    inline JavaScript; the last frame (the final text) shows first, and without JavaScript too.
+    `labels` (one per frame) replace the step labels when the frames are not steps (e.g. guidance
+    strengths); `note` (HTML) is the caption, `name` what the slider moves over."""
     if not frames:
         raise ValueError("No recorded steps to show: sample with record_every > 0.")
     total_steps = total_steps or frames[-1]["index"] + 1
+    labels = list(labels) if labels is not None else [frame_label(frame, total_steps) for frame in frames]
     uid = f"dlm-steps-{uuid.uuid4().hex[:12]}"  # unique even with several notebooks in one page
     last = len(frames) - 1
     blocks = render_frames(frames, itos, samples, char_level)
     divs = "".join(
-        f'<div class="dlm-frame" data-label="{html.escape(frame_label(frame, total_steps), quote=True)}"'
+        f'<div class="dlm-frame" data-label="{html.escape(label, quote=True)}"'
         f'{"" if i == last else " hidden"}>{block}</div>'
-        for i, (frame, block) in enumerate(zip(frames, blocks))
+        for i, (label, block) in enumerate(zip(labels, blocks))
     )
     script = (
         "(function(){var root=document.getElementById(" + json.dumps(uid) + ");if(!root)return;"
@@ -128,10 +135,9 @@ def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[i
     return (
         f'<div class="dlm-steps" id="{uid}"><style>{SLIDER_CSS}</style>'
         f'<div class="dlm-controls"><input type="range" min="0" max="{last}" step="1" value="{last}" '
-        f'aria-label="sampling step">'
-        f'<span class="dlm-step-label">{html.escape(frame_label(frames[-1], total_steps))}</span></div>'
-        f'{divs}<div class="dlm-note">Decoded prediction of x0 at each recorded step; '
-        f'<mark>marked</mark> tokens changed since the previous recorded step.</div></div>'
+        f'aria-label="{html.escape(name, quote=True)}">'
+        f'<span class="dlm-step-label">{html.escape(labels[-1])}</span></div>'
+        f'{divs}<div class="dlm-note">{note}</div></div>'
         f"<script>{script}</script>"
     )
 
@@ -141,19 +147,22 @@ class StepViewer:
     the same pre-rendered frames. A plain observer, so it needs no `interact` machinery."""
 
     def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                 total_steps: int | None = None, char_level: bool = False):
+                 total_steps: int | None = None, char_level: bool = False, labels: Sequence[str] | None = None,
+                 name: str = "step"):
         import ipywidgets as widgets
 
         if not frames:
             raise ValueError("No recorded steps to show: sample with record_every > 0.")
         self.frames = list(frames)
         self.total_steps = total_steps or self.frames[-1]["index"] + 1
+        self.labels = (list(labels) if labels is not None
+                       else [frame_label(frame, self.total_steps) for frame in self.frames])
         self.blocks = render_frames(self.frames, itos, samples, char_level)
         last = len(self.frames) - 1
-        self.slider = widgets.IntSlider(value=last, min=0, max=last, step=1, description="step",
+        self.slider = widgets.IntSlider(value=last, min=0, max=last, step=1, description=name,
                                         readout=False, continuous_update=True,
                                         layout=widgets.Layout(width="32em"))
-        self.label = widgets.Label(frame_label(self.frames[last], self.total_steps))
+        self.label = widgets.Label(self.labels[last])
         self.text = widgets.HTML(self.blocks[last])
         self.widget = widgets.VBox([widgets.HBox([self.slider, self.label]), self.text,
                                     widgets.HTML(f"<style>{SLIDER_CSS}</style>")])
@@ -164,18 +173,20 @@ class StepViewer:
         self.show(change["new"])
 
     def show(self, position: int) -> None:
-        self.label.value = frame_label(self.frames[position], self.total_steps)
+        self.label.value = self.labels[position]
         self.text.value = self.blocks[position]
 
 
 def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                       total_steps: int | None = None, live: bool = True, char_level: bool = False) -> dict:
+                       total_steps: int | None = None, live: bool = True, char_level: bool = False,
+                       labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step") -> dict:
     """A display bundle with the offline slider as text/html and, when `live`, the ipywidgets
-    slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML."""
-    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, char_level),
-              "text/plain": f"<slider over {len(frames)} recorded sampling steps>"}
+    slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML.
+    labels, note, name: see `slider_html` (frames that are not sampling steps)."""
+    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, char_level, labels, note, name),
+              "text/plain": f"<slider over {len(frames)} frames ({name})>"}
     if live:
-        viewer = StepViewer(frames, itos, samples, total_steps, char_level)
+        viewer = StepViewer(frames, itos, samples, total_steps, char_level, labels, name)
         widget_bundle = viewer.widget._repr_mimebundle_()
         bundle.update({k: v for k, v in widget_bundle.items() if k != "text/plain"})
         bundle["_viewer"] = viewer  # kept alive by the caller; removed before display
@@ -183,12 +194,14 @@ def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Seq
 
 
 def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                total_steps: int | None = None, live: bool = True, char_level: bool = False):
+                total_steps: int | None = None, live: bool = True, char_level: bool = False,
+                labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step"):
     """Display the slider over sampling steps (see the module docstring); returns the live viewer.
-    `char_level`: the run's tokenizer is 'char' (its tokens are joined without spaces)."""
+    `char_level`: the run's tokenizer is 'char' (its tokens are joined without spaces).
+    labels, note, name: frames that are not sampling steps (the control notebook's strengths)."""
     from IPython.display import display
 
-    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, char_level)
+    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, char_level, labels, note, name)
     viewer = bundle.pop("_viewer", None)
     display(bundle, raw=True)
     return viewer
@@ -246,3 +259,30 @@ def headline(values: dict, digits: int = 4) -> pd.DataFrame:
     """A run's key numbers as a one-column table (None left out), for the top of a page."""
     shown = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
     return pd.DataFrame({"value": pd.Series(shown, dtype=object)})
+
+
+FIXED_NOTE = "<mark>Marked</mark> words were given (fixed by the template, prefix or length); the rest was generated."
+
+
+def fixed_words_html(rows: Sequence[Sequence[int]], fixed: Sequence[Sequence[int]], itos: Sequence[str],
+                     char_level: bool = False) -> str:
+    """Controlled samples as an ordered list, the given (fixed) positions of each row marked."""
+    items = []
+    for ids, positions in zip(rows, fixed):
+        marked = set(positions)
+        tokens = [itos[i] for i in ids]
+        items.append(f"<li>{render_tokens(tokens, [p in marked for p in range(len(ids))], char_level)}</li>")
+    return (f'<div class="dlm-steps"><style>{SLIDER_CSS}</style><ol>{"".join(items)}</ol>'
+            f'<div class="dlm-note">{FIXED_NOTE}</div></div>')
+
+
+def strength_slider(samples_by_strength: dict[float, Sequence[Sequence[int]]], itos: Sequence[str],
+                    samples: Sequence[int] = (0,), live: bool = True, char_level: bool = False):
+    """The slider over guidance strength: one pre-rendered frame per strength (samples drawn from the
+    same seed, so a frame differs from the previous one only by what guidance changed: marked)."""
+    strengths = list(samples_by_strength)
+    frames = [{"index": i, "t": 0, "ids": [list(map(int, row)) for row in samples_by_strength[s]]}
+              for i, s in enumerate(strengths)]
+    labels = [f"strength {s:g}" + (" (unguided)" if s == 0 else "") for s in strengths]
+    note = "The same seed at each guidance strength; <mark>marked</mark> words changed since the previous strength."
+    return step_slider(frames, itos, samples, len(frames), live, char_level, labels, note, "strength")

@@ -39,8 +39,8 @@ from dlm.workbench.notebook import package_root, project_root
 
 logger = logging.getLogger("dlm")
 
-NOTEBOOKS = ("train", "sample", "collapse_analysis")
-TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis"}
+NOTEBOOKS = ("train", "sample", "collapse_analysis", "control")  # control: when the preset names control_tasks
+TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
 WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -419,7 +419,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                  show_code: bool = False, overwrite: bool = False,
                  parameters: Mapping[str, Mapping[str, Any]] | None = None,
                  kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
-    """Run the three notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them.
+    """Run the notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them: train,
+    sample, collapse_analysis, and control when the preset names control_tasks.
 
     `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
     `from_run` starts the report from a run already trained on that preset (it is linked into
@@ -430,7 +431,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
     params = Path(params)
     if from_run is not None and not RunDir(from_run).last_checkpoint.is_file():
         raise ReportError(f"--from_run '{from_run}' holds no trained run (no checkpoints/last.pt); train it with dlm train.")
-    load_config(params)  # a bad preset fails here, before any kernel starts
+    config = load_config(params)  # a bad preset fails here, before any kernel starts
     name = name or params.stem
     if not NAME_PATTERN.match(name):
         raise ReportError(f"Report name '{name}' must be letters, digits, '.', '_' or '-' (it names a folder).")
@@ -455,13 +456,15 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir, **({"resume": True} if from_run else {})},
         "sample": {"run_dir": run_dir},
         "collapse_analysis": {"run_dir": run_dir},
+        "control": {"run_dir": run_dir, "task": config.control_tasks},
     }
+    notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
     report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
                               "created": datetime.datetime.now().isoformat(timespec="seconds"),
                               "pages": {}, "notebook_s": {}, "numbers": {},
                               "provenance": {**environment(), "run": []}}
     started = time.perf_counter()
-    for notebook in NOTEBOOKS:
+    for notebook in notebooks:
         executed = report_dir / f"{notebook}.ipynb"
         report["status"] = f"running {notebook}"
         _write_report_json(report_dir, report)
