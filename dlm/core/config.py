@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 # Every Config key belongs to one section; a section is what one part of the code reads (LossSettings
 # the diffusion keys, SampleOptions the sampling keys, a resumed run may change runtime/bookkeeping).
+CONTROL_TASKS = ("infill", "prefix", "length", "guidance")  # what notebooks/control.ipynb can show
 SECTIONS = ("data", "model", "diffusion", "sampling", "training", "bookkeeping", "runtime")
 
 
@@ -109,9 +110,6 @@ class Config:
     # the x0 each step moves toward: the denoiser's prediction, or the expected embedding under the
     # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/results.md)
     sample_x0: Literal["predicted", "expected"] = _sampling("predicted")
-    # controls `dlm report` shows in notebooks/control.ipynb (comma list of infill, prefix, length,
-    # guidance); empty: the report has no control page
-    control_tasks: str = _sampling("")
     decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
 
     # --- training: optimisation, and how long ---
@@ -136,6 +134,9 @@ class Config:
     log_every: int = _bookkeeping(20)  # optimizer steps between log lines / metrics.csv rows
     checkpoint_every: int = _bookkeeping(1)  # keep a checkpoint every N epochs (plus last.pt)
     val_batches: int = _bookkeeping(4)  # validation batches at each epoch end
+    # the controls `dlm report` shows on a control page (notebooks/control.ipynb): a comma list of
+    # infill, prefix, length, guidance; empty: no control page
+    control_tasks: str = _bookkeeping("")
 
     # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
     device: Literal["auto", "cpu", "cuda"] = _runtime("auto")
@@ -375,6 +376,10 @@ def validate(config: Config) -> None:
         raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
     if config.block_size is not None:
         check_block_size(config)
+    unknown_tasks = sorted({t.strip() for t in config.control_tasks.split(",") if t.strip()} - set(CONTROL_TASKS))
+    if unknown_tasks:
+        raise ConfigError(f"'control_tasks' names {', '.join(unknown_tasks)}: use a comma list of "
+                          f"{', '.join(CONTROL_TASKS)} (or leave it empty for no control page).")
     if not 1 <= config.sample_steps <= config.diffusion_steps:
         raise ConfigError(f"'sample_steps' must be between 1 and diffusion_steps ({config.diffusion_steps}).")
     check_memory(config)
