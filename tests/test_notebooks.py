@@ -79,8 +79,10 @@ def test_report_runs_every_notebook(report):
     assert info["status"] == "complete" and set(info["pages"]) == set(workbook.NOTEBOOKS)
     assert info["numbers"]["steps"] > 0 and "samples_punctuation_share" in info["numbers"]
     assert info["numbers"]["collapsed"] in (True, False)
+    assert info["numbers"]["nll_bound"] > 0 and info["numbers"]["nll_bound_se"] >= 0  # train.ipynb's bound
     index = (report.parent / "index.html").read_text()
     assert ">tiny<" in index and 'href="tiny/sample.html"' in index
+    assert "NLL bound" in index
 
 
 def test_report_control_page_marks_fixed_words_and_slides_over_strength(report):

@@ -15,6 +15,7 @@ class RunDir:
         run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
         run_dir/samples/{samples.jsonl, .txt, .trajectory.json, summary.json, quality_vs_steps.csv}  (sample.ipynb)
         run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
+        run_dir/analysis/nll_bound.csv                        (train.ipynb: the likelihood bound over checkpoints)
         run_dir/classifiers/{latent,judge}/ATTRIBUTE.pt       (dlm train-classifier)
     """
 
@@ -35,6 +36,7 @@ class RunDir:
     analysis = property(lambda self: self.path / "analysis")
     series = property(lambda self: self.analysis / "series.csv")
     verdict = property(lambda self: self.analysis / "verdict.json")
+    nll_bound = property(lambda self: self.analysis / "nll_bound.csv")  # the bound over checkpoints (train.ipynb)
 
     classifiers = property(lambda self: self.path / "classifiers")
 

@@ -301,6 +301,10 @@ def run_numbers(run_dir: str | Path) -> dict:
             for key in ("punctuation_share", "unigram_entropy", "types", "top10_share"):
                 if key in stats:
                     numbers[f"{side}_{key}"] = stats[key]
+    if run.nll_bound.is_file():  # the last checkpoint's bound, written by train.ipynb
+        bounds = pd.read_csv(run.nll_bound)
+        if len(bounds):
+            numbers.update(nll_bound=float(bounds["nll_bound"].iloc[-1]), nll_bound_se=float(bounds["nll_bound_se"].iloc[-1]))
     verdict = _read_json(run.verdict)
     if verdict:
         numbers.update(collapsed=verdict.get("collapsed"), collapse_began_epoch=verdict.get("began_epoch"),
@@ -374,14 +378,17 @@ def write_index(reports_dir: str | Path) -> Path:
             f'<td class="num">{_fmt(report.get("wall_s"), 0)}<br><span class="muted">'
             f'{html.escape(" / ".join(_fmt(report.get("notebook_s", {}).get(nb), 0) for nb in NOTEBOOKS))}</span></td>',
             f'<td class="num">{_fmt(numbers.get("train_loss"))} / {_fmt(numbers.get("val_loss"))}</td>',
+            f'<td class="num">{_fmt(numbers.get("nll_bound"), 2)}<br><span class="muted">+- '
+            f'{_fmt(numbers.get("nll_bound_se"), 2)}</span></td>',
             f'<td class="num">{punct}</td>', f'<td class="num">{entropy}</td>', f'<td class="num">{types}</td>',
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     header = ("<tr><th>report</th><th>verdict</th><th>status</th><th>preset</th><th>steps / epochs</th>"
-              "<th>wall time (s)<br><span class='muted'>train / sample / analysis</span></th>"
-              "<th>loss: train / val</th><th>punctuation: samples / held-out</th>"
+              "<th>wall time (s)<br><span class='muted'>train / sample / analysis / control</span></th>"
+              "<th>loss: train / val</th><th>NLL bound<br><span class='muted'>nats/token</span></th>"
+              "<th>punctuation: samples / held-out</th>"
               "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th></tr>")
-    body = "\n".join(rows) if rows else '<tr><td colspan="10" class="muted">No reports yet.</td></tr>'
+    body = "\n".join(rows) if rows else '<tr><td colspan="11" class="muted">No reports yet.</td></tr>'
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dlm reports</title>'
         f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>"
