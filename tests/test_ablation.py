@@ -4,6 +4,7 @@ import importlib.util
 
 import pandas as pd
 import pytest
+import torch
 
 from dlm.core.config import load_config
 from dlm.evaluation.ablation import AR_ARMS, ARMS, Arm, arm_config, markdown_table, run_ablation
@@ -90,3 +91,13 @@ def test_quality_script_rejects_an_unknown_arm(tmp_path, corpus, capsys):
     quality = load_quality_script()
     assert quality.main(["--quick", "--corpus", str(corpus), "--arms", "bogus", "--work", str(tmp_path)]) == 2
     assert "Unknown arm(s): bogus" in capsys.readouterr().err
+
+
+def test_mbr_picks_keep_the_medoid_of_each_group():
+    from dlm.evaluation.ablation import mbr_picks
+
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5], [9, 9, 9, 9],   # group 1: the first two agree
+                        [7, 7, 7, 7], [5, 6, 7, 8], [5, 6, 7, 8]])  # group 2: the last two agree
+    picked = mbr_picks(ids, 3)
+    assert picked.tolist() in ([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 5], [5, 6, 7, 8]])
+    assert torch.equal(mbr_picks(ids, 1), ids)

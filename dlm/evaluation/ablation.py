@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from dlm.core.config import Config
 from dlm.evaluation.evaluate import pick_metrics, score_ids
 from dlm.runs.build import load_run
+from dlm.runs.control import mbr_select
 from dlm.runs.sample import SampleOptions, generate
 from dlm.runs.train import train
 
@@ -31,6 +33,7 @@ class Arm:
     train: dict = field(default_factory=dict)  # Config overrides on the base preset
     sample: dict = field(default_factory=dict)  # SampleOptions overrides on the run's own recipe
     budget_factor: float = 1.0  # training length: a multiple of the common budget
+    mbr: int = 1  # decoding: each sample the minimum-Bayes-risk pick of this many (Diffusion-LM's MBR)
 
     def train_key(self) -> str:
         return json.dumps({"train": self.train, "budget": self.budget_factor}, sort_keys=True)
@@ -47,6 +50,7 @@ ARMS = [
     Arm("DDIM (eta 0)", "decoding", sample={"eta": 0.0}),
     Arm("x0 expected", "decoding", sample={"x0": "expected"}),
     Arm("x0 expected, DDIM", "decoding", sample={"x0": "expected", "eta": 0.0}),
+    Arm("MBR of 4", "decoding", mbr=4),
     Arm("50 steps", "decoding", sample={"steps": 50}),
     Arm("50 steps, uniform spacing", "decoding", sample={"steps": 50, "spacing": "uniform"}),
     Arm("rounding on clean", "rounding target", {"rounding_target": "clean"}),
@@ -73,6 +77,14 @@ ARMS = [
     Arm("time warping", "noise", {"time_warp": True}),
     Arm("2x training", "training length", budget_factor=2.0),
 ]
+
+def mbr_picks(ids: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Every `candidates` consecutive samples (N * k, L) reduced to their MBR pick (N, L)."""
+    if candidates == 1:
+        return ids
+    groups = ids.view(-1, candidates, ids.shape[1])
+    return torch.stack([group[mbr_select(group.tolist())] for group in groups])
+
 
 # The competitor a user would otherwise pick: the AR baseline on the same budget, at two temperatures.
 AR_ARMS = [
@@ -132,11 +144,13 @@ def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir
             trained[key] = {"run_dir": str(run_dir), "steps": result.step, "train_s": round(result.wall_s, 1)}
         info = trained[key]
         run = load_run(info["run_dir"])
-        options = SampleOptions.from_config(run.config, num_samples=num_samples, **arm.sample)
+        options = SampleOptions.from_config(run.config, num_samples=num_samples * arm.mbr, **arm.sample)
         start = time.perf_counter()
         batch = generate(run, options)
+        ids = mbr_picks(batch.ids, arm.mbr)
+        texts = [run.tokenizer.decode(row) for row in ids]
         sample_s = time.perf_counter() - start
-        result = score_ids(run, batch.ids, teacher)
+        result = score_ids(run, ids, teacher)
         if heldout is None:
             heldout = heldout_row(result)
             rows.append(heldout)
@@ -144,7 +158,7 @@ def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir
         log(f"[{arm.name}] ppl {rows[-1]['teacher_perplexity']:.1f} | entropy {rows[-1]['unigram_entropy']:.2f} | "
             f"punct {rows[-1]['punctuation_share']:.3f} | types {rows[-1]['types_at']} | collapsed {rows[-1]['collapsed']}")
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (out_dir / "samples" / f"{slug(arm.name)}.txt").write_text("\n\n".join(batch.texts[:16]) + "\n", encoding="utf-8")
+        (out_dir / "samples" / f"{slug(arm.name)}.txt").write_text("\n\n".join(texts[:16]) + "\n", encoding="utf-8")
     return pd.DataFrame(rows)
 
 
