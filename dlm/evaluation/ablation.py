@@ -21,7 +21,7 @@ import torch
 from dlm.core.config import Config
 from dlm.evaluation.evaluate import pick_metrics, score_ids
 from dlm.runs.build import load_run
-from dlm.runs.control import mbr_select
+from dlm.runs.control import mbr_indices
 from dlm.runs.sample import SampleOptions, generate
 from dlm.runs.train import train
 
@@ -80,10 +80,7 @@ ARMS = [
 
 def mbr_picks(ids: torch.Tensor, candidates: int) -> torch.Tensor:
     """Every `candidates` consecutive samples (N * k, L) reduced to their MBR pick (N, L)."""
-    if candidates == 1:
-        return ids
-    groups = ids.view(-1, candidates, ids.shape[1])
-    return torch.stack([group[mbr_select(group.tolist())] for group in groups])
+    return ids if candidates == 1 else ids[mbr_indices(ids, candidates)]
 
 
 # The competitor a user would otherwise pick: the AR baseline on the same budget, at two temperatures.

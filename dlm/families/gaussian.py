@@ -3,6 +3,7 @@ denoiser and the rounding decoder; the one training loss; the reverse chain."""
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -564,25 +565,47 @@ def decode(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned", tempe
     return flat.view(logits.shape[:-1]).to(x0.device)
 
 
+def batch_chains(run, options, count: int, generator: torch.Generator, device: torch.device | str = "cpu",
+                 hooks_for: Callable[[int, int], Sequence[Hook]] | None = None) -> Iterator[tuple[int, Iterator[SampleState]]]:
+    """`count` samples of `run` as options describe them, in batches of options.batch_size:
+    (index of the batch's first sample, its chain's states advanced under the run's autocast).
+    hooks_for(first, size): the hooks of that batch's chain. Each chain is built (its noise drawn)
+    only when the previous batch is done, so what the caller draws in between keeps its order."""
+    for first in range(0, count, options.batch_size):
+        size = min(options.batch_size, count - first)
+        hooks = hooks_for(first, size) if hooks_for is not None else ()
+        states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator, device,
+                              hooks=hooks)
+        yield first, _under_autocast(states, run.config.precision, device)
+
+
+def last_state(states: Iterator[SampleState]) -> SampleState:
+    """Run a chain to its end, keeping only the final state."""
+    return collections.deque(states, maxlen=1)[0]
+
+
+def final_words(model: DiffusionLM, state: SampleState, options, generator: torch.Generator | None) -> torch.Tensor:
+    """A chain's last state as token ids (B, L) on the CPU: a block chain's words as each block was
+    decoded when it finished, else x decoded with the options' decoder and temperature."""
+    if state.words is not None:
+        return state.words.cpu()
+    return decode(model, state.x, options.decoder, options.temperature, generator).cpu()
+
+
 def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """`run` (model, objective, config) sampled: options.num_samples samples (N, L) in batches of
     options.batch_size, and the trajectory of decoded states every options.record_every steps
     (frames [{"index", "t", "ids"}])."""
-    model, diffusion, config = run.model, run.objective, run.config
-    options.validate(diffusion.steps)
+    model = run.model
+    options.validate(run.objective.steps)
     all_ids, trajectory = [], []
-    total = options.steps * chain_blocks(diffusion, config.seq_len)
-    for first in range(0, options.num_samples, options.batch_size):
-        count = min(options.batch_size, options.num_samples - first)
-        states = sample_chain(model, diffusion, options, (count, config.seq_len), generator, device)
-        for state in _under_autocast(states, config.precision, device):
+    total = options.steps * chain_blocks(run.objective, run.config.seq_len)
+    for first, states in batch_chains(run, options, options.num_samples, generator, device):
+        for state in states:
             last = state.index == total - 1
             if options.record_every and (state.index % options.record_every == 0 or last):
                 _record(trajectory, first, state.index, state.t, decode(model, state.pred_x0, options.decoder).cpu())
-        if state.words is not None:  # a block chain decoded each block as it finished
-            all_ids.append(state.words.cpu())
-        else:
-            all_ids.append(decode(model, state.x, options.decoder, options.temperature, generator).cpu())
+        all_ids.append(final_words(model, state, options, generator))
     return torch.cat(all_ids), trajectory
 
 

@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from dlm.core.data import atomic_write_bytes
-from dlm.families.gaussian import _under_autocast, decode, known_positions_hook, rounding_logits, sample_chain
+from dlm.families.gaussian import (
+    SampleState,
+    batch_chains,
+    final_words,
+    known_positions_hook,
+    last_state,
+    rounding_logits,
+)
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
 
@@ -189,6 +196,15 @@ def mbr_select(candidates: Sequence[Sequence[int]], distance: str | Callable = "
     return min(range(len(rows)), key=risks.__getitem__)
 
 
+def mbr_indices(ids: torch.Tensor | Sequence[Sequence[int]], candidates: int, distance: str | Callable = "ngram"
+                ) -> list[int]:
+    """Rows (N * k, L) read as N groups of k = `candidates` consecutive candidates: the row index of
+    each group's MBR pick (`mbr_select`)."""
+    rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(r) for r in ids]
+    return [group + mbr_select(rows[group: group + candidates], distance)
+            for group in range(0, len(rows), candidates)]
+
+
 # --- sampling -------------------------------------------------------------------------------------
 
 @dataclass
@@ -202,17 +218,17 @@ class ControlResult:
     masked: list[int] = field(default_factory=list)  # length mode, per sample: newlines the constraint re-rounded
 
 
-def _round(run: LoadedRun, x: torch.Tensor, control: Control, options: SampleOptions,
+def _round(run: LoadedRun, state: SampleState, control: Control, options: SampleOptions,
            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, L, d) to ids, and per row how many positions the length constraint changed: in length
-    mode no blank line inside the speech (the newline's score masked where it would make one: next
-    to a newline, or at the speech's first or last position)."""
-    ids = decode(run.model, x, options.decoder, options.temperature, generator).cpu().clone()  # editable
+    """A chain's last state to ids, and per row how many positions the length constraint changed:
+    in length mode no blank line inside the speech (the newline's score masked where it would make
+    one: next to a newline, or at the speech's first or last position)."""
+    ids = final_words(run.model, state, options, generator).clone()  # editable
     masked = torch.zeros(len(ids), dtype=torch.long)
     if control.mode != "length":
         return ids, masked
     newline = newline_id(run)
-    logits = rounding_logits(run.model, x, options.decoder).cpu().clone()
+    logits = rounding_logits(run.model, state.x, options.decoder).cpu().clone()
     logits[..., newline] = -torch.inf
     first, last = control.speech.start, control.speech.stop - 1
     for i in range(first, last + 1):  # left to right: position i sees the word chosen at i - 1
@@ -224,16 +240,12 @@ def _round(run: LoadedRun, x: torch.Tensor, control: Control, options: SampleOpt
 
 def _diffusion_rows(run: LoadedRun, control: Control, targets: torch.Tensor, options: SampleOptions,
                     generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, count = [], len(targets)
-    for first in range(0, count, options.batch_size):
-        batch = min(options.batch_size, count - first)
-        ids, known = targets[first: first + batch].to(device), control.known.expand(batch, -1).to(device)
-        hook = known_positions_hook(run.model, ids, known)
-        states = sample_chain(run.model, run.objective, options, (batch, run.config.seq_len), generator, device,
-                              hooks=[hook])
-        # the chain's end only: the states before it are dropped as they come
-        last = collections.deque(_under_autocast(states, run.config.precision, device), maxlen=1)[0]
-        rows.append(_round(run, last.x, control, options, generator))
+    def hooks_for(first: int, size: int) -> list:
+        known = control.known.expand(size, -1).to(device)
+        return [known_positions_hook(run.model, targets[first: first + size].to(device), known)]
+
+    rows = [_round(run, last_state(states), control, options, generator)
+            for _, states in batch_chains(run, options, len(targets), generator, device, hooks_for)]
     return torch.cat([ids for ids, _ in rows]), torch.cat([masked for _, masked in rows])
 
 
@@ -276,8 +288,7 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
             else torch.ones(len(raw))).tolist()
     ids = torch.where(known, targets, raw)
     if mbr > 1:
-        picks = [group * mbr + mbr_select(ids[group * mbr: (group + 1) * mbr].tolist(), mbr_distance)
-                 for group in range(options.num_samples)]
+        picks = mbr_indices(ids, mbr, mbr_distance)
         ids, kept, masked = ids[picks], [kept[i] for i in picks], masked[picks]
     span = control.speech if control.mode == "length" else slice(None)
     texts = [run.tokenizer.decode(row[span]) for row in ids]

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from dlm.core.runtime import autocast
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import Hook, decode, sample_chain
+from dlm.families.gaussian import Hook, batch_chains, final_words, last_state
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Classifier, expected_log_prob
 
@@ -118,23 +117,14 @@ def guided_ids(run: LoadedRun, options, classifier: Classifier | None = None, st
     """options.num_samples samples (N, L) with guidance toward class `target` of the classifier.
     With strength 0 (or no classifier) they are the samples `dlm sample` draws for the same
     options: the same draws in the same order from the same seed."""
-    model, diffusion, config = run.model, run.objective, run.config
-    options.validate(diffusion.steps)
+    options.validate(run.objective.steps)
     scheduler = chain_scheduler(run, options)
     if classifier is not None:
         classifier.to(device).requires_grad_(False)  # gradients flow to z only
+
+    def hooks_for(first: int, size: int) -> list[Hook]:
+        return [] if classifier is None else [guidance_hook(classifier, scheduler, strength, fluency, inner_steps, target)]
+
     generator = torch.Generator().manual_seed(options.seed)
-    batches = []
-    for first in range(0, options.num_samples, options.batch_size):
-        count = min(options.batch_size, options.num_samples - first)
-        hooks = [] if classifier is None else [guidance_hook(classifier, scheduler, strength, fluency, inner_steps, target)]
-        states = sample_chain(model, diffusion, options, (count, config.seq_len), generator, device, hooks=hooks)
-        final = None
-        while True:  # the chain under the run's autocast, as dlm sample advances it
-            with autocast(config.precision, device):
-                state = next(states, None)
-            if state is None:
-                break
-            final = state
-        batches.append(decode(model, final.x, options.decoder, options.temperature, generator).cpu())
-    return torch.cat(batches)
+    return torch.cat([final_words(run.model, last_state(states), options, generator)
+                      for _, states in batch_chains(run, options, options.num_samples, generator, device, hooks_for)])
