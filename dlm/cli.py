@@ -14,12 +14,12 @@ import torch
 
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
-from dlm.core.data import CorpusError, check_destination, check_run_folder
+from dlm.core.data import CorpusError, atomic_write_bytes, check_destination, check_run_folder
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.runs.build import load_run
-from dlm.runs.sample import SampleOptions, generate, write_samples
+from dlm.runs.sample import X0_CHOICES, SampleOptions, generate, write_samples
 from dlm.runs.train import DivergedError, RunExistsError, train
 
 USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, DivergedError, ValueError)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--windows", type=int, default=256, help="held-out windows scored (default 256)")
     nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
     nll.add_argument("--seed", type=int, default=0, help="which windows and noise (default 0)")
-    nll.add_argument("--x0", choices=["predicted", "expected"],
+    nll.add_argument("--x0", choices=X0_CHOICES,
                      help="the reverse process scored: steps toward the denoiser's x0 or its rounding softmax's "
                           "expected embedding (default: the run's sample_x0, what dlm sample draws from)")
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--clamp_fraction", type=float,
                                help="clamp only during the last share of steps")
     sample_parser.add_argument("--eta", type=float, help="1 ancestral, 0 deterministic DDIM")
-    sample_parser.add_argument("--x0", choices=["predicted", "expected"],
+    sample_parser.add_argument("--x0", choices=X0_CHOICES,
                                help="the x0 each step moves toward: the denoiser's, or the expected embedding "
                                     "under its rounding softmax (default: the run's sample_x0)")
     sample_parser.add_argument("--temperature", type=float,
@@ -192,7 +192,6 @@ def run_train_classifier(args: argparse.Namespace) -> None:
 
 
 def run_control_table(args: argparse.Namespace) -> None:
-    from dlm.core.data import atomic_write_bytes
     from dlm.evaluation.control import control_table, markdown
     from dlm.runs.classifier import attribute, load_classifier
     from dlm.runs.rundir import RunDir
@@ -323,7 +322,7 @@ def run_stats(args: argparse.Namespace) -> None:
               f"{summary['punctuation_share']:.3f} | entropy {summary['unigram_entropy']:.3f} bits | "
               f"top-10 share {summary['top10_share']:.3f} | {top}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        atomic_write_bytes(Path(args.json), json.dumps(report, indent=2).encode())
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -343,7 +342,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     reasons = ", ".join(result["collapse_reasons"]) or "none"
     print(f"collapsed: {result['collapsed']} (signals: {reasons}); {result['num_samples']} samples")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        atomic_write_bytes(Path(args.json), json.dumps(result, indent=2, default=str).encode())
 
 
 def run_nll(args: argparse.Namespace) -> None:
@@ -367,7 +366,7 @@ def run_nll(args: argparse.Namespace) -> None:
               f"bound / AR = {result.ratio:.3f}")
         numbers.update(ar_nll=result.ar_nll, ratio=result.ratio)
     if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=2))
+        atomic_write_bytes(Path(args.json), json.dumps(numbers, indent=2).encode())
 
 
 def run_infill(args: argparse.Namespace) -> None:
