@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the reverse process scored: steps toward the denoiser's x0 or its rounding softmax's "
                           "expected embedding (default: the run's sample_x0, what dlm sample draws from)")
 
+    matched = evaluate_parser.add_argument_group(
+        "matched entropy (--matched)", "samples of --run_dir drawn at the final-token temperature that gives "
+        "held-out text's unigram entropy, scored by --teacher: perplexity compared at equal entropy")
+    matched.add_argument("--matched", action="store_true", help="score --run_dir's samples at held-out entropy")
+    matched.add_argument("--checkpoint", help="a checkpoint of --run_dir (default: its last; --nll too)")
+    matched.add_argument("--num_samples", type=int, default=64, help="samples drawn (default 64)")
+    matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
     sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
@@ -332,6 +340,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     if args.nll:
         return run_nll(args)
+    if args.matched:
+        return run_matched(args)
     if args.samples is None or args.teacher is None:
         raise ValueError("give --samples FILE.jsonl and --teacher AR_RUN to score samples, "
                          "or --nll --run_dir RUN for the likelihood bound.")
@@ -345,13 +355,42 @@ def run_evaluate(args: argparse.Namespace) -> None:
         atomic_write_bytes(Path(args.json), json.dumps(result, indent=2, default=str).encode())
 
 
+def run_matched(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from dlm.evaluation.matched import match_entropy
+
+    if args.run_dir is None or args.teacher is None:
+        raise ValueError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
+    if args.json:
+        check_destination(args.json)
+    device = pick_device("auto")
+    run = load_run(args.run_dir, args.checkpoint, device=device)
+    teacher = load_run(args.teacher, device=device)
+    options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
+                                        x0=args.x0, seed=args.seed)
+    result = match_entropy(run, teacher, options, device=device)
+    table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
+        print(table.to_string())
+    band = "within" if result["matched"] else "NOT within"
+    print(f"temperature {result['temperature']:.4f}: entropy {result['samples']['unigram_entropy']:.3f} bits, "
+          f"{band} 5% of held-out's {result['target_entropy']:.3f} ({run.checkpoint}, step {run.step}; "
+          f"{result['num_samples']} samples, x0 {options.x0})")
+    print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))
+    print("targets met: " + " | ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["targets"].items()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(args.json), json.dumps(result, indent=2, default=str).encode())
+
+
 def run_nll(args: argparse.Namespace) -> None:
     from dlm.evaluation.likelihood import check_counts, compare_with_ar
 
     if args.run_dir is None:
         raise ValueError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, args.checkpoint)
     ar = load_run(args.ar_run) if args.ar_run else None
     x0 = args.x0 or run.config.sample_x0
     result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0)

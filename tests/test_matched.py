@@ -1,0 +1,88 @@
+"""Teacher perplexity at matched entropy: the temperature search and the samples it scores."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dlm.cli import main
+from dlm.evaluation.matched import MAX_TEMPERATURE, entropy_of, find_temperature, match_entropy, temperature_sampler
+from dlm.runs.build import load_run
+from dlm.runs.sample import SampleOptions, generate
+from tests.conftest import toy_run_dir
+
+
+def saturating(temperature: float) -> float:
+    return 2.0 + 3.0 * temperature / (1.0 + temperature)  # 2 bits at 0, rising toward 5
+
+
+def test_find_temperature_hits_the_target_by_bisection():
+    temperature, entropy = find_temperature(saturating, 4.0, tolerance=0.001)
+    assert abs(entropy / 4.0 - 1) <= 0.001
+    assert temperature == pytest.approx(2.0, rel=0.01)  # 2 + 3 * 2 / 3 = 4
+
+
+def test_find_temperature_stops_at_the_argmax_or_the_ceiling():
+    assert find_temperature(saturating, 1.5) == (0.0, 2.0)  # argmax already above: cannot go lower
+    temperature, entropy = find_temperature(saturating, 6.0)  # never reached
+    assert temperature == MAX_TEMPERATURE and entropy < 5.0
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    from tests.conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("matched")
+    corpus = str(make_corpus(root / "corpus.txt"))
+    return (toy_run_dir(root / "diffusion", corpus=corpus), toy_run_dir(root / "ar", model="ar", corpus=corpus))
+
+
+def test_the_cached_chain_redraws_exactly_what_dlm_sample_draws(toy_runs):
+    run = load_run(toy_runs[0])
+    options = SampleOptions.from_config(run.config, num_samples=6, seed=3)
+    draw = temperature_sampler(run, options)
+    for temperature in (0.0, 0.7, 2.0):
+        expected = generate(run, dataclasses.replace(options, temperature=temperature)).ids
+        assert torch.equal(draw(temperature), expected)
+
+
+@pytest.mark.parametrize("which", [0, 1])  # the diffusion run (cached chain) and the AR run (sampled afresh)
+def test_match_entropy_scores_samples_at_heldout_entropy(toy_runs, which):
+    run, teacher = load_run(toy_runs[which]), load_run(toy_runs[1])
+    options = SampleOptions.from_config(run.config, num_samples=16)
+    result = match_entropy(run, teacher, options)
+    assert result["matched"] and result["temperature"] > 0
+    scored = result["samples"]["unigram_entropy"]
+    assert abs(scored / result["target_entropy"] - 1) <= 0.01
+    assert result["target_entropy"] == pytest.approx(result["heldout"]["unigram_entropy"])
+    assert scored == pytest.approx(entropy_of(run, temperature_sampler(run, options)(result["temperature"])))
+    assert result["ratios"]["teacher_perplexity"] == pytest.approx(
+        result["samples"]["teacher_perplexity"] / result["heldout"]["teacher_perplexity"])
+    assert set(result["targets"]) == {"teacher_perplexity", "punctuation_share", "types_at", "copy_rate_4gram"}
+
+
+def test_cli_prints_and_writes_the_matched_row(toy_runs, tmp_path, capsys):
+    out = tmp_path / "new_folder" / "matched.json"  # the folder is made, as dlm sample makes its --out's
+    assert main(["evaluate", "--matched", "--run_dir", str(toy_runs[0]), "--teacher", str(toy_runs[1]),
+                 "--num_samples", "8", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "within 5% of held-out" in printed and "targets met:" in printed
+    assert json.loads(out.read_text())["matched"] is True
+
+
+def test_matched_bad_inputs_give_one_clear_line(toy_runs, tmp_path, capsys):
+    diffusion, ar = map(str, toy_runs)
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--run_dir", diffusion], "--matched needs --run_dir RUN"),
+        (["--run_dir", diffusion, "--teacher", diffusion], "The teacher must be an autoregressive run"),
+        (["--run_dir", diffusion, "--teacher", ar, "--num_samples", "0"], "num_samples must be at least 1"),
+        (["--run_dir", diffusion, "--teacher", ar, "--steps", "51"], "steps must be between 1 and the run's"),
+        (["--run_dir", diffusion, "--teacher", ar, "--checkpoint", str(tmp_path / "no.pt")], "no.pt"),
+        (["--run_dir", diffusion, "--teacher", ar, "--json", str(tmp_path / "afile" / "x.json")], "afile"),
+    ]
+    for args, message in cases:
+        assert main(["evaluate", "--matched", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
