@@ -1,0 +1,158 @@
+"""Where runs stand on the likelihood bound and on teacher perplexity at matched entropy: one table.
+
+    python benchmarks/scaling.py --teacher runs/ar default=runs/default long=runs/long \\
+        10x=runs/x10 "10x at 3x=runs/x10/checkpoints/epoch_0042.pt" [--seeds 2] [--samples 64]
+
+Each LABEL=PATH is a run folder (its last checkpoint) or a checkpoint file inside one. A row gives
+the optimizer steps, the tokens seen (steps x batch x seq_len), the training wall seconds its
+metrics.csv recorded, the NLL bound (dlm evaluate --nll) with the AR's exact NLL on the same
+windows, and the samples at held-out entropy (dlm evaluate --matched): final-token temperature,
+teacher perplexity (mean over --seeds, with min-max), the ratios to held-out text and how many of
+the issue's four targets they meet. The AR teacher's own samples at matched entropy follow (scored
+by itself, which flatters them: a floor), then held-out text.
+
+Writes scaling.csv and scaling.md to --out (default benchmarks/results/) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dlm.evaluation.likelihood import compare_with_ar
+from dlm.evaluation.matched import match_entropy
+from dlm.runs.build import load_run
+from dlm.runs.sample import SampleOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="LABEL=PATH", help="a run folder or one of its checkpoints")
+    parser.add_argument("--teacher", required=True, help="the AR run that scores samples (same vocabulary)")
+    parser.add_argument("--samples", type=int, default=64, help="samples per seed (default 64)")
+    parser.add_argument("--seeds", type=int, default=1, help="sampling seeds per row: the ppl spread (default 1)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: each run's sample_steps)")
+    parser.add_argument("--windows", type=int, default=256, help="held-out windows for the bound (default 256)")
+    parser.add_argument("--draws", type=int, default=4, help="timesteps per window for the bound (default 4)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where scaling.csv/.md go")
+    return parser.parse_args(argv)
+
+
+def split_label(text: str) -> tuple[str, Path | None, Path | None]:
+    """'LABEL=PATH' as (label, run folder, checkpoint or None)."""
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise ValueError(f"'{text}' is not LABEL=PATH (e.g. default=runs/default).")
+    path = Path(path)
+    if path.is_file():
+        return label, path.parent.parent, path
+    return label, path, None
+
+
+def training_seconds(run_dir: Path, step: int) -> float:
+    """The wall seconds metrics.csv recorded at the last row up to `step` (NaN when absent)."""
+    seconds = float("nan")
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        with metrics.open() as handle:
+            for row in csv.DictReader(handle):
+                if int(row["step"]) <= step and row.get("elapsed_s"):
+                    seconds = float(row["elapsed_s"])
+    return seconds
+
+
+def matched_columns(results: list[dict]) -> dict:
+    """The matched-entropy numbers of one row, over its seeds: ppl mean and min-max, the rest means."""
+    ppl = [r["samples"]["teacher_perplexity"] for r in results]
+    ratios = {key: statistics.fmean(r["ratios"][key] for r in results) for key in results[0]["ratios"]}
+    types_key = next(key for key in ratios if key.startswith("types_at"))
+    met = [sum(r["targets"].values()) for r in results]
+    return {"temperature": statistics.fmean(r["temperature"] for r in results),
+            "entropy": statistics.fmean(r["samples"]["unigram_entropy"] for r in results),
+            "matched": all(r["matched"] for r in results),
+            "teacher_ppl": statistics.fmean(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl),
+            "ppl_x_heldout": ratios["teacher_perplexity"], "punct_x": ratios["punctuation_share"],
+            "types_x": ratios[types_key], "copy4_x": ratios["copy_rate_4gram"],
+            "targets_met": f"{min(met)}-{max(met)}/4" if min(met) != max(met) else f"{met[0]}/4"}
+
+
+def sampled(run, teacher, args) -> list[dict]:
+    return [match_entropy(run, teacher, SampleOptions.from_config(run.config, num_samples=args.samples,
+                                                                  steps=args.steps, seed=seed))
+            for seed in range(args.seeds)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        specs = [split_label(text) for text in args.runs]
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    teacher = load_run(args.teacher)
+    rows, ar_nll, heldout = [], float("nan"), None
+    start = time.perf_counter()
+    for label, run_dir, checkpoint in specs:
+        run = load_run(run_dir, checkpoint)
+        began = time.process_time()
+        comparison = compare_with_ar(run, teacher, args.windows, args.draws)
+        results = sampled(run, teacher, args)
+        heldout = heldout or results[0]
+        ar_nll = comparison.ar_nll
+        rows.append({"row": label, "step": run.step,
+                     "tokens": run.step * run.config.batch_size * run.config.seq_len,
+                     "train_s": training_seconds(Path(run_dir), run.step),
+                     "nll_bound": comparison.bound.total, "nll_se": comparison.bound.se,
+                     "bound_x_ar": comparison.ratio, **matched_columns(results),
+                     "eval_cpu_s": time.process_time() - began})
+        print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
+              f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
+    results = sampled(teacher, teacher, args)
+    rows.append({"row": "AR (the teacher, self-scored)", "step": teacher.step,
+                 "tokens": teacher.step * teacher.config.batch_size * teacher.config.seq_len,
+                 "train_s": training_seconds(Path(args.teacher), teacher.step), "nll_bound": ar_nll,
+                 "nll_se": 0.0, "bound_x_ar": 1.0, **matched_columns(results)})
+    reference = heldout["heldout"]
+    rows.append({"row": "held-out text", "entropy": reference["unigram_entropy"],
+                 "teacher_ppl": reference["teacher_perplexity"], "ppl_x_heldout": 1.0, "punct_x": 1.0,
+                 "types_x": 1.0, "copy4_x": 1.0})
+    table = pd.DataFrame(rows)
+    wall = time.perf_counter() - start
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "scaling.csv", index=False)
+    header = (f"Bound: {args.windows} held-out windows x {args.draws} timesteps (nats/token, the AR's exact NLL "
+              f"on the same windows). Samples: {args.samples} per seed x {args.seeds} seed(s), final-token "
+              f"temperature set so their unigram entropy is held-out text's ({reference['unigram_entropy']:.2f} "
+              f"bits), scored by the AR teacher {Path(args.teacher).name}. Targets (issue 13): ppl <= 10x held-out, "
+              f"punctuation within 15%, types >= 0.8x, 4-gram copy <= 2x. Machine: {platform.machine()}, "
+              f"{torch.get_num_threads()} threads; whole run {wall / 60:.1f} min.\n\n")
+    shown = table.drop(columns=[c for c in ("eval_cpu_s", "ppl_min", "ppl_max") if c in table])
+    spread = [f"{row.ppl_min:,.0f}-{row.ppl_max:,.0f}" if not math.isnan(row.ppl_min) and args.seeds > 1 else ""
+              for row in table.fillna({"ppl_min": math.nan}).itertuples()] if "ppl_min" in table else []
+    if spread:
+        shown.insert(shown.columns.get_loc("teacher_ppl") + 1, "ppl range", spread)
+    markdown = header + shown.to_markdown(index=False, floatfmt=".4g") + "\n"
+    (out / "scaling.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"wrote {out / 'scaling.csv'} and {out / 'scaling.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""benchmarks/scaling.py on untrained toy runs: one row per run, the AR and held-out rows, the
+numbers each row carries taken from the bound and the matched-entropy search (nothing timed)."""
+
+import csv
+import importlib.util
+
+import pytest
+
+from tests.conftest import ROOT, make_corpus, toy_run_dir
+
+
+def load_scaling():
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "benchmarks" / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_table_has_every_row(tmp_path, capsys):
+    scaling = load_scaling()
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    run, ar = toy_run_dir(tmp_path / "d", corpus=corpus), toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus)
+    checkpoint = run / "checkpoints" / "last.pt"
+    assert scaling.main([f"one={run}", f"same={checkpoint}", "--teacher", str(ar), "--samples", "8",
+                         "--seeds", "2", "--windows", "4", "--draws", "1", "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scaling.csv")))
+    assert [r["row"] for r in rows] == ["one", "same", "AR (the teacher, self-scored)", "held-out text"]
+    one, same, teacher, heldout = rows
+    assert one["nll_bound"] == same["nll_bound"] and one["teacher_ppl"] == same["teacher_ppl"]  # one checkpoint
+    assert float(one["nll_bound"]) > float(teacher["nll_bound"]) > 0  # an untrained bound is far above the AR's
+    for row in (one, teacher):
+        assert row["matched"] == "True"
+        assert float(row["entropy"]) == pytest.approx(float(heldout["entropy"]), rel=0.011)
+        assert float(row["ppl_min"]) <= float(row["teacher_ppl"]) <= float(row["ppl_max"])
+    assert "ppl range" in capsys.readouterr().out
+
+
+def test_scaling_refuses_a_row_without_a_label(capsys):
+    assert load_scaling().main(["runs/default", "--teacher", "runs/ar"]) == 2
+    assert "is not LABEL=PATH" in capsys.readouterr().err
