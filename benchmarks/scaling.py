@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from dlm.evaluation.likelihood import compare_with_ar
-from dlm.evaluation.matched import match_entropy
+from dlm.evaluation.matched import check_teacher, entropy_of, heldout_entropy, score_at_entropy, temperature_sampler
 from dlm.runs.build import load_run
 from dlm.runs.sample import SampleOptions
 
@@ -88,10 +88,33 @@ def matched_columns(results: list[dict]) -> dict:
             "targets_met": f"{min(met)}-{max(met)}/4" if min(met) != max(met) else f"{met[0]}/4"}
 
 
-def sampled(run, teacher, args) -> list[dict]:
-    return [match_entropy(run, teacher, SampleOptions.from_config(run.config, num_samples=args.samples,
-                                                                  steps=args.steps, seed=seed))
-            for seed in range(args.seeds)]
+class Row:
+    """One row's samples: a temperature sampler per seed (the chain run once each), scored at held-out
+    entropy, and its argmax's entropy (the lowest the final-token temperature reaches)."""
+
+    def __init__(self, run, teacher, args):
+        self.run, self.teacher = run, teacher
+        self.draws = [temperature_sampler(run, SampleOptions.from_config(run.config, num_samples=args.samples,
+                                                                         steps=args.steps, seed=seed))
+                      for seed in range(args.seeds)]
+        self.results = self.at(heldout_entropy(run, args.samples))
+        self.argmax_entropy = statistics.fmean(entropy_of(run, draw(0.0)) for draw in self.draws)
+
+    def at(self, entropy: float) -> list[dict]:
+        return [score_at_entropy(self.run, self.teacher, draw, entropy) for draw in self.draws]
+
+
+def score_at_common_entropy(rows: list[dict], samplers: list[Row], heldout: float) -> str | None:
+    """A row whose argmax is already above held-out entropy cannot be matched there by temperature:
+    then every row is also scored at the lowest entropy all of them reach (the highest argmax
+    entropy), so they still meet somewhere. Adds that column to `rows`; returns its name (or None)."""
+    common = max(sampler.argmax_entropy for sampler in samplers)
+    if common <= heldout * 1.05:
+        return None
+    column = f"ppl at {common:.2f} bits"
+    for row, sampler in zip(rows, samplers):
+        row[column] = statistics.fmean(r["samples"]["teacher_perplexity"] for r in sampler.at(common))
+    return column
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,30 +127,32 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     teacher = load_run(args.teacher)
-    rows, ar_nll, heldout = [], float("nan"), None
+    check_teacher(teacher)
+    rows, samplers, ar_nll = [], [], float("nan")
     start = time.perf_counter()
     for label, run_dir, checkpoint in specs:
         run = load_run(run_dir, checkpoint)
         began = time.process_time()
         comparison = compare_with_ar(run, teacher, args.windows, args.draws)
-        results = sampled(run, teacher, args)
-        heldout = heldout or results[0]
+        samplers.append(Row(run, teacher, args))
         ar_nll = comparison.ar_nll
         rows.append({"row": label, "step": run.step,
                      "tokens": run.step * run.config.batch_size * run.config.seq_len,
                      "train_s": training_seconds(Path(run_dir), run.step),
                      "nll_bound": comparison.bound.total, "nll_se": comparison.bound.se,
-                     "bound_x_ar": comparison.ratio, **matched_columns(results),
-                     "eval_cpu_s": time.process_time() - began})
+                     "bound_x_ar": comparison.ratio, "argmax_entropy": samplers[-1].argmax_entropy,
+                     **matched_columns(samplers[-1].results), "eval_cpu_s": time.process_time() - began})
         print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
               f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
-    results = sampled(teacher, teacher, args)
+    samplers.append(Row(teacher, teacher, args))
     rows.append({"row": "AR (the teacher, self-scored)", "step": teacher.step,
                  "tokens": teacher.step * teacher.config.batch_size * teacher.config.seq_len,
                  "train_s": training_seconds(Path(args.teacher), teacher.step), "nll_bound": ar_nll,
-                 "nll_se": 0.0, "bound_x_ar": 1.0, **matched_columns(results)})
-    reference = heldout["heldout"]
-    rows.append({"row": "held-out text", "entropy": reference["unigram_entropy"],
+                 "nll_se": 0.0, "bound_x_ar": 1.0, "argmax_entropy": samplers[-1].argmax_entropy,
+                 **matched_columns(samplers[-1].results)})
+    reference = samplers[0].results[0]["heldout"]
+    score_at_common_entropy(rows, samplers, reference["unigram_entropy"])
+    rows.append({"row": "held-out text", "entropy": reference["unigram_entropy"], "argmax_entropy": math.nan,
                  "teacher_ppl": reference["teacher_perplexity"], "ppl_x_heldout": 1.0, "punct_x": 1.0,
                  "types_x": 1.0, "copy4_x": 1.0})
     table = pd.DataFrame(rows)

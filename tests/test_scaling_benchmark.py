@@ -38,3 +38,23 @@ def test_scaling_table_has_every_row(tmp_path, capsys):
 def test_scaling_refuses_a_row_without_a_label(capsys):
     assert load_scaling().main(["runs/default", "--teacher", "runs/ar"]) == 2
     assert "is not LABEL=PATH" in capsys.readouterr().err
+
+
+def test_rows_above_heldout_entropy_meet_at_a_common_one(tmp_path):
+    from dlm.runs.build import load_run
+
+    scaling = load_scaling()
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    run = load_run(toy_run_dir(tmp_path / "d", corpus=corpus))
+    teacher = load_run(toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus))
+    args = scaling.parse_args(["x=y", "--teacher", "t", "--samples", "8"])
+    samplers = [scaling.Row(run, teacher, args), scaling.Row(teacher, teacher, args)]
+    heldout = samplers[0].results[0]["heldout"]["unigram_entropy"]
+    rows = [{}, {}]
+    assert scaling.score_at_common_entropy(rows, samplers, heldout) is None  # both reach held-out's
+    samplers[0].argmax_entropy = heldout * 1.06  # as if this row's argmax were above held-out entropy
+    column = scaling.score_at_common_entropy(rows, samplers, heldout)
+    assert column == f"ppl at {heldout * 1.06:.2f} bits"
+    at_common = samplers[1].at(heldout * 1.06)[0]
+    assert rows[1][column] == at_common["samples"]["teacher_perplexity"]
+    assert abs(at_common["samples"]["unigram_entropy"] / (heldout * 1.06) - 1) <= 0.01

@@ -98,15 +98,11 @@ def target_checks(samples: dict, heldout: dict, types_key: str) -> dict[str, boo
     return checks
 
 
-def match_entropy(run: LoadedRun, teacher: LoadedRun, options: SampleOptions, tolerance: float = 0.01,
-                  device: str | torch.device = "cpu") -> dict:
-    """The run's samples at held-out entropy, scored: every number of evaluate_samples plus the
-    temperature found, whether it matched within 5% (the issue's band), the ratios to held-out text
-    and which targets (TARGETS) they meet."""
-    if not teacher.family.SCORES_TOKENS:  # before the chain, not after it
-        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
-    draw = temperature_sampler(run, options, device)
-    target = heldout_entropy(run, options.num_samples)
+def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float], torch.Tensor], target: float,
+                     tolerance: float = 0.01) -> dict:
+    """The samples `draw` gives at the temperature whose unigram entropy is `target` bits, scored:
+    every number of evaluate_samples plus the temperature, whether it came within 5% of the target,
+    the ratios to held-out text and which targets (TARGETS) they meet."""
     temperature, entropy = find_temperature(lambda t: entropy_of(run, draw(t)), target, tolerance)
     result = evaluate_samples(records_from_ids(draw(temperature), run.tokenizer), teacher)
     samples, heldout = result["samples"], result["heldout"]
@@ -116,3 +112,16 @@ def match_entropy(run: LoadedRun, teacher: LoadedRun, options: SampleOptions, to
     return {**result, "temperature": temperature, "target_entropy": target,
             "matched": abs(entropy / target - 1) <= 0.05, "ratios": ratios,
             "targets": target_checks(samples, heldout, types_key)}
+
+
+def check_teacher(teacher: LoadedRun) -> None:
+    if not teacher.family.SCORES_TOKENS:
+        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+
+
+def match_entropy(run: LoadedRun, teacher: LoadedRun, options: SampleOptions, tolerance: float = 0.01,
+                  device: str | torch.device = "cpu") -> dict:
+    """The run's samples at held-out entropy, scored (score_at_entropy)."""
+    check_teacher(teacher)  # before the chain, not after it
+    draw = temperature_sampler(run, options, device)
+    return score_at_entropy(run, teacher, draw, heldout_entropy(run, options.num_samples), tolerance)
