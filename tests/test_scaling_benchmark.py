@@ -52,9 +52,9 @@ def test_rows_above_heldout_entropy_meet_at_a_common_one(tmp_path):
     heldout = samplers[0].results[0]["heldout"]["unigram_entropy"]
     rows = [{}, {}]
     assert scaling.score_at_common_entropy(rows, samplers, heldout) is None  # both reach held-out's
-    samplers[0].argmax_entropy = heldout * 1.06  # as if this row's argmax were above held-out entropy
+    samplers[1].argmax_entropy = heldout * 1.06  # as if this row's argmax were above held-out entropy
     column = scaling.score_at_common_entropy(rows, samplers, heldout)
     assert column == f"ppl at {heldout * 1.06:.2f} bits"
-    at_common = samplers[1].at(heldout * 1.06)[0]
-    assert rows[1][column] == at_common["samples"]["teacher_perplexity"]
+    at_common = samplers[0].at(heldout * 1.06)[0]
+    assert rows[0][column] == at_common["samples"]["teacher_perplexity"]
     assert abs(at_common["samples"]["unigram_entropy"] / (heldout * 1.06) - 1) <= 0.01
