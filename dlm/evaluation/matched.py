@@ -74,9 +74,7 @@ def find_temperature(entropy_at: Callable[[float], float], target: float, tolera
     high = 0.5
     while (high_entropy := entropy_at(high)) < target * (1 - tolerance) and high < MAX_TEMPERATURE:
         low, high = high, min(2 * high, MAX_TEMPERATURE)
-    if high_entropy < target * (1 - tolerance):
-        return high, high_entropy
-    if high_entropy <= target * (1 + tolerance):
+    if high_entropy <= target * (1 + tolerance):  # within the tolerance, or the ceiling not enough
         return high, high_entropy
     for _ in range(iterations):
         middle = (low + high) / 2
