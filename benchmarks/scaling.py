@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampling steps (default: each run's sample_steps)")
     parser.add_argument("--windows", type=int, default=256, help="held-out windows for the bound (default 256)")
     parser.add_argument("--draws", type=int, default=4, help="timesteps per window for the bound (default 4)")
+    parser.add_argument("--no_ar", action="store_true", help="leave out the AR teacher's own row")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where scaling.csv/.md go")
     return parser.parse_args(argv)
@@ -144,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                      **matched_columns(samplers[-1].results), "eval_cpu_s": time.process_time() - began})
         print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
               f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
-    samplers.append(Row(teacher, teacher, args))
-    rows.append({"row": "AR (the teacher, self-scored)", "step": teacher.step,
-                 "tokens": teacher.step * teacher.config.batch_size * teacher.config.seq_len,
-                 "train_s": training_seconds(Path(args.teacher), teacher.step), "nll_bound": ar_nll,
-                 "nll_se": 0.0, "bound_x_ar": 1.0, "argmax_entropy": samplers[-1].argmax_entropy,
-                 **matched_columns(samplers[-1].results)})
+    if not args.no_ar:
+        samplers.append(Row(teacher, teacher, args))
+        rows.append({"row": "AR (the teacher, self-scored)", "step": teacher.step,
+                     "tokens": teacher.step * teacher.config.batch_size * teacher.config.seq_len,
+                     "train_s": training_seconds(Path(args.teacher), teacher.step), "nll_bound": ar_nll,
+                     "nll_se": 0.0, "bound_x_ar": 1.0, "argmax_entropy": samplers[-1].argmax_entropy,
+                     **matched_columns(samplers[-1].results)})
     reference = samplers[0].results[0]["heldout"]
     score_at_common_entropy(rows, samplers, reference["unigram_entropy"])
     rows.append({"row": "held-out text", "entropy": reference["unigram_entropy"], "argmax_entropy": math.nan,

@@ -35,6 +35,15 @@ def test_scaling_table_has_every_row(tmp_path, capsys):
     assert "ppl range" in capsys.readouterr().out
 
 
+def test_no_ar_leaves_out_the_teachers_row(tmp_path):
+    scaling = load_scaling()
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    run, ar = toy_run_dir(tmp_path / "d", corpus=corpus), toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus)
+    assert scaling.main([f"one={run}", "--teacher", str(ar), "--samples", "4", "--windows", "2", "--draws", "1",
+                         "--no_ar", "--out", str(tmp_path / "out")]) == 0
+    assert [r["row"] for r in csv.DictReader(open(tmp_path / "out" / "scaling.csv"))] == ["one", "held-out text"]
+
+
 def test_scaling_refuses_a_row_without_a_label(capsys):
     assert load_scaling().main(["runs/default", "--teacher", "runs/ar"]) == 2
     assert "is not LABEL=PATH" in capsys.readouterr().err
