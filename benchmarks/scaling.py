@@ -78,14 +78,13 @@ def matched_columns(results: list[dict]) -> dict:
     """The matched-entropy numbers of one row, over its seeds: ppl mean and min-max, the rest means."""
     ppl = [r["samples"]["teacher_perplexity"] for r in results]
     ratios = {key: statistics.fmean(r["ratios"][key] for r in results) for key in results[0]["ratios"]}
-    types_key = next(key for key in ratios if key.startswith("types_at"))
     met = [sum(r["targets"].values()) for r in results]
     return {"temperature": statistics.fmean(r["temperature"] for r in results),
             "entropy": statistics.fmean(r["samples"]["unigram_entropy"] for r in results),
             "matched": all(r["matched"] for r in results),
             "teacher_ppl": statistics.fmean(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl),
             "ppl_x_heldout": ratios["teacher_perplexity"], "punct_x": ratios["punctuation_share"],
-            "types_x": ratios[types_key], "copy4_x": ratios["copy_rate_4gram"],
+            "types_x": ratios["types_at"], "copy4_x": ratios["copy_rate_4gram"],
             "targets_met": f"{min(met)}-{max(met)}/4" if min(met) != max(met) else f"{met[0]}/4"}
 
 
@@ -145,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                      **matched_columns(samplers[-1].results), "eval_cpu_s": time.process_time() - began})
         print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
               f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(Path(args.out) / "scaling.partial.csv", index=False)  # kept if a later row fails
     if not args.no_ar:
         samplers.append(Row(teacher, teacher, args))
         rows.append({"row": "AR (the teacher, self-scored)", "step": teacher.step,

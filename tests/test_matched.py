@@ -60,6 +60,7 @@ def test_match_entropy_scores_samples_at_heldout_entropy(toy_runs, which):
     assert result["ratios"]["teacher_perplexity"] == pytest.approx(
         result["samples"]["teacher_perplexity"] / result["heldout"]["teacher_perplexity"])
     assert set(result["targets"]) == {"teacher_perplexity", "punctuation_share", "types_at", "copy_rate_4gram"}
+    assert set(result["ratios"]) == set(result["targets"]) | {"unigram_entropy"}  # the same names, whatever the count
 
 
 def test_cli_prints_and_writes_the_matched_row(toy_runs, tmp_path, capsys):

@@ -105,8 +105,10 @@ def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float],
     result = evaluate_samples(records_from_ids(draw(temperature), run.tokenizer), teacher)
     samples, heldout = result["samples"], result["heldout"]
     types_key = f"types_at_{result['types_count']}"
-    ratios = {key: samples[key] / heldout[key] if heldout[key] else float("nan")
-              for key in ("teacher_perplexity", "unigram_entropy", "punctuation_share", types_key, "copy_rate_4gram")}
+    # "types_at" names the types at the result's token count (types_count), which differs between draws
+    ratios = {name: samples[key] / heldout[key] if heldout[key] else float("nan")
+              for name, key in (("teacher_perplexity",) * 2, ("unigram_entropy",) * 2, ("punctuation_share",) * 2,
+                                ("types_at", types_key), ("copy_rate_4gram",) * 2)}
     return {**result, "temperature": temperature, "target_entropy": target,
             "matched": abs(entropy / target - 1) <= 0.05, "ratios": ratios,
             "targets": target_checks(samples, heldout, types_key)}
