@@ -87,3 +87,23 @@ def test_matched_bad_inputs_give_one_clear_line(toy_runs, tmp_path, capsys):
         assert main(["evaluate", "--matched", *args]) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_each_temperature_is_drawn_once(toy_runs, monkeypatch):
+    """The AR model is sampled afresh per temperature: the search, the scoring and a later argmax
+    query must not generate the same temperature twice."""
+    import dlm.evaluation.matched as matched
+
+    temperatures = []
+
+    def counting_generate(run, options, device="cpu"):
+        temperatures.append(options.temperature)
+        return generate(run, options, device)
+
+    monkeypatch.setattr(matched, "generate", counting_generate)
+    ar = load_run(toy_runs[1])
+    options = SampleOptions.from_config(ar.config, num_samples=8)
+    draw = temperature_sampler(ar, options)
+    result = matched.score_at_entropy(ar, ar, draw, matched.heldout_entropy(ar, 8))
+    draw(0.0), draw(result["temperature"])
+    assert len(temperatures) == len(set(temperatures)) > 1

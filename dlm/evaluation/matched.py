@@ -13,6 +13,7 @@ scored there and flagged unmatched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -35,16 +36,19 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
     """draw(temperature) -> ids (N, L): the run's samples with the final tokens drawn at that
     temperature, the same seed each time. A whole-window diffusion chain runs once and only its
     last state is decoded again; block chains (each block's words condition the next) and the AR
-    model are sampled afresh."""
+    model are sampled afresh. Each temperature is drawn once: the search, the scoring and the argmax
+    entropy ask for the same ones again, and for the AR model a draw is a whole generation."""
     from dlm.families.gaussian import batch_chains, decode, last_state
 
     if run.config.model != "diffusion" or run.objective.block_size_for(run.config.seq_len) is not None:
-        return lambda temperature: generate(run, dataclasses.replace(options, temperature=temperature), device).ids
+        return functools.cache(
+            lambda temperature: generate(run, dataclasses.replace(options, temperature=temperature), device).ids)
     options.validate(run.objective.steps)
     generator = torch.Generator().manual_seed(options.seed)
     finals = [last_state(states).x for _, states in batch_chains(run, options, options.num_samples, generator, device)]
     final_x, after_chains = torch.cat(finals), generator.get_state()
 
+    @functools.cache
     def draw(temperature: float) -> torch.Tensor:
         # From the generator's state after the chains: with one batch, exactly dlm sample's draw.
         decode_generator = torch.Generator()
