@@ -17,7 +17,6 @@ Writes scaling.csv and scaling.md to --out (default benchmarks/results/) and pri
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import platform
 import statistics
@@ -31,6 +30,7 @@ import torch
 from dlm.evaluation.likelihood import compare_with_ar
 from dlm.evaluation.matched import check_teacher, entropy_of, heldout_entropy, score_at_entropy, temperature_sampler
 from dlm.runs.build import load_run
+from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +64,12 @@ def split_label(text: str) -> tuple[str, Path | None, Path | None]:
 
 def training_seconds(run_dir: Path, step: int) -> float:
     """The wall seconds metrics.csv recorded at the last row up to `step` (NaN when absent)."""
-    seconds = float("nan")
-    metrics = run_dir / "metrics.csv"
-    if metrics.is_file():
-        with metrics.open() as handle:
-            for row in csv.DictReader(handle):
-                if int(row["step"]) <= step and row.get("elapsed_s"):
-                    seconds = float(row["elapsed_s"])
-    return seconds
+    path = RunDir(run_dir).metrics
+    if not path.is_file():
+        return float("nan")
+    metrics = pd.read_csv(path)
+    logged = metrics[(metrics["step"] <= step) & metrics["elapsed_s"].notna()]
+    return float(logged["elapsed_s"].iloc[-1]) if len(logged) else float("nan")
 
 
 def matched_columns(results: list[dict]) -> dict:
@@ -128,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     teacher = load_run(args.teacher)
     check_teacher(teacher)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows, samplers, ar_nll = [], [], float("nan")
     start = time.perf_counter()
     for label, run_dir, checkpoint in specs:
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                      **matched_columns(samplers[-1].results), "eval_cpu_s": time.process_time() - began})
         print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
               f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_csv(Path(args.out) / "scaling.partial.csv", index=False)  # kept if a later row fails
+        pd.DataFrame(rows).to_csv(out / "scaling.partial.csv", index=False)  # kept if a later row fails
     if not args.no_ar:
         samplers.append(Row(teacher, teacher, args))
         rows.append({"row": "AR (the teacher, self-scored)", "step": teacher.step,
@@ -161,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows)
     wall = time.perf_counter() - start
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "scaling.csv", index=False)
     header = (f"Bound: {args.windows} held-out windows x {args.draws} timesteps (nats/token, the AR's exact NLL "
               f"on the same windows). Samples: {args.samples} per seed x {args.seeds} seed(s), final-token "
@@ -171,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
               f"punctuation within 15%, types >= 0.8x, 4-gram copy <= 2x. Machine: {platform.machine()}, "
               f"{torch.get_num_threads()} threads; whole run {wall / 60:.1f} min.\n\n")
     shown = table.drop(columns=[c for c in ("eval_cpu_s", "ppl_min", "ppl_max") if c in table])
-    spread = [f"{row.ppl_min:,.0f}-{row.ppl_max:,.0f}" if not math.isnan(row.ppl_min) and args.seeds > 1 else ""
-              for row in table.fillna({"ppl_min": math.nan}).itertuples()] if "ppl_min" in table else []
-    if spread:
-        shown.insert(shown.columns.get_loc("teacher_ppl") + 1, "ppl range", spread)
+    spread = [f"{low:,.0f}-{high:,.0f}" if args.seeds > 1 and not math.isnan(low) else ""
+              for low, high in zip(table["ppl_min"], table["ppl_max"])]
+    shown.insert(shown.columns.get_loc("teacher_ppl") + 1, "ppl range", spread)
     markdown = header + shown.to_markdown(index=False, floatfmt=".4g") + "\n"
     (out / "scaling.md").write_text(markdown, encoding="utf-8")
     print(markdown)

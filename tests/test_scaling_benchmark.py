@@ -3,6 +3,7 @@ numbers each row carries taken from the bound and the matched-entropy search (no
 
 import csv
 import importlib.util
+import math
 
 import pytest
 
@@ -67,3 +68,12 @@ def test_rows_above_heldout_entropy_meet_at_a_common_one(tmp_path):
     at_common = samplers[0].at(heldout * 1.06)[0]
     assert rows[0][column] == at_common["samples"]["teacher_perplexity"]
     assert abs(at_common["samples"]["unigram_entropy"] / (heldout * 1.06) - 1) <= 0.01
+
+
+def test_training_seconds_reads_the_last_logged_row_up_to_the_step(tmp_path):
+    scaling = load_scaling()
+    (tmp_path / "metrics.csv").write_text("step,total,val_total,elapsed_s\n50,6.0,,10.5\n65,,4.4,12.0\n100,5.0,,20.0\n")
+    assert scaling.training_seconds(tmp_path, 65) == 12.0
+    assert scaling.training_seconds(tmp_path, 99) == 12.0
+    assert math.isnan(scaling.training_seconds(tmp_path, 10))  # none logged yet
+    assert math.isnan(scaling.training_seconds(tmp_path / "missing", 65))
