@@ -338,6 +338,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     from dlm.evaluation.evaluate import evaluate_samples, read_samples
 
+    if args.json:
+        check_destination(args.json, "--json")  # before any work, for every kind of evaluation
     if args.nll:
         return run_nll(args)
     if args.matched:
@@ -362,8 +364,6 @@ def run_matched(args: argparse.Namespace) -> None:
 
     if args.run_dir is None or args.teacher is None:
         raise ValueError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
-    if args.json:
-        check_destination(args.json)
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device)
     teacher = load_run(args.teacher, device=device)
@@ -380,7 +380,6 @@ def run_matched(args: argparse.Namespace) -> None:
     print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))
     print("targets met: " + " | ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["targets"].items()))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(args.json), json.dumps(result, indent=2, default=str).encode())
 
 

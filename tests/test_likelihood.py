@@ -176,6 +176,7 @@ def test_nll_bad_inputs_give_one_clear_line(corpus, tmp_path, capsys):
         (["--nll", "--run_dir", str(run), "--ar_run", str(run), "--windows", "2"], "not an autoregressive run"),
         (["--nll", "--run_dir", str(other), "--windows", "2"], "for a diffusion run"),
         ([], "give --samples"),
+        (["--nll", "--run_dir", str(run), "--json", str(run / "config.yaml" / "x.json")], "config.yaml"),
     ]
     for args, message in cases:
         assert main(["evaluate", *args]) == 2, args

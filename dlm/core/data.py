@@ -93,8 +93,10 @@ def _download(url: str, target: Path, searched: list[Path]) -> Path:
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    """Write to a temp file in the same folder (made when missing), then rename: readers never see
+    half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
