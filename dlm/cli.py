@@ -310,17 +310,16 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> None:
+    from dlm.evaluation.evaluate import read_samples, sample_ids
     from dlm.evaluation.rundata import heldout_sequences
     from dlm.evaluation.tokens import ids_to_tokens, top_tokens
 
+    if args.json:
+        check_destination(args.json, "--json")  # before reading anything, as dlm evaluate does
     run = load_run(args.run_dir)
-    path = Path(args.samples)
-    if not path.is_file():
-        raise ValueError(f"No samples file at '{path}'. Write one with dlm sample --out FILE.jsonl.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not records:
-        raise ValueError(f"'{path}' holds no samples.")
-    samples = ids_to_tokens([r["ids"] for r in records], run.tokenizer.itos)
+    records = read_samples(args.samples)
+    # samples of another vocabulary (or written by hand, text only) are encoded again with the run's
+    samples = ids_to_tokens(sample_ids(records, run.tokenizer), run.tokenizer.itos)
     heldout = heldout_sequences(run, len(samples))
     report = {name: {**sample_stats(seqs), "top_tokens": top_tokens(seqs, 5)}
               for name, seqs in (("samples", samples), ("heldout", heldout))}

@@ -50,6 +50,16 @@ def test_sample_options_and_trajectory(corpus, tmp_path, capsys):
     assert main(["stats", "--samples", str(out), "--run_dir", str(run_dir), "--json", str(tmp_path / "st.json")]) == 0
     stats = json.loads((tmp_path / "st.json").read_text())
     assert stats["heldout"]["tokens"] > 0 and 0 <= stats["samples"]["punctuation_share"] <= 1
+    # text-only records (written by hand, or by another run) are encoded with the run's vocabulary
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": record["text"]}) + "\n")
+    assert main(["stats", "--samples", str(texts), "--run_dir", str(run_dir), "--json", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["samples"]["tokens"] == len(record["ids"])
+    # a --json under a file is refused before any work, in one line
+    capsys.readouterr()
+    assert main(["stats", "--samples", str(out), "--run_dir", str(run_dir), "--json", str(out / "st.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -76,7 +76,7 @@ def test_an_oracle_denoiser_has_zero_mse(predict, monkeypatch):
     emb = model.embedding(ids).detach()
     s = diffusion.schedule
 
-    def oracle(x_t, t, x0_estimate=None):
+    def oracle(x_t, t, x0_estimate=None, attend=None):
         if predict == "x0":
             return emb
         return (x_t - s.at(s.sqrt_alphas_cumprod, t, 3) * emb) / s.at(s.sqrt_one_minus_alphas_cumprod, t, 3)
@@ -89,7 +89,7 @@ def test_logits_prediction_is_cross_entropy_and_a_softmax_weighted_x0(monkeypatc
     model, diffusion = toy(predict="logits", rounding_target="noisy", embedding_norm="l2")
     ids = torch.randint(0, 11, (4, 6))
     output = torch.randn(4, 6, 8)
-    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None: output)
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: output)
     losses = diffusion.training_losses(model, ids)
     expected_ce = F.cross_entropy(model.rounding(output).reshape(-1, 11), ids.reshape(-1))
     assert losses["rounding"].item() == pytest.approx(expected_ce.item(), rel=1e-5)
@@ -153,7 +153,7 @@ def test_time_warp_in_training_losses(monkeypatch):
     assert torch.allclose(diffusion.word_loss_per_sequence(model, decoded, ids), expected, atol=1e-6)
     seen = []
     denoise = model.denoise
-    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None: seen.append(t) or denoise(x_t, t, x0_estimate))
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: seen.append(t) or denoise(x_t, t, x0_estimate, attend))
     warp.loss = torch.linspace(0, 1, warp.bins, dtype=torch.float64).clamp(max=0.1)  # rises in the first bins only
     diffusion.training_losses(model, torch.randint(0, 11, (400, 6)), generator=torch.Generator().manual_seed(0))
     first_five_bins = -(-warp.steps * 5 // warp.bins)  # t below this: 80% of draws + the uniform floor's share
@@ -182,7 +182,7 @@ def test_left_to_right_training_and_sampling(monkeypatch):
     ids = torch.randint(0, 11, (4, 6))
     seen = []
     denoise = model.denoise
-    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None: seen.append(t) or denoise(x_t, t, x0_estimate))
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: seen.append(t) or denoise(x_t, t, x0_estimate, attend))
     losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
     assert seen[0].shape == (4, 6) and torch.isfinite(losses["total"])
     losses["total"].backward()

@@ -71,6 +71,14 @@ def test_guidance_hook_refuses_a_chain_it_was_not_built_for():
         list(sample_chain(run.model, run.objective, other, (2, 6), torch.Generator().manual_seed(0), hooks=[hook]))
 
 
+def test_guidance_refuses_a_block_diffusion_run_with_one_clear_line():
+    run = bayes_toy()
+    run.config.block_size = 2
+    run.objective = build_diffusion(run.config)
+    with pytest.raises(ValueError, match="samples in blocks"):
+        chain_scheduler(run, SampleOptions.from_config(run.config, num_samples=2))
+
+
 def test_attribute_rules_label_windows_from_their_ids():
     tok = Tokenizer("word", ["<pad>", "<unk>", "ROMEO", ":", "?", "love", "\n"])
     ids = lambda words: torch.tensor([[tok.stoi[w] for w in words]])  # noqa: E731

@@ -87,3 +87,25 @@ def test_a_chain_whose_denoiser_knows_the_words_keeps_every_word(run, sampling, 
 def test_the_calibrated_share_is_the_mean_probability_of_the_right_word():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
     assert probe.calibrated_share(logits, torch.tensor([[0, 2]])) == pytest.approx((0.5 + 0.1) / 2)
+
+
+def test_a_block_run_is_probed_block_by_block(smoke_config, tmp_path, monkeypatch):
+    """A block model is asked for each block with the true words before it clean (t = 0) and the
+    later blocks left out, as it was trained; the toy denoiser knows the words only when asked so."""
+    train(smoke_config.replace(epochs=3, threads=1, embedding_norm="l2", block_size=4), tmp_path / "blocks")
+    blocks = load_run(tmp_path / "blocks")
+    ids = probe.heldout_ids(blocks, 4)
+    clean = blocks.model.embed(ids).detach()
+
+    def denoise(x_t, t, x0_estimate=None, attend=None):
+        first = x_t.shape[1] - 4
+        t = t if t.ndim == 2 else t[:, None].expand(-1, x_t.shape[1])  # (B,): one timestep for all
+        context_clean = bool((t[:, :first] == 0).all()) and torch.allclose(x_t[:, :first], clean[:, :first])
+        return clean[:, : x_t.shape[1]] if context_clean else torch.zeros_like(x_t)
+
+    monkeypatch.setattr(blocks.model, "denoise", denoise)
+    table = probe.denoising_accuracy(blocks, ids, timesteps=[0, 50, 99])
+    assert (table["accuracy"] == 1.0).all()
+    for start_t in (40, 99):
+        result = probe.chain_retention(blocks, ids, start_t=start_t)
+        assert result["first_step_accuracy"] == 1.0 and result["kept"] == 1.0, (start_t, result)

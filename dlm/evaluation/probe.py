@@ -48,6 +48,27 @@ def noised(run: LoadedRun, ids: torch.Tensor, t: int, generator: torch.Generator
     return q_sample(run.objective.schedule, emb, torch.full((ids.shape[0],), t), noise)
 
 
+def one_step_x0(run: LoadedRun, ids: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """The denoiser's x0 (B, L, d) from x_t in one step, asked as its sampler asks: the whole window
+    at t, or for a block-diffusion run each block at t with the blocks before it given clean (the
+    true words' embeddings at t = 0) and the later ones left out, as in training. Asking a block
+    model for the whole noised window at once reads a context it never saw."""
+    model, diffusion = run.model, run.objective
+    batch, length = ids.shape
+    size = diffusion.block_size_for(length)
+    if size is None:
+        t_batch = torch.full((batch,), t)
+        return diffusion.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)
+    clean = model.embed(ids).to(x_t.dtype)
+    blocks = []
+    for first in range(0, length, size):
+        x = torch.cat([clean[:, :first], x_t[:, first: first + size]], dim=1)
+        t_positions = torch.zeros(x.shape[:2], dtype=torch.long)
+        t_positions[:, first:] = t
+        blocks.append(diffusion.x0_from_output(model, model.denoise(x, t_positions), x, t_positions)[:, first:])
+    return torch.cat(blocks, dim=1)
+
+
 @torch.inference_mode()
 def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[int] | None = None,
                        seed: int = 0) -> pd.DataFrame:
@@ -62,9 +83,7 @@ def denoising_accuracy(run: LoadedRun, ids: torch.Tensor, timesteps: Sequence[in
     rows = []
     for t in timesteps or probe_timesteps(schedule.steps):
         x_t = noised(run, ids, t, generator)
-        t_batch = torch.full((ids.shape[0],), t)
-        pred_x0 = diffusion.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)
-        logits = model.round(pred_x0).float()
+        logits = model.round(one_step_x0(run, ids, x_t, t)).float()
         alpha_bar = float(schedule.alphas_cumprod[t])
         own = nearest_rows(x_t / math.sqrt(alpha_bar), table)
         rows.append({"t": t, "log_snr": math.log(alpha_bar / (1 - alpha_bar)),
@@ -93,12 +112,13 @@ def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int 
     x_t = noised(run, ids, start_t, generator)
     # clamp here means at every step (clamp_fraction 1), whatever the run's recipe says
     options = SampleOptions.from_config(config, steps=steps, clamp=clamp, clamp_fraction=1.0, **sampling)
-    t_batch = torch.full((ids.shape[0],), start_t)
-    # the denoiser's own one-step prediction (the chain's first step, before any hook edits it)
-    first_logits = model.round(run.objective.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)).float()
+    # the denoiser's own one-step prediction (the chain's first step, before any hook edits it;
+    # for a block run every block's, each given the true words before it)
+    first_logits = model.round(one_step_x0(run, ids, x_t, start_t)).float()
     states = sample_chain(model, run.objective, options, tuple(ids.shape), generator, start=x_t, start_t=start_t)
     last = collections.deque(states, maxlen=1)[0]
-    final_ids = model.round(last.x).argmax(-1)
+    # a block chain's words as each block was decoded (the argmax of its x: the same at temperature 0)
+    final_ids = last.words if last.words is not None else model.round(last.x).argmax(-1)
     return {"start_t": start_t, "chain_steps": last.index + 1, "clamp": clamp, "eta": options.eta, "x0": options.x0,
             "first_step_accuracy": (first_logits.argmax(-1) == ids).float().mean().item(),
             "first_step_calibrated": calibrated_share(first_logits, ids),

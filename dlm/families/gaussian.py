@@ -232,8 +232,8 @@ class GaussianDiffusion:
             use = torch.rand((), generator=coin).item() < cfg.self_condition
             if use:
                 with torch.no_grad():
-                    x0_estimate = self.x0_from_output(model, _denoise(model, x_t, t, None, attend), x_t, t).detach()
-        output = _denoise(model, x_t, t, x0_estimate, attend)
+                    x0_estimate = self.x0_from_output(model, model.denoise(x_t, t, None, attend), x_t, t).detach()
+        output = model.denoise(x_t, t, x0_estimate, attend)
         last = torch.full_like(t, s.steps - 1)
         prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
@@ -268,14 +268,6 @@ class GaussianDiffusion:
 
 def _identity(z: torch.Tensor) -> torch.Tensor:
     return z
-
-
-def _denoise(model, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None,
-             attend: torch.Tensor | None) -> torch.Tensor:
-    """model.denoise, with the attention mask only when there is one (the plain call otherwise)."""
-    if attend is None:
-        return model.denoise(x_t, t, x0_estimate)
-    return model.denoise(x_t, t, x0_estimate, attend=attend)
 
 
 @dataclass
@@ -420,8 +412,7 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     if block_size is not None:
         return _block_chain(model, diffusion, shape, block_size, steps, eta, clamp, clamp_fraction, spacing,
                             generator, device, start, start_t, hooks, decoder, temperature)
-    scheduler = DiffusionScheduler(diffusion.schedule, eta, diffusion.settings.left_to_right)
-    scheduler.set_timesteps(steps, length, spacing, start_t=None if start is None else start_t, device=device)
+    scheduler = plain_scheduler(diffusion, steps, length, eta, spacing, None if start is None else start_t, device)
     # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
     x = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     if start is not None:
@@ -429,6 +420,16 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     if clamp:
         hooks = (*hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
     return reverse_chain(model, diffusion, scheduler, x, generator, hooks)
+
+
+def plain_scheduler(diffusion: GaussianDiffusion, steps: int, length: int, eta: float = 1.0,
+                    spacing: str = "logsnr", start_t: int | None = None,
+                    device: torch.device | str = "cpu") -> DiffusionScheduler:
+    """The scheduler of a whole-window chain (no blocks): its timesteps and coefficients. Built
+    here only, so that a hook that needs the coefficients (classifier guidance) reads the chain's own."""
+    scheduler = DiffusionScheduler(diffusion.schedule, eta, diffusion.settings.left_to_right)
+    scheduler.set_timesteps(steps, length, spacing, start_t=start_t, device=device)
+    return scheduler
 
 
 def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], block_size: int,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import Hook, batch_chains, final_words, last_state
+from dlm.families.gaussian import Hook, batch_chains, chain_blocks, final_words, last_state, plain_scheduler
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Classifier, expected_log_prob
 
@@ -46,16 +46,17 @@ FLUENCY = 0.01
 
 
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
-    """The scheduler sample_chain builds for `options` (same timesteps, same coefficients)."""
+    """The scheduler sample_chain builds for `options` (gaussian.plain_scheduler, the same one)."""
     if run.config.model != "diffusion":
         raise ValueError(f"Classifier guidance steers a diffusion chain; '{run.checkpoint}' is a "
                          f"'{run.config.model}' run.")
     if run.objective.settings.left_to_right > 0:
         raise ValueError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")
-    scheduler = DiffusionScheduler(run.objective.schedule, options.eta, 0.0)
-    scheduler.set_timesteps(options.steps, 1, options.spacing)
-    return scheduler
+    if chain_blocks(run.objective, run.config.seq_len) > 1:
+        raise ValueError("Classifier guidance steers one chain over the whole window; this run samples in blocks "
+                         f"(block_size {run.config.block_size}): guide a run trained without block_size.")
+    return plain_scheduler(run.objective, options.steps, run.config.seq_len, options.eta, options.spacing)
 
 
 def guidance_hook(classifier: Classifier, scheduler: DiffusionScheduler, strength: float, fluency: float = FLUENCY,
