@@ -3,6 +3,7 @@
     python benchmarks/quality.py --teacher runs/ar              # every arm, 180 s of training each
     python benchmarks/quality.py --teacher runs/ar --arms base,"decode cosine" --budget_s 60
     python benchmarks/quality.py --quick                         # tiny sizes, a minute: CI's smoke run
+    python benchmarks/quality.py --teacher runs/ar --matched --arms "base,depth 8,width 512,batch 192"
 
 Each arm is params/default.yaml with a few keys changed (dlm/evaluation/ablation.py lists them). Every
 training recipe trains for the same wall-clock seconds (--budget_s, `max_train_seconds`), its lr
@@ -10,8 +11,9 @@ decaying over that time; decoding-only arms reuse their recipe's run. Each arm d
 --samples sequences with the run's own sampling recipe plus its overrides, and they are scored
 by an autoregressive teacher (generative perplexity) and against held-out windows of the same
 shape. The AR baseline trained on the same budget is in the table too (its own samples at
-temperature 1.0 and 0.8). Without --teacher, the teacher is trained first from params/ar.yaml
-(about 12 minutes on 2 cores).
+temperature 1.0 and 0.8). With --matched each arm is also scored at held-out entropy (its final
+draw's temperature found by bisection): arms at different entropies compare only there. Without
+--teacher, the teacher is trained first from params/ar.yaml (about 12 minutes on 2 cores).
 
 Writes quality.csv and quality.md to --out (default benchmarks/results/) and prints the table.
 """
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where quality.csv/.md go")
     parser.add_argument("--corpus", help="override the corpus (a path); the tests use a tiny one")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--matched", action="store_true",
+                        help="also each arm's teacher perplexity at held-out entropy (dlm evaluate --matched): "
+                             "the column that compares arms at different entropies")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few arms: a smoke run")
     return parser.parse_args(argv)
 
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     table = run_ablation(base, arms, teacher, work, args.budget_s, args.samples, ar_preset,
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), matched=args.matched)
     wall = time.perf_counter() - start
 
     out = Path(args.out)

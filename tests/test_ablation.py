@@ -78,13 +78,22 @@ def test_run_ablation_shares_runs_between_decoding_arms_and_scores_every_arm(tmp
 @pytest.mark.slow
 def test_quality_script_quick_writes_csv_and_markdown(tmp_path, corpus):
     quality = load_quality_script()
-    rc = quality.main(["--quick", "--corpus", str(corpus), "--arms", "base,draw at T=1", "--no_ar",
-                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--budget_s", "0.5"])
+    rc = quality.main(["--quick", "--corpus", str(corpus), "--arms", "base,draw at T=1,MBR of 4", "--no_ar",
+                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--budget_s", "0.5",
+                       "--matched"])
     assert rc == 0
-    table = pd.read_csv(tmp_path / "out" / "quality_quick.csv")
-    assert list(table["arm"]) == ["held-out text", "base", "draw at T=1"]
+    table = pd.read_csv(tmp_path / "out" / "quality_quick.csv").set_index("arm")
+    assert list(table.index) == ["held-out text", "base", "draw at T=1", "MBR of 4"]
     assert (tmp_path / "work" / "teacher" / "checkpoints" / "last.pt").exists()  # trained when not given
-    assert "draw at T=1" in (tmp_path / "out" / "quality_quick.md").read_text()
+    markdown = (tmp_path / "out" / "quality_quick.md").read_text()
+    assert "draw at T=1" in markdown and "ppl at held-out entropy" in markdown
+    # at held-out entropy the final draw's temperature is the search's, not the arm's: the same chain
+    # (same run, same seed) then scores the same, where at their own temperatures the two differ
+    base, drawn = table.loc["base"], table.loc["draw at T=1"]
+    assert base["teacher_perplexity"] != drawn["teacher_perplexity"]
+    assert base["matched_perplexity"] == drawn["matched_perplexity"] > 1
+    assert base["matched_temperature"] == drawn["matched_temperature"]
+    assert pd.isna(table.loc["MBR of 4", "matched_perplexity"])  # an MBR pick is no temperature's draw
 
 
 def test_quality_script_rejects_an_unknown_arm(tmp_path, corpus, capsys):

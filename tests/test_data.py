@@ -36,6 +36,11 @@ def test_min_count_unk_pad_and_lowercase():
     tokenizer = Tokenizer.build("the cat the dog the", min_count=2)
     assert tokenizer.itos == ["<pad>", "<unk>", "the"]
     assert tokenizer.encode("the cat") == [2, tokenizer.unk_id]
+    # an unknown word written out reads back as one unknown word, under any vocabulary
+    assert tokenizer.decode(tokenizer.encode("the cat the")) == "the <unk> the"
+    assert tokenizer.encode("the <unk> the") == [2, tokenizer.unk_id, 2]
+    other = Tokenizer.build("the cat", min_count=1)
+    assert other.encode("<unk> cat") == [other.unk_id, other.stoi["cat"]]
     lower = Tokenizer.build("The the THE", min_count=1, lowercase=True)
     assert lower.itos[2:] == ["the"]
 

@@ -153,7 +153,8 @@ def test_time_warp_in_training_losses(monkeypatch):
     assert torch.allclose(diffusion.word_loss_per_sequence(model, decoded, ids), expected, atol=1e-6)
     seen = []
     denoise = model.denoise
-    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: seen.append(t) or denoise(x_t, t, x0_estimate, attend))
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None:
+                        seen.append(t) or denoise(x_t, t, x0_estimate, attend))
     warp.loss = torch.linspace(0, 1, warp.bins, dtype=torch.float64).clamp(max=0.1)  # rises in the first bins only
     diffusion.training_losses(model, torch.randint(0, 11, (400, 6)), generator=torch.Generator().manual_seed(0))
     first_five_bins = -(-warp.steps * 5 // warp.bins)  # t below this: 80% of draws + the uniform floor's share
@@ -182,7 +183,8 @@ def test_left_to_right_training_and_sampling(monkeypatch):
     ids = torch.randint(0, 11, (4, 6))
     seen = []
     denoise = model.denoise
-    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: seen.append(t) or denoise(x_t, t, x0_estimate, attend))
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None:
+                        seen.append(t) or denoise(x_t, t, x0_estimate, attend))
     losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
     assert seen[0].shape == (4, 6) and torch.isfinite(losses["total"])
     losses["total"].backward()

@@ -25,7 +25,9 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 PAD, UNK = "<pad>", "<unk>"
 # Words keep inner apostrophes ("I'll", "o'er"); every other non-space character is its own token;
 # newlines are tokens too, because line structure is part of Shakespeare.
-WORD_PATTERN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|\n|[^\sA-Za-z]")
+# "<unk>" is one token, so that a sample's unknown word read back (by a teacher with another
+# vocabulary, or from a samples file) is one unknown word, not "<", "unk", ">".
+WORD_PATTERN = re.compile(r"<unk>|[A-Za-z]+(?:'[A-Za-z]+)*|\n|[^\sA-Za-z]")
 NO_SPACE_BEFORE = set(",.;:!?)]}-\n")
 NO_SPACE_AFTER = set("([{'-\n")
 

@@ -20,6 +20,7 @@ import torch
 
 from dlm.core.config import Config
 from dlm.evaluation.evaluate import pick_metrics, score_ids
+from dlm.evaluation.matched import match_entropy
 from dlm.runs.build import load_run
 from dlm.runs.control import mbr_indices
 from dlm.runs.sample import SampleOptions, generate
@@ -76,6 +77,13 @@ ARMS = [
     Arm("embedding scale 0.5", "noise", {"embedding_scale": 0.5}),
     Arm("time warping", "noise", {"time_warp": True}),
     Arm("2x training", "training length", budget_factor=2.0),
+    # issue 13's levers, each at the same wall-clock budget: 3x the tokens per step (so about a third
+    # of the steps: equal tokens), the denoiser's capacity, and a frequency-capped vocabulary
+    Arm("batch 192", "batch", {"batch_size": 192}),
+    Arm("depth 8", "capacity", {"depth": 8}),
+    Arm("width 512", "capacity", {"width": 512, "heads": 8}),
+    Arm("width 128", "capacity", {"width": 128, "heads": 2}),
+    Arm("vocabulary: words seen 10+ times", "vocabulary", {"min_count": 10}),
 ]
 
 def mbr_picks(ids: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -107,10 +115,19 @@ def arm_config(base: Config, arm: Arm, ar_preset: Config | None = None) -> Confi
     return base.replace(**arm.train)
 
 
-def flatten(arm: Arm, result: dict, train_info: dict, sample_s: float) -> dict:
+def flatten(arm: Arm, result: dict, train_info: dict, sample_s: float, matched: dict | None = None) -> dict:
     return {"arm": arm.name, "group": arm.group, **train_info, "sample_s": round(sample_s, 1),
             **pick_metrics(result, "samples", COLUMNS), "types_count": result["types_count"],
-            "collapse_reasons": ", ".join(result["collapse_reasons"])}
+            "collapse_reasons": ", ".join(result["collapse_reasons"]), **(matched or {})}
+
+
+def at_heldout_entropy(run, teacher, options: SampleOptions) -> dict:
+    """The arm's teacher perplexity at held-out entropy (dlm evaluate --matched): every arm that is
+    not collapsed lies on one fluency-entropy curve, so only this column compares them. The final
+    draw's temperature sets the entropy, so an arm's own temperature is replaced."""
+    result = match_entropy(run, teacher, options)
+    return {"matched_perplexity": result["samples"]["teacher_perplexity"],
+            "matched_temperature": result["temperature"], "matched_within_5pct": result["matched"]}
 
 
 def heldout_row(result: dict) -> dict:
@@ -119,9 +136,12 @@ def heldout_row(result: dict) -> dict:
 
 
 def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir: str | Path, budget_s: float,
-                 num_samples: int = 64, ar_preset: Config | None = None, log=print) -> pd.DataFrame:
+                 num_samples: int = 64, ar_preset: Config | None = None, log=print,
+                 matched: bool = False) -> pd.DataFrame:
     """Train (or reuse) one run per distinct training recipe, sample every arm, score every sample
-    set with the teacher, and return one row per arm plus held-out text's row first."""
+    set with the teacher, and return one row per arm plus held-out text's row first. matched: also
+    each arm's perplexity at held-out entropy (`at_heldout_entropy`; not for MBR arms, whose pick is
+    not a temperature's draw)."""
     out_dir = Path(out_dir)
     teacher = load_run(teacher_dir)
     trained: dict[str, dict] = {}
@@ -151,9 +171,12 @@ def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir
         if heldout is None:
             heldout = heldout_row(result)
             rows.append(heldout)
-        rows.append(flatten(arm, result, {"steps": info["steps"], "train_s": info["train_s"]}, sample_s))
+        at_entropy = at_heldout_entropy(run, teacher, options) if matched and arm.mbr == 1 else None
+        rows.append(flatten(arm, result, {"steps": info["steps"], "train_s": info["train_s"]}, sample_s, at_entropy))
         log(f"[{arm.name}] ppl {rows[-1]['teacher_perplexity']:.1f} | entropy {rows[-1]['unigram_entropy']:.2f} | "
-            f"punct {rows[-1]['punctuation_share']:.3f} | types {rows[-1]['types_at']} | collapsed {rows[-1]['collapsed']}")
+            f"punct {rows[-1]['punctuation_share']:.3f} | types {rows[-1]['types_at']} | collapsed {rows[-1]['collapsed']}"
+            + (f" | ppl at held-out entropy {at_entropy['matched_perplexity']:.1f} (T {at_entropy['matched_temperature']:.2f})"
+               if at_entropy else ""))
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         (out_dir / "samples" / f"{slug(arm.name)}.txt").write_text("\n\n".join(texts[:16]) + "\n", encoding="utf-8")
     return pd.DataFrame(rows)
@@ -167,6 +190,9 @@ def markdown_table(table: pd.DataFrame) -> str:
     """The ablation table (benchmarks/results/quality.md): one line per arm, ratios to held-out text where they read better."""
     header = ["arm", "group", "steps", "train s", "teacher ppl", "entropy (bits)", "punct", "distinct-2",
               "types", "top-10", "JS", "4-gram copy", "collapsed"]
+    matched = "matched_perplexity" in table
+    if matched:
+        header += ["ppl at held-out entropy", "T there"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(value, digits=3):
@@ -186,5 +212,10 @@ def markdown_table(table: pd.DataFrame) -> str:
                  fmt(record["unigram_entropy"]), fmt(record["punctuation_share"]), fmt(record["distinct_2"]),
                  fmt(int(record["types_at"])), fmt(record["top10_share"]), fmt(record["js_divergence"]),
                  fmt(record["copy_rate_4gram"]), fmt(bool(record["collapsed"]))]
+        if matched:
+            within = record.get("matched_within_5pct")
+            flag = " (not within 5%)" if pd.notna(within) and not bool(within) else ""
+            cells += [fmt(record.get("matched_perplexity", float("nan"))) + flag,
+                      fmt(record.get("matched_temperature", float("nan")))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
