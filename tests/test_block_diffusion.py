@@ -11,7 +11,8 @@ from dlm.core.config import ConfigError, load_config
 from dlm.core.noise import WindowKeys
 from dlm.core.schedule import sampling_timesteps
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import DiffusionLM, chain_blocks, generate, sample_progressive
+from dlm.families.gaussian import (DiffusionLM, block_causal_mask, chain_blocks, denoise_every_block, every_block_mask,
+                                  generate, sample_progressive)
 from dlm.runs.build import build_diffusion
 from dlm.runs.sample import SampleOptions
 
@@ -29,8 +30,8 @@ def spy(monkeypatch, model):
     """Record every denoiser call's inputs and output."""
     calls, denoise = [], model.denoise
 
-    def recorded(x_t, t, x0_estimate=None, attend=None):
-        out = denoise(x_t, t, x0_estimate, attend=attend)
+    def recorded(x_t, t, x0_estimate=None, attend=None, positions=None):
+        out = denoise(x_t, t, x0_estimate, attend, positions)
         calls.append(SimpleNamespace(x=x_t.detach().clone(), t=t.clone(), attend=attend, out=out))
         return out
 
@@ -201,3 +202,67 @@ def test_a_block_run_trains_samples_and_prints_its_chain_cost(tmp_path, capsys):
     assert main(["sample", "--run_dir", str(run_dir), "--out", str(out), "--num_samples", "3", "--steps", "5"]) == 0
     assert "chain: 4 blocks x 5 steps = 20 denoiser calls" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_every_block_mask_reads_earlier_blocks_clean_and_never_noise():
+    mask = every_block_mask(4, 2).int().tolist()
+    # rows: queries [noised 0..3, clean 0..3]; columns: keys in the same order
+    assert mask == [[1, 1, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0, 0, 0],
+                    [0, 0, 1, 1, 1, 1, 0, 0],
+                    [0, 0, 1, 1, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 1, 1, 1, 1],
+                    [0, 0, 0, 0, 1, 1, 1, 1]]
+
+
+def test_training_every_block_at_once_denoises_each_block_as_its_sampler_asks():
+    """BD3-LM's one pass over [noised window, clean window] gives each block the output the
+    sampler gets for it: the finished blocks clean at t = 0 before it, under the block-causal mask."""
+    model, diffusion, _ = toy(block_size=2, block_training="all")
+    ids = torch.randint(0, VOCAB, (3, LENGTH))
+    emb = model.embed(ids)
+    x_t = torch.randn(3, LENGTH, 8)
+    t = torch.randint(1, T, (3, LENGTH // 2)).repeat_interleave(2, dim=1)
+    with torch.no_grad():
+        every = denoise_every_block(model, x_t, t, emb, 2)
+        for first in range(0, LENGTH, 2):
+            end = first + 2
+            x = torch.cat([emb[:, :first], x_t[:, first:end]], dim=1)
+            t_positions = torch.cat([torch.zeros(3, first, dtype=torch.long), t[:, first:end]], dim=1)
+            alone = model.denoise(x, t_positions, None, block_causal_mask(end, 2)[None])
+            assert torch.allclose(every[:, first:end], alone[:, first:], atol=1e-5), first
+
+
+def test_training_every_block_scores_every_position(monkeypatch):
+    model, diffusion, _ = toy(block_size=2, block_training="all")
+    calls = spy(monkeypatch, model)
+    ids = torch.randint(0, VOCAB, (4, LENGTH))
+    losses = diffusion.training_losses(model, ids, keys=WindowKeys.batch(0, 3, 4))
+    call = calls[-1]
+    assert call.x.shape == (4, 2 * LENGTH, 8) and (call.t[:, LENGTH:] == 0).all()
+    assert torch.equal(call.x[:, LENGTH:], model.embed(ids))  # the clean window beside the noised one
+    noised_t = call.t[:, :LENGTH].view(4, LENGTH // 2, 2)
+    assert (noised_t[..., 0] == noised_t[..., 1]).all()  # one timestep per block
+    assert noised_t[..., 0].unique().numel() > 1  # and the blocks' timesteps differ
+    # every position is scored: a loss taken over one block would not move when another block's words change
+    changed = ids.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % VOCAB
+    other = diffusion.training_losses(model, changed, keys=WindowKeys.batch(0, 3, 4))
+    assert other["rounding"].item() != pytest.approx(losses["rounding"].item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="self_condition"):
+        toy(block_size=2, block_training="all", self_condition=0.5)
+
+
+def test_a_run_trained_on_every_block_samples_under_the_block_causal_mask(monkeypatch):
+    model, diffusion, _ = toy(block_size=2, block_training="all")
+    calls = spy(monkeypatch, model)
+    list(sample_progressive(model, diffusion, (2, LENGTH), 4, clamp=False, generator=torch.Generator().manual_seed(0)))
+    for call in calls:
+        assert torch.equal(call.attend[0], block_causal_mask(call.x.shape[1], 2))
+    one_model, one_diffusion, _ = toy(block_size=2)  # trained one block at a time: context and block read each other
+    calls = spy(monkeypatch, one_model)
+    list(sample_progressive(one_model, one_diffusion, (2, LENGTH), 4, clamp=False,
+                            generator=torch.Generator().manual_seed(0)))
+    assert all(call.attend is None for call in calls)

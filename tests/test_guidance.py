@@ -39,7 +39,7 @@ def bayes_toy():
                          sample_steps=20, dropout=0.0, clamp=False)
     model, diffusion = DiffusionLM(config, vocab_size=9).eval(), build_diffusion(config)
     roots = diffusion.schedule.sqrt_alphas_cumprod
-    model.denoise = lambda x_t, t, x0_estimate=None: roots[t].view(-1, 1, 1) * x_t
+    model.denoise = lambda x_t, t, x0_estimate=None, attend=None: roots[t].view(-1, 1, 1) * x_t
     return SimpleNamespace(config=config, model=model, objective=diffusion, checkpoint="toy")
 
 

@@ -78,7 +78,7 @@ def test_a_chain_whose_denoiser_knows_the_words_keeps_every_word(run, sampling, 
     """Fidelity on a toy: the denoiser answers EMB(w) of the held-out words whatever x_t it sees,
     so a faithful sampler ends on exactly those words, from any noise level."""
     ids = probe.heldout_ids(run, 4)
-    monkeypatch.setattr(run.model, "denoise", lambda x_t, t, x0_estimate=None: run.model.embed(ids))
+    monkeypatch.setattr(run.model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: run.model.embed(ids))
     for start_t in (40, 99):
         result = probe.chain_retention(run, ids, start_t=start_t, **sampling)
         assert result["first_step_accuracy"] == 1.0 and result["kept"] == 1.0, (start_t, result)

@@ -93,7 +93,7 @@ def test_a_perfect_denoiser_brings_the_chain_back_to_the_data(eta, monkeypatch):
     ac = diffusion.schedule.alphas_cumprod
     data = torch.randn(2, 6, 8)
 
-    def perfect(x_t, t, x0_estimate=None):
+    def perfect(x_t, t, x0_estimate=None, attend=None):
         a = ac[t].view(-1, 1, 1)
         return (x_t - a.sqrt() * data) / (1 - a).sqrt()
 

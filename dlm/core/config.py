@@ -98,6 +98,11 @@ class Config:
     # this many tokens, left to right, each by the diffusion chain with the earlier blocks given
     # clean; trained the same way. Must divide seq_len; null (or seq_len): the whole window at once
     block_size: Optional[int] = _diffusion(None)
+    # how a block run trains: one (SSD-LM: each window draws one block, noised, after its earlier
+    # blocks clean; the loss on that block only) or all (BD3-LM: every block noised at its own
+    # timestep at once, beside the clean window, under a block-causal attention mask: every
+    # position is a training target, at about twice the step's cost)
+    block_training: Literal["one", "all"] = _diffusion("one")
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
@@ -394,6 +399,9 @@ def check_block_size(config: Config) -> None:
     if size < length and config.left_to_right > 0:
         raise ConfigError("'block_size' and 'left_to_right' both order the generation: use one of them "
                           "(left_to_right 0, or block_size null).")
+    if size < length and config.block_training == "all" and config.self_condition > 0:
+        raise ConfigError("'block_training: all' feeds the window twice (noised and clean); it cannot be combined "
+                          "with self_condition yet: use self_condition 0 or block_training one.")
     if size < length and config.time_warp:
         raise ConfigError("'time_warp' measures the loss over the whole window; it cannot be combined with "
                           "block_size below seq_len.")

@@ -29,13 +29,16 @@ class SelfAttention(nn.Module):
         self.causal = causal
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
-        """attend (B, L) bool, optional: the keys every query may read (False: masked out)."""
+        """attend, optional (False: masked out): (B, L) bool, the keys every query may read, or
+        (B or 1, L, L) bool, the keys each query may read."""
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=-1)
         # (B, L, W) -> (B, nh, L, hs)
         q, k, v = (z.view(batch, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
-        mask = None if attend is None else attend[:, None, None, :]  # (B, 1, 1, L): over heads and queries
+        mask = None
+        if attend is not None:  # broadcast over heads (and over queries, for a (B, L) mask)
+            mask = attend[:, None, None, :] if attend.ndim == 2 else attend[:, None]
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # PyTorch's bf16 flash-attention backward on a CPU took 5x the float32 one here
             # (profiled: a quarter of a bf16 training step); attention is a few % of the FLOPs.
@@ -85,11 +88,15 @@ class TinyTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, out_dim or embed_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, attend: torch.Tensor | None = None) -> torch.Tensor:
-        """attend (B, L) bool, optional: the positions every position may attend to (block
-        diffusion masks out the blocks after the current one); None: all of them."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, attend: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """attend, optional: what every position may attend to, (B, L) or (B or 1, L, L) bool (see
+        SelfAttention; block diffusion's masks); None: all of them. positions (L,) long, optional:
+        each input's position in the window (0 .. L-1 by default; block diffusion trained on every
+        block at once feeds the window twice, noised and clean, at the same positions)."""
         length = x.shape[1]
-        h = self.in_proj(x) + self.positions[:length]  # (B, L, W)
+        position = self.positions[:length] if positions is None else self.positions[positions]
+        h = self.in_proj(x) + position  # (B, L, W)
         if self.time_mlp is not None:
             # t is one timestep per sequence (B,) or one per position (B, L) (left-to-right chains)
             time = self.time_mlp(timestep_embedding(t.reshape(-1), self.width))

@@ -22,7 +22,7 @@ from dlm.core.data import fixed_windows
 from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import q_sample
 from dlm.evaluation.rundata import run_data
-from dlm.families.gaussian import sample_chain
+from dlm.families.gaussian import block_context_mask, sample_chain
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
 
@@ -65,7 +65,9 @@ def one_step_x0(run: LoadedRun, ids: torch.Tensor, x_t: torch.Tensor, t: int) ->
         x = torch.cat([clean[:, :first], x_t[:, first: first + size]], dim=1)
         t_positions = torch.zeros(x.shape[:2], dtype=torch.long)
         t_positions[:, first:] = t
-        blocks.append(diffusion.x0_from_output(model, model.denoise(x, t_positions), x, t_positions)[:, first:])
+        attend = block_context_mask(diffusion, first + size, size)
+        output = model.denoise(x, t_positions, None, attend)
+        blocks.append(diffusion.x0_from_output(model, output, x, t_positions)[:, first:])
     return torch.cat(blocks, dim=1)
 
 

@@ -36,6 +36,7 @@ class LossSettings:
     left_to_right: float = 0.0  # AR-Diffusion's per-position delay (see position_timesteps)
     time_warp: bool = False  # draw training timesteps where the words' cross-entropy rises (TimeWarp)
     block_size: int | None = None  # semi-autoregressive blocks (see GaussianDiffusion.block_size_for)
+    block_training: str = "one"  # one block per window (SSD-LM) or all at once (BD3-LM)
 
 
 PREDICTIONS = ("x0", "epsilon", "logits")
@@ -172,10 +173,13 @@ class GaussianDiffusion:
         against EMB(w); rounding: CE of the rounding decoder on the configured x0; prior (tT):
         ||sqrt(alpha_bar_T) x0||^2, which keeps the table from growing without bound.
 
-        Block diffusion (block_size below the window): each window also draws a block b (after
-        its timestep). The positions of earlier blocks enter clean, EMB(w) at t = 0; block b's
-        are noised to t as usual; later blocks are masked out of attention (and put at T - 1), so
-        their words cannot matter. Every term is taken over block b's positions only.
+        Block diffusion (block_size below the window), block_training one (SSD-LM): each window
+        also draws a block b (after its timestep). The positions of earlier blocks enter clean,
+        EMB(w) at t = 0; block b's are noised to t as usual; later blocks are masked out of
+        attention (and put at T - 1), so their words cannot matter. Every term is taken over block
+        b's positions only. block_training all (BD3-LM): every block is noised at its own timestep
+        and each reads the earlier blocks clean from a clean copy of the window
+        (`denoise_every_block`); every term is taken over every position.
         """
         cfg, s = self.settings, self.schedule
         device = ids.device
@@ -198,18 +202,22 @@ class GaussianDiffusion:
             x0 = emb  # the seed: diffuse the clean embeddings themselves
         else:
             x0 = emb + s.sigma0 * randn_like(emb)  # x0 ~ q(x0 | w)
+        length = ids.shape[1]
+        block_size = self.block_size_for(length)
+        every_block = block_size is not None and cfg.block_training == "all"
         if cfg.left_to_right > 0:
             progress = draw(lambda n, g: torch.rand((n,), generator=g))
             t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
+        elif every_block:  # BD3-LM: each block at its own timestep
+            t = draw(lambda n, g: torch.randint(0, s.steps, (n, length // block_size), generator=g)).to(device)
+            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
         elif self.time_warp is not None and not uniform_t:
             t = draw(self.time_warp.sample).to(device)
         else:
             t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
-        length = ids.shape[1]
-        block_size = self.block_size_for(length)
         attend = None
         pick = _identity  # the positions the loss is taken over: all of them, or the current block's
-        if block_size is not None:
+        if block_size is not None and not every_block:
             current = draw(lambda n, g: torch.randint(0, length // block_size, (n,), generator=g)).to(device)
             block_of = torch.arange(length, device=device) // block_size
             earlier = block_of[None] < current[:, None]  # (B, L)
@@ -221,7 +229,7 @@ class GaussianDiffusion:
                 return z[in_block].view(batch, block_size, *z.shape[2:])
         noise = randn_like(x0)
         x_t = q_sample(s, x0, t, noise)
-        if block_size is not None:
+        if block_size is not None and not every_block:
             x_t = torch.where(earlier[..., None], emb, x_t)  # the finished blocks: clean, not noised
 
         x0_estimate = None
@@ -233,7 +241,10 @@ class GaussianDiffusion:
             if use:
                 with torch.no_grad():
                     x0_estimate = self.x0_from_output(model, model.denoise(x_t, t, None, attend), x_t, t).detach()
-        output = model.denoise(x_t, t, x0_estimate, attend)
+        if every_block:
+            output = denoise_every_block(model, x_t, t, emb, block_size)
+        else:
+            output = model.denoise(x_t, t, x0_estimate, attend)
         last = torch.full_like(t, s.steps - 1)
         prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
@@ -268,6 +279,36 @@ class GaussianDiffusion:
 
 def _identity(z: torch.Tensor) -> torch.Tensor:
     return z
+
+
+def block_causal_mask(length: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(L, L) bool: position q may read position k when k's block is not after q's."""
+    block = torch.arange(length, device=device) // block_size
+    return block[None, :] <= block[:, None]
+
+
+def every_block_mask(length: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(2L, 2L) bool over [noised window, clean window] (BD3-LM's training mask): a noised
+    position reads its own block's noised positions and the clean positions of earlier blocks;
+    a clean position reads the clean positions of its own and earlier blocks, never noise. So
+    each block sees what it sees when it is sampled: the finished blocks clean, itself noised."""
+    block = torch.arange(length, device=device) // block_size
+    same, earlier = block[None, :] == block[:, None], block[None, :] < block[:, None]
+    top = torch.cat([same, earlier], dim=1)
+    bottom = torch.cat([torch.zeros_like(same), block_causal_mask(length, block_size, device)], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def denoise_every_block(model, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The denoiser's output for every block of x_t (B, L, d) at once, each block at its own
+    timesteps t (B, L), given the earlier blocks clean: one pass over the noised window beside the
+    clean one (EMB(w) at t = 0, at the same positions) under `every_block_mask`."""
+    length = x_t.shape[1]
+    inputs = torch.cat([x_t, emb.to(x_t.dtype)], dim=1)
+    timesteps = torch.cat([t, torch.zeros_like(t)], dim=1)
+    positions = torch.arange(length, device=x_t.device).repeat(2)
+    mask = every_block_mask(length, block_size, x_t.device)[None]
+    return model.denoise(inputs, timesteps, None, mask, positions)[:, :length]
 
 
 @dataclass
@@ -344,7 +385,8 @@ def known_positions_hook(model: DiffusionLM, ids: torch.Tensor, known: torch.Ten
 
 @torch.inference_mode()
 def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: DiffusionScheduler, x: torch.Tensor,
-                  generator: torch.Generator | None = None, hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+                  generator: torch.Generator | None = None, hooks: Sequence[Hook] = (),
+                  attend: torch.Tensor | None = None) -> Iterator[SampleState]:
     """The pipeline: from x (B, L, d) at scheduler.timesteps[0] down the scheduler's chain, yielding
     every state. The network's output becomes x0 here (`x0_from_output`), the hooks then edit it
     in order, and the scheduler steps with what they return. With self-conditioning the step's
@@ -357,7 +399,7 @@ def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: D
     x0_estimate = None
     for index, t_row in enumerate(scheduler.timesteps):
         t = t_row[:1].expand(batch) if shared[index] else t_row.expand(batch, -1)
-        pred_x0 = diffusion.x0_from_output(model, model.denoise(x, t, x0_estimate), x, t)
+        pred_x0 = diffusion.x0_from_output(model, model.denoise(x, t, x0_estimate, attend), x, t)
         for hook in hooks:
             pred_x0 = hook(pred_x0, t, x, index)
         x0_estimate = pred_x0 if model.self_conditioned else None
@@ -422,6 +464,17 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     return reverse_chain(model, diffusion, scheduler, x, generator, hooks)
 
 
+def block_context_mask(diffusion: GaussianDiffusion, end: int, block_size: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """What the denoiser may read when it denoises the block ending at `end` after the finished
+    blocks: everything (None) for a run trained one block at a time, where context and block
+    attend to each other; block-causal for one trained on every block at once, whose clean
+    positions never read noise (`every_block_mask`)."""
+    if diffusion.settings.block_training != "all":
+        return None
+    return block_causal_mask(end, block_size, device)[None]
+
+
 def plain_scheduler(diffusion: GaussianDiffusion, steps: int, length: int, eta: float = 1.0,
                     spacing: str = "logsnr", start_t: int | None = None,
                     device: torch.device | str = "cpu") -> DiffusionScheduler:
@@ -461,7 +514,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
             block_hooks = (*block_hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
         x = torch.cat([model.embed(context).to(initial.dtype), initial[:, first:end]], dim=1)
         rest = initial[:, end:]
-        for state in reverse_chain(model, diffusion, scheduler, x, generator, block_hooks):
+        attend = block_context_mask(diffusion, end, block_size, device)
+        for state in reverse_chain(model, diffusion, scheduler, x, generator, block_hooks, attend):
             finished = None
             if state.index == len(scheduler) - 1:
                 # decoded as the caller decodes a plain chain's x: in float32, outside the autocast
@@ -493,14 +547,15 @@ class DiffusionLM(nn.Module):
         self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None,
-                attend: torch.Tensor | None = None) -> torch.Tensor:
-        """attend (B, L) bool: the positions every position may read (block diffusion's mask)."""
+                attend: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """attend: what each position may read, (B, L) or (B or 1, L, L) bool (block diffusion's
+        masks); positions (L,): each input's window position (TinyTransformer.forward)."""
         if self.self_conditioned:
             if x0_estimate is None:
                 x0_estimate = torch.zeros_like(x_t)
             x_t = torch.cat([x_t, x0_estimate], dim=-1)
         # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
-        return self.denoiser(x_t, t, attend).float()
+        return self.denoiser(x_t, t, attend, positions).float()
 
     # The rest of the denoiser interface: what samplers and probes use instead of the modules.
 
