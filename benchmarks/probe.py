@@ -3,12 +3,18 @@ held-out words the reverse chain keeps when started from them (dlm/probe.py).
 
     python benchmarks/probe.py runs/default runs/default_10x      # prints and writes probe.md
     python benchmarks/probe.py runs/default --windows 128 --start_t 400,1000
+    python benchmarks/probe.py --one_step --windows 256 runs/default runs/x10/checkpoints/epoch_0028.pt
+
+A run is a run folder (its last checkpoint) or one of its checkpoint files. --one_step leaves out
+the chains (minutes per run) and adds one table across the runs: the denoiser's one-step
+cross-entropy and accuracy at each noise level, side by side (what more training teaches it where).
 
 Each chain table row is one sampler (SAMPLERS below): first_step_accuracy is the denoiser's one-step
 argmax, first_step_calibrated the share drawing each word once from its rounding softmax keeps,
 kept what the whole chain keeps.
 
-Writes --out/probe.md (default benchmarks/results/) with one table of each kind per run.
+Writes --out/probe.md (default benchmarks/results/) with one table of each kind per run
+(--one_step: probe_one_step.md).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ SAMPLERS = ({"eta": 1.0, "x0": "predicted"}, {"eta": 0.0, "x0": "predicted"}, {"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders (diffusion runs)")
+    parser.add_argument("runs", nargs="+", help="run folders or checkpoint files (diffusion runs)")
+    parser.add_argument("--one_step", action="store_true", help="only the one-step tables, and one across the runs")
     parser.add_argument("--windows", type=int, default=64, help="held-out windows probed")
     parser.add_argument("--start_t", default="400,1000,1400", help="timesteps the chain starts from")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where probe.md goes")
@@ -48,24 +55,34 @@ def markdown(table: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    sections = []
-    for run_dir in args.runs:
-        run = load_run(run_dir)
+    sections, one_step = [], []
+    for path in args.runs:
+        path = Path(path)
+        run = load_run(path.parent.parent, path) if path.is_file() else load_run(path)
         ids = heldout_ids(run, args.windows)
         accuracy = denoising_accuracy(run, ids)
-        section = (f"## {run_dir} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
+        one_step.append(accuracy.assign(run=f"{path} (step {run.step})"))
+        section = (f"## {path} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
                    f"windows:\n\n{markdown(accuracy)}\n")
-        if run.config.left_to_right == 0:  # a chain from x_t needs one timestep for every position
+        if run.config.left_to_right == 0 and not args.one_step:  # a chain from x_t needs one timestep everywhere
             rows = [{k: v for k, v in chain_retention(run, ids, int(t), **variant).items() if k != "final_ids"}
                     for t in args.start_t.split(",") for variant in SAMPLERS]
             section += (f"\nThe reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
                         f"from held-out x_t:\n\n{markdown(pd.DataFrame(rows))}\n")
         sections.append(section)
         print(section, flush=True)
+    if args.one_step:
+        table = pd.concat(one_step)
+        for column, what in (("cross_entropy", "cross-entropy (nats)"), ("accuracy", "accuracy")):
+            side_by_side = table.pivot(index="t", columns="run", values=column)[table["run"].unique()]
+            section = f"## One-step {what} by timestep, across the runs\n\n{markdown(side_by_side.reset_index())}\n"
+            sections.insert(0, section)
+            print(section, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.md").write_text("\n".join(sections), encoding="utf-8")
-    print(f"wrote {out / 'probe.md'}")
+    name = "probe_one_step.md" if args.one_step else "probe.md"
+    (out / name).write_text("\n".join(sections), encoding="utf-8")
+    print(f"wrote {out / name}")
     return 0
 
 

@@ -72,6 +72,23 @@ def test_probe_benchmark_writes_both_tables(run, tmp_path, capsys):
     assert "kept" in capsys.readouterr().out
 
 
+def test_probe_benchmark_one_step_compares_checkpoints_side_by_side(run, tmp_path, capsys):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("probe_benchmark", ROOT / "benchmarks" / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_dir = run.checkpoint.parents[1]
+    first = sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[0]
+    assert module.main([str(run_dir), str(first), "--one_step", "--windows", "4", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "probe_one_step.md").read_text()
+    assert "One-step cross-entropy" in text and "One-step accuracy" in text
+    assert f"{first} (step " in text and "kept" not in text  # no chains
+    assert not (tmp_path / "probe.md").exists()
+
+
 @pytest.mark.parametrize("sampling", [{"eta": 1.0}, {"eta": 0.0}, {"eta": 1.0, "x0": "expected"},
                                       {"eta": 0.0, "x0": "expected"}])
 def test_a_chain_whose_denoiser_knows_the_words_keeps_every_word(run, sampling, monkeypatch):
