@@ -11,8 +11,15 @@ from dlm.core.config import ConfigError, load_config
 from dlm.core.noise import WindowKeys
 from dlm.core.schedule import sampling_timesteps
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import (DiffusionLM, block_causal_mask, chain_blocks, denoise_every_block, every_block_mask,
-                                  generate, sample_progressive)
+from dlm.families.gaussian import (
+    DiffusionLM,
+    block_causal_mask,
+    chain_blocks,
+    denoise_every_block,
+    every_block_mask,
+    generate,
+    sample_progressive,
+)
 from dlm.runs.build import build_diffusion
 from dlm.runs.sample import SampleOptions
 
