@@ -28,6 +28,7 @@ import pandas as pd
 
 from dlm.evaluation.probe import chain_retention, denoising_accuracy, heldout_ids
 from dlm.runs.build import load_run
+from dlm.runs.rundir import run_and_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # The chains compared from held-out x_t: the step noise (ancestral, DDIM), the x0 the step moves
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     sections, one_step = [], []
     for path in args.runs:
-        path = Path(path)
-        run = load_run(path.parent.parent, path) if path.is_file() else load_run(path)
+        run = load_run(*run_and_checkpoint(path))
         ids = heldout_ids(run, args.windows)
         accuracy = denoising_accuracy(run, ids)
         one_step.append(accuracy.assign(run=f"{path} (step {run.step})"))

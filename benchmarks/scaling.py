@@ -30,7 +30,7 @@ import torch
 from dlm.evaluation.likelihood import compare_with_ar
 from dlm.evaluation.matched import check_teacher, entropy_of, heldout_entropy, score_at_entropy, temperature_sampler
 from dlm.runs.build import load_run
-from dlm.runs.rundir import RunDir
+from dlm.runs.rundir import RunDir, run_and_checkpoint
 from dlm.runs.sample import SampleOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,7 @@ def split_label(text: str) -> tuple[str, Path | None, Path | None]:
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
         raise ValueError(f"'{text}' is not LABEL=PATH (e.g. default=runs/default).")
-    path = Path(path)
-    if path.is_file():
-        return label, path.parent.parent, path
-    return label, path, None
+    return label, *run_and_checkpoint(path)
 
 
 def training_seconds(run_dir: Path, step: int) -> float:

@@ -6,6 +6,13 @@ import re
 from pathlib import Path
 
 
+def run_and_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """A run folder (its last checkpoint: None) or one of its checkpoint files, as
+    (run folder, checkpoint): what the benchmarks accept wherever they take a run."""
+    path = Path(path)
+    return (path.parent.parent, path) if path.is_file() else (path, None)
+
+
 class RunDir:
     """Where one run keeps everything:
 
