@@ -205,6 +205,7 @@ class GaussianDiffusion:
         length = ids.shape[1]
         block_size = self.block_size_for(length)
         every_block = block_size is not None and cfg.block_training == "all"
+        one_block = block_size is not None and not every_block  # SSD-LM: one block per window
         if cfg.left_to_right > 0:
             progress = draw(lambda n, g: torch.rand((n,), generator=g))
             t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
@@ -217,7 +218,7 @@ class GaussianDiffusion:
             t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
         attend = None
         pick = _identity  # the positions the loss is taken over: all of them, or the current block's
-        if block_size is not None and not every_block:
+        if one_block:
             current = draw(lambda n, g: torch.randint(0, length // block_size, (n,), generator=g)).to(device)
             block_of = torch.arange(length, device=device) // block_size
             earlier = block_of[None] < current[:, None]  # (B, L)
@@ -229,7 +230,7 @@ class GaussianDiffusion:
                 return z[in_block].view(batch, block_size, *z.shape[2:])
         noise = randn_like(x0)
         x_t = q_sample(s, x0, t, noise)
-        if block_size is not None and not every_block:
+        if one_block:
             x_t = torch.where(earlier[..., None], emb, x_t)  # the finished blocks: clean, not noised
 
         x0_estimate = None
