@@ -19,6 +19,7 @@ from dlm.families.gaussian import (
     every_block_mask,
     generate,
     sample_progressive,
+    x0_given_earlier_blocks,
 )
 from dlm.runs.build import build_diffusion
 from dlm.runs.sample import SampleOptions
@@ -240,6 +241,24 @@ def test_training_every_block_at_once_denoises_each_block_as_its_sampler_asks():
             t_positions = torch.cat([torch.zeros(3, first, dtype=torch.long), t[:, first:end]], dim=1)
             alone = model.denoise(x, t_positions, None, block_causal_mask(end, 2)[None])
             assert torch.allclose(every[:, first:end], alone[:, first:], atol=1e-5), first
+
+
+@pytest.mark.parametrize("training", ["one", "all"])
+def test_scoring_asks_each_block_with_the_words_before_it_clean(training):
+    """What the likelihood bound and the probe ask (`x0_given_earlier_blocks`): block by block,
+    the earlier blocks clean at t = 0 and the later ones left out, under the run's own mask."""
+    model, diffusion, _ = toy(block_size=2, block_training=training)
+    ids = torch.randint(0, VOCAB, (3, LENGTH))
+    emb = model.embed(ids)
+    x_t, t = torch.randn(3, LENGTH, 8), torch.randint(1, T, (3,))
+    with torch.no_grad():
+        scored = x0_given_earlier_blocks(model, diffusion, x_t, t, emb)
+        for first in range(0, LENGTH, 2):
+            x = torch.cat([emb[:, :first], x_t[:, first:first + 2]], dim=1)
+            t_positions = torch.cat([torch.zeros(3, first, dtype=torch.long), t[:, None].expand(3, 2)], dim=1)
+            mask = block_causal_mask(first + 2, 2)[None] if training == "all" else None
+            alone = model.denoise(x, t_positions, None, mask)
+            assert torch.allclose(scored[:, first:first + 2], alone[:, first:], atol=1e-5), first
 
 
 def test_training_every_block_scores_every_position(monkeypatch):

@@ -49,7 +49,7 @@ from dlm.core.schedule import q_sample
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, run_data
-from dlm.families.gaussian import expected_x0_hook
+from dlm.families.gaussian import expected_x0_hook, x0_given_earlier_blocks
 from dlm.runs.build import LoadedRun, load_run
 
 logger = logging.getLogger("dlm")
@@ -150,14 +150,15 @@ def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, var: float) -> to
     return -0.5 * (((x - mean) ** 2).flatten(1).sum(1) / var + count * math.log(2 * math.pi * var))
 
 
-def _denoise_x0(model, diffusion, x_t: torch.Tensor, t: torch.Tensor, precision: str,
+def _denoise_x0(model, diffusion, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, precision: str,
                 x0_kind: str = "predicted") -> torch.Tensor:
     """The model's x0 at (x_t, t): the denoiser's prediction, or (x0 'expected') the expected
     embedding under its rounding softmax, the x0 the sampler steps toward with sample_x0 expected:
-    the bound then scores the reverse process that sampler draws from."""
+    the bound then scores the reverse process that sampler draws from. A block run's blocks are
+    each asked with the words before them clean (`emb`), so its bound is the sum over blocks of
+    -log p(block | the words before it): the likelihood of the model that generates block by block."""
     with autocast(precision, x_t.device):
-        output = model.denoise(x_t, t)
-    pred_x0 = diffusion.x0_from_output(model, output, x_t, t).float()
+        pred_x0 = x0_given_earlier_blocks(model, diffusion, x_t, t, emb).float()
     if x0_kind == "expected":
         pred_x0 = expected_x0_hook(model)(pred_x0, t, x_t, 0)
     return pred_x0.float()
@@ -183,7 +184,7 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
     x0 = emb + math.sqrt(terms.sigma0_sq) * randn(emb.shape)  # x_0 ~ q(x_0 | w)
     first = torch.zeros(batch, dtype=torch.long, device=device)
     x1 = q_sample(diffusion.schedule, x0, first, randn(x0.shape))
-    pred_emb = _denoise_x0(model, diffusion, x1, first, precision, x0_kind)
+    pred_emb = _denoise_x0(model, diffusion, x1, first, emb, precision, x0_kind)
     logits = model.round(x0).float()
     rounding = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").double().sum(1)
     out = {"prior": terms.prior(x0), "decoder": terms.decoder(x0, x1, emb, pred_emb), "rounding": rounding}
@@ -197,7 +198,7 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
     diffusion_sum = torch.zeros(batch, dtype=torch.float64, device=device)
     for t, weight in zip(timesteps.to(device), weights.to(device)):
         x_t = q_sample(diffusion.schedule, x0, t, randn(x0.shape))
-        diffusion_sum += weight * terms.step_kl(x0, x_t, _denoise_x0(model, diffusion, x_t, t, precision, x0_kind), t)
+        diffusion_sum += weight * terms.step_kl(x0, x_t, _denoise_x0(model, diffusion, x_t, t, emb, precision, x0_kind), t)
     out["diffusion"] = diffusion_sum
     return {name: out[name].cpu() for name in TERMS}
 

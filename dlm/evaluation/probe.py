@@ -22,7 +22,7 @@ from dlm.core.data import fixed_windows
 from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import q_sample
 from dlm.evaluation.rundata import run_data
-from dlm.families.gaussian import block_context_mask, sample_chain
+from dlm.families.gaussian import sample_chain, x0_given_earlier_blocks
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
 
@@ -49,26 +49,11 @@ def noised(run: LoadedRun, ids: torch.Tensor, t: int, generator: torch.Generator
 
 
 def one_step_x0(run: LoadedRun, ids: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """The denoiser's x0 (B, L, d) from x_t in one step, asked as its sampler asks: the whole window
-    at t, or for a block-diffusion run each block at t with the blocks before it given clean (the
-    true words' embeddings at t = 0) and the later ones left out, as in training. Asking a block
-    model for the whole noised window at once reads a context it never saw."""
-    model, diffusion = run.model, run.objective
-    batch, length = ids.shape
-    size = diffusion.block_size_for(length)
-    if size is None:
-        t_batch = torch.full((batch,), t)
-        return diffusion.x0_from_output(model, model.denoise(x_t, t_batch), x_t, t_batch)
-    clean = model.embed(ids).to(x_t.dtype)
-    blocks = []
-    for first in range(0, length, size):
-        x = torch.cat([clean[:, :first], x_t[:, first: first + size]], dim=1)
-        t_positions = torch.zeros(x.shape[:2], dtype=torch.long)
-        t_positions[:, first:] = t
-        attend = block_context_mask(diffusion, first + size, size)
-        output = model.denoise(x, t_positions, None, attend)
-        blocks.append(diffusion.x0_from_output(model, output, x, t_positions)[:, first:])
-    return torch.cat(blocks, dim=1)
+    """The denoiser's x0 (B, L, d) from x_t in one step, asked as its sampler asks
+    (`x0_given_earlier_blocks`: a block run's blocks each with the true words before it). Asking a
+    block model for the whole noised window at once reads a context it never saw."""
+    return x0_given_earlier_blocks(run.model, run.objective, x_t, torch.full((ids.shape[0],), t),
+                                   run.model.embed(ids))
 
 
 @torch.inference_mode()

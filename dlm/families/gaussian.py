@@ -312,6 +312,31 @@ def denoise_every_block(model, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Te
     return model.denoise(inputs, timesteps, None, mask, positions)[:, :length]
 
 
+def x0_given_earlier_blocks(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor,
+                            emb: torch.Tensor) -> torch.Tensor:
+    """The denoiser's x0 (B, L, d) for every position of x_t at timesteps t (B,), asked as the
+    sampler asks: the whole window at once, or for a block run each block at t with the blocks
+    before it clean (`emb`, the words' embeddings at t = 0) and the later ones left out, so a score
+    over all positions is the sum of each block's score given the words before it. A run trained
+    on every block at once gets them all in its training pass (`denoise_every_block`)."""
+    batch, length = x_t.shape[:2]
+    size = diffusion.block_size_for(length)
+    if size is None:
+        return diffusion.x0_from_output(model, model.denoise(x_t, t), x_t, t)
+    t_positions = t[:, None].expand(batch, length)
+    if diffusion.settings.block_training == "all":
+        output = denoise_every_block(model, x_t, t_positions, emb, size)
+        return diffusion.x0_from_output(model, output, x_t, t_positions)
+    blocks = []
+    for first in range(0, length, size):
+        x = torch.cat([emb[:, :first].to(x_t.dtype), x_t[:, first: first + size]], dim=1)
+        block_t = torch.zeros(x.shape[:2], dtype=torch.long, device=x_t.device)
+        block_t[:, first:] = t[:, None]
+        output = model.denoise(x, block_t, None, block_context_mask(diffusion, first + size, size, x_t.device))
+        blocks.append(diffusion.x0_from_output(model, output, x, block_t)[:, first:])
+    return torch.cat(blocks, dim=1)
+
+
 @dataclass
 class SampleState:
     """One step of the reverse chain: x at the next (lower) noise level and the predicted x0."""
