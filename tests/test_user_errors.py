@@ -104,6 +104,9 @@ def test_memory_estimate_names_the_sizes_and_the_machine():
     for preset in ("default", "paper_scale"):  # the shipped presets fit (24 GiB machines)
         assert training_memory_bytes(load_config(ROOT / "params" / f"{preset}.yaml")) < 8 * 2**30
     assert machine_memory_bytes() > 2**30
+    # training every block at once feeds the clean window beside the noised one
+    plain = training_memory_bytes(load_config(SMOKE, block_size=4))
+    assert training_memory_bytes(load_config(SMOKE, block_size=4, block_training="all")) > 1.5 * plain
 
 
 def test_yaml_numeric_strings_are_read_as_numbers(tmp_path):

@@ -412,11 +412,16 @@ def training_memory_bytes(config: Config) -> int:
     are computed in chunks, so the vocabulary only counts through the table, taken at a small
     vocabulary here: the estimate errs low): weights, gradients, AdamW's two moments and the EMA
     copy (~20 bytes a parameter), the saved activations (about 24 floats per token, width and
-    layer, each layer's attention maps, and the noised embeddings), and the schedule tables."""
+    layer, each layer's attention maps, and the noised embeddings), and the schedule tables. A
+    run trained on every block at once reads the clean window beside the noised one: twice the
+    tokens, four times the attention maps."""
     d, w, depth, length = config.embed_dim, config.width, config.depth, config.seq_len
     vocab = 64 if config.tokenizer == "char" else 1000
     params = depth * 12 * w * w + 2 * d * w + 2 * length * w + 4 * w * w + vocab * d
-    activations = config.batch_size * length * (depth * (24 * w + 3 * config.heads * length) + 4 * d)
+    every_block = (config.model == "diffusion" and config.block_training == "all" and config.block_size is not None
+                   and config.block_size < length)
+    inputs = 2 * length if every_block else length
+    activations = config.batch_size * inputs * (depth * (24 * w + 3 * config.heads * inputs) + 4 * d)
     return 20 * params + 4 * activations + 16 * 8 * config.diffusion_steps
 
 
