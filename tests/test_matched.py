@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -17,10 +18,21 @@ def saturating(temperature: float) -> float:
     return 2.0 + 3.0 * temperature / (1.0 + temperature)  # 2 bits at 0, rising toward 5
 
 
-def test_find_temperature_hits_the_target_by_bisection():
-    temperature, entropy = find_temperature(saturating, 4.0, tolerance=0.001)
-    assert abs(entropy / 4.0 - 1) <= 0.001
-    assert temperature == pytest.approx(2.0, rel=0.01)  # 2 + 3 * 2 / 3 = 4
+def test_find_temperature_hits_the_target_in_few_draws():
+    asked = []
+
+    def counted(temperature):
+        asked.append(temperature)
+        return saturating(temperature)
+
+    temperature, entropy = find_temperature(counted, 4.1, tolerance=0.001)
+    assert abs(entropy / 4.1 - 1) <= 0.001
+    assert temperature == pytest.approx(7 / 3, rel=0.01)  # 2 + 3 * (7/3) / (10/3) = 4.1
+    # 0, 0.5, 1, 2, 4 bracket it; bisection of [2, 4] to 0.1% of the entropy takes 6 more draws
+    assert len(asked) <= 5 + 3, asked
+    # a steep rise far from linear (entropy a step-like function of temperature) still converges
+    temperature, entropy = find_temperature(lambda t: 2.0 + 3.0 * math.tanh(20 * max(t - 1.3, 0.0)), 4.0)
+    assert abs(entropy / 4.0 - 1) <= 0.01 and 1.3 < temperature < 1.4
 
 
 def test_find_temperature_stops_at_the_argmax_or_the_ceiling():

@@ -69,23 +69,39 @@ def heldout_entropy(run: LoadedRun, count: int) -> float:
 
 def find_temperature(entropy_at: Callable[[float], float], target: float, tolerance: float = 0.01,
                      iterations: int = 30) -> tuple[float, float]:
-    """The temperature whose samples' entropy is within `tolerance` (relative) of `target`, by
-    bisection (entropy rises with temperature); (temperature, entropy). Above the target already at
-    temperature 0: (0, that entropy). Never reaching it by MAX_TEMPERATURE: (MAX_TEMPERATURE, ...)."""
-    low, entropy = 0.0, entropy_at(0.0)
-    if entropy >= target * (1 - tolerance):
-        return low, entropy
+    """The temperature whose samples' entropy is within `tolerance` (relative) of `target` (entropy
+    rises with temperature); (temperature, entropy). Above the target already at temperature 0:
+    (0, that entropy). Never reaching it by MAX_TEMPERATURE: (MAX_TEMPERATURE, ...).
+
+    The target is bracketed by doubling, then found by regula falsi with the Illinois rule (the
+    temperature where the line through the bracket's ends meets the target; an end kept twice has
+    its distance to the target halved): entropy is smooth in temperature, so it takes two or three
+    draws where bisection takes five or more, and a block run or the AR model draws afresh each time.
+    scipy's brentq would do it, but it is not a dependency, and its xtol cannot say 'relative
+    tolerance on the function', which is what matching needs."""
+    low, low_entropy = 0.0, entropy_at(0.0)
+    if low_entropy >= target * (1 - tolerance):
+        return low, low_entropy
     high = 0.5
     while (high_entropy := entropy_at(high)) < target * (1 - tolerance) and high < MAX_TEMPERATURE:
-        low, high = high, min(2 * high, MAX_TEMPERATURE)
+        low, low_entropy, high = high, high_entropy, min(2 * high, MAX_TEMPERATURE)
     if high_entropy <= target * (1 + tolerance):  # within the tolerance, or the ceiling not enough
         return high, high_entropy
+    # the bracket's ends as their distance to the target (halved by the Illinois rule)
+    low_gap, high_gap, kept = low_entropy - target, high_entropy - target, None
     for _ in range(iterations):
-        middle = (low + high) / 2
+        middle = low + (high - low) * -low_gap / (high_gap - low_gap) if high_gap > low_gap else (low + high) / 2
         entropy = entropy_at(middle)
         if abs(entropy / target - 1) <= tolerance:
             return middle, entropy
-        low, high = (middle, high) if entropy < target else (low, middle)
+        if entropy < target:
+            low, low_gap = middle, entropy - target
+            high_gap = high_gap / 2 if kept == "high" else high_gap
+            kept = "high"
+        else:
+            high, high_gap = middle, entropy - target
+            low_gap = low_gap / 2 if kept == "low" else low_gap
+            kept = "low"
     return middle, entropy
 
 
