@@ -162,6 +162,12 @@ class Config:
         """The keys of one section (see SECTIONS) and their values, in declaration order."""
         return {key: getattr(self, key) for key in section_keys(name)}
 
+    @property
+    def trains_every_block(self) -> bool:
+        """Block diffusion trained on every block at once (BD3-LM): the denoiser reads the clean
+        window beside the noised one."""
+        return self.block_size is not None and self.block_size < self.seq_len and self.block_training == "all"
+
 
 def section_keys(name: str) -> tuple[str, ...]:
     if name not in SECTIONS:
@@ -288,7 +294,7 @@ def _coerce(tp: Any, value: Any, from_text: bool) -> Any:
             if lowered in ("true", "yes", "1", "on"):
                 return True
             if lowered in ("false", "no", "0", "off"):
-                return False
+                return self.block_size is not None and self.block_size < self.seq_len and self.block_training == "all"
             raise ValueError
         if tp is int:
             return int(value)
@@ -399,7 +405,7 @@ def check_block_size(config: Config) -> None:
     if size < length and config.left_to_right > 0:
         raise ConfigError("'block_size' and 'left_to_right' both order the generation: use one of them "
                           "(left_to_right 0, or block_size null).")
-    if size < length and config.block_training == "all" and config.self_condition > 0:
+    if config.trains_every_block and config.self_condition > 0:
         raise ConfigError("'block_training: all' feeds the window twice (noised and clean); it cannot be combined "
                           "with self_condition yet: use self_condition 0 or block_training one.")
     if size < length and config.time_warp:
@@ -418,9 +424,7 @@ def training_memory_bytes(config: Config) -> int:
     d, w, depth, length = config.embed_dim, config.width, config.depth, config.seq_len
     vocab = 64 if config.tokenizer == "char" else 1000
     params = depth * 12 * w * w + 2 * d * w + 2 * length * w + 4 * w * w + vocab * d
-    every_block = (config.model == "diffusion" and config.block_training == "all" and config.block_size is not None
-                   and config.block_size < length)
-    inputs = 2 * length if every_block else length
+    inputs = 2 * length if config.model == "diffusion" and config.trains_every_block else length
     activations = config.batch_size * inputs * (depth * (24 * w + 3 * config.heads * inputs) + 4 * d)
     return 20 * params + 4 * activations + 16 * 8 * config.diffusion_steps
 
