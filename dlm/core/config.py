@@ -294,7 +294,7 @@ def _coerce(tp: Any, value: Any, from_text: bool) -> Any:
             if lowered in ("true", "yes", "1", "on"):
                 return True
             if lowered in ("false", "no", "0", "off"):
-                return self.block_size is not None and self.block_size < self.seq_len and self.block_training == "all"
+                return False
             raise ValueError
         if tp is int:
             return int(value)
