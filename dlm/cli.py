@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     matched.add_argument("--checkpoint", help="a checkpoint of --run_dir (default: its last; --nll too)")
     matched.add_argument("--num_samples", type=int, default=64, help="samples drawn (default 64)")
     matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+    matched.add_argument("--unk", action=argparse.BooleanOptionalAction,
+                         help="a final token may be <unk>; --no-unk masks it (default: the run's decode_unk)")
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "under its rounding softmax (default: the run's sample_x0)")
     sample_parser.add_argument("--temperature", type=float,
                                help="0: argmax of the rounding logits; >0: draw final tokens from softmax/T")
+    sample_parser.add_argument("--unk", action=argparse.BooleanOptionalAction,
+                               help="a final token may be <unk>; --no-unk masks it, so that a capped vocabulary's "
+                                    "samples hold words only (default: the run's decode_unk)")
     sample_parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                                help="use the EMA weights when the checkpoint has them")
     sample_parser.add_argument("--seed", type=int, default=0)
@@ -294,7 +299,7 @@ def run_sample(args: argparse.Namespace) -> None:
     options = SampleOptions.from_config(
         run.config, num_samples=args.num_samples, steps=args.steps, spacing=args.spacing, decoder=args.decoder,
         clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, x0=args.x0, temperature=args.temperature,
-        seed=args.seed,
+        unk=args.unk, seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
     if run.family.NAME == "diffusion":
@@ -367,7 +372,7 @@ def run_matched(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir, args.checkpoint, device=device)
     teacher = load_run(args.teacher, device=device)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
-                                        x0=args.x0, seed=args.seed)
+                                        x0=args.x0, unk=args.unk, seed=args.seed)
     result = match_entropy(run, teacher, options, device=device)
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
@@ -375,7 +380,7 @@ def run_matched(args: argparse.Namespace) -> None:
     band = "within" if result["matched"] else "NOT within"
     print(f"temperature {result['temperature']:.4f}: entropy {result['samples']['unigram_entropy']:.3f} bits, "
           f"{band} 5% of held-out's {result['target_entropy']:.3f} ({run.checkpoint}, step {run.step}; "
-          f"{result['num_samples']} samples, x0 {options.x0})")
+          f"{result['num_samples']} samples, x0 {options.x0}{'' if options.unk else ', <unk> masked'})")
     print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))
     print("targets met: " + " | ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["targets"].items()))
     if args.json:

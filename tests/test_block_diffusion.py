@@ -176,7 +176,7 @@ def test_sampling_never_changes_a_finished_block(monkeypatch, start):
             assert torch.equal(state.words[:, :first + 2], words[:, :first + 2])
 
     # generate returns the chain's words, not a new decoding of its last x
-    run = SimpleNamespace(model=model, objective=diffusion, config=config)
+    run = SimpleNamespace(model=model, objective=diffusion, config=config, tokenizer=SimpleNamespace(unk_id=1))
     options = SampleOptions.from_config(config, num_samples=3, temperature=1.0, clamp=True)
     ids, _ = generate(run, options, torch.Generator().manual_seed(0))
     repeat = list(sample_progressive(model, diffusion, (3, LENGTH), 10, clamp=True,

@@ -116,6 +116,9 @@ class Config:
     # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/results.md)
     sample_x0: Literal["predicted", "expected"] = _sampling("predicted")
     decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
+    # whether a final token may be <unk>; False masks its score, so that a capped vocabulary's
+    # samples (about 12% <unk> at 10+ occurrences) hold words only
+    decode_unk: bool = _sampling(True)
 
     # --- training: optimisation, and how long ---
     batch_size: int = _training(64)

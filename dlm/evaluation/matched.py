@@ -53,7 +53,8 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
         # From the generator's state after the chains: with one batch, exactly dlm sample's draw.
         decode_generator = torch.Generator()
         decode_generator.set_state(after_chains)
-        return decode(run.model, final_x, options.decoder, temperature, decode_generator).cpu()
+        return decode(run.model, final_x, options.decoder, temperature, decode_generator,
+                      options.banned_ids(run.tokenizer)).cpu()
     return draw
 
 

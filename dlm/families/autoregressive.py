@@ -4,6 +4,8 @@ scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,11 +48,12 @@ class AutoregressiveLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, count: int, length: int, start_id: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
+                 banned: Sequence[int] = ()) -> torch.Tensor:
         """Sample `count` sequences of `length` tokens after a `start_id` token (a newline is a
         natural start in line-structured text), (count, length). With `prompt` (k,) the sequences
         continue those k tokens instead, or (count, k): a prompt per sequence (prefix continuation;
-        the prompt is not part of the result)."""
+        the prompt is not part of the result). A `banned` id is never drawn."""
         device = self.embedding.weight.device
         if prompt is None:
             prompt = torch.full((count, 1), start_id, dtype=torch.long, device=device)
@@ -59,6 +62,8 @@ class AutoregressiveLM(nn.Module):
         ids = prompt
         while ids.shape[1] < length + prompt.shape[1]:
             logits = self(ids[:, -self.transformer.positions.shape[0]:])[:, -1].float()
+            if banned:
+                logits[:, list(banned)] = -torch.inf
             probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator).to(device)], dim=1)
         return ids[:, prompt.shape[1]:]
@@ -101,6 +106,7 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     options.validate()  # no chain: its steps are not checked
     start_id = run.tokenizer.stoi.get("\n", run.tokenizer.unk_id)
     batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
-                                  start_id, options.temperature, generator).cpu()
+                                  start_id, options.temperature, generator,
+                                  banned=options.banned_ids(run.tokenizer)).cpu()
                for first in range(0, options.num_samples, options.batch_size)]
     return torch.cat(batches), []

@@ -436,7 +436,7 @@ def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: D
 def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options, shape: tuple[int, int],
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                  start: torch.Tensor | None = None, start_t: int | None = None,
-                 hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+                 hooks: Sequence[Hook] = (), banned: Sequence[int] = ()) -> Iterator[SampleState]:
     """The reverse chain as sampling options (dlm.runs.sample.SampleOptions: steps, spacing, eta,
     x0, clamp, clamp_fraction) describe it: the one way `dlm sample`, the probes and the speed
     benchmark build their chains, so none of them copies the recipe's keys by hand."""
@@ -445,7 +445,7 @@ def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options, shap
     return sample_progressive(model, diffusion, shape, options.steps, eta=options.eta, clamp=options.clamp,
                               clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
                               device=device, start=start, start_t=start_t, hooks=hooks,
-                              decoder=options.decoder, temperature=options.temperature)
+                              decoder=options.decoder, temperature=options.temperature, banned=banned)
 
 
 def chain_blocks(diffusion: GaussianDiffusion, length: int) -> int:
@@ -460,7 +460,7 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", start: torch.Tensor | None = None,
                        start_t: int | None = None, hooks: Sequence[Hook] = (), decoder: str = "learned",
-                       temperature: float = 0.0) -> Iterator[SampleState]:
+                       temperature: float = 0.0, banned: Sequence[int] = ()) -> Iterator[SampleState]:
     """The reverse chain of `steps` steps (see `DiffusionScheduler.set_timesteps`) from pure noise,
     every state yielded: how `dlm sample`, the probes and the speed benchmark all sample.
 
@@ -472,14 +472,14 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     running only the chain's steps below start_t (SDEdit; `dlm.evaluation.probe` uses it).
 
     With block diffusion (the objective's block_size below L) the chain runs once per block, left
-    to right (`_block_chain`); decoder and temperature then turn each finished block into its
-    words (the plain chain leaves that to the caller).
+    to right (`_block_chain`); decoder, temperature and banned then turn each finished block into
+    its words (the plain chain leaves that to the caller).
     """
     batch, length = shape
     block_size = diffusion.block_size_for(length)
     if block_size is not None:
         return _block_chain(model, diffusion, shape, block_size, steps, eta, clamp, clamp_fraction, spacing,
-                            generator, device, start, start_t, hooks, decoder, temperature)
+                            generator, device, start, start_t, hooks, decoder, temperature, banned)
     scheduler = plain_scheduler(diffusion, steps, length, eta, spacing, None if start is None else start_t, device)
     # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
     x = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
@@ -514,7 +514,8 @@ def plain_scheduler(diffusion: GaussianDiffusion, steps: int, length: int, eta: 
 def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], block_size: int,
                  steps: int, eta: float, clamp: bool, clamp_fraction: float, spacing: str,
                  generator: torch.Generator | None, device: torch.device | str, start: torch.Tensor | None,
-                 start_t: int | None, hooks: Sequence[Hook], decoder: str, temperature: float) -> Iterator[SampleState]:
+                 start_t: int | None, hooks: Sequence[Hook], decoder: str, temperature: float,
+                 banned: Sequence[int]) -> Iterator[SampleState]:
     """Semi-autoregressive block diffusion (SSD-LM): block b runs the whole reverse chain of
     `steps` steps over the positions 0 .. end of block b, as in training: the finished blocks
     are their words' clean embeddings at t = 0 (`known_positions_hook` keeps their x0, the
@@ -546,7 +547,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
             if state.index == len(scheduler) - 1:
                 # decoded as the caller decodes a plain chain's x: in float32, outside the autocast
                 with torch.autocast(state.x.device.type, enabled=False):
-                    words[:, first:end] = decode(model, state.x[:, first:end].float(), decoder, temperature, generator)
+                    words[:, first:end] = decode(model, state.x[:, first:end].float(), decoder, temperature,
+                                                     generator, banned)
                 finished = words.clone()
             yield SampleState(offset + state.index, state.t, torch.cat([state.x, rest], dim=1),
                               torch.cat([state.pred_x0, rest], dim=1), finished)
@@ -628,18 +630,23 @@ def trunk(model: DiffusionLM) -> nn.Module:
 
 
 @torch.inference_mode()
-def rounding_logits(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned") -> torch.Tensor:
+def rounding_logits(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned",
+                    banned: Sequence[int] = ()) -> torch.Tensor:
     """Vectors (B, L, d) to float32 scores (B, L, V): the learned rounding's logits or the cosine
-    baseline's similarities (what `decode` takes the argmax of, and constrained decoding masks)."""
-    return (model.round(x0) if decoder == "learned" else CosineRounding(model.embedding)(x0)).float()
+    baseline's similarities (what `decode` takes the argmax of, and constrained decoding masks),
+    the `banned` ids' scores -inf."""
+    logits = (model.round(x0) if decoder == "learned" else CosineRounding(model.embedding)(x0)).float()
+    if banned:
+        logits[..., list(banned)] = -torch.inf
+    return logits
 
 
 @torch.inference_mode()
 def decode(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned", temperature: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, banned: Sequence[int] = ()) -> torch.Tensor:
     """Vectors (B, L, d) to token ids (B, L): the learned rounding (argmax, or drawn at a
-    temperature) or the cosine baseline."""
-    logits = rounding_logits(model, x0, decoder)
+    temperature) or the cosine baseline, never a `banned` id."""
+    logits = rounding_logits(model, x0, decoder, banned)
     if decoder == "cosine" or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1).cpu()
@@ -657,7 +664,7 @@ def batch_chains(run, options, count: int, generator: torch.Generator, device: t
         size = min(options.batch_size, count - first)
         hooks = hooks_for(first, size) if hooks_for is not None else ()
         states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator, device,
-                              hooks=hooks)
+                              hooks=hooks, banned=options.banned_ids(run.tokenizer))
         yield first, _under_autocast(states, run.config.precision, device)
 
 
@@ -666,12 +673,13 @@ def last_state(states: Iterator[SampleState]) -> SampleState:
     return collections.deque(states, maxlen=1)[0]
 
 
-def final_words(model: DiffusionLM, state: SampleState, options, generator: torch.Generator | None) -> torch.Tensor:
+def final_words(run, state: SampleState, options, generator: torch.Generator | None) -> torch.Tensor:
     """A chain's last state as token ids (B, L) on the CPU: a block chain's words as each block was
-    decoded when it finished, else x decoded with the options' decoder and temperature."""
+    decoded when it finished, else x decoded with the options' decoder, temperature and ban."""
     if state.words is not None:
         return state.words.cpu()
-    return decode(model, state.x, options.decoder, options.temperature, generator).cpu()
+    return decode(run.model, state.x, options.decoder, options.temperature, generator,
+                  options.banned_ids(run.tokenizer)).cpu()
 
 
 def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
@@ -682,12 +690,14 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     options.validate(run.objective.steps)
     all_ids, trajectory = [], []
     total = options.steps * chain_blocks(run.objective, run.config.seq_len)
+    banned = options.banned_ids(run.tokenizer)  # the slider's frames too
     for first, states in batch_chains(run, options, options.num_samples, generator, device):
         for state in states:
             last = state.index == total - 1
             if options.record_every and (state.index % options.record_every == 0 or last):
-                _record(trajectory, first, state.index, state.t, decode(model, state.pred_x0, options.decoder).cpu())
-        all_ids.append(final_words(model, state, options, generator))
+                _record(trajectory, first, state.index, state.t,
+                        decode(model, state.pred_x0, options.decoder, banned=banned).cpu())
+        all_ids.append(final_words(run, state, options, generator))
     return torch.cat(all_ids), trajectory
 
 

@@ -223,12 +223,12 @@ def _round(run: LoadedRun, state: SampleState, control: Control, options: Sample
     """A chain's last state to ids, and per row how many positions the length constraint changed:
     in length mode no blank line inside the speech (the newline's score masked where it would make
     one: next to a newline, or at the speech's first or last position)."""
-    ids = final_words(run.model, state, options, generator).clone()  # editable
+    ids = final_words(run, state, options, generator).clone()  # editable
     masked = torch.zeros(len(ids), dtype=torch.long)
     if control.mode != "length":
         return ids, masked
     newline = newline_id(run)
-    logits = rounding_logits(run.model, state.x, options.decoder).cpu().clone()
+    logits = rounding_logits(run.model, state.x, options.decoder, options.banned_ids(run.tokenizer)).cpu().clone()
     logits[..., newline] = -torch.inf
     first, last = control.speech.start, control.speech.stop - 1
     for i in range(first, last + 1):  # left to right: position i sees the word chosen at i - 1
@@ -253,8 +253,8 @@ def _ar_rows(run: LoadedRun, control: Control, targets: torch.Tensor, options: S
              generator: torch.Generator) -> torch.Tensor:
     k, count = int(control.known.sum()), len(targets)
     rows = [run.model.generate(min(options.batch_size, count - first), run.config.seq_len - k, run.tokenizer.pad_id,
-                               options.temperature, generator, prompt=targets[first: first + options.batch_size, :k]
-                               ).cpu()
+                               options.temperature, generator, prompt=targets[first: first + options.batch_size, :k],
+                               banned=options.banned_ids(run.tokenizer)).cpu()
             for first in range(0, count, options.batch_size)]
     return torch.cat([targets[:, :k], torch.cat(rows)], dim=1)
 

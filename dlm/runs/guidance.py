@@ -127,5 +127,5 @@ def guided_ids(run: LoadedRun, options, classifier: Classifier | None = None, st
         return [] if classifier is None else [guidance_hook(classifier, scheduler, strength, fluency, inner_steps, target)]
 
     generator = torch.Generator().manual_seed(options.seed)
-    return torch.cat([final_words(run.model, last_state(states), options, generator)
+    return torch.cat([final_words(run, last_state(states), options, generator)
                       for _, states in batch_chains(run, options, options.num_samples, generator, device, hooks_for)])

@@ -34,6 +34,7 @@ class SampleOptions:
     eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM
     x0: str = recipe("sample_x0")  # predicted (the denoiser's) or expected (under its rounding softmax)
     temperature: float = recipe("decode_temperature")  # final tokens: 0 argmax, >0 drawn from softmax/T
+    unk: bool = recipe("decode_unk")  # a final token may be <unk> (False: its score masked)
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
     seed: int = 0
     batch_size: int = 64
@@ -44,6 +45,10 @@ class SampleOptions:
         """The run's own sampling recipe, with explicit overrides (None means: keep the recipe's)."""
         recipe_values = {f.name: getattr(config, f.metadata["config"]) for f in fields(cls) if "config" in f.metadata}
         return cls(**{**recipe_values, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def banned_ids(self, tokenizer) -> tuple[int, ...]:
+        """The token ids a final draw never gives: the tokenizer's <unk> unless `unk`."""
+        return () if self.unk else (tokenizer.unk_id,)
 
     def validate(self, total_steps: int | None = None) -> None:
         """Every option a user can give, checked before sampling; `total_steps` is the run's
