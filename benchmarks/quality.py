@@ -12,7 +12,7 @@ decaying over that time; decoding-only arms reuse their recipe's run. Each arm d
 by an autoregressive teacher (generative perplexity) and against held-out windows of the same
 shape. The AR baseline trained on the same budget is in the table too (its own samples at
 temperature 1.0 and 0.8). With --matched each arm is also scored at held-out entropy (its final
-draw's temperature found by bisection): arms at different entropies compare only there. Without
+draw's temperature found by regula falsi): arms at different entropies compare only there. Without
 --teacher, the teacher is trained first from params/ar.yaml (about 12 minutes on 2 cores).
 
 Writes quality.csv and quality.md to --out (default benchmarks/results/) and prints the table.
