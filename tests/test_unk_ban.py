@@ -55,7 +55,7 @@ def test_the_recipe_key_and_the_matched_redraws_follow_it(runs):
         assert not (draw(temperature) == run.tokenizer.unk_id).any()
 
 
-def test_dlm_sample_no_unk(runs, tmp_path, monkeypatch):
+def test_dlm_sample_no_unk(runs, tmp_path):
     # the CLI loads the run itself: make the checkpoint's own bias favour <unk>
     run = unk_loving(runs["whole window"])
     checkpoint = tmp_path / "unk.pt"
