@@ -63,6 +63,61 @@ def test_code_in_a_pickle_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_changed_word_in_the_stored_vocabulary_fails_the_checksum(tmp_path):
+    # The vocabulary and config are pickled strings beside the tensors: a same-length edit of one of
+    # them ('Less' -> 'Mess', as a flipped bit did) must not load.
+    payload = {"model": {"w": torch.ones(3)}, "vocab": {"tokens": ["<unk>", "Less", "more"]}, "config": {"lr": 0.1}}
+    path = save_checkpoint(tmp_path / "c.pt", payload)
+    raw = path.read_bytes()
+    assert raw.count(b"Less") == 1
+    path.write_bytes(raw.replace(b"Less", b"Mess"))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+    path.write_bytes(raw.replace(b"0.1", b"0.7"))  # the config's lr, as a pickled float repr or not at all
+    if path.read_bytes() != raw:
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+
+
+def test_no_single_flipped_bit_loads_as_a_different_payload(tmp_path):
+    # Every flip either is refused or loads exactly what was saved (a flip in zip metadata nobody reads).
+    payload = {"model": {"w": torch.arange(8.0)}, "vocab": {"tokens": ["<unk>", "Less", "more", ","]},
+               "config": {"lr": 0.001, "seq_len": 64, "clamp": False}, "step": 910, "epoch": 14}
+    path = save_checkpoint(tmp_path / "c.pt", payload)
+    raw = bytearray(path.read_bytes())
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, len(raw) * 8, (200,), generator=generator).tolist()
+    refused = 0
+    for position in positions:
+        flipped = bytearray(raw)
+        flipped[position // 8] ^= 1 << (position % 8)
+        path.write_bytes(bytes(flipped))
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError:
+            refused += 1
+            continue
+        assert torch.equal(loaded["model"]["w"], payload["model"]["w"])
+        kept = {k: v for k, v in loaded.items() if k not in ("model", "format", "version")}
+        assert kept == {k: v for k, v in payload.items() if k != "model"}
+    assert refused > 0
+
+
+def test_a_version_1_checkpoint_is_still_read_with_its_tensor_checksum(tmp_path):
+    import dlm.core.checkpoint as checkpoint
+
+    payload = {"model": {"w": torch.ones(4)}, "vocab": {"tokens": ["a", "b"]}}
+    path = tmp_path / "v1.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": 1, **payload,
+                "checksum": checkpoint.payload_checksum(payload, tensors_only=True)}, path)
+    assert load_checkpoint(path)["vocab"] == {"tokens": ["a", "b"]}
+    payload["model"]["w"][0] = 2.0  # a changed tensor is still caught in version 1
+    torch.save({"format": checkpoint.FORMAT, "version": 1, **payload,
+                "checksum": checkpoint.payload_checksum({"model": {"w": torch.ones(4)}}, tensors_only=True)}, path)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
 def read_rows(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))

@@ -1,5 +1,6 @@
 """Atomic checkpoint writes and safe loads (weights_only, so a checkpoint can never run code), with a
-checksum of every tensor so that flipped bytes are caught at load time instead of training on."""
+checksum of the whole payload (tensors, vocabulary, config, counters) so that flipped bytes are caught
+at load time instead of being trained on, sampled from, or written back by a resume."""
 
 from __future__ import annotations
 
@@ -15,15 +16,20 @@ import torch
 from dlm.core.data import atomic_write_bytes
 
 FORMAT = "dlm-checkpoint"
-VERSION = 1
+# Version 2's checksum covers every value in the payload; version 1's covered only the tensors (a flipped
+# bit in the vocabulary or the config loaded silently). Both are read.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or not dlm's."""
 
 
-def tensor_checksum(value: Any) -> str:
-    """SHA-256 over every tensor in a nested payload (dict keys in sorted order): shapes, dtypes and bytes."""
+def payload_checksum(value: Any, tensors_only: bool = False) -> str:
+    """SHA-256 over a nested payload (dict keys in sorted order): every tensor's shape, dtype and bytes,
+    and every other value by its type and repr (strings, numbers, booleans, None). `tensors_only` is
+    version 1's checksum, kept to read checkpoints written before version 2."""
     digest = hashlib.sha256()
 
     def visit(item: Any, where: str) -> None:
@@ -37,6 +43,8 @@ def tensor_checksum(value: Any) -> str:
         elif isinstance(item, (list, tuple)):
             for index, element in enumerate(item):
                 visit(element, f"{where}/{index}")
+        elif not tensors_only:
+            digest.update(f"{where}:{type(item).__name__}:{item!r}".encode())
 
     visit(value, "")
     return digest.hexdigest()
@@ -47,7 +55,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload, "checksum": tensor_checksum(payload)}, buffer)
+    torch.save({"format": FORMAT, "version": VERSION, **payload, "checksum": payload_checksum(payload)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -71,14 +79,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is a PyTorch file but not a dlm checkpoint.")
-    if payload.get("version") != VERSION:
+    version = payload.get("version")
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"'{path}' is dlm checkpoint version {payload.get('version')}; this dlm reads version {VERSION}."
+            f"'{path}' is dlm checkpoint version {version}; this dlm reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}."
         )
-    expected = payload.pop("checksum", None)  # checkpoints written before the checksum have none
-    if expected is not None and tensor_checksum(payload) != expected:
+    # version 1 checkpoints written before the checksum have none; from version 2 on it is required
+    expected = payload.pop("checksum", None)
+    content = {key: value for key, value in payload.items() if key not in ("format", "version")}
+    if version == 1:
+        damaged = expected is not None and payload_checksum(content, tensors_only=True) != expected
+    else:
+        damaged = payload_checksum(content) != expected
+    if damaged:
         raise CheckpointError(
-            f"'{path}' failed its checksum: its tensors changed after it was written (a damaged disk or copy). "
+            f"'{path}' failed its checksum: it changed after it was written (a damaged disk or copy). "
             f"Pick another file from the run's checkpoints/ folder, or retrain."
         )
     missing = [key for key in require if key not in payload]
