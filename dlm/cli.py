@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         train_parser.add_argument("params", help="YAML preset, e.g. params/default.yaml or params/ar.yaml")
         train_parser.add_argument("--run_dir", required=True, help="folder for config, checkpoints and metrics")
         train_parser.add_argument("--resume", action="store_true", help="continue the run in --run_dir")
+        train_parser.add_argument("--rebuild_metrics", action="store_true",
+                                  help="with --resume: rebuild a damaged metrics.csv from the rows that parse "
+                                       "(says how many were lost) instead of refusing to resume")
         train_parser.add_argument("--nproc", type=int, default=None, metavar="N",
                                   help="train with N processes on this machine (torchrun --standalone "
                                        "--nproc_per_node N, DistributedDataParallel; batch_size stays the global batch)")
@@ -284,7 +287,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.command == "train-ar":
         overrides["model"] = "ar"
     config = load_config(args.params, **overrides)
-    result = train(config, args.run_dir, resume=args.resume)
+    result = train(config, args.run_dir, resume=args.resume, rebuild_metrics=args.rebuild_metrics)
     if ranks_from_env().is_main:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 

@@ -119,6 +119,73 @@ def test_resume_of_nothing_is_one_clear_line(tmp_path, corpus, capsys):
     assert not (tmp_path / "absent").exists()
 
 
+def _drop_last_half_row(raw: bytes) -> tuple[bytes, int]:
+    return raw[: raw.rstrip(b"\n").rfind(b"\n") + 1] + raw.rstrip(b"\n").rsplit(b"\n", 1)[1][:7], 1
+
+
+def _drop_middle_rows(raw: bytes) -> tuple[bytes, int]:
+    lines = raw.split(b"\n")
+    return b"\n".join(lines[:3] + lines[6:]), 3
+
+
+def _bad_byte_in_a_row(raw: bytes) -> tuple[bytes, int]:
+    lines = raw.split(b"\n")
+    lines[2] = lines[2][:4] + b"\xff" + lines[2][5:]
+    return b"\n".join(lines), 1
+
+
+def _step_not_a_number(raw: bytes) -> tuple[bytes, int]:
+    lines = raw.split(b"\n")
+    lines[3] = b"x" + lines[3].split(b",", 1)[1]
+    return b"\n".join(lines), 1
+
+
+def _damaged_header(raw: bytes) -> tuple[bytes, int]:
+    return raw.replace(b"step,epoch,total", b"stXp,epoch,totaZ", 1), 0
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: (b"", None), lambda raw: (raw[:len(raw) // 2], None), _drop_last_half_row, _drop_middle_rows,
+    _bad_byte_in_a_row, _step_not_a_number, _damaged_header,
+], ids=["emptied", "cut in half", "half a row", "rows missing", "non-utf8", "step not a number", "header"])
+def test_a_damaged_metrics_csv_is_never_resumed_silently(tmp_path, corpus, capsys, caplog, damage):
+    run = RunDir(tmp_path / "run")
+    assert main(cli_args(corpus, run.path, "--max_steps", "20")) == 0  # checkpoint at step 20 (epoch 2)
+    capsys.readouterr()
+    whole = run.metrics.read_bytes()
+    written = whole.count(b"\n") - 1
+    damaged, lost = damage(whole)
+    run.metrics.write_bytes(damaged)
+    before = {path: path.read_bytes() for path in run.path.rglob("*") if path.is_file()}
+    assert main(cli_args(corpus, run.path, "--resume")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "metrics.csv" in lines[0] and "--rebuild_metrics" in lines[0]
+    assert {path: path.read_bytes() for path in run.path.rglob("*") if path.is_file()} == before  # nothing touched
+    # the user's choice: rebuild from the rows that parse, told how many were lost
+    caplog.set_level(logging.INFO, logger="dlm")
+    assert main(cli_args(corpus, run.path, "--resume", "--rebuild_metrics")) == 0
+    kept = re.search(r"from the (\d+) row\(s\) up to step 20 that parse; (\d+) of the (\d+)", caplog.text)
+    assert kept and int(kept.group(3)) == written
+    if lost is not None:
+        assert int(kept.group(2)) == lost and int(kept.group(1)) == written - lost
+    rows = read_rows(run.metrics)
+    assert rows[-1]["step"] == "25" and all(row["step"].isdigit() for row in rows)
+
+
+def test_an_intact_metrics_csv_resumes_without_a_word(tmp_path, corpus, caplog):
+    run = RunDir(tmp_path / "run")
+    assert main(cli_args(corpus, run.path, "--max_steps", "20")) == 0
+    with open(run.metrics, "a") as handle:  # a row logged after the checkpoint, then a kill mid-write
+        handle.write("21,3,0.5,0.1,0.2,0.3,,,,,,,,,,1,1,0.001,10,1\n22,3,0.4")
+    caplog.set_level(logging.INFO, logger="dlm")
+    assert main(cli_args(corpus, run.path, "--resume")) == 0
+    assert "rebuilt" not in caplog.text
+    steps = [int(row["step"]) for row in read_rows(run.metrics)]
+    assert steps == sorted(steps) and steps.count(21) == 1 and steps[-1] == 25
+
+
 def test_leftover_temp_files_are_removed_on_resume(exact, tmp_path, caplog):
     run = RunDir(tmp_path / "run")
     train(exact.replace(max_steps=16), run.path)

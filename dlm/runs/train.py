@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -195,18 +196,89 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
     return {f"val_{term}": value / batches for term, value in zip(diffusion.terms, sums.tolist())}
 
 
+class MetricsError(CheckpointError):
+    """metrics.csv does not hold the rows last.pt says were written: resuming would lose history."""
+
+
+def metrics_record(path: Path) -> dict:
+    """What last.pt keeps of metrics.csv when it is written: its rows, length and hash, so a resume can
+    tell the history it continues is whole (rows written after the checkpoint are dropped, as the
+    steps after it are trained again)."""
+    raw = path.read_bytes() if path.exists() else b""
+    return {"rows": max(0, raw.count(b"\n") - 1), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def parse_metric_rows(raw: bytes, columns: tuple[str, ...], last_step: int) -> tuple[list[dict], int, bool]:
+    """The rows of a metrics.csv up to `last_step` that parse (UTF-8, one field per column, an integer
+    step, numbers elsewhere), how many lines did not, and whether the header did (a damaged header
+    is read as `columns`)."""
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    header = lines[0].decode("utf-8", "replace").strip().split(",") if lines else []
+    header_ok = bool(header) and header[0] == "step" and set(header) <= set(columns)
+    names = header if header_ok else list(columns)
+    rows, damaged = [], 0
+    for line in lines[1:]:
+        try:
+            fields = next(csv.reader([line.decode("utf-8")]))
+            if len(fields) != len(names):
+                raise ValueError("field count")
+            row = dict(zip(names, fields))
+            step = int(row["step"])
+            for value in row.values():
+                if value:
+                    float(value)
+        except (UnicodeDecodeError, ValueError, StopIteration):
+            damaged += 1
+            continue
+        if step <= last_step:
+            rows.append(row)
+    return rows, damaged, header_ok or not lines
+
+
 class MetricsWriter:
     """metrics.csv, one row per log interval (and one per epoch end, with validation losses)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
+    def __init__(self, path: Path, keep_until_step: int | None = None, recorded: dict | None = None,
+                 rebuild: bool = False, fresh: bool = False):
+        """A new file (or, `fresh`, one that replaces a run stopped before its first checkpoint), or on
+        resume the rows up to `keep_until_step` checked against last.pt's `recorded` metrics_record."""
         self.path = path
-        if keep_until_step is not None and path.exists():
-            # On resume, drop rows logged after the checkpoint so the file reads as one run.
-            with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_until_step]
-            self._rewrite(rows)
-        elif not path.exists():
+        if keep_until_step is not None:
+            self._resume(keep_until_step, recorded, rebuild)
+        elif fresh or not path.exists():
             self._rewrite([])
+
+    def _resume(self, step: int, recorded: dict | None, rebuild: bool) -> None:
+        """Keep the rows up to the checkpoint's step, after checking they are the ones written."""
+        raw = self.path.read_bytes() if self.path.exists() else b""
+        if recorded is not None:
+            kept = raw[:recorded["bytes"]]
+            if len(raw) >= recorded["bytes"] and hashlib.sha256(kept).hexdigest() == recorded["sha256"]:
+                atomic_write_bytes(self.path, kept)  # whole: the rows after the checkpoint are dropped
+                return
+        rows, damaged, header_ok = parse_metric_rows(raw, METRIC_COLUMNS, step)
+        if recorded is None and not damaged and header_ok:
+            self._rewrite(rows)  # a checkpoint from before the record: the rows that parse are all it can check
+            return
+        expected = recorded["rows"] if recorded is not None else len(rows) + damaged
+        lost = max(expected - len(rows), damaged)
+        if rebuild:
+            self._rewrite(rows)
+            logger.warning("rebuilt '%s' from the %d row(s) up to step %d that parse; %d of the %d written were "
+                           "lost or damaged", self.path, len(rows), step, lost, expected)
+            return
+        if not self.path.exists():
+            found = "is missing"
+        else:
+            found = f"has {len(rows)} readable row(s) up to step {step} of the {expected} checkpoints/last.pt recorded"
+            found += "".join(f", {what}" for what, seen in ((f"{damaged} damaged line(s)", damaged),
+                                                             ("a damaged header", not header_ok),
+                                                             ("changed values", not lost and header_ok)) if seen)
+        raise MetricsError(
+            f"'{self.path}' {found}: resuming would lose the run's history. Restore it from a copy, or resume "
+            f"with --rebuild_metrics (rebuild_metrics=True in train.ipynb) to rebuild it from the rows that parse.")
 
     def _rewrite(self, rows: list[dict]) -> None:
         lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r.get(c, "")) for c in METRIC_COLUMNS) for r in rows]
@@ -217,6 +289,9 @@ class MetricsWriter:
             csv.DictWriter(handle, METRIC_COLUMNS, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
+
+    def record(self) -> dict:
+        return metrics_record(self.path)
 
 
 def _terms_text(values: dict, names) -> str:
@@ -450,7 +525,8 @@ class RunHooks:
         # last.pt first: a kill between the two writes then leaves a resumable run (the other way
         # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
         interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
-        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval})
+        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval,
+                                                   "metrics": self.metrics.record()})
         self.saved_step = state.step
         if keep:
             save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
@@ -647,9 +723,10 @@ def remove_leftovers(run: RunDir) -> None:
                     ", ".join(str(p.relative_to(run.path)) for p in leftovers))
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
+def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
-    the run folder's lock throughout (RunLockedError when another process trains there)."""
+    the run folder's lock throughout (RunLockedError when another process trains there). A resume
+    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     run = RunDir(run_dir)
     if resume and not run.has_run():
@@ -659,15 +736,16 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
-            return _train(config, run, resume, device, ranks)
+            return _train(config, run, resume, device, ranks, rebuild_metrics)
         with RunLock(run):
             remove_leftovers(run)
-            return _train(config, run, resume, device, ranks)
+            return _train(config, run, resume, device, ranks, rebuild_metrics)
     finally:
         destroy_distributed()
 
 
-def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks) -> TrainResult:
+def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
+           rebuild_metrics: bool = False) -> TrainResult:
     payload, mode = None, "fresh"
     if run.has_run() and not run.has_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
@@ -708,7 +786,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state.distribute(device)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
-        metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload or mode == "restarted" else None)
+        metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
+                                 rebuild=rebuild_metrics) if payload else MetricsWriter(run.metrics, fresh=mode == "restarted"))
         hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload)
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
