@@ -1,9 +1,12 @@
 """The workbook without running notebooks: committed notebooks, HTML export, the index, guards."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import nbformat
 import papermill
@@ -177,6 +180,50 @@ def test_report_command_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "reports" / "mine" / "x").write_text("")
     assert main(["report", "p.yaml", "--name", "mine"]) == 1
     assert "already holds a report" in capsys.readouterr().err
+
+
+FIRST_REPORT = """
+import sys, time
+from pathlib import Path
+from dlm.workbench import workbook
+
+def training(notebook, output, parameters, **kwargs):  # the train notebook, still running
+    run = Path(parameters["run_dir"]); run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.csv").write_text("step\\n1\\n")
+    Path(sys.argv[2]).write_text("started")
+    while not Path(sys.argv[3]).exists():
+        time.sleep(0.05)
+    raise SystemExit(0)
+
+workbook.execute = training
+workbook.build_report(sys.argv[1], reports_dir="reports")
+"""
+
+
+def test_a_second_report_of_the_same_name_never_deletes_the_first_while_it_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("epochs: 1\n")
+    started, release = tmp_path / "started", tmp_path / "release"
+    first = subprocess.Popen([sys.executable, "-c", FIRST_REPORT, "p.yaml", str(started), str(release)], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first report did not start"
+            time.sleep(0.05)
+        files = {p: p.read_bytes() for p in (tmp_path / "reports" / "p").rglob("*") if p.is_file()}
+        assert main(["report", "p.yaml", "--overwrite"]) != 0
+        err = capsys.readouterr().err
+        assert "being written right now" in err and "--name" in err and "Traceback" not in err
+        assert {p: p.read_bytes() for p in (tmp_path / "reports" / "p").rglob("*") if p.is_file()} == files
+    finally:
+        release.write_text("")
+        first.wait(timeout=60)
+    # once the first has finished, --overwrite replaces it as before
+    monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: None)
+    monkeypatch.setattr(workbook, "export_html", lambda executed, **kwargs: Path(executed).with_suffix(".html"))
+    workbook.build_report(tmp_path / "p.yaml", reports_dir=tmp_path / "reports", overwrite=True)
+    assert not (tmp_path / "reports" / "p" / "run" / "metrics.csv").exists()
 
 
 @pytest.mark.slow

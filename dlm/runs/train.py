@@ -5,12 +5,9 @@ validation, scheduled atomic checkpoints) with its hooks. Resume is exact."""
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import logging
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +24,7 @@ from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from dlm.core.config import Config, from_dict, save_config, section_keys
 from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
 from dlm.core.embeddings import nearest_neighbour_distances
+from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import (
     Ranks,
@@ -680,36 +678,24 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
 
 
 class RunLock:
-    """One writer per run folder: an exclusive flock on run_dir/.train.lock, held from the start of
-    train() to its end. The kernel releases it when the process dies, so a killed run never leaves
-    a stale lock; the file itself stays (it says who held it last)."""
+    """One writer per run folder: an exclusive lock on run_dir/.train.lock, held from the start of
+    train() to its end (dlm.core.lockfile: released by the kernel when the process dies)."""
 
     def __init__(self, run: RunDir):
-        self.run, self.handle = run, None
+        self.run, self.lock = run, FolderLock(run.lock)
 
     def __enter__(self) -> RunLock:
-        self.run.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.run.lock, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+            self.lock.__enter__()
+        except FolderLocked as held:
             raise RunLockedError(
-                f"'{self.run.path}' is being trained right now by {holder}; two writers would corrupt it. "
+                f"'{self.run.path}' is being trained right now by {held.holder}; two writers would corrupt it. "
                 f"Wait for that run to end (or stop it), then continue it with --resume; or choose another --run_dir."
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+        self.lock.__exit__(*exc)
 
 
 def remove_leftovers(run: RunDir) -> None:

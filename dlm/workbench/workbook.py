@@ -18,6 +18,7 @@ figures are embedded PNGs, and `external_references` checks the result.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import html
 import json
@@ -33,6 +34,7 @@ from typing import Any
 
 from dlm.core.config import load_config
 from dlm.core.data import atomic_write_bytes
+from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
 from dlm.workbench.notebook import package_root, project_root
@@ -71,6 +73,23 @@ class ReportError(RuntimeError):
 
 class ReportExistsError(ReportError):
     """reports/NAME/ already holds a report and --overwrite was not given."""
+
+
+@contextlib.contextmanager
+def report_lock(report_dir: Path):
+    """Hold REPORTS_DIR/.NAME.lock while a report is written: a second `dlm report` of the same name
+    (with --overwrite or not) is refused instead of deleting the folder the first is training in.
+    The lock file sits beside the folder, so --overwrite's rmtree never removes a held lock."""
+    lock = FolderLock(report_dir.parent / f".{report_dir.name}.lock")
+    try:
+        lock.__enter__()
+    except FolderLocked as held:
+        raise ReportError(f"'{report_dir}' is being written right now by {held.holder}. Wait for that report to "
+                          f"end (or stop it), or write this one under another --name.") from None
+    try:
+        yield
+    finally:
+        lock.__exit__()
 
 
 class NotebookFailed(ReportError):
@@ -449,71 +468,72 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
     source = notebooks_dir()
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
-    if report_dir.exists() and any(report_dir.iterdir()):
-        if not overwrite:
-            raise ReportExistsError(f"'{report_dir}' already holds a report. Pass --overwrite to replace it, "
-                                    f"or --name to write another.")
-        shutil.rmtree(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    if from_run is not None:
-        shutil.copytree(from_run, report_dir / "run", copy_function=_link_checkpoints_copy_the_rest)
-    cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
-    run_dir = path_for_kernel(report_dir / "run", cwd)
-    chain = {
-        "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir, **({"resume": True} if from_run else {})},
-        "sample": {"run_dir": run_dir},
-        "collapse_analysis": {"run_dir": run_dir},
-        "control": {"run_dir": run_dir, "task": config.control_tasks},
-    }
-    notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
-    report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
-                              "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "pages": {}, "notebook_s": {}, "numbers": {},
-                              "provenance": {**environment(), "run": []}}
-    started = time.perf_counter()
-    for notebook in notebooks:
-        executed = report_dir / f"{notebook}.ipynb"
-        report["status"] = f"running {notebook}"
-        _write_report_json(report_dir, report)
-        logger.info("%s.ipynb: running -> %s", notebook, executed)
-        began = time.perf_counter()
-        try:
-            execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
-                    {**chain[notebook], **extra.get(notebook, {})},
-                    cwd=cwd, kernel_name=kernel_name, echo=echo)
-        except Exception as error:
-            from papermill.exceptions import PapermillExecutionError
-
-            page = None
-            if isinstance(error, PapermillExecutionError) and executed.is_file():
-                page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]} (failed)")
-                report["pages"][notebook] = page.name
-            if isinstance(error, PapermillExecutionError):
-                failure = NotebookFailed(notebook, error, executed, page, report_dir)
-                summary = failure.summary()
-            else:  # the kernel died or could not start, a cell timed out, ...
-                failure = ReportError(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
-                                      f"What earlier steps wrote is kept in {report_dir}.")
-                summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
-            report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
-                          numbers=run_numbers(report_dir / "run"))
-            report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
-            report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+    with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
+        if report_dir.exists() and any(report_dir.iterdir()):
+            if not overwrite:
+                raise ReportExistsError(f"'{report_dir}' already holds a report. Pass --overwrite to replace it, "
+                                        f"or --name to write another.")
+            shutil.rmtree(report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        if from_run is not None:
+            shutil.copytree(from_run, report_dir / "run", copy_function=_link_checkpoints_copy_the_rest)
+        cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
+        run_dir = path_for_kernel(report_dir / "run", cwd)
+        chain = {
+            "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir, **({"resume": True} if from_run else {})},
+            "sample": {"run_dir": run_dir},
+            "collapse_analysis": {"run_dir": run_dir},
+            "control": {"run_dir": run_dir, "task": config.control_tasks},
+        }
+        notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
+        report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
+                                  "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                                  "pages": {}, "notebook_s": {}, "numbers": {},
+                                  "provenance": {**environment(), "run": []}}
+        started = time.perf_counter()
+        for notebook in notebooks:
+            executed = report_dir / f"{notebook}.ipynb"
+            report["status"] = f"running {notebook}"
             _write_report_json(report_dir, report)
-            write_index(reports_dir)
-            raise failure from error
-        page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]}")
-        report["pages"][notebook] = page.name
-        report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
-        logger.info("%s.ipynb: done in %.0fs -> %s", notebook, report["notebook_s"][notebook], page)
-    report.update(status="complete", wall_s=round(time.perf_counter() - started, 1),
-                  numbers=run_numbers(report_dir / "run"))
-    # where the code came from (at report start) and each training invocation's resolved settings
-    report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
-    _write_report_json(report_dir, report)
-    index = write_index(reports_dir)
-    logger.info("report %s complete in %.0fs -> %s (index: %s)", name, report["wall_s"], report_dir, index)
-    return report_dir
+            logger.info("%s.ipynb: running -> %s", notebook, executed)
+            began = time.perf_counter()
+            try:
+                execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
+                        {**chain[notebook], **extra.get(notebook, {})},
+                        cwd=cwd, kernel_name=kernel_name, echo=echo)
+            except Exception as error:
+                from papermill.exceptions import PapermillExecutionError
+
+                page = None
+                if isinstance(error, PapermillExecutionError) and executed.is_file():
+                    page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]} (failed)")
+                    report["pages"][notebook] = page.name
+                if isinstance(error, PapermillExecutionError):
+                    failure = NotebookFailed(notebook, error, executed, page, report_dir)
+                    summary = failure.summary()
+                else:  # the kernel died or could not start, a cell timed out, ...
+                    failure = ReportError(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
+                                          f"What earlier steps wrote is kept in {report_dir}.")
+                    summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
+                report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
+                              numbers=run_numbers(report_dir / "run"))
+                report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
+                report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+                _write_report_json(report_dir, report)
+                write_index(reports_dir)
+                raise failure from error
+            page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]}")
+            report["pages"][notebook] = page.name
+            report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+            logger.info("%s.ipynb: done in %.0fs -> %s", notebook, report["notebook_s"][notebook], page)
+        report.update(status="complete", wall_s=round(time.perf_counter() - started, 1),
+                      numbers=run_numbers(report_dir / "run"))
+        # where the code came from (at report start) and each training invocation's resolved settings
+        report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
+        _write_report_json(report_dir, report)
+        index = write_index(reports_dir)
+        logger.info("report %s complete in %.0fs -> %s (index: %s)", name, report["wall_s"], report_dir, index)
+        return report_dir
 
 
 def report_size(report_dir: str | Path, include_checkpoints: bool = True) -> int:
