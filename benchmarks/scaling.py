@@ -8,8 +8,11 @@ the optimizer steps, the tokens seen (steps x batch x seq_len), the training wal
 metrics.csv recorded, the NLL bound (dlm evaluate --nll) with the AR's exact NLL on the same
 windows, and the samples at held-out entropy (dlm evaluate --matched): final-token temperature,
 teacher perplexity (mean over --seeds, with min-max), the ratios to held-out text and how many of
-the issue's four targets they meet. The AR teacher's own samples at matched entropy follow (scored
-by itself, which flatters them: a floor), then held-out text.
+the issue's four targets they meet, and sampling speed: samples per wall second and per process CPU
+second at --speed_steps reverse steps (a block run at its own steps per block; the AR model has no
+steps). The AR teacher's own samples at matched entropy follow (scored by itself, which flatters
+them: a floor), then held-out text. With runs of several families (the AR, Gaussian and masked
+families, whole window and blocks) this is the family comparison of docs/results.md.
 
 Writes scaling.csv and scaling.md to --out (default benchmarks/results/) and prints the table.
 """
@@ -31,7 +34,7 @@ from dlm.evaluation.likelihood import compare_with_ar
 from dlm.evaluation.matched import check_teacher, entropy_of, heldout_entropy, score_at_entropy, temperature_sampler
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir, run_and_checkpoint
-from dlm.runs.sample import SampleOptions
+from dlm.runs.sample import SampleOptions, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampling steps (default: each run's sample_steps)")
     parser.add_argument("--windows", type=int, default=256, help="held-out windows for the bound (default 256)")
     parser.add_argument("--draws", type=int, default=4, help="timesteps per window for the bound (default 4)")
+    parser.add_argument("--speed_steps", type=int, default=50,
+                        help="reverse steps for the samples/s columns (default 50; block runs: their own steps per block)")
     parser.add_argument("--no_ar", action="store_true", help="leave out the AR teacher's own row")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where scaling.csv/.md go")
@@ -67,6 +72,17 @@ def training_seconds(run_dir: Path, step: int) -> float:
     metrics = pd.read_csv(path)
     logged = metrics[(metrics["step"] <= step) & metrics["elapsed_s"].notna()]
     return float(logged["elapsed_s"].iloc[-1]) if len(logged) else float("nan")
+
+
+def sampling_speed(run, samples: int, steps: int) -> dict:
+    """Samples per wall second and per process CPU second (the VM's clock drifts: both are given) for
+    one batch of `samples`, at `steps` reverse steps (a block run: its own steps per block)."""
+    chain_steps = None if run.config.block_size is not None and run.config.block_size < run.config.seq_len else steps
+    options = SampleOptions.from_config(run.config, num_samples=samples, batch_size=samples, steps=chain_steps, seed=0)
+    wall, cpu = time.perf_counter(), time.process_time()
+    generate(run, options)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"speed_steps": options.steps, "samples_per_s": samples / wall, "samples_per_cpu_s": samples / cpu}
 
 
 def matched_columns(results: list[dict]) -> dict:
@@ -138,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                      "train_s": training_seconds(Path(run_dir), run.step),
                      "nll_bound": comparison.bound.total, "nll_se": comparison.bound.se,
                      "bound_x_ar": comparison.ratio, "argmax_entropy": samplers[-1].argmax_entropy,
-                     **matched_columns(samplers[-1].results), "eval_cpu_s": time.process_time() - began})
+                     **matched_columns(samplers[-1].results),
+                     **sampling_speed(run, args.samples, args.speed_steps), "eval_cpu_s": time.process_time() - began})
         print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
               f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
         pd.DataFrame(rows).to_csv(out / "scaling.partial.csv", index=False)  # kept if a later row fails
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens": teacher.step * teacher.config.batch_size * teacher.config.seq_len,
                      "train_s": training_seconds(Path(args.teacher), teacher.step), "nll_bound": ar_nll,
                      "nll_se": 0.0, "bound_x_ar": 1.0, "argmax_entropy": samplers[-1].argmax_entropy,
-                     **matched_columns(samplers[-1].results)})
+                     **matched_columns(samplers[-1].results), **sampling_speed(teacher, args.samples, args.speed_steps)})
     reference = samplers[0].results[0]["heldout"]
     score_at_common_entropy(rows, samplers, reference["unigram_entropy"])
     rows.append({"row": "held-out text", "entropy": reference["unigram_entropy"], "argmax_entropy": math.nan,

@@ -23,7 +23,8 @@ def test_scaling_table_has_every_row(tmp_path, capsys):
     run, ar = toy_run_dir(tmp_path / "d", corpus=corpus), toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus)
     checkpoint = run / "checkpoints" / "last.pt"
     assert scaling.main([f"one={run}", f"same={checkpoint}", "--teacher", str(ar), "--samples", "8",
-                         "--seeds", "2", "--windows", "4", "--draws", "1", "--out", str(tmp_path / "out")]) == 0
+                         "--seeds", "2", "--windows", "4", "--draws", "1", "--speed_steps", "7",
+                         "--out", str(tmp_path / "out")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "out" / "scaling.csv")))
     assert [r["row"] for r in rows] == ["one", "same", "AR (the teacher, self-scored)", "held-out text"]
     one, same, teacher, heldout = rows
@@ -33,6 +34,8 @@ def test_scaling_table_has_every_row(tmp_path, capsys):
         assert row["matched"] == "True"
         assert float(row["entropy"]) == pytest.approx(float(heldout["entropy"]), rel=0.011)
         assert float(row["ppl_min"]) <= float(row["teacher_ppl"]) <= float(row["ppl_max"])
+        assert float(row["samples_per_s"]) > 0 and float(row["samples_per_cpu_s"]) > 0
+    assert float(one["speed_steps"]) == 7  # the chain at --speed_steps, not the run's own sample_steps (5)
     assert "ppl range" in capsys.readouterr().out
 
 
