@@ -4,6 +4,7 @@ traceback, and nothing written (or lost). In-process through dlm.cli.main: the f
 import json
 import math
 import os
+import shutil
 import typing
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from dlm.cli import main
 from dlm.core.checkpoint import load_checkpoint, save_checkpoint
 from dlm.core.config import ConfigError, field_types, load_config, load_yaml, machine_memory_bytes, training_memory_bytes
-from dlm.core.data import check_run_folder
+from dlm.core.data import check_destination, check_run_folder
 from dlm.core.runtime import pick_device
 from dlm.runs.sample import SampleOptions
 from tests.conftest import ROOT, make_corpus
@@ -330,3 +331,187 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
     assert main([command, "--run_dir", str(runs / "diffusion"), *destination, *extra]) == 2
     assert message in one_error_line(capsys, command)
     assert not list(tmp_path.iterdir())
+
+
+# --- destinations: one check (dlm.core.data.check_destination), before any work, for every writer --
+
+def snapshot(*roots) -> dict:
+    """Every file under `roots`, path -> bytes: what a refused command must leave byte-identical."""
+    return {p: p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, command: str, argv: list[str], message: str, *roots) -> str:
+    before = snapshot(*roots)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = one_error_line_from(err, command)
+    assert message in line, line
+    assert snapshot(*roots) == before
+    return line
+
+
+def one_error_line_from(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dlm {command}: error: "), lines
+    return lines[0]
+
+
+LONG_NAME = "x" * 300
+
+
+@pytest.mark.parametrize("out, message", [
+    ("RUN/checkpoints/last.pt", "must end in .jsonl, e.g. last.jsonl"),
+    ("RUN/checkpoints/more.jsonl", "lies inside the run's checkpoints folder"),
+    ("HERE/notes.txt", "must end in .jsonl, e.g. notes.jsonl"),
+    ("/dev/null", "is a device or other special file"),
+    ("/proc/dlm_nope/x.jsonl", "cannot be written: No such file or directory"),
+    (f"HERE/{LONG_NAME}.jsonl", "cannot be written: File name too long"),
+    ("HERE/taken.jsonl", "the txt file beside --out 'HERE/taken.txt' is a folder"),
+    ("HERE/afile/x.jsonl", "which is a file: choose another path"),
+    ("", "--out is empty"),
+])
+def test_sample_out_is_refused_before_sampling(toy_runs, tmp_path, capsys, out, message):
+    run = tmp_path / "run"
+    shutil.copytree(toy_runs / "diffusion", run)
+    (tmp_path / "taken.txt").mkdir()
+    (tmp_path / "afile").write_text("keep me")
+    out = out.replace("RUN", str(run)).replace("HERE", str(tmp_path))
+    message = message.replace("HERE", str(tmp_path))
+    refused(capsys, "sample", ["sample", "--run_dir", str(run), "--steps", "2", "--num_samples", "2", "--out", out],
+            message, tmp_path)
+    assert not list(tmp_path.glob("*.jsonl")) and not (tmp_path / "afile.txt").exists()
+    assert not os.path.exists("/dev/null.txt") and not os.path.exists("/proc/dlm_nope")
+
+
+@pytest.mark.parametrize("command", ["infill", "evaluate", "stats", "train-classifier", "control-table"])
+@pytest.mark.parametrize("where, message", [
+    ("/proc/dlm_nope/FILE", "cannot be written: No such file or directory"),
+    (f"HERE/{LONG_NAME}FILE", "cannot be written: File name too long"),
+    ("HERE/afile/FILE", "which is a file: choose another path"),
+])
+def test_every_writer_checks_its_destination_first(toy_runs, tmp_path, capsys, command, where, message):
+    (tmp_path / "afile").write_text("keep me")
+    diffusion, ar = str(toy_runs / "diffusion"), str(toy_runs / "ar")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"text": "To be"}) + "\n")
+    destination = where.replace("HERE", str(tmp_path))
+    argv = {
+        "infill": ["infill", "--run_dir", diffusion, "--template", "__", "--steps", "2",
+                   "--out", destination.replace("FILE", "f.jsonl")],
+        "evaluate": ["evaluate", "--samples", str(samples), "--teacher", ar, "--json", destination.replace("FILE", "e.json")],
+        "stats": ["stats", "--samples", str(samples), "--run_dir", diffusion, "--json", destination.replace("FILE", "s.json")],
+        "train-classifier": ["train-classifier", "--run_dir", diffusion, "--attribute", "question", "--steps", "1",
+                             "--out", destination.replace("FILE", "c.pt")],
+        "control-table": ["control-table", "--run_dir", diffusion, "--ar_run", ar, "--attribute", "question",
+                          "--out_dir", destination.replace("FILE", "table")],
+    }[command]
+    refused(capsys, command, argv, message, tmp_path, toy_runs)
+
+
+def test_check_destination_leaves_nothing_behind(tmp_path):
+    assert check_destination(tmp_path / "a" / "b" / "x.jsonl", suffix=".jsonl") == tmp_path / "a" / "b" / "x.jsonl"
+    assert not (tmp_path / "a").exists()  # the folders it made to try are gone again
+    (tmp_path / "x.jsonl").write_text("old")
+    check_destination(tmp_path / "x.jsonl")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"] and (tmp_path / "x.jsonl").read_text() == "old"
+
+
+# --- long work: written as it goes, interruptible, refused up front when it cannot fit -------------
+
+def test_sample_writes_batch_by_batch_the_draws_of_one_call(toy_runs, tmp_path, capsys):
+    from dlm.runs.build import load_run
+
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "5",
+                 "--batch_size", "2", "--seed", "3", "--out", str(out)]) == 0
+    run = load_run(toy_runs / "diffusion")
+    options = SampleOptions.from_config(run.config, num_samples=5, steps=2, batch_size=2, seed=3)
+    ids, _ = run.family.generate(run, options, torch.Generator().manual_seed(3), "cpu")  # one call, every batch
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["ids"] for r in records] == ids.tolist() and [r["index"] for r in records] == list(range(5))
+    assert len(out.with_suffix(".txt").read_text().splitlines()) == 5
+
+
+def test_ctrl_c_while_sampling_keeps_the_finished_batches(toy_runs, tmp_path, capsys, monkeypatch):
+    from dlm.families import gaussian
+
+    calls = []
+
+    def interrupted_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = gaussian.generate
+    monkeypatch.setattr(gaussian, "generate", interrupted_on_the_third_batch)
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "10",
+                 "--batch_size", "2", "--out", str(out)]) == 130
+    assert "interrupted after 4 of 10 samples: 4 samples kept in" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 4 and len(out.with_suffix(".txt").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--num_samples", str(10**9), "--record_every", "1", "--steps", "2", "--out", "OUT"],
+     "GiB of trajectory; this machine has"),
+    (["evaluate", "--nll", "--windows", str(10**10)], "held-out windows need about"),
+])
+def test_what_cannot_fit_in_memory_is_refused_up_front(toy_runs, tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "s.jsonl")) for a in argv] + ["--run_dir", str(toy_runs / "diffusion")]
+    refused(capsys, argv[0], argv, message, tmp_path)
+
+
+def test_a_bug_inside_dlm_shows_its_traceback_and_asks_to_report_it(toy_runs, tmp_path, capsys, monkeypatch):
+    from dlm.runs import sample
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(sample.SampleWriter, "add", broken)
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "2",
+                 "--out", str(tmp_path / "s.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: an internal slip" in err
+    assert err.strip().splitlines()[-1].startswith("dlm sample: internal error: this is a bug in dlm")
+
+
+# --- dlm evaluate: samples files a user may hand it, and evaluations that do not mix --------------
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": 123}\n', "line 1: each line must be a JSON object whose 'text' is a string (got int)"),
+    (b'{"text": "To be"}\n{"text": null}\n', "line 2: each line must be a JSON object whose 'text' is a string (got NoneType)"),
+    (b'"To be, or not to be"\n', "line 1: each line must be a JSON object whose 'text' is a string (got str)"),
+    (b'{"ids": [1, 2]}\n', "(got no 'text')"),
+    (b'{"text": ""}\n{"text": "  "}\n', "holds only empty texts: there is nothing to score"),
+    (b'{"text": "caf\xe9"}\n', "is not UTF-8 text (byte 13)"),
+    (b'{"text": "To be"\n', "is not JSON lines (line 1:"),
+    (b"\n\n", "holds no samples"),
+])
+def test_bad_samples_files_name_the_file_and_line(toy_runs, tmp_path, capsys, content, message):
+    samples = tmp_path / "s.jsonl"
+    samples.write_bytes(content)
+    line = refused(capsys, "evaluate", ["evaluate", "--samples", str(samples), "--teacher", str(toy_runs / "ar"),
+                                        "--json", str(tmp_path / "e.json")], message, tmp_path)
+    assert str(samples) in line
+
+
+def test_a_sample_longer_than_the_heldout_text_is_refused(runs, tmp_path, capsys):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"text": "speak , " * 100_000}) + "\n")
+    refused(capsys, "evaluate", ["evaluate", "--samples", str(samples), "--teacher", str(runs / "ar")],
+            "A sample of 200000 tokens is longer than the held-out text it is compared with", tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nll", "--samples", "S"], "--nll and --samples are separate evaluations: --nll scores --run_dir's held-out "
+                                  "windows, not a samples file"),
+    (["--matched", "--samples", "S", "--teacher", "AR"], "--matched and --samples are separate evaluations"),
+    (["--nll", "--matched", "--teacher", "AR"], "--nll and --matched are separate evaluations"),
+])
+def test_evaluations_that_would_be_ignored_are_refused(toy_runs, tmp_path, capsys, argv, message):
+    (tmp_path / "s.jsonl").write_text(json.dumps({"text": "To be"}) + "\n")
+    argv = [a.replace("S", str(tmp_path / "s.jsonl")).replace("AR", str(toy_runs / "ar")) if len(a) <= 2 else a
+            for a in argv]
+    refused(capsys, "evaluate", ["evaluate", "--run_dir", str(toy_runs / "diffusion"), *argv], message, tmp_path)

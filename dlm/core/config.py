@@ -24,8 +24,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dlm.core.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A preset or override that cannot become a Config."""
 
 
