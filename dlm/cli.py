@@ -203,17 +203,41 @@ def add_control_commands(commands) -> None:
 
 
 def run_train_classifier(args: argparse.Namespace) -> None:
-    from dlm.runs.classifier import save_classifier, train_classifier
+    from dlm.runs.classifier import check_classifier_options, save_classifier, train_classifier
     from dlm.runs.rundir import RunDir
 
-    out = args.out or RunDir(args.run_dir).classifier(args.kind, args.attribute)
+    check_classifier_options(args.steps, args.batch_size, args.width, args.depth)
+    out = Path(args.out or RunDir(args.run_dir).classifier(args.kind, args.attribute))
+    beside = out.with_suffix(".new.pt")  # where a new classifier goes when it is not better than the one at out
     check_destination(out, "--out", suffix=".pt")
+    check_destination(beside, "--out (a new classifier not better than the one there is written beside it)")
     run = load_run(args.run_dir)
     result = train_classifier(run, args.attribute, args.kind, steps=args.steps, batch_size=args.batch_size,
                               width=args.width, depth=args.depth, seed=args.seed)
-    path = save_classifier(out, result, run)
     numbers = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items())
+    new = result.metrics["heldout_balanced_accuracy"]
+    old = previous_accuracy(out)
+    if old is not None and new <= old:
+        path = save_classifier(beside, result, run)
+        kept = f"balanced accuracy {new:.3g} vs {old:.3g}" if old != float("inf") else "that file is not readable"
+        print(f"{args.kind} classifier for '{args.attribute}' ({numbers}) -> {path}: not better on held-out windows "
+              f"than the one kept at {out} ({kept}); move it there to use it anyway")
+        return
+    path = save_classifier(out, result, run)
     print(f"{args.kind} classifier for '{args.attribute}' ({numbers}) -> {path}")
+
+
+def previous_accuracy(path: Path) -> float | None:
+    """The held-out balanced accuracy of the classifier already at `path` (None: no file there);
+    a file that does not read as one counts as the best there is, so it is never replaced."""
+    from dlm.core.checkpoint import load_checkpoint
+
+    if not path.exists():
+        return None
+    try:
+        return float(load_checkpoint(path, require=("metrics",))["metrics"]["heldout_balanced_accuracy"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 def run_control_table(args: argparse.Namespace) -> None:
@@ -472,7 +496,12 @@ def notebook_parameters(items: list[str]) -> dict[str, dict]:
         notebook, dot, key = name.partition(".")
         if not (eq and dot and notebook and key):
             raise ReportError(f"--param '{item}' must look like NOTEBOOK.KEY=VALUE, e.g. sample.num_samples=200.")
-        parameters.setdefault(notebook, {})[key] = yaml.safe_load(value)
+        try:
+            parameters.setdefault(notebook, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ReportError(f"--param '{item}': the value '{value}' is not YAML ({problem}); if it is text, "
+                              f"quote it: --param '{name}=\"{value}\"'.") from None
     return parameters
 
 
@@ -480,6 +509,7 @@ def run_report(args: argparse.Namespace) -> int:
     from dlm.workbench.workbook import ReportError, build_report, report_size
 
     logging.getLogger("papermill").setLevel(logging.WARNING)
+    check_run_folder(args.reports_dir, "--reports_dir")  # a file, read-only, or a folder that cannot exist
     try:
         report_dir = build_report(args.params, args.name, args.reports_dir, show_code=args.show_code,
                                   overwrite=args.overwrite, parameters=notebook_parameters(args.param),

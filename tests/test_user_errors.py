@@ -66,7 +66,7 @@ def test_bad_settings_are_refused_before_training(tmp_path, capsys, extra, messa
     ({"weight_decay": -0.1}, "'weight_decay' must be in [0, inf)"),
     ({"dropout": 1.0}, "'dropout' must be in [0, 1)"),
     ({"grad_clip": -1.0}, "'grad_clip' must be in [0, inf)"),
-    ({"rounding_weight": -1.0}, "'rounding_weight' must be in [0, inf)"),
+    ({"rounding_weight": -1.0}, "'rounding_weight' must be in [0, 1000]"),
     ({"embedding_init_std": 0.0}, "'embedding_init_std' must be in (0, inf)"),
     ({"embedding_lr_scale": -math.inf}, "'embedding_lr_scale' must be a finite number"),
     ({"embedding_scale": math.nan}, "'embedding_scale' must be a finite number"),
@@ -515,3 +515,113 @@ def test_evaluations_that_would_be_ignored_are_refused(toy_runs, tmp_path, capsy
     argv = [a.replace("S", str(tmp_path / "s.jsonl")).replace("AR", str(toy_runs / "ar")) if len(a) <= 2 else a
             for a in argv]
     refused(capsys, "evaluate", ["evaluate", "--run_dir", str(toy_runs / "diffusion"), *argv], message, tmp_path)
+
+
+# --- dlm report: its folder and every --param, before the first notebook starts -------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reports_dir", "HERE/afile"], "--reports_dir 'HERE/afile' is a file: give a folder"),
+    (["--reports_dir", "/proc/dlm_nope/reports"], "--reports_dir '/proc/dlm_nope/reports' cannot be created"),
+    (["--reports_dir", "HERE/afile/reports"], "which is a file: choose another folder"),
+    (["--param", "train.lr=[1"], "--param 'train.lr=[1': the value '[1' is not YAML"),
+    (["--param", "sample.num_sampels=3"], "sample.ipynb has no parameter 'num_sampels'. Did you mean 'num_samples'?"),
+    (["--param", "collapse_analysis.stepz=3"], "collapse_analysis.ipynb has no parameter 'stepz'. Did you mean 'steps'?"),
+    (["--param", "train.lrr=0.1"], "train.ipynb has no parameter 'lrr'. Did you mean 'lr'?"),
+])
+def test_report_destination_and_params_are_checked_before_any_notebook(tmp_path, capsys, monkeypatch, argv, message):
+    from dlm.workbench import workbook
+
+    def no_notebook_may_run(*args, **kwargs):
+        raise AssertionError("a notebook ran before the report's inputs were checked")
+
+    monkeypatch.setattr(workbook, "execute", no_notebook_may_run)
+    (tmp_path / "afile").write_text("keep me")
+    argv = [a.replace("HERE", str(tmp_path)) for a in argv]
+    reports = [] if "--reports_dir" in argv else ["--reports_dir", str(tmp_path / "reports")]
+    before = snapshot(tmp_path)
+    assert main(["report", SMOKE, "--name", "r", *reports, *argv]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message.replace("HERE", str(tmp_path)) in one_error_line_from(err, "report")
+    assert snapshot(tmp_path) == before and not (tmp_path / "reports").exists()
+
+
+def test_known_params_of_every_notebook_pass_the_check():
+    from dlm.workbench.workbook import check_notebook_parameters, notebooks_dir
+
+    check_notebook_parameters({"train": {"lr": 0.1, "nll_windows": 2}, "sample": {"num_samples": 2},
+                               "collapse_analysis": {"steps": 5}, "control": {"task": "infill"}}, notebooks_dir())
+
+
+# --- presets, corpora, resuming, pretrained vectors ------------------------------------------------
+
+def test_a_key_given_twice_in_a_preset_is_refused(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 0.001\nepochs: 3\nlr: 0.1\n")
+    refused(capsys, "train", ["train", str(preset), "--run_dir", str(tmp_path / "run")],
+            f"In {preset}, 'lr' is set twice (lines 1 and 3): keep the one you mean and delete the other", tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounding_weight", "1e30"], "'rounding_weight' must be in [0, 1000]"),
+    (["--corpus", "/dev/zero"], "Corpus '/dev/zero' is a device or other special file: give a UTF-8 text file"),
+])
+def test_smaller_settings_seen(tmp_path, capsys, argv, message):
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), *argv], message, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_init_from_pretrained_leaves_no_run_folder(tmp_path, capsys):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("speak 0.5 oops\n")
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK,
+                              "--init_from_pretrained", str(vectors)], "is not 'word v1 v2 ...' text", tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, folder, message", [
+    ("train-ar", "diffusion", "holds a run of model 'diffusion', not 'ar': resume it with dlm train and its own preset"),
+    ("train", "ar", "holds a run of model 'ar', not 'diffusion': resume it with dlm train-ar and its own preset"),
+])
+def test_resuming_with_another_family_is_refused(runs, tmp_path, capsys, command, folder, message):
+    run = tmp_path / folder
+    shutil.copytree(runs / folder, run)
+    preset = str(ROOT / "params" / ("ar.yaml" if command == "train-ar" else "smoke.yaml"))
+    refused(capsys, command, [command, preset, "--run_dir", str(run), "--resume", *QUICK[:2]], message, tmp_path)
+
+
+# --- train-classifier: its options checked first, a better classifier never replaced ---------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "1"], "batch_size must be at least 2 (each batch holds windows with and without the attribute)"),
+    (["--batch_size", "0"], "batch_size must be at least 2"),
+    (["--batch_size", "-1"], "batch_size must be at least 2"),
+    (["--width", "0"], "width must be a positive multiple of 4 (the classifier's attention heads), got 0"),
+    (["--width", "6"], "width must be a positive multiple of 4"),
+    (["--depth", "-1"], "depth must be at least 1 (transformer blocks), got -1"),
+    (["--depth", "0"], "depth must be at least 1"),
+])
+def test_bad_classifier_options(toy_runs, tmp_path, capsys, extra, message):
+    refused(capsys, "train-classifier", ["train-classifier", "--run_dir", str(toy_runs / "diffusion"), "--attribute",
+                                         "question", "--out", str(tmp_path / "c.pt"), *extra], message, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_classifier_is_replaced_only_by_a_better_one(runs, tmp_path, capsys):
+    out = tmp_path / "c.pt"
+    argv = ["train-classifier", "--run_dir", str(runs / "diffusion"), "--attribute", "question", "--kind", "judge",
+            "--steps", "2", "--batch_size", "4", "--width", "8", "--depth", "1", "--out", str(out)]
+    assert main(argv) == 0
+    payload = load_checkpoint(out)
+    payload["metrics"]["heldout_balanced_accuracy"] = 1.0  # a previous classifier nothing can beat
+    save_checkpoint(out, payload)
+    kept = out.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "not better on held-out windows than the one kept at" in capsys.readouterr().out
+    assert out.read_bytes() == kept and (tmp_path / "c.new.pt").is_file()
+    payload["metrics"]["heldout_balanced_accuracy"] = -1.0  # a worse one is replaced
+    save_checkpoint(out, payload)
+    assert main(argv) == 0
+    assert load_checkpoint(out)["metrics"]["heldout_balanced_accuracy"] >= 0

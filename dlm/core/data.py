@@ -58,6 +58,8 @@ def resolve_corpus(name_or_path: str, url: str = TINY_SHAKESPEARE_URL) -> Path:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             raise CorpusError(f"Corpus '{path}' is a folder: give a UTF-8 text file (e.g. a file inside it).")
+        if path.exists() and not path.is_file():
+            raise CorpusError(f"Corpus '{path}' is a device or other special file: give a UTF-8 text file.")
         if not path.is_file():
             raise CorpusError(
                 f"Corpus file '{path}' does not exist. Pass 'tiny_shakespeare' or a path to a UTF-8 text file."
@@ -176,7 +178,7 @@ def check_run_folder(path: str | Path, what: str = "run_dir") -> Path:
         raise UserError(f"{what} is empty: give a folder for the run, such as runs/my_run.")
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise UserError(f"{what} '{path}' is a file: give a folder for the run (it is created if missing).")
+        raise UserError(f"{what} '{path}' is a file: give a folder (it is created if missing).")
     try_writing_in(path, "checkpoint", path, what, "folder")
     return path
 

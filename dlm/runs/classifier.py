@@ -153,6 +153,19 @@ def noised_latents(run: LoadedRun, ids: torch.Tensor, t: torch.Tensor, generator
         return q_sample(diffusion.schedule, x0, t, torch.randn(x0.shape, generator=generator))
 
 
+def check_classifier_options(steps: int, batch_size: int, width: int, depth: int, heads: int = 4) -> None:
+    """train-classifier's options, checked before any run is loaded (as dlm train checks its config)."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}.")
+    if batch_size < 2:  # balanced_batch: half the windows with the attribute, half without
+        raise UserError(f"batch_size must be at least 2 (each batch holds windows with and without the attribute), "
+                        f"got {batch_size}.")
+    if width < heads or width % heads:
+        raise UserError(f"width must be a positive multiple of {heads} (the classifier's attention heads), got {width}.")
+    if depth < 1:
+        raise UserError(f"depth must be at least 1 (transformer blocks), got {depth}.")
+
+
 def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", steps: int = 300,
                      batch_size: int = 64, lr: float = 1e-3, width: int = 128, depth: int = 2, seed: int = 0,
                      windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> ClassifierResult:
@@ -163,8 +176,7 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
     if kind == "latent" and run.config.model != "diffusion":
         raise UserError("A latent classifier needs a diffusion run (its embeddings); this run is "
                          f"'{run.config.model}'. Train the judge (--kind judge) on it, or give a diffusion run.")
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps}.")
+    check_classifier_options(steps, batch_size, width, depth)
     target = attribute(attribute_name, run.tokenizer)
     train, heldout = windows if windows is not None else training_windows(run)
     labels = target.label(train)

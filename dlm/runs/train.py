@@ -9,6 +9,7 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -364,8 +365,13 @@ CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", "lr", *secti
                         *section_keys("runtime"))
 
 
-def resumed_config(config: Config, saved: dict) -> Config:
+def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Config:
     saved_config = from_dict(saved)
+    if config.model != saved_config.model:  # the folder's model would train under the other preset's recipe
+        command = "dlm train-ar" if saved_config.model == "ar" else "dlm train"
+        where = f"'{run.path}'" if run is not None else "The run"
+        raise RunExistsError(f"{where} holds a run of model '{saved_config.model}', not '{config.model}': resume it "
+                             f"with {command} and its own preset, or choose another --run_dir for the {config.model} run.")
     changed = [k for k, v in config.to_dict().items()
                if k not in CHANGEABLE_ON_RESUME and getattr(saved_config, k) != v]
     if changed:
@@ -652,6 +658,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     the run folder's lock throughout (RunLockedError when another process trains there)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     run = RunDir(run_dir)
+    created = not run.path.exists()
     if resume and not run.has_run():
         raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
                               f"Drop --resume to start one there.")
@@ -665,6 +672,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
             return _train(config, run, resume, device, ranks)
     finally:
         destroy_distributed()
+        if created and ranks.is_main and [p.name for p in run.path.iterdir()] == [run.lock.name]:
+            shutil.rmtree(run.path)  # failed before writing anything (a bad init_from_pretrained, ...)
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks) -> TrainResult:
@@ -676,7 +685,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         mode = "restarted"
     elif resume:
         payload = load_checkpoint(run.last_checkpoint)
-        config = resumed_config(config, payload["config"])
+        config = resumed_config(config, payload["config"], run)
         mode = "resume"
     elif run.has_run():
         raise RunExistsError(
