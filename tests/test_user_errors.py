@@ -456,7 +456,7 @@ def test_ctrl_c_while_sampling_keeps_the_finished_batches(toy_runs, tmp_path, ca
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--num_samples", str(10**9), "--record_every", "1", "--steps", "2", "--out", "OUT"],
      "GiB of trajectory; this machine has"),
-    (["evaluate", "--nll", "--windows", str(10**10)], "held-out windows need about"),
+    (["evaluate", "--nll", "--windows", str(10**10)], "held-out windows need about"),  # not run with the guard off: 80 GB
 ])
 def test_what_cannot_fit_in_memory_is_refused_up_front(toy_runs, tmp_path, capsys, argv, message):
     argv = [a.replace("OUT", str(tmp_path / "s.jsonl")) for a in argv] + ["--run_dir", str(toy_runs / "diffusion")]
@@ -556,7 +556,7 @@ def test_known_params_of_every_notebook_pass_the_check():
 
 def test_a_key_given_twice_in_a_preset_is_refused(tmp_path, capsys):
     preset = tmp_path / "p.yaml"
-    preset.write_text("lr: 0.001\nepochs: 3\nlr: 0.1\n")
+    preset.write_text("lr: 0.001\ncorpus: nowhere.txt\nlr: 0.1\n")  # no corpus: a missed duplicate fails fast
     refused(capsys, "train", ["train", str(preset), "--run_dir", str(tmp_path / "run")],
             f"In {preset}, 'lr' is set twice (lines 1 and 3): keep the one you mean and delete the other", tmp_path)
     assert not (tmp_path / "run").exists()
@@ -625,3 +625,16 @@ def test_a_classifier_is_replaced_only_by_a_better_one(runs, tmp_path, capsys):
     save_checkpoint(out, payload)
     assert main(argv) == 0
     assert load_checkpoint(out)["metrics"]["heldout_balanced_accuracy"] >= 0
+
+
+def test_memory_guards_directly():
+    from dlm.core.errors import UserError
+    from dlm.evaluation.likelihood import check_windows_fit
+    from dlm.runs.sample import check_memory
+
+    check_windows_fit(256, 64)
+    check_memory(SampleOptions(num_samples=64, record_every=10), 64, 2000)
+    with pytest.raises(UserError, match="held-out windows need about"):
+        check_windows_fit(10**10, 64)
+    with pytest.raises(UserError, match="GiB of trajectory"):
+        check_memory(SampleOptions(num_samples=10**9, record_every=1), 64, 2000)
