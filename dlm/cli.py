@@ -1,5 +1,5 @@
-"""`dlm train`, `dlm sample`, `dlm infill`, `dlm stats` and `dlm report`: the only place that parses argv and
-prints for a user."""
+"""The dlm command: train, train-ar, sample, stats, evaluate, infill, train-classifier, control-table and
+report. The only place that parses argv and prints for a user."""
 
 from __future__ import annotations
 
@@ -8,26 +8,38 @@ import json
 import logging
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
-from dlm.core.data import CorpusError, atomic_write_bytes, check_destination, check_run_folder
+from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
+from dlm.core.errors import UserError
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.runs.build import load_run
-from dlm.runs.sample import X0_CHOICES, SampleOptions, generate, write_samples
+from dlm.runs.sample import (
+    X0_CHOICES,
+    SampleOptions,
+    SampleWriter,
+    check_memory,
+    check_sample_destination,
+    generate_batches,
+)
 from dlm.runs.train import DivergedError, RunExistsError, train
 
-USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RunExistsError, DivergedError, ValueError)
+# What the user can fix: one line, no traceback. Anything else is a bug in dlm and shows its traceback.
+USER_ERRORS = (UserError, CheckpointError, RunExistsError, DivergedError)
+REPORT_A_BUG = ("this is a bug in dlm, not in what you typed: please report it with the command line and the "
+                "traceback above")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One --key option per Config field; values are checked by the same code as YAML presets."""
-    group = parser.add_argument_group("config overrides (any key of dlm.config.Config)")
+    group = parser.add_argument_group("config overrides (any key of dlm.core.config.Config)")
     for key, tp in field_types().items():
         if tp is bool:
             group.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
@@ -194,17 +206,41 @@ def add_control_commands(commands) -> None:
 
 
 def run_train_classifier(args: argparse.Namespace) -> None:
-    from dlm.runs.classifier import save_classifier, train_classifier
+    from dlm.runs.classifier import check_classifier_options, save_classifier, train_classifier
     from dlm.runs.rundir import RunDir
 
-    out = args.out or RunDir(args.run_dir).classifier(args.kind, args.attribute)
-    check_destination(out)
+    check_classifier_options(args.steps, args.batch_size, args.width, args.depth)
+    out = Path(args.out or RunDir(args.run_dir).classifier(args.kind, args.attribute))
+    beside = out.with_suffix(".new.pt")  # where a new classifier goes when it is not better than the one at out
+    check_destination(out, "--out", suffix=".pt")
+    check_destination(beside, "--out (a new classifier not better than the one there is written beside it)")
     run = load_run(args.run_dir)
     result = train_classifier(run, args.attribute, args.kind, steps=args.steps, batch_size=args.batch_size,
                               width=args.width, depth=args.depth, seed=args.seed)
-    path = save_classifier(out, result, run)
     numbers = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items())
+    new = result.metrics["heldout_balanced_accuracy"]
+    old = previous_accuracy(out)
+    if old is not None and new <= old:
+        path = save_classifier(beside, result, run)
+        kept = f"balanced accuracy {new:.3g} vs {old:.3g}" if old != float("inf") else "that file is not readable"
+        print(f"{args.kind} classifier for '{args.attribute}' ({numbers}) -> {path}: not better on held-out windows "
+              f"than the one kept at {out} ({kept}); move it there to use it anyway")
+        return
+    path = save_classifier(out, result, run)
     print(f"{args.kind} classifier for '{args.attribute}' ({numbers}) -> {path}")
+
+
+def previous_accuracy(path: Path) -> float | None:
+    """The held-out balanced accuracy of the classifier already at `path` (None: no file there);
+    a file that does not read as one counts as the best there is, so it is never replaced."""
+    from dlm.core.checkpoint import load_checkpoint
+
+    if not path.exists():
+        return None
+    try:
+        return float(load_checkpoint(path, require=("metrics",))["metrics"]["heldout_balanced_accuracy"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 def run_control_table(args: argparse.Namespace) -> None:
@@ -215,9 +251,9 @@ def run_control_table(args: argparse.Namespace) -> None:
     try:
         strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--strengths must be numbers separated by commas, e.g. 0.05,0.1,0.2; got '{args.strengths}'.") from None
+        raise UserError(f"--strengths must be numbers separated by commas, e.g. 0.05,0.1,0.2; got '{args.strengths}'.") from None
     if any(not s > 0 for s in strengths):  # also refuses nan
-        raise ValueError(f"--strengths must be positive (strength 0, unguided, is always a row); got '{args.strengths}'.")
+        raise UserError(f"--strengths must be positive (strength 0, unguided, is always a row); got '{args.strengths}'.")
     out_dir = check_destination(Path(args.out_dir) / "control.csv", "--out_dir").parent
     device = pick_device(args.device)
     run = load_run(args.run_dir, device=device)
@@ -293,18 +329,22 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    check_destination(args.out)  # before sampling, so that a bad --out never costs the samples
+    from tqdm.auto import tqdm
+
+    check_sample_destination(args.out)  # before sampling, so that a bad --out never costs the samples
     device = pick_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
-        raise ValueError(f"{run.checkpoint} holds nan or inf weights: the run diverged, so its samples would be "
-                         f"empty. Train it again with a smaller lr (or sample an earlier checkpoint).")
+        raise UserError(f"{run.checkpoint} holds nan or inf weights: the run diverged, so its samples would be "
+                        f"empty. Train it again with a smaller lr (or sample an earlier checkpoint).")
     options = SampleOptions.from_config(
         run.config, num_samples=args.num_samples, steps=args.steps, spacing=args.spacing, decoder=args.decoder,
         clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, x0=args.x0, temperature=args.temperature,
         unk=args.unk, seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
+    options.validate(getattr(run.objective, "steps", None))
+    check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
     if run.family.NAME == "diffusion":
         from dlm.families.gaussian import chain_blocks
 
@@ -312,9 +352,21 @@ def run_sample(args: argparse.Namespace) -> None:
         blocks = chain_blocks(run.objective, run.config.seq_len)
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
               f"{blocks * options.steps} denoiser calls per batch of up to {options.batch_size} samples", flush=True)
-    batch = generate(run, options, device)
-    jsonl, txt = write_samples(batch, args.out, run, options)
-    print(f"{len(batch.texts)} samples from {run.checkpoint} (step {run.step}) -> {jsonl}, {txt}")
+    writer = SampleWriter(args.out, run, options)
+    try:
+        with tqdm(total=options.num_samples, unit="sample", desc="sampling", disable=None) as bar:
+            for batch in generate_batches(run, options, device):
+                writer.add(batch)
+                bar.update(len(batch.texts))
+    except KeyboardInterrupt:
+        kept = f"{writer.count} samples kept in {writer.files['jsonl']}" if writer.count else "no batch was finished"
+        print(f"dlm sample: interrupted after {writer.count} of {options.num_samples} samples: {kept}.",
+              file=sys.stderr)
+        raise
+    finally:
+        writer.close()
+    print(f"{writer.count} samples from {run.checkpoint} (step {run.step}) -> {writer.files['jsonl']}, "
+          f"{writer.files['txt']}")
 
 
 def run_stats(args: argparse.Namespace) -> None:
@@ -347,12 +399,17 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     if args.json:
         check_destination(args.json, "--json")  # before any work, for every kind of evaluation
+    asked = [flag for flag, given in (("--nll", args.nll), ("--matched", args.matched)) if given]
+    if len(asked) > 1 or (asked and args.samples):
+        raise UserError(f"{' and '.join(asked + (['--samples'] if args.samples else []))} are separate evaluations: "
+                        f"{asked[0]} scores --run_dir's {'held-out windows' if asked[0] == '--nll' else 'own samples'}"
+                        f"{', not a samples file' if args.samples else ''}. Run one dlm evaluate per kind.")
     if args.nll:
         return run_nll(args)
     if args.matched:
         return run_matched(args)
     if args.samples is None or args.teacher is None:
-        raise ValueError("give --samples FILE.jsonl and --teacher AR_RUN to score samples, "
+        raise UserError("give --samples FILE.jsonl and --teacher AR_RUN to score samples, "
                          "or --nll --run_dir RUN for the likelihood bound.")
     result = evaluate_samples(read_samples(args.samples), load_run(args.teacher))
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
@@ -370,7 +427,7 @@ def run_matched(args: argparse.Namespace) -> None:
     from dlm.evaluation.matched import match_entropy
 
     if args.run_dir is None or args.teacher is None:
-        raise ValueError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
+        raise UserError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device)
     teacher = load_run(args.teacher, device=device)
@@ -394,7 +451,7 @@ def run_nll(args: argparse.Namespace) -> None:
     from dlm.evaluation.likelihood import check_counts, compare_with_ar
 
     if args.run_dir is None:
-        raise ValueError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
+        raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint)
     ar = load_run(args.ar_run) if args.ar_run else None
@@ -418,7 +475,7 @@ def run_infill(args: argparse.Namespace) -> None:
     from dlm.runs.control import infill, make_control, write_control
 
     if args.out:
-        check_destination(args.out)
+        check_destination(args.out, "--out", suffix=".jsonl")
     device = pick_device(args.device)
     run = load_run(args.run_dir, device=device)
     control = make_control(run, args.template, args.prefix, args.length)
@@ -442,7 +499,12 @@ def notebook_parameters(items: list[str]) -> dict[str, dict]:
         notebook, dot, key = name.partition(".")
         if not (eq and dot and notebook and key):
             raise ReportError(f"--param '{item}' must look like NOTEBOOK.KEY=VALUE, e.g. sample.num_samples=200.")
-        parameters.setdefault(notebook, {})[key] = yaml.safe_load(value)
+        try:
+            parameters.setdefault(notebook, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ReportError(f"--param '{item}': the value '{value}' is not YAML ({problem}); if it is text, "
+                              f"quote it: --param '{name}=\"{value}\"'.") from None
     return parameters
 
 
@@ -450,6 +512,7 @@ def run_report(args: argparse.Namespace) -> int:
     from dlm.workbench.workbook import ReportError, build_report, report_size
 
     logging.getLogger("papermill").setLevel(logging.WARNING)
+    check_run_folder(args.reports_dir, "--reports_dir")  # a file, read-only, or a folder that cannot exist
     try:
         report_dir = build_report(args.params, args.name, args.reports_dir, show_code=args.show_code,
                                   overwrite=args.overwrite, parameters=notebook_parameters(args.param),
@@ -488,5 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: train has logged where the run stands and how to resume
         print(f"dlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"dlm {args.command}: internal error: {REPORT_A_BUG}.", file=sys.stderr)
+        return 1
     return 0
 

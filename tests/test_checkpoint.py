@@ -103,6 +103,18 @@ def test_no_single_flipped_bit_loads_as_a_different_payload(tmp_path):
     assert refused > 0
 
 
+def test_a_loaded_payload_saved_again_loads(tmp_path):
+    import dlm.core.checkpoint as checkpoint
+
+    old = tmp_path / "v1.pt"
+    payload = {"model": {"w": torch.ones(2)}, "config": {"lr": 0.1}}
+    torch.save({"format": checkpoint.FORMAT, "version": 1, **payload,
+                "checksum": checkpoint.payload_checksum(payload, tensors_only=True)}, old)
+    again = save_checkpoint(tmp_path / "again.pt", {**load_checkpoint(old), "config": {"lr": 0.2}})
+    loaded = load_checkpoint(again)
+    assert loaded["version"] == checkpoint.VERSION and loaded["config"] == {"lr": 0.2}
+
+
 def test_a_version_1_checkpoint_is_still_read_with_its_tensor_checksum(tmp_path):
     import dlm.core.checkpoint as checkpoint
 

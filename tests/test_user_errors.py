@@ -4,6 +4,7 @@ traceback, and nothing written (or lost). In-process through dlm.cli.main: the f
 import json
 import math
 import os
+import shutil
 import typing
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from dlm.cli import main
 from dlm.core.checkpoint import load_checkpoint, save_checkpoint
 from dlm.core.config import ConfigError, field_types, load_config, load_yaml, machine_memory_bytes, training_memory_bytes
-from dlm.core.data import check_run_folder
+from dlm.core.data import check_destination, check_run_folder
 from dlm.core.runtime import pick_device
 from dlm.runs.sample import SampleOptions
 from tests.conftest import ROOT, make_corpus
@@ -65,7 +66,7 @@ def test_bad_settings_are_refused_before_training(tmp_path, capsys, extra, messa
     ({"weight_decay": -0.1}, "'weight_decay' must be in [0, inf)"),
     ({"dropout": 1.0}, "'dropout' must be in [0, 1)"),
     ({"grad_clip": -1.0}, "'grad_clip' must be in [0, inf)"),
-    ({"rounding_weight": -1.0}, "'rounding_weight' must be in [0, inf)"),
+    ({"rounding_weight": -1.0}, "'rounding_weight' must be in [0, 1000]"),
     ({"embedding_init_std": 0.0}, "'embedding_init_std' must be in (0, inf)"),
     ({"embedding_lr_scale": -math.inf}, "'embedding_lr_scale' must be a finite number"),
     ({"embedding_scale": math.nan}, "'embedding_scale' must be a finite number"),
@@ -330,3 +331,310 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
     assert main([command, "--run_dir", str(runs / "diffusion"), *destination, *extra]) == 2
     assert message in one_error_line(capsys, command)
     assert not list(tmp_path.iterdir())
+
+
+# --- destinations: one check (dlm.core.data.check_destination), before any work, for every writer --
+
+def snapshot(*roots) -> dict:
+    """Every file under `roots`, path -> bytes: what a refused command must leave byte-identical."""
+    return {p: p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, command: str, argv: list[str], message: str, *roots) -> str:
+    before = snapshot(*roots)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = one_error_line_from(err, command)
+    assert message in line, line
+    assert snapshot(*roots) == before
+    return line
+
+
+def one_error_line_from(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dlm {command}: error: "), lines
+    return lines[0]
+
+
+LONG_NAME = "x" * 300
+
+
+@pytest.mark.parametrize("out, message", [
+    ("RUN/checkpoints/last.pt", "must end in .jsonl, e.g. last.jsonl"),
+    ("RUN/checkpoints/more.jsonl", "lies inside the run's checkpoints folder"),
+    ("HERE/notes.txt", "must end in .jsonl, e.g. notes.jsonl"),
+    ("/dev/null", "is a device or other special file"),
+    ("/proc/dlm_nope/x.jsonl", "cannot be written: No such file or directory"),
+    (f"HERE/{LONG_NAME}.jsonl", "cannot be written: File name too long"),
+    ("HERE/taken.jsonl", "the txt file beside --out 'HERE/taken.txt' is a folder"),
+    ("HERE/afile/x.jsonl", "which is a file: choose another path"),
+    ("", "--out is empty"),
+])
+def test_sample_out_is_refused_before_sampling(toy_runs, tmp_path, capsys, out, message):
+    run = tmp_path / "run"
+    shutil.copytree(toy_runs / "diffusion", run)
+    (tmp_path / "taken.txt").mkdir()
+    (tmp_path / "afile").write_text("keep me")
+    out = out.replace("RUN", str(run)).replace("HERE", str(tmp_path))
+    message = message.replace("HERE", str(tmp_path))
+    refused(capsys, "sample", ["sample", "--run_dir", str(run), "--steps", "2", "--num_samples", "2", "--out", out],
+            message, tmp_path)
+    assert not list(tmp_path.glob("*.jsonl")) and not (tmp_path / "afile.txt").exists()
+    assert not os.path.exists("/dev/null.txt") and not os.path.exists("/proc/dlm_nope")
+
+
+@pytest.mark.parametrize("command", ["infill", "evaluate", "stats", "train-classifier", "control-table"])
+@pytest.mark.parametrize("where, message", [
+    ("/proc/dlm_nope/FILE", "cannot be written: No such file or directory"),
+    (f"HERE/{LONG_NAME}FILE", "cannot be written: File name too long"),
+    ("HERE/afile/FILE", "which is a file: choose another path"),
+])
+def test_every_writer_checks_its_destination_first(toy_runs, tmp_path, capsys, command, where, message):
+    (tmp_path / "afile").write_text("keep me")
+    diffusion, ar = str(toy_runs / "diffusion"), str(toy_runs / "ar")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"text": "To be"}) + "\n")
+    destination = where.replace("HERE", str(tmp_path))
+    argv = {
+        "infill": ["infill", "--run_dir", diffusion, "--template", "__", "--steps", "2",
+                   "--out", destination.replace("FILE", "f.jsonl")],
+        "evaluate": ["evaluate", "--samples", str(samples), "--teacher", ar, "--json", destination.replace("FILE", "e.json")],
+        "stats": ["stats", "--samples", str(samples), "--run_dir", diffusion, "--json", destination.replace("FILE", "s.json")],
+        "train-classifier": ["train-classifier", "--run_dir", diffusion, "--attribute", "question", "--steps", "1",
+                             "--out", destination.replace("FILE", "c.pt")],
+        "control-table": ["control-table", "--run_dir", diffusion, "--ar_run", ar, "--attribute", "question",
+                          "--out_dir", destination.replace("FILE", "table")],
+    }[command]
+    refused(capsys, command, argv, message, tmp_path, toy_runs)
+
+
+def test_check_destination_leaves_nothing_behind(tmp_path):
+    assert check_destination(tmp_path / "a" / "b" / "x.jsonl", suffix=".jsonl") == tmp_path / "a" / "b" / "x.jsonl"
+    assert not (tmp_path / "a").exists()  # the folders it made to try are gone again
+    (tmp_path / "x.jsonl").write_text("old")
+    check_destination(tmp_path / "x.jsonl")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"] and (tmp_path / "x.jsonl").read_text() == "old"
+
+
+# --- long work: written as it goes, interruptible, refused up front when it cannot fit -------------
+
+def test_sample_writes_batch_by_batch_the_draws_of_one_call(toy_runs, tmp_path, capsys):
+    from dlm.runs.build import load_run
+
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "5",
+                 "--batch_size", "2", "--seed", "3", "--out", str(out)]) == 0
+    run = load_run(toy_runs / "diffusion")
+    options = SampleOptions.from_config(run.config, num_samples=5, steps=2, batch_size=2, seed=3)
+    ids, _ = run.family.generate(run, options, torch.Generator().manual_seed(3), "cpu")  # one call, every batch
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["ids"] for r in records] == ids.tolist() and [r["index"] for r in records] == list(range(5))
+    assert len(out.with_suffix(".txt").read_text().splitlines()) == 5
+
+
+def test_ctrl_c_while_sampling_keeps_the_finished_batches(toy_runs, tmp_path, capsys, monkeypatch):
+    from dlm.families import gaussian
+
+    calls = []
+
+    def interrupted_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = gaussian.generate
+    monkeypatch.setattr(gaussian, "generate", interrupted_on_the_third_batch)
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "10",
+                 "--batch_size", "2", "--out", str(out)]) == 130
+    assert "interrupted after 4 of 10 samples: 4 samples kept in" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 4 and len(out.with_suffix(".txt").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--num_samples", str(10**9), "--record_every", "1", "--steps", "2", "--out", "OUT"],
+     "GiB of trajectory; this machine has"),
+    (["evaluate", "--nll", "--windows", str(10**10)], "held-out windows need about"),  # not run with the guard off: 80 GB
+])
+def test_what_cannot_fit_in_memory_is_refused_up_front(toy_runs, tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "s.jsonl")) for a in argv] + ["--run_dir", str(toy_runs / "diffusion")]
+    refused(capsys, argv[0], argv, message, tmp_path)
+
+
+def test_a_bug_inside_dlm_shows_its_traceback_and_asks_to_report_it(toy_runs, tmp_path, capsys, monkeypatch):
+    from dlm.runs import sample
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(sample.SampleWriter, "add", broken)
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "2",
+                 "--out", str(tmp_path / "s.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: an internal slip" in err
+    assert err.strip().splitlines()[-1].startswith("dlm sample: internal error: this is a bug in dlm")
+
+
+# --- dlm evaluate: samples files a user may hand it, and evaluations that do not mix --------------
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": 123}\n', "line 1: each line must be a JSON object whose 'text' is a string (got int)"),
+    (b'{"text": "To be"}\n{"text": null}\n', "line 2: each line must be a JSON object whose 'text' is a string (got NoneType)"),
+    (b'"To be, or not to be"\n', "line 1: each line must be a JSON object whose 'text' is a string (got str)"),
+    (b'{"ids": [1, 2]}\n', "(got no 'text')"),
+    (b'{"text": ""}\n{"text": "  "}\n', "holds only empty texts: there is nothing to score"),
+    (b'{"text": "caf\xe9"}\n', "is not UTF-8 text (byte 13)"),
+    (b'{"text": "To be"\n', "is not JSON lines (line 1:"),
+    (b"\n\n", "holds no samples"),
+])
+def test_bad_samples_files_name_the_file_and_line(toy_runs, tmp_path, capsys, content, message):
+    samples = tmp_path / "s.jsonl"
+    samples.write_bytes(content)
+    line = refused(capsys, "evaluate", ["evaluate", "--samples", str(samples), "--teacher", str(toy_runs / "ar"),
+                                        "--json", str(tmp_path / "e.json")], message, tmp_path)
+    assert str(samples) in line
+
+
+def test_a_sample_longer_than_the_heldout_text_is_refused(runs, tmp_path, capsys):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"text": "speak , " * 100_000}) + "\n")
+    refused(capsys, "evaluate", ["evaluate", "--samples", str(samples), "--teacher", str(runs / "ar")],
+            "A sample of 200000 tokens is longer than the held-out text it is compared with", tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nll", "--samples", "S"], "--nll and --samples are separate evaluations: --nll scores --run_dir's held-out "
+                                  "windows, not a samples file"),
+    (["--matched", "--samples", "S", "--teacher", "AR"], "--matched and --samples are separate evaluations"),
+    (["--nll", "--matched", "--teacher", "AR"], "--nll and --matched are separate evaluations"),
+])
+def test_evaluations_that_would_be_ignored_are_refused(toy_runs, tmp_path, capsys, argv, message):
+    (tmp_path / "s.jsonl").write_text(json.dumps({"text": "To be"}) + "\n")
+    argv = [a.replace("S", str(tmp_path / "s.jsonl")).replace("AR", str(toy_runs / "ar")) if len(a) <= 2 else a
+            for a in argv]
+    refused(capsys, "evaluate", ["evaluate", "--run_dir", str(toy_runs / "diffusion"), *argv], message, tmp_path)
+
+
+# --- dlm report: its folder and every --param, before the first notebook starts -------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reports_dir", "HERE/afile"], "--reports_dir 'HERE/afile' is a file: give a folder"),
+    (["--reports_dir", "/proc/dlm_nope/reports"], "--reports_dir '/proc/dlm_nope/reports' cannot be created"),
+    (["--reports_dir", "HERE/afile/reports"], "which is a file: choose another folder"),
+    (["--param", "train.lr=[1"], "--param 'train.lr=[1': the value '[1' is not YAML"),
+    (["--param", "sample.num_sampels=3"], "sample.ipynb has no parameter 'num_sampels'. Did you mean 'num_samples'?"),
+    (["--param", "collapse_analysis.stepz=3"], "collapse_analysis.ipynb has no parameter 'stepz'. Did you mean 'steps'?"),
+    (["--param", "train.lrr=0.1"], "train.ipynb has no parameter 'lrr'. Did you mean 'lr'?"),
+])
+def test_report_destination_and_params_are_checked_before_any_notebook(tmp_path, capsys, monkeypatch, argv, message):
+    from dlm.workbench import workbook
+
+    def no_notebook_may_run(*args, **kwargs):
+        raise AssertionError("a notebook ran before the report's inputs were checked")
+
+    monkeypatch.setattr(workbook, "execute", no_notebook_may_run)
+    (tmp_path / "afile").write_text("keep me")
+    argv = [a.replace("HERE", str(tmp_path)) for a in argv]
+    reports = [] if "--reports_dir" in argv else ["--reports_dir", str(tmp_path / "reports")]
+    before = snapshot(tmp_path)
+    assert main(["report", SMOKE, "--name", "r", *reports, *argv]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message.replace("HERE", str(tmp_path)) in one_error_line_from(err, "report")
+    assert snapshot(tmp_path) == before and not (tmp_path / "reports").exists()
+
+
+def test_known_params_of_every_notebook_pass_the_check():
+    from dlm.workbench.workbook import check_notebook_parameters, notebooks_dir
+
+    check_notebook_parameters({"train": {"lr": 0.1, "nll_windows": 2}, "sample": {"num_samples": 2},
+                               "collapse_analysis": {"steps": 5}, "control": {"task": "infill"}}, notebooks_dir())
+
+
+# --- presets, corpora, resuming, pretrained vectors ------------------------------------------------
+
+def test_a_key_given_twice_in_a_preset_is_refused(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 0.001\ncorpus: nowhere.txt\nlr: 0.1\n")  # no corpus: a missed duplicate fails fast
+    refused(capsys, "train", ["train", str(preset), "--run_dir", str(tmp_path / "run")],
+            f"In {preset}, 'lr' is set twice (lines 1 and 3): keep the one you mean and delete the other", tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounding_weight", "1e30"], "'rounding_weight' must be in [0, 1000]"),
+    (["--corpus", "/dev/zero"], "Corpus '/dev/zero' is a device or other special file: give a UTF-8 text file"),
+])
+def test_smaller_settings_seen(tmp_path, capsys, argv, message):
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), *argv], message, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_init_from_pretrained_leaves_no_run_folder(tmp_path, capsys):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("speak 0.5 oops\n")
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK,
+                              "--init_from_pretrained", str(vectors)], "is not 'word v1 v2 ...' text", tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, folder, message", [
+    ("train-ar", "diffusion", "holds a run of model 'diffusion', not 'ar': resume it with dlm train and its own preset"),
+    ("train", "ar", "holds a run of model 'ar', not 'diffusion': resume it with dlm train-ar and its own preset"),
+])
+def test_resuming_with_another_family_is_refused(runs, tmp_path, capsys, command, folder, message):
+    run = tmp_path / folder
+    shutil.copytree(runs / folder, run)
+    preset = str(ROOT / "params" / ("ar.yaml" if command == "train-ar" else "smoke.yaml"))
+    refused(capsys, command, [command, preset, "--run_dir", str(run), "--resume", *QUICK[:2]], message, tmp_path)
+
+
+# --- train-classifier: its options checked first, a better classifier never replaced ---------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "1"], "batch_size must be at least 2 (each batch holds windows with and without the attribute)"),
+    (["--batch_size", "0"], "batch_size must be at least 2"),
+    (["--batch_size", "-1"], "batch_size must be at least 2"),
+    (["--width", "0"], "width must be a positive multiple of 4 (the classifier's attention heads), got 0"),
+    (["--width", "6"], "width must be a positive multiple of 4"),
+    (["--depth", "-1"], "depth must be at least 1 (transformer blocks), got -1"),
+    (["--depth", "0"], "depth must be at least 1"),
+])
+def test_bad_classifier_options(toy_runs, tmp_path, capsys, extra, message):
+    refused(capsys, "train-classifier", ["train-classifier", "--run_dir", str(toy_runs / "diffusion"), "--attribute",
+                                         "question", "--out", str(tmp_path / "c.pt"), *extra], message, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_classifier_is_replaced_only_by_a_better_one(runs, tmp_path, capsys):
+    out = tmp_path / "c.pt"
+    argv = ["train-classifier", "--run_dir", str(runs / "diffusion"), "--attribute", "question", "--kind", "judge",
+            "--steps", "2", "--batch_size", "4", "--width", "8", "--depth", "1", "--out", str(out)]
+    assert main(argv) == 0
+    payload = load_checkpoint(out)
+    payload["metrics"]["heldout_balanced_accuracy"] = 1.0  # a previous classifier nothing can beat
+    save_checkpoint(out, payload)
+    kept = out.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "not better on held-out windows than the one kept at" in capsys.readouterr().out
+    assert out.read_bytes() == kept and (tmp_path / "c.new.pt").is_file()
+    payload["metrics"]["heldout_balanced_accuracy"] = -1.0  # a worse one is replaced
+    save_checkpoint(out, payload)
+    assert main(argv) == 0
+    assert load_checkpoint(out)["metrics"]["heldout_balanced_accuracy"] >= 0
+
+
+def test_memory_guards_directly():
+    from dlm.core.errors import UserError
+    from dlm.evaluation.likelihood import check_windows_fit
+    from dlm.runs.sample import check_memory
+
+    check_windows_fit(256, 64)
+    check_memory(SampleOptions(num_samples=64, record_every=10), 64, 2000)
+    with pytest.raises(UserError, match="held-out windows need about"):
+        check_windows_fit(10**10, 64)
+    with pytest.raises(UserError, match="GiB of trajectory"):
+        check_memory(SampleOptions(num_samples=10**9, record_every=1), 64, 2000)

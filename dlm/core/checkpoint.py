@@ -20,6 +20,7 @@ FORMAT = "dlm-checkpoint"
 # bit in the vocabulary or the config loaded silently). Both are read.
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
+HEADER_KEYS = ("format", "version", "checksum")  # what save_checkpoint adds around a payload
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +56,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload, "checksum": payload_checksum(payload)}, buffer)
+    # a payload read back from a checkpoint carries its format, version and checksum: this file gets its own
+    content = {key: value for key, value in payload.items() if key not in HEADER_KEYS}
+    torch.save({**content, "format": FORMAT, "version": VERSION, "checksum": payload_checksum(content)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -87,7 +90,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         )
     # version 1 checkpoints written before the checksum have none; from version 2 on it is required
     expected = payload.pop("checksum", None)
-    content = {key: value for key, value in payload.items() if key not in ("format", "version")}
+    content = {key: value for key, value in payload.items() if key not in HEADER_KEYS}
     if version == 1:
         damaged = expected is not None and payload_checksum(content, tensors_only=True) != expected
     else:

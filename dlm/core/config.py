@@ -24,8 +24,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dlm.core.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A preset or override that cannot become a Config."""
 
 
@@ -330,7 +332,7 @@ RANGES: dict[str, tuple[str, Any, Any, str]] = {
     "weight_decay": ("[", 0.0, None, "0 turns it off"),
     "dropout": ("[", 0.0, 1.0, "a drop probability: 0 turns it off; 1 would drop everything"),
     "grad_clip": ("[", 0.0, None, "0 disables clipping"),
-    "rounding_weight": ("[", 0.0, None, "the rounding loss's weight"),
+    "rounding_weight": ("[", 0.0, 1000.0, "the rounding loss's weight; the recipes use 1"),
     "embedding_init_std": ("(", 0.0, None, "the table's initial standard deviation"),
     "embedding_lr_scale": ("(", 0.0, None, "the table's lr is lr * this"),
     "embedding_scale": ("(", 0.0, None, "rows get norm embedding_scale * sqrt(d)"),
@@ -460,14 +462,34 @@ def check_memory(config: Config) -> None:
         )
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(f"'{key}' is set twice (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"No preset file at '{path}'. Presets live in params/ (e.g. params/default.yaml).")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"'{path}' is not valid YAML: {error}") from None
+    except _DuplicateKey as error:
+        raise ConfigError(f"In {path}, {error}: keep the one you mean and delete the other.") from None
     if not isinstance(values, dict):
         raise ConfigError(f"'{path}' must hold a mapping of config keys to values.")
     for key in values:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dlm.core.errors import UserError
 
 TINY_SHAKESPEARE = "tiny_shakespeare"
 TINY_SHAKESPEARE_URL = (
@@ -32,7 +36,7 @@ NO_SPACE_BEFORE = set(",.;:!?)]}-\n")
 NO_SPACE_AFTER = set("([{'-\n")
 
 
-class CorpusError(FileNotFoundError):
+class CorpusError(UserError, FileNotFoundError):
     """The corpus cannot be found, fetched or read."""
 
 
@@ -54,6 +58,8 @@ def resolve_corpus(name_or_path: str, url: str = TINY_SHAKESPEARE_URL) -> Path:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             raise CorpusError(f"Corpus '{path}' is a folder: give a UTF-8 text file (e.g. a file inside it).")
+        if path.exists() and not path.is_file():
+            raise CorpusError(f"Corpus '{path}' is a device or other special file: give a UTF-8 text file.")
         if not path.is_file():
             raise CorpusError(
                 f"Corpus file '{path}' does not exist. Pass 'tiny_shakespeare' or a path to a UTF-8 text file."
@@ -110,29 +116,58 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
-def writable_folder_above(path: Path, start: Path, what: str, choose: str) -> Path:
-    """The nearest existing folder at or above `start`, where `path` would be written (or created
-    under): a one-line error when it is a file or this process may not write there."""
-    parent = start
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what} '{path}' lies under '{parent}', which is a file: choose another {choose}.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        verb = "written" if parent == path or start != path else "created"
-        raise ValueError(f"{what} '{path}' cannot be {verb}: no write permission in '{parent}'. Choose another {choose}.")
-    return parent
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
-def check_destination(path: str | Path, what: str = "--out") -> Path:
-    """Fail early, before any work, when a file cannot be written at `path`: it is a folder, it lies
-    under a file, or its folder cannot be created or written."""
-    path = Path(path)
-    if str(path) in ("", "."):
-        raise ValueError(f"{what} is empty: give a file name such as samples/out.jsonl.")
-    if path.is_dir():
-        raise ValueError(f"{what} '{path}' is a folder: give a file inside it, such as {path / 'samples.jsonl'}.")
-    writable_folder_above(path, path.parent, what, "path")
+def try_writing_in(folder: Path, probe_name: str, shown: Path, what: str, choose: str) -> None:
+    """Create `folder` (with its missing parents) and a probe file named like `probe_name` in it,
+    then remove all of it: whatever would stop the real write later (permissions, a folder that
+    cannot exist such as /proc/x, a name too long, a full disk) stops it now, in one line."""
+    above = nearest_existing(folder)
+    if not above.is_dir():
+        raise UserError(f"{what} '{shown}' lies under '{above}', which is a file: choose another {choose}.")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{probe_name}.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        reason = (f"no write permission in '{above}'" if error.errno in (errno.EACCES, errno.EPERM)
+                  else error.strerror or type(error).__name__)
+        raise UserError(f"{what} '{shown}' cannot be {'written' if choose == 'path' else 'created'}: "
+                        f"{reason}. Choose another {choose}.") from None
+    finally:
+        for made in created:  # deepest first; nothing is left behind, whether the probe worked or not
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def check_destination(path: str | Path, what: str = "--out", suffix: str | None = None) -> Path:
+    """The one check of a file a command will write, before any work: not empty, not a folder, not a
+    device or other special file, the right `suffix` when given, and its folder creatable and
+    writable under the name the atomic writer uses (tried, then removed: `try_writing_in`)."""
+    path = Path(path).expanduser()
+    if str(path).strip() in ("", "."):
+        raise UserError(f"{what} is empty: give a file name such as samples/out{suffix or '.jsonl'}.")
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # missing, or under a file: said below
+        mode = None
+    except OSError as error:  # a name too long, a loop of links, ...
+        raise UserError(f"{what} '{path}' cannot be written: {error.strerror}. Choose another path.") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UserError(f"{what} '{path}' is a folder: give a file inside it, such as "
+                        f"{path / ('samples' + (suffix or '.jsonl'))}.")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError(f"{what} '{path}' is a device or other special file, not a file dlm may replace: "
+                        f"give a file name such as samples/out{suffix or '.jsonl'}.")
+    if suffix is not None and path.suffix != suffix:
+        raise UserError(f"{what} '{path}' must end in {suffix}, e.g. {path.with_suffix(suffix).name}.")
+    try_writing_in(path.parent, path.name, path, what, "path")
     return path
 
 
@@ -140,22 +175,11 @@ def check_run_folder(path: str | Path, what: str = "run_dir") -> Path:
     """Fail early, before any work, when `path` cannot be a run folder: it is empty (that would be
     the working directory), it is a file, it lies under a file, or it cannot be created or written."""
     if not str(path).strip():
-        raise ValueError(f"{what} is empty: give a folder for the run, such as runs/my_run.")
+        raise UserError(f"{what} is empty: give a folder for the run, such as runs/my_run.")
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} '{path}' is a file: give a folder for the run (it is created if missing).")
-    parent = writable_folder_above(path, path, what, "folder")
-    if parent != path:  # try it (permissions are not the only obstacle), and leave nothing behind
-        try:
-            path.mkdir(parents=True)
-        except OSError as error:
-            raise ValueError(f"{what} '{path}' cannot be created ({error.strerror}). Choose another folder.") from None
-        finally:
-            for folder in (path, *path.parents):
-                if folder == parent or not folder.is_dir():
-                    break
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+        raise UserError(f"{what} '{path}' is a file: give a folder (it is created if missing).")
+    try_writing_in(path, "checkpoint", path, what, "folder")
     return path
 
 
@@ -187,7 +211,7 @@ class Tokenizer:
 
     def __init__(self, kind: str, itos: list[str], lowercase: bool = False):
         if kind not in ("word", "char"):
-            raise ValueError(f"Unknown tokenizer kind '{kind}': use 'word' or 'char'.")
+            raise UserError(f"Unknown tokenizer kind '{kind}': use 'word' or 'char'.")
         self.kind = kind
         self.itos = list(itos)
         self.lowercase = lowercase
@@ -199,7 +223,7 @@ class Tokenizer:
     def build(cls, text: str, kind: str = "word", min_count: int = 2, lowercase: bool = False) -> Tokenizer:
         pieces = split_tokens(text, kind, lowercase)
         if not pieces:
-            raise ValueError("Cannot build a vocabulary from empty text.")
+            raise UserError("Cannot build a vocabulary from empty text.")
         counts = collections.Counter(pieces)
         threshold = min_count if kind == "word" else 1
         # Most frequent first; ties broken alphabetically so the vocabulary is deterministic.
@@ -281,7 +305,7 @@ def prepare_data(corpus: str, kind: str = "word", min_count: int = 2, lowercase:
 def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
     """How many windows every epoch has, whatever its random offset."""
     if num_tokens < seq_len:
-        raise ValueError(
+        raise UserError(
             f"The training text has {num_tokens} tokens, fewer than seq_len={seq_len}. "
             f"Use a longer corpus or a smaller seq_len."
         )

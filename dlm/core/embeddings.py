@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlm.core.errors import UserError
+
 
 class LearnedEmbedding(nn.Module):
     """EMB(w): a (vocab_size, embed_dim) table trained jointly with the denoiser (Diffusion-LM).
@@ -203,17 +205,17 @@ def read_word_vectors(path: str | Path) -> dict[str, torch.Tensor]:
             try:
                 values = torch.tensor([float(v) for v in parts[1:]])
             except ValueError:
-                raise ValueError(f"{path}:{line_number} is not 'word v1 v2 ...' text.") from None
+                raise UserError(f"{path}:{line_number} is not 'word v1 v2 ...' text.") from None
             if not torch.isfinite(values).all():
-                raise ValueError(f"{path}:{line_number} ('{parts[0]}') has a value that is not a finite number "
+                raise UserError(f"{path}:{line_number} ('{parts[0]}') has a value that is not a finite number "
                                  f"(nan or inf): fix or drop that line.")
             if dim is None:
                 dim = len(values)
             elif len(values) != dim:
-                raise ValueError(f"{path}:{line_number} has {len(values)} values, expected {dim}.")
+                raise UserError(f"{path}:{line_number} has {len(values)} values, expected {dim}.")
             vectors.setdefault(parts[0], values)
     if not vectors:
-        raise ValueError(f"No word vectors found in '{path}'.")
+        raise UserError(f"No word vectors found in '{path}'.")
     return vectors
 
 

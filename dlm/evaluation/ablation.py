@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from dlm.core.config import Config
+from dlm.core.errors import UserError
 from dlm.evaluation.evaluate import pick_metrics, score_ids
 from dlm.evaluation.matched import match_entropy
 from dlm.runs.build import load_run
@@ -111,7 +112,7 @@ def arm_config(base: Config, arm: Arm, ar_preset: Config | None = None) -> Confi
     the base with the overrides."""
     if arm.train.get("model", base.model) != base.model:
         if ar_preset is None:
-            raise ValueError(f"Arm '{arm.name}' needs an AR preset (params/ar.yaml).")
+            raise UserError(f"Arm '{arm.name}' needs an AR preset (params/ar.yaml).")
         shared = {**base.section("data"), "batch_size": base.batch_size, "threads": base.threads,
                   "device": base.device, "seed": base.seed}
         return ar_preset.replace(**shared, **{k: v for k, v in arm.train.items() if k != "model"})

@@ -10,6 +10,7 @@ import time
 import pandas as pd
 import torch
 
+from dlm.core.errors import UserError
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.rundata import run_data
 from dlm.runs.build import LoadedRun
@@ -22,7 +23,7 @@ def continuation_nll(teacher: LoadedRun, rows: torch.Tensor, start: int) -> floa
     """Mean NLL (nats) per token of rows[:, start:] under the teacher given everything before it
     (the prefix is context, not scored). Rows no longer than the teacher's seq_len."""
     if rows.shape[1] > teacher.config.seq_len:
-        raise ValueError(f"rows of {rows.shape[1]} tokens are longer than the teacher's seq_len "
+        raise UserError(f"rows of {rows.shape[1]} tokens are longer than the teacher's seq_len "
                          f"({teacher.config.seq_len}).")
     device = next(teacher.model.parameters()).device
     nll = teacher.model.token_nll(rows.to(device)).cpu()  # (B, L-1): token i+1 given tokens <= i
@@ -39,7 +40,7 @@ def prefix_comparison(runs: dict[str, LoadedRun], teacher: LoadedRun, num_prefix
              "seconds": 0.0}]
     for name, run in runs.items():
         if run.tokenizer.fingerprint() != teacher.tokenizer.fingerprint():
-            raise ValueError(f"run '{name}' has another vocabulary than the teacher's: compare runs of one corpus.")
+            raise UserError(f"run '{name}' has another vocabulary than the teacher's: compare runs of one corpus.")
         # every prefix samples_per_prefix times, all in one batch of chains
         prefixes = windows.repeat_interleave(samples_per_prefix, 0)
         options = SampleOptions.from_config(run.config, num_samples=len(prefixes), steps=steps, seed=seed)

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from dlm.core.data import Tokenizer
+from dlm.core.errors import UserError
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import records_from_ids, sample_ids, teacher_nll
 from dlm.evaluation.rundata import run_data
@@ -130,7 +131,7 @@ def control_table(run: LoadedRun, teacher: LoadedRun | None, classifiers: dict[s
     """control_rows for every attribute ({name: (guide, judge)}); the unguided samples drawn once.
     `samples_out`: filled with {attribute: {strength: ids}}."""
     if teacher is not None and not teacher.family.SCORES_TOKENS:
-        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+        raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     options = dataclasses.replace(options, record_every=0)
     start = time.perf_counter()
     unguided = guided_ids(run, options, device=device)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from dlm.core.data import CorpusData, Tokenizer
+from dlm.core.errors import UserError
 from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
 from dlm.evaluation.collapse import collapse_signals
 from dlm.evaluation.rundata import run_data
@@ -105,15 +106,33 @@ def samples_collapse_verdict(mine: dict, ref: dict) -> dict:
 
 
 def read_samples(path: str | Path) -> list[dict]:
+    """The records of a samples file (dlm sample's .jsonl, or hand-written lines {"text": ...}):
+    anything else is one line naming the file, the line and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"No samples file at '{path}'. Write one with: dlm sample --run_dir RUN --out FILE.jsonl")
+        raise UserError(f"No samples file at '{path}'. Write one with: dlm sample --run_dir RUN --out FILE.jsonl")
     try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise ValueError(f"'{path}' is not JSON lines ({error}); give the .jsonl that dlm sample wrote.") from None
-    if not records or not all("text" in r for r in records):
-        raise ValueError(f"'{path}' holds no samples (each line needs at least a 'text').")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"'{path}' is not UTF-8 text (byte {error.start}); give the .jsonl that dlm sample wrote.") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"'{path}' is not JSON lines (line {number}: {error}); give the .jsonl that dlm sample "
+                            f"wrote.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            got = type(record.get("text")).__name__ if isinstance(record, dict) and "text" in record else "no 'text'"
+            raise UserError(f"'{path}' line {number}: each line must be a JSON object whose 'text' is a string "
+                            f"(got {got if isinstance(record, dict) else type(record).__name__}).")
+        records.append(record)
+    if not records:
+        raise UserError(f"'{path}' holds no samples (each line needs at least a 'text').")
+    if not any(r["text"].strip() for r in records):
+        raise UserError(f"'{path}' holds only empty texts: there is nothing to score.")
     return records
 
 
@@ -150,7 +169,7 @@ def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
     """Every number of `compare`, plus generative perplexity under the teacher, for the samples and
     for as many held-out windows of the samples' length."""
     if not teacher.family.SCORES_TOKENS:
-        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+        raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     rows = sample_ids(records, teacher.tokenizer)
     result, heldout_rows = compare_with_heldout(teacher, rows)
     result["samples"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, rows))
@@ -165,7 +184,12 @@ def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData
     those held-out rows."""
     itos = run.tokenizer.itos
     data = data or run_data(run)
-    heldout_rows = heldout_windows(data.val_ids, max(len(r) for r in rows), len(rows)).tolist()
+    longest = max(len(r) for r in rows)
+    if longest > len(data.val_ids):  # there is no held-out window that long to compare with
+        raise UserError(f"A sample of {longest} tokens is longer than the held-out text it is compared with "
+                        f"({len(data.val_ids)} tokens): give samples of at most that many tokens (dlm sample "
+                        f"writes windows of the run's seq_len).")
+    heldout_rows = heldout_windows(data.val_ids, longest, len(rows)).tolist()
     result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
     result["num_samples"] = len(rows)
     return result, heldout_rows

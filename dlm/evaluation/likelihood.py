@@ -43,7 +43,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm  # a text bar on a terminal; off where stderr is not one (notebooks, logs)
 
+from dlm.core.config import machine_memory_bytes
+from dlm.core.errors import UserError
 from dlm.core.runtime import autocast
 from dlm.core.schedule import q_sample
 from dlm.core.textstats import heldout_windows
@@ -210,9 +213,18 @@ def validation_windows(run: LoadedRun, count: int, seed: int = 0) -> torch.Tenso
 
 def check_counts(windows: int, draws: int) -> None:
     if windows < 2:
-        raise ValueError(f"--windows must be at least 2 (the standard error needs two windows), got {windows}.")
+        raise UserError(f"--windows must be at least 2 (the standard error needs two windows), got {windows}.")
     if draws < 1:
-        raise ValueError(f"--draws must be a positive number of timesteps per window, got {draws}.")
+        raise UserError(f"--draws must be a positive number of timesteps per window, got {draws}.")
+
+
+def check_windows_fit(windows: int, seq_len: int) -> None:
+    """Refuse up front a --windows whose held-out ids (and their copies for the AR run) cannot fit."""
+    per_window = 300 + 50 * seq_len  # the ids, their views and the AR run's lists of Python ints
+    have = machine_memory_bytes()
+    if have is not None and windows * per_window > have / 2:
+        raise UserError(f"--windows {windows}: the held-out windows need about {windows * per_window / 2**30:.0f} "
+                        f"GiB; this machine has {have / 2**30:.0f} GiB: use at most {int(have / 2 / per_window)}.")
 
 
 def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4, seed: int = 0,
@@ -220,14 +232,14 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
     given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each."""
     if run.family.SCORES_TOKENS:
-        raise ValueError("The NLL bound is for a diffusion run; an autoregressive run's NLL is exact: "
+        raise UserError("The NLL bound is for a diffusion run; an autoregressive run's NLL is exact: "
                          "give it as --ar_run.")
     ids = validation_windows(run, windows, seed) if isinstance(windows, int) else windows
     check_counts(len(ids), draws)
     device = next(run.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     parts = {name: [] for name in TERMS}
-    for start in range(0, len(ids), batch_size):
+    for start in tqdm(range(0, len(ids), batch_size), desc="NLL bound", unit="batch", disable=None):
         batch = ids[start: start + batch_size].to(device)
         for name, value in window_terms(run.model, run.objective, batch, draws, generator,
                                         precision=run.config.precision, proposal=proposal,
@@ -247,10 +259,10 @@ def summarise(parts: dict[str, torch.Tensor], tokens: int, draws: int) -> Bound:
 
 def check_ar_run(run: LoadedRun, ar: LoadedRun) -> None:
     if not ar.family.SCORES_TOKENS:
-        raise ValueError(f"--ar_run '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
+        raise UserError(f"--ar_run '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
                          f"train one with dlm train-ar params/ar.yaml.")
     if ar.tokenizer.fingerprint() != run.tokenizer.fingerprint():
-        raise ValueError("--ar_run was trained with another vocabulary than the diffusion run, so their "
+        raise UserError("--ar_run was trained with another vocabulary than the diffusion run, so their "
                          "nats per token do not compare: train the AR run on the same corpus and tokenizer settings.")
 
 
@@ -274,6 +286,7 @@ def compare_with_ar(run: LoadedRun, ar: LoadedRun | None, windows: int = 256, dr
                     seed: int = 0, x0: str | None = None) -> Comparison:
     """The bound and, when an AR run is given, its exact NLL on the same windows."""
     check_counts(windows, draws)
+    check_windows_fit(windows, run.config.seq_len)
     if ar is not None:
         check_ar_run(run, ar)
     ids = validation_windows(run, windows, seed)

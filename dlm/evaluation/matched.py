@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from dlm.core.errors import UserError
 from dlm.core.textstats import heldout_windows, sample_stats
 from dlm.evaluation.evaluate import evaluate_samples, records_from_ids
 from dlm.evaluation.rundata import run_data
@@ -137,7 +138,7 @@ def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float],
 
 def check_teacher(teacher: LoadedRun) -> None:
     if not teacher.family.SCORES_TOKENS:
-        raise ValueError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+        raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
 
 
 def match_entropy(run: LoadedRun, teacher: LoadedRun, options: SampleOptions, tolerance: float = 0.01,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from dlm.core.data import fixed_windows
 from dlm.core.embeddings import nearest_rows
+from dlm.core.errors import UserError
 from dlm.core.schedule import q_sample
 from dlm.evaluation.rundata import run_data
 from dlm.families.gaussian import sample_chain, x0_given_earlier_blocks
@@ -33,7 +34,7 @@ def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
     """`count` validation windows spread over the whole split, (count, seq_len)."""
     windows = fixed_windows(run_data(run).val_ids, run.config.seq_len)
     if len(windows) < count:
-        raise ValueError(f"The validation split has {len(windows)} windows; asked for {count}.")
+        raise UserError(f"The validation split has {len(windows)} windows; asked for {count}.")
     return windows[torch.linspace(0, len(windows) - 1, count).long()]
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import did_you_mean
 from dlm.core.data import Tokenizer, fixed_windows, prepare_data
+from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
 from dlm.core.schedule import q_sample
 from dlm.runs.build import LoadedRun
@@ -67,11 +68,11 @@ def attribute(name: str, tokenizer: Tokenizer) -> Attribute:
     elif kind == "speaker" and value:
         words = [value, ":"]
     else:
-        raise ValueError(f"Unknown attribute '{name}': use {ATTRIBUTE_HELP}.")
+        raise UserError(f"Unknown attribute '{name}': use {ATTRIBUTE_HELP}.")
     missing = [w for w in words if w not in tokenizer.stoi]
     if missing:
         hint = did_you_mean(missing[0], [w for w in tokenizer.itos if w.isalpha()])
-        raise ValueError(f"Attribute '{name}': '{missing[0]}' is not a word of the run's vocabulary.{hint}")
+        raise UserError(f"Attribute '{name}': '{missing[0]}' is not a word of the run's vocabulary.{hint}")
     return Attribute(name, (tuple(tokenizer.stoi[w] for w in words),))
 
 
@@ -92,7 +93,7 @@ class Classifier(nn.Module):
     def __init__(self, settings: ClassifierSettings):
         super().__init__()
         if settings.kind not in KINDS:
-            raise ValueError(f"classifier kind must be one of {', '.join(KINDS)}, got '{settings.kind}'.")
+            raise UserError(f"classifier kind must be one of {', '.join(KINDS)}, got '{settings.kind}'.")
         self.settings = settings
         latent = settings.kind == "latent"
         self.tokens = None if latent else nn.Embedding(settings.input_dim, settings.width)
@@ -152,24 +153,36 @@ def noised_latents(run: LoadedRun, ids: torch.Tensor, t: torch.Tensor, generator
         return q_sample(diffusion.schedule, x0, t, torch.randn(x0.shape, generator=generator))
 
 
+def check_classifier_options(steps: int, batch_size: int, width: int, depth: int, heads: int = 4) -> None:
+    """train-classifier's options, checked before any run is loaded (as dlm train checks its config)."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}.")
+    if batch_size < 2:  # balanced_batch: half the windows with the attribute, half without
+        raise UserError(f"batch_size must be at least 2 (each batch holds windows with and without the attribute), "
+                        f"got {batch_size}.")
+    if width < heads or width % heads:
+        raise UserError(f"width must be a positive multiple of {heads} (the classifier's attention heads), got {width}.")
+    if depth < 1:
+        raise UserError(f"depth must be at least 1 (transformer blocks), got {depth}.")
+
+
 def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", steps: int = 300,
                      batch_size: int = 64, lr: float = 1e-3, width: int = 128, depth: int = 2, seed: int = 0,
                      windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> ClassifierResult:
     """Train the guide (kind latent, on `run`'s frozen embeddings) or the judge (kind judge) for one
     attribute on the run's training windows; `windows` (train, held-out) skips reading the corpus."""
     if kind not in KINDS:
-        raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
     if kind == "latent" and run.config.model != "diffusion":
-        raise ValueError("A latent classifier needs a diffusion run (its embeddings); this run is "
+        raise UserError("A latent classifier needs a diffusion run (its embeddings); this run is "
                          f"'{run.config.model}'. Train the judge (--kind judge) on it, or give a diffusion run.")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}.")
+    check_classifier_options(steps, batch_size, width, depth)
     target = attribute(attribute_name, run.tokenizer)
     train, heldout = windows if windows is not None else training_windows(run)
     labels = target.label(train)
     share = float(labels.float().mean())
     if labels.sum() == 0 or labels.sum() == len(labels):
-        raise ValueError(f"Attribute '{attribute_name}' is {'never' if share == 0 else 'always'} true in the run's "
+        raise UserError(f"Attribute '{attribute_name}' is {'never' if share == 0 else 'always'} true in the run's "
                          f"training windows: nothing to learn. Pick another attribute.")
     settings = ClassifierSettings(kind, attribute_name, run.config.seq_len,
                                   run.model.embed_dim if kind == "latent" else len(run.tokenizer), width, depth)

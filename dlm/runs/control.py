@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dlm.core.data import atomic_write_bytes
+from dlm.core.errors import UserError
 from dlm.families.gaussian import (
     SampleState,
     batch_chains,
@@ -68,7 +69,7 @@ def _check_known(tokens: list[str], run: LoadedRun, what: str) -> None:
     unknown = [t for t in tokens if t is not None and t not in run.tokenizer.stoi]
     if unknown:
         names = ", ".join(repr(t) for t in dict.fromkeys(unknown))
-        raise ValueError(f"{what} has words that are not in the run's vocabulary: {names}. Use words from the "
+        raise UserError(f"{what} has words that are not in the run's vocabulary: {names}. Use words from the "
                          f"run's vocabulary (its vocab.json), or {BLANK} for a blank to fill.")
 
 
@@ -82,7 +83,7 @@ def _window(run: LoadedRun, mode: str, given: str, pieces: list[int | None], len
     """pieces: a token id (fixed) or None (blank) per position; the rest of the window is blank."""
     seq_len = run.config.seq_len
     if len(pieces) > seq_len:
-        raise ValueError(f"The {mode} is {len(pieces)} tokens long, more than the run's seq_len ({seq_len}): "
+        raise UserError(f"The {mode} is {len(pieces)} tokens long, more than the run's seq_len ({seq_len}): "
                          f"shorten it to at most {seq_len} tokens (blanks included).")
     pieces = pieces + [None] * (seq_len - len(pieces))
     ids = torch.tensor([run.tokenizer.pad_id if p is None else p for p in pieces], dtype=torch.long)
@@ -94,7 +95,7 @@ def template_control(run: LoadedRun, template: str) -> Control:
     """'To be , or not to be : __ __ __ __ question': the words fixed, each __ one blank token. A
     template shorter than seq_len is padded with blanks (the window's end is free)."""
     if not template.strip():
-        raise ValueError(f"The template is empty: write fixed words and {BLANK} blanks, e.g. "
+        raise UserError(f"The template is empty: write fixed words and {BLANK} blanks, e.g. "
                          f"\"To be , or not to be : {BLANK} {BLANK} {BLANK} question\".")
     tokens: list[str | None] = []
     for part in re.split(f"({BLANK})", template):
@@ -109,7 +110,7 @@ def blanked_control(run: LoadedRun, window: Sequence[int], start: int, stop: int
     fixed; `given` is that template as a user would type it (the notebook's default task)."""
     window = [int(i) for i in window][: run.config.seq_len]
     if not 0 <= start < stop <= len(window):
-        raise ValueError(f"The blank span {start}..{stop} must lie inside the window's {len(window)} tokens.")
+        raise UserError(f"The blank span {start}..{stop} must lie inside the window's {len(window)} tokens.")
     pieces = [None if start <= i < stop else token for i, token in enumerate(window)]
     words = [BLANK if p is None else run.tokenizer.itos[p].replace("\n", "\\n") for p in pieces]
     return _window(run, "template", " ".join(words), pieces)
@@ -119,7 +120,7 @@ def prefix_control(run: LoadedRun, prefix: str) -> Control:
     """The first k tokens fixed, the rest of the window generated."""
     pieces = _words(prefix, run, "The prefix")
     if not pieces:
-        raise ValueError("The prefix is empty: give the words to continue, e.g. \"ROMEO :\\n\".")
+        raise UserError("The prefix is empty: give the words to continue, e.g. \"ROMEO :\\n\".")
     return _window(run, "prefix", prefix, pieces)
 
 
@@ -127,7 +128,7 @@ def newline_id(run: LoadedRun) -> int:
     """The newline token, whose pair (a blank line) ends a speech; an error when the run has none."""
     newline = run.tokenizer.stoi.get("\n")
     if newline is None:
-        raise ValueError("--length needs the blank line that ends a speech, but this run's vocabulary has no "
+        raise UserError("--length needs the blank line that ends a speech, but this run's vocabulary has no "
                          "newline token (its corpus has no line breaks): use --template or --prefix.")
     return newline
 
@@ -137,7 +138,7 @@ def length_control(run: LoadedRun, length: int) -> Control:
     window's remaining positions are free (the next speech begins there)."""
     most = run.config.seq_len - 4
     if not 1 <= length <= most:
-        raise ValueError(f"--length must be between 1 and {most} (the run's seq_len {run.config.seq_len} less "
+        raise UserError(f"--length must be between 1 and {most} (the run's seq_len {run.config.seq_len} less "
                          f"the two blank lines around the speech), got {length}.")
     newline = newline_id(run)
     pieces = [newline, newline, *[None] * length, newline, newline]
@@ -150,9 +151,9 @@ def make_control(run: LoadedRun, template: str | None = None, prefix: str | None
     given = [name for name, value in (("template", template), ("prefix", prefix), ("length", length))
              if value is not None]
     if len(given) != 1:
-        raise ValueError("Give exactly one of --template, --prefix or --length.")
+        raise UserError("Give exactly one of --template, --prefix or --length.")
     if run.family.NAME != "diffusion" and given[0] != "prefix":
-        raise ValueError(f"An autoregressive run can only continue a prefix (it writes left to right): use "
+        raise UserError(f"An autoregressive run can only continue a prefix (it writes left to right): use "
                          f"--prefix, or a diffusion run for --{given[0]}.")
     if template is not None:
         return template_control(run, template)
@@ -270,11 +271,11 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
     diffusion = run.family.NAME == "diffusion"
     options.validate(run.objective.steps if diffusion else None)
     if mbr < 1:
-        raise ValueError(f"--mbr must be at least 1 (the number of candidates per sample), got {mbr}.")
+        raise UserError(f"--mbr must be at least 1 (the number of candidates per sample), got {mbr}.")
     if mbr_distance not in DISTANCES:
-        raise ValueError(f"mbr distance must be one of {', '.join(DISTANCES)}, got '{mbr_distance}'.")
+        raise UserError(f"mbr distance must be one of {', '.join(DISTANCES)}, got '{mbr_distance}'.")
     if control.ids.ndim == 2 and len(control.ids) != options.num_samples:
-        raise ValueError(f"The control has {len(control.ids)} rows of fixed words for {options.num_samples} samples.")
+        raise UserError(f"The control has {len(control.ids)} rows of fixed words for {options.num_samples} samples.")
     generator = torch.Generator().manual_seed(options.seed)
     # every sample's fixed words, once per MBR candidate
     targets = control.ids.expand(options.num_samples, -1).repeat_interleave(mbr, 0)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from dlm.core.errors import UserError
 from dlm.core.scheduler import DiffusionScheduler
 from dlm.families.gaussian import Hook, batch_chains, chain_blocks, final_words, last_state, plain_scheduler
 from dlm.runs.build import LoadedRun
@@ -48,13 +49,13 @@ FLUENCY = 0.01
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
     """The scheduler sample_chain builds for `options` (gaussian.plain_scheduler, the same one)."""
     if run.config.model != "diffusion":
-        raise ValueError(f"Classifier guidance steers a diffusion chain; '{run.checkpoint}' is a "
+        raise UserError(f"Classifier guidance steers a diffusion chain; '{run.checkpoint}' is a "
                          f"'{run.config.model}' run.")
     if run.objective.settings.left_to_right > 0:
-        raise ValueError("Classifier guidance needs one timestep per step for every position; this run samples "
+        raise UserError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")
     if chain_blocks(run.objective, run.config.seq_len) > 1:
-        raise ValueError("Classifier guidance steers one chain over the whole window; this run samples in blocks "
+        raise UserError("Classifier guidance steers one chain over the whole window; this run samples in blocks "
                          f"(block_size {run.config.block_size}): guide a run trained without block_size.")
     return plain_scheduler(run.objective, options.steps, run.config.seq_len, options.eta, options.spacing)
 
@@ -63,7 +64,7 @@ def guidance_hook(classifier: Classifier, scheduler: DiffusionScheduler, strengt
                   inner_steps: int = 3, target: int = 1) -> Hook:
     """The hook described in the module docstring; `scheduler` as the chain's (chain_scheduler)."""
     if strength < 0 or fluency < 0 or inner_steps < 0:
-        raise ValueError("guidance strength, fluency and inner_steps must be 0 or more.")
+        raise UserError("guidance strength, fluency and inner_steps must be 0 or more.")
     timesteps = scheduler.timesteps[:, 0].tolist()
     last = len(timesteps) - 1
 

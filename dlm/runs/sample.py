@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from dlm.core.config import Config
-from dlm.core.data import atomic_write_bytes
+from dlm.core.config import Config, machine_memory_bytes
+from dlm.core.data import atomic_write_bytes, check_destination
+from dlm.core.errors import UserError
 from dlm.core.schedule import SPACINGS
 from dlm.runs.build import LoadedRun
+from dlm.runs.rundir import RunDir
 
 X0_CHOICES = ("predicted", "expected")
 
@@ -55,27 +59,27 @@ class SampleOptions:
         diffusion_steps (None for a family without a chain: steps are not checked)."""
         for name in ("eta", "temperature", "clamp_fraction"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}.")
         if self.x0 not in X0_CHOICES:
-            raise ValueError(f"x0 must be one of {', '.join(X0_CHOICES)}, got '{self.x0}'.")
+            raise UserError(f"x0 must be one of {', '.join(X0_CHOICES)}, got '{self.x0}'.")
         if self.decoder not in ("learned", "cosine"):
-            raise ValueError(f"decoder must be 'learned' or 'cosine', got '{self.decoder}'.")
+            raise UserError(f"decoder must be 'learned' or 'cosine', got '{self.decoder}'.")
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}.")
+            raise UserError(f"num_samples must be at least 1, got {self.num_samples}.")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size (samples drawn at once) must be at least 1, got {self.batch_size}.")
+            raise UserError(f"batch_size (samples drawn at once) must be at least 1, got {self.batch_size}.")
         if self.record_every < 0:
-            raise ValueError(f"record_every must be 0 (no trajectory) or a number of steps, got {self.record_every}.")
+            raise UserError(f"record_every must be 0 (no trajectory) or a number of steps, got {self.record_every}.")
         if not 0 <= self.eta <= 1:
-            raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {self.eta}.")
+            raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {self.eta}.")
         if total_steps is not None and not 1 <= self.steps <= total_steps:
-            raise ValueError(f"steps must be between 1 and the run's diffusion_steps ({total_steps}), got {self.steps}.")
+            raise UserError(f"steps must be between 1 and the run's diffusion_steps ({total_steps}), got {self.steps}.")
         if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
+            raise UserError(f"spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
         if self.temperature < 0:
-            raise ValueError("temperature must be 0 (argmax) or positive.")
+            raise UserError("temperature must be 0 (argmax) or positive.")
         if not 0 <= self.clamp_fraction <= 1:
-            raise ValueError("clamp_fraction must be between 0 and 1.")
+            raise UserError("clamp_fraction must be between 0 and 1.")
 
 
 @dataclass
@@ -85,29 +89,107 @@ class SampleBatch:
     trajectory: list[dict]  # [{"index", "t", "ids": (N, L) list}] when recorded
 
 
+def generate_batches(run: LoadedRun, options: SampleOptions,
+                     device: str | torch.device = "cpu") -> Iterator[SampleBatch]:
+    """The samples one batch of options.batch_size at a time: one generator runs through the batches
+    in order, so they are the draws one call for all of them makes."""
+    options.validate()  # what does not depend on the family (it checks the steps), before any draw
+    generator = torch.Generator().manual_seed(options.seed)
+    for first in range(0, options.num_samples, options.batch_size):
+        part = replace(options, num_samples=min(options.batch_size, options.num_samples - first))
+        ids, trajectory = run.family.generate(run, part, generator, device)
+        yield SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], trajectory)
+
+
 def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device = "cpu") -> SampleBatch:
     """Samples of the run's family (the reverse chain, or left to right for the AR baseline)."""
-    generator = torch.Generator().manual_seed(options.seed)
-    ids, trajectory = run.family.generate(run, options, generator, device)
-    return SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], trajectory)
+    batches = list(generate_batches(run, options, device))
+    trajectory = [dict(frame, ids=[row for batch in batches for row in batch.trajectory[i]["ids"]])
+                  for i, frame in enumerate(batches[0].trajectory)]
+    return SampleBatch(torch.cat([b.ids for b in batches]), [t for b in batches for t in b.texts], trajectory)
+
+
+def check_memory(options: SampleOptions, seq_len: int, total_steps: int | None) -> None:
+    """Refuse up front what cannot fit: a recorded trajectory keeps every sample's tokens at every
+    recorded step (the samples themselves are written batch by batch and not kept)."""
+    if not options.record_every:
+        return
+    frames = (total_steps or options.steps) // options.record_every + 2
+    need = frames * options.num_samples * seq_len * 40  # a Python int in a list: about 40 bytes
+    have = machine_memory_bytes()
+    if have is not None and need > have / 2:
+        most = max(1, int(have / 2 / (frames * seq_len * 40)))
+        raise UserError(f"--record_every {options.record_every} with {options.num_samples} samples keeps about "
+                        f"{need / 2**30:.1f} GiB of trajectory; this machine has {have / 2**30:.1f} GiB: record "
+                        f"at most {most} samples, or every few more steps.")
+
+
+def sample_files(out: str | Path) -> dict[str, Path]:
+    """FILE.jsonl and what is written beside it."""
+    out = Path(out)
+    return {"jsonl": out, "txt": out.with_suffix(".txt"), "trajectory": out.with_suffix(".trajectory.json")}
+
+
+def check_sample_destination(out: str | Path) -> Path:
+    """--out of dlm sample, before sampling: FILE.jsonl (the listing beside it is derived from that
+    name), not inside a run's checkpoints folder, nothing beside it in the way."""
+    files = sample_files(check_destination(out, "--out", suffix=".jsonl"))
+    for folder in files["jsonl"].absolute().parents:
+        if folder.name == "checkpoints" and (RunDir(folder.parent).config.is_file() or any(folder.glob("*.pt"))):
+            raise UserError(f"--out '{out}' lies inside the run's checkpoints folder '{folder}': write samples "
+                            f"elsewhere, e.g. {RunDir(folder.parent).samples_file}.")
+    for kind in ("txt", "trajectory"):
+        check_destination(files[kind], f"the {kind} file beside --out")
+    return files["jsonl"]
+
+
+class SampleWriter:
+    """FILE.jsonl and FILE.txt written batch by batch, each batch flushed to disk, so an interrupt
+    keeps the samples made so far; a file that was there is replaced only once the first batch is
+    ready. A recorded trajectory is written at the end."""
+
+    def __init__(self, out: str | Path, run: LoadedRun, options: SampleOptions):
+        self.files = sample_files(out)
+        self.meta = {"checkpoint": str(run.checkpoint), "step": run.step, "epoch": run.epoch, "ema": run.used_ema,
+                     "model": run.config.model, "vocab": run.tokenizer.fingerprint(), **asdict(options)}
+        self.itos = run.tokenizer.itos
+        self.count, self.handles, self.frames = 0, None, []
+
+    def add(self, batch: SampleBatch) -> None:
+        if self.handles is None:
+            for path in self.files.values():
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self.handles = [open(self.files[kind], "w", encoding="utf-8") for kind in ("jsonl", "txt")]
+        lines = [json.dumps({"index": self.count + i, "text": text, "ids": row.tolist(), **self.meta},
+                            ensure_ascii=False) for i, (text, row) in enumerate(zip(batch.texts, batch.ids))]
+        plain = [text.replace("\n", " / ") for text in batch.texts]
+        for handle, rows in zip(self.handles, (lines, plain)):
+            handle.write("".join(row + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._record(batch.trajectory)
+        self.count += len(batch.texts)
+
+    def _record(self, frames: list[dict]) -> None:
+        """Frames are per step; each batch adds its rows to the frames of the same steps."""
+        if not self.frames:
+            self.frames = [{"index": f["index"], "t": f["t"], "ids": list(f["ids"])} for f in frames]
+        else:
+            for mine, theirs in zip(self.frames, frames):
+                mine["ids"].extend(theirs["ids"])
+
+    def close(self) -> None:
+        for handle in self.handles or ():
+            handle.close()
+        if self.frames:
+            atomic_write_bytes(self.files["trajectory"],
+                               json.dumps({"itos": self.itos, "frames": self.frames}).encode())
 
 
 def write_samples(batch: SampleBatch, out: str | Path, run: LoadedRun, options: SampleOptions) -> tuple[Path, Path]:
     """FILE.jsonl (one object per sample) and FILE.txt beside it (one sample per line, its line
     breaks shown as ' / ', the way verse is quoted inline)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(run.checkpoint), "step": run.step, "epoch": run.epoch, "ema": run.used_ema,
-            "model": run.config.model, "vocab": run.tokenizer.fingerprint(),
-            **asdict(options)}
-    lines = [json.dumps({"index": i, "text": text, "ids": row.tolist(), **meta}, ensure_ascii=False)
-             for i, (text, row) in enumerate(zip(batch.texts, batch.ids))]
-    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
-    txt = out.with_suffix(".txt")
-    plain = [text.replace("\n", " / ") for text in batch.texts]
-    atomic_write_bytes(txt, ("\n".join(plain) + "\n").encode())
-    if batch.trajectory:
-        frames = [{"index": f["index"], "t": f["t"], "ids": f["ids"]} for f in batch.trajectory]
-        atomic_write_bytes(out.with_suffix(".trajectory.json"),
-                           json.dumps({"itos": run.tokenizer.itos, "frames": frames}).encode())
-    return out, txt
+    writer = SampleWriter(out, run, options)
+    writer.add(batch)
+    writer.close()
+    return writer.files["jsonl"], writer.files["txt"]

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,8 +438,13 @@ CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", "lr", *secti
                         *section_keys("runtime"))
 
 
-def resumed_config(config: Config, saved: dict) -> Config:
+def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Config:
     saved_config = from_dict(saved)
+    if config.model != saved_config.model:  # the folder's model would train under the other preset's recipe
+        command = "dlm train-ar" if saved_config.model == "ar" else "dlm train"
+        where = f"'{run.path}'" if run is not None else "The run"
+        raise RunExistsError(f"{where} holds a run of model '{saved_config.model}', not '{config.model}': resume it "
+                             f"with {command} and its own preset, or choose another --run_dir for the {config.model} run.")
     changed = [k for k, v in config.to_dict().items()
                if k not in CHANGEABLE_ON_RESUME and getattr(saved_config, k) != v]
     if changed:
@@ -715,6 +721,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     run = RunDir(run_dir)
+    created = not run.path.exists()
     if resume and not run.has_run():
         raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
                               f"Drop --resume to start one there.")
@@ -728,6 +735,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             return _train(config, run, resume, device, ranks, rebuild_metrics)
     finally:
         destroy_distributed()
+        if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
+            shutil.rmtree(run.path)  # failed before writing anything (a bad init_from_pretrained, ...)
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
@@ -740,7 +749,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         mode = "restarted"
     elif resume:
         payload = load_checkpoint(run.last_checkpoint)
-        config = resumed_config(config, payload["config"])
+        config = resumed_config(config, payload["config"], run)
         mode = "resume"
     elif run.has_run():
         raise RunExistsError(

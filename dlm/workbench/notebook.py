@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.core.config import Config, ConfigError, did_you_mean, field_types, load_config
+from dlm.core.errors import UserError
 
 logger = logging.getLogger("dlm")
 
@@ -146,13 +147,13 @@ def step_counts(value: str | list | tuple | None, total_steps: int, name: str = 
         try:
             count = int(part)
         except ValueError:
-            raise ValueError(f"Parameter '{name}' takes positive integers, e.g. '10,50,200'; got '{part}'.") from None
+            raise UserError(f"Parameter '{name}' takes positive integers, e.g. '10,50,200'; got '{part}'.") from None
         if count < 1:
-            raise ValueError(f"Parameter '{name}' takes positive integers; got {count}.")
+            raise UserError(f"Parameter '{name}' takes positive integers; got {count}.")
         counts.append(count)
     kept = sorted({c for c in counts if c <= total_steps})
     if counts and not kept:
-        raise ValueError(f"Every entry of '{name}' exceeds the run's diffusion_steps ({total_steps}).")
+        raise UserError(f"Every entry of '{name}' exceeds the run's diffusion_steps ({total_steps}).")
     return kept
 
 
@@ -180,7 +181,7 @@ def unknown_parameters(declared: list[str], injected: list[str], also_allowed: s
     allowed = set(declared) | set(also_allowed)
     for name in injected:
         if name not in allowed:
-            raise ValueError(f"Unknown parameter '{name}' for {notebook}.{did_you_mean(name, allowed)} "
+            raise UserError(f"Unknown parameter '{name}' for {notebook}.{did_you_mean(name, allowed)} "
                              f"Its parameters: {', '.join(declared)}.")
 
 

@@ -32,12 +32,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dlm.core.config import load_config
+from dlm.core.config import did_you_mean, field_types, load_config
 from dlm.core.data import atomic_write_bytes
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
-from dlm.workbench.notebook import package_root, project_root
+from dlm.workbench.notebook import assigned_names, package_root, project_root
 
 logger = logging.getLogger("dlm")
 
@@ -140,6 +140,27 @@ def path_for_kernel(path: Path, cwd: Path) -> str:
         except ValueError:
             pass
     return str(path)
+
+
+def declared_parameters(notebook: Path) -> list[str]:
+    """The names that the notebook's cell tagged `parameters` assigns."""
+    import nbformat
+
+    cells = [c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    return [name for cell in cells for name in assigned_names(cell.source)]
+
+
+def check_notebook_parameters(parameters: Mapping[str, Mapping[str, Any]], source: Path) -> None:
+    """Every --param NOTEBOOK.KEY against that notebook's parameters (the train notebook's also
+    every Config key, as its check_parameters call says), before the first notebook starts: a typo
+    in a later notebook's key is found now, not after training."""
+    for notebook, values in parameters.items():
+        declared = declared_parameters(source / f"{notebook}.ipynb")
+        allowed = set(declared) | (set(field_types()) if notebook == "train" else set())
+        for key in values:
+            if key not in allowed:
+                raise ReportError(f"--param {notebook}.{key}: {notebook}.ipynb has no parameter '{key}'."
+                                  f"{did_you_mean(key, allowed)} Its parameters: {', '.join(declared)}.")
 
 
 # --- running and exporting one notebook ---------------------------------------------------------
@@ -466,6 +487,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
     if unknown:
         raise ReportError(f"Unknown notebook(s) in parameters: {', '.join(sorted(unknown))}; use {', '.join(NOTEBOOKS)}.")
     source = notebooks_dir()
+    check_notebook_parameters(extra, source)
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
