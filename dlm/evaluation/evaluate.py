@@ -24,7 +24,7 @@ from dlm.core.data import CorpusData, Tokenizer
 from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
 from dlm.evaluation.collapse import collapse_signals
 from dlm.evaluation.rundata import run_data
-from dlm.evaluation.tokens import ids_to_tokens
+from dlm.evaluation.tokens import ids_to_words
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
 
@@ -162,11 +162,12 @@ def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData
                          ) -> tuple[dict, list[list[int]]]:
     """`compare` of id rows (in the run's vocabulary) against as many held-out windows of the same
     length from the run's corpus (`data`: the run's corpus already read); returns the result and
-    those held-out rows."""
-    itos = run.tokenizer.itos
+    those held-out rows. Every row is measured in words (its decoded text's), whatever the tokenizer."""
+    tokenizer = run.tokenizer
     data = data or run_data(run)
     heldout_rows = heldout_windows(data.val_ids, max(len(r) for r in rows), len(rows)).tolist()
-    result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result = compare(ids_to_words(rows, tokenizer), ids_to_words(heldout_rows, tokenizer),
+                     tokenizer.words(data.train_ids.tolist()))
     result["num_samples"] = len(rows)
     return result, heldout_rows
 

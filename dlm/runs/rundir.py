@@ -17,6 +17,7 @@ class RunDir:
     """Where one run keeps everything:
 
         run_dir/config.yaml, vocab.json, metrics.csv        (dlm train / train.ipynb)
+        run_dir/tokenizer.json                               (a BPE run's tokenizer, instead of vocab.json)
         run_dir/provenance.json                              (who trained it: one entry per invocation)
         run_dir/.train.lock                                  (held by the one process training the run)
         run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
@@ -31,6 +32,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     vocab = property(lambda self: self.path / "vocab.json")
+    tokenizer_json = property(lambda self: self.path / "tokenizer.json")
     metrics = property(lambda self: self.path / "metrics.csv")
     provenance = property(lambda self: self.path / "provenance.json")
     lock = property(lambda self: self.path / ".train.lock")

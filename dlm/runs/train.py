@@ -24,7 +24,16 @@ from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a termin
 from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config, section_keys
-from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
+from dlm.core.data import (
+    Tokenizer,
+    atomic_write_bytes,
+    epoch_windows,
+    fixed_windows,
+    prepare_data,
+    saved_tokenizer,
+    tokenizer_file_name,
+    windows_per_epoch,
+)
 from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import (
@@ -693,8 +702,10 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
+    # a resumed run reads its tokenizer back (a BPE run's tokenizer.json is never trained again)
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
-                        Tokenizer.from_dict(payload["vocab"]) if payload else None, config.max_train_tokens)
+                        saved_tokenizer(payload["vocab"], run.path) if payload else None, config.max_train_tokens,
+                        config.bpe_vocab_size)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     epoch_steps = steps_per_epoch(epoch_size, config.batch_size, ranks.world_size)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
@@ -704,7 +715,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         restore(state, payload, run.last_checkpoint)
     elif ranks.is_main:
         save_config(config, run.config)
-        data.tokenizer.save(run.vocab)
+        data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
     state.distribute(device)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
