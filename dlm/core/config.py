@@ -146,6 +146,9 @@ class Config:
     # the controls `dlm report` shows on a control page (notebooks/control.ipynb): a comma list of
     # infill, prefix, length, guidance; empty: no control page
     control_tasks: str = _bookkeeping("")
+    # TensorBoard event files in run_dir/tensorboard/ (losses, lr, tokens/s, embedding geometry,
+    # samples at kept checkpoints); needs the tensorboard package
+    tensorboard: bool = _bookkeeping(False)
 
     # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
     device: Literal["auto", "cpu", "cuda"] = _runtime("auto")

@@ -25,6 +25,7 @@ class RunDir:
         run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
         run_dir/analysis/nll_bound.csv                        (train.ipynb: the likelihood bound over checkpoints)
         run_dir/classifiers/{latent,judge}/ATTRIBUTE.pt       (dlm train-classifier)
+        run_dir/tensorboard/events.out.tfevents.*             (dlm train --tensorboard)
     """
 
     def __init__(self, path: str | Path):
@@ -46,6 +47,7 @@ class RunDir:
     series = property(lambda self: self.analysis / "series.csv")
     verdict = property(lambda self: self.analysis / "verdict.json")
     nll_bound = property(lambda self: self.analysis / "nll_bound.csv")  # the bound over checkpoints (train.ipynb)
+    tensorboard = property(lambda self: self.path / "tensorboard")  # event files (--tensorboard)
 
     classifiers = property(lambda self: self.path / "classifiers")
 
