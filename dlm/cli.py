@@ -372,14 +372,15 @@ def run_sample(args: argparse.Namespace) -> None:
 def run_stats(args: argparse.Namespace) -> None:
     from dlm.evaluation.evaluate import read_samples, sample_ids
     from dlm.evaluation.rundata import heldout_sequences
-    from dlm.evaluation.tokens import ids_to_tokens, top_tokens
+    from dlm.evaluation.tokens import ids_to_words, top_tokens
 
     if args.json:
         check_destination(args.json, "--json")  # before reading anything, as dlm evaluate does
     run = load_run(args.run_dir)
     records = read_samples(args.samples)
-    # samples of another vocabulary (or written by hand, text only) are encoded again with the run's
-    samples = ids_to_tokens(sample_ids(records, run.tokenizer), run.tokenizer.itos)
+    # samples of another vocabulary (or written by hand, text only) are encoded again with the run's;
+    # both sides are counted in words
+    samples = ids_to_words(sample_ids(records, run.tokenizer), run.tokenizer)
     heldout = heldout_sequences(run, len(samples))
     report = {name: {**sample_stats(seqs), "top_tokens": top_tokens(seqs, 5)}
               for name, seqs in (("samples", samples), ("heldout", heldout))}

@@ -96,7 +96,7 @@ def test_keys_list_every_key_with_its_type_and_comment():
     assert listed["max_train_seconds"].type == "a number or null" and listed["max_train_seconds"].section == "training"
     assert "---" not in " ".join(key.comment for key in keys())  # section rulers are not comments of a key
     assert notebook_parameter(listed["tokenizer"]) == (
-        "tokenizer: Optional[str] = None  # tokenizer (one of: word, char)")
+        "tokenizer: Optional[str] = None  # word (rare words <unk>), bpe or char (no <unk>) (one of: word, bpe, char)")
     assert notebook_parameter(listed["epochs"]).startswith("epochs: Optional[int] = None  # ")
 
 

@@ -53,6 +53,8 @@ def runs(tmp_path_factory):
     (["--block_size", "5"], "'block_size' (5) must divide seq_len (16): use one of 1, 2, 4, 8, 16"),
     (["--block_size", "4", "--left_to_right", "1"], "'block_size' and 'left_to_right' both order the generation"),
     (["--control_tasks", "infill,guidence"], "'control_tasks' names guidence: use a comma list of infill, prefix"),
+    (["--tokenizer", "bpe", "--bpe_vocab_size", "500"], "'bpe_vocab_size' must be in [2000, 8000]"),
+    (["--tokenizer", "sentencepiece"], "one of: word, bpe, char"),
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, capsys, extra, message):
     run_dir = tmp_path / "run"

@@ -54,8 +54,9 @@ class Config:
 
     # --- data ---
     corpus: str = _data("tiny_shakespeare")  # the named corpus, or a path to any UTF-8 text file
-    tokenizer: Literal["word", "char"] = _data("word")
+    tokenizer: Literal["word", "bpe", "char"] = _data("word")  # word (rare words <unk>), bpe or char (no <unk>)
     min_count: int = _data(2)  # word tokenizer: rarer words become <unk>
+    bpe_vocab_size: int = _data(4000)  # bpe tokenizer: pieces in its vocabulary (2000 to 8000)
     lowercase: bool = _data(False)
     seq_len: int = _data(64)  # tokens per training window
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
@@ -147,6 +148,9 @@ class Config:
     # the controls `dlm report` shows on a control page (notebooks/control.ipynb): a comma list of
     # infill, prefix, length, guidance; empty: no control page
     control_tasks: str = _bookkeeping("")
+    # TensorBoard event files in run_dir/tensorboard/ (losses, lr, tokens/s, embedding geometry,
+    # samples at kept checkpoints); needs the tensorboard package
+    tensorboard: bool = _bookkeeping(False)
 
     # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
     device: Literal["auto", "cpu", "cuda"] = _runtime("auto")
@@ -343,6 +347,7 @@ RANGES: dict[str, tuple[str, Any, Any, str]] = {
     "decode_temperature": ("[", 0.0, None, "0 (argmax) or positive"),
     "ema_decay": ("[", 0.0, 1.0, "0 disables the EMA copy"),
     "max_train_seconds": ("(", 0.0, None, "positive, or left out"),
+    "bpe_vocab_size": ("[", 2000, 8000, "the BPE tokenizer's vocabulary size"),
 }
 RANGE_RIGHT_OPEN = {"dropout", "ema_decay"}  # [0, 1): 1 is not allowed
 
@@ -427,7 +432,7 @@ def training_memory_bytes(config: Config) -> int:
     run trained on every block at once reads the clean window beside the noised one: twice the
     tokens, four times the attention maps."""
     d, w, depth, length = config.embed_dim, config.width, config.depth, config.seq_len
-    vocab = 64 if config.tokenizer == "char" else 1000
+    vocab = {"char": 64, "bpe": config.bpe_vocab_size}.get(config.tokenizer, 1000)
     params = depth * 12 * w * w + 2 * d * w + 2 * length * w + 4 * w * w + vocab * d
     inputs = 2 * length if config.model == "diffusion" and config.trains_every_block else length
     activations = config.batch_size * inputs * (depth * (24 * w + 3 * config.heads * inputs) + 4 * d)

@@ -206,29 +206,46 @@ def split_text(text: str, train_fraction: float = 0.9) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+TOKENIZER_KINDS = ("word", "bpe", "char")
+BPE_FILE = "tokenizer.json"  # a BPE run's tokenizer, HuggingFace's standard file, in the run folder
+
+
+class TokenizerError(UserError):
+    """A run's tokenizer cannot be built, found or used for this text."""
+
+
+def special_tokens(kind: str) -> list[str]:
+    """The reserved tokens at the head of every vocabulary (ids 0, 1, ...), in one place: <pad>,
+    and for words <unk> (a word rarer than min_count). Characters (the corpus's alphabet) and
+    byte-level BPE pieces spell any text, so they have no <unk> and a sample can never hold one."""
+    return [PAD, UNK] if kind == "word" else [PAD]
+
+
 class Tokenizer:
-    """Maps text to ids and back. `kind` is 'word' or 'char'; ids 0 and 1 are <pad> and <unk>."""
+    """Maps text to ids and back through a list of tokens (`itos`). `kind` is 'word' or 'char';
+    id 0 is <pad>, and a word vocabulary's id 1 is <unk> (special_tokens)."""
 
     def __init__(self, kind: str, itos: list[str], lowercase: bool = False):
         if kind not in ("word", "char"):
-            raise UserError(f"Unknown tokenizer kind '{kind}': use 'word' or 'char'.")
+            raise TokenizerError(f"Unknown tokenizer kind '{kind}': use one of {', '.join(TOKENIZER_KINDS)}.")
         self.kind = kind
         self.itos = list(itos)
         self.lowercase = lowercase
         self.stoi = {token: index for index, token in enumerate(self.itos)}
         self.pad_id = self.stoi[PAD]
-        self.unk_id = self.stoi[UNK]
+        self.unk_id = self.stoi.get(UNK)  # None: this vocabulary spells every text without <unk>
 
     @classmethod
     def build(cls, text: str, kind: str = "word", min_count: int = 2, lowercase: bool = False) -> Tokenizer:
         pieces = split_tokens(text, kind, lowercase)
         if not pieces:
-            raise UserError("Cannot build a vocabulary from empty text.")
+            raise TokenizerError("Cannot build a vocabulary from empty text.")
         counts = collections.Counter(pieces)
         threshold = min_count if kind == "word" else 1
         # Most frequent first; ties broken alphabetically so the vocabulary is deterministic.
-        kept = sorted((t for t, c in counts.items() if c >= threshold), key=lambda t: (-counts[t], t))
-        return cls(kind, [PAD, UNK, *kept], lowercase)
+        kept = sorted((t for t, c in counts.items() if c >= threshold and t not in (PAD, UNK)),
+                      key=lambda t: (-counts[t], t))
+        return cls(kind, [*special_tokens(kind), *kept], lowercase)
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -237,13 +254,26 @@ class Tokenizer:
         return split_tokens(text, self.kind, self.lowercase)
 
     def encode(self, text: str) -> list[int]:
-        return [self.stoi.get(token, self.unk_id) for token in self.tokenize(text)]
+        if self.unk_id is not None:
+            return [self.stoi.get(token, self.unk_id) for token in self.tokenize(text)]
+        try:
+            return [self.stoi[token] for token in self.tokenize(text)]
+        except KeyError as missing:
+            raise TokenizerError(f"The character {missing} is not in this run's alphabet (the characters of its "
+                                 f"corpus): give text written in that alphabet.") from None
 
     def decode(self, ids) -> str:
         tokens = [self.itos[int(i)] for i in ids]
         if self.kind == "char":
             return "".join("" if t == PAD else t for t in tokens)
         return join_words([t for t in tokens if t != PAD])
+
+    def words(self, ids) -> list[str]:
+        """The words of a row of ids (WORD_PATTERN's tokens of the decoded text): what every text
+        statistic counts, whichever tokenizer made the ids."""
+        if self.kind == "word":  # already words (the same as decoding and splitting again, faster)
+            return [self.itos[int(i)] for i in ids if int(i) != self.pad_id]
+        return split_tokens(self.decode(ids), "word", False)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "lowercase": self.lowercase, "itos": self.itos}
@@ -262,6 +292,102 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2's pieces) trained by HuggingFace `tokenizers` on the training split.
+    Any text is spelled by its 256 byte pieces, so there is no <unk>; decoding gives back the text
+    exactly (no spaces inserted inside words). Saved as HuggingFace's standard tokenizer.json; a
+    checkpoint records its file name and fingerprint, not its contents."""
+
+    def __init__(self, json_text: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.kind, self.json_text = "bpe", json_text
+        try:
+            self.hf = HFTokenizer.from_str(json_text)
+        except Exception as error:  # tokenizers raises a bare Exception for a file it cannot read
+            raise TokenizerError(f"Not a tokenizer.json that HuggingFace tokenizers can read ({error}).") from None
+        self.lowercase = "Lowercase" in json.dumps(json.loads(json_text).get("normalizer"))
+        self.pad_id, self.unk_id = self.hf.token_to_id(PAD), None
+        # each piece as the text it stands for (" the", "\n"), for tables and trajectories
+        self.itos = [PAD if index == self.pad_id else self.hf.decoder.decode([self.hf.id_to_token(index)])
+                     for index in range(self.hf.get_vocab_size())]
+        self.stoi = {}
+        for index, piece in enumerate(self.itos):
+            self.stoi.setdefault(piece, index)
+
+    @classmethod
+    def build(cls, text: str, vocab_size: int = 4000, lowercase: bool = False) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        if not text:
+            raise TokenizerError("Cannot train a BPE tokenizer on empty text.")
+        hf = HFTokenizer(models.BPE())
+        if lowercase:
+            hf.normalizer = normalizers.Lowercase()
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens("bpe"), show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator([text], trainer)
+        return cls(hf.to_str())
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self.itos[i] for i in self.encode(text)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def to_dict(self) -> dict:
+        return {"kind": "bpe", "file": BPE_FILE, "fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.json_text.encode()).hexdigest()[:16]  # the file's own bytes: checked before parsing
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), self.json_text.encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        return cls(Path(path).read_text(encoding="utf-8"))
+
+
+def build_tokenizer(train_text: str, kind: str = "word", min_count: int = 2, lowercase: bool = False,
+                    bpe_vocab_size: int = 4000, corpus_text: str | None = None) -> Tokenizer:
+    """A new tokenizer of `kind`, learned from the training split. A character alphabet is taken
+    from the whole corpus (`corpus_text`): an alphabet is not a statistic, and a character seen
+    only in held-out text would otherwise need an <unk>."""
+    if kind == "bpe":
+        return BPETokenizer.build(train_text, bpe_vocab_size, lowercase)
+    if kind == "char":
+        return Tokenizer.build(corpus_text or train_text, "char", lowercase=lowercase)
+    return Tokenizer.build(train_text, kind, min_count, lowercase)
+
+
+def tokenizer_file_name(tokenizer: Tokenizer) -> str:
+    """Where a run folder keeps its tokenizer: tokenizer.json (BPE) or vocab.json (words, characters)."""
+    return BPE_FILE if tokenizer.kind == "bpe" else "vocab.json"
+
+
+def saved_tokenizer(vocab: dict, run_path: str | Path) -> Tokenizer:
+    """The tokenizer a checkpoint's `vocab` entry names: a word or character list is in the entry;
+    a BPE tokenizer is read from its file in the run folder, checked against the fingerprint."""
+    if vocab.get("kind") != "bpe":
+        return Tokenizer.from_dict(vocab)
+    path = Path(run_path) / vocab["file"]
+    if not path.is_file():
+        raise TokenizerError(f"'{path}' is missing: this run's BPE tokenizer is kept there, next to checkpoints/. "
+                             f"Copy the whole run folder (or put its tokenizer.json back).")
+    json_text = path.read_text(encoding="utf-8")
+    if hashlib.sha256(json_text.encode()).hexdigest()[:16] != vocab["fingerprint"]:
+        raise TokenizerError(f"'{path}' is not the tokenizer this run was trained with (its fingerprint differs): "
+                             f"put the run's own tokenizer.json back.")
+    return BPETokenizer(json_text)
 
 
 def split_tokens(text: str, kind: str, lowercase: bool) -> list[str]:
@@ -290,11 +416,13 @@ class CorpusData:
 
 
 def prepare_data(corpus: str, kind: str = "word", min_count: int = 2, lowercase: bool = False,
-                 tokenizer: Tokenizer | None = None, max_train_tokens: int | None = None) -> CorpusData:
-    """Read, split and encode the corpus; the vocabulary is built on the train split only."""
-    train_text, val_text = split_text(read_corpus(corpus))
+                 tokenizer: Tokenizer | None = None, max_train_tokens: int | None = None,
+                 bpe_vocab_size: int = 4000) -> CorpusData:
+    """Read, split and encode the corpus; the vocabulary is learned on the train split only."""
+    text = read_corpus(corpus)
+    train_text, val_text = split_text(text)
     if tokenizer is None:
-        tokenizer = Tokenizer.build(train_text, kind, min_count, lowercase)
+        tokenizer = build_tokenizer(train_text, kind, min_count, lowercase, bpe_vocab_size, corpus_text=text)
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     if max_train_tokens is not None:
         train_ids = train_ids[:max_train_tokens]

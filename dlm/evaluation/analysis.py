@@ -20,6 +20,7 @@ from dlm.core.textstats import sample_stats
 from dlm.evaluation.collapse import collapse_signals, run_collapse_verdict
 from dlm.evaluation.geometry import embedding_geometry, geometry_summary, projection_2d
 from dlm.evaluation.rundata import heldout_sequences, run_checkpoints, run_data, sample_checkpoint, train_token_counts
+from dlm.evaluation.tokens import ids_to_words
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir
 
@@ -61,7 +62,8 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
                                    heldout_tokens=heldout_tokens)
             counts = train_token_counts(run, data)
         began = time.perf_counter()
-        tokens = sample_checkpoint(run, num_samples, steps, seed)
+        batch = sample_checkpoint(run, num_samples, steps, seed)
+        tokens = ids_to_words(batch.ids, run.tokenizer)
         logger.info("analysis: %s (epoch %d), %d samples in %.1fs", path.name, run.epoch, num_samples,
                     time.perf_counter() - began)
         geometry = embedding_geometry(run, counts)
@@ -71,8 +73,7 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
         analysis.geometry[run.epoch] = geometry
         analysis.projection[run.epoch] = projection_2d(run)
         analysis.sample_tokens[run.epoch] = tokens
-        analysis.samples[run.epoch] = [run.tokenizer.decode([run.tokenizer.stoi[t] for t in seq]).replace("\n", " / ")
-                                       for seq in tokens[:keep_samples]]
+        analysis.samples[run.epoch] = [text.replace("\n", " / ") for text in batch.texts[:keep_samples]]
     series = pd.DataFrame(rows)
     flags = [collapse_signals(row, analysis.heldout) for row in rows]
     series["collapsed"] = [any(f.values()) for f in flags]

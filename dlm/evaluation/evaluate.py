@@ -25,7 +25,7 @@ from dlm.core.errors import UserError
 from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
 from dlm.evaluation.collapse import collapse_signals
 from dlm.evaluation.rundata import run_data
-from dlm.evaluation.tokens import ids_to_tokens
+from dlm.evaluation.tokens import ids_to_words
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
 
@@ -181,8 +181,8 @@ def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData
                          ) -> tuple[dict, list[list[int]]]:
     """`compare` of id rows (in the run's vocabulary) against as many held-out windows of the same
     length from the run's corpus (`data`: the run's corpus already read); returns the result and
-    those held-out rows."""
-    itos = run.tokenizer.itos
+    those held-out rows. Every row is measured in words (its decoded text's), whatever the tokenizer."""
+    tokenizer = run.tokenizer
     data = data or run_data(run)
     longest = max(len(r) for r in rows)
     if longest > len(data.val_ids):  # there is no held-out window that long to compare with
@@ -190,7 +190,8 @@ def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData
                         f"({len(data.val_ids)} tokens): give samples of at most that many tokens (dlm sample "
                         f"writes windows of the run's seq_len).")
     heldout_rows = heldout_windows(data.val_ids, longest, len(rows)).tolist()
-    result = compare(ids_to_tokens(rows, itos), ids_to_tokens(heldout_rows, itos), [itos[i] for i in data.train_ids.tolist()])
+    result = compare(ids_to_words(rows, tokenizer), ids_to_words(heldout_rows, tokenizer),
+                     tokenizer.words(data.train_ids.tolist()))
     result["num_samples"] = len(rows)
     return result, heldout_rows
 

@@ -53,6 +53,7 @@ from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, run_data
 from dlm.families.gaussian import expected_x0_hook, x0_given_earlier_blocks
+from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, load_run
 
 logger = logging.getLogger("dlm")
@@ -306,4 +307,8 @@ def bound_over_checkpoints(run_dir: str | Path, windows: int = 32, draws: int = 
         bound = nll_bound(run, ids, draws, seed)
         logger.info("NLL bound at epoch %d (step %d): %.3f +- %.3f nats/token", run.epoch, run.step, bound.total, bound.se)
         rows.append({"epoch": run.epoch, "step": run.step, **bound.as_row()})
+    if rows and run.config.tensorboard and tensorboard_curves.available():  # beside the run's training curves
+        curves = tensorboard_curves.Curves(run_dir)
+        curves.log_nll_bounds(rows)
+        curves.close()
     return pd.DataFrame(rows)

@@ -22,7 +22,7 @@ from dlm.core.errors import UserError
 from dlm.core.textstats import heldout_windows, sample_stats
 from dlm.evaluation.evaluate import evaluate_samples, records_from_ids
 from dlm.evaluation.rundata import run_data
-from dlm.evaluation.tokens import ids_to_tokens
+from dlm.evaluation.tokens import ids_to_words
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
 
@@ -60,7 +60,7 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
 
 
 def entropy_of(run: LoadedRun, ids: torch.Tensor) -> float:
-    return sample_stats(ids_to_tokens(ids.tolist(), run.tokenizer.itos))["unigram_entropy"]
+    return sample_stats(ids_to_words(ids, run.tokenizer))["unigram_entropy"]
 
 
 def heldout_entropy(run: LoadedRun, count: int) -> float:

@@ -11,10 +11,10 @@ import torch
 
 from dlm.core.data import CorpusData, prepare_data
 from dlm.core.textstats import heldout_windows
-from dlm.evaluation.tokens import ids_to_tokens
+from dlm.evaluation.tokens import ids_to_words
 from dlm.runs.build import LoadedRun, load_run
 from dlm.runs.rundir import RunDir
-from dlm.runs.sample import SampleOptions, generate
+from dlm.runs.sample import SampleBatch, SampleOptions, generate
 
 
 def run_data(run: LoadedRun) -> CorpusData:
@@ -23,10 +23,10 @@ def run_data(run: LoadedRun) -> CorpusData:
 
 
 def heldout_sequences(run: LoadedRun, count: int, seed: int = 0, data: CorpusData | None = None) -> list[list[str]]:
-    """`count` random held-out windows of the run's length, as tokens of the run's vocabulary."""
+    """`count` random held-out windows of the run's length (in its tokens), as their words."""
     data = data or run_data(run)
     windows = heldout_windows(data.val_ids, run.config.seq_len, count, seed)
-    return ids_to_tokens(windows, run.tokenizer.itos)
+    return ids_to_words(windows, run.tokenizer)
 
 
 def train_token_counts(run: LoadedRun, data: CorpusData | None = None) -> torch.Tensor:
@@ -58,11 +58,9 @@ def run_checkpoints(run_dir: str | Path, max_count: int = 0) -> list[Path]:
 
 
 def sample_checkpoint(run: LoadedRun, num_samples: int, steps: int | None = None, seed: int = 0,
-                      **options) -> list[list[str]]:
-    """Samples from a loaded checkpoint with the run's own sampling recipe, as token lists."""
-    sample_options = SampleOptions.from_config(run.config, num_samples=num_samples, steps=steps, seed=seed, **options)
-    batch = generate(run, sample_options)
-    return ids_to_tokens(batch.ids, run.tokenizer.itos)
+                      **options) -> SampleBatch:
+    """Samples from a loaded checkpoint with the run's own sampling recipe."""
+    return generate(run, SampleOptions.from_config(run.config, num_samples=num_samples, steps=steps, seed=seed, **options))
 
 
 def checkpoint_samples_table(run_dir: str | Path, num_samples: int = 3, steps: int | None = None,

@@ -104,7 +104,7 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     """`run` (model, tokenizer, config) sampled left to right at options.temperature (0: greedy),
     each sample starting after a newline, the way the corpus's lines start. No trajectory."""
     options.validate()  # no chain: its steps are not checked
-    start_id = run.tokenizer.stoi.get("\n", run.tokenizer.unk_id)
+    start_id = run.tokenizer.stoi.get("\n", run.tokenizer.pad_id)
     batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
                                   start_id, options.temperature, generator,
                                   banned=options.banned_ids(run.tokenizer)).cpu()

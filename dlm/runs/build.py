@@ -11,7 +11,7 @@ from torch import nn
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint
 from dlm.core.config import Config, ConfigError, from_dict
-from dlm.core.data import Tokenizer
+from dlm.core.data import Tokenizer, saved_tokenizer
 from dlm.core.embeddings import pretrained_table, read_word_vectors
 from dlm.families import family
 from dlm.families.gaussian import GaussianDiffusion
@@ -40,7 +40,7 @@ def pretrained_vectors(path: str) -> dict[str, torch.Tensor]:
         if not torch.isfinite(table).all():
             raise ConfigError(f"init_from_pretrained: the embedding table in '{path}' holds nan or inf values "
                               f"(a run that diverged): use another checkpoint.")
-        return dict(zip(payload["vocab"]["itos"], table))
+        return dict(zip(saved_tokenizer(payload["vocab"], Path(path).parent.parent).itos, table))
     try:
         return read_word_vectors(path)
     except UnicodeDecodeError:
@@ -94,7 +94,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     except ConfigError as error:  # e.g. a run trained with lr: nan before such settings were refused
         raise ConfigError(f"'{path}' was trained with a setting that dlm refuses now; train the run again "
                           f"without it. {error}") from None
-    tokenizer = Tokenizer.from_dict(payload["vocab"])
+    tokenizer = saved_tokenizer(payload["vocab"], run.path)
     model = new_model(config, len(tokenizer))
     used_ema = use_ema and payload.get("ema") is not None
     state = payload["ema"] if used_ema else payload["model"]

@@ -17,6 +17,7 @@ class RunDir:
     """Where one run keeps everything:
 
         run_dir/config.yaml, vocab.json, metrics.csv        (dlm train / train.ipynb)
+        run_dir/tokenizer.json                               (a BPE run's tokenizer, instead of vocab.json)
         run_dir/provenance.json                              (who trained it: one entry per invocation)
         run_dir/.train.lock                                  (held by the one process training the run)
         run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
@@ -24,6 +25,7 @@ class RunDir:
         run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
         run_dir/analysis/nll_bound.csv                        (train.ipynb: the likelihood bound over checkpoints)
         run_dir/classifiers/{latent,judge}/ATTRIBUTE.pt       (dlm train-classifier)
+        run_dir/tensorboard/events.out.tfevents.*             (dlm train --tensorboard)
     """
 
     def __init__(self, path: str | Path):
@@ -31,6 +33,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     vocab = property(lambda self: self.path / "vocab.json")
+    tokenizer_json = property(lambda self: self.path / "tokenizer.json")
     metrics = property(lambda self: self.path / "metrics.csv")
     provenance = property(lambda self: self.path / "provenance.json")
     lock = property(lambda self: self.path / ".train.lock")
@@ -44,6 +47,7 @@ class RunDir:
     series = property(lambda self: self.analysis / "series.csv")
     verdict = property(lambda self: self.analysis / "verdict.json")
     nll_bound = property(lambda self: self.analysis / "nll_bound.csv")  # the bound over checkpoints (train.ipynb)
+    tensorboard = property(lambda self: self.path / "tensorboard")  # event files (--tensorboard)
 
     classifiers = property(lambda self: self.path / "classifiers")
 

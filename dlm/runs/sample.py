@@ -52,7 +52,7 @@ class SampleOptions:
 
     def banned_ids(self, tokenizer) -> tuple[int, ...]:
         """The token ids a final draw never gives: the tokenizer's <unk> unless `unk`."""
-        return () if self.unk else (tokenizer.unk_id,)
+        return () if self.unk or tokenizer.unk_id is None else (tokenizer.unk_id,)
 
     def validate(self, total_steps: int | None = None) -> None:
         """Every option a user can give, checked before sampling; `total_steps` is the run's

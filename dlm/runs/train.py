@@ -23,7 +23,16 @@ from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a termin
 from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, from_dict, save_config, section_keys
-from dlm.core.data import Tokenizer, atomic_write_bytes, epoch_windows, fixed_windows, prepare_data, windows_per_epoch
+from dlm.core.data import (
+    Tokenizer,
+    atomic_write_bytes,
+    epoch_windows,
+    fixed_windows,
+    prepare_data,
+    saved_tokenizer,
+    tokenizer_file_name,
+    windows_per_epoch,
+)
 from dlm.core.embeddings import nearest_neighbour_distances
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.core.noise import WindowKeys
@@ -41,9 +50,11 @@ from dlm.core.runtime import (
     resolved_precision,
 )
 from dlm.families import family
-from dlm.runs.build import build_model, build_objective
+from dlm.runs import curves as tensorboard_curves
+from dlm.runs.build import LoadedRun, build_model, build_objective
 from dlm.runs.provenance import invocation, record_invocation
 from dlm.runs.rundir import RunDir
+from dlm.runs.sample import SampleOptions, generate
 
 logger = logging.getLogger("dlm")
 
@@ -490,11 +501,13 @@ def set_peak_lr(state: TrainState) -> None:
 
 class RunHooks:
     """What the loop does besides stepping, for one run folder: log lines and metrics.csv rows,
-    validation at each epoch end, the kept checkpoints and last.pt."""
+    validation at each epoch end, the kept checkpoints and last.pt, and TensorBoard's curves when
+    the run asks for them."""
 
     def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
-                 saved: dict | None = None):
+                 saved: dict | None = None, curves: tensorboard_curves.Curves | None = None):
         self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
+        self.curves = curves
         # last.pt's log interval (a resumed run's first row then averages the same steps as an
         # uninterrupted run's) and the step of the last checkpoint written (the one a divergence keeps)
         self.saved_interval = saved.get("interval") if saved else None
@@ -509,6 +522,8 @@ class RunHooks:
 
     def log(self, state: TrainState, row: dict) -> None:
         self.metrics.write(row)
+        if self.curves is not None:
+            self.curves.log_row(row, state.objective.terms)
         logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
                     row["step"], state.pace.total_steps, row["epoch"], row["total"],
                     _terms_text(row, state.objective.terms[1:]), row["embedding_norm"], row["nn_distance"], row["lr"],
@@ -520,6 +535,8 @@ class RunHooks:
         if val:
             row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
             self.metrics.write(row)
+            if self.curves is not None:
+                self.curves.log_validation(state.step, val)
             logger.info("epoch %4d | val loss %.4f (%s)", state.epoch, val["val_total"],
                         _terms_text(val, [f"val_{term}" for term in state.objective.terms[1:]]))
         return val
@@ -534,6 +551,10 @@ class RunHooks:
         self.saved_step = state.step
         if keep:
             save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
+            if self.curves is not None:  # after the checkpoints: drawing samples never delays them
+                self.curves.log_table(state.step, state.model.table())
+                self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
+                self.curves.flush()
 
     def check_finite(self, state: TrainState) -> None:
         """Raise Diverged when a loss term since the last log line or any weight is NaN or inf."""
@@ -603,6 +624,24 @@ class Interval:
                 "tokens_per_s": totals[-1] / (time.perf_counter() - self.start), "elapsed_s": state.pace.elapsed()}
 
 
+def training_samples(state: TrainState, tokenizer: Tokenizer) -> list[str]:
+    """A few samples of the weights being trained (the EMA copy when kept) with the run's sampling
+    recipe at up to curves.SAMPLE_STEPS steps, drawn without touching the training's random state
+    (a resumed run then trains exactly as an uninterrupted one)."""
+    config, model = state.config, state.eval_model
+    device = next(model.parameters()).device
+    run = LoadedRun(config, tokenizer, model, state.objective, Path(), state.step, state.epoch, state.ema is not None)
+    options = SampleOptions.from_config(config, num_samples=tensorboard_curves.SAMPLES_SHOWN, seed=0,
+                                        steps=min(tensorboard_curves.SAMPLE_STEPS, config.sample_steps))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            return generate(run, options, device).texts
+    finally:
+        model.train(was_training)
+
+
 class WorkerHooks(RunHooks):
     """A distributed run's other processes (rank > 0): they take part in validation's reduction
     and write nothing; rank 0's RunHooks writes the run folder."""
@@ -611,6 +650,7 @@ class WorkerHooks(RunHooks):
         self.val_windows = val_windows
         # rank 0 restores the log interval (all processes' sums) and knows the last checkpoint; a worker starts at 0
         self.saved_interval, self.saved_step, self.interval = None, None, None
+        self.curves = None
 
     def log(self, state: TrainState, row: dict) -> None:
         pass
@@ -720,6 +760,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     the run folder's lock throughout (RunLockedError when another process trains there). A resume
     refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
+    if config.tensorboard:
+        tensorboard_curves.check_available()
     run = RunDir(run_dir)
     created = not run.path.exists()
     if resume and not run.has_run():
@@ -766,8 +808,10 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
+    # a resumed run reads its tokenizer back (a BPE run's tokenizer.json is never trained again)
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
-                        Tokenizer.from_dict(payload["vocab"]) if payload else None, config.max_train_tokens)
+                        saved_tokenizer(payload["vocab"], run.path) if payload else None, config.max_train_tokens,
+                        config.bpe_vocab_size)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     epoch_steps = steps_per_epoch(epoch_size, config.batch_size, ranks.world_size)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
@@ -777,13 +821,15 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         restore(state, payload, run.last_checkpoint)
     elif ranks.is_main:
         save_config(config, run.config)
-        data.tokenizer.save(run.vocab)
+        data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
     state.distribute(device)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
         metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
                                  rebuild=rebuild_metrics) if payload else MetricsWriter(run.metrics, fresh=mode == "restarted"))
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload)
+        # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
+        curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves)
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
             precision=resolved_precision(config.precision, device), processes=ranks.world_size),
@@ -810,6 +856,9 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     except KeyboardInterrupt:
         logger.warning("interrupted at step %d (epoch %d). %s", state.step, state.epoch, where_it_stands(run, hooks))
         raise
+    finally:
+        if hooks.curves is not None:
+            hooks.curves.close()
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
 
 
