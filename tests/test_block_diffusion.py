@@ -64,7 +64,7 @@ def test_the_whole_window_as_one_block_is_plain_diffusion_as_before(block_size):
     losses = diffusion.training_losses(model, ids, keys=WindowKeys.batch(0, 3, 4))
     for name, value in BEFORE_LOSSES.items():
         assert losses[name].item() == pytest.approx(value, rel=1e-5), name
-    states = list(sample_progressive(model, diffusion, (2, LENGTH), 10, clamp=False,
+    states = list(sample_progressive(model, diffusion, (2, LENGTH), 10, clamp=False, spacing="logsnr_full",
                                      generator=torch.Generator().manual_seed(0)))
     assert len(states) == 10 and states[-1].words is None
     assert states[-1].x.abs().sum().item() == pytest.approx(BEFORE_SAMPLE_ABS_SUM, rel=1e-5)

@@ -106,9 +106,10 @@ class Config:
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
-    # which timesteps those are: logsnr (evenly spaced in log signal-to-noise; 50 steps sample
-    # like 2000), quadratic (the DDIM paper's) or uniform (Diffusion-LM's even stride)
-    sample_spacing: Literal["logsnr", "quadratic", "uniform"] = _sampling("logsnr")
+    # which timesteps those are: logsnr (evenly spaced in log signal-to-noise down to a floor),
+    # logsnr_full (over the whole range, crowded at pure noise), quadratic (the DDIM paper's) or
+    # uniform (Diffusion-LM's even stride); see dlm.core.schedule.sampling_timesteps
+    sample_spacing: Literal["logsnr", "logsnr_full", "quadratic", "uniform"] = _sampling("logsnr")
     clamp: bool = _sampling(True)  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
     clamp_fraction: float = _sampling(1.0)  # clamp only during the last share of the steps
     sample_eta: float = _sampling(1.0)  # 1 ancestral (DDPM), 0 deterministic DDIM
