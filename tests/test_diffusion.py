@@ -15,7 +15,7 @@ from dlm.core.schedule import (
     sampling_timesteps,
 )
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import DiffusionLM, TimeWarp, sample_progressive
+from dlm.families.gaussian import DiffusionLM, GaussianDiffusion, LossSettings, TimeWarp, sample_progressive
 from dlm.runs.build import build_diffusion
 
 
@@ -381,3 +381,40 @@ def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():
     assert SampleOptions.from_config(config, spacing="uniform").spacing == "uniform"
     with pytest.raises(ValueError, match="spacing must be one of logsnr, logsnr_full, quadratic, uniform, got 'cosine'"):
         SampleOptions(spacing="cosine").validate(2000)
+
+
+def test_preconditioning_returns_the_skip_path_when_the_network_says_nothing():
+    """predict 'preconditioned' (EDM): with F = 0 the x0 is c_skip x_t exactly, which at the lowest
+    noise is x_t rescaled (c_skip -> 1 / sqrt(alpha_bar)): nearly x0 itself, where an x0 predictor
+    that outputs zero is off by all of x0."""
+    model, diffusion = toy("preconditioned")
+    schedule = diffusion.schedule
+    x0 = model.embed(torch.randint(0, 11, (64, 6))).detach()
+    silent = torch.zeros_like(x0)
+    for step in (0, 10, 49):
+        t = torch.full((64,), step)
+        x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
+        assert torch.equal(diffusion.x0_from_output(model, silent, x_t, t), schedule.sqrt_alphas_cumprod[step] * x_t)
+    lowest = NoiseSchedule("sqrt", 2000)
+    a0 = float(lowest.alphas_cumprod[0])
+    skip, _ = GaussianDiffusion(lowest, LossSettings(predict="preconditioned")).preconditioning(torch.zeros(1).long(), 1)
+    assert abs(float(skip) * math.sqrt(a0) - 1) <= 1 - a0 + 1e-6 < 0.02  # c_skip sqrt(a) = a -> 1
+    t = torch.zeros(64, dtype=torch.long)
+    x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
+    skipped = ((diffusion.x0_from_output(model, silent, x_t, t) - x0) ** 2).mean()
+    identity = ((x_t / schedule.sqrt_alphas_cumprod[0] - x0) ** 2).mean()
+    assert skipped < identity  # EDM's c_skip shrinks x_t a little, as E[x0 | x_t] does for unit-scale x0
+    assert skipped < 0.2 * (x0**2).mean()  # what predict x0 with F = 0 (returning 0) would be off by
+
+
+def test_preconditioned_training_target_gives_back_x0():
+    """The loss's target for F is the one output that x0_from_output turns into x0 exactly."""
+    model, diffusion = toy("preconditioned", rounding_target="noisy")
+    ids = torch.randint(0, 11, (4, 6))
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["total"])
+    x0 = torch.randn(4, 6, 8)
+    t = torch.randint(1, 50, (4,))
+    x_t = q_sample(diffusion.schedule, x0, t, torch.randn_like(x0))
+    skip, out = diffusion.preconditioning(t, 3)
+    assert torch.allclose(diffusion.x0_from_output(model, (x0 - skip * x_t) / out, x_t, t), x0, atol=1e-5)

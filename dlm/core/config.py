@@ -80,8 +80,10 @@ class Config:
     schedule: Literal["sqrt", "linear", "cosine"] = _diffusion("sqrt")
     diffusion_steps: int = _diffusion(2000)
     # x0 or epsilon: regress the vector (Diffusion-LM); logits: classify each position through the
-    # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD)
-    predict: Literal["x0", "epsilon", "logits"] = _diffusion("x0")
+    # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD);
+    # preconditioned: x0 = c_skip x_t + c_out F, EDM's, the identity at low noise for free
+    # (GaussianDiffusion.preconditioning)
+    predict: Literal["x0", "epsilon", "logits", "preconditioned"] = _diffusion("x0")
     rounding_weight: float = _diffusion(1.0)
     # clean: CE on EMB(w) and diffusion on clean x0 (the seed); noisy: x0 ~ q(x0|w) (Diffusion-LM);
     # predicted: CE on the denoiser's predicted x0 (Difformer's anchor loss), x0 ~ q(x0|w)

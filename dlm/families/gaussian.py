@@ -39,7 +39,7 @@ class LossSettings:
     block_training: str = "one"  # one block per window (SSD-LM) or all at once (BD3-LM)
 
 
-PREDICTIONS = ("x0", "epsilon", "logits")
+PREDICTIONS = ("x0", "epsilon", "logits", "preconditioned")
 
 
 class TimeWarp:
@@ -139,6 +139,9 @@ class GaussianDiffusion:
     def x0_from_output(self, model, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.settings.predict == "x0":
             return output
+        if self.settings.predict == "preconditioned":
+            skip, out = self.preconditioning(t, x_t.ndim)
+            return skip * x_t + out * output
         if self.settings.predict == "logits":
             # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
             # float32 like the rest of the diffusion arithmetic.
@@ -147,6 +150,16 @@ class GaussianDiffusion:
         s = self.schedule
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
+
+    def preconditioning(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM's c_skip and c_out (Karras et al. 2022) at timesteps t, for predict 'preconditioned':
+        x0 = c_skip x_t + c_out F(x_t, t). In EDM's terms x_t / sqrt(a) = x0 + sigma eps with
+        sigma^2 = (1 - a) / a (a = alpha_bar), and with sigma_data = 1 (the scale of embedding rows of
+        norm sqrt(d)) its c_in is 1 on x_t, c_skip sqrt(a) and c_out sqrt(1 - a). As the noise
+        vanishes c_skip x_t tends to x_t / sqrt(a), x_t itself rescaled: the denoiser gets the
+        identity for free and learns only the correction (F is then minus the v of v-prediction)."""
+        s = self.schedule
+        return s.at(s.sqrt_alphas_cumprod, t, ndim), s.at(s.sqrt_one_minus_alphas_cumprod, t, ndim)
 
     @torch.no_grad()
     def word_loss_per_sequence(self, model, decoded: torch.Tensor, ids: torch.Tensor, positions: int = 4) -> torch.Tensor:
@@ -259,7 +272,11 @@ class GaussianDiffusion:
             total = rounding
         else:
             pred_x0 = self.x0_from_output(model, output, x_t, t)
-            target = x0 if cfg.predict == "x0" else noise
+            if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
+                skip, out = self.preconditioning(t, x0.ndim)
+                target = (x0 - skip * x_t) / out
+            else:
+                target = x0 if cfg.predict == "x0" else noise
             # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
             # scored against EMB(w) itself.
             t_per_position = t if t.ndim == 2 else t[:, None]
