@@ -25,6 +25,10 @@ choice). What it measures, top to bottom:
 - sample: seconds per reverse step and samples/s for a batch of 64 sequences at 50, 200 and 2000
   steps with default.yaml's recipe. Chains longer than --max_sample_steps are timed on their
   first steps and extrapolated (every step costs the same network call); the note says so.
+- blocks: samples/s of whole block-diffusion chains (blocks of 1, 4 and 16 tokens at
+  params/blocks1.yaml's steps a block, trained on every block at once) with the key/value cache
+  of the finished blocks and without it, against the whole window at default.yaml's steps
+  (--blocks_only: just these rows, to benchmarks/results/speed_blocks.csv).
 - scaling: step time of default.yaml at seq_len 64/128/256 and at the corpus vocabularies of
   min_count 10/2/1 (about 2k/7k/13k words).
 - processes: default.yaml's training tokens/s on --processes N processes x 1 thread each
@@ -360,6 +364,44 @@ def measure_sampling(config: Config, vocab_size: int, batch: int = 64, chains=(5
     return rows
 
 
+def measure_block_sampling(config: Config, vocab_size: int, batch: int = 16, block_sizes=(1, 4, 16),
+                           block_steps: int = 10, whole_steps: int = 200, repeats: int = 2) -> list[dict]:
+    """Samples/s of whole block-diffusion chains (a model trained on every block at once,
+    `block_training: all`) at `block_steps` steps a block, with the prefix cache and without it
+    (`prefix_cache`), against the whole window at `whole_steps` steps: best of `repeats` chains."""
+    rows = []
+
+    def run(case: Config, steps: int, cached: bool) -> float:
+        torch.manual_seed(case.seed)
+        model = DiffusionLM(case, vocab_size).eval()
+        diffusion = build_diffusion(case)
+        best = math.inf
+        for _ in range(repeats):
+            chain = sample_chain(model, diffusion, SampleOptions.from_config(case, steps=steps),
+                                 (batch, case.seq_len), torch.Generator().manual_seed(0), prefix_cache=cached)
+            with autocast(case.precision, "cpu"):
+                start = time.perf_counter()
+                for _ in chain:
+                    pass
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    whole = run(config.replace(block_size=None), whole_steps, False)
+    note = f"batch {batch}, best of {repeats} chains; load {{:.1f}}"
+    rows.append(row("blocks", f"whole window, {whole_steps} steps", "throughput", batch / whole, "samples/s",
+                    note.format(os.getloadavg()[0])))
+    for size in block_sizes:
+        case = config.replace(block_size=size, block_training="all")
+        for cached in (False, True):
+            seconds = run(case, block_steps, cached)
+            setting = f"blocks of {size}, {block_steps} steps a block, {'cached' if cached else 'uncached'}"
+            rows.append(row("blocks", setting, "throughput", batch / seconds, "samples/s",
+                            note.format(os.getloadavg()[0])))
+            rows.append(row("blocks", setting, "time / whole window's", seconds / whole, "x",
+                            f"the whole window at {whole_steps} steps = 1"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- scaling
 
 
@@ -486,6 +528,8 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
                         if r["metric"] == "per step"]
             rows += [{**r, "section": "option", "setting": f"sample {r['setting']}, {variant}"} for r in per_step]
 
+    rows += blocks_rows(default_config, default_vocab, quick)
+
     if quick:
         vocab_sizes = {"small": 50, "medium": default_vocab, "large": 2 * default_vocab}
         seq_lens = (8, 16)
@@ -502,6 +546,16 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
     if args.profile:
         print(profile_step(default_config, default_vocab))
     return rows, info
+
+
+def blocks_rows(config: Config, vocab_size: int, quick: bool) -> list[dict]:
+    """Block chains with and without the prefix cache (blocks of 1, 4 and 16, 10 steps a block, as
+    params/blocks1.yaml samples) against the whole window at default.yaml's 200 steps."""
+    if quick:
+        return measure_block_sampling(config, vocab_size, batch=2, block_sizes=(1, 4), block_steps=2, whole_steps=5,
+                                      repeats=1)
+    return measure_block_sampling(config, vocab_size, block_steps=load_config(PARAMS / "blocks1.yaml").sample_steps,
+                                  whole_steps=config.sample_steps)
 
 
 def markdown(rows: list[dict], info: dict) -> str:
@@ -559,6 +613,8 @@ def parse_args(argv=None):
                         help="also time default.yaml on N processes x 1 thread against 1 process x N threads "
                              "(default: 2; none with --quick)")
     parser.add_argument("--processes_only", action="store_true", help="time only those process rows")
+    parser.add_argument("--blocks_only", action="store_true",
+                        help="time only the block-chain rows, prefix cache on and off (speed_blocks.csv)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ddp_child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -573,7 +629,14 @@ def main(argv=None) -> int:
         ddp_child(args.ddp_child)
         return 0
     start = time.perf_counter()
-    if args.processes_only:
+    if args.blocks_only:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        extra = {**dict(args.override), **({"corpus": args.corpus} if args.corpus else {})}
+        preset, overrides = presets(args.quick, extra)["default.yaml"]
+        config = load_config(PARAMS / preset, **overrides)
+        vocab = len(prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase).tokenizer)
+        rows, info = blocks_rows(config, vocab, args.quick), machine()
+    elif args.processes_only:
         extra = {**dict(args.override), **({"corpus": args.corpus} if args.corpus else {})}
         preset, overrides = presets(args.quick, extra)["default.yaml"]
         warmup, steps = (1, 2) if args.quick else (args.warmup, args.steps)
@@ -581,8 +644,8 @@ def main(argv=None) -> int:
     else:
         rows, info = run_benchmark(args)
     print(markdown(rows, info))
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("speed_processes.csv" if args.processes_only
-                                                                  else "speed.csv"))
+    default_name = "speed_blocks.csv" if args.blocks_only else "speed_processes.csv" if args.processes_only else "speed.csv"
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / default_name)
     write_csv(rows, info, Path(args.out))
     print(f"\nwrote {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0

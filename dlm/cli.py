@@ -18,7 +18,7 @@ from dlm.core.config import ConfigError, coerce, describe_type, field_types, loa
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
 from dlm.core.errors import UserError
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
-from dlm.core.schedule import SPACINGS
+from dlm.core.schedule import SPACINGS, sampling_timesteps
 from dlm.core.textstats import sample_stats
 from dlm.runs.build import load_run
 from dlm.runs.sample import (
@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     matched.add_argument("--matched", action="store_true", help="score --run_dir's samples at held-out entropy")
     matched.add_argument("--checkpoint", help="a checkpoint of --run_dir (default: its last; --nll too)")
     matched.add_argument("--num_samples", type=int, default=64, help="samples drawn (default 64)")
-    matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+    matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps); with --nll: "
+                         "the bound of the chain of that many steps (default: of all T)")
+    matched.add_argument("--spacing", choices=SPACINGS,
+                         help="which timesteps those steps visit (default: the run's sample_spacing)")
     matched.add_argument("--unk", action=argparse.BooleanOptionalAction,
                          help="a final token may be <unk>; --no-unk masks it (default: the run's decode_unk)")
 
@@ -433,7 +436,7 @@ def run_matched(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir, args.checkpoint, device=device)
     teacher = load_run(args.teacher, device=device)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
-                                        x0=args.x0, unk=args.unk, seed=args.seed)
+                                        x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing)
     result = match_entropy(run, teacher, options, device=device)
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
@@ -457,13 +460,20 @@ def run_nll(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir, args.checkpoint)
     ar = load_run(args.ar_run) if args.ar_run else None
     x0 = args.x0 or run.config.sample_x0
-    result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0)
+    chain = None
+    if args.steps is not None:  # the bound of the chain the sampler runs at that many steps
+        spacing = args.spacing or run.config.sample_spacing
+        chain = sampling_timesteps(run.objective.schedule, args.steps, spacing)
+    result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0, chain)
     bound = result.bound
+    scored = (f"every step of the {args.steps}-step {spacing} chain" if chain is not None
+              else f"{bound.draws} timesteps each")
     print(f"NLL bound {bound.total:.4f} +- {bound.se:.4f} nats/token ({bound.windows} held-out windows of "
-          f"{bound.tokens} tokens, {bound.draws} timesteps each; x0 {x0}; {run.checkpoint}, step {run.step})")
+          f"{bound.tokens} tokens, {scored}; x0 {x0}; {run.checkpoint}, step {run.step})")
     print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
     numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
-               "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint)}
+               "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint),
+               "chain": chain}
     if result.ar_nll is not None:
         print(f"AR NLL    {result.ar_nll:.4f} nats/token (exact, the same windows; {ar.checkpoint}); "
               f"bound / AR = {result.ratio:.3f}")

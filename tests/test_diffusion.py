@@ -6,9 +6,16 @@ import torch.nn.functional as F
 
 from dlm.core.config import load_config
 from dlm.core.embeddings import CosineRounding, LearnedEmbedding, nearest_rows
-from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample, sampling_timesteps
+from dlm.core.schedule import (
+    LOGSNR_FLOOR,
+    SPACINGS,
+    NoiseSchedule,
+    position_timesteps,
+    q_sample,
+    sampling_timesteps,
+)
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import DiffusionLM, TimeWarp, sample_progressive
+from dlm.families.gaussian import DiffusionLM, GaussianDiffusion, LossSettings, TimeWarp, sample_progressive
 from dlm.runs.build import build_diffusion
 
 
@@ -231,7 +238,7 @@ def test_cosine_decoding_uses_direction_not_distance():
     assert nearest_rows(x, embedding.table()).tolist() == [0, 0]  # L2 would say otherwise
 
 
-@pytest.mark.parametrize("spacing", ["logsnr", "quadratic", "uniform"])
+@pytest.mark.parametrize("spacing", SPACINGS)
 def test_timesteps_are_distinct_and_span_the_chain(spacing):
     for total, steps in [(2000, 50), (2000, 1000), (100, 99), (10, 2), (10, 1)]:
         ts = sampling_timesteps(NoiseSchedule("sqrt", total), steps, spacing)
@@ -242,23 +249,64 @@ def test_timesteps_are_distinct_and_span_the_chain(spacing):
         sampling_timesteps(NoiseSchedule("sqrt", 100), 101, spacing)
 
 
+def well_formed(ts: list[int], steps: int, total: int) -> bool:
+    """`steps` distinct timesteps, strictly falling, from T-1 (0 for a single step) to 0."""
+    first = total - 1 if steps > 1 else 0
+    return len(ts) == steps and ts[0] == first and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+
+
+@pytest.mark.parametrize("schedule", ["sqrt", "cosine", "linear"])
+def test_every_step_count_gives_a_well_formed_chain(schedule):
+    # the linear schedule's rescaled betas pass 1 below T = 20 (alpha_bar 0): not a schedule
+    totals = (100,) if schedule == "linear" else (2, 3, 10, 100)
+    for spacing in SPACINGS:
+        for total in totals:
+            for steps in range(1, total + 1):
+                assert well_formed(sampling_timesteps(NoiseSchedule(schedule, total), steps, spacing), steps, total)
+    long = NoiseSchedule(schedule, 2000)
+    for steps in range(1, 2001):
+        assert well_formed(sampling_timesteps(long, steps, "logsnr"), steps, 2000), steps
+
+
+def test_logsnr_spacing_spends_one_step_below_its_floor():
+    """Only the chain's first step, T-1, is below LOGSNR_FLOOR: the rest of the steps are spaced over
+    the range where x_t still carries the words; the whole-range spacing spends half of them there."""
+    schedule = NoiseSchedule("sqrt", 2000)
+    alpha_bar = schedule.alphas_cumprod.double()
+    log_snr = (alpha_bar / (1 - alpha_bar)).log()
+    for steps in (10, 25, 50, 200):
+        below = [t for t in sampling_timesteps(schedule, steps, "logsnr") if log_snr[t] < LOGSNR_FLOOR]
+        assert below == [1999], steps
+    full = sampling_timesteps(schedule, 200, "logsnr_full")
+    assert sum(log_snr[t] < LOGSNR_FLOOR for t in full) > 20
+    # the last 100 timesteps (alpha_bar <= 0.025): half of a 200-step chain before, a sixth now
+    assert sum(t >= 1900 for t in full) >= 100
+    assert sum(t >= 1900 for t in sampling_timesteps(schedule, 200, "logsnr")) <= 200 // 6
+    # between the floor and the dense low-noise end, steps change the log-SNR by equal amounts (up
+    # to rounding to whole timesteps)
+    chain = sampling_timesteps(schedule, 50, "logsnr")
+    gaps = [float(log_snr[b] - log_snr[a]) for a, b in zip(chain[1:], chain[2:40])]
+    assert max(gaps) < 1.2 * min(gaps)
+    assert abs(float(log_snr[chain[1]]) - LOGSNR_FLOOR) < 0.1
+
+
 def test_spacings_place_the_steps_where_they_say():
     schedule = NoiseSchedule("sqrt", 2000)
     uniform = sampling_timesteps(schedule, 50, "uniform")
     quadratic = sampling_timesteps(schedule, 50, "quadratic")
-    logsnr = sampling_timesteps(schedule, 50, "logsnr")
+    logsnr = sampling_timesteps(schedule, 50, "logsnr_full")
     assert uniform[-2] == 41 and uniform[0] - uniform[1] == 41  # an even stride
     assert quadratic[-5:] == [13, 7, 3, 1, 0]  # round((T-1)(i/49)^2) for i = 4 .. 0
     assert sum(t < 100 for t in quadratic) == 11 and sum(t < 100 for t in uniform) == 3
-    # logsnr: consecutive steps change log(alpha_bar / (1 - alpha_bar)) by the same amount, except
-    # at both ends, where steps are whole timesteps: t = 0, 1, 2 and the last ~28 timesteps, where
-    # the clipped last beta sends the log-SNR from -6 to -15
+    # logsnr_full: consecutive steps change log(alpha_bar / (1 - alpha_bar)) by the same amount,
+    # except at both ends, where steps are whole timesteps: t = 0, 1, 2 and the last ~28
+    # timesteps, where the clipped last beta sends the log-SNR from -6 to -15
     alpha_bar = schedule.alphas_cumprod.double()
     log_snr = (alpha_bar / (1 - alpha_bar)).log()
     gaps = [float(log_snr[b] - log_snr[a]) for a, b in zip(logsnr, logsnr[1:])]
     assert max(gaps[27:45]) < 1.2 * min(gaps[27:45])
     assert logsnr[-3:] == [2, 1, 0] and logsnr[:3] == [1999, 1998, 1997] and sum(t < 100 for t in logsnr) == 8
-    with pytest.raises(ValueError, match="use logsnr, quadratic, uniform"):
+    with pytest.raises(ValueError, match="use logsnr, logsnr_full, quadratic, uniform"):
         sampling_timesteps(schedule, 50, "cosine")
 
 
@@ -331,5 +379,42 @@ def test_sample_options_take_the_runs_spacing_and_reject_an_unknown_one():
     assert SampleOptions.from_config(config).spacing == "logsnr"
     assert SampleOptions.from_config(config.replace(sample_spacing="uniform")).spacing == "uniform"
     assert SampleOptions.from_config(config, spacing="uniform").spacing == "uniform"
-    with pytest.raises(ValueError, match="spacing must be one of logsnr, quadratic, uniform, got 'cosine'"):
+    with pytest.raises(ValueError, match="spacing must be one of logsnr, logsnr_full, quadratic, uniform, got 'cosine'"):
         SampleOptions(spacing="cosine").validate(2000)
+
+
+def test_preconditioning_returns_the_skip_path_when_the_network_says_nothing():
+    """predict 'preconditioned' (EDM): with F = 0 the x0 is c_skip x_t exactly, which at the lowest
+    noise is x_t rescaled (c_skip -> 1 / sqrt(alpha_bar)): nearly x0 itself, where an x0 predictor
+    that outputs zero is off by all of x0."""
+    model, diffusion = toy("preconditioned")
+    schedule = diffusion.schedule
+    x0 = model.embed(torch.randint(0, 11, (64, 6))).detach()
+    silent = torch.zeros_like(x0)
+    for step in (0, 10, 49):
+        t = torch.full((64,), step)
+        x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
+        assert torch.equal(diffusion.x0_from_output(model, silent, x_t, t), schedule.sqrt_alphas_cumprod[step] * x_t)
+    lowest = NoiseSchedule("sqrt", 2000)
+    a0 = float(lowest.alphas_cumprod[0])
+    skip, _ = GaussianDiffusion(lowest, LossSettings(predict="preconditioned")).preconditioning(torch.zeros(1).long(), 1)
+    assert abs(float(skip) * math.sqrt(a0) - 1) <= 1 - a0 + 1e-6 < 0.02  # c_skip sqrt(a) = a -> 1
+    t = torch.zeros(64, dtype=torch.long)
+    x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
+    skipped = ((diffusion.x0_from_output(model, silent, x_t, t) - x0) ** 2).mean()
+    identity = ((x_t / schedule.sqrt_alphas_cumprod[0] - x0) ** 2).mean()
+    assert skipped < identity  # EDM's c_skip shrinks x_t a little, as E[x0 | x_t] does for unit-scale x0
+    assert skipped < 0.2 * (x0**2).mean()  # what predict x0 with F = 0 (returning 0) would be off by
+
+
+def test_preconditioned_training_target_gives_back_x0():
+    """The loss's target for F is the one output that x0_from_output turns into x0 exactly."""
+    model, diffusion = toy("preconditioned", rounding_target="noisy")
+    ids = torch.randint(0, 11, (4, 6))
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["total"])
+    x0 = torch.randn(4, 6, 8)
+    t = torch.randint(1, 50, (4,))
+    x_t = q_sample(diffusion.schedule, x0, t, torch.randn_like(x0))
+    skip, out = diffusion.preconditioning(t, 3)
+    assert torch.allclose(diffusion.x0_from_output(model, (x0 - skip * x_t) / out, x_t, t), x0, atol=1e-5)

@@ -10,7 +10,7 @@ from torch import nn
 
 from dlm.cli import main
 from dlm.core.config import load_config
-from dlm.core.schedule import NoiseSchedule
+from dlm.core.schedule import NoiseSchedule, sampling_timesteps
 from dlm.evaluation.likelihood import BoundTerms, summarise, window_terms
 from dlm.families.gaussian import GaussianDiffusion, LossSettings, new_model
 
@@ -94,6 +94,29 @@ def test_estimator_agrees_with_the_exact_sum_over_timesteps(proposal, draws):
     se = float(difference.std()) / math.sqrt(len(difference))
     assert abs(float(difference.mean())) < 4 * se
     assert se < 0.1 * exact.total  # and the test has the power to see a wrong weight
+
+
+def test_a_chain_through_every_timestep_is_the_exact_sum():
+    # jump_kl's general step against step_kl's DDPM posterior coefficients, same x_0 and noise
+    config = load_config(ROOT / "params" / "smoke.yaml", diffusion_steps=20, seq_len=6, embed_dim=4, width=16)
+    model = new_model(config, vocab_size=11).eval()
+    diffusion = GaussianDiffusion(NoiseSchedule("sqrt", 20), LossSettings())
+    ids = torch.randint(0, 11, (8, 6), generator=torch.Generator().manual_seed(0))
+    exact = bound(model, diffusion, ids, all_timesteps=True)
+    chained = bound(model, diffusion, ids, chain=list(range(19, -1, -1)))
+    assert torch.allclose(chained.per_window, exact.per_window, rtol=1e-9)
+    with pytest.raises(ValueError, match="from 19 down to 0"):
+        bound(model, diffusion, ids, chain=[18, 0])
+
+
+def test_a_shorter_chain_of_the_bayes_optimal_denoiser_costs_more_and_stays_a_bound():
+    table, schedule, diffusion = toy(200)
+    ids = torch.randint(0, len(table), (256, 8), generator=torch.Generator().manual_seed(0))
+    oracle = Oracle(table, schedule)
+    full = bound(oracle, diffusion, ids, chain=sampling_timesteps(schedule, 200))
+    short = bound(oracle, diffusion, ids, chain=sampling_timesteps(schedule, 5))
+    assert full.total > math.log(len(table)) - 3 * full.se
+    assert short.total > full.total + 3 * (short.se + full.se)
 
 
 def test_bound_on_a_toy_is_the_data_entropy_plus_the_fixed_variance_gap():
@@ -188,6 +211,13 @@ def test_cli_prints_the_bound_and_the_ar_ratio(corpus, tmp_path, capsys):
     numbers = json.loads(out.read_text())
     assert numbers["nll_bound"] > numbers["nll_bound_se"] > 0 and numbers["ar_nll"] > 0
     assert numbers["ratio"] == pytest.approx(numbers["nll_bound"] / numbers["ar_nll"])
+    assert numbers["chain"] is None
+    # the bound of the chain a 5-step sampler runs
+    assert main(["evaluate", "--nll", "--run_dir", str(diffusion_run), "--windows", "8", "--steps", "5",
+                 "--spacing", "logsnr_full", "--json", str(out)]) == 0
+    assert "every step of the 5-step logsnr_full chain" in capsys.readouterr().out
+    chained = json.loads(out.read_text())
+    assert chained["chain"][0] == 99 and len(chained["chain"]) == 5 and chained["nll_bound"] != numbers["nll_bound"]
 
 
 def test_bound_stays_above_the_entropy_when_the_words_overlap_under_the_embedding_noise():

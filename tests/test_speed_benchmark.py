@@ -68,3 +68,16 @@ def test_training_runs_in_its_own_process(corpus):
     result = speed.training_in_subprocess("smoke.yaml", {"corpus": str(corpus), "min_count": 1, "max_train_tokens": None},
                                           "dlm", warmup=1, steps=1, threads=1)
     assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["vocab"] > 10
+
+
+def test_block_rows_time_each_block_size_with_and_without_the_cache(corpus, tmp_path):
+    speed = load_speed()
+    out = tmp_path / "blocks.csv"
+    assert speed.main(["--blocks_only", "--quick", "--threads", "1", "--corpus", str(corpus),
+                       "--override", "min_count=1", "--out", str(out)]) == 0
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(r["section"] == "blocks" and float(r["value"]) > 0 for r in rows)
+    settings = {r["setting"] for r in rows if r["metric"] == "throughput"}
+    assert settings == {"whole window, 5 steps"} | {f"blocks of {size}, 2 steps a block, {how}"
+                                                    for size in (1, 4) for how in ("cached", "uncached")}

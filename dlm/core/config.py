@@ -83,8 +83,10 @@ class Config:
     schedule: Literal["sqrt", "linear", "cosine"] = _diffusion("sqrt")
     diffusion_steps: int = _diffusion(2000)
     # x0 or epsilon: regress the vector (Diffusion-LM); logits: classify each position through the
-    # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD)
-    predict: Literal["x0", "epsilon", "logits"] = _diffusion("x0")
+    # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD);
+    # preconditioned: x0 = c_skip x_t + c_out F, EDM's, the identity at low noise for free
+    # (GaussianDiffusion.preconditioning)
+    predict: Literal["x0", "epsilon", "logits", "preconditioned"] = _diffusion("x0")
     rounding_weight: float = _diffusion(1.0)
     # clean: CE on EMB(w) and diffusion on clean x0 (the seed); noisy: x0 ~ q(x0|w) (Diffusion-LM);
     # predicted: CE on the denoiser's predicted x0 (Difformer's anchor loss), x0 ~ q(x0|w)
@@ -109,9 +111,10 @@ class Config:
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
-    # which timesteps those are: logsnr (evenly spaced in log signal-to-noise; 50 steps sample
-    # like 2000), quadratic (the DDIM paper's) or uniform (Diffusion-LM's even stride)
-    sample_spacing: Literal["logsnr", "quadratic", "uniform"] = _sampling("logsnr")
+    # which timesteps those are: logsnr (evenly spaced in log signal-to-noise down to a floor),
+    # logsnr_full (over the whole range, crowded at pure noise), quadratic (the DDIM paper's) or
+    # uniform (Diffusion-LM's even stride); see dlm.core.schedule.sampling_timesteps
+    sample_spacing: Literal["logsnr", "logsnr_full", "quadratic", "uniform"] = _sampling("logsnr")
     clamp: bool = _sampling(True)  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
     clamp_fraction: float = _sampling(1.0)  # clamp only during the last share of the steps
     sample_eta: float = _sampling(1.0)  # 1 ancestral (DDPM), 0 deterministic DDIM

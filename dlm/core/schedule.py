@@ -70,33 +70,47 @@ def position_timesteps(schedule: NoiseSchedule, progress: torch.Tensor, length: 
     return torch.round(fraction.clamp(0, 1) * (schedule.steps - 1)).long()
 
 
-SPACINGS = ("logsnr", "quadratic", "uniform")
+SPACINGS = ("logsnr", "logsnr_full", "quadratic", "uniform")
+
+# Where `logsnr` spacing stops spacing: log(alpha_bar / (1 - alpha_bar)) = -5, alpha_bar = 0.0067, so
+# the words' embedding is 8% of x_t's amplitude. Below it the input is noise for the denoiser, yet a
+# clipped last beta (sqrt, cosine) can stretch the range below it far past the rest: the sqrt
+# schedule at T = 2000 falls from -5 to -15 within its last 28 timesteps, where `logsnr_full`
+# spends about half of its steps.
+LOGSNR_FLOOR = -5.0
 
 
 def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") -> list[int]:
-    """`steps` distinct timesteps of `schedule`, from T-1 down to 0.
+    """`steps` distinct timesteps of `schedule`, from T-1 down to 0 (one step: just 0).
 
-    logsnr: evenly spaced in log(alpha_bar / (1 - alpha_bar)), the signal-to-noise ratio's log
-    (as DPM-Solver spaces its steps); quadratic: t_i = (T-1) (i / (steps-1))^2 (the DDIM paper);
-    uniform: an even stride (Diffusion-LM's respacing). Under the sqrt schedule the uniform stride
-    jumps from t = T/steps straight to 0, across the low-noise end where the words are chosen.
-    Measured on the default run (README, "Speed"), 50 steps against 2000, three sets of seeds:
-    generative perplexity +45% uniform, +5% to +22% quadratic, -6% to +0.1% logsnr. Under the
-    sqrt schedule the clipped last beta sends the log-SNR from -6 to -15 within the last ~28
-    timesteps, so about half of a 50-step logsnr chain is spent there, at pure noise.
+    logsnr: T-1 (the chain starts from pure noise), then the other steps evenly spaced in
+    log(alpha_bar / (1 - alpha_bar)), the signal-to-noise ratio's log (as DPM-Solver spaces its
+    steps), from the higher of LOGSNR_FLOOR and the log-SNR of T-2 down to t = 0;
+    logsnr_full: evenly over the schedule's whole log-SNR range, T-1 included, which under a
+    clipped last beta crowds the steps into the last timesteps (kept to compare against);
+    quadratic: t_i = (T-1) (i / (steps-1))^2 (the DDIM paper); uniform: an even stride
+    (Diffusion-LM's respacing). Under the sqrt schedule the uniform stride jumps from t = T/steps
+    straight to 0, across the low-noise end where the words are chosen. Measurements of each
+    against steps: docs/results.md ("Sampling steps against quality").
     """
     total_steps = schedule.steps
     if not 1 <= steps <= total_steps:
         raise ValueError(f"Sampling steps must be between 1 and {total_steps}, got {steps}.")
     if spacing not in SPACINGS:
         raise ValueError(f"Unknown timestep spacing '{spacing}': use {', '.join(SPACINGS)}.")
-    grid = np.linspace(0, 1, steps)
-    if spacing == "logsnr":
+    if spacing in ("logsnr", "logsnr_full"):
         alpha_bar = schedule.alphas_cumprod.double().clamp(1e-12, 1 - 1e-12).numpy()
         log_snr = np.log(alpha_bar / (1 - alpha_bar))  # falls with t
-        targets = log_snr[0] + grid * (log_snr[-1] - log_snr[0])
+        if spacing == "logsnr_full" or steps == 1 or total_steps < 3:
+            spaced, lowest = steps, log_snr[-1]
+        else:  # T-1 is added below; the rest end at the floor
+            spaced, lowest = steps - 1, max(LOGSNR_FLOOR, log_snr[-2])
+        targets = log_snr[0] + np.linspace(0, 1, spaced) * (lowest - log_snr[0])
         positions = np.interp(-targets, -log_snr, np.arange(total_steps))  # interp wants rising x
+        if spaced < steps:
+            positions = np.append(positions, total_steps - 1)
     else:
+        grid = np.linspace(0, 1, steps)
         positions = (total_steps - 1) * (grid if spacing == "uniform" else grid**2)
     ts = np.rint(positions).astype(int)
     # Rounding merges neighbours at the dense end: push each one up past its predecessor, then

@@ -138,6 +138,16 @@ class BoundTerms:
         mean_p = c1 * pred_x0.double() + c2 * x_t.double()
         return ((mean_q - mean_p) ** 2).flatten(1).sum(1) / (2 * self.var.to(x0.device)[t])
 
+    def jump_kl(self, x0: torch.Tensor, x_t: torch.Tensor, pred_x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        """KL(q(x_s | x_t, x_0) || p(x_s | x_t)) for a chain that jumps from code index t to s < t
+        (a shortened chain's step; s = t - 1 is step_kl's), summed, (B,). q(x_s | x_t, x_0) has
+        variance (1 - a_s) / (1 - a_t) (1 - a_t / a_s), what the sampler's step draws at eta 1, and
+        x_0's coefficient in its mean is sqrt(a_s) (1 - a_t / a_s) / (1 - a_t)."""
+        a_t, a_s = float(self.a[t]), float(self.a[s])
+        var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+        coef = math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t)
+        return (coef * (x0.double() - pred_x0.double())).pow(2).flatten(1).sum(1) / (2 * var)
+
     def decoder(self, x0: torch.Tensor, x1: torch.Tensor, emb: torch.Tensor, pred_emb: torch.Tensor) -> torch.Tensor:
         """-log p(x_0 | x_1) + log q(x_0 | w), summed, (B,)."""
         x0, x1, emb, pred_emb = x0.double(), x1.double(), emb.double(), pred_emb.double()
@@ -171,12 +181,15 @@ def _denoise_x0(model, diffusion, x_t: torch.Tensor, t: torch.Tensor, emb: torch
 @torch.inference_mode()
 def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator: torch.Generator | None = None,
                  all_timesteps: bool = False, precision: str = "fp32", proposal: str = "importance",
-                 x0_kind: str = "predicted") -> dict[str, torch.Tensor]:
+                 x0_kind: str = "predicted", chain: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Each term of the bound for each window of ids (B, L), summed over the window, (B,) each.
 
     The diffusion term is the mean of KL_t / proposal(t) over `draws` timesteps in 1..T-1 per
     window (`BoundTerms.draw_timesteps`; with proposal 'uniform' that is (T - 1) times the mean KL),
-    or with all_timesteps the sum over every one of them (the exact sum, for tests)."""
+    or with all_timesteps the sum over every one of them (the exact sum, for tests).
+    chain: the bound of the shortened chain that visits these timesteps (sampling_timesteps: T-1
+    first, 0 last), the sum of its every step's KL (`BoundTerms.jump_kl`), the model the sampler
+    draws from at those steps."""
     terms = BoundTerms(diffusion.schedule)
     device = ids.device
     batch = ids.shape[0]
@@ -193,6 +206,17 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
     rounding = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").double().sum(1)
     out = {"prior": terms.prior(x0), "decoder": terms.decoder(x0, x1, emb, pred_emb), "rounding": rounding}
 
+    if chain is not None:
+        if chain[0] != terms.steps - 1 or chain[-1] != 0:
+            raise ValueError(f"A chain's bound needs the chain from {terms.steps - 1} down to 0, got {chain[0]}..{chain[-1]}.")
+        diffusion_sum = torch.zeros(batch, dtype=torch.float64, device=device)
+        for t, s in sorted(zip(chain[:-1], chain[1:])):  # from the lowest t, as all_timesteps draws
+            t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
+            x_t = q_sample(diffusion.schedule, x0, t_batch, randn(x0.shape))
+            diffusion_sum += terms.jump_kl(x0, x_t, _denoise_x0(model, diffusion, x_t, t_batch, emb, precision, x0_kind),
+                                           t, s)
+        out["diffusion"] = diffusion_sum
+        return {name: out[name].cpu() for name in TERMS}
     if all_timesteps:
         timesteps = torch.arange(1, terms.steps)[:, None].expand(-1, batch)
         weights = torch.ones(timesteps.shape, dtype=torch.float64)
@@ -229,9 +253,11 @@ def check_windows_fit(windows: int, seq_len: int) -> None:
 
 
 def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4, seed: int = 0,
-              batch_size: int = 64, proposal: str = "importance", x0: str | None = None) -> Bound:
+              batch_size: int = 64, proposal: str = "importance", x0: str | None = None,
+              chain: Sequence[int] | None = None) -> Bound:
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
-    given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each."""
+    given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each;
+    chain: of the shortened chain through those timesteps instead, every step of it (`window_terms`)."""
     if run.family.SCORES_TOKENS:
         raise UserError("The NLL bound is for a diffusion run; an autoregressive run's NLL is exact: "
                          "give it as --ar_run.")
@@ -244,7 +270,7 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
         batch = ids[start: start + batch_size].to(device)
         for name, value in window_terms(run.model, run.objective, batch, draws, generator,
                                         precision=run.config.precision, proposal=proposal,
-                                        x0_kind=x0 or run.config.sample_x0).items():
+                                        x0_kind=x0 or run.config.sample_x0, chain=chain).items():
             parts[name].append(value)
     return summarise({name: torch.cat(values) for name, values in parts.items()}, ids.shape[1], draws)
 
@@ -284,14 +310,15 @@ class Comparison:
 
 
 def compare_with_ar(run: LoadedRun, ar: LoadedRun | None, windows: int = 256, draws: int = 4,
-                    seed: int = 0, x0: str | None = None) -> Comparison:
-    """The bound and, when an AR run is given, its exact NLL on the same windows."""
+                    seed: int = 0, x0: str | None = None, chain: Sequence[int] | None = None) -> Comparison:
+    """The bound (of the shortened `chain`, when given) and, when an AR run is given, its exact
+    NLL on the same windows."""
     check_counts(windows, draws)
     check_windows_fit(windows, run.config.seq_len)
     if ar is not None:
         check_ar_run(run, ar)
     ids = validation_windows(run, windows, seed)
-    bound = nll_bound(run, ids, draws, seed, x0=x0)
+    bound = nll_bound(run, ids, draws, seed, x0=x0, chain=chain)
     return Comparison(bound, None if ar is None else ar_nll(ar, ids))
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from dlm.core.config import Config
 from dlm.core.embeddings import CosineRounding, LearnedEmbedding, LearnedRounding, nearest_rows
-from dlm.core.nets import TinyTransformer
+from dlm.core.nets import PrefixCache, TinyTransformer
 from dlm.core.noise import WindowKeys, per_window
 from dlm.core.runtime import all_reduce_sum, autocast
 from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample
@@ -39,7 +39,7 @@ class LossSettings:
     block_training: str = "one"  # one block per window (SSD-LM) or all at once (BD3-LM)
 
 
-PREDICTIONS = ("x0", "epsilon", "logits")
+PREDICTIONS = ("x0", "epsilon", "logits", "preconditioned")
 
 
 class TimeWarp:
@@ -139,6 +139,9 @@ class GaussianDiffusion:
     def x0_from_output(self, model, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.settings.predict == "x0":
             return output
+        if self.settings.predict == "preconditioned":
+            skip, out = self.preconditioning(t, x_t.ndim)
+            return skip * x_t + out * output
         if self.settings.predict == "logits":
             # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
             # float32 like the rest of the diffusion arithmetic.
@@ -147,6 +150,16 @@ class GaussianDiffusion:
         s = self.schedule
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
+
+    def preconditioning(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM's c_skip and c_out (Karras et al. 2022) at timesteps t, for predict 'preconditioned':
+        x0 = c_skip x_t + c_out F(x_t, t). In EDM's terms x_t / sqrt(a) = x0 + sigma eps with
+        sigma^2 = (1 - a) / a (a = alpha_bar), and with sigma_data = 1 (the scale of embedding rows of
+        norm sqrt(d)) its c_in is 1 on x_t, c_skip sqrt(a) and c_out sqrt(1 - a). As the noise
+        vanishes c_skip x_t tends to x_t / sqrt(a), x_t itself rescaled: the denoiser gets the
+        identity for free and learns only the correction (F is then minus the v of v-prediction)."""
+        s = self.schedule
+        return s.at(s.sqrt_alphas_cumprod, t, ndim), s.at(s.sqrt_one_minus_alphas_cumprod, t, ndim)
 
     @torch.no_grad()
     def word_loss_per_sequence(self, model, decoded: torch.Tensor, ids: torch.Tensor, positions: int = 4) -> torch.Tensor:
@@ -259,7 +272,11 @@ class GaussianDiffusion:
             total = rounding
         else:
             pred_x0 = self.x0_from_output(model, output, x_t, t)
-            target = x0 if cfg.predict == "x0" else noise
+            if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
+                skip, out = self.preconditioning(t, x0.ndim)
+                target = (x0 - skip * x_t) / out
+            else:
+                target = x0 if cfg.predict == "x0" else noise
             # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
             # scored against EMB(w) itself.
             t_per_position = t if t.ndim == 2 else t[:, None]
@@ -412,11 +429,14 @@ def known_positions_hook(model: DiffusionLM, ids: torch.Tensor, known: torch.Ten
 @torch.inference_mode()
 def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: DiffusionScheduler, x: torch.Tensor,
                   generator: torch.Generator | None = None, hooks: Sequence[Hook] = (),
-                  attend: torch.Tensor | None = None) -> Iterator[SampleState]:
+                  attend: torch.Tensor | None = None,
+                  estimate_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+                  ) -> Iterator[SampleState]:
     """The pipeline: from x (B, L, d) at scheduler.timesteps[0] down the scheduler's chain, yielding
     every state. The network's output becomes x0 here (`x0_from_output`), the hooks then edit it
     in order, and the scheduler steps with what they return. With self-conditioning the step's
-    x0 is fed back to the denoiser at the next step."""
+    x0 is fed back to the denoiser at the next step. estimate_x0(x, t, x0_estimate), optional:
+    the x0 in place of the denoiser's over all of x (a block chain's cached prefix)."""
     batch = x.shape[0]
     timesteps = scheduler.timesteps.cpu()
     peaks = timesteps.amax(1).tolist()
@@ -425,7 +445,10 @@ def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: D
     x0_estimate = None
     for index, t_row in enumerate(scheduler.timesteps):
         t = t_row[:1].expand(batch) if shared[index] else t_row.expand(batch, -1)
-        pred_x0 = diffusion.x0_from_output(model, model.denoise(x, t, x0_estimate, attend), x, t)
+        if estimate_x0 is None:
+            pred_x0 = diffusion.x0_from_output(model, model.denoise(x, t, x0_estimate, attend), x, t)
+        else:
+            pred_x0 = estimate_x0(x, t, x0_estimate)
         for hook in hooks:
             pred_x0 = hook(pred_x0, t, x, index)
         x0_estimate = pred_x0 if model.self_conditioned else None
@@ -436,16 +459,19 @@ def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: D
 def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options, shape: tuple[int, int],
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                  start: torch.Tensor | None = None, start_t: int | None = None,
-                 hooks: Sequence[Hook] = (), banned: Sequence[int] = ()) -> Iterator[SampleState]:
+                 hooks: Sequence[Hook] = (), banned: Sequence[int] = (), prefix_cache: bool = True
+                 ) -> Iterator[SampleState]:
     """The reverse chain as sampling options (dlm.runs.sample.SampleOptions: steps, spacing, eta,
     x0, clamp, clamp_fraction) describe it: the one way `dlm sample`, the probes and the speed
-    benchmark build their chains, so none of them copies the recipe's keys by hand."""
+    benchmark build their chains, so none of them copies the recipe's keys by hand.
+    prefix_cache: see `sample_progressive`."""
     if options.x0 == "expected":  # first, so that fixed words and clamping act on what the step uses
         hooks = (expected_x0_hook(model), *hooks)
     return sample_progressive(model, diffusion, shape, options.steps, eta=options.eta, clamp=options.clamp,
                               clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
                               device=device, start=start, start_t=start_t, hooks=hooks,
-                              decoder=options.decoder, temperature=options.temperature, banned=banned)
+                              decoder=options.decoder, temperature=options.temperature, banned=banned,
+                              prefix_cache=prefix_cache)
 
 
 def chain_blocks(diffusion: GaussianDiffusion, length: int) -> int:
@@ -460,7 +486,8 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", start: torch.Tensor | None = None,
                        start_t: int | None = None, hooks: Sequence[Hook] = (), decoder: str = "learned",
-                       temperature: float = 0.0, banned: Sequence[int] = ()) -> Iterator[SampleState]:
+                       temperature: float = 0.0, banned: Sequence[int] = (), prefix_cache: bool = True
+                       ) -> Iterator[SampleState]:
     """The reverse chain of `steps` steps (see `DiffusionScheduler.set_timesteps`) from pure noise,
     every state yielded: how `dlm sample`, the probes and the speed benchmark all sample.
 
@@ -473,13 +500,15 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
 
     With block diffusion (the objective's block_size below L) the chain runs once per block, left
     to right (`_block_chain`); decoder, temperature and banned then turn each finished block into
-    its words (the plain chain leaves that to the caller).
+    its words (the plain chain leaves that to the caller). prefix_cache: a run trained on every
+    block at once runs its finished blocks through the denoiser once, not at every step (the same
+    samples to float rounding; False runs the whole prefix at every step, the reference).
     """
     batch, length = shape
     block_size = diffusion.block_size_for(length)
     if block_size is not None:
         return _block_chain(model, diffusion, shape, block_size, steps, eta, clamp, clamp_fraction, spacing,
-                            generator, device, start, start_t, hooks, decoder, temperature, banned)
+                            generator, device, start, start_t, hooks, decoder, temperature, banned, prefix_cache)
     scheduler = plain_scheduler(diffusion, steps, length, eta, spacing, None if start is None else start_t, device)
     # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
     x = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
@@ -501,6 +530,21 @@ def block_context_mask(diffusion: GaussianDiffusion, end: int, block_size: int,
     return block_causal_mask(end, block_size, device)[None]
 
 
+def cached_x0(model: DiffusionLM, diffusion: GaussianDiffusion, cache: PrefixCache):
+    """reverse_chain's estimate_x0 for a block after a cached clean prefix of P positions: the
+    denoiser runs on the block's positions (x[:, P:]) only; the prefix's x0 is its x, its clean
+    embedding (which `known_positions_hook` puts there too)."""
+    first = cache.length
+
+    def estimate(x: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None) -> torch.Tensor:
+        block_x = x[:, first:]
+        block_t = t[:, first:] if t.ndim == 2 else t
+        output = model.denoise(block_x, block_t, cache=cache)
+        return torch.cat([x[:, :first].float(), diffusion.x0_from_output(model, output, block_x, block_t)], dim=1)
+
+    return estimate
+
+
 def plain_scheduler(diffusion: GaussianDiffusion, steps: int, length: int, eta: float = 1.0,
                     spacing: str = "logsnr", start_t: int | None = None,
                     device: torch.device | str = "cpu") -> DiffusionScheduler:
@@ -515,15 +559,23 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
                  steps: int, eta: float, clamp: bool, clamp_fraction: float, spacing: str,
                  generator: torch.Generator | None, device: torch.device | str, start: torch.Tensor | None,
                  start_t: int | None, hooks: Sequence[Hook], decoder: str, temperature: float,
-                 banned: Sequence[int]) -> Iterator[SampleState]:
+                 banned: Sequence[int], prefix_cache: bool = True) -> Iterator[SampleState]:
     """Semi-autoregressive block diffusion (SSD-LM): block b runs the whole reverse chain of
     `steps` steps over the positions 0 .. end of block b, as in training: the finished blocks
     are their words' clean embeddings at t = 0 (`known_positions_hook` keeps their x0, the
     scheduler keeps their x exactly), and the later blocks are left out of the denoiser's input,
     which is what training's attention mask makes of them (and half the cost). When its chain
     ends the block is decoded and its words never change again. States are yielded over the whole
-    window (the later blocks' x: their initial noise), indexed on over the blocks."""
+    window (the later blocks' x: their initial noise), indexed on over the blocks.
+
+    A run trained on every block at once reads its finished blocks through a block-causal mask:
+    they never read the block being denoised, so with prefix_cache their keys and values are
+    computed once, when each block is finished (`DiffusionLM.cache_prefix`), and a step runs only
+    the block's own positions (`cached_x0`). A run trained one block per window lets the context
+    read the noised block, so its prefix changes with every step and is run every step."""
     batch, length = shape
+    cached = prefix_cache and diffusion.settings.block_training == "all" and not model.self_conditioned
+    cache = None
     noise = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     initial = noise if start is None else start.to(device)
     words = torch.zeros(batch, length, dtype=torch.long, device=device)
@@ -539,10 +591,16 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
         block_hooks = (known_positions_hook(model, words[:, :end].clone(), known), *hooks)
         if clamp:
             block_hooks = (*block_hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
-        x = torch.cat([model.embed(context).to(initial.dtype), initial[:, first:end]], dim=1)
+        prefix = model.embed(context).to(initial.dtype)
+        x = torch.cat([prefix, initial[:, first:end]], dim=1)
         rest = initial[:, end:]
         attend = block_context_mask(diffusion, end, block_size, device)
-        for state in reverse_chain(model, diffusion, scheduler, x, generator, block_hooks, attend):
+        estimate_x0 = None
+        if cached and first > 0:
+            with torch.inference_mode():  # the newest finished block joins the cache
+                cache = model.cache_prefix(prefix[:, first - block_size:], cache)
+            estimate_x0 = cached_x0(model, diffusion, cache)
+        for state in reverse_chain(model, diffusion, scheduler, x, generator, block_hooks, attend, estimate_x0):
             finished = None
             if state.index == len(scheduler) - 1:
                 # decoded as the caller decodes a plain chain's x: in float32, outside the autocast
@@ -575,15 +633,25 @@ class DiffusionLM(nn.Module):
         self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, x0_estimate: torch.Tensor | None = None,
-                attend: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                attend: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: PrefixCache | None = None) -> torch.Tensor:
         """attend: what each position may read, (B, L) or (B or 1, L, L) bool (block diffusion's
-        masks); positions (L,): each input's window position (TinyTransformer.forward)."""
+        masks); positions (L,): each input's window position; cache: a clean prefix x_t reads
+        (`cache_prefix`; TinyTransformer.forward)."""
         if self.self_conditioned:
             if x0_estimate is None:
                 x0_estimate = torch.zeros_like(x_t)
             x_t = torch.cat([x_t, x0_estimate], dim=-1)
         # float32 out whatever autocast ran inside, so the diffusion arithmetic stays float32.
-        return self.denoiser(x_t, t, attend, positions).float()
+        return self.denoiser(x_t, t, attend, positions, cache).float()
+
+    def cache_prefix(self, clean: torch.Tensor, cache: PrefixCache | None = None) -> PrefixCache:
+        """`cache` grown by the clean embeddings (B, L, d) of the words after it, at t = 0, as a
+        block-causal mask shows finished blocks (TinyTransformer.cache_prefix)."""
+        if self.self_conditioned:  # the prefix would read an x0 estimate that changes every step
+            raise ValueError("A prefix cache needs a denoiser without self-conditioning.")
+        t = torch.zeros(clean.shape[0], dtype=torch.long, device=clean.device)
+        return self.denoiser.cache_prefix(clean, t, cache)
 
     # The rest of the denoiser interface: what samplers and probes use instead of the modules.
 

@@ -32,7 +32,7 @@ def recipe(key: str):
 class SampleOptions:
     num_samples: int = 16
     steps: int = recipe("sample_steps")  # reverse steps
-    spacing: str = recipe("sample_spacing")  # which timesteps: logsnr, quadratic or uniform (sampling_timesteps)
+    spacing: str = recipe("sample_spacing")  # which timesteps: one of SPACINGS (sampling_timesteps)
     clamp: bool = recipe("clamp")  # Diffusion-LM's clamping trick
     clamp_fraction: float = recipe("clamp_fraction")  # clamp only during the last share of steps
     eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM

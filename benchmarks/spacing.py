@@ -1,0 +1,118 @@
+"""Sampling steps against quality, for two timestep spacings: teacher perplexity at held-out entropy
+(`dlm evaluate --matched`) and the bound of the chain the sampler runs (`dlm evaluate --nll --steps`).
+
+    python benchmarks/spacing.py runs/default runs/ar                       # 25, 50, 200 steps
+    python benchmarks/spacing.py runs/default runs/ar --steps 10 25 50 100 200 --seeds 0 1
+    python benchmarks/spacing.py --quick                                     # tiny runs, seconds
+
+For every step count and spacing (default: logsnr, the log-SNR floor, against logsnr_full, the
+whole range), each seed's --samples samples are drawn at the final-token temperature that gives
+held-out text's unigram entropy (`match_entropy`) and scored by the teacher; the bound of the chain
+(every one of its steps, on --windows held-out windows) is computed once per chain, its seed the
+first. Writes spacing.csv and spacing.md to --out (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from dlm.core.schedule import SPACINGS, sampling_timesteps
+from dlm.evaluation.likelihood import nll_bound, validation_windows
+from dlm.evaluation.matched import match_entropy
+from dlm.runs.build import load_run
+from dlm.runs.sample import SampleOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str], seeds: list[int],
+            samples: int, windows: int) -> pd.DataFrame:
+    run, teacher = load_run(run_dir), load_run(teacher_dir)
+    ids = validation_windows(run, windows, seeds[0])
+    rows = []
+    for count in steps:
+        for spacing in spacings:
+            chain = sampling_timesteps(run.objective.schedule, count, spacing)
+            start = time.perf_counter()
+            bound = nll_bound(run, ids, seed=seeds[0], chain=chain)
+            bound_s = time.perf_counter() - start
+            for seed in seeds:
+                options = SampleOptions.from_config(run.config, num_samples=samples, steps=count, spacing=spacing,
+                                                    seed=seed)
+                start = time.perf_counter()
+                result = match_entropy(run, teacher, options)
+                rows.append({"steps": count, "spacing": spacing, "seed": seed,
+                             "teacher_perplexity": result["samples"]["teacher_perplexity"],
+                             "unigram_entropy": result["samples"]["unigram_entropy"],
+                             "heldout_entropy": result["target_entropy"], "temperature": result["temperature"],
+                             "matched": result["matched"], "punctuation_share": result["samples"]["punctuation_share"],
+                             "chain_bound": bound.total, "chain_bound_se": bound.se,
+                             "sample_s": time.perf_counter() - start, "bound_s": bound_s})
+                print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, command: str) -> str:
+    lines = [f"`{command}`", "",
+             "| steps | spacing | seed | teacher ppl at held-out entropy | entropy (bits) | temperature | "
+             "chain bound (nats/token) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        lines.append(f"| {row.steps} | {row.spacing} | {row.seed} | {row.teacher_perplexity:,.0f} | "
+                     f"{row.unigram_entropy:.2f}{'' if row.matched else ' (not matched)'} | {row.temperature:.3f} | "
+                     f"{row.chain_bound:.2f} +- {row.chain_bound_se:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def quick_runs(folder: Path) -> tuple[str, str]:
+    """A 2-step diffusion run and a 2-step AR teacher on a made-up corpus (the smoke preset)."""
+    from dlm.cli import main as cli
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 23}" for j in range(40)) for i in range(60)))
+    common = ["--corpus", str(corpus), "--min_count", "1", "--max_train_tokens", "none", "--max_steps", "2"]
+    smoke = str(ROOT / "params" / "smoke.yaml")
+    cli(["train", smoke, "--run_dir", str(folder / "d"), *common])
+    cli(["train-ar", smoke, "--run_dir", str(folder / "ar"), *common])
+    return str(folder / "d"), str(folder / "ar")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", nargs="?")
+    parser.add_argument("teacher", nargs="?")
+    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50, 200])
+    parser.add_argument("--spacings", nargs="+", choices=SPACINGS, default=["logsnr_full", "logsnr"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=64, help="held-out windows of each chain's bound")
+    parser.add_argument("--quick", action="store_true", help="tiny runs made on the spot: a smoke run")
+    parser.add_argument("--out", help="folder of spacing.csv and spacing.md (default: benchmarks/results/; "
+                        "with --quick: the temporary folder of its runs)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp())
+        args.run_dir, args.teacher = quick_runs(folder)
+        args.steps, args.samples, args.windows = [3, 5], 4, 4
+        args.out = args.out or str(folder)
+    elif args.run_dir is None or args.teacher is None:
+        parser.error("give RUN_DIR TEACHER (a diffusion run and an AR run on its vocabulary), or --quick")
+    out = Path(args.out or ROOT / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    table = measure(args.run_dir, args.teacher, args.steps, args.spacings, args.seeds, args.samples, args.windows)
+    command = "python benchmarks/spacing.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table.to_csv(out / "spacing.csv", index=False)
+    (out / "spacing.md").write_text(markdown(table, command))
+    print(markdown(table, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
