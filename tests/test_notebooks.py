@@ -99,6 +99,19 @@ def test_report_shows_training_progress_on_the_terminal(report):
     steps = [line for line in printed.splitlines() if re.search(r"step +\d+/\d+ \|.*loss.*tok/s \| eta \d+:\d\d", line)]
     assert steps, printed[-2000:]
     assert "epoch" in printed and "val loss" in printed and "analysis:" in printed
+    bare = [line for line in printed.splitlines() if re.fullmatch(r"  \| \S*run", line)]
+    assert bare == []  # a run's name shows above its table on the page, never as a line of its own here
+
+
+def test_executed_notebook_echoes_its_output_without_the_kernel_transport_warning(tmp_path, capfd):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('from the kernel')")],
+                                        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                 "language": "python"}})
+    nbformat.write(notebook, tmp_path / "tiny.ipynb")
+    workbook.execute(tmp_path / "tiny.ipynb", tmp_path / "out.ipynb", cwd=tmp_path, echo=True)
+    out, err = capfd.readouterr()
+    assert "  | from the kernel\n" in out
+    assert "without encryption" not in out + err and "IPKernelApp" not in err, err
 
 
 def test_unknown_parameter_is_rejected_before_training(tmp_path):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
@@ -287,3 +288,27 @@ def test_index_leads_with_the_verdict_and_notebook_times(tmp_path):
     row = index.split("<tr>")[2]
     assert row.index("not collapsed") < row.index("complete")  # the verdict right after the name
     assert "60 / 20 / 10" in row
+
+
+def test_training_time_comes_from_the_run_not_the_resuming_clock(smoke_config, tmp_path):
+    from dlm.runs.train import train
+
+    run = tmp_path / "run"
+    first = train(smoke_config.replace(epochs=1, precision="fp32"), run)
+    second = train(smoke_config.replace(epochs=2, precision="fp32"), run, resume=True)
+    resumed = workbook.trained_line(second, run)  # said of the invocation that trained the second epoch
+    assert f"resumed at step {first.step}, trained to {second.step} steps" in resumed
+    nothing = train(smoke_config.replace(epochs=2, precision="fp32"), run, resume=True)  # a finished run, resumed
+    assert nothing.step == second.step and nothing.wall_s < 1.0
+    # each invocation's clock starts at zero: the run's time is the two invocations' last times, added
+    metrics = pd.read_csv(run / "metrics.csv")
+    expected = (metrics.loc[metrics["step"] <= first.step, "elapsed_s"].max()
+                + metrics.loc[metrics["step"] > first.step, "elapsed_s"].max())
+    assert expected > metrics["elapsed_s"].max()  # the second invocation's clock did start again
+    assert workbook.run_numbers(run)["train_s"] == pytest.approx(expected)
+    line = workbook.trained_line(nothing, run)
+    assert f"in {expected:.1f}s of training" in line and "already trained" in line and f"{second.step} steps" in line
+    assert f"{nothing.wall_s:.1f}s" not in line
+    fresh = workbook.trained_line(first, tmp_path / "elsewhere")  # no metrics: no made-up time
+    assert "unrecorded time" in fresh
+

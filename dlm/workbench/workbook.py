@@ -165,6 +165,23 @@ class Echo:
         self.stream.flush()
 
 
+def kernel_manager_class():
+    """nbclient's kernel manager, talking to the kernel over local IPC sockets rather than TCP
+    (ipykernel warns on every TCP start that its traffic is unencrypted, and `dlm report` would echo
+    that warning once per notebook). Windows has no IPC transport: TCP there."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name == "nt":
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return IPCKernelManager
+
+
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
             cwd: str | Path | None = None, kernel_name: str | None = None, echo: bool = False) -> Path:
     """Execute a notebook with papermill (no progress bar). `echo`: what the cells print (e.g. the
@@ -177,7 +194,8 @@ def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, A
     output.parent.mkdir(parents=True, exist_ok=True)
     streams = {"stdout_file": Echo(sys.stdout), "stderr_file": Echo(sys.stderr)} if echo else {}
     papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters or {}), cwd=cwd and str(cwd),
-                               kernel_name=kernel_name, progress_bar=False, log_output=False, **streams)
+                               kernel_name=kernel_name, progress_bar=False, log_output=False,
+                               kernel_manager_class=kernel_manager_class(), **streams)
     return output
 
 
@@ -293,6 +311,39 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def training_seconds(metrics, invocations: list[dict]) -> float | None:
+    """Seconds the run spent training, summed over its invocations: each one's clock (metrics.csv's
+    elapsed_s) starts at zero, and provenance.json says where each resumed one began (its rows are
+    the later steps). None when metrics.csv has no times."""
+    times = metrics[["step", "elapsed_s"]].dropna()
+    if not len(times):
+        return None
+    starts = sorted(int(i.get("from_step") or 0) for i in invocations if i.get("mode") == "resume")
+    invocation = times["step"].map(lambda step: sum(start < step for start in starts))
+    return float(times.groupby(invocation)["elapsed_s"].max().sum())
+
+
+def trained_line(result, run_dir: str | Path) -> str:
+    """What train.ipynb prints when training returns: steps, epochs and the run's training time
+    from its metrics.csv and provenance.json, never this invocation's clock alone (which reads 0 s
+    when a finished run is resumed to draw its pages)."""
+    import pandas as pd
+
+    run = RunDir(run_dir)
+    invocations = read_provenance(run.provenance)
+    seconds = training_seconds(pd.read_csv(run.metrics), invocations) if run.metrics.is_file() else None
+    spent = f"{seconds:.1f}s of training" if seconds is not None else "an unrecorded time"
+    last = invocations[-1] if invocations else {}
+    resumed_at = int(last.get("from_step") or 0) if last.get("mode") == "resume" else None
+    if resumed_at is not None and result.step == resumed_at:
+        return (f"the run was already trained: {result.step} steps ({result.epoch} epochs) in {spent} "
+                f"(metrics.csv) -> {run_dir}")
+    if resumed_at is not None:
+        return (f"resumed at step {resumed_at}, trained to {result.step} steps ({result.epoch} epochs) "
+                f"in {spent} in all ({result.wall_s:.1f}s now) -> {run_dir}")
+    return f"trained {result.step} steps ({result.epoch} epochs) in {spent} -> {run_dir}"
+
+
 def run_numbers(run_dir: str | Path) -> dict:
     """The numbers the index shows, from what the notebooks left in the run folder."""
     import pandas as pd
@@ -305,7 +356,7 @@ def run_numbers(run_dir: str | Path) -> dict:
         val = metrics[metrics["val_total"].notna()]
         if len(metrics):
             numbers.update(steps=int(metrics["step"].max()), epochs=int(metrics["epoch"].max()),
-                           train_s=float(metrics["elapsed_s"].max()))
+                           train_s=training_seconds(metrics, read_provenance(run.provenance)))
         if len(train):
             numbers.update(train_loss=float(train["total"].iloc[-1]), embedding_norm=float(train["embedding_norm"].iloc[-1]),
                            nn_distance=float(train["nn_distance"].iloc[-1]))
