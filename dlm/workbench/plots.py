@@ -33,6 +33,32 @@ def _figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, 
     return figure, axes
 
 
+# A quantity whose values spread less than this, relative to their size, is held constant by the
+# recipe (an L2-normalised table's row norms): plotted, its axis would span floating-point noise.
+CONSTANT_SPREAD = 1e-5
+
+
+def constant_value(values: Sequence[float]) -> float | None:
+    """The value of a quantity that does not vary beyond floating-point noise (at least two finite
+    values whose max - min is below CONSTANT_SPREAD of their mean's size), else None."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < 2:
+        return None
+    centre = float(finite.mean())
+    return centre if np.ptp(finite) <= CONSTANT_SPREAD * abs(centre) else None
+
+
+def constant_line(name: str, value: float) -> str:
+    return f"{name}: {value:.6g} throughout (the recipe holds it constant; not plotted)"
+
+
+def _say_instead(ax, line: str) -> None:
+    """An axes that would plot a constant shows the one line that says so instead."""
+    ax.axis("off")
+    ax.text(0.5, 0.5, line, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
+
+
 def _log_if_positive(ax, values: Sequence[float]) -> None:
     values = [v for v in values if v == v]
     if values and min(values) > 0 and max(values) / min(values) > 10:
@@ -92,6 +118,10 @@ def training_curves(metrics: pd.DataFrame, sigma0: float | None = None) -> Figur
     panels = [("embedding_norm", "mean embedding norm"), ("nn_distance", "nearest-neighbour distance"),
               ("lr", "learning rate"), ("tokens_per_s", "tokens / s")]
     for ax, (column, title) in zip(axes[0], panels):
+        constant = constant_value(rows[column]) if column == "embedding_norm" and len(rows) else None
+        if constant is not None:
+            _say_instead(ax, constant_line(title, constant))
+            continue
         if len(rows):
             ax.plot(rows["step"], rows[column], color="C0")
         if column == "nn_distance" and sigma0:
@@ -165,17 +195,24 @@ def collapse_over_training(series: pd.DataFrame, heldout: Mapping[str, Mapping[s
 def geometry_over_training(series: pd.DataFrame) -> Figure:
     """Mean embedding norm and nearest-neighbour distance against sigma0 at each checkpoint."""
     figure, axes = _figure(1, 2, 10, 3.4)
-    for k, (run, rows) in enumerate(series.groupby("run", sort=False)):
-        axes[0][0].plot(rows["epoch"], rows["embedding_norm"], "o-", color=f"C{k}", label=str(run))
-        axes[0][1].plot(rows["epoch"], rows["nn_distance"], "o-", color=f"C{k}", label=f"{run}: nn distance")
-        axes[0][1].axhline(float(rows["sigma0"].iloc[0]), color=f"C{k}", linestyle="--", linewidth=1,
-                           label=f"{run}: sigma0")
-    axes[0][0].set_title("mean embedding norm")
-    axes[0][1].set_title("nearest-neighbour distance vs sigma0")
+    norms, distances = axes[0]
+    runs = list(series.groupby("run", sort=False))
+    constants = [constant_value(rows["embedding_norm"]) for _, rows in runs]
+    for k, (run, rows) in enumerate(runs):
+        norms.plot(rows["epoch"], rows["embedding_norm"], "o-", color=f"C{k}", label=str(run))
+        distances.plot(rows["epoch"], rows["nn_distance"], "o-", color=f"C{k}", label=f"{run}: nn distance")
+        distances.axhline(float(rows["sigma0"].iloc[0]), color=f"C{k}", linestyle="--", linewidth=1,
+                          label=f"{run}: sigma0")
+    norms.set_title("mean embedding norm")
+    distances.set_title("nearest-neighbour distance vs sigma0")
     for ax in axes[0]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if runs and all(c is not None for c in constants):
+        norms.clear()
+        _say_instead(norms, "; ".join(constant_line(f"mean embedding norm ({run})" if len(runs) > 1 else
+                                                    "mean embedding norm", c) for (run, _), c in zip(runs, constants)))
     return figure
 
 
@@ -187,10 +224,17 @@ def embedding_geometry(geometries: Mapping[str, pd.DataFrame], sigma0: float) ->
     """Per token, against its training count: row norm (top) and nearest-neighbour distance with
     sigma0 (bottom); one column per checkpoint, punctuation in red."""
     cols = max(1, len(geometries))
-    figure, axes = _figure(2, cols, 5 * cols, 7)
+    constants = {label: constant_value(_seen(geometry)["norm"]) for label, geometry in geometries.items()}
+    held = bool(constants) and all(c is not None for c in constants.values())
+    columns = ("nn_distance",) if held else ("norm", "nn_distance")  # constant norms: one line, not a row of noise
+    figure, axes = _figure(len(columns), cols, 5 * cols, 3.5 * len(columns))
+    if held:
+        values = {f"{c:.6g}" for c in constants.values()}
+        figure.suptitle(constant_line("row norms", next(iter(constants.values()))) if len(values) == 1 else
+                        "; ".join(constant_line(f"{label}: row norms", c) for label, c in constants.items()), fontsize=9)
     for col, (label, geometry) in enumerate(geometries.items()):
         seen = _seen(geometry)
-        for row, column in enumerate(("norm", "nn_distance")):
+        for row, column in enumerate(columns):
             ax = axes[row][col]
             words = seen[~seen["punctuation"]]
             punct = seen[seen["punctuation"]]
