@@ -271,6 +271,65 @@ def test_sample_report_slider_works_offline_in_chromium(report):
     assert requests and all(url.startswith(("file:", "data:")) for url in requests)
 
 
+FIRST_SCREEN = {"width": 1200, "height": 900}
+# where each page's result is: a table the first screen must show (by a header cell of it)
+RESULT_TABLES = {"train": "val loss", "sample": "sample", "collapse_analysis": "collapsed"}  # exact header text
+TOP = "e => e.getBoundingClientRect().top + window.scrollY"
+OUTPUT_TOP = "e => e.closest('.jp-OutputArea-output').getBoundingClientRect().top + window.scrollY"
+
+
+def test_report_pages_open_on_their_result(report):
+    sync_api = browser_or_skip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=FIRST_SCREEN)
+            for name, header in RESULT_TABLES.items():
+                page.goto((report / f"{name}.html").as_uri())
+                figure = page.locator("img").first.bounding_box()
+                assert 0 <= figure["y"] and figure["y"] + figure["height"] <= FIRST_SCREEN["height"], (name, figure)
+                exact = re.compile(f"^{re.escape(header)}$")
+                table = page.locator("table", has=page.locator("th", has_text=exact)).first.bounding_box()
+                assert table["y"] + min(table["height"], 100) <= FIRST_SCREEN["height"], (name, table)
+                # the introduction and its papermill commands: folded, after the results
+                about = page.locator("details.dlm-about")
+                assert about.count() == 1 and about.get_attribute("open") is None
+                assert about.evaluate(TOP) > figure["y"] + figure["height"]
+                assert not page.get_by_text("papermill notebooks/").first.is_visible()
+                assert page.evaluate("document.documentElement.scrollWidth") <= FIRST_SCREEN["width"], name
+            page.goto((report / "train.html").as_uri())
+            log = page.locator(".jp-OutputArea-output", has_text=re.compile(r"trained \d+ steps")).first  # the log
+            assert log.evaluate(OUTPUT_TOP) > page.get_by_role("heading", name="Configuration").evaluate(TOP)
+            page.goto((report / "collapse_analysis.html").as_uri())
+            log = page.locator(".jp-OutputArea-output", has_text="analysis:").first  # the analysis log, last
+            assert log.evaluate(OUTPUT_TOP) > page.locator("img").last.evaluate(TOP)
+        finally:
+            browser.close()
+
+
+def test_a_wide_table_scrolls_inside_its_box_and_the_page_keeps_the_window_width(report):
+    sync_api = browser_or_skip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for width in (1000, 700):  # a window narrower than the table; JupyterLab's CSS has a narrow-screen layout
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto((report / "sample.html").as_uri())
+                table = page.locator("table", has=page.locator("th", has_text="agreement")).first  # quality vs steps
+                table.scroll_into_view_if_needed()
+                box = table.bounding_box()
+                assert box["width"] > width - 40  # wider than the window's text column: the case this is about
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                page.mouse.move(box["x"] + 40, box["y"] + 20)
+                page.mouse.wheel(300, 0)  # a sideways scroll over the table moves the table, not the page
+                page.wait_for_timeout(300)
+                assert table.evaluate("t => t.closest('.jp-OutputArea-output').scrollLeft") > 0, width
+                assert page.evaluate("window.scrollX") == 0
+                page.close()
+        finally:
+            browser.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -312,3 +312,25 @@ def test_training_time_comes_from_the_run_not_the_resuming_clock(smoke_config, t
     fresh = workbook.trained_line(first, tmp_path / "elsewhere")  # no metrics: no made-up time
     assert "unrecorded time" in fresh
 
+
+
+def test_page_leads_with_results_and_folds_the_introduction_and_log_below(tmp_path):
+    intro = new_markdown_cell("# Train a run\n\nWhat it does.\n\n```bash\npapermill notebooks/train.ipynb out.ipynb\n```")
+    intro.metadata["tags"] = [workbook.INTRO_TAG]
+    heading = new_markdown_cell("## Training")
+    heading.metadata["tags"] = [workbook.BELOW_TAG]
+    log = new_code_cell("train()", outputs=[new_output("stream", name="stdout", text="step 1 | loss 0.5\n")])
+    log.metadata["tags"] = [workbook.BELOW_TAG]
+    nb = new_notebook(cells=[intro, new_code_cell("epochs = 1"), heading, log, new_markdown_cell("## Result"),
+                             new_code_cell("plot()", outputs=[new_output("display_data", data={
+                                 "image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})])])
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    page = workbook.export_html(tmp_path / "nb.ipynb").read_text()
+    body = page[page.index("<main>"):]
+    order = [body.index(text) for text in ("Train a run", "Result", "<img", "Training", "step 1 | loss 0.5",
+                                           '<details class="dlm-about">', "What it does.", "notebooks/train.ipynb")]
+    assert order == sorted(order)  # title, results, then the training log, then the folded introduction
+    assert body.count("notebooks/train.ipynb") == 1 and "<pre" in body[order[-3]:]  # the command kept, folded
+    assert body.count("jp-CodeCell") == 3  # the parameters cell printed nothing: no empty gap on the page
+    shown = workbook.export_html(tmp_path / "nb.ipynb", tmp_path / "code.html", show_code=True).read_text()
+    assert shown.count("jp-CodeCell") == 4  # with its code shown, every cell stays

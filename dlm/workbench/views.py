@@ -272,9 +272,10 @@ class Titled:
 
 
 def headline(values: dict, digits: int = 4) -> pd.DataFrame:
-    """A run's key numbers as a one-column table (None left out), for the top of a page."""
+    """A run's key numbers as a one-row table (None left out), for the top of a page: a row, not a
+    column, so the figures below it still fit on the first screen."""
     shown = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
-    return pd.DataFrame({"value": pd.Series(shown, dtype=object)})
+    return pd.DataFrame([shown], index=[""], dtype=object)
 
 
 FIXED_NOTE = "<mark>Marked</mark> words were given (fixed by the template, prefix or length); the rest was generated."

@@ -52,12 +52,22 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block html_head_css -%}
+<style>{{ resources.dlm_css }}</style>
+{%- endblock html_head_css -%}
 {%- block data_png scoped -%}
 <div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
 <img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
  alt="{{ ((output | get_metadata('alt', 'image/png')) or 'figure') | escape_html }}">
 </div>
 {%- endblock data_png -%}
+"""
+# A table wider than the window scrolls inside its output box; the page itself never gets wider.
+PAGE_CSS = """
+.jp-OutputArea-child .jp-OutputArea-output.jp-RenderedHTMLCommon {display: block; overflow-x: auto; max-width: 100%;}
+.jp-OutputArea-output pre {white-space: pre-wrap; overflow-wrap: anywhere;}
+details.dlm-about, details.dlm-log {margin: 0.5em 0;}
+details.dlm-about > summary, details.dlm-log > summary {cursor: pointer; color: #555;}
 """
 # A script, stylesheet, image or frame that the browser would fetch from another machine.
 EXTERNAL = re.compile(
@@ -227,6 +237,36 @@ def strip_widgets(nb) -> Any:
     return nb
 
 
+INTRO_TAG = "report-intro"  # a notebook's introduction: its title stays first, the rest folds at the page's end
+BELOW_TAG = "report-below"  # a cell (the training log) that moves below the results on the page
+
+
+def lead_with_results(nb) -> Any:
+    """Reorder a page so that its first screen shows results: the introduction (a cell tagged
+    report-intro) keeps only its title on top, its text (what the page shows, the papermill
+    commands) becomes a folded block at the end; cells tagged report-below (the training and its
+    log) move after the results, in their order. JupyterLab shows the notebook as written."""
+    from nbconvert.filters.markdown import markdown2html
+    from nbformat.v4 import new_code_cell, new_markdown_cell
+
+    top, below, about = [], [], []
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INTRO_TAG in tags and cell.get("cell_type") == "markdown":
+            title, _, text = cell.source.partition("\n")
+            top.append(new_markdown_cell(title))
+            if text.strip():  # an HTML output (a markdown cell would close <details> at its first blank line)
+                folded = ('<details class="dlm-about"><summary>About this page: what it shows and the commands '
+                          f'that make it</summary>{markdown2html(text.strip())}</details>')
+                about.append(new_code_cell(outputs=[_html_output(folded, text.strip())]))
+        elif BELOW_TAG in tags:
+            below.append(cell)
+        else:
+            top.append(cell)
+    nb.cells = top + below + about
+    return nb
+
+
 FOLD_LINES = 12  # printed output longer than this is folded on a page (the training log)
 
 
@@ -291,10 +331,13 @@ def export_html(executed: str | Path, page: str | Path | None = None, show_code:
 
     executed = Path(executed)
     page = Path(page) if page else executed.with_suffix(".html")
-    nb = fold_long_streams(strip_widgets(nbformat.read(executed, as_version=4)))
+    nb = lead_with_results(fold_long_streams(strip_widgets(nbformat.read(executed, as_version=4))))
+    if not show_code:  # a code cell that printed nothing would only leave a gap (the parameters cells)
+        nb.cells = [cell for cell in nb.cells if cell.get("cell_type") != "code" or cell.get("outputs")]
     if title:
         nb.metadata["title"] = title
-    body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem}})
+    body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem},
+                                                                         "dlm_css": PAGE_CSS})
     found = external_references(body)
     if found:
         raise ReportError(f"The page for {executed.name} would load from the network: {found[:3]}")
