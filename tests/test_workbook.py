@@ -331,6 +331,6 @@ def test_page_leads_with_results_and_folds_the_introduction_and_log_below(tmp_pa
                                            '<details class="dlm-about">', "What it does.", "notebooks/train.ipynb")]
     assert order == sorted(order)  # title, results, then the training log, then the folded introduction
     assert body.count("notebooks/train.ipynb") == 1 and "<pre" in body[order[-3]:]  # the command kept, folded
-    assert body.count("jp-CodeCell") == 3  # the parameters cell printed nothing: no empty gap on the page
+    assert body.count("jp-Cell jp-CodeCell") == 3  # the parameters cell printed nothing: no empty gap on the page
     shown = workbook.export_html(tmp_path / "nb.ipynb", tmp_path / "code.html", show_code=True).read_text()
-    assert shown.count("jp-CodeCell") == 4  # with its code shown, every cell stays
+    assert shown[shown.index("<main>"):].count("jp-Cell jp-CodeCell") == 4  # with its code shown, every cell stays
