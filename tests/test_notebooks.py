@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
 import yaml
@@ -83,6 +84,17 @@ def test_report_runs_every_notebook(report):
     index = (report.parent / "index.html").read_text()
     assert ">tiny<" in index and 'href="tiny/sample.html"' in index
     assert "NLL bound" in index
+
+
+def test_train_notebook_redraws_one_live_figure_and_the_page_leaves_it_out(report):
+    executed = nbformat.read(report / "train.ipynb", as_version=4)
+    training = next(c for c in executed.cells if "on_metrics=" in c.source)
+    live = [o for o in training.outputs if o.get("metadata", {}).get("dlm_live")]
+    assert len(live) == 1 and "image/png" in live[0]["data"]  # one figure, redrawn: not one per log line
+    assert len(pd.read_csv(report / "run" / "metrics.csv")) >= 3  # so it was redrawn several times
+    figures = sum("image/png" in o.get("data", {}) for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    page = (report / "train.html").read_text()
+    assert page[page.index("<main>"):].count("<img") == figures - 1  # the final curves have their own section
 
 
 def test_report_control_page_marks_fixed_words_and_slides_over_strength(report):
@@ -185,6 +197,13 @@ def test_report_from_a_trained_run_draws_pages_without_training_again(report, tm
     assert linked.stat().st_ino == (source / "checkpoints" / "epoch_0002.pt").stat().st_ino  # linked, not copied
     # everything that is written in place is a copy of its own
     assert (again / "run" / "metrics.csv").stat().st_ino != (source / "metrics.csv").stat().st_ino
+    # its log says what the run took (one invocation: its last elapsed_s), not the 0 s of a resume with nothing left
+    metrics = pd.read_csv(source / "metrics.csv")
+    executed = nbformat.read(again / "train.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
+                      if o.output_type == "stream")
+    assert f"already trained: {metrics['step'].max()} steps" in printed, printed[-500:]
+    assert f"in {metrics['elapsed_s'].max():.1f}s of training" in printed and " in 0.0s" not in printed
     with pytest.raises(workbook.ReportError, match="no trained run"):
         workbook.build_report(report.parent.parent / "tiny.yaml", name="none", reports_dir=tmp_path, from_run=tmp_path)
 

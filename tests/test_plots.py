@@ -139,3 +139,31 @@ def test_a_norm_the_recipe_holds_constant_is_one_line_not_a_plot_of_noise():
     assert all("nearest" in ax.get_title() for ax in held_figure.axes)
     assert text_of(held_figure).count("row norms: 5.65685 throughout") == 1
     assert png_bytes(held_figure) > 1000
+
+
+class FakeHandle:
+    def __init__(self, shown):
+        self.shown = shown
+
+    def update(self, figure, metadata=None):
+        self.shown.append(("update", figure, metadata))
+
+
+def test_live_loss_curves_redraw_one_figure_in_place(tmp_path):
+    path = tmp_path / "metrics.csv"
+    shown = []
+
+    def show(figure, display_id=False, metadata=None):
+        assert display_id is True  # a handle to update, not a new output each time
+        shown.append(("display", figure, metadata))
+        return FakeHandle(shown)
+
+    live = plots.LiveLossCurves(path, show=show)
+    metrics = metrics_frame()
+    for rows in (2, 5, len(metrics)):
+        metrics.iloc[:rows].to_csv(path, index=False)
+        live(metrics.iloc[rows - 1].to_dict())
+    assert [kind for kind, _, _ in shown] == ["display", "update", "update"] and live.redraws == 2
+    assert all(isinstance(figure, Figure) and metadata == {"dlm_live": True} for _, figure, metadata in shown)
+    points = [len(figure.axes[0].lines[0].get_xdata()) for _, figure, _ in shown]  # train rows drawn
+    assert points == sorted(points) and points[0] < points[-1]  # each redraw reads the run so far

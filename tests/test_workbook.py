@@ -334,3 +334,13 @@ def test_page_leads_with_results_and_folds_the_introduction_and_log_below(tmp_pa
     assert body.count("jp-Cell jp-CodeCell") == 3  # the parameters cell printed nothing: no empty gap on the page
     shown = workbook.export_html(tmp_path / "nb.ipynb", tmp_path / "code.html", show_code=True).read_text()
     assert shown[shown.index("<main>"):].count("jp-Cell jp-CodeCell") == 4  # with its code shown, every cell stays
+
+
+def test_train_tells_a_listener_of_every_metrics_row(smoke_config, tmp_path):
+    from dlm.runs.train import train
+
+    heard = []
+    train(smoke_config.replace(epochs=1, precision="fp32"), tmp_path / "run", on_metrics=heard.append)
+    written = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(heard) == len(written) >= 2 and [row["step"] for row in heard] == written["step"].tolist()
+    assert any("val_total" in row for row in heard) and any("total" in row for row in heard)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -487,8 +488,9 @@ class RunHooks:
     validation at each epoch end, the kept checkpoints and last.pt."""
 
     def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
-                 saved: dict | None = None):
+                 saved: dict | None = None, on_metrics: Callable[[dict], None] | None = None):
         self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
+        self.on_metrics = on_metrics  # told of each metrics.csv row once it is written (a live plot)
         # last.pt's log interval (a resumed run's first row then averages the same steps as an
         # uninterrupted run's) and the step of the last checkpoint written (the one a divergence keeps)
         self.saved_interval = saved.get("interval") if saved else None
@@ -501,8 +503,13 @@ class RunHooks:
             self.interval.load_state_dict(self.saved_interval)
         return self.interval
 
-    def log(self, state: TrainState, row: dict) -> None:
+    def write(self, row: dict) -> None:
         self.metrics.write(row)
+        if self.on_metrics is not None:
+            self.on_metrics(row)
+
+    def log(self, state: TrainState, row: dict) -> None:
+        self.write(row)
         logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
                     row["step"], state.pace.total_steps, row["epoch"], row["total"],
                     _terms_text(row, state.objective.terms[1:]), row["embedding_norm"], row["nn_distance"], row["lr"],
@@ -513,7 +520,7 @@ class RunHooks:
                                 next(state.model.parameters()).device, state.ranks)
         if val:
             row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
-            self.metrics.write(row)
+            self.write(row)
             logger.info("epoch %4d | val loss %.4f (%s)", state.epoch, val["val_total"],
                         _terms_text(val, [f"val_{term}" for term in state.objective.terms[1:]]))
         return val
@@ -709,10 +716,12 @@ def remove_leftovers(run: RunDir) -> None:
                     ", ".join(str(p.relative_to(run.path)) for p in leftovers))
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False) -> TrainResult:
+def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False,
+          on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
     the run folder's lock throughout (RunLockedError when another process trains there). A resume
-    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`."""
+    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`.
+    `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     run = RunDir(run_dir)
     if resume and not run.has_run():
@@ -725,13 +734,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             return _train(config, run, resume, device, ranks, rebuild_metrics)
         with RunLock(run):
             remove_leftovers(run)
-            return _train(config, run, resume, device, ranks, rebuild_metrics)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics)
     finally:
         destroy_distributed()
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
-           rebuild_metrics: bool = False) -> TrainResult:
+           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
     payload, mode = None, "fresh"
     if run.has_run() and not run.has_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
@@ -774,7 +783,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     if ranks.is_main:
         metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
                                  rebuild=rebuild_metrics) if payload else MetricsWriter(run.metrics, fresh=mode == "restarted"))
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload)
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, on_metrics)
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
             precision=resolved_precision(config.precision, device), processes=ranks.world_size),

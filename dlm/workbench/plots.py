@@ -8,6 +8,7 @@ state leaks between cells and any backend (inline in a notebook, Agg in tests) c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 
 from dlm.core.textstats import content_tokens, punctuation_share
 from dlm.evaluation.tokens import rank_frequency, top_tokens
+from dlm.workbench.notebook import LIVE_MARK
 
 DPI = 90
 HELDOUT_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
@@ -87,6 +89,31 @@ def loss_curves(metrics: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3)
         _legend(ax, fontsize=8)
     return figure
+
+
+class LiveLossCurves:
+    """The loss curves redrawn in place while a run trains: one figure in one output, updated (an
+    IPython display handle) each time train() writes a metrics.csv row, i.e. every log_every steps
+    and at each validation. Pass it as train(..., on_metrics=...). `show` is IPython's display."""
+
+    def __init__(self, metrics_path: str | Path, show=None):
+        self.metrics_path = Path(metrics_path)
+        self.show = show
+        self.handle = None
+        self.redraws = 0
+
+    def __call__(self, row: dict | None = None) -> None:
+        figure = loss_curves(pd.read_csv(self.metrics_path))  # the whole run so far, resumed rows too
+        metadata = {LIVE_MARK: True}
+        if self.handle is None:
+            if self.show is None:
+                from IPython.display import display as show
+            else:
+                show = self.show
+            self.handle = show(figure, display_id=True, metadata=metadata)
+        else:
+            self.handle.update(figure, metadata=metadata)
+            self.redraws += 1
 
 
 def nll_over_training(bounds: pd.DataFrame, metrics: pd.DataFrame, ar_nll: float | None = None) -> Figure:

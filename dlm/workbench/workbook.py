@@ -37,7 +37,7 @@ from dlm.core.data import atomic_write_bytes
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
-from dlm.workbench.notebook import package_root, project_root
+from dlm.workbench.notebook import LIVE_MARK, package_root, project_root
 
 logger = logging.getLogger("dlm")
 
@@ -211,7 +211,8 @@ def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, A
 
 def strip_widgets(nb) -> Any:
     """Drop widget views and saved widget state: a static page cannot run them, and nbconvert would
-    load the widget manager from a CDN. Outputs that were only a widget are removed. Figures get
+    load the widget manager from a CDN. Outputs that were only a widget are removed, and so is a live
+    figure (LIVE_MARK) that the page shows again in its own section. Figures get
     the nearest heading above them as their alternative text."""
     nb.metadata.pop("widgets", None)
     heading = "figure"
@@ -224,6 +225,8 @@ def strip_widgets(nb) -> Any:
             continue
         kept = []
         for output in cell.get("outputs", []):
+            if output.get("metadata", {}).get(LIVE_MARK):  # the live loss curves: drawn again, final, below
+                continue
             if "image/png" in output.get("data", {}):
                 output.setdefault("metadata", {}).setdefault("image/png", {}).setdefault("alt", f"figure: {heading}")
             data = output.get("data")
