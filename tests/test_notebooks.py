@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
 import yaml
@@ -85,6 +86,17 @@ def test_report_runs_every_notebook(report):
     assert "NLL bound" in index
 
 
+def test_train_notebook_redraws_one_live_figure_and_the_page_leaves_it_out(report):
+    executed = nbformat.read(report / "train.ipynb", as_version=4)
+    training = next(c for c in executed.cells if "on_metrics=" in c.source)
+    live = [o for o in training.outputs if o.get("metadata", {}).get("dlm_live")]
+    assert len(live) == 1 and "image/png" in live[0]["data"]  # one figure, redrawn: not one per log line
+    assert len(pd.read_csv(report / "run" / "metrics.csv")) >= 3  # so it was redrawn several times
+    figures = sum("image/png" in o.get("data", {}) for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    page = (report / "train.html").read_text()
+    assert page[page.index("<main>"):].count("<img") == figures - 1  # the final curves have their own section
+
+
 def test_report_control_page_marks_fixed_words_and_slides_over_strength(report):
     page = (report / "control.html").read_text()
     assert page.count("<mark>") >= 2  # the fixed words of the infilled and continued windows
@@ -99,6 +111,19 @@ def test_report_shows_training_progress_on_the_terminal(report):
     steps = [line for line in printed.splitlines() if re.search(r"step +\d+/\d+ \|.*loss.*tok/s \| eta \d+:\d\d", line)]
     assert steps, printed[-2000:]
     assert "epoch" in printed and "val loss" in printed and "analysis:" in printed
+    bare = [line for line in printed.splitlines() if re.fullmatch(r"  \| \S*run", line)]
+    assert bare == []  # a run's name shows above its table on the page, never as a line of its own here
+
+
+def test_executed_notebook_echoes_its_output_without_the_kernel_transport_warning(tmp_path, capfd):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('from the kernel')")],
+                                        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                 "language": "python"}})
+    nbformat.write(notebook, tmp_path / "tiny.ipynb")
+    workbook.execute(tmp_path / "tiny.ipynb", tmp_path / "out.ipynb", cwd=tmp_path, echo=True)
+    out, err = capfd.readouterr()
+    assert "  | from the kernel\n" in out
+    assert "without encryption" not in out + err and "IPKernelApp" not in err, err
 
 
 def test_unknown_parameter_is_rejected_before_training(tmp_path):
@@ -172,6 +197,13 @@ def test_report_from_a_trained_run_draws_pages_without_training_again(report, tm
     assert linked.stat().st_ino == (source / "checkpoints" / "epoch_0002.pt").stat().st_ino  # linked, not copied
     # everything that is written in place is a copy of its own
     assert (again / "run" / "metrics.csv").stat().st_ino != (source / "metrics.csv").stat().st_ino
+    # its log says what the run took (one invocation: its last elapsed_s), not the 0 s of a resume with nothing left
+    metrics = pd.read_csv(source / "metrics.csv")
+    executed = nbformat.read(again / "train.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
+                      if o.output_type == "stream")
+    assert f"already trained: {metrics['step'].max()} steps" in printed, printed[-500:]
+    assert f"in {metrics['elapsed_s'].max():.1f}s of training" in printed and " in 0.0s" not in printed
     with pytest.raises(workbook.ReportError, match="no trained run"):
         workbook.build_report(report.parent.parent / "tiny.yaml", name="none", reports_dir=tmp_path, from_run=tmp_path)
 
@@ -256,6 +288,65 @@ def test_sample_report_slider_works_offline_in_chromium(report):
             browser.close()
     assert blocked == []
     assert requests and all(url.startswith(("file:", "data:")) for url in requests)
+
+
+FIRST_SCREEN = {"width": 1200, "height": 900}
+# where each page's result is: a table the first screen must show (by a header cell of it)
+RESULT_TABLES = {"train": "val loss", "sample": "sample", "collapse_analysis": "collapsed"}  # exact header text
+TOP = "e => e.getBoundingClientRect().top + window.scrollY"
+OUTPUT_TOP = "e => e.closest('.jp-OutputArea-output').getBoundingClientRect().top + window.scrollY"
+
+
+def test_report_pages_open_on_their_result(report):
+    sync_api = browser_or_skip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=FIRST_SCREEN)
+            for name, header in RESULT_TABLES.items():
+                page.goto((report / f"{name}.html").as_uri())
+                figure = page.locator("img").first.bounding_box()
+                assert 0 <= figure["y"] and figure["y"] + figure["height"] <= FIRST_SCREEN["height"], (name, figure)
+                exact = re.compile(f"^{re.escape(header)}$")
+                table = page.locator("table", has=page.locator("th", has_text=exact)).first.bounding_box()
+                assert table["y"] + min(table["height"], 100) <= FIRST_SCREEN["height"], (name, table)
+                # the introduction and its papermill commands: folded, after the results
+                about = page.locator("details.dlm-about")
+                assert about.count() == 1 and about.get_attribute("open") is None
+                assert about.evaluate(TOP) > figure["y"] + figure["height"]
+                assert not page.get_by_text("papermill notebooks/").first.is_visible()
+                assert page.evaluate("document.documentElement.scrollWidth") <= FIRST_SCREEN["width"], name
+            page.goto((report / "train.html").as_uri())
+            log = page.locator(".jp-OutputArea-output", has_text=re.compile(r"trained \d+ steps")).first  # the log
+            assert log.evaluate(OUTPUT_TOP) > page.get_by_role("heading", name="Configuration").evaluate(TOP)
+            page.goto((report / "collapse_analysis.html").as_uri())
+            log = page.locator(".jp-OutputArea-output", has_text="analysis:").first  # the analysis log, last
+            assert log.evaluate(OUTPUT_TOP) > page.locator("img").last.evaluate(TOP)
+        finally:
+            browser.close()
+
+
+def test_a_wide_table_scrolls_inside_its_box_and_the_page_keeps_the_window_width(report):
+    sync_api = browser_or_skip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for width in (1000, 700):  # a window narrower than the table; JupyterLab's CSS has a narrow-screen layout
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto((report / "sample.html").as_uri())
+                table = page.locator("table", has=page.locator("th", has_text="agreement")).first  # quality vs steps
+                table.scroll_into_view_if_needed()
+                box = table.bounding_box()
+                assert box["width"] > width - 40  # wider than the window's text column: the case this is about
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                page.mouse.move(box["x"] + 40, box["y"] + 20)
+                page.mouse.wheel(300, 0)  # a sideways scroll over the table moves the table, not the page
+                page.wait_for_timeout(300)
+                assert table.evaluate("t => t.closest('.jp-OutputArea-output').scrollLeft") > 0, width
+                assert page.evaluate("window.scrollX") == 0
+                page.close()
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

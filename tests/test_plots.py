@@ -83,3 +83,87 @@ def test_collapse_figures_render():
 @pytest.mark.parametrize("empty", [pd.DataFrame(columns=["step", "total", "val_total"])])
 def test_loss_curves_tolerate_missing_rows(empty):
     assert isinstance(plots.loss_curves(empty), Figure)
+
+
+def l2_rows(rows=60, dim=32, seed=0):
+    """Row norms of a float32 table scaled to norm sqrt(d), as embedding_norm='l2' keeps it."""
+    import torch
+
+    table = torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed))
+    table = table / table.norm(dim=1, keepdim=True) * dim ** 0.5
+    return table.norm(dim=1).numpy()
+
+
+def test_constant_is_decided_by_relative_spread():
+    norms = l2_rows()
+    assert norms.std() > 0  # float32 noise: not exactly equal
+    assert plots.constant_value(norms) == pytest.approx(32 ** 0.5)
+    assert plots.constant_value(norms * 1000) is not None  # relative, not absolute
+    assert plots.constant_value(np.linspace(3.0, 3.003, 10)) is None  # 0.1% is a change worth seeing
+    assert plots.constant_value([5.0]) is None and plots.constant_value([np.nan, 2.0]) is None  # one value says nothing
+
+
+def text_of(figure: Figure) -> str:
+    return " ".join([t.get_text() for ax in figure.axes for t in ax.texts] + [figure._suptitle.get_text()
+                                                                              if figure._suptitle else ""])
+
+
+def series_frame(norms):
+    return pd.DataFrame({"run": "r", "epoch": range(1, len(norms) + 1), "embedding_norm": norms,
+                         "nn_distance": np.linspace(2.0, 1.0, len(norms)), "sigma0": 0.1})
+
+
+def test_a_norm_the_recipe_holds_constant_is_one_line_not_a_plot_of_noise():
+    held = l2_rows(4).mean() + np.array([0.0, 3e-8, -2e-8, 1e-8])  # what an l2 table's mean norm does
+    grown = np.array([4.0, 4.2, 4.5, 4.9])
+    figure = plots.geometry_over_training(series_frame(held))
+    norms_ax = figure.axes[0]
+    assert not norms_ax.lines and "mean embedding norm: 5.65685 throughout" in text_of(figure)
+    assert figure.axes[1].lines  # the distances are still drawn
+    figure = plots.geometry_over_training(series_frame(grown))
+    assert figure.axes[0].lines and "throughout" not in text_of(figure)
+
+    metrics = metrics_frame()
+    assert plots.training_curves(metrics).axes[0].lines  # 4.0 - step * 1e-4: a real, small change
+    metrics["embedding_norm"] = 5.656854 + np.tile([0.0, 1e-8], len(metrics))[: len(metrics)]
+    figure = plots.training_curves(metrics)
+    assert not figure.axes[0].lines and "mean embedding norm: 5.65685 throughout" in text_of(figure)
+    assert png_bytes(figure) > 1000
+
+    geometry = geometry_frame()
+    varied = plots.embedding_geometry({"epoch 1": geometry}, sigma0=0.5)
+    assert len(varied.axes) == 2 and "throughout" not in text_of(varied)  # norms by frequency, distances
+    geometry["norm"] = l2_rows(len(geometry))
+    held_figure = plots.embedding_geometry({"epoch 1": geometry, "epoch 2": geometry}, sigma0=0.5)
+    assert len(held_figure.axes) == 2  # one row (distances) of two checkpoints, no row of norms
+    assert all("nearest" in ax.get_title() for ax in held_figure.axes)
+    assert text_of(held_figure).count("row norms: 5.65685 throughout") == 1
+    assert png_bytes(held_figure) > 1000
+
+
+class FakeHandle:
+    def __init__(self, shown):
+        self.shown = shown
+
+    def update(self, figure, metadata=None):
+        self.shown.append(("update", figure, metadata))
+
+
+def test_live_loss_curves_redraw_one_figure_in_place(tmp_path):
+    path = tmp_path / "metrics.csv"
+    shown = []
+
+    def show(figure, display_id=False, metadata=None):
+        assert display_id is True  # a handle to update, not a new output each time
+        shown.append(("display", figure, metadata))
+        return FakeHandle(shown)
+
+    live = plots.LiveLossCurves(path, show=show)
+    metrics = metrics_frame()
+    for rows in (2, 5, len(metrics)):
+        metrics.iloc[:rows].to_csv(path, index=False)
+        live(metrics.iloc[rows - 1].to_dict())
+    assert [kind for kind, _, _ in shown] == ["display", "update", "update"] and live.redraws == 2
+    assert all(isinstance(figure, Figure) and metadata == {"dlm_live": True} for _, figure, metadata in shown)
+    points = [len(figure.axes[0].lines[0].get_xdata()) for _, figure, _ in shown]  # train rows drawn
+    assert points == sorted(points) and points[0] < points[-1]  # each redraw reads the run so far

@@ -97,4 +97,11 @@ def test_folded_table_and_headline():
     assert shown.startswith("<details><summary>configuration: 1 key</summary>") and "&lt;x&gt;" in shown
     assert repr(folded).startswith("configuration: 1 key\n")
     table = views.headline({"steps": 10, "val loss": 2.123456, "missing": None})
-    assert list(table.index) == ["steps", "val loss"] and table.loc["val loss", "value"] == 2.1235
+    assert list(table.columns) == ["steps", "val loss"] and table.iloc[0]["val loss"] == 2.1235 and len(table) == 1
+
+
+def test_titled_table_shows_its_title_on_the_page_not_as_a_printed_line():
+    titled = views.Titled(pd.DataFrame({"signal": ["<x>"]}), "runs/<a>")
+    shown = titled._repr_html_()
+    assert shown.startswith('<p class="dlm-title"><b>runs/&lt;a&gt;</b></p><table') and "&lt;x&gt;" in shown
+    assert repr(titled).startswith("runs/<a>\n")

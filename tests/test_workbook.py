@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
@@ -287,3 +288,59 @@ def test_index_leads_with_the_verdict_and_notebook_times(tmp_path):
     row = index.split("<tr>")[2]
     assert row.index("not collapsed") < row.index("complete")  # the verdict right after the name
     assert "60 / 20 / 10" in row
+
+
+def test_training_time_comes_from_the_run_not_the_resuming_clock(smoke_config, tmp_path):
+    from dlm.runs.train import train
+
+    run = tmp_path / "run"
+    first = train(smoke_config.replace(epochs=1, precision="fp32"), run)
+    second = train(smoke_config.replace(epochs=2, precision="fp32"), run, resume=True)
+    resumed = workbook.trained_line(second, run)  # said of the invocation that trained the second epoch
+    assert f"resumed at step {first.step}, trained to {second.step} steps" in resumed
+    nothing = train(smoke_config.replace(epochs=2, precision="fp32"), run, resume=True)  # a finished run, resumed
+    assert nothing.step == second.step and nothing.wall_s < 1.0
+    # each invocation's clock starts at zero: the run's time is the two invocations' last times, added
+    metrics = pd.read_csv(run / "metrics.csv")
+    expected = (metrics.loc[metrics["step"] <= first.step, "elapsed_s"].max()
+                + metrics.loc[metrics["step"] > first.step, "elapsed_s"].max())
+    assert expected > metrics["elapsed_s"].max()  # the second invocation's clock did start again
+    assert workbook.run_numbers(run)["train_s"] == pytest.approx(expected)
+    line = workbook.trained_line(nothing, run)
+    assert f"in {expected:.1f}s of training" in line and "already trained" in line and f"{second.step} steps" in line
+    assert f"{nothing.wall_s:.1f}s" not in line
+    fresh = workbook.trained_line(first, tmp_path / "elsewhere")  # no metrics: no made-up time
+    assert "unrecorded time" in fresh
+
+
+
+def test_page_leads_with_results_and_folds_the_introduction_and_log_below(tmp_path):
+    intro = new_markdown_cell("# Train a run\n\nWhat it does.\n\n```bash\npapermill notebooks/train.ipynb out.ipynb\n```")
+    intro.metadata["tags"] = [workbook.INTRO_TAG]
+    heading = new_markdown_cell("## Training")
+    heading.metadata["tags"] = [workbook.BELOW_TAG]
+    log = new_code_cell("train()", outputs=[new_output("stream", name="stdout", text="step 1 | loss 0.5\n")])
+    log.metadata["tags"] = [workbook.BELOW_TAG]
+    nb = new_notebook(cells=[intro, new_code_cell("epochs = 1"), heading, log, new_markdown_cell("## Result"),
+                             new_code_cell("plot()", outputs=[new_output("display_data", data={
+                                 "image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})])])
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    page = workbook.export_html(tmp_path / "nb.ipynb").read_text()
+    body = page[page.index("<main>"):]
+    order = [body.index(text) for text in ("Train a run", "Result", "<img", "Training", "step 1 | loss 0.5",
+                                           '<details class="dlm-about">', "What it does.", "notebooks/train.ipynb")]
+    assert order == sorted(order)  # title, results, then the training log, then the folded introduction
+    assert body.count("notebooks/train.ipynb") == 1 and "<pre" in body[order[-3]:]  # the command kept, folded
+    assert body.count("jp-Cell jp-CodeCell") == 3  # the parameters cell printed nothing: no empty gap on the page
+    shown = workbook.export_html(tmp_path / "nb.ipynb", tmp_path / "code.html", show_code=True).read_text()
+    assert shown[shown.index("<main>"):].count("jp-Cell jp-CodeCell") == 4  # with its code shown, every cell stays
+
+
+def test_train_tells_a_listener_of_every_metrics_row(smoke_config, tmp_path):
+    from dlm.runs.train import train
+
+    heard = []
+    train(smoke_config.replace(epochs=1, precision="fp32"), tmp_path / "run", on_metrics=heard.append)
+    written = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(heard) == len(written) >= 2 and [row["step"] for row in heard] == written["step"].tolist()
+    assert any("val_total" in row for row in heard) and any("total" in row for row in heard)

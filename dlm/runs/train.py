@@ -10,6 +10,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -505,9 +506,11 @@ class RunHooks:
     the run asks for them."""
 
     def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
-                 saved: dict | None = None, curves: tensorboard_curves.Curves | None = None):
+                 saved: dict | None = None, curves: tensorboard_curves.Curves | None = None,
+                 on_metrics: Callable[[dict], None] | None = None):
         self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
         self.curves = curves
+        self.on_metrics = on_metrics  # told of each metrics.csv row once it is written (a live plot)
         # last.pt's log interval (a resumed run's first row then averages the same steps as an
         # uninterrupted run's) and the step of the last checkpoint written (the one a divergence keeps)
         self.saved_interval = saved.get("interval") if saved else None
@@ -520,8 +523,13 @@ class RunHooks:
             self.interval.load_state_dict(self.saved_interval)
         return self.interval
 
-    def log(self, state: TrainState, row: dict) -> None:
+    def write(self, row: dict) -> None:
         self.metrics.write(row)
+        if self.on_metrics is not None:
+            self.on_metrics(row)
+
+    def log(self, state: TrainState, row: dict) -> None:
+        self.write(row)
         if self.curves is not None:
             self.curves.log_row(row, state.objective.terms)
         logger.info("step %6d/%d | epoch %4d | loss %.4f (%s) | |E| %.3f, nn %.3f | lr %.2e | %.0f tok/s | eta %d:%02d",
@@ -534,7 +542,7 @@ class RunHooks:
                                 next(state.model.parameters()).device, state.ranks)
         if val:
             row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
-            self.metrics.write(row)
+            self.write(row)
             if self.curves is not None:
                 self.curves.log_validation(state.step, val)
             logger.info("epoch %4d | val loss %.4f (%s)", state.epoch, val["val_total"],
@@ -755,10 +763,12 @@ def remove_leftovers(run: RunDir) -> None:
                     ", ".join(str(p.relative_to(run.path)) for p in leftovers))
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False) -> TrainResult:
+def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False,
+          on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
     the run folder's lock throughout (RunLockedError when another process trains there). A resume
-    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`."""
+    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`.
+    `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
@@ -774,7 +784,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             return _train(config, run, resume, device, ranks, rebuild_metrics)
         with RunLock(run):
             remove_leftovers(run)
-            return _train(config, run, resume, device, ranks, rebuild_metrics)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics)
     finally:
         destroy_distributed()
         if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
@@ -782,7 +792,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
-           rebuild_metrics: bool = False) -> TrainResult:
+           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
     payload, mode = None, "fresh"
     if run.has_run() and not run.has_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
@@ -829,7 +839,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
                                  rebuild=rebuild_metrics) if payload else MetricsWriter(run.metrics, fresh=mode == "restarted"))
         # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
         curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves)
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics)
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
             precision=resolved_precision(config.precision, device), processes=ranks.world_size),

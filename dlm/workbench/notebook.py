@@ -21,6 +21,10 @@ from dlm.core.errors import UserError
 
 logger = logging.getLogger("dlm")
 
+# Output metadata of a figure redrawn in place while a notebook runs (train.ipynb's live loss
+# curves): the report page leaves it out, since the page draws the final curves in their section.
+LIVE_MARK = "dlm_live"
+
 
 def is_project_root(path: Path) -> bool:
     return (path / "dlm" / "__init__.py").is_file() and (path / "params").is_dir()

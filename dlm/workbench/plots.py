@@ -8,6 +8,7 @@ state leaks between cells and any backend (inline in a notebook, Agg in tests) c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 
 from dlm.core.textstats import content_tokens, punctuation_share
 from dlm.evaluation.tokens import rank_frequency, top_tokens
+from dlm.workbench.notebook import LIVE_MARK
 
 DPI = 90
 HELDOUT_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
@@ -31,6 +33,32 @@ def _figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, 
     for ax in axes.flat:
         ax.ticklabel_format(useOffset=False)  # '3.9321' rather than '+3.93e0' offsets on flat curves
     return figure, axes
+
+
+# A quantity whose values spread less than this, relative to their size, is held constant by the
+# recipe (an L2-normalised table's row norms): plotted, its axis would span floating-point noise.
+CONSTANT_SPREAD = 1e-5
+
+
+def constant_value(values: Sequence[float]) -> float | None:
+    """The value of a quantity that does not vary beyond floating-point noise (at least two finite
+    values whose max - min is below CONSTANT_SPREAD of their mean's size), else None."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < 2:
+        return None
+    centre = float(finite.mean())
+    return centre if np.ptp(finite) <= CONSTANT_SPREAD * abs(centre) else None
+
+
+def constant_line(name: str, value: float) -> str:
+    return f"{name}: {value:.6g} throughout (the recipe holds it constant; not plotted)"
+
+
+def _say_instead(ax, line: str) -> None:
+    """An axes that would plot a constant shows the one line that says so instead."""
+    ax.axis("off")
+    ax.text(0.5, 0.5, line, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
 
 
 def _log_if_positive(ax, values: Sequence[float]) -> None:
@@ -63,6 +91,31 @@ def loss_curves(metrics: pd.DataFrame) -> Figure:
     return figure
 
 
+class LiveLossCurves:
+    """The loss curves redrawn in place while a run trains: one figure in one output, updated (an
+    IPython display handle) each time train() writes a metrics.csv row, i.e. every log_every steps
+    and at each validation. Pass it as train(..., on_metrics=...). `show` is IPython's display."""
+
+    def __init__(self, metrics_path: str | Path, show=None):
+        self.metrics_path = Path(metrics_path)
+        self.show = show
+        self.handle = None
+        self.redraws = 0
+
+    def __call__(self, row: dict | None = None) -> None:
+        figure = loss_curves(pd.read_csv(self.metrics_path))  # the whole run so far, resumed rows too
+        metadata = {LIVE_MARK: True}
+        if self.handle is None:
+            if self.show is None:
+                from IPython.display import display as show
+            else:
+                show = self.show
+            self.handle = show(figure, display_id=True, metadata=metadata)
+        else:
+            self.handle.update(figure, metadata=metadata)
+            self.redraws += 1
+
+
 def nll_over_training(bounds: pd.DataFrame, metrics: pd.DataFrame, ar_nll: float | None = None) -> Figure:
     """The likelihood bound at each checkpoint (nats per token, +- 2 standard errors) next to the
     validation loss, against steps (`dlm.evaluation.likelihood.bound_over_checkpoints`)."""
@@ -92,6 +145,10 @@ def training_curves(metrics: pd.DataFrame, sigma0: float | None = None) -> Figur
     panels = [("embedding_norm", "mean embedding norm"), ("nn_distance", "nearest-neighbour distance"),
               ("lr", "learning rate"), ("tokens_per_s", "tokens / s")]
     for ax, (column, title) in zip(axes[0], panels):
+        constant = constant_value(rows[column]) if column == "embedding_norm" and len(rows) else None
+        if constant is not None:
+            _say_instead(ax, constant_line(title, constant))
+            continue
         if len(rows):
             ax.plot(rows["step"], rows[column], color="C0")
         if column == "nn_distance" and sigma0:
@@ -165,17 +222,24 @@ def collapse_over_training(series: pd.DataFrame, heldout: Mapping[str, Mapping[s
 def geometry_over_training(series: pd.DataFrame) -> Figure:
     """Mean embedding norm and nearest-neighbour distance against sigma0 at each checkpoint."""
     figure, axes = _figure(1, 2, 10, 3.4)
-    for k, (run, rows) in enumerate(series.groupby("run", sort=False)):
-        axes[0][0].plot(rows["epoch"], rows["embedding_norm"], "o-", color=f"C{k}", label=str(run))
-        axes[0][1].plot(rows["epoch"], rows["nn_distance"], "o-", color=f"C{k}", label=f"{run}: nn distance")
-        axes[0][1].axhline(float(rows["sigma0"].iloc[0]), color=f"C{k}", linestyle="--", linewidth=1,
-                           label=f"{run}: sigma0")
-    axes[0][0].set_title("mean embedding norm")
-    axes[0][1].set_title("nearest-neighbour distance vs sigma0")
+    norms, distances = axes[0]
+    runs = list(series.groupby("run", sort=False))
+    constants = [constant_value(rows["embedding_norm"]) for _, rows in runs]
+    for k, (run, rows) in enumerate(runs):
+        norms.plot(rows["epoch"], rows["embedding_norm"], "o-", color=f"C{k}", label=str(run))
+        distances.plot(rows["epoch"], rows["nn_distance"], "o-", color=f"C{k}", label=f"{run}: nn distance")
+        distances.axhline(float(rows["sigma0"].iloc[0]), color=f"C{k}", linestyle="--", linewidth=1,
+                          label=f"{run}: sigma0")
+    norms.set_title("mean embedding norm")
+    distances.set_title("nearest-neighbour distance vs sigma0")
     for ax in axes[0]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if runs and all(c is not None for c in constants):
+        norms.clear()
+        _say_instead(norms, "; ".join(constant_line(f"mean embedding norm ({run})" if len(runs) > 1 else
+                                                    "mean embedding norm", c) for (run, _), c in zip(runs, constants)))
     return figure
 
 
@@ -187,10 +251,17 @@ def embedding_geometry(geometries: Mapping[str, pd.DataFrame], sigma0: float) ->
     """Per token, against its training count: row norm (top) and nearest-neighbour distance with
     sigma0 (bottom); one column per checkpoint, punctuation in red."""
     cols = max(1, len(geometries))
-    figure, axes = _figure(2, cols, 5 * cols, 7)
+    constants = {label: constant_value(_seen(geometry)["norm"]) for label, geometry in geometries.items()}
+    held = bool(constants) and all(c is not None for c in constants.values())
+    columns = ("nn_distance",) if held else ("norm", "nn_distance")  # constant norms: one line, not a row of noise
+    figure, axes = _figure(len(columns), cols, 5 * cols, 3.5 * len(columns))
+    if held:
+        values = {f"{c:.6g}" for c in constants.values()}
+        figure.suptitle(constant_line("row norms", next(iter(constants.values()))) if len(values) == 1 else
+                        "; ".join(constant_line(f"{label}: row norms", c) for label, c in constants.items()), fontsize=9)
     for col, (label, geometry) in enumerate(geometries.items()):
         seen = _seen(geometry)
-        for row, column in enumerate(("norm", "nn_distance")):
+        for row, column in enumerate(columns):
             ax = axes[row][col]
             words = seen[~seen["punctuation"]]
             punct = seen[seen["punctuation"]]

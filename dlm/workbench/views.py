@@ -255,10 +255,27 @@ class Folded:
         return f"{self.summary}\n{self.content}"
 
 
+class Titled:
+    """A table under a bold one-line title (a run's name above its table): shown on the page, and
+    never printed as a bare line on the terminal that runs the notebook."""
+
+    def __init__(self, content, title: str):
+        self.content = content
+        self.title = title
+
+    def _repr_html_(self) -> str:
+        inner = self.content.to_html() if hasattr(self.content, "to_html") else html.escape(str(self.content))
+        return f'<p class="dlm-title"><b>{html.escape(self.title)}</b></p>{inner}'
+
+    def __repr__(self) -> str:
+        return f"{self.title}\n{self.content}"
+
+
 def headline(values: dict, digits: int = 4) -> pd.DataFrame:
-    """A run's key numbers as a one-column table (None left out), for the top of a page."""
+    """A run's key numbers as a one-row table (None left out), for the top of a page: a row, not a
+    column, so the figures below it still fit on the first screen."""
     shown = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
-    return pd.DataFrame({"value": pd.Series(shown, dtype=object)})
+    return pd.DataFrame([shown], index=[""], dtype=object)
 
 
 FIXED_NOTE = "<mark>Marked</mark> words were given (fixed by the template, prefix or length); the rest was generated."

@@ -37,7 +37,7 @@ from dlm.core.data import atomic_write_bytes
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
-from dlm.workbench.notebook import assigned_names, package_root, project_root
+from dlm.workbench.notebook import LIVE_MARK, assigned_names, package_root, project_root
 
 logger = logging.getLogger("dlm")
 
@@ -52,12 +52,22 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block html_head_css -%}
+<style>{{ resources.dlm_css }}</style>
+{%- endblock html_head_css -%}
 {%- block data_png scoped -%}
 <div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
 <img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
  alt="{{ ((output | get_metadata('alt', 'image/png')) or 'figure') | escape_html }}">
 </div>
 {%- endblock data_png -%}
+"""
+# A table wider than the window scrolls inside its output box; the page itself never gets wider.
+PAGE_CSS = """
+.jp-OutputArea-child .jp-OutputArea-output.jp-RenderedHTMLCommon {display: block; overflow-x: auto; max-width: 100%;}
+.jp-OutputArea-output pre {white-space: pre-wrap; overflow-wrap: anywhere;}
+details.dlm-about, details.dlm-log {margin: 0.5em 0;}
+details.dlm-about > summary, details.dlm-log > summary {cursor: pointer; color: #555;}
 """
 # A script, stylesheet, image or frame that the browser would fetch from another machine.
 EXTERNAL = re.compile(
@@ -186,6 +196,23 @@ class Echo:
         self.stream.flush()
 
 
+def kernel_manager_class():
+    """nbclient's kernel manager, talking to the kernel over local IPC sockets rather than TCP
+    (ipykernel warns on every TCP start that its traffic is unencrypted, and `dlm report` would echo
+    that warning once per notebook). Windows has no IPC transport: TCP there."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name == "nt":
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return IPCKernelManager
+
+
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
             cwd: str | Path | None = None, kernel_name: str | None = None, echo: bool = False) -> Path:
     """Execute a notebook with papermill (no progress bar). `echo`: what the cells print (e.g. the
@@ -198,13 +225,15 @@ def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, A
     output.parent.mkdir(parents=True, exist_ok=True)
     streams = {"stdout_file": Echo(sys.stdout), "stderr_file": Echo(sys.stderr)} if echo else {}
     papermill.execute_notebook(str(notebook), str(output), parameters=dict(parameters or {}), cwd=cwd and str(cwd),
-                               kernel_name=kernel_name, progress_bar=False, log_output=False, **streams)
+                               kernel_name=kernel_name, progress_bar=False, log_output=False,
+                               kernel_manager_class=kernel_manager_class(), **streams)
     return output
 
 
 def strip_widgets(nb) -> Any:
     """Drop widget views and saved widget state: a static page cannot run them, and nbconvert would
-    load the widget manager from a CDN. Outputs that were only a widget are removed. Figures get
+    load the widget manager from a CDN. Outputs that were only a widget are removed, and so is a live
+    figure (LIVE_MARK) that the page shows again in its own section. Figures get
     the nearest heading above them as their alternative text."""
     nb.metadata.pop("widgets", None)
     heading = "figure"
@@ -217,6 +246,8 @@ def strip_widgets(nb) -> Any:
             continue
         kept = []
         for output in cell.get("outputs", []):
+            if output.get("metadata", {}).get(LIVE_MARK):  # the live loss curves: drawn again, final, below
+                continue
             if "image/png" in output.get("data", {}):
                 output.setdefault("metadata", {}).setdefault("image/png", {}).setdefault("alt", f"figure: {heading}")
             data = output.get("data")
@@ -227,6 +258,36 @@ def strip_widgets(nb) -> Any:
                     continue
             kept.append(output)
         cell["outputs"] = kept
+    return nb
+
+
+INTRO_TAG = "report-intro"  # a notebook's introduction: its title stays first, the rest folds at the page's end
+BELOW_TAG = "report-below"  # a cell (the training log) that moves below the results on the page
+
+
+def lead_with_results(nb) -> Any:
+    """Reorder a page so that its first screen shows results: the introduction (a cell tagged
+    report-intro) keeps only its title on top, its text (what the page shows, the papermill
+    commands) becomes a folded block at the end; cells tagged report-below (the training and its
+    log) move after the results, in their order. JupyterLab shows the notebook as written."""
+    from nbconvert.filters.markdown import markdown2html
+    from nbformat.v4 import new_code_cell, new_markdown_cell
+
+    top, below, about = [], [], []
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INTRO_TAG in tags and cell.get("cell_type") == "markdown":
+            title, _, text = cell.source.partition("\n")
+            top.append(new_markdown_cell(title))
+            if text.strip():  # an HTML output (a markdown cell would close <details> at its first blank line)
+                folded = ('<details class="dlm-about"><summary>About this page: what it shows and the commands '
+                          f'that make it</summary>{markdown2html(text.strip())}</details>')
+                about.append(new_code_cell(outputs=[_html_output(folded, text.strip())]))
+        elif BELOW_TAG in tags:
+            below.append(cell)
+        else:
+            top.append(cell)
+    nb.cells = top + below + about
     return nb
 
 
@@ -294,10 +355,13 @@ def export_html(executed: str | Path, page: str | Path | None = None, show_code:
 
     executed = Path(executed)
     page = Path(page) if page else executed.with_suffix(".html")
-    nb = fold_long_streams(strip_widgets(nbformat.read(executed, as_version=4)))
+    nb = lead_with_results(fold_long_streams(strip_widgets(nbformat.read(executed, as_version=4))))
+    if not show_code:  # a code cell that printed nothing would only leave a gap (the parameters cells)
+        nb.cells = [cell for cell in nb.cells if cell.get("cell_type") != "code" or cell.get("outputs")]
     if title:
         nb.metadata["title"] = title
-    body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem}})
+    body, _ = html_exporter(show_code).from_notebook_node(nb, resources={"metadata": {"name": executed.stem},
+                                                                         "dlm_css": PAGE_CSS})
     found = external_references(body)
     if found:
         raise ReportError(f"The page for {executed.name} would load from the network: {found[:3]}")
@@ -314,6 +378,39 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def training_seconds(metrics, invocations: list[dict]) -> float | None:
+    """Seconds the run spent training, summed over its invocations: each one's clock (metrics.csv's
+    elapsed_s) starts at zero, and provenance.json says where each resumed one began (its rows are
+    the later steps). None when metrics.csv has no times."""
+    times = metrics[["step", "elapsed_s"]].dropna()
+    if not len(times):
+        return None
+    starts = sorted(int(i.get("from_step") or 0) for i in invocations if i.get("mode") == "resume")
+    invocation = times["step"].map(lambda step: sum(start < step for start in starts))
+    return float(times.groupby(invocation)["elapsed_s"].max().sum())
+
+
+def trained_line(result, run_dir: str | Path) -> str:
+    """What train.ipynb prints when training returns: steps, epochs and the run's training time
+    from its metrics.csv and provenance.json, never this invocation's clock alone (which reads 0 s
+    when a finished run is resumed to draw its pages)."""
+    import pandas as pd
+
+    run = RunDir(run_dir)
+    invocations = read_provenance(run.provenance)
+    seconds = training_seconds(pd.read_csv(run.metrics), invocations) if run.metrics.is_file() else None
+    spent = f"{seconds:.1f}s of training" if seconds is not None else "an unrecorded time"
+    last = invocations[-1] if invocations else {}
+    resumed_at = int(last.get("from_step") or 0) if last.get("mode") == "resume" else None
+    if resumed_at is not None and result.step == resumed_at:
+        return (f"the run was already trained: {result.step} steps ({result.epoch} epochs) in {spent} "
+                f"(metrics.csv) -> {run_dir}")
+    if resumed_at is not None:
+        return (f"resumed at step {resumed_at}, trained to {result.step} steps ({result.epoch} epochs) "
+                f"in {spent} in all ({result.wall_s:.1f}s now) -> {run_dir}")
+    return f"trained {result.step} steps ({result.epoch} epochs) in {spent} -> {run_dir}"
+
+
 def run_numbers(run_dir: str | Path) -> dict:
     """The numbers the index shows, from what the notebooks left in the run folder."""
     import pandas as pd
@@ -326,7 +423,7 @@ def run_numbers(run_dir: str | Path) -> dict:
         val = metrics[metrics["val_total"].notna()]
         if len(metrics):
             numbers.update(steps=int(metrics["step"].max()), epochs=int(metrics["epoch"].max()),
-                           train_s=float(metrics["elapsed_s"].max()))
+                           train_s=training_seconds(metrics, read_provenance(run.provenance)))
         if len(train):
             numbers.update(train_loss=float(train["total"].iloc[-1]), embedding_norm=float(train["embedding_norm"].iloc[-1]),
                            nn_distance=float(train["nn_distance"].iloc[-1]))
