@@ -108,8 +108,8 @@ class Row:
         self.draws = [temperature_sampler(run, SampleOptions.from_config(run.config, num_samples=args.samples,
                                                                          steps=args.steps, seed=seed))
                       for seed in range(args.seeds)]
-        self.results = self.at(heldout_entropy(run, args.samples))
-        self.argmax_entropy = statistics.fmean(entropy_of(run, draw(0.0)) for draw in self.draws)
+        self.results = self.at(heldout_entropy(run, args.samples, teacher))
+        self.argmax_entropy = statistics.fmean(entropy_of(run, draw(0.0), teacher) for draw in self.draws)
 
     def at(self, entropy: float) -> list[dict]:
         return [score_at_entropy(self.run, self.teacher, draw, entropy) for draw in self.draws]

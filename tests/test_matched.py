@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from dlm.cli import main
-from dlm.evaluation.matched import MAX_TEMPERATURE, entropy_of, find_temperature, match_entropy, temperature_sampler
+from dlm.evaluation.matched import (
+    MAX_TEMPERATURE,
+    entropy_of,
+    find_temperature,
+    heldout_entropy,
+    match_entropy,
+    temperature_sampler,
+)
 from dlm.runs.build import load_run
 from dlm.runs.sample import SampleOptions, generate
 from tests.conftest import toy_run_dir
@@ -119,3 +126,37 @@ def test_each_temperature_is_drawn_once(toy_runs, monkeypatch):
     result = matched.score_at_entropy(ar, ar, draw, matched.heldout_entropy(ar, 8))
     draw(0.0), draw(result["temperature"])
     assert len(temperatures) == len(set(temperatures)) > 1
+
+
+def test_a_run_scored_by_a_teacher_of_another_tokenizer_is_matched_where_it_is_scored(tmp_path):
+    # A BPE run scored by a word teacher: the entropy the search matches must be the one evaluate_samples
+    # then reports, for the samples and for held-out text alike. The "sampler" here is held-out text
+    # itself with the tail of each window overwritten by one piece (entropy rises with temperature and
+    # reaches held-out text's at t >= 2), so at the matched temperature it IS held-out text.
+    from dlm.core.config import load_config
+    from dlm.core.textstats import heldout_windows
+    from dlm.evaluation.matched import score_at_entropy
+    from dlm.evaluation.rundata import run_data
+    from dlm.runs.train import train
+    from tests.conftest import LINES, ROOT, make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    config = load_config(ROOT / "params" / "smoke.yaml", corpus=str(corpus), max_train_tokens=None, progress=False,
+                         tokenizer="bpe", bpe_vocab_size=2000, epochs=1, precision="fp32", device="cpu")
+    train(config, tmp_path / "bpe")
+    run = load_run(tmp_path / "bpe")
+    # the teacher knows only some of the words: the rest read as <unk>, as a BPE run's new words do
+    teacher = load_run(toy_run_dir(tmp_path / "ar", model="ar", corpus=str(corpus), text="\n".join(LINES[:12]) + "\n"))
+    text = heldout_windows(run_data(run).val_ids, run.config.seq_len, 16)
+    filler = run.tokenizer.encode(" the")[0]
+
+    def draw(temperature: float) -> torch.Tensor:
+        kept = int(text.shape[1] * min(1.0, temperature / 2))
+        ids = text.clone()
+        ids[:, kept:] = filler
+        return ids
+
+    result = score_at_entropy(run, teacher, draw, heldout_entropy(run, len(text), teacher))
+    samples, heldout = result["samples"]["unigram_entropy"], result["heldout"]["unigram_entropy"]
+    assert result["matched"] and result["target_entropy"] == pytest.approx(heldout)
+    assert abs(samples / heldout - 1) <= 0.011

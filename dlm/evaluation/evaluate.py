@@ -165,23 +165,27 @@ def teacher_nll(teacher: LoadedRun, rows: list[list[int]], batch_size: int = 64)
     return total / max(1, count)
 
 
-def evaluate_samples(records: list[dict], teacher: LoadedRun) -> dict:
+def evaluate_samples(records: list[dict], teacher: LoadedRun, heldout_records: list[dict] | None = None) -> dict:
     """Every number of `compare`, plus generative perplexity under the teacher, for the samples and
-    for as many held-out windows of the samples' length."""
+    for as many held-out windows of the samples' length; or, given `heldout_records` (held-out
+    windows in the samples' own tokenizer), for those, read by the teacher as the samples are: a
+    run of another tokenizer is then compared with the same held-out text, read the same way."""
     if not teacher.family.SCORES_TOKENS:
         raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     rows = sample_ids(records, teacher.tokenizer)
-    result, heldout_rows = compare_with_heldout(teacher, rows)
+    heldout = sample_ids(heldout_records, teacher.tokenizer) if heldout_records is not None else None
+    result, heldout_rows = compare_with_heldout(teacher, rows, heldout_rows=heldout)
     result["samples"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, rows))
     result["heldout"]["teacher_perplexity"] = math.exp(teacher_nll(teacher, heldout_rows))
     return result
 
 
-def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData | None = None
-                         ) -> tuple[dict, list[list[int]]]:
+def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData | None = None,
+                         heldout_rows: list[list[int]] | None = None) -> tuple[dict, list[list[int]]]:
     """`compare` of id rows (in the run's vocabulary) against as many held-out windows of the same
-    length from the run's corpus (`data`: the run's corpus already read); returns the result and
-    those held-out rows. Every row is measured in words (its decoded text's), whatever the tokenizer."""
+    length from the run's corpus (`data`: the run's corpus already read), or against `heldout_rows`;
+    returns the result and those held-out rows. Every row is measured in words (its decoded text's),
+    whatever the tokenizer."""
     tokenizer = run.tokenizer
     data = data or run_data(run)
     longest = max(len(r) for r in rows)
@@ -189,7 +193,8 @@ def compare_with_heldout(run: LoadedRun, rows: list[list[int]], data: CorpusData
         raise UserError(f"A sample of {longest} tokens is longer than the held-out text it is compared with "
                         f"({len(data.val_ids)} tokens): give samples of at most that many tokens (dlm sample "
                         f"writes windows of the run's seq_len).")
-    heldout_rows = heldout_windows(data.val_ids, longest, len(rows)).tolist()
+    if heldout_rows is None:
+        heldout_rows = heldout_windows(data.val_ids, longest, len(rows)).tolist()
     result = compare(ids_to_words(rows, tokenizer), ids_to_words(heldout_rows, tokenizer),
                      tokenizer.words(data.train_ids.tolist()))
     result["num_samples"] = len(rows)

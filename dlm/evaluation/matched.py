@@ -20,7 +20,7 @@ import torch
 
 from dlm.core.errors import UserError
 from dlm.core.textstats import heldout_windows, sample_stats
-from dlm.evaluation.evaluate import evaluate_samples, records_from_ids
+from dlm.evaluation.evaluate import evaluate_samples, records_from_ids, sample_ids
 from dlm.evaluation.rundata import run_data
 from dlm.evaluation.tokens import ids_to_words
 from dlm.runs.build import LoadedRun
@@ -59,14 +59,30 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
     return draw
 
 
-def entropy_of(run: LoadedRun, ids: torch.Tensor) -> float:
-    return sample_stats(ids_to_words(ids, run.tokenizer))["unigram_entropy"]
+def scoring_rows(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = None) -> tuple[list[list[int]], object]:
+    """The rows as the teacher reads them (decoded and encoded again when its tokenizer is another:
+    a BPE run scored by a word teacher), with the tokenizer that reads them."""
+    if teacher is None or teacher.tokenizer.fingerprint() == run.tokenizer.fingerprint():
+        return ids.tolist(), run.tokenizer
+    return sample_ids(records_from_ids(ids, run.tokenizer), teacher.tokenizer), teacher.tokenizer
 
 
-def heldout_entropy(run: LoadedRun, count: int) -> float:
-    """Unigram entropy (bits) of `count` held-out windows of the run's length: what samples match."""
-    rows = heldout_windows(run_data(run).val_ids, run.config.seq_len, count)
-    return entropy_of(run, rows)
+def entropy_of(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = None) -> float:
+    """Unigram entropy (bits) of the words of `ids`, counted as `teacher` reads them (when given):
+    the entropy that evaluate_samples then reports, so that matching and scoring agree."""
+    rows, tokenizer = scoring_rows(run, ids, teacher)
+    return sample_stats(ids_to_words(rows, tokenizer))["unigram_entropy"]
+
+
+def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
+    """`count` held-out windows of the run's length, in its tokenizer: what its samples are compared with."""
+    return heldout_windows(run_data(run).val_ids, run.config.seq_len, count)
+
+
+def heldout_entropy(run: LoadedRun, count: int, teacher: LoadedRun | None = None) -> float:
+    """Unigram entropy (bits) of `count` held-out windows of the run's length: what samples match
+    (read by `teacher` as its samples are, when given)."""
+    return entropy_of(run, heldout_ids(run, count), teacher)
 
 
 def find_temperature(entropy_at: Callable[[float], float], target: float, tolerance: float = 0.01,
@@ -123,8 +139,12 @@ def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float],
     """The samples `draw` gives at the temperature whose unigram entropy is `target` bits, scored:
     every number of evaluate_samples plus the temperature, whether it came within 5% of the target,
     the ratios to held-out text and which targets (TARGETS) they meet."""
-    temperature, entropy = find_temperature(lambda t: entropy_of(run, draw(t)), target, tolerance)
-    result = evaluate_samples(records_from_ids(draw(temperature), run.tokenizer), teacher)
+    temperature, entropy = find_temperature(lambda t: entropy_of(run, draw(t), teacher), target, tolerance)
+    ids = draw(temperature)
+    # a teacher of another tokenizer reads the run's own held-out windows, as it reads the samples
+    other = teacher.tokenizer.fingerprint() != run.tokenizer.fingerprint()
+    heldout = records_from_ids(heldout_ids(run, len(ids)), run.tokenizer) if other else None
+    result = evaluate_samples(records_from_ids(ids, run.tokenizer), teacher, heldout)
     samples, heldout = result["samples"], result["heldout"]
     types_key = f"types_at_{result['types_count']}"
     # "types_at" names the types at the result's token count (types_count), which differs between draws
@@ -146,4 +166,4 @@ def match_entropy(run: LoadedRun, teacher: LoadedRun, options: SampleOptions, to
     """The run's samples at held-out entropy, scored (score_at_entropy)."""
     check_teacher(teacher)  # before the chain, not after it
     draw = temperature_sampler(run, options, device)
-    return score_at_entropy(run, teacher, draw, heldout_entropy(run, options.num_samples), tolerance)
+    return score_at_entropy(run, teacher, draw, heldout_entropy(run, options.num_samples, teacher), tolerance)
