@@ -289,6 +289,15 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
 
+def check_sample_options(run, **given) -> None:
+    """A sampling option the user gave (not None) that the run's family does not read: one line
+    naming it and the family, before any sampling."""
+    for name, value in given.items():
+        if value is not None and name not in run.family.SAMPLE_OPTIONS:
+            raise ValueError(f"--{name} is an option of the Gaussian diffusion chain; the '{run.config.model}' family "
+                             f"has none: drop --{name}.")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     check_destination(args.out)  # before sampling, so that a bad --out never costs the samples
     device = pick_device(args.device)
@@ -302,11 +311,12 @@ def run_sample(args: argparse.Namespace) -> None:
         unk=args.unk, seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
-    if run.family.NAME == "diffusion":
-        from dlm.families.gaussian import chain_blocks
-
+    check_sample_options(run, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
+                         x0=args.x0, decoder=None if args.decoder == "learned" else args.decoder)
+    if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        blocks = chain_blocks(run.objective, run.config.seq_len)
+        size = run.objective.block_size_for(run.config.seq_len)
+        blocks = 1 if size is None else run.config.seq_len // size
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
               f"{blocks * options.steps} denoiser calls per batch of up to {options.batch_size} samples", flush=True)
     batch = generate(run, options, device)
@@ -370,6 +380,7 @@ def run_matched(args: argparse.Namespace) -> None:
         raise ValueError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device)
+    check_sample_options(run, x0=args.x0)
     teacher = load_run(args.teacher, device=device)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
                                         x0=args.x0, unk=args.unk, seed=args.seed)
@@ -394,12 +405,13 @@ def run_nll(args: argparse.Namespace) -> None:
         raise ValueError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint)
+    check_sample_options(run, x0=args.x0)
     ar = load_run(args.ar_run) if args.ar_run else None
-    x0 = args.x0 or run.config.sample_x0
+    x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
     result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0)
     bound = result.bound
     print(f"NLL bound {bound.total:.4f} +- {bound.se:.4f} nats/token ({bound.windows} held-out windows of "
-          f"{bound.tokens} tokens, {bound.draws} timesteps each; x0 {x0}; {run.checkpoint}, step {run.step})")
+          f"{bound.tokens} tokens, {bound.draws} timesteps each{f'; x0 {x0}' if x0 else ''}; {run.checkpoint}, step {run.step})")
     print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
     numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
                "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint)}

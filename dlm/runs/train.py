@@ -47,13 +47,14 @@ from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
 
-# Every loss term either model logs (the diffusion loss: total, mse, rounding, prior; the AR
-# baseline: total, nll); each objective's `terms` says which of them it fills.
-LOSS_TERMS = ("total", "mse", "rounding", "prior", "nll")
-METRIC_COLUMNS = (
-    "step", "epoch", *LOSS_TERMS, *(f"val_{term}" for term in LOSS_TERMS),
-    "embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s",
-)
+# metrics.csv's columns: the objective's `terms` (each family's, "total" first) and their
+# validation values between the bookkeeping columns. A file written with other columns (an older
+# run's fixed list) keeps them: a resumed run adds its missing ones, never drops any.
+RUN_COLUMNS = ("embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s")
+
+
+def metric_columns(terms: tuple[str, ...]) -> tuple[str, ...]:
+    return ("step", "epoch", *terms, *(f"val_{term}" for term in terms), *RUN_COLUMNS)
 
 
 class RunExistsError(FileExistsError):
@@ -196,25 +197,36 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
 
 
 class MetricsWriter:
-    """metrics.csv, one row per log interval (and one per epoch end, with validation losses)."""
+    """metrics.csv, one row per log interval (and one per epoch end, with validation losses); its
+    columns are `metric_columns(terms)`, after those of an existing file."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
+    def __init__(self, path: Path, keep_until_step: int | None = None, terms: tuple[str, ...] = ("total",)):
         self.path = path
-        if keep_until_step is not None and path.exists():
-            # On resume, drop rows logged after the checkpoint so the file reads as one run.
+        self.columns = metric_columns(terms)
+        rows, header = [], []
+        if path.exists():
             with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_until_step]
+                reader = csv.DictReader(handle)
+                rows, header = list(reader), list(reader.fieldnames or [])
+        missing = [c for c in self.columns if c not in header]
+        self.columns = (*header, *missing)
+        if keep_until_step is not None:
+            # On resume, drop rows logged after the checkpoint so the file reads as one run.
+            rows = [r for r in rows if int(r["step"]) <= keep_until_step]
+        if keep_until_step is not None or missing or not path.exists():
             self._rewrite(rows)
-        elif not path.exists():
-            self._rewrite([])
 
     def _rewrite(self, rows: list[dict]) -> None:
-        lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r.get(c, "")) for c in METRIC_COLUMNS) for r in rows]
+        lines = [",".join(self.columns)] + [",".join(str(r.get(c) or "") for c in self.columns) for r in rows]
         atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
 
     def write(self, row: dict) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:  # a term the objective did not declare would be lost: say so instead
+            raise ValueError(f"metrics.csv has no column for {', '.join(sorted(unknown))}; "
+                             f"the objective's `terms` must name every loss it returns.")
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, METRIC_COLUMNS, extrasaction="ignore").writerow(
+            csv.DictWriter(handle, self.columns).writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
 
@@ -651,6 +663,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> TrainRes
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
     the run folder's lock throughout (RunLockedError when another process trains there)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
+    family(config.model).check_config(config)  # a key that means nothing to the family: before anything is written
     run = RunDir(run_dir)
     if resume and not run.has_run():
         raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
@@ -708,7 +721,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state.distribute(device)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
-        metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload or mode == "restarted" else None)
+        metrics = MetricsWriter(run.metrics, keep_until_step=state.step if payload or mode == "restarted" else None,
+                                terms=tuple(state.objective.terms))
         hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload)
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),

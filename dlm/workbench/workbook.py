@@ -292,8 +292,10 @@ def run_numbers(run_dir: str | Path) -> dict:
                            nn_distance=float(train["nn_distance"].iloc[-1]))
         if len(val):
             last = val.iloc[-1]
-            numbers.update(val_loss=float(last["val_total"]), val_mse=float(last["val_mse"]),
-                           val_rounding=float(last["val_rounding"]))
+            numbers.update(val_loss=float(last["val_total"]))
+            # each other term of the run's family (val_mse, val_rounding; val_nelbo; ...)
+            numbers.update({column: float(last[column]) for column in metrics.columns
+                            if column.startswith("val_") and column != "val_total" and pd.notna(last[column])})
     summary = _read_json(run.sample_summary)
     if summary:
         for side in ("samples", "heldout"):
