@@ -18,7 +18,7 @@ clean, itself masked.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -225,11 +225,13 @@ def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: 
 @torch.inference_mode()
 def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.Tensor, known: torch.Tensor,
                steps: int, generator: torch.Generator | None = None, temperature: float = 1.0,
-               banned: Sequence[int] = (), precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+               banned: Sequence[int] = (), precision: str = "fp32",
+               on_step: Callable[[int, float, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows (B, L) with ids fixed where `known` (B, L) is True (infilling, a prefix: fixed
     positions are never masked) and the rest generated; block by block, left to right, with
     block_size. Returns the ids and the last word probabilities each position was drawn from
-    (B, L, V), for constraints applied after the chain."""
+    (B, L, V), for constraints applied after the chain. on_step(index, t, window): each step's
+    window (masks included), the index counted over the blocks."""
     batch, length = ids.shape
     size = objective.block_size_for(length) or length
     z = torch.where(known, ids, model.mask_id)
@@ -239,6 +241,9 @@ def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.
         for state in unmask_chain(predict, z[:, first: first + size], model.mask_id, steps, generator,
                                   temperature, banned):
             block, probs = state.z, state.probs
+            if on_step is not None:
+                on_step(first // size * steps + state.index, state.t,
+                        torch.cat([z[:, :first], block, z[:, first + size:]], dim=1))
         if last_probs is None:
             last_probs = torch.zeros(batch, length, probs.shape[-1], dtype=torch.float64)
         last_probs[:, first: first + size] = probs.cpu()
@@ -322,19 +327,30 @@ def check_steps(options) -> None:
 
 def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """`run` sampled by the ancestral chain of options.steps steps (per block), at
-    options.temperature; frames of the window every options.record_every steps ([MASK] shown as <pad>)."""
+    options.temperature; frames of the window every options.record_every steps ([MASK] shown as
+    <pad>, t in thousandths: the frames' t is an integer timestep in the other families)."""
     options.validate()
     check_steps(options)
     length = run.config.seq_len
     banned = options.banned_ids(run.tokenizer)
-    rows = []
+    total = options.steps * (length // (run.objective.block_size_for(length) or length))
+    rows, trajectory = [], []
     for first in range(0, options.num_samples, options.batch_size):
         count = min(options.batch_size, options.num_samples - first)
         blank = torch.zeros(count, length, dtype=torch.long, device=device)
+
+        def record(index: int, t: float, window: torch.Tensor, first=first) -> None:
+            if options.record_every and (index % options.record_every == 0 or index == total - 1):
+                shown = torch.where(window == run.model.mask_id, run.tokenizer.pad_id, window).cpu().tolist()
+                if first == 0:
+                    trajectory.append({"index": index, "t": round(t * 1000), "ids": shown})
+                else:
+                    next(f for f in trajectory if f["index"] == index)["ids"].extend(shown)
+
         ids, _ = sample_ids(run.model, run.objective, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps,
-                            generator, options.temperature, banned, run.config.precision)
+                            generator, options.temperature, banned, run.config.precision, record)
         rows.append(ids.cpu())
-    return torch.cat(rows), []
+    return torch.cat(rows), trajectory
 
 
 def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.Generator,

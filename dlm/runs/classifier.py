@@ -27,6 +27,7 @@ from dlm.core.config import did_you_mean
 from dlm.core.data import Tokenizer, fixed_windows, prepare_data
 from dlm.core.nets import TinyTransformer
 from dlm.core.schedule import q_sample
+from dlm.families import not_available, supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
@@ -159,9 +160,9 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
     attribute on the run's training windows; `windows` (train, held-out) skips reading the corpus."""
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
-    if kind == "latent" and run.config.model != "diffusion":
-        raise ValueError("A latent classifier needs a diffusion run (its embeddings); this run is "
-                         f"'{run.config.model}'. Train the judge (--kind judge) on it, or give a diffusion run.")
+    if kind == "latent" and not supports(run.config.model, "latent"):
+        raise ValueError(not_available(run.config.model, "A latent classifier (noised latents for guidance)")
+                         + " Train the judge (--kind judge) on it, or give a Gaussian diffusion run.")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     target = attribute(attribute_name, run.tokenizer)

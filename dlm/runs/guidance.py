@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from dlm.core.scheduler import DiffusionScheduler
+from dlm.families import not_available, supports
 from dlm.families.gaussian import Hook, batch_chains, chain_blocks, final_words, last_state, plain_scheduler
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Classifier, expected_log_prob
@@ -47,9 +48,8 @@ FLUENCY = 0.01
 
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
     """The scheduler sample_chain builds for `options` (gaussian.plain_scheduler, the same one)."""
-    if run.config.model != "diffusion":
-        raise ValueError(f"Classifier guidance steers a diffusion chain; '{run.checkpoint}' is a "
-                         f"'{run.config.model}' run.")
+    if not supports(run.config.model, "guidance"):
+        raise ValueError(not_available(run.config.model, "Classifier guidance") + f" ('{run.checkpoint}')")
     if run.objective.settings.left_to_right > 0:
         raise ValueError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dlm import families
 from dlm.core.config import load_config
 from dlm.core.data import atomic_write_bytes
 from dlm.runs.provenance import environment, read_provenance
@@ -40,6 +41,7 @@ from dlm.workbench.notebook import package_root, project_root
 logger = logging.getLogger("dlm")
 
 NOTEBOOKS = ("train", "sample", "collapse_analysis", "control")  # control: when the preset names control_tasks
+PAGE_NEEDS = {"collapse_analysis": "geometry"}  # what a page asks of the run's family (dlm.families SUPPORTS)
 TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
 WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -468,10 +470,16 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         "control": {"run_dir": run_dir, "task": config.control_tasks},
     }
     notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
+    # a page whose analyses the run's family lacks is left out, and the report says so
+    not_available = {nb: families.not_available(config.model, f"The {TITLES[nb]} page") for nb in notebooks
+                     if nb in PAGE_NEEDS and not families.supports(config.model, PAGE_NEEDS[nb])}
+    notebooks = [nb for nb in notebooks if nb not in not_available]
     report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
                               "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "pages": {}, "notebook_s": {}, "numbers": {},
+                              "pages": {}, "notebook_s": {}, "numbers": {}, "not_available": not_available,
                               "provenance": {**environment(), "run": []}}
+    for line in not_available.values():
+        logger.info("%s", line)
     started = time.perf_counter()
     for notebook in notebooks:
         executed = report_dir / f"{notebook}.ipynb"
