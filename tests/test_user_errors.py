@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     (["--block_size", "4", "--left_to_right", "1"], "'block_size' and 'left_to_right' both order the generation"),
     (["--control_tasks", "infill,guidence"], "'control_tasks' names guidence: use a comma list of infill, prefix"),
     # the registry names every family; a Gaussian-only key on a masked run names the key and the family
-    (["--model", "gpt"], "'model' got 'gpt'; it must be one of: diffusion, masked, ar"),
+    (["--model", "gpt"], "Unknown model family 'gpt': use one of diffusion, masked, ar."),
     (["--model", "masked", "--embedding_norm", "l2"],
      "'embedding_norm' (l2) is a Gaussian-diffusion option; the masked family has none"),
     (["--model", "masked", "--no-use_learned_embeddings"], "'use_learned_embeddings' (False) is a Gaussian-diffusion"),

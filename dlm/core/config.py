@@ -24,10 +24,6 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from dlm.families import FAMILIES
-
-FAMILY_NAMES = tuple(FAMILIES)  # Config.model's choices: the registry's names
-
 
 class ConfigError(ValueError):
     """A preset or override that cannot become a Config."""
@@ -63,9 +59,9 @@ class Config:
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
     # --- model: the family, its embeddings and rounding, the denoiser (TinyTransformer) ---
-    # the model family (dlm.families.FAMILIES): diffusion (Diffusion-LM, Gaussian), masked (MDLM's
-    # absorbing-state diffusion), ar (the autoregressive baseline: same blocks, causal mask, tied head)
-    model: Literal[FAMILY_NAMES] = _model("diffusion")
+    # the model family, a name in dlm.families.FAMILIES: diffusion (Diffusion-LM, Gaussian), masked
+    # (MDLM's absorbing-state diffusion), ar (the autoregressive baseline: same blocks, causal mask)
+    model: str = _model("diffusion")
     embed_dim: int = _model(64)
     use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
     init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
@@ -111,7 +107,7 @@ class Config:
     # masked family: training draws the mask rate t from [mask_rate_min, mask_rate_max] (BD3-LM's
     # clipped range lowers the gradient's variance; validation and the bound use the whole range)
     mask_rate_min: float = _diffusion(0.001)
-    mask_rate_max: float = _diffusion(1.0)
+    mask_rate_max: float = _diffusion(1.0)  # masked family: the largest training mask rate (see mask_rate_min)
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)

@@ -221,7 +221,7 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
     given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each."""
     if not supports(run.config.model, "likelihood_bound"):
-        exact = " (its NLL is exact: give it as --ar_run)" if supports(run.config.model, "likelihood_exact") else ""
+        exact = " Its NLL is exact: give it as --ar_run." if supports(run.config.model, "likelihood_exact") else ""
         raise ValueError(not_available(run.config.model, "A likelihood bound") + exact)
     ids = validation_windows(run, windows, seed) if isinstance(windows, int) else windows
     check_counts(len(ids), draws)
