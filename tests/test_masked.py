@@ -73,14 +73,15 @@ def test_the_weight_one_over_t_makes_the_loss_unbiased():
 
 
 def naive_chain(predict, z, mask_id, steps, generator):
-    """The ancestral sampler without caching: the network asked at every step (the oracle)."""
+    """The ancestral sampler without caching: the network asked at every step (the oracle), the
+    same two-stage draws (unmask or not, then the word)."""
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
         probs = torch.softmax(predict(z).double(), -1)
-        stay = torch.full((*probs.shape[:-1], 1), s / t, dtype=torch.float64)
-        drawn = masked.categorical(torch.cat([probs * (t - s) / t, stay], -1), generator)
-        drawn = torch.where(drawn == probs.shape[-1], mask_id, drawn)
-        z = torch.where(z == mask_id, drawn, z)
+        unmask = (z == mask_id) & (torch.rand(z.shape, generator=generator, dtype=torch.float64) < (t - s) / t)
+        if unmask.any():
+            z = z.clone()
+            z[unmask] = masked.categorical(probs[unmask], generator)
     return z
 
 
@@ -135,9 +136,13 @@ def test_fixed_words_are_carried_over():
     ids = torch.randint(0, 12, (5, 8), generator=torch.Generator().manual_seed(3))
     known = torch.zeros(5, 8, dtype=torch.bool)
     known[:, [0, 3, 7]] = True
-    out, scores = masked.sample_ids(model, objective, ids, known, 6, torch.Generator().manual_seed(0))
+    out, scores = masked.sample_ids(model, objective, ids, known, 6, torch.Generator().manual_seed(0),
+                                    keep_scores=True)
     assert torch.equal(out[known], ids[known]) and (out != model.mask_id).all()
     assert scores.shape == (5, 8, 12)
+    # each generated word was drawn from its scores (a distribution), the fixed ones have none
+    assert torch.allclose(scores[~known].exp().sum(-1), torch.ones(int((~known).sum())), atol=1e-4)
+    assert (scores[known] == 0).all()
 
 
 def test_blocks_are_generated_left_to_right():

@@ -166,11 +166,12 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 @dataclass
 class UnmaskState:
-    """One step of the ancestral chain: the ids after it (masks where still masked) and the word
-    probabilities the step drew from (B, n, V)."""
+    """One step of the ancestral chain: the ids after it (masks where still masked), which
+    positions it unmasked (B, n), and the word probabilities they were drawn from (B, n, V)."""
     index: int
     t: float
     z: torch.Tensor
+    unmasked: torch.Tensor
     probs: torch.Tensor
     calls: int  # network calls so far (a step where nothing changed reuses the last output)
 
@@ -179,10 +180,12 @@ def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: 
                  temperature: float = 1.0, banned: Sequence[int] = ()) -> Iterator[UnmaskState]:
     """MDLM's ancestral sampler with caching, from z (B, n) (masks where to generate) over `steps`
     steps of the log-linear schedule, t = 1 -> 0. predict(z) -> logits (B, n, V) float32. From t to
-    s a masked position stays masked with probability s / t, else takes a word drawn from the
-    network's distribution (at `temperature`; 0: the argmax), in one float64 categorical draw
-    over the words and [MASK]; unmasked positions never change. The network runs again only when
-    a position changed (none does in most steps when steps exceed the positions)."""
+    s a masked position unmasks with probability (t - s) / t and then takes a word drawn from the
+    network's distribution (at `temperature`; 0: the argmax); unmasked positions never change.
+    That is MDLM's one categorical over the words and [MASK] (probabilities p (t - s) / t and
+    s / t), drawn in two float64 stages so that the words are drawn only where a position unmasks.
+    The network runs again only when a position changed (in most steps none does when the steps
+    outnumber the positions)."""
     probs, calls = None, 0
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
@@ -191,19 +194,16 @@ def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: 
             calls += 1
             if banned:
                 logits[..., list(banned)] = -torch.inf
-            if temperature == 0:
-                probs = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-        stay = torch.full((*probs.shape[:-1], 1), s / t, dtype=torch.float64, device=probs.device)
-        drawn = categorical(torch.cat([probs * (t - s) / t, stay], dim=-1).cpu(), generator).to(z.device)
-        drawn = torch.where(drawn == probs.shape[-1], mask_id, drawn)
+            probs = (F.one_hot(logits.argmax(-1), logits.shape[-1]).double() if temperature == 0
+                     else torch.softmax(logits / temperature, dim=-1))
+        coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
+        unmasked = (z == mask_id) & (coin < (t - s) / t)
         used = probs
-        new_z = torch.where(z == mask_id, drawn, z)
-        if not torch.equal(new_z, z):
+        if unmasked.any():
+            z = z.clone()
+            z[unmasked] = categorical(probs[unmasked], generator).to(z.device)
             probs = None  # the window changed: the next step asks the network again
-        z = new_z
-        yield UnmaskState(index, s, z, used, calls)
+        yield UnmaskState(index, s, z, unmasked, used, calls)
 
 
 def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str):
@@ -226,29 +226,29 @@ def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: 
 def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.Tensor, known: torch.Tensor,
                steps: int, generator: torch.Generator | None = None, temperature: float = 1.0,
                banned: Sequence[int] = (), precision: str = "fp32",
-               on_step: Callable[[int, float, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               on_step: Callable[[int, float, torch.Tensor], None] | None = None,
+               keep_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Windows (B, L) with ids fixed where `known` (B, L) is True (infilling, a prefix: fixed
     positions are never masked) and the rest generated; block by block, left to right, with
-    block_size. Returns the ids and the last word probabilities each position was drawn from
-    (B, L, V), for constraints applied after the chain. on_step(index, t, window): each step's
+    block_size. Returns the ids and, with keep_scores, the log-probabilities (B, L, V) each
+    generated position's word was drawn from (for constraints applied after the chain). on_step(index, t, window): each step's
     window (masks included), the index counted over the blocks."""
     batch, length = ids.shape
     size = objective.block_size_for(length) or length
     z = torch.where(known, ids, model.mask_id)
-    last_probs = None
+    scores = torch.zeros(batch, length, model.vocab_size) if keep_scores else None
     for first in range(0, length, size):
         predict = block_predictor(model, z[:, :first], size, precision)
-        for state in unmask_chain(predict, z[:, first: first + size], model.mask_id, steps, generator,
-                                  temperature, banned):
-            block, probs = state.z, state.probs
+        block = z[:, first: first + size]
+        for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned):
+            block = state.z
+            if keep_scores and state.unmasked.any():
+                scores[:, first: first + size][state.unmasked.cpu()] = state.probs[state.unmasked].log().float().cpu()
             if on_step is not None:
                 on_step(first // size * steps + state.index, state.t,
                         torch.cat([z[:, :first], block, z[:, first + size:]], dim=1))
-        if last_probs is None:
-            last_probs = torch.zeros(batch, length, probs.shape[-1], dtype=torch.float64)
-        last_probs[:, first: first + size] = probs.cpu()
         z[:, first: first + size] = block
-    return z, last_probs
+    return z, scores
 
 
 # --- the likelihood bound ----------------------------------------------------------------------
@@ -363,8 +363,9 @@ def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.
     for first in range(0, len(ids), options.batch_size):
         batch = ids[first: first + options.batch_size].to(device)
         mask = known.expand(len(ids), -1)[first: first + options.batch_size].to(device)
-        got, probs = sample_ids(run.model, run.objective, batch, mask, options.steps, generator, options.temperature,
-                                options.banned_ids(run.tokenizer), run.config.precision)
+        got, drawn_from = sample_ids(run.model, run.objective, batch, mask, options.steps, generator,
+                                     options.temperature, options.banned_ids(run.tokenizer), run.config.precision,
+                                     keep_scores=True)
         out.append(got.cpu())
-        scores.append(probs.log().float())
+        scores.append(drawn_from)
     return torch.cat(out), torch.cat(scores)
