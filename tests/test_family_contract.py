@@ -185,3 +185,27 @@ def test_notebooks_run_for_every_family(name, tmp_path):
     expected = {nb for nb in workbook.NOTEBOOKS if nb != "control" or tasks} - set(info["not_available"])
     assert set(info["pages"]) == expected
     assert all("not available for" in line for line in info["not_available"].values())
+
+
+def test_what_a_family_lacks_is_refused_in_one_line(trained):
+    """Every analysis or control the family does not declare answers 'not available for' it
+    instead of failing somewhere inside (and the ones it declares do not)."""
+    from dlm.evaluation.analysis import analyse_run
+    from dlm.evaluation.probe import heldout_ids
+    from dlm.runs.classifier import train_classifier
+    from dlm.runs.guidance import chain_scheduler
+
+    name, run_dir = trained
+    run = load_run(run_dir)
+    options = SampleOptions.from_config(run.config, num_samples=2, steps=2)
+    entry = {"geometry": lambda: heldout_ids(run, 2),
+             "guidance": lambda: chain_scheduler(run, options),
+             "latent": lambda: train_classifier(run, "question", "latent", steps=1)}
+    for capability, call in entry.items():
+        if supports(name, capability):
+            continue
+        with pytest.raises(ValueError, match="not available for"):
+            call()
+    if not supports(name, "geometry"):
+        with pytest.raises(ValueError, match="not available for"):
+            analyse_run(run_dir, max_checkpoints=1, num_samples=2)
