@@ -391,7 +391,8 @@ def run_matched(args: argparse.Namespace) -> None:
     band = "within" if result["matched"] else "NOT within"
     print(f"temperature {result['temperature']:.4f}: entropy {result['samples']['unigram_entropy']:.3f} bits, "
           f"{band} 5% of held-out's {result['target_entropy']:.3f} ({run.checkpoint}, step {run.step}; "
-          f"{result['num_samples']} samples, x0 {options.x0}{'' if options.unk else ', <unk> masked'})")
+          f"{result['num_samples']} samples{f', x0 {options.x0}' if 'x0' in run.family.SAMPLE_OPTIONS else ''}"
+          f"{'' if options.unk else ', <unk> masked'})")
     print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))
     print("targets met: " + " | ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["targets"].items()))
     if args.json:
