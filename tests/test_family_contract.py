@@ -5,6 +5,7 @@ is checked by adding its line to FAMILIES."""
 import csv
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -209,3 +210,25 @@ def test_what_a_family_lacks_is_refused_in_one_line(trained):
     if not supports(name, "geometry"):
         with pytest.raises(ValueError, match="not available for"):
             analyse_run(run_dir, max_checkpoints=1, num_samples=2)
+
+
+def test_an_older_metrics_file_keeps_its_columns(tmp_path):
+    """A run logged under the old fixed column list (every family's terms, some always empty)
+    resumes with its columns kept and the objective's new ones added, rows intact."""
+    from dlm.runs.train import MetricsWriter
+    from dlm.workbench import plots
+
+    path = tmp_path / "metrics.csv"
+    old = ("step,epoch,total,mse,rounding,prior,nll,val_total,val_mse,val_rounding,val_prior,val_nll,"
+           "embedding_norm,nn_distance,lr,tokens_per_s,elapsed_s")
+    path.write_text(old + "\n5,1,3.0,1.0,2.0,0.0,,,,,,,4.0,2.5,0.001,100.0,1.0\n10,1,,,,,,2.5,1.5,1.0,0.0,,,,,,2.0\n"
+                    "15,2,2.0,0.5,1.5,0.0,,,,,,,4.0,2.5,0.001,100.0,3.0\n")
+    writer = MetricsWriter(path, keep_until_step=10, terms=("total", "mse", "rounding", "prior", "extra"))
+    writer.write({"step": 15, "epoch": 2, "total": 1.5, "extra": 0.25})
+    rows = read_rows(path)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == old.split(",") + ["extra", "val_extra"]
+    assert [r["step"] for r in rows] == ["5", "10", "15"] and rows[0]["mse"] == "1.0" and rows[2]["extra"] == "0.25"
+    with pytest.raises(ValueError, match="no column for surprise"):  # an undeclared term is never dropped silently
+        writer.write({"step": 20, "surprise": 1.0})
+    plots.loss_curves(pd.read_csv(path))  # the old file still plots
