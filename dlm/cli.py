@@ -18,6 +18,7 @@ from dlm.core.data import CorpusError, atomic_write_bytes, check_destination, ch
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
+from dlm.families import FAMILIES
 from dlm.runs.build import load_run
 from dlm.runs.sample import X0_CHOICES, SampleOptions, generate, write_samples
 from dlm.runs.train import DivergedError, RunExistsError, train
@@ -32,7 +33,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         if tp is bool:
             group.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         else:
-            group.add_argument(f"--{key}", metavar="VALUE", default=argparse.SUPPRESS, help=describe_type(tp))
+            # the model family's choices are the registry's (Config itself does not import it)
+            words = f"one of: {', '.join(FAMILIES)}" if key == "model" else describe_type(tp)
+            group.add_argument(f"--{key}", metavar="VALUE", default=argparse.SUPPRESS, help=words)
 
 
 def build_parser() -> argparse.ArgumentParser:
