@@ -167,7 +167,8 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
 @dataclass
 class UnmaskState:
     """One step of the ancestral chain: the ids after it (masks where still masked), which
-    positions it unmasked (B, n), and the word probabilities they were drawn from (B, n, V)."""
+    positions it unmasked (B, n), and the word probabilities they were drawn from (k, V), one row
+    per unmasked position in row-major order."""
     index: int
     t: float
     z: torch.Tensor
@@ -186,24 +187,26 @@ def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: 
     s / t), drawn in two float64 stages so that the words are drawn only where a position unmasks.
     The network runs again only when a position changed (in most steps none does when the steps
     outnumber the positions)."""
-    probs, calls = None, 0
+    logits, calls = None, 0
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
-        if probs is None:
-            logits = predict(z).double()
+        if logits is None:
+            logits = predict(z)
             calls += 1
             if banned:
                 logits[..., list(banned)] = -torch.inf
-            probs = (F.one_hot(logits.argmax(-1), logits.shape[-1]).double() if temperature == 0
-                     else torch.softmax(logits / temperature, dim=-1))
         coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
         unmasked = (z == mask_id) & (coin < (t - s) / t)
-        used = probs
+        probs = torch.empty(0, logits.shape[-1], dtype=torch.float64)
         if unmasked.any():
+            # the words' distribution, in float64, only where a position unmasks
+            chosen = logits[unmasked].double()
+            probs = (F.one_hot(chosen.argmax(-1), chosen.shape[-1]).double() if temperature == 0
+                     else torch.softmax(chosen / temperature, dim=-1))
             z = z.clone()
-            z[unmasked] = categorical(probs[unmasked], generator).to(z.device)
-            probs = None  # the window changed: the next step asks the network again
-        yield UnmaskState(index, s, z, unmasked, used, calls)
+            z[unmasked] = categorical(probs, generator).to(z.device)
+            logits = None  # the window changed: the next step asks the network again
+        yield UnmaskState(index, s, z, unmasked, probs, calls)
 
 
 def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str):
@@ -243,7 +246,7 @@ def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.
         for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned):
             block = state.z
             if keep_scores and state.unmasked.any():
-                scores[:, first: first + size][state.unmasked.cpu()] = state.probs[state.unmasked].log().float().cpu()
+                scores[:, first: first + size][state.unmasked.cpu()] = state.probs.log().float().cpu()
             if on_step is not None:
                 on_step(first // size * steps + state.index, state.t,
                         torch.cat([z[:, :first], block, z[:, first + size:]], dim=1))
