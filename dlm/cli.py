@@ -20,6 +20,7 @@ from dlm.core.errors import UserError
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS, sampling_timesteps
 from dlm.core.textstats import sample_stats
+from dlm.families import FAMILIES
 from dlm.runs.build import load_run
 from dlm.runs.sample import (
     X0_CHOICES,
@@ -44,7 +45,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         if tp is bool:
             group.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         else:
-            group.add_argument(f"--{key}", metavar="VALUE", default=argparse.SUPPRESS, help=describe_type(tp))
+            # the model family's choices are the registry's (Config itself does not import it)
+            words = f"one of: {', '.join(FAMILIES)}" if key == "model" else describe_type(tp)
+            group.add_argument(f"--{key}", metavar="VALUE", default=argparse.SUPPRESS, help=words)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +334,15 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
 
+def check_sample_options(run, **given) -> None:
+    """A sampling option the user gave (not None) that the run's family does not read: one line
+    naming it and the family, before any sampling."""
+    for name, value in given.items():
+        if value is not None and name not in run.family.SAMPLE_OPTIONS:
+            raise UserError(f"--{name} is an option of the Gaussian diffusion chain; the '{run.config.model}' family "
+                             f"has none: drop --{name}.")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -346,13 +358,14 @@ def run_sample(args: argparse.Namespace) -> None:
         unk=args.unk, seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
+    check_sample_options(run, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
+                         x0=args.x0, decoder=None if args.decoder == "learned" else args.decoder)
     options.validate(getattr(run.objective, "steps", None))
     check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
-    if run.family.NAME == "diffusion":
-        from dlm.families.gaussian import chain_blocks
-
+    if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        blocks = chain_blocks(run.objective, run.config.seq_len)
+        size = run.objective.block_size_for(run.config.seq_len)
+        blocks = 1 if size is None else run.config.seq_len // size
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
               f"{blocks * options.steps} denoiser calls per batch of up to {options.batch_size} samples", flush=True)
     writer = SampleWriter(args.out, run, options)
@@ -434,6 +447,7 @@ def run_matched(args: argparse.Namespace) -> None:
         raise UserError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device)
+    check_sample_options(run, x0=args.x0)
     teacher = load_run(args.teacher, device=device)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
                                         x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing)
@@ -444,7 +458,8 @@ def run_matched(args: argparse.Namespace) -> None:
     band = "within" if result["matched"] else "NOT within"
     print(f"temperature {result['temperature']:.4f}: entropy {result['samples']['unigram_entropy']:.3f} bits, "
           f"{band} 5% of held-out's {result['target_entropy']:.3f} ({run.checkpoint}, step {run.step}; "
-          f"{result['num_samples']} samples, x0 {options.x0}{'' if options.unk else ', <unk> masked'})")
+          f"{result['num_samples']} samples{f', x0 {options.x0}' if 'x0' in run.family.SAMPLE_OPTIONS else ''}"
+          f"{'' if options.unk else ', <unk> masked'})")
     print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))
     print("targets met: " + " | ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["targets"].items()))
     if args.json:
@@ -458,8 +473,9 @@ def run_nll(args: argparse.Namespace) -> None:
         raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint)
+    check_sample_options(run, x0=args.x0)
     ar = load_run(args.ar_run) if args.ar_run else None
-    x0 = args.x0 or run.config.sample_x0
+    x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
     chain = None
     if args.steps is not None:  # the bound of the chain the sampler runs at that many steps
         spacing = args.spacing or run.config.sample_spacing
@@ -469,7 +485,7 @@ def run_nll(args: argparse.Namespace) -> None:
     scored = (f"every step of the {args.steps}-step {spacing} chain" if chain is not None
               else f"{bound.draws} timesteps each")
     print(f"NLL bound {bound.total:.4f} +- {bound.se:.4f} nats/token ({bound.windows} held-out windows of "
-          f"{bound.tokens} tokens, {scored}; x0 {x0}; {run.checkpoint}, step {run.step})")
+          f"{bound.tokens} tokens, {scored}{f'; x0 {x0}' if x0 else ''}; {run.checkpoint}, step {run.step})")
     print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
     numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
                "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint),

@@ -128,7 +128,7 @@ def test_ar_continues_a_prefix(tmp_path):
     result = infill(ar, control, options(ar))
     assert result.ids.shape == (3, ar.config.seq_len)
     assert (result.ids[:, :5] == control.ids[:5]).all()
-    with pytest.raises(ValueError, match="can only continue a prefix"):
+    with pytest.raises(ValueError, match="is not available for the .ar. family"):
         make_control(ar, template="To __ be")
 
 

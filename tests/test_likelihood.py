@@ -243,7 +243,7 @@ def test_nll_bad_inputs_give_one_clear_line(corpus, tmp_path, capsys):
         (["--nll", "--run_dir", str(run), "--windows", "1"], "--windows must be at least 2"),
         (["--nll", "--run_dir", str(run), "--ar_run", str(other), "--windows", "2"], "another vocabulary"),
         (["--nll", "--run_dir", str(run), "--ar_run", str(run), "--windows", "2"], "not an autoregressive run"),
-        (["--nll", "--run_dir", str(other), "--windows", "2"], "for a diffusion run"),
+        (["--nll", "--run_dir", str(other), "--windows", "2"], "A likelihood bound is not available for the 'ar' family"),
         ([], "give --samples"),
         (["--nll", "--run_dir", str(run), "--json", str(run / "config.yaml" / "x.json")], "config.yaml"),
     ]

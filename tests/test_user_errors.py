@@ -55,6 +55,16 @@ def runs(tmp_path_factory):
     (["--control_tasks", "infill,guidence"], "'control_tasks' names guidence: use a comma list of infill, prefix"),
     (["--tokenizer", "bpe", "--bpe_vocab_size", "500"], "'bpe_vocab_size' must be in [2000, 8000]"),
     (["--tokenizer", "sentencepiece"], "one of: word, bpe, char"),
+    # the registry names every family; a Gaussian-only key on a masked run names the key and the family
+    (["--model", "gpt"], "Unknown model family 'gpt': use one of diffusion, masked, ar."),
+    (["--model", "masked", "--embedding_norm", "l2"],
+     "'embedding_norm' (l2) is a Gaussian-diffusion option; the masked family has none"),
+    (["--model", "masked", "--no-use_learned_embeddings"], "'use_learned_embeddings' (False) is a Gaussian-diffusion"),
+    (["--model", "masked", "--predict", "epsilon"], "'predict' (epsilon) is a Gaussian-diffusion option"),
+    (["--model", "masked", "--self_condition", "0.5"], "'self_condition' (0.5) is a Gaussian-diffusion option"),
+    (["--model", "masked", "--sample_x0", "expected"], "'sample_x0' (expected) is a Gaussian-diffusion option"),
+    (["--model", "masked", "--block_size", "4"], "A masked run with block_size trains every block at once"),
+    (["--model", "masked", "--mask_rate_min", "0.6", "--mask_rate_max", "0.5"], "'mask_rate_min' (0.6) must be below"),
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, capsys, extra, message):
     run_dir = tmp_path / "run"
@@ -276,6 +286,7 @@ def toy_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_runs")
     toy_run_dir(root / "diffusion")
     toy_run_dir(root / "ar", model="ar")
+    toy_run_dir(root / "masked", model="masked")
     toy_run_dir(root / "one_line", text="To be, or not to be: that is the question.")
     return root
 
@@ -293,8 +304,11 @@ BAD_INFILL = [
     ("diffusion", ["--template", "__", "--mbr", "0"], "--mbr must be at least 1"),
     ("diffusion", ["--template", "__", "--steps", "51"], "steps must be between 1 and the run's diffusion_steps (50)"),
     ("diffusion", ["--template", "__", "--num_samples", "0"], "num_samples must be at least 1"),
-    ("ar", ["--template", "To __ be"], "An autoregressive run can only continue a prefix"),
-    ("ar", ["--length", "4"], "An autoregressive run can only continue a prefix"),
+    ("ar", ["--template", "To __ be"], "--template is not available for the 'ar' family (an autoregressive run "
+                                       "writes left to right): use --prefix"),
+    ("ar", ["--length", "4"], "--length is not available for the 'ar' family"),
+    ("masked", ["--template", "To be zorgle __"], "not in the run's vocabulary: 'zorgle'"),
+    ("masked", ["--template", "__", "--steps", "0"], "steps must be at least 1, got 0"),
     ("one_line", ["--length", "4"], "--length needs the blank line that ends a speech, but this run's vocabulary "
                                     "has no newline token"),
 ]
@@ -314,6 +328,30 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
                  "--num_samples", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["fixed_positions"] for r in records] == [[], []]
+
+
+# A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.
+GAUSSIAN_ONLY = [
+    ("sample", ["--clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'masked' family has none"),
+    ("sample", ["--no-clamp"], "--clamp is an option of the Gaussian diffusion chain"),
+    ("sample", ["--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'masked' family"),
+    ("sample", ["--decoder", "cosine"], "--decoder is an option of the Gaussian diffusion chain; the 'masked'"),
+    ("sample", ["--eta", "0"], "--eta is an option of the Gaussian diffusion chain"),
+    ("sample", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain"),
+    ("evaluate", ["--nll", "--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'masked'"),
+    ("train-classifier", ["--attribute", "question"],
+     "A latent classifier (noised latents for guidance) is not available for the 'masked' family"),
+]
+
+
+@pytest.mark.parametrize("command, extra, message", GAUSSIAN_ONLY)
+def test_gaussian_options_on_a_masked_run(toy_runs, tmp_path, capsys, command, extra, message):
+    out = tmp_path / "out.jsonl"
+    destination = {"sample": ["--out", str(out)], "evaluate": ["--json", str(out)],
+                   "train-classifier": ["--out", str(out.with_suffix(".pt"))]}[command]
+    assert main([command, "--run_dir", str(toy_runs / "masked"), *destination, *extra]) == 2
+    assert message in one_error_line(capsys, command)
+    assert not list(tmp_path.iterdir())
 
 
 # --- classifier-guided control ------------------------------------------------------------------

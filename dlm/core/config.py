@@ -62,8 +62,9 @@ class Config:
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
     # --- model: the family, its embeddings and rounding, the denoiser (TinyTransformer) ---
-    # diffusion: Diffusion-LM; ar: the autoregressive baseline (same blocks, causal mask, tied head)
-    model: Literal["diffusion", "ar"] = _model("diffusion")
+    # the model family, a name in dlm.families.FAMILIES: diffusion (Diffusion-LM, Gaussian), masked
+    # (MDLM's absorbing-state diffusion), ar (the autoregressive baseline: same blocks, causal mask)
+    model: str = _model("diffusion")
     embed_dim: int = _model(64)
     use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
     init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
@@ -108,6 +109,10 @@ class Config:
     # timestep at once, beside the clean window, under a block-causal attention mask: every
     # position is a training target, at about twice the step's cost)
     block_training: Literal["one", "all"] = _diffusion("one")
+    # masked family: training draws the mask rate t from [mask_rate_min, mask_rate_max] (BD3-LM's
+    # clipped range lowers the gradient's variance; validation and the bound use the whole range)
+    mask_rate_min: float = _diffusion(0.001)
+    mask_rate_max: float = _diffusion(1.0)  # masked family: the largest training mask rate (see mask_rate_min)
 
     # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
     sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
@@ -351,6 +356,8 @@ RANGES: dict[str, tuple[str, Any, Any, str]] = {
     "ema_decay": ("[", 0.0, 1.0, "0 disables the EMA copy"),
     "max_train_seconds": ("(", 0.0, None, "positive, or left out"),
     "bpe_vocab_size": ("[", 2000, 8000, "the BPE tokenizer's vocabulary size"),
+    "mask_rate_min": ("(", 0.0, 1.0, "the least mask rate a masked run trains at, in (0, 1)"),
+    "mask_rate_max": ("(", 0.0, 1.0, "the largest mask rate a masked run trains at, at most 1"),
 }
 RANGE_RIGHT_OPEN = {"dropout", "ema_decay"}  # [0, 1): 1 is not allowed
 
@@ -400,6 +407,9 @@ def validate(config: Config) -> None:
         raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
     if config.block_size is not None:
         check_block_size(config)
+    if config.mask_rate_min >= config.mask_rate_max:
+        raise ConfigError(f"'mask_rate_min' ({config.mask_rate_min:g}) must be below 'mask_rate_max' "
+                          f"({config.mask_rate_max:g}).")
     unknown_tasks = sorted({t.strip() for t in config.control_tasks.split(",") if t.strip()} - set(CONTROL_TASKS))
     if unknown_tasks:
         raise ConfigError(f"'control_tasks' names {', '.join(unknown_tasks)}: use a comma list of "
@@ -437,7 +447,7 @@ def training_memory_bytes(config: Config) -> int:
     d, w, depth, length = config.embed_dim, config.width, config.depth, config.seq_len
     vocab = {"char": 64, "bpe": config.bpe_vocab_size}.get(config.tokenizer, 1000)
     params = depth * 12 * w * w + 2 * d * w + 2 * length * w + 4 * w * w + vocab * d
-    inputs = 2 * length if config.model == "diffusion" and config.trains_every_block else length
+    inputs = 2 * length if config.trains_every_block else length
     activations = config.batch_size * inputs * (depth * (24 * w + 3 * config.heads * inputs) + 4 * d)
     return 20 * params + 4 * activations + 16 * 8 * config.diffusion_steps
 

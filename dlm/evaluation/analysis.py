@@ -16,11 +16,13 @@ import pandas as pd
 import torch
 
 from dlm.core.data import atomic_write_bytes
+from dlm.core.errors import UserError
 from dlm.core.textstats import sample_stats
 from dlm.evaluation.collapse import collapse_signals, run_collapse_verdict
 from dlm.evaluation.geometry import embedding_geometry, geometry_summary, projection_2d
 from dlm.evaluation.rundata import heldout_sequences, run_checkpoints, run_data, sample_checkpoint, train_token_counts
 from dlm.evaluation.tokens import ids_to_words
+from dlm.families import not_available, supports
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir
 
@@ -50,6 +52,9 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
     """Sample every picked checkpoint of one run and measure samples and embedding geometry."""
     run_dir = Path(run_dir)
     paths = run_checkpoints(run_dir, max_checkpoints)
+    model = load_run(run_dir, paths[-1]).config.model if paths else None
+    if model is not None and not supports(model, "geometry"):
+        raise UserError(not_available(model, "The collapse and embedding-geometry analysis"))
     analysis = None
     rows = []
     counts = None

@@ -52,6 +52,7 @@ from dlm.core.schedule import q_sample
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, run_data
+from dlm.families import not_available, supports
 from dlm.families.gaussian import expected_x0_hook, x0_given_earlier_blocks
 from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, load_run
@@ -258,29 +259,35 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
     given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each;
     chain: of the shortened chain through those timesteps instead, every step of it (`window_terms`)."""
-    if run.family.SCORES_TOKENS:
-        raise UserError("The NLL bound is for a diffusion run; an autoregressive run's NLL is exact: "
-                         "give it as --ar_run.")
+    if not supports(run.config.model, "likelihood_bound"):
+        exact = " Its NLL is exact: give it as --ar_run." if supports(run.config.model, "likelihood_exact") else ""
+        raise UserError(not_available(run.config.model, "A likelihood bound") + exact)
     ids = validation_windows(run, windows, seed) if isinstance(windows, int) else windows
     check_counts(len(ids), draws)
     device = next(run.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    parts = {name: [] for name in TERMS}
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, len(ids), batch_size), desc="NLL bound", unit="batch", disable=None):
         batch = ids[start: start + batch_size].to(device)
-        for name, value in window_terms(run.model, run.objective, batch, draws, generator,
-                                        precision=run.config.precision, proposal=proposal,
-                                        x0_kind=x0 or run.config.sample_x0, chain=chain).items():
-            parts[name].append(value)
+        if hasattr(run.family, "window_bound"):  # the family's own bound (the masked NELBO)
+            if chain is not None:
+                raise UserError(f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound "
+                                f"has no such chain: drop --steps.")
+            terms = run.family.window_bound(run, batch, draws, generator)
+        else:  # the Gaussian bound of this module
+            terms = window_terms(run.model, run.objective, batch, draws, generator, precision=run.config.precision,
+                                 proposal=proposal, x0_kind=x0 or run.config.sample_x0, chain=chain)
+        for name, value in terms.items():
+            parts.setdefault(name, []).append(value)
     return summarise({name: torch.cat(values) for name, values in parts.items()}, ids.shape[1], draws)
 
 
 def summarise(parts: dict[str, torch.Tensor], tokens: int, draws: int) -> Bound:
     """Per-window terms (summed over the window) -> the bound per token with its standard error."""
-    per_window = sum(parts[name] for name in TERMS) / tokens
+    per_window = sum(parts.values()) / tokens
     count = len(per_window)
     se = float(per_window.std(unbiased=True)) / math.sqrt(count)
-    terms = {name: float(parts[name].mean()) / tokens for name in TERMS}
+    terms = {name: float(value.mean()) / tokens for name, value in parts.items()}
     return Bound(float(per_window.mean()), se, terms, count, draws, tokens, per_window)
 
 

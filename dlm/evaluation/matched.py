@@ -23,6 +23,7 @@ from dlm.core.textstats import heldout_windows, sample_stats
 from dlm.evaluation.evaluate import evaluate_samples, records_from_ids, sample_ids
 from dlm.evaluation.rundata import run_data
 from dlm.evaluation.tokens import ids_to_words
+from dlm.families import not_available, supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
 
@@ -41,7 +42,11 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
     entropy ask for the same ones again, and for the AR model a draw is a whole generation."""
     from dlm.families.gaussian import batch_chains, decode, last_state
 
-    if run.config.model != "diffusion" or run.objective.block_size_for(run.config.seq_len) is not None:
+    if not supports(run.config.model, "temperature"):
+        raise UserError(not_available(run.config.model, "Sampling at a temperature (matched entropy)"))
+    # Only the Gaussian whole-window chain keeps its temperature to the final decode: its chain is
+    # run once and decoded again; any other sampler (blocks, masked, AR) is drawn afresh.
+    if not supports(run.config.model, "guidance") or run.objective.block_size_for(run.config.seq_len) is not None:
         return functools.cache(
             lambda temperature: generate(run, dataclasses.replace(options, temperature=temperature), device).ids)
     options.validate(run.objective.steps)

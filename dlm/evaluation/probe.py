@@ -23,6 +23,7 @@ from dlm.core.embeddings import nearest_rows
 from dlm.core.errors import UserError
 from dlm.core.schedule import q_sample
 from dlm.evaluation.rundata import run_data
+from dlm.families import not_available, supports
 from dlm.families.gaussian import sample_chain, x0_given_earlier_blocks
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
@@ -31,7 +32,10 @@ PROBE_TIMESTEPS = (0, 50, 200, 400, 700, 1000, 1400, 1800, 1999)  # for T = 2000
 
 
 def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
-    """`count` validation windows spread over the whole split, (count, seq_len)."""
+    """`count` validation windows spread over the whole split, (count, seq_len): the probes'
+    inputs (their x_t, chains and rounding are the Gaussian family's)."""
+    if not supports(run.config.model, "geometry"):
+        raise UserError(not_available(run.config.model, "The denoising probe"))
     windows = fixed_windows(run_data(run).val_ids, run.config.seq_len)
     if len(windows) < count:
         raise UserError(f"The validation split has {len(windows)} windows; asked for {count}.")

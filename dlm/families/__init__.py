@@ -1,16 +1,27 @@
 """Model families. Each family is one module that supplies, under the same names:
 
-- NAME: the Config `model` value that selects it;
-- new_model(config, vocab_size, pretrained=None): a freshly initialised nn.Module;
-- objective(config): what the training loop minimises (`terms` and `training_losses(model, ids, ...)`);
+- NAME: the Config `model` value that selects it (the key of its line in FAMILIES);
+- SUPPORTS: what the workbench may ask of it, a set of: "likelihood_exact" (per-token NLL: it can
+  be the teacher), "likelihood_bound" (a variational bound: `dlm evaluate --nll`), "infill",
+  "prefix", "length" (classifier-free control), "guidance" (classifier guidance of its chain),
+  "latent" (noised latents for a latent classifier), "temperature" (samples drawn at a
+  temperature: matched entropy), "geometry" (the collapse and embedding-geometry analyses);
+- SAMPLE_OPTIONS: the SampleOptions fields its sampler reads (a user giving another is told so);
+- check_config(config): raise ConfigError for a key that means nothing to the family;
+- new_model(config, vocab_size, pretrained=None): a freshly initialised nn.Module with an
+  `embedding` (its `.weight` the table AdamW groups apart) and `table()` (the training log's geometry);
+- objective(config): what the training loop minimises: `terms` (the metric columns, "total"
+  first) and `training_losses(model, ids, generator=None, uniform_t=False, keys=None)`;
 - trunk(model): the network torch.compile wraps (parameter names stay the same);
-- generate(model, objective, config, options, generator, device): sampled ids (N, L) and, when
-  options.record_every asks for it, the trajectory of decoded states;
-- SCORES_TOKENS: whether the model gives exact per-token likelihoods (it can be a teacher);
-- ANALYSES: which of the workbench's analyses apply to its runs.
+- generate(run, options, generator, device): sampled ids (N, L) and the trajectory frames
+  ([{"index", "t", "ids"}], empty when options.record_every is 0 or the family records none);
+- fill(run, ids, known, options, generator, device) (with "infill", "prefix" or "length"): windows
+  (N, L) generated where `known` is False, and the scores (N, L, V) each position was drawn from
+  (None where there are none);
+- window_bound(run, ids, draws, generator, ...) and BOUND_TERMS (with "likelihood_bound", unless
+  the Gaussian bound of dlm.evaluation.likelihood applies): each window's bound terms, (B,) each.
 
-A third family (masked diffusion, say) is one new module plus one line in FAMILIES; nothing else
-branches on the family.
+A new family is one new module plus one line in FAMILIES; tests/test_family_contract.py checks it.
 """
 
 from __future__ import annotations
@@ -18,8 +29,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from dlm.core.errors import UserError
+
 FAMILIES = {
     "diffusion": "dlm.families.gaussian",
+    "masked": "dlm.families.masked",
     "ar": "dlm.families.autoregressive",
 }
 
@@ -27,5 +41,15 @@ FAMILIES = {
 def family(name: str) -> ModuleType:
     """The family module for a Config's `model` value."""
     if name not in FAMILIES:
-        raise ValueError(f"Unknown model family '{name}': use one of {', '.join(FAMILIES)}.")
+        raise UserError(f"Unknown model family '{name}': use one of {', '.join(FAMILIES)}.")
     return importlib.import_module(FAMILIES[name])
+
+
+def supports(name: str, capability: str) -> bool:
+    """Whether the family `name` declares `capability` (see SUPPORTS above)."""
+    return capability in family(name).SUPPORTS
+
+
+def not_available(name: str, what: str) -> str:
+    """The one line the workbench shows for something a family does not support."""
+    return f"{what} is not available for the '{name}' family (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."

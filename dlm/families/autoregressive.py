@@ -85,7 +85,14 @@ class NextTokenObjective:
 
 NAME = "ar"
 SCORES_TOKENS = True  # exact per-token likelihoods: it can be the teacher
-ANALYSES = ()  # the collapse and geometry analyses read a diffusion model's table and chain
+SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
+# The Gaussian chain's options are read by no AR code; accepted (and ignored) as before.
+SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
+                            "decoder", "seed", "batch_size", "num_samples", "record_every"})
+
+
+def check_config(config: Config) -> None:
+    """The AR baseline reads the shared keys and ignores the diffusion ones (its presets set none)."""
 
 
 def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> AutoregressiveLM:
@@ -110,3 +117,15 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
                                   banned=options.banned_ids(run.tokenizer)).cpu()
                for first in range(0, options.num_samples, options.batch_size)]
     return torch.cat(batches), []
+
+
+def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.Generator,
+         device: torch.device | str = "cpu") -> tuple[torch.Tensor, None]:
+    """Control (prefix only): the first k = known.sum() tokens of each window of ids (N, L) given,
+    the rest generated left to right. No scores."""
+    k, count = int(known.sum()), len(ids)
+    rows = [run.model.generate(min(options.batch_size, count - first), run.config.seq_len - k, run.tokenizer.pad_id,
+                               options.temperature, generator, prompt=ids[first: first + options.batch_size, :k],
+                               banned=options.banned_ids(run.tokenizer)).cpu()
+            for first in range(0, count, options.batch_size)]
+    return torch.cat([ids[:, :k], torch.cat(rows)], dim=1), None

@@ -680,7 +680,14 @@ class DiffusionLM(nn.Module):
 
 NAME = "diffusion"
 SCORES_TOKENS = False  # no exact likelihood: the NLL bound is the closest thing
-ANALYSES = ("collapse", "embedding_geometry", "rounding", "trajectory", "probe")
+SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "guidance", "latent", "temperature",
+                      "geometry"})
+SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
+                            "decoder", "seed", "batch_size", "num_samples", "record_every"})
+
+
+def check_config(config: Config) -> None:
+    """Every key means something to the Gaussian family (Config's own checks cover their values)."""
 
 
 def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> DiffusionLM:
@@ -787,3 +794,19 @@ def _record(trajectory: list[dict], first: int, index: int, t: int, ids: torch.T
     else:
         frame = next(f for f in trajectory if f["index"] == index)
         frame["ids"].extend(ids.tolist())
+
+
+def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.Generator,
+         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Control: windows ids (N, L) generated where `known` (L,) is False, through the reverse
+    chain with `known_positions_hook` (Diffusion-LM's replacement method), in batches; the words
+    and the final rounding scores (N, L, V) (for constraints applied after the chain)."""
+    def hooks_for(first: int, size: int) -> list:
+        return [known_positions_hook(run.model, ids[first: first + size].to(device), known.expand(size, -1).to(device))]
+
+    words, scores = [], []
+    for _, states in batch_chains(run, options, len(ids), generator, device, hooks_for):
+        state = last_state(states)
+        words.append(final_words(run, state, options, generator))
+        scores.append(rounding_logits(run.model, state.x, options.decoder, options.banned_ids(run.tokenizer)).cpu())
+    return torch.cat(words), torch.cat(scores)

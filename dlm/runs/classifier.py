@@ -28,6 +28,7 @@ from dlm.core.data import Tokenizer, fixed_windows, prepare_data
 from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
 from dlm.core.schedule import q_sample
+from dlm.families import not_available, supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
@@ -173,9 +174,9 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
     attribute on the run's training windows; `windows` (train, held-out) skips reading the corpus."""
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
-    if kind == "latent" and run.config.model != "diffusion":
-        raise UserError("A latent classifier needs a diffusion run (its embeddings); this run is "
-                         f"'{run.config.model}'. Train the judge (--kind judge) on it, or give a diffusion run.")
+    if kind == "latent" and not supports(run.config.model, "latent"):
+        raise UserError(not_available(run.config.model, "A latent classifier (noised latents for guidance)")
+                        + " Train the judge (--kind judge) on it, or give a Gaussian diffusion run.")
     check_classifier_options(steps, batch_size, width, depth)
     target = attribute(attribute_name, run.tokenizer)
     train, heldout = windows if windows is not None else training_windows(run)

@@ -24,14 +24,7 @@ import torch
 
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
-from dlm.families.gaussian import (
-    SampleState,
-    batch_chains,
-    final_words,
-    known_positions_hook,
-    last_state,
-    rounding_logits,
-)
+from dlm.families import supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
 
@@ -152,9 +145,13 @@ def make_control(run: LoadedRun, template: str | None = None, prefix: str | None
              if value is not None]
     if len(given) != 1:
         raise UserError("Give exactly one of --template, --prefix or --length.")
-    if run.family.NAME != "diffusion" and given[0] != "prefix":
-        raise UserError(f"An autoregressive run can only continue a prefix (it writes left to right): use "
-                         f"--prefix, or a diffusion run for --{given[0]}.")
+    capability = {"template": "infill", "prefix": "prefix", "length": "length"}[given[0]]
+    if not supports(run.config.model, capability):
+        can = [f"--{flag}" for flag, need in (("template", "infill"), ("prefix", "prefix"), ("length", "length"))
+               if supports(run.config.model, need)]
+        raise UserError(f"--{given[0]} is not available for the '{run.config.model}' family"
+                        f"{' (an autoregressive run writes left to right)' if run.family.SCORES_TOKENS else ''}: "
+                        f"use {' or '.join(can) or 'another run'}, or a diffusion or masked run for --{given[0]}.")
     if template is not None:
         return template_control(run, template)
     if prefix is not None:
@@ -219,17 +216,17 @@ class ControlResult:
     masked: list[int] = field(default_factory=list)  # length mode, per sample: newlines the constraint re-rounded
 
 
-def _round(run: LoadedRun, state: SampleState, control: Control, options: SampleOptions,
-           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chain's last state to ids, and per row how many positions the length constraint changed:
-    in length mode no blank line inside the speech (the newline's score masked where it would make
-    one: next to a newline, or at the speech's first or last position)."""
-    ids = final_words(run, state, options, generator).clone()  # editable
+def _length_constraint(run: LoadedRun, ids: torch.Tensor, scores: torch.Tensor | None,
+                       control: Control) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length mode: no blank line inside the speech. A newline next to a newline, or at the
+    speech's first or last position, is replaced by the best other word of the position's scores
+    (N, L, V); returns the ids and per row how many positions that changed."""
+    ids = ids.clone()
     masked = torch.zeros(len(ids), dtype=torch.long)
     if control.mode != "length":
         return ids, masked
     newline = newline_id(run)
-    logits = rounding_logits(run.model, state.x, options.decoder, options.banned_ids(run.tokenizer)).cpu().clone()
+    logits = scores.clone()
     logits[..., newline] = -torch.inf
     first, last = control.speech.start, control.speech.stop - 1
     for i in range(first, last + 1):  # left to right: position i sees the word chosen at i - 1
@@ -237,27 +234,6 @@ def _round(run: LoadedRun, state: SampleState, control: Control, options: Sample
         ids[bad, i] = logits[bad, i].argmax(-1)
         masked += bad
     return ids, masked
-
-
-def _diffusion_rows(run: LoadedRun, control: Control, targets: torch.Tensor, options: SampleOptions,
-                    generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    def hooks_for(first: int, size: int) -> list:
-        known = control.known.expand(size, -1).to(device)
-        return [known_positions_hook(run.model, targets[first: first + size].to(device), known)]
-
-    rows = [_round(run, last_state(states), control, options, generator)
-            for _, states in batch_chains(run, options, len(targets), generator, device, hooks_for)]
-    return torch.cat([ids for ids, _ in rows]), torch.cat([masked for _, masked in rows])
-
-
-def _ar_rows(run: LoadedRun, control: Control, targets: torch.Tensor, options: SampleOptions,
-             generator: torch.Generator) -> torch.Tensor:
-    k, count = int(control.known.sum()), len(targets)
-    rows = [run.model.generate(min(options.batch_size, count - first), run.config.seq_len - k, run.tokenizer.pad_id,
-                               options.temperature, generator, prompt=targets[first: first + options.batch_size, :k],
-                               banned=options.banned_ids(run.tokenizer)).cpu()
-            for first in range(0, count, options.batch_size)]
-    return torch.cat([targets[:, :k], torch.cat(rows)], dim=1)
 
 
 def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None = None, mbr: int = 1,
@@ -268,8 +244,7 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
     if isinstance(control, str):
         control = make_control(run, template=control)
     options = options or SampleOptions.from_config(run.config)
-    diffusion = run.family.NAME == "diffusion"
-    options.validate(run.objective.steps if diffusion else None)
+    options.validate(getattr(run.objective, "steps", None))
     if mbr < 1:
         raise UserError(f"--mbr must be at least 1 (the number of candidates per sample), got {mbr}.")
     if mbr_distance not in DISTANCES:
@@ -279,11 +254,8 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
     generator = torch.Generator().manual_seed(options.seed)
     # every sample's fixed words, once per MBR candidate
     targets = control.ids.expand(options.num_samples, -1).repeat_interleave(mbr, 0)
-    masked = torch.zeros(len(targets), dtype=torch.long)  # positions the length constraint re-rounded
-    if diffusion:
-        raw, masked = _diffusion_rows(run, control, targets, options, generator, device)
-    else:
-        raw = _ar_rows(run, control, targets, options, generator)
+    raw, scores = run.family.fill(run, targets, control.known, options, generator, device)
+    raw, masked = _length_constraint(run, raw, scores, control)  # masked: positions the constraint re-rounded
     known = control.known
     kept = ((raw[:, known] == targets[:, known]).float().mean(1) if known.any()
             else torch.ones(len(raw))).tolist()

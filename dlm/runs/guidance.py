@@ -37,6 +37,7 @@ import torch
 
 from dlm.core.errors import UserError
 from dlm.core.scheduler import DiffusionScheduler
+from dlm.families import not_available, supports
 from dlm.families.gaussian import Hook, batch_chains, chain_blocks, final_words, last_state, plain_scheduler
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Classifier, expected_log_prob
@@ -48,9 +49,8 @@ FLUENCY = 0.01
 
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
     """The scheduler sample_chain builds for `options` (gaussian.plain_scheduler, the same one)."""
-    if run.config.model != "diffusion":
-        raise UserError(f"Classifier guidance steers a diffusion chain; '{run.checkpoint}' is a "
-                         f"'{run.config.model}' run.")
+    if not supports(run.config.model, "guidance"):
+        raise UserError(not_available(run.config.model, "Classifier guidance") + f" ('{run.checkpoint}')")
     if run.objective.settings.left_to_right > 0:
         raise UserError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")

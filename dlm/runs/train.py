@@ -8,6 +8,7 @@ import csv
 import hashlib
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -59,13 +60,14 @@ from dlm.runs.sample import SampleOptions, generate
 
 logger = logging.getLogger("dlm")
 
-# Every loss term either model logs (the diffusion loss: total, mse, rounding, prior; the AR
-# baseline: total, nll); each objective's `terms` says which of them it fills.
-LOSS_TERMS = ("total", "mse", "rounding", "prior", "nll")
-METRIC_COLUMNS = (
-    "step", "epoch", *LOSS_TERMS, *(f"val_{term}" for term in LOSS_TERMS),
-    "embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s",
-)
+# metrics.csv's columns: the objective's `terms` (each family's, "total" first) and their
+# validation values between the bookkeeping columns. A file written with other columns (an older
+# run's fixed list) keeps them: a resumed run adds its missing ones, never drops any.
+RUN_COLUMNS = ("embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s")
+
+
+def metric_columns(terms: tuple[str, ...]) -> tuple[str, ...]:
+    return ("step", "epoch", *terms, *(f"val_{term}" for term in terms), *RUN_COLUMNS)
 
 
 class RunExistsError(FileExistsError):
@@ -219,15 +221,17 @@ def metrics_record(path: Path) -> dict:
     return {"rows": max(0, raw.count(b"\n") - 1), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
-def parse_metric_rows(raw: bytes, columns: tuple[str, ...], last_step: int) -> tuple[list[dict], int, bool]:
+def parse_metric_rows(raw: bytes, columns: tuple[str, ...], last_step: int) -> tuple[list[dict], int, bool, list[str]]:
     """The rows of a metrics.csv up to `last_step` that parse (UTF-8, one field per column, an integer
-    step, numbers elsewhere), how many lines did not, and whether the header did (a damaged header
-    is read as `columns`)."""
+    step, numbers elsewhere), how many lines did not, whether the header did, and the column names
+    the rows were read with (a damaged header is read as `columns`)."""
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     header = lines[0].decode("utf-8", "replace").strip().split(",") if lines else []
-    header_ok = bool(header) and header[0] == "step" and set(header) <= set(columns)
+    # a header is whole when it names distinct columns, step first (an older run's columns included)
+    header_ok = (bool(header) and header[0] == "step" and len(set(header)) == len(header)
+                 and all(re.fullmatch(r"[a-z][a-z0-9_]*", name) for name in header))
     names = header if header_ok else list(columns)
     rows, damaged = [], 0
     for line in lines[1:]:
@@ -245,21 +249,32 @@ def parse_metric_rows(raw: bytes, columns: tuple[str, ...], last_step: int) -> t
             continue
         if step <= last_step:
             rows.append(row)
-    return rows, damaged, header_ok or not lines
+    return rows, damaged, header_ok or not lines, names
 
 
 class MetricsWriter:
-    """metrics.csv, one row per log interval (and one per epoch end, with validation losses)."""
+    """metrics.csv, one row per log interval (and one per epoch end, with validation losses); its
+    columns are `metric_columns(terms)`, after those of an existing file."""
 
     def __init__(self, path: Path, keep_until_step: int | None = None, recorded: dict | None = None,
-                 rebuild: bool = False, fresh: bool = False):
+                 rebuild: bool = False, fresh: bool = False, terms: tuple[str, ...] = ("total",)):
         """A new file (or, `fresh`, one that replaces a run stopped before its first checkpoint), or on
-        resume the rows up to `keep_until_step` checked against last.pt's `recorded` metrics_record."""
+        resume the rows up to `keep_until_step` checked against last.pt's `recorded` metrics_record.
+        An existing file keeps its columns (an older run's fixed list); the objective's missing ones are added."""
         self.path = path
+        self.columns = metric_columns(terms)
         if keep_until_step is not None:
             self._resume(keep_until_step, recorded, rebuild)
         elif fresh or not path.exists():
             self._rewrite([])
+            return
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows, header = list(reader), list(reader.fieldnames or [])
+        missing = [c for c in self.columns if c not in header]
+        self.columns = (*header, *missing)
+        if missing:
+            self._rewrite(rows)
 
     def _resume(self, step: int, recorded: dict | None, rebuild: bool) -> None:
         """Keep the rows up to the checkpoint's step, after checking they are the ones written."""
@@ -269,7 +284,8 @@ class MetricsWriter:
             if len(raw) >= recorded["bytes"] and hashlib.sha256(kept).hexdigest() == recorded["sha256"]:
                 atomic_write_bytes(self.path, kept)  # whole: the rows after the checkpoint are dropped
                 return
-        rows, damaged, header_ok = parse_metric_rows(raw, METRIC_COLUMNS, step)
+        rows, damaged, header_ok, names = parse_metric_rows(raw, self.columns, step)
+        self.columns = (*names, *[c for c in self.columns if c not in names])
         if recorded is None and not damaged and header_ok:
             self._rewrite(rows)  # a checkpoint from before the record: the rows that parse are all it can check
             return
@@ -292,12 +308,16 @@ class MetricsWriter:
             f"with --rebuild_metrics (rebuild_metrics=True in train.ipynb) to rebuild it from the rows that parse.")
 
     def _rewrite(self, rows: list[dict]) -> None:
-        lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r.get(c, "")) for c in METRIC_COLUMNS) for r in rows]
+        lines = [",".join(self.columns)] + [",".join(str(r.get(c) or "") for c in self.columns) for r in rows]
         atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
 
     def write(self, row: dict) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:  # a term the objective did not declare would be lost: say so instead
+            raise ValueError(f"metrics.csv has no column for {', '.join(sorted(unknown))}; "
+                             f"the objective's `terms` must name every loss it returns.")
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, METRIC_COLUMNS, extrasaction="ignore").writerow(
+            csv.DictWriter(handle, self.columns).writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
 
@@ -772,6 +792,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
+    family(config.model).check_config(config)  # a key that means nothing to the family: before anything is written
     run = RunDir(run_dir)
     created = not run.path.exists()
     if resume and not run.has_run():
@@ -835,8 +856,10 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state.distribute(device)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
+        terms = tuple(state.objective.terms)
         metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
-                                 rebuild=rebuild_metrics) if payload else MetricsWriter(run.metrics, fresh=mode == "restarted"))
+                                 rebuild=rebuild_metrics, terms=terms) if payload
+                   else MetricsWriter(run.metrics, fresh=mode == "restarted", terms=terms))
         # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
         curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
         hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics)

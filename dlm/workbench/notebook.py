@@ -143,9 +143,9 @@ def split_list(value: str | list | tuple | None) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
-def step_counts(value: str | list | tuple | None, total_steps: int, name: str = "curve_steps") -> list[int]:
+def step_counts(value: str | list | tuple | None, total_steps: int | None, name: str = "curve_steps") -> list[int]:
     """Sampling step counts from a list parameter, keeping those the run can take (<= its diffusion
-    steps); anything that is not a positive integer is an error naming the parameter."""
+    steps; None: any, a continuous-time family); anything that is not a positive integer is an error naming the parameter."""
     counts = []
     for part in split_list(value):
         try:
@@ -155,7 +155,7 @@ def step_counts(value: str | list | tuple | None, total_steps: int, name: str = 
         if count < 1:
             raise UserError(f"Parameter '{name}' takes positive integers; got {count}.")
         counts.append(count)
-    kept = sorted({c for c in counts if c <= total_steps})
+    kept = sorted({c for c in counts if total_steps is None or c <= total_steps})
     if counts and not kept:
         raise UserError(f"Every entry of '{name}' exceeds the run's diffusion_steps ({total_steps}).")
     return kept
@@ -204,3 +204,29 @@ def check_parameters(also_allowed: set[str] | frozenset = frozenset(), notebook:
         return
     last = positions[-1]
     unknown_parameters(assigned_names(history[last - 1]), assigned_names(history[last]), also_allowed, notebook)
+
+
+# What each control task of control.ipynb asks of the run's family (dlm.families SUPPORTS).
+TASK_NEEDS = {"infill": "infill", "prefix": "prefix", "length": "length", "guidance": "guidance"}
+
+
+def available_tasks(model: str, tasks: list[str]) -> list[str]:
+    """The tasks the family `model` supports; for each other one a "not available" line is printed."""
+    from dlm.families import not_available, supports
+
+    kept = []
+    for task in tasks:
+        if task in TASK_NEEDS and not supports(model, TASK_NEEDS[task]):
+            print(not_available(model, f"The control task '{task}'"))
+        else:
+            kept.append(task)
+    return kept
+
+
+def sigma0(config) -> float | None:
+    """The spread of the Gaussian family's q(x0 | w) (the training notebook's distance scale), or
+    None for a family without one."""
+    from dlm.families import supports
+    from dlm.runs.build import build_diffusion
+
+    return build_diffusion(config).schedule.sigma0 if supports(config.model, "geometry") else None

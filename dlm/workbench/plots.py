@@ -72,13 +72,24 @@ def _legend(ax, **options) -> None:
         ax.legend(**options)
 
 
+TERM_TITLES = {"total": "total loss", "mse": "diffusion loss (MSE)", "rounding": "rounding loss (CE)",
+               "nll": "next-token NLL", "nelbo": "NELBO (nats/token)", "masked_ce": "CE at masked positions"}
+
+
+def loss_terms(metrics: pd.DataFrame) -> list[str]:
+    """The loss terms a metrics.csv holds values of, in its column order ("total" first)."""
+    return [c for c in metrics.columns if f"val_{c}" in metrics.columns and metrics[c].notna().any()]
+
+
 def loss_curves(metrics: pd.DataFrame) -> Figure:
-    """Total, diffusion (MSE) and rounding (CE) losses, train and validation, against steps."""
-    figure, axes = _figure(1, 3, 13, 3.6)
+    """The run's first three loss terms (for the Gaussian family total, diffusion MSE and rounding
+    CE), train and validation, against steps."""
+    terms = loss_terms(metrics)[:3] or ["total"]
+    figure, axes = _figure(1, len(terms), 13 * len(terms) / 3, 3.6)
     train = metrics[metrics["total"].notna()] if "total" in metrics else metrics.iloc[0:0]
     val = metrics[metrics["val_total"].notna()] if "val_total" in metrics else metrics.iloc[0:0]
-    for ax, term, title in zip(axes[0], ("total", "mse", "rounding"), ("total loss", "diffusion loss (MSE)",
-                                                                        "rounding loss (CE)")):
+    for ax, term in zip(axes[0], terms):
+        title = TERM_TITLES.get(term, term)
         if len(train):
             ax.plot(train["step"], train[term], label="train", color="C0")
         if len(val):

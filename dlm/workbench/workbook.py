@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dlm import families
 from dlm.core.config import did_you_mean, field_types, load_config
 from dlm.core.data import atomic_write_bytes
 from dlm.core.lockfile import FolderLock, FolderLocked
@@ -42,6 +43,7 @@ from dlm.workbench.notebook import LIVE_MARK, assigned_names, package_root, proj
 logger = logging.getLogger("dlm")
 
 NOTEBOOKS = ("train", "sample", "collapse_analysis", "control")  # control: when the preset names control_tasks
+PAGE_NEEDS = {"collapse_analysis": "geometry"}  # what a page asks of the run's family (dlm.families SUPPORTS)
 TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
 WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -429,8 +431,10 @@ def run_numbers(run_dir: str | Path) -> dict:
                            nn_distance=float(train["nn_distance"].iloc[-1]))
         if len(val):
             last = val.iloc[-1]
-            numbers.update(val_loss=float(last["val_total"]), val_mse=float(last["val_mse"]),
-                           val_rounding=float(last["val_rounding"]))
+            numbers.update(val_loss=float(last["val_total"]))
+            # each other term of the run's family (val_mse, val_rounding; val_nelbo; ...)
+            numbers.update({column: float(last[column]) for column in metrics.columns
+                            if column.startswith("val_") and column != "val_total" and pd.notna(last[column])})
     summary = _read_json(run.sample_summary)
     if summary:
         for side in ("samples", "heldout"):
@@ -605,10 +609,16 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
             "control": {"run_dir": run_dir, "task": config.control_tasks},
         }
         notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
+        # a page whose analyses the run's family lacks is left out, and the report says so
+        not_available = {nb: families.not_available(config.model, f"The {TITLES[nb]} page") for nb in notebooks
+                         if nb in PAGE_NEEDS and not families.supports(config.model, PAGE_NEEDS[nb])}
+        notebooks = [nb for nb in notebooks if nb not in not_available]
         report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
                                   "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                                  "pages": {}, "notebook_s": {}, "numbers": {},
+                                  "pages": {}, "notebook_s": {}, "numbers": {}, "not_available": not_available,
                                   "provenance": {**environment(), "run": []}}
+        for line in not_available.values():
+            logger.info("%s", line)
         started = time.perf_counter()
         for notebook in notebooks:
             executed = report_dir / f"{notebook}.ipynb"

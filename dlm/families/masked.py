@@ -1,0 +1,375 @@
+"""The masked (absorbing-state) diffusion family: MDLM (Sahoo et al. 2024) and, with block_size,
+masked block diffusion (BD3-LM, Arriola et al. 2025).
+
+Forward process: every token is replaced by a [MASK] token (one id past the vocabulary)
+independently with probability 1 - alpha_t, alpha_t = 1 - t (the log-linear schedule), t in (0, 1].
+The network is the same TinyTransformer, bidirectional and without time conditioning (a masked
+window says how noisy it is). SUBS parameterisation: the [MASK] token is never predicted (the head
+has no row for it), and an unmasked input token is its own prediction (carried over). The loss is
+the continuous-time NELBO: the cross-entropy at masked positions weighted by
+-alpha'_t / (1 - alpha_t) = 1 / t, over all positions, nats per token.
+
+With block_size below the window, blocks are generated left to right; training sees every block
+at once, each masked at its own t, beside the clean window under the Gaussian family's block-causal
+layout (`gaussian.every_block_mask`), so each block is trained as it is sampled: the earlier blocks
+clean, itself masked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlm.core.config import Config, ConfigError
+from dlm.core.embeddings import LearnedEmbedding
+from dlm.core.errors import UserError
+from dlm.core.nets import TinyTransformer
+from dlm.core.noise import WindowKeys, per_window
+from dlm.core.runtime import autocast
+from dlm.families.gaussian import block_causal_mask, every_block_mask
+
+GOLDEN = (math.sqrt(5) - 1) / 2  # the additive recurrence u + i * GOLDEN (mod 1) is low-discrepancy
+
+
+class MaskedDiffusionLM(nn.Module):
+    """Token embedding (the vocabulary plus [MASK]) -> bidirectional TinyTransformer -> a head over
+    the vocabulary only, tied to the embedding's word rows: logits (B, L, V), never [MASK]."""
+
+    def __init__(self, config: Config, vocab_size: int, pretrained_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        d = config.embed_dim
+        if pretrained_embeddings is not None:  # the [MASK] row is new: drawn like a fresh row
+            mask_row = torch.randn(1, d) * config.embedding_init_std
+            pretrained_embeddings = torch.cat([pretrained_embeddings.float(), mask_row])
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size
+        self.embedding = LearnedEmbedding(vocab_size + 1, d, pretrained_embeddings, init_std=config.embedding_init_std)
+        self.transformer = TinyTransformer(d, config.width, config.depth, config.heads, config.seq_len,
+                                           config.dropout, causal=False, time_conditioned=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def table(self) -> torch.Tensor:
+        """The word rows of the embedding table, (V, d) (the training log follows their geometry)."""
+        return self.embedding.table()[: self.vocab_size]
+
+    def hidden(self, z: torch.Tensor, attend: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's output (B, L, d) for ids z (B, L), masks included."""
+        return self.transformer(self.embedding(z), None, attend, positions)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Word logits (..., V) in float32: the mask has none (SUBS: it is never predicted)."""
+        return F.linear(hidden, self.table(), self.bias).float()
+
+    def forward(self, z: torch.Tensor, attend: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden(z, attend, positions))
+
+
+def mask_rate_range(config: Config) -> tuple[float, float]:
+    return config.mask_rate_min, config.mask_rate_max
+
+
+class MaskedDiffusion:
+    """The continuous-time NELBO of masked diffusion, shaped like the other objectives."""
+
+    terms = ("total", "nelbo", "masked_ce")  # masked_ce: the plain CE at masked positions (unweighted)
+
+    def __init__(self, block_size: int | None = None, rate_range: tuple[float, float] = (1e-3, 1.0),
+                 eval_min_rate: float = 1e-3):
+        low, high = rate_range
+        if not 0 < low < high <= 1:
+            raise ValueError(f"mask_rate_min and mask_rate_max must satisfy 0 < min < max <= 1, got {low}, {high}.")
+        self.block_size = block_size
+        self.rate_range = (low, high)
+        self.eval_range = (min(eval_min_rate, low), 1.0)  # validation and the bound: the whole range
+
+    def block_size_for(self, length: int) -> int | None:
+        size = self.block_size
+        if size is None or size >= length:
+            return None
+        if size < 1 or length % size:
+            raise ValueError(f"block_size ({size}) must divide the window length ({length}).")
+        return size
+
+    def draw_rates(self, batch: int, groups: int, keys: WindowKeys | None, generator: torch.Generator | None,
+                   rate_range: tuple[float, float]) -> torch.Tensor:
+        """Mask rates t (B, groups) in rate_range, low-discrepancy over the batch: one uniform u for
+        the step and t_i = (u + i * GOLDEN) mod 1 for window i of the global batch (MDLM's antithetic
+        draw, written so that a window's t does not depend on how the batch is split), a block's
+        offset by its index on the same recurrence."""
+        if keys is not None:
+            u = torch.rand((), generator=keys.step_generator(), dtype=torch.float64)
+            index = keys.index.double()
+        else:
+            u = torch.rand((), generator=generator, dtype=torch.float64)
+            index = torch.arange(batch, dtype=torch.float64)
+        # window i's block j is term i * groups + j of the recurrence
+        terms = index[:, None] * groups + torch.arange(groups, dtype=torch.float64)[None]
+        unit = (u + terms * GOLDEN) % 1.0
+        low, high = rate_range
+        return (low + (high - low) * unit).float()
+
+    def training_losses(self, model: MaskedDiffusionLM, ids: torch.Tensor, generator: torch.Generator | None = None,
+                        uniform_t: bool = False, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
+        """total = nelbo: sum over masked positions of CE / t, over all B x L positions (nats per
+        token). uniform_t (validation): t over the whole range, not the training's clipped one."""
+        batch, length = ids.shape
+        device = ids.device
+        size = self.block_size_for(length)
+        groups = 1 if size is None else length // size
+        rates = self.draw_rates(batch, groups, keys, generator, self.eval_range if uniform_t else self.rate_range)
+        t = rates.repeat_interleave(length // groups, dim=1).to(device)  # (B, L)
+        if keys is not None:
+            u = per_window(keys.generators(), lambda g: torch.rand(length, generator=g)).to(device)
+        else:
+            u = torch.rand((batch, length), generator=generator).to(device) if generator else torch.rand_like(t)
+        masked = u < t
+        z = torch.where(masked, model.mask_id, ids)
+        hidden = denoise_hidden(model, z, ids, size)
+        ce = F.cross_entropy(model.logits(hidden[masked]), ids[masked], reduction="none")  # (masked,)
+        nelbo = (ce / t[masked]).sum() / ids.numel()
+        masked_ce = ce.mean() if ce.numel() else ce.sum()
+        return {"total": nelbo, "nelbo": nelbo, "masked_ce": masked_ce}
+
+
+def denoise_hidden(model: MaskedDiffusionLM, z: torch.Tensor, ids: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """The network's hidden states (B, L, d) for masked windows z: the whole window at once, or
+    for block diffusion every block at once, each reading the clean earlier blocks of `ids` beside
+    it (the Gaussian family's layout: `every_block_mask`, the window twice at the same positions)."""
+    if block_size is None:
+        return model.hidden(z)
+    length = z.shape[1]
+    positions = torch.arange(length, device=z.device).repeat(2)
+    mask = every_block_mask(length, block_size, z.device)[None]
+    return model.hidden(torch.cat([z, ids], dim=1), mask, positions)[:, :length]
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """One draw per row of probs (..., K) by the Gumbel-max trick, the noise in `dtype`. float64 by
+    default: low-precision Gumbel noise is truncated (its uniforms cannot come near 0 or 1), which
+    under-draws unlikely tokens and lowers sample entropy (Zheng et al. 2024)."""
+    u = torch.rand(probs.shape, generator=generator, dtype=dtype).to(probs.device)
+    tiny = torch.finfo(dtype).tiny
+    exponential = -torch.log(u.clamp_min(tiny))
+    gumbel = -torch.log(exponential.clamp_min(tiny))
+    return (torch.log(probs.to(dtype)) + gumbel.to(dtype)).argmax(-1)
+
+
+@dataclass
+class UnmaskState:
+    """One step of the ancestral chain: the ids after it (masks where still masked), which
+    positions it unmasked (B, n), and the word probabilities they were drawn from (k, V), one row
+    per unmasked position in row-major order."""
+    index: int
+    t: float
+    z: torch.Tensor
+    unmasked: torch.Tensor
+    probs: torch.Tensor
+    calls: int  # network calls so far (a step where nothing changed reuses the last output)
+
+
+def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: torch.Generator | None = None,
+                 temperature: float = 1.0, banned: Sequence[int] = ()) -> Iterator[UnmaskState]:
+    """MDLM's ancestral sampler with caching, from z (B, n) (masks where to generate) over `steps`
+    steps of the log-linear schedule, t = 1 -> 0. predict(z) -> logits (B, n, V) float32. From t to
+    s a masked position unmasks with probability (t - s) / t and then takes a word drawn from the
+    network's distribution (at `temperature`; 0: the argmax); unmasked positions never change.
+    That is MDLM's one categorical over the words and [MASK] (probabilities p (t - s) / t and
+    s / t), drawn in two float64 stages so that the words are drawn only where a position unmasks.
+    The network runs again only when a position changed (in most steps none does when the steps
+    outnumber the positions)."""
+    logits, calls = None, 0
+    for index in range(steps):
+        t, s = 1 - index / steps, 1 - (index + 1) / steps
+        if logits is None:
+            logits = predict(z)
+            calls += 1
+            if banned:
+                logits[..., list(banned)] = -torch.inf
+        coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
+        unmasked = (z == mask_id) & (coin < (t - s) / t)
+        probs = torch.empty(0, logits.shape[-1], dtype=torch.float64)
+        if unmasked.any():
+            # the words' distribution, in float64, only where a position unmasks
+            chosen = logits[unmasked].double()
+            probs = (F.one_hot(chosen.argmax(-1), chosen.shape[-1]).double() if temperature == 0
+                     else torch.softmax(chosen / temperature, dim=-1))
+            z = z.clone()
+            z[unmasked] = categorical(probs, generator).to(z.device)
+            logits = None  # the window changed: the next step asks the network again
+        yield UnmaskState(index, s, z, unmasked, probs, calls)
+
+
+def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str):
+    """predict(z_block) -> logits (B, n, V) for the block after the clean `prefix` (B, first), as
+    training's layout reads it: the prefix block-causally, the block itself and everything before
+    it. The one place the prefix is recomputed each call (a key/value cache of the prefix would
+    plug in here)."""
+    first = prefix.shape[1]
+
+    def predict(z_block: torch.Tensor) -> torch.Tensor:
+        end = first + z_block.shape[1]
+        attend = None if first == 0 else block_causal_mask(end, block_size, z_block.device)[None]
+        with autocast(precision, z_block.device):
+            return model(torch.cat([prefix, z_block], dim=1), attend)[:, first:]
+
+    return predict
+
+
+@torch.inference_mode()
+def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.Tensor, known: torch.Tensor,
+               steps: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+               banned: Sequence[int] = (), precision: str = "fp32",
+               on_step: Callable[[int, float, torch.Tensor], None] | None = None,
+               keep_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Windows (B, L) with ids fixed where `known` (B, L) is True (infilling, a prefix: fixed
+    positions are never masked) and the rest generated; block by block, left to right, with
+    block_size. Returns the ids and, with keep_scores, the log-probabilities (B, L, V) each
+    generated position's word was drawn from (for constraints applied after the chain). on_step(index, t, window): each step's
+    window (masks included), the index counted over the blocks."""
+    batch, length = ids.shape
+    size = objective.block_size_for(length) or length
+    z = torch.where(known, ids, model.mask_id)
+    scores = torch.zeros(batch, length, model.vocab_size) if keep_scores else None
+    for first in range(0, length, size):
+        predict = block_predictor(model, z[:, :first], size, precision)
+        block = z[:, first: first + size]
+        for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned):
+            block = state.z
+            if keep_scores and state.unmasked.any():
+                scores[:, first: first + size][state.unmasked.cpu()] = state.probs.log().float().cpu()
+            if on_step is not None:
+                on_step(first // size * steps + state.index, state.t,
+                        torch.cat([z[:, :first], block, z[:, first + size:]], dim=1))
+        z[:, first: first + size] = block
+    return z, scores
+
+
+# --- the likelihood bound ----------------------------------------------------------------------
+
+BOUND_TERMS = ("nelbo",)
+
+
+@torch.inference_mode()
+def window_bound(run, ids: torch.Tensor, draws: int, generator: torch.Generator | None = None,
+                 **_) -> dict[str, torch.Tensor]:
+    """Each window's continuous-time NELBO summed over its positions (B,): for each of `draws`
+    mask rates t stratified over (0, 1] (draw k in the k-th 1/draws of it), the 1/t-weighted
+    cross-entropy at the masked positions; their mean. An unbiased estimate of the bound on
+    -log p(window) (block runs: the sum of each block's given the clean blocks before it)."""
+    model, objective = run.model, run.objective
+    batch, length = ids.shape
+    size = objective.block_size_for(length)
+    groups = 1 if size is None else length // size
+    total = torch.zeros(batch, dtype=torch.float64)
+    for k in range(draws):
+        t = ((k + torch.rand(batch, groups, generator=generator, dtype=torch.float64)) / draws).clamp_min(1e-6)
+        t = t.repeat_interleave(length // groups, dim=1)
+        masked = torch.rand(batch, length, generator=generator, dtype=torch.float64) < t
+        device = ids.device
+        z = torch.where(masked.to(device), model.mask_id, ids)
+        with autocast(run.config.precision, device):
+            logits = model.logits(denoise_hidden(model, z, ids, size))
+        ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").double().cpu()
+        total += (torch.where(masked, ce / t, 0.0)).sum(1)
+    return {"nelbo": total / draws}
+
+
+# --- the family interface (see dlm.families) ---------------------------------------------------
+
+NAME = "masked"
+SCORES_TOKENS = False  # a bound (the NELBO), not exact per-token likelihoods
+SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature"})
+ANALYSES = ()  # the collapse and geometry analyses read a Gaussian model's table, rounding and chain
+SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
+
+# Config keys of the Gaussian family that mean nothing here: set away from their defaults on a
+# masked run they are refused, not ignored (an option that silently does nothing misleads).
+GAUSSIAN_KEYS = ("embedding_norm", "embedding_scale", "use_learned_embeddings", "rounding", "schedule", "predict",
+                 "rounding_weight", "rounding_target", "prior_loss", "self_condition", "left_to_right", "time_warp",
+                 "sample_spacing", "clamp_fraction", "sample_eta", "sample_x0")
+
+
+def check_config(config: Config) -> None:
+    defaults = Config()
+    for key in GAUSSIAN_KEYS:
+        if getattr(config, key) != getattr(defaults, key):
+            raise ConfigError(f"'{key}' ({getattr(config, key)}) is a Gaussian-diffusion option; the masked family "
+                              f"has none: leave it at its default ({getattr(defaults, key)}) or use model: diffusion.")
+    if config.block_size is not None and config.block_size < config.seq_len and config.block_training != "all":
+        raise ConfigError("A masked run with block_size trains every block at once (BD3-LM): set block_training: all.")
+    mask_rate_range(config)
+    MaskedDiffusion(None, mask_rate_range(config))  # the range's own check
+
+
+def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> MaskedDiffusionLM:
+    return MaskedDiffusionLM(config, vocab_size, pretrained)
+
+
+def objective(config: Config) -> MaskedDiffusion:
+    return MaskedDiffusion(config.block_size, mask_rate_range(config))
+
+
+def trunk(model: MaskedDiffusionLM) -> nn.Module:
+    return model.transformer
+
+
+def check_steps(options) -> None:
+    if options.steps < 1:
+        raise UserError(f"steps must be at least 1, got {options.steps}.")
+
+
+def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
+    """`run` sampled by the ancestral chain of options.steps steps (per block), at
+    options.temperature; frames of the window every options.record_every steps ([MASK] shown as
+    <pad>, t in thousandths: the frames' t is an integer timestep in the other families)."""
+    options.validate()
+    check_steps(options)
+    length = run.config.seq_len
+    banned = options.banned_ids(run.tokenizer)
+    total = options.steps * (length // (run.objective.block_size_for(length) or length))
+    rows, trajectory = [], []
+    for first in range(0, options.num_samples, options.batch_size):
+        count = min(options.batch_size, options.num_samples - first)
+        blank = torch.zeros(count, length, dtype=torch.long, device=device)
+
+        def record(index: int, t: float, window: torch.Tensor, first=first) -> None:
+            if options.record_every and (index % options.record_every == 0 or index == total - 1):
+                shown = torch.where(window == run.model.mask_id, run.tokenizer.pad_id, window).cpu().tolist()
+                if first == 0:
+                    trajectory.append({"index": index, "t": round(t * 1000), "ids": shown})
+                else:
+                    next(f for f in trajectory if f["index"] == index)["ids"].extend(shown)
+
+        ids, _ = sample_ids(run.model, run.objective, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps,
+                            generator, options.temperature, banned, run.config.precision, record)
+        rows.append(ids.cpu())
+    return torch.cat(rows), trajectory
+
+
+def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.Generator,
+         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
+    scores (N, L, V) each position was drawn from (for the length constraint)."""
+    options.validate()
+    check_steps(options)
+    out, scores = [], []
+    for first in range(0, len(ids), options.batch_size):
+        batch = ids[first: first + options.batch_size].to(device)
+        mask = known.expand(len(ids), -1)[first: first + options.batch_size].to(device)
+        got, drawn_from = sample_ids(run.model, run.objective, batch, mask, options.steps, generator,
+                                     options.temperature, options.banned_ids(run.tokenizer), run.config.precision,
+                                     keep_scores=True)
+        out.append(got.cpu())
+        scores.append(drawn_from)
+    return torch.cat(out), torch.cat(scores)

@@ -1,0 +1,234 @@
+"""The family contract (dlm/families/__init__.py), checked for every family in FAMILIES: a new family
+that passes these tests works with the whole workbench. Nothing here names a family: a fourth one
+is checked by adding its line to FAMILIES."""
+
+import csv
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from dlm.core.config import Config, load_config
+from dlm.families import FAMILIES, family, supports
+from dlm.runs import train as train_module
+from dlm.runs.build import load_run
+from dlm.runs.sample import SampleOptions, generate
+from dlm.runs.train import metric_columns, train
+from tests.conftest import ROOT, make_corpus
+
+CAPABILITIES = {"likelihood_exact", "likelihood_bound", "infill", "prefix", "length", "guidance", "latent",
+                "temperature", "geometry"}
+CONTROLS = {"infill": "template", "prefix": "prefix", "length": "length"}
+
+
+def tiny_config(corpus, name: str, **overrides) -> Config:
+    """params/smoke.yaml with the family's name, fp32 on the CPU: a few steps in a second or two."""
+    return load_config(ROOT / "params" / "smoke.yaml", model=name, corpus=str(corpus), max_train_tokens=None,
+                       min_count=1, progress=False, precision="fp32", device="cpu", threads=1, epochs=2, **overrides)
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", paragraphs=60)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def trained(request, corpus, tmp_path_factory):
+    """One tiny run of each family (two epochs), trained once for the module."""
+    name = request.param
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    train(tiny_config(corpus, name), run_dir)
+    return name, run_dir
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_module_declares_the_interface(name):
+    module = family(name)
+    assert module.NAME == name
+    assert set(module.SUPPORTS) <= CAPABILITIES, set(module.SUPPORTS) - CAPABILITIES
+    assert not {"likelihood_exact", "likelihood_bound"} <= set(module.SUPPORTS)  # one kind of likelihood
+    assert set(module.SAMPLE_OPTIONS) <= {f for f in SampleOptions.__dataclass_fields__}
+    for function in ("check_config", "new_model", "objective", "trunk", "generate"):
+        assert callable(getattr(module, function)), function
+    if set(module.SUPPORTS) & set(CONTROLS):
+        assert callable(module.fill)
+
+
+def test_losses_and_metric_columns(trained):
+    name, run_dir = trained
+    run = load_run(run_dir)
+    terms = tuple(run.objective.terms)
+    assert terms[0] == "total"
+    # every loss the objective returns has a column: nothing is dropped from metrics.csv
+    ids = torch.randint(0, len(run.tokenizer), (4, run.config.seq_len))
+    losses = run.objective.training_losses(run.model, ids, generator=torch.Generator().manual_seed(0))
+    assert set(losses) == set(terms) and all(torch.isfinite(v) for v in losses.values())
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert tuple(header) == metric_columns(terms)
+    rows = read_rows(run_dir / "metrics.csv")
+    assert any(r["total"] for r in rows) and any(r["val_total"] for r in rows)
+    for term in terms:  # each term is filled, in training and validation rows
+        assert any(r[term] for r in rows) and any(r[f"val_{term}"] for r in rows), term
+
+
+def test_resume_is_exact(trained, corpus, tmp_path, monkeypatch):
+    """Killed after its first epoch and resumed, the run logs the losses of the uninterrupted one."""
+    name, whole = trained
+    config = tiny_config(corpus, name)
+    real_save = train_module.save_checkpoint
+
+    def crash_after_first_epoch(path, payload):
+        real_save(path, payload)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "part")
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train(config, tmp_path / "part", resume=True)
+    strip = ("tokens_per_s", "elapsed_s")
+    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_rows(d / "metrics.csv")]
+            for d in (whole, tmp_path / "part")]
+    assert len(rows[0]) > 2 and rows[0] == rows[1]
+
+
+def test_samples(trained):
+    name, run_dir = trained
+    run = load_run(run_dir)
+    options = SampleOptions.from_config(run.config, num_samples=3, batch_size=2, steps=4, record_every=2)
+    batch = generate(run, options)
+    assert batch.ids.shape == (3, run.config.seq_len) and batch.ids.dtype == torch.long
+    assert 0 <= int(batch.ids.min()) and int(batch.ids.max()) < len(run.tokenizer)  # words only, no [MASK]
+    assert len(batch.texts) == 3
+    again = generate(run, options)  # seeded: the same samples
+    assert torch.equal(batch.ids, again.ids)
+    for frame in batch.trajectory:  # frames, when the family records them, are whole windows of words
+        assert len(frame["ids"]) == 3 and all(len(row) == run.config.seq_len for row in frame["ids"])
+
+
+def test_likelihood(trained):
+    """An exact NLL or a bound, in nats per token with a standard error, through the one API."""
+    from dlm.evaluation.evaluate import teacher_nll
+    from dlm.evaluation.likelihood import nll_bound, validation_windows
+
+    name, run_dir = trained
+    run = load_run(run_dir)
+    ids = validation_windows(run, 8)
+    if supports(name, "likelihood_exact"):
+        nll = teacher_nll(run, ids.tolist())
+        assert 0 < nll < 2 * torch.log(torch.tensor(float(len(run.tokenizer))))
+    if supports(name, "likelihood_bound"):
+        bound = nll_bound(run, ids, draws=2)
+        assert bound.windows == 8 and bound.se > 0 and torch.isfinite(torch.tensor(bound.total))
+        assert bound.total > 0
+    if not {"likelihood_exact", "likelihood_bound"} & set(family(name).SUPPORTS):
+        with pytest.raises(ValueError, match="not available for"):
+            nll_bound(run, ids)
+
+
+@pytest.mark.parametrize("capability", list(CONTROLS))
+def test_control_where_supported(trained, capability):
+    """A family that says it can infill (or continue a prefix, or write a speech of N tokens) keeps
+    every fixed word in place; one that cannot says so in one line."""
+    from dlm.runs.control import infill, make_control
+
+    name, run_dir = trained
+    run = load_run(run_dir)
+    words = [w for w in run.tokenizer.itos if w.isalpha()][:3]
+    given = {"infill": {"template": f"{words[0]} __ __ {words[1]} __ {words[2]}"},
+             "prefix": {"prefix": f"{words[0]} {words[1]}"}, "length": {"length": 4}}[capability]
+    if not supports(name, capability):
+        with pytest.raises(ValueError, match="not available for"):
+            make_control(run, **given)
+        return
+    control = make_control(run, **given)
+    options = SampleOptions.from_config(run.config, num_samples=3, batch_size=2, steps=4)
+    result = infill(run, control, options)
+    assert result.ids.shape == (3, run.config.seq_len)
+    known = control.known
+    assert torch.equal(result.ids[:, known], control.ids[known].expand(3, -1))
+    assert bool((~known).any()) and int(result.ids[:, ~known].max()) < len(run.tokenizer)
+    if capability == "length":  # no blank line inside the speech
+        newline = run.tokenizer.stoi["\n"]
+        speech = result.ids[:, control.speech]
+        assert not ((speech[:, 1:] == newline) & (speech[:, :-1] == newline)).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_notebooks_run_for_every_family(name, tmp_path):
+    """The report (train, sample, collapse analysis where the family has the geometry, control) on a
+    tiny preset of each family: no notebook fails, and a page the family lacks is named as such."""
+    import yaml
+
+    from dlm.workbench import workbook
+
+    values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    tasks = ",".join(t for t in ("infill", "prefix", "length") if supports(name, t))
+    values.update(model=name, corpus=str(make_corpus(tmp_path / "corpus.txt")), min_count=1, max_train_tokens=None,
+                  threads=1, sample_steps=8, epochs=2, control_tasks=tasks)
+    preset = tmp_path / f"{name}.yaml"
+    preset.write_text(yaml.safe_dump(values))
+    parameters = {"sample": {"num_samples": 4, "threads": 1, "table_rows": 3, "curve_steps": "2,4", "curve_samples": 2},
+                  "collapse_analysis": {"num_samples": 4, "threads": 1, "max_checkpoints": 2},
+                  "control": {"num_samples": 2, "threads": 1, "length": 4}}
+    report_dir = workbook.build_report(preset, name=name, reports_dir=tmp_path / "reports", parameters=parameters)
+    info = json.loads((report_dir / "report.json").read_text())
+    assert info["status"] == "complete"
+    expected = {nb for nb in workbook.NOTEBOOKS if nb != "control" or tasks} - set(info["not_available"])
+    assert set(info["pages"]) == expected
+    assert all("not available for" in line for line in info["not_available"].values())
+
+
+def test_what_a_family_lacks_is_refused_in_one_line(trained):
+    """Every analysis or control the family does not declare answers 'not available for' it
+    instead of failing somewhere inside (and the ones it declares do not)."""
+    from dlm.evaluation.analysis import analyse_run
+    from dlm.evaluation.probe import heldout_ids
+    from dlm.runs.classifier import train_classifier
+    from dlm.runs.guidance import chain_scheduler
+
+    name, run_dir = trained
+    run = load_run(run_dir)
+    options = SampleOptions.from_config(run.config, num_samples=2, steps=2)
+    entry = {"geometry": lambda: heldout_ids(run, 2),
+             "guidance": lambda: chain_scheduler(run, options),
+             "latent": lambda: train_classifier(run, "question", "latent", steps=1)}
+    for capability, call in entry.items():
+        if supports(name, capability):
+            continue
+        with pytest.raises(ValueError, match="not available for"):
+            call()
+    if not supports(name, "geometry"):
+        with pytest.raises(ValueError, match="not available for"):
+            analyse_run(run_dir, max_checkpoints=1, num_samples=2)
+
+
+def test_an_older_metrics_file_keeps_its_columns(tmp_path):
+    """A run logged under the old fixed column list (every family's terms, some always empty)
+    resumes with its columns kept and the objective's new ones added, rows intact."""
+    from dlm.runs.train import MetricsWriter
+    from dlm.workbench import plots
+
+    path = tmp_path / "metrics.csv"
+    old = ("step,epoch,total,mse,rounding,prior,nll,val_total,val_mse,val_rounding,val_prior,val_nll,"
+           "embedding_norm,nn_distance,lr,tokens_per_s,elapsed_s")
+    path.write_text(old + "\n5,1,3.0,1.0,2.0,0.0,,,,,,,4.0,2.5,0.001,100.0,1.0\n10,1,,,,,,2.5,1.5,1.0,0.0,,,,,,2.0\n"
+                    "15,2,2.0,0.5,1.5,0.0,,,,,,,4.0,2.5,0.001,100.0,3.0\n")
+    writer = MetricsWriter(path, keep_until_step=10, terms=("total", "mse", "rounding", "prior", "extra"))
+    writer.write({"step": 15, "epoch": 2, "total": 1.5, "extra": 0.25})
+    rows = read_rows(path)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == old.split(",") + ["extra", "val_extra"]
+    assert [r["step"] for r in rows] == ["5", "10", "15"] and rows[0]["mse"] == "1.0" and rows[2]["extra"] == "0.25"
+    with pytest.raises(ValueError, match="no column for surprise"):  # an undeclared term is never dropped silently
+        writer.write({"step": 20, "surprise": 1.0})
+    plots.loss_curves(pd.read_csv(path))  # the old file still plots

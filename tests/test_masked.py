@@ -1,0 +1,200 @@
+"""The masked family (MDLM, and masked block diffusion): its time draws, the ancestral sampler with
+caching and its float64 draws, carry-over of fixed words, and block size 1 as an autoregressive
+model in likelihood terms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlm.core.config import load_config
+from dlm.core.noise import WindowKeys
+from dlm.families import masked
+from tests.conftest import ROOT
+
+
+def tiny(**overrides):
+    return load_config(ROOT / "params" / "masked_smoke.yaml", seq_len=8, embed_dim=8, width=16, heads=2,
+                       precision="fp32", device="cpu", **overrides)
+
+
+def model_and_objective(vocab=12, seed=0, **overrides):
+    config = tiny(**overrides)
+    torch.manual_seed(seed)
+    model = masked.new_model(config, vocab).eval()
+    return config, model, masked.objective(config)
+
+
+def test_mask_rates_are_low_discrepancy_and_do_not_depend_on_the_split():
+    objective = masked.MaskedDiffusion(None, (1e-3, 1.0))
+    whole = objective.draw_rates(64, 1, WindowKeys.batch(3, 7, 64), None, (0.0, 1.0))[:, 0]
+    halves = torch.cat([objective.draw_rates(32, 1, WindowKeys.batch(3, 7, 32, first), None, (0.0, 1.0))[:, 0]
+                        for first in (0, 32)])
+    assert torch.equal(whole, halves)  # a window's t is its own, however the batch is split
+    gaps = torch.diff(torch.sort(whole).values)
+    # the additive recurrence leaves no gap above 3/B; independent draws leave one of about log(B)/B
+    assert gaps.max() < 3 / 64
+    iid = torch.sort(torch.rand(64, generator=torch.Generator().manual_seed(0))).values
+    assert torch.diff(iid).max() > gaps.max()
+    clipped = objective.draw_rates(64, 4, WindowKeys.batch(3, 7, 64), None, (0.3, 0.8))
+    assert clipped.min() >= 0.3 and clipped.max() <= 0.8 and clipped.shape == (64, 4)
+
+
+def test_the_loss_is_the_one_over_t_weighted_masked_cross_entropy():
+    """An oracle for one window: with every position masked (t drawn at 1 exactly), the loss is the
+    plain CE of the all-mask window's logits; SUBS: the head never scores [MASK]."""
+    config, model, objective = model_and_objective()
+    objective.rate_range = (1.0 - 1e-9, 1.0)  # t = 1: every position masked, weight 1
+    ids = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(1))
+    losses = objective.training_losses(model, ids, generator=torch.Generator().manual_seed(2))
+    logits = model(torch.full_like(ids, model.mask_id))
+    assert logits.shape[-1] == 12  # no [MASK] logit
+    expected = F.cross_entropy(logits.transpose(1, 2), ids)
+    assert losses["nelbo"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["masked_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_weight_one_over_t_makes_the_loss_unbiased():
+    """With a network that ignores its input (an oracle whose CE at a position does not depend on
+    what is masked), E[loss] over the masks is the mean CE for every t: the 1/t weight undoes the
+    share t of positions masked."""
+    config, model, objective = model_and_objective()
+    ids = torch.randint(0, 12, (3, 8), generator=torch.Generator().manual_seed(1))
+    fixed = torch.randn(3, 8, config.embed_dim, generator=torch.Generator().manual_seed(2))
+    model.hidden = lambda z, *args, **kwargs: fixed
+    expected = F.cross_entropy(model.logits(fixed).transpose(1, 2), ids).item()
+    for t in (0.2, 0.7):
+        objective.rate_range = (t - 1e-9, t)
+        with torch.no_grad():
+            losses = torch.tensor([objective.training_losses(model, ids, torch.Generator().manual_seed(seed))["nelbo"]
+                                   for seed in range(400)])
+        assert abs(losses.mean().item() - expected) < 4 * losses.std().item() / math.sqrt(400), t
+
+
+def naive_chain(predict, z, mask_id, steps, generator):
+    """The ancestral sampler without caching: the network asked at every step (the oracle), the
+    same two-stage draws (unmask or not, then the word)."""
+    for index in range(steps):
+        t, s = 1 - index / steps, 1 - (index + 1) / steps
+        probs = torch.softmax(predict(z).double(), -1)
+        unmask = (z == mask_id) & (torch.rand(z.shape, generator=generator, dtype=torch.float64) < (t - s) / t)
+        if unmask.any():
+            z = z.clone()
+            z[unmask] = masked.categorical(probs[unmask], generator)
+    return z
+
+
+def test_caching_reuses_the_output_and_changes_no_draw():
+    config, model, _ = model_and_objective()
+    calls = []
+
+    def predict(z):
+        calls.append(z.clone())
+        return model(z)
+
+    start = torch.full((4, 8), model.mask_id)
+    start[:, 2] = 5  # a fixed word: never changed
+    states = list(masked.unmask_chain(predict, start, model.mask_id, 100, torch.Generator().manual_seed(0)))
+    cached = states[-1].z
+    assert (cached != model.mask_id).all() and (cached[:, 2] == 5).all()
+    # a call per change of the window, not per step: at most one per position that was masked, plus the first
+    assert len(calls) <= 1 + 7 * 4 and len(calls) < 100
+    assert all(not torch.equal(a, b) for a, b in zip(calls, calls[1:]))
+    reference = naive_chain(model, start, model.mask_id, 100, torch.Generator().manual_seed(0))
+    assert torch.equal(cached, reference)
+
+
+def tail_distribution(tail=4000, top=0.9):
+    """One likely word and a long tail of unlikely ones holding 10% of the mass between them."""
+    return torch.cat([torch.tensor([top]), torch.full((tail,), (1 - top) / tail)]).double()
+
+
+def test_draws_are_float64_low_precision_gumbel_noise_loses_the_tail():
+    """Zheng et al. 2024: truncated Gumbel noise under-draws unlikely tokens. With float16 noise the
+    largest Gumbel value (about 7.6) minus the smallest (about -2.3) cannot bridge the log-odds of
+    10.5 between the tail words and the top word: a tail holding 10% of the mass is never drawn.
+    The sampler's float64 draw gives the tail its share."""
+    probs = tail_distribution().expand(1000, -1)
+    tail_share = {dtype: float((masked.categorical(probs, torch.Generator().manual_seed(0), dtype) > 0).double().mean())
+                  for dtype in (torch.float16, torch.float64)}
+    assert tail_share[torch.float16] == 0.0
+    assert abs(tail_share[torch.float64] - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 1000)
+
+    # the sampler itself: one step from all masks draws every position from the network's distribution
+    log_p = tail_distribution().log().float()
+    states = list(masked.unmask_chain(lambda z: log_p.expand(*z.shape, -1), torch.full((1, 1000), 4001), 4001, 1,
+                                      torch.Generator().manual_seed(1)))
+    drawn = states[-1].z
+    assert abs(float((drawn > 0).double().mean()) - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 1000)
+
+
+def test_fixed_words_are_carried_over():
+    """SUBS: a position given unmasked is never masked again, so infilling keeps every fixed word
+    without a correction afterwards."""
+    config, model, objective = model_and_objective()
+    ids = torch.randint(0, 12, (5, 8), generator=torch.Generator().manual_seed(3))
+    known = torch.zeros(5, 8, dtype=torch.bool)
+    known[:, [0, 3, 7]] = True
+    out, scores = masked.sample_ids(model, objective, ids, known, 6, torch.Generator().manual_seed(0),
+                                    keep_scores=True)
+    assert torch.equal(out[known], ids[known]) and (out != model.mask_id).all()
+    assert scores.shape == (5, 8, 12)
+    # each generated word was drawn from its scores (a distribution), the fixed ones have none
+    assert torch.allclose(scores[~known].exp().sum(-1), torch.ones(int((~known).sum())), atol=1e-4)
+    assert (scores[known] == 0).all()
+
+
+def test_blocks_are_generated_left_to_right():
+    config, model, objective = model_and_objective(block_size=2, block_training="all")
+    frames = []
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    masked.sample_ids(model, objective, ids, torch.zeros_like(ids, dtype=torch.bool), 3,
+                      torch.Generator().manual_seed(0), on_step=lambda i, t, z: frames.append((i, z.clone())))
+    assert [i for i, _ in frames] == list(range(12))  # 4 blocks x 3 steps
+    for index, window in frames:
+        block = index // 3
+        done = window != model.mask_id
+        assert done[:, : 2 * block].all() and not done[:, 2 * (block + 1):].any()
+
+
+def exact_block_one_nll(model, ids):
+    """The oracle: with blocks of one token, the model is autoregressive: -log p(x_l | x_<l) read
+    at a [MASK] after the clean prefix under a plain causal mask, summed over l (nats per token)."""
+    batch, length = ids.shape
+    total = torch.zeros(batch, dtype=torch.float64)
+    for position in range(length):
+        window = torch.cat([ids[:, :position], torch.full((batch, 1), model.mask_id)], dim=1)
+        causal = torch.ones(position + 1, position + 1, dtype=torch.bool).tril()[None]
+        logits = model(window, causal)[:, -1]
+        total += F.cross_entropy(logits.double(), ids[:, position], reduction="none")
+    return total / length
+
+
+def test_block_size_one_is_an_autoregressive_model_in_likelihood():
+    """The masked NELBO of a block-size-1 run estimates the exact AR likelihood of its conditionals
+    (each block's mask weight 1/t has expectation 1): the estimate lies within four standard
+    errors of the oracle, window by window."""
+    from types import SimpleNamespace
+
+    config, model, objective = model_and_objective(vocab=12, seed=4, block_size=1, block_training="all")
+    ids = torch.randint(0, 12, (6, 8), generator=torch.Generator().manual_seed(5))
+    copies = 200  # each window scored 200 times per call, each with 20 stratified mask rates
+    with torch.no_grad():
+        exact = exact_block_one_nll(model, ids)
+        run = SimpleNamespace(model=model, objective=objective, config=config)
+        bound = masked.window_bound(run, ids.repeat(copies, 1), 20, torch.Generator().manual_seed(0))["nelbo"] / 8
+    estimates = bound.view(copies, 6)  # independent estimates of each window's bound
+    mean, se = estimates.mean(0), estimates.std(0) / math.sqrt(copies)
+    assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
+    assert se.max() < 0.1  # tight enough that a model reading the words after a block fails (checked)
+
+
+def test_masked_config_keys_and_presets():
+    config = load_config(ROOT / "params" / "masked.yaml")
+    default = load_config(ROOT / "params" / "default.yaml")
+    assert config.model == "masked"
+    for key in ("width", "depth", "heads", "seq_len", "batch_size", "epochs"):  # the default's size and budget
+        assert getattr(config, key) == getattr(default, key), key
+    masked.check_config(config)
+    masked.check_config(load_config(ROOT / "params" / "masked_smoke.yaml"))
