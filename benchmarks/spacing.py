@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str], seeds: list[int],
-            samples: int, windows: int) -> pd.DataFrame:
+            samples: int, windows: int, written=lambda table: None) -> pd.DataFrame:
+    """The table; `written(table so far)` after every row, so a long run stopped early keeps its rows."""
     run, teacher = load_run(run_dir), load_run(teacher_dir)
     ids = validation_windows(run, windows, seeds[0])
     rows = []
@@ -54,6 +55,7 @@ def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str
                              "chain_bound": bound.total, "chain_bound_se": bound.se,
                              "sample_s": time.perf_counter() - start, "bound_s": bound_s})
                 print(rows[-1], flush=True)
+                written(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
@@ -106,10 +108,13 @@ def main(argv=None) -> int:
         parser.error("give RUN_DIR TEACHER (a diffusion run and an AR run on its vocabulary), or --quick")
     out = Path(args.out or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    table = measure(args.run_dir, args.teacher, args.steps, args.spacings, args.seeds, args.samples, args.windows)
     command = "python benchmarks/spacing.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table.to_csv(out / "spacing.csv", index=False)
-    (out / "spacing.md").write_text(markdown(table, command))
+
+    def write(table: pd.DataFrame) -> None:
+        table.to_csv(out / "spacing.csv", index=False)
+        (out / "spacing.md").write_text(markdown(table, command))
+
+    table = measure(args.run_dir, args.teacher, args.steps, args.spacings, args.seeds, args.samples, args.windows, write)
     print(markdown(table, command))
     return 0
 
