@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 
 
 def tiny(**overrides):
-    return load_config(ROOT / "params" / "masked_smoke.yaml", seq_len=8, embed_dim=8, width=16, heads=2,
-                       precision="fp32", device="cpu", **overrides)
+    return load_config(ROOT / "params" / "masked_smoke.yaml", **{"seq_len": 8, "embed_dim": 8, "width": 16, "heads": 2,
+                                                                  "precision": "fp32", "device": "cpu", **overrides})
 
 
 def model_and_objective(vocab=12, seed=0, **overrides):
@@ -198,3 +198,23 @@ def test_masked_config_keys_and_presets():
         assert getattr(config, key) == getattr(default, key), key
     masked.check_config(config)
     masked.check_config(load_config(ROOT / "params" / "masked_smoke.yaml"))
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_the_prefix_cache_gives_the_recomputed_logits_and_samples(block_size):
+    """A block reads the finished blocks through their cached keys and values: the same logits as
+    running the whole prefix through the block-causal layout (the reference path), and so the same
+    samples for the same seed, for blocks of 1, 4 and 16."""
+    config, model, objective = model_and_objective(block_size=block_size, block_training="all", seq_len=32)
+    prefix = torch.randint(0, 12, (3, 16), generator=torch.Generator().manual_seed(1))
+    block = torch.randint(0, 13, (3, block_size), generator=torch.Generator().manual_seed(2))  # masks included
+    cache = None
+    for first in range(0, 16, block_size):
+        cache = masked.extend_prefix_cache(model, cache, prefix[:, first: first + block_size], "fp32")
+    cached = masked.block_predictor(model, prefix, block_size, "fp32", cache)(block)
+    recomputed = masked.block_predictor(model, prefix, block_size, "fp32")(block)
+    assert torch.allclose(cached, recomputed, atol=1e-5)
+    ids, known = torch.zeros(3, 32, dtype=torch.long), torch.zeros(3, 32, dtype=torch.bool)
+    with_cache, _ = masked.sample_ids(model, objective, ids, known, 4, torch.Generator().manual_seed(0))
+    without, _ = masked.sample_ids(model, objective, ids, known, 4, torch.Generator().manual_seed(0), prefix_cache=False)
+    assert torch.equal(with_cache, without)

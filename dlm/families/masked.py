@@ -28,7 +28,7 @@ from torch import nn
 from dlm.core.config import Config, ConfigError
 from dlm.core.embeddings import LearnedEmbedding
 from dlm.core.errors import UserError
-from dlm.core.nets import TinyTransformer
+from dlm.core.nets import PrefixCache, TinyTransformer
 from dlm.core.noise import WindowKeys, per_window
 from dlm.core.runtime import autocast
 from dlm.families.gaussian import block_causal_mask, every_block_mask
@@ -210,20 +210,31 @@ def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: 
         yield UnmaskState(index, s, z, unmasked, probs, calls)
 
 
-def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str):
+def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str,
+                    cache: PrefixCache | None = None):
     """predict(z_block) -> logits (B, n, V) for the block after the clean `prefix` (B, first), as
     training's layout reads it: the prefix block-causally, the block itself and everything before
-    it. The one place the prefix is recomputed each call (a key/value cache of the prefix would
-    plug in here)."""
+    it. With `cache` (the prefix's keys and values, `extend_prefix_cache`), a call runs the block's
+    own positions only; without it, the prefix is recomputed each call (the reference path)."""
     first = prefix.shape[1]
 
     def predict(z_block: torch.Tensor) -> torch.Tensor:
-        end = first + z_block.shape[1]
-        attend = None if first == 0 else block_causal_mask(end, block_size, z_block.device)[None]
         with autocast(precision, z_block.device):
+            if cache is not None:
+                return model.logits(model.transformer(model.embedding(z_block), None, cache=cache))
+            end = first + z_block.shape[1]
+            attend = None if first == 0 else block_causal_mask(end, block_size, z_block.device)[None]
             return model(torch.cat([prefix, z_block], dim=1), attend)[:, first:]
 
     return predict
+
+
+def extend_prefix_cache(model: MaskedDiffusionLM, cache: PrefixCache | None, block: torch.Tensor,
+                        precision: str) -> PrefixCache:
+    """The cache grown by a finished (clean) block, which reads the blocks before it and itself: the
+    block-causal layout training used (`every_block_mask`), so cached and recomputed logits agree."""
+    with autocast(precision, block.device):
+        return model.transformer.cache_prefix(model.embedding(block), None, cache=cache)
 
 
 @torch.inference_mode()
@@ -231,18 +242,20 @@ def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.
                steps: int, generator: torch.Generator | None = None, temperature: float = 1.0,
                banned: Sequence[int] = (), precision: str = "fp32",
                on_step: Callable[[int, float, torch.Tensor], None] | None = None,
-               keep_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               keep_scores: bool = False, prefix_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Windows (B, L) with ids fixed where `known` (B, L) is True (infilling, a prefix: fixed
     positions are never masked) and the rest generated; block by block, left to right, with
     block_size. Returns the ids and, with keep_scores, the log-probabilities (B, L, V) each
     generated position's word was drawn from (for constraints applied after the chain). on_step(index, t, window): each step's
-    window (masks included), the index counted over the blocks."""
+    window (masks included), the index counted over the blocks. prefix_cache: the finished blocks are
+    run once and cached (False: recomputed at every call, the reference the cache is tested against)."""
     batch, length = ids.shape
     size = objective.block_size_for(length) or length
     z = torch.where(known, ids, model.mask_id)
     scores = torch.zeros(batch, length, model.vocab_size) if keep_scores else None
+    cache = None  # the finished blocks' keys and values: a step costs its block's tokens, not the window's
     for first in range(0, length, size):
-        predict = block_predictor(model, z[:, :first], size, precision)
+        predict = block_predictor(model, z[:, :first], size, precision, cache if prefix_cache else None)
         block = z[:, first: first + size]
         for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned):
             block = state.z
@@ -252,6 +265,8 @@ def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.
                 on_step(first // size * steps + state.index, state.t,
                         torch.cat([z[:, :first], block, z[:, first + size:]], dim=1))
         z[:, first: first + size] = block
+        if prefix_cache and first + size < length:
+            cache = extend_prefix_cache(model, cache, block, precision)
     return z, scores
 
 
