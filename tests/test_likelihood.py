@@ -11,7 +11,7 @@ from torch import nn
 from dlm.cli import main
 from dlm.core.config import load_config
 from dlm.core.schedule import NoiseSchedule, sampling_timesteps
-from dlm.evaluation.likelihood import BoundTerms, summarise, window_terms
+from dlm.evaluation.likelihood import BoundTerms, summarise, window_terms, x0_errors
 from dlm.families.gaussian import GaussianDiffusion, LossSettings, new_model
 
 from .conftest import ROOT
@@ -251,3 +251,30 @@ def test_nll_bad_inputs_give_one_clear_line(corpus, tmp_path, capsys):
         assert main(["evaluate", *args]) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_x0_errors_locate_a_denoiser_worse_than_its_input_at_low_noise():
+    # Closed forms, independent of the code: for a known word at low noise the Bayes-optimal x0
+    # error is d Var(x_0 | x_t, w) = d s0 (1 - a) / (a s0 + 1 - a), the identity's d (1 - a) / a
+    # (against x_0) and at t = 0, against EMB(w), d (s0 + (1 - a) / a). A denoiser that shrinks
+    # its estimate by 20% is worse than its own input there (what the blocks-of-one run's bound
+    # rose by between 390 and 910 steps, docs/results.md), and the table says by how many nats.
+    table, schedule, diffusion = toy(2000)
+    dim = table.shape[1]
+    ids = torch.randint(0, len(table), (512, 8), generator=torch.Generator().manual_seed(0))
+    timesteps = [0, 1, 3, 300]  # at t = 300 only the identity's closed form is checked
+    good = x0_errors(Oracle(table, schedule), diffusion, ids, timesteps, torch.Generator().manual_seed(1))
+    a, s0 = schedule.alphas_cumprod.double(), 1 - float(schedule.alphas_cumprod[0])
+    for row in good.itertuples():
+        at = float(a[row.t])
+        best = 0.0 if row.t == 0 else dim * s0 * (1 - at) / (at * s0 + 1 - at)
+        identity = dim * ((s0 if row.t == 0 else 0.0) + (1 - at) / at)
+        if row.t <= 3:
+            assert row.error == pytest.approx(best, rel=0.05, abs=1e-6)
+        assert row.identity_error == pytest.approx(identity, rel=0.05)
+        assert row.excess_nats < 0
+    terms = BoundTerms(schedule)
+    assert good.weight[1] == pytest.approx(float(terms.coef1[1] ** 2 / (2 * terms.var[1])))
+    shrunk = x0_errors(Oracle(table, schedule, shrink=0.8), diffusion, ids, timesteps, torch.Generator().manual_seed(1))
+    assert (shrunk.error > shrunk.identity_error)[:3].all()
+    assert shrunk.excess_nats[0] == pytest.approx(good.weight[0] * (0.04 * dim - good.identity_error[0]), rel=0.1)

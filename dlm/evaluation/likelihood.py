@@ -232,6 +232,37 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
     return {name: out[name].cpu() for name in TERMS}
 
 
+@torch.inference_mode()
+def x0_errors(model, diffusion, ids: torch.Tensor, timesteps: Sequence[int], generator: torch.Generator | None = None,
+              precision: str = "fp32") -> pd.DataFrame:
+    """Where the bound is made, one row per timestep t: the denoiser's squared x0 error per token
+    (summed over dimensions, each block given the words before it as `window_terms` asks) beside
+    the identity's (x_t / sqrt(alpha_bar_t), x_t itself rescaled), and the bound's weight on it: a
+    step's KL is weight x error, so weight x (error - identity_error) is what the denoiser costs
+    the bound per token beyond returning its input. At t = 0 the error is against EMB(w) and the
+    weight the decoder term's (p(x_0 | x_1)); above, against x_0 and the step's KL weight."""
+    terms = BoundTerms(diffusion.schedule)
+    device = ids.device
+    emb = model.embed(ids).float()
+    x0 = emb + math.sqrt(terms.sigma0_sq) * torch.randn(emb.shape, generator=generator).to(device)
+    rows = []
+    for t in timesteps:
+        t_batch = torch.full((ids.shape[0],), t, dtype=torch.long, device=device)
+        x_t = q_sample(diffusion.schedule, x0, t_batch, torch.randn(x0.shape, generator=generator).to(device))
+        pred = _denoise_x0(model, diffusion, x_t, t_batch, emb, precision).double()
+        target = emb if t == 0 else x0
+        if t == 0:
+            weight = (1 - terms.decoder_gain * math.sqrt(float(terms.a[0]))) ** 2 / (2 * terms.decoder_var)
+        else:
+            weight = float(terms.coef1[t] ** 2 / (2 * terms.var[t]))
+        identity = x_t.double() / math.sqrt(float(terms.a[t]))
+        error = float(((pred - target.double()) ** 2).sum(-1).mean())
+        identity_error = float(((identity - target.double()) ** 2).sum(-1).mean())
+        rows.append({"t": t, "weight": weight, "error": error, "identity_error": identity_error,
+                     "excess_nats": weight * (error - identity_error)})
+    return pd.DataFrame(rows)
+
+
 def validation_windows(run: LoadedRun, count: int, seed: int = 0) -> torch.Tensor:
     """`count` random held-out windows of the run's length (the package's held-out windows)."""
     return heldout_windows(run_data(run).val_ids, run.config.seq_len, count, seed)
