@@ -66,7 +66,8 @@ from dlm.core.config import Config, load_config
 from dlm.core.data import epoch_windows, prepare_data
 from dlm.core.runtime import autocast, destroy_distributed, init_distributed, resolved_precision
 from dlm.core.schedule import q_sample
-from dlm.families.gaussian import DiffusionLM, sample_chain
+from dlm.families.gaussian_model import DiffusionLM
+from dlm.families.gaussian_sampling import sample_chain
 from dlm.runs.build import build_diffusion
 from dlm.runs.sample import SampleOptions
 from dlm.runs.train import build_state

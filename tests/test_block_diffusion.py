@@ -11,16 +11,11 @@ from dlm.core.config import ConfigError, load_config
 from dlm.core.noise import WindowKeys
 from dlm.core.schedule import sampling_timesteps
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import (
-    DiffusionLM,
-    block_causal_mask,
-    chain_blocks,
-    denoise_every_block,
-    every_block_mask,
-    generate,
-    sample_progressive,
-    x0_given_earlier_blocks,
-)
+from dlm.families.blocks import block_causal_mask, every_block_mask
+from dlm.families.gaussian import generate
+from dlm.families.gaussian_model import DiffusionLM
+from dlm.families.gaussian_objective import denoise_every_block
+from dlm.families.gaussian_sampling import chain_blocks, sample_progressive, x0_given_earlier_blocks
 from dlm.runs.build import build_diffusion
 from dlm.runs.sample import SampleOptions
 

@@ -101,7 +101,8 @@ def test_keys_list_every_key_with_its_type_and_comment():
 
 
 def test_loss_settings_and_sample_options_are_read_from_the_config_by_name():
-    from dlm.families.gaussian import LossSettings, objective
+    from dlm.families.gaussian import objective
+    from dlm.families.gaussian_objective import LossSettings
     from dlm.runs.sample import SampleOptions
 
     config = load_config(None, predict="epsilon", rounding_weight=0.5, prior_loss=False, time_warp=True)

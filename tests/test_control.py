@@ -59,7 +59,7 @@ def test_infilling_keeps_the_fixed_words_through_the_chain(run):
     assert (result.ids[:, control.known] == control.ids[control.known]).all()
     # the hook fixed them in the chain: it ends on their clean embeddings, which the rounding reads
     # as it reads EMB(w) itself (an untrained toy's rounding does not always give w back)
-    from dlm.families.gaussian import decode
+    from dlm.families.gaussian_model import decode
 
     clean = decode(run.model, run.model.embed(control.ids[None]))[0]
     expected = (clean[control.known] == control.ids[control.known]).float().mean().item()

@@ -15,7 +15,9 @@ from dlm.core.schedule import (
     sampling_timesteps,
 )
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import DiffusionLM, GaussianDiffusion, LossSettings, TimeWarp, sample_progressive
+from dlm.families.gaussian_model import DiffusionLM
+from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings, TimeWarp
+from dlm.families.gaussian_sampling import sample_progressive
 from dlm.runs.build import build_diffusion
 
 

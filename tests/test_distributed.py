@@ -16,7 +16,7 @@ from dlm.cli import without_nproc
 from dlm.core.config import ConfigError
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import Ranks, current_ranks
-from dlm.families.gaussian import DiffusionLM
+from dlm.families.gaussian_model import DiffusionLM
 from dlm.runs.build import build_diffusion, load_run
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions, generate

@@ -13,8 +13,9 @@ from dlm.core.config import Config, load_config
 from dlm.families import FAMILIES, family, supports
 from dlm.runs import train as train_module
 from dlm.runs.build import load_run
+from dlm.runs.metrics import metric_columns
 from dlm.runs.sample import SampleOptions, generate
-from dlm.runs.train import metric_columns, train
+from dlm.runs.train import train
 from tests.conftest import ROOT, make_corpus
 
 CAPABILITIES = {"likelihood_exact", "likelihood_bound", "infill", "prefix", "length", "guidance", "latent",
@@ -215,7 +216,7 @@ def test_what_a_family_lacks_is_refused_in_one_line(trained):
 def test_an_older_metrics_file_keeps_its_columns(tmp_path):
     """A run logged under the old fixed column list (every family's terms, some always empty)
     resumes with its columns kept and the objective's new ones added, rows intact."""
-    from dlm.runs.train import MetricsWriter
+    from dlm.runs.metrics import MetricsWriter
     from dlm.workbench import plots
 
     path = tmp_path / "metrics.csv"

@@ -12,7 +12,8 @@ from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import load_config
 from dlm.core.data import Tokenizer
 from dlm.evaluation.control import COLUMNS, control_table, markdown, rejection_pick
-from dlm.families.gaussian import DiffusionLM, sample_chain
+from dlm.families.gaussian_model import DiffusionLM
+from dlm.families.gaussian_sampling import sample_chain
 from dlm.runs.build import build_diffusion, load_run
 from dlm.runs.classifier import attribute, load_classifier, save_classifier, train_classifier
 from dlm.runs.guidance import chain_scheduler, guidance_hook, guided_ids

@@ -12,7 +12,8 @@ from dlm.cli import main
 from dlm.core.config import load_config
 from dlm.core.schedule import NoiseSchedule, sampling_timesteps
 from dlm.evaluation.likelihood import BoundTerms, summarise, window_terms, x0_errors
-from dlm.families.gaussian import GaussianDiffusion, LossSettings, new_model
+from dlm.families.gaussian import new_model
+from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings
 
 from .conftest import ROOT
 

@@ -7,7 +7,9 @@ import torch
 
 from dlm.core.config import load_config
 from dlm.core.nets import TinyTransformer
-from dlm.families.gaussian import DiffusionLM, block_causal_mask, sample_progressive
+from dlm.families.blocks import block_causal_mask
+from dlm.families.gaussian_model import DiffusionLM
+from dlm.families.gaussian_sampling import sample_progressive
 from dlm.runs.build import build_diffusion
 
 LENGTH, VOCAB, T = 32, 13, 50

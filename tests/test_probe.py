@@ -4,7 +4,7 @@ import torch
 from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import sampling_timesteps
 from dlm.evaluation import probe
-from dlm.families.gaussian import sample_progressive
+from dlm.families.gaussian_sampling import sample_progressive
 from dlm.runs.build import load_run
 from dlm.runs.train import train
 

@@ -8,7 +8,8 @@ import torch
 from dlm.core.config import load_config
 from dlm.core.schedule import NoiseSchedule
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.families.gaussian import DiffusionLM, reverse_chain, sample_progressive
+from dlm.families.gaussian_model import DiffusionLM
+from dlm.families.gaussian_sampling import reverse_chain, sample_progressive
 from dlm.runs.build import build_diffusion
 
 
@@ -144,7 +145,7 @@ def test_clamping_is_a_hook_after_the_others():
 
 
 def test_known_positions_hook_keeps_the_fixed_words_through_the_chain():
-    from dlm.families.gaussian import known_positions_hook, sample_chain
+    from dlm.families.gaussian_sampling import known_positions_hook, sample_chain
     from dlm.runs.sample import SampleOptions
 
     config = load_config(None, seq_len=6, embed_dim=8, width=16, depth=1, heads=2, diffusion_steps=50,

@@ -48,7 +48,7 @@ def test_flops_count_matches_the_model():
     import torch
 
     from dlm.core.config import load_config
-    from dlm.families.gaussian import DiffusionLM
+    from dlm.families.gaussian_model import DiffusionLM
 
     speed = load_speed()
     config = load_config(ROOT / "params" / "default.yaml")

@@ -24,8 +24,8 @@ import dlm.runs.train as train_module
 from dlm.cli import main
 from dlm.core.checkpoint import load_checkpoint
 from dlm.runs import provenance
-from dlm.runs.rundir import RunDir
-from dlm.runs.train import RunLock, train
+from dlm.runs.rundir import RunDir, RunLock
+from dlm.runs.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "params" / "smoke.yaml")

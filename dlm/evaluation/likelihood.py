@@ -53,7 +53,7 @@ from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, run_data
 from dlm.families import not_available, supports
-from dlm.families.gaussian import expected_x0_hook, x0_given_earlier_blocks
+from dlm.families.gaussian_sampling import expected_x0_hook, x0_given_earlier_blocks
 from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, load_run
 

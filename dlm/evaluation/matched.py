@@ -40,7 +40,8 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
     last state is decoded again; block chains (each block's words condition the next) and the AR
     model are sampled afresh. Each temperature is drawn once: the search, the scoring and the argmax
     entropy ask for the same ones again, and for the AR model a draw is a whole generation."""
-    from dlm.families.gaussian import batch_chains, decode, last_state
+    from dlm.families.gaussian import batch_chains, last_state
+    from dlm.families.gaussian_model import decode
 
     if not supports(run.config.model, "temperature"):
         raise UserError(not_available(run.config.model, "Sampling at a temperature (matched entropy)"))

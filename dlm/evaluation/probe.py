@@ -24,7 +24,7 @@ from dlm.core.errors import UserError
 from dlm.core.schedule import q_sample
 from dlm.evaluation.rundata import run_data
 from dlm.families import not_available, supports
-from dlm.families.gaussian import sample_chain, x0_given_earlier_blocks
+from dlm.families.gaussian_sampling import sample_chain, x0_given_earlier_blocks
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
 

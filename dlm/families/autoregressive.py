@@ -5,6 +5,7 @@ scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,10 @@ from torch import nn
 from dlm.core.config import Config
 from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
 from dlm.core.nets import TinyTransformer
+
+if TYPE_CHECKING:
+    from dlm.runs.build import LoadedRun
+    from dlm.runs.sample import SampleOptions
 
 
 class AutoregressiveLM(nn.Module):
@@ -107,7 +112,8 @@ def trunk(model: AutoregressiveLM) -> nn.Module:
     return model.transformer
 
 
-def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
+def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """`run` (model, tokenizer, config) sampled left to right at options.temperature (0: greedy),
     each sample starting after a newline, the way the corpus's lines start. No trajectory."""
     options.validate()  # no chain: its steps are not checked
@@ -119,7 +125,7 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     return torch.cat(batches), []
 
 
-def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.Generator,
+def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: SampleOptions, generator: torch.Generator,
          device: torch.device | str = "cpu") -> tuple[torch.Tensor, None]:
     """Control (prefix only): the first k = known.sum() tokens of each window of ids (N, L) given,
     the rest generated left to right. No scores."""

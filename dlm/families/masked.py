@@ -11,7 +11,7 @@ the continuous-time NELBO: the cross-entropy at masked positions weighted by
 
 With block_size below the window, blocks are generated left to right; training sees every block
 at once, each masked at its own t, beside the clean window under the Gaussian family's block-causal
-layout (`gaussian.every_block_mask`), so each block is trained as it is sampled: the earlier blocks
+layout (`blocks.every_block_mask`), so each block is trained as it is sampled: the earlier blocks
 clean, itself masked.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,11 @@ from dlm.core.errors import UserError
 from dlm.core.nets import PrefixCache, TinyTransformer
 from dlm.core.noise import WindowKeys, per_window
 from dlm.core.runtime import autocast
-from dlm.families.gaussian import block_causal_mask, every_block_mask
+from dlm.families.blocks import block_causal_mask, every_block_mask
+
+if TYPE_CHECKING:
+    from dlm.runs.build import LoadedRun
+    from dlm.runs.sample import SampleOptions
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # the additive recurrence u + i * GOLDEN (mod 1) is low-discrepancy
 
@@ -141,7 +146,8 @@ class MaskedDiffusion:
 def denoise_hidden(model: MaskedDiffusionLM, z: torch.Tensor, ids: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """The network's hidden states (B, L, d) for masked windows z: the whole window at once, or
     for block diffusion every block at once, each reading the clean earlier blocks of `ids` beside
-    it (the Gaussian family's layout: `every_block_mask`, the window twice at the same positions)."""
+    it (the layout shared with the Gaussian family: `blocks.every_block_mask`, the window twice at
+    the same positions)."""
     if block_size is None:
         return model.hidden(z)
     length = z.shape[1]
@@ -276,7 +282,7 @@ BOUND_TERMS = ("nelbo",)
 
 
 @torch.inference_mode()
-def window_bound(run, ids: torch.Tensor, draws: int, generator: torch.Generator | None = None,
+def window_bound(run: LoadedRun, ids: torch.Tensor, draws: int, generator: torch.Generator | None = None,
                  **_) -> dict[str, torch.Tensor]:
     """Each window's continuous-time NELBO summed over its positions (B,): for each of `draws`
     mask rates t stratified over (0, 1] (draw k in the k-th 1/draws of it), the 1/t-weighted
@@ -339,12 +345,13 @@ def trunk(model: MaskedDiffusionLM) -> nn.Module:
     return model.transformer
 
 
-def check_steps(options) -> None:
+def check_steps(options: SampleOptions) -> None:
     if options.steps < 1:
         raise UserError(f"steps must be at least 1, got {options.steps}.")
 
 
-def generate(run, options, generator: torch.Generator, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
+def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """`run` sampled by the ancestral chain of options.steps steps (per block), at
     options.temperature; frames of the window every options.record_every steps ([MASK] shown as
     <pad>, t in thousandths: the frames' t is an integer timestep in the other families)."""
@@ -372,7 +379,7 @@ def generate(run, options, generator: torch.Generator, device: torch.device | st
     return torch.cat(rows), trajectory
 
 
-def fill(run, ids: torch.Tensor, known: torch.Tensor, options, generator: torch.Generator,
+def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: SampleOptions, generator: torch.Generator,
          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
     scores (N, L, V) each position was drawn from (for the length constraint)."""

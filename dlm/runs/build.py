@@ -14,7 +14,7 @@ from dlm.core.config import Config, ConfigError, from_dict
 from dlm.core.data import Tokenizer, saved_tokenizer
 from dlm.core.embeddings import pretrained_table, read_word_vectors
 from dlm.families import family
-from dlm.families.gaussian import GaussianDiffusion
+from dlm.families.gaussian_objective import GaussianDiffusion
 from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")

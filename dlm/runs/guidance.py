@@ -38,7 +38,8 @@ import torch
 from dlm.core.errors import UserError
 from dlm.core.scheduler import DiffusionScheduler
 from dlm.families import not_available, supports
-from dlm.families.gaussian import Hook, batch_chains, chain_blocks, final_words, last_state, plain_scheduler
+from dlm.families.gaussian import batch_chains, final_words, last_state
+from dlm.families.gaussian_sampling import Hook, chain_blocks, plain_scheduler
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Classifier, expected_log_prob
 
@@ -48,7 +49,7 @@ FLUENCY = 0.01
 
 
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
-    """The scheduler sample_chain builds for `options` (gaussian.plain_scheduler, the same one)."""
+    """The scheduler sample_chain builds for `options` (gaussian_sampling.plain_scheduler, the same one)."""
     if not supports(run.config.model, "guidance"):
         raise UserError(not_available(run.config.model, "Classifier guidance") + f" ('{run.checkpoint}')")
     if run.objective.settings.left_to_right > 0:

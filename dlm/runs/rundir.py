@@ -1,9 +1,11 @@
-"""The run folder: every path inside one, in one place."""
+"""The run folder: every path inside one, in one place, and its lock (one writer per folder)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from dlm.core.lockfile import FolderLock, FolderLocked
 
 
 def run_and_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
@@ -75,3 +77,32 @@ class RunDir:
         never read by anything, safe to delete while this run's lock is held."""
         return sorted(p for folder in (self.path, self.checkpoints) if folder.is_dir()
                       for p in folder.glob(".*.tmp") if p.is_file())
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds a run and --resume was not given."""
+
+
+class RunLockedError(RunExistsError):
+    """Another process is training in the run folder."""
+
+
+class RunLock:
+    """One writer per run folder: an exclusive lock on run_dir/.train.lock, held from the start of
+    train() to its end (dlm.core.lockfile: released by the kernel when the process dies)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.lock = run, FolderLock(run.lock)
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.lock.__enter__()
+        except FolderLocked as held:
+            raise RunLockedError(
+                f"'{self.run.path}' is being trained right now by {held.holder}; two writers would corrupt it. "
+                f"Wait for that run to end (or stop it), then continue it with --resume; or choose another --run_dir."
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.__exit__(*exc)

@@ -1,14 +1,13 @@
 """Training in three stages: build the state (model, objective, AdamW with explicit parameter
 groups, warm-up + decay, EMA), resume it from last.pt, and the loop (clipping, metrics.csv,
-validation, scheduled atomic checkpoints) with its hooks. Resume is exact."""
+validation, scheduled atomic checkpoints) with its hooks. Resume is exact. What the checkpoints
+save and the resume itself are in dlm.runs.resume, metrics.csv in dlm.runs.metrics, the run folder's
+lock in dlm.runs.rundir."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
 import math
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -24,10 +23,9 @@ from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a termin
 
 from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dlm.core.config import Config, from_dict, save_config, section_keys
+from dlm.core.config import Config, save_config
 from dlm.core.data import (
     Tokenizer,
-    atomic_write_bytes,
     epoch_windows,
     fixed_windows,
     prepare_data,
@@ -36,7 +34,6 @@ from dlm.core.data import (
     windows_per_epoch,
 )
 from dlm.core.embeddings import nearest_neighbour_distances
-from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import (
     Ranks,
@@ -54,29 +51,13 @@ from dlm.core.runtime import (
 from dlm.families import family
 from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, build_model, build_objective
+from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
-from dlm.runs.rundir import RunDir
+from dlm.runs.resume import kept_payload, restore, resume_payload, resumed_config
+from dlm.runs.rundir import RunDir, RunExistsError, RunLock
 from dlm.runs.sample import SampleOptions, generate
 
 logger = logging.getLogger("dlm")
-
-# metrics.csv's columns: the objective's `terms` (each family's, "total" first) and their
-# validation values between the bookkeeping columns. A file written with other columns (an older
-# run's fixed list) keeps them: a resumed run adds its missing ones, never drops any.
-RUN_COLUMNS = ("embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s")
-
-
-def metric_columns(terms: tuple[str, ...]) -> tuple[str, ...]:
-    return ("step", "epoch", *terms, *(f"val_{term}" for term in terms), *RUN_COLUMNS)
-
-
-class RunExistsError(FileExistsError):
-    """The run folder already holds a run and --resume was not given."""
-
-
-class RunLockedError(RunExistsError):
-    """Another process is training in the run folder."""
-
 
 class DivergedError(RuntimeError):
     """A loss term or the weights became NaN or inf; the last good checkpoint is kept."""
@@ -209,122 +190,6 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
     return {f"val_{term}": value / batches for term, value in zip(diffusion.terms, sums.tolist())}
 
 
-class MetricsError(CheckpointError):
-    """metrics.csv does not hold the rows last.pt says were written: resuming would lose history."""
-
-
-def metrics_record(path: Path) -> dict:
-    """What last.pt keeps of metrics.csv when it is written: its rows, length and hash, so a resume can
-    tell the history it continues is whole (rows written after the checkpoint are dropped, as the
-    steps after it are trained again)."""
-    raw = path.read_bytes() if path.exists() else b""
-    return {"rows": max(0, raw.count(b"\n") - 1), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-
-
-def parse_metric_rows(raw: bytes, columns: tuple[str, ...], last_step: int) -> tuple[list[dict], int, bool, list[str]]:
-    """The rows of a metrics.csv up to `last_step` that parse (UTF-8, one field per column, an integer
-    step, numbers elsewhere), how many lines did not, whether the header did, and the column names
-    the rows were read with (a damaged header is read as `columns`)."""
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    header = lines[0].decode("utf-8", "replace").strip().split(",") if lines else []
-    # a header is whole when it names distinct columns, step first (an older run's columns included)
-    header_ok = (bool(header) and header[0] == "step" and len(set(header)) == len(header)
-                 and all(re.fullmatch(r"[a-z][a-z0-9_]*", name) for name in header))
-    names = header if header_ok else list(columns)
-    rows, damaged = [], 0
-    for line in lines[1:]:
-        try:
-            fields = next(csv.reader([line.decode("utf-8")]))
-            if len(fields) != len(names):
-                raise ValueError("field count")
-            row = dict(zip(names, fields))
-            step = int(row["step"])
-            for value in row.values():
-                if value:
-                    float(value)
-        except (UnicodeDecodeError, ValueError, StopIteration):
-            damaged += 1
-            continue
-        if step <= last_step:
-            rows.append(row)
-    return rows, damaged, header_ok or not lines, names
-
-
-class MetricsWriter:
-    """metrics.csv, one row per log interval (and one per epoch end, with validation losses); its
-    columns are `metric_columns(terms)`, after those of an existing file."""
-
-    def __init__(self, path: Path, keep_until_step: int | None = None, recorded: dict | None = None,
-                 rebuild: bool = False, fresh: bool = False, terms: tuple[str, ...] = ("total",)):
-        """A new file (or, `fresh`, one that replaces a run stopped before its first checkpoint), or on
-        resume the rows up to `keep_until_step` checked against last.pt's `recorded` metrics_record.
-        An existing file keeps its columns (an older run's fixed list); the objective's missing ones are added."""
-        self.path = path
-        self.columns = metric_columns(terms)
-        if keep_until_step is not None:
-            self._resume(keep_until_step, recorded, rebuild)
-        elif fresh or not path.exists():
-            self._rewrite([])
-            return
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows, header = list(reader), list(reader.fieldnames or [])
-        missing = [c for c in self.columns if c not in header]
-        self.columns = (*header, *missing)
-        if missing:
-            self._rewrite(rows)
-
-    def _resume(self, step: int, recorded: dict | None, rebuild: bool) -> None:
-        """Keep the rows up to the checkpoint's step, after checking they are the ones written."""
-        raw = self.path.read_bytes() if self.path.exists() else b""
-        if recorded is not None:
-            kept = raw[:recorded["bytes"]]
-            if len(raw) >= recorded["bytes"] and hashlib.sha256(kept).hexdigest() == recorded["sha256"]:
-                atomic_write_bytes(self.path, kept)  # whole: the rows after the checkpoint are dropped
-                return
-        rows, damaged, header_ok, names = parse_metric_rows(raw, self.columns, step)
-        self.columns = (*names, *[c for c in self.columns if c not in names])
-        if recorded is None and not damaged and header_ok:
-            self._rewrite(rows)  # a checkpoint from before the record: the rows that parse are all it can check
-            return
-        expected = recorded["rows"] if recorded is not None else len(rows) + damaged
-        lost = max(expected - len(rows), damaged)
-        if rebuild:
-            self._rewrite(rows)
-            logger.warning("rebuilt '%s' from the %d row(s) up to step %d that parse; %d of the %d written were "
-                           "lost or damaged", self.path, len(rows), step, lost, expected)
-            return
-        if not self.path.exists():
-            found = "is missing"
-        else:
-            found = f"has {len(rows)} readable row(s) up to step {step} of the {expected} checkpoints/last.pt recorded"
-            found += "".join(f", {what}" for what, seen in ((f"{damaged} damaged line(s)", damaged),
-                                                             ("a damaged header", not header_ok),
-                                                             ("changed values", not lost and header_ok)) if seen)
-        raise MetricsError(
-            f"'{self.path}' {found}: resuming would lose the run's history. Restore it from a copy, or resume "
-            f"with --rebuild_metrics (rebuild_metrics=True in train.ipynb) to rebuild it from the rows that parse.")
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        lines = [",".join(self.columns)] + [",".join(str(r.get(c) or "") for c in self.columns) for r in rows]
-        atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
-
-    def write(self, row: dict) -> None:
-        unknown = set(row) - set(self.columns)
-        if unknown:  # a term the objective did not declare would be lost: say so instead
-            raise ValueError(f"metrics.csv has no column for {', '.join(sorted(unknown))}; "
-                             f"the objective's `terms` must name every loss it returns.")
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.columns).writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
-
-    def record(self) -> dict:
-        return metrics_record(self.path)
-
-
 def _terms_text(values: dict, names) -> str:
     text = ", ".join(f"{name.removeprefix('val_')} {values[name]:.4f}" for name in names)
     if "nll" in names or "val_nll" in names:  # the AR baseline: say it as a perplexity too
@@ -342,7 +207,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: the state. What one optimizer step needs and changes; what last.pt saves.
+# Stage 1: the state. What one optimizer step needs and changes (what last.pt saves of it:
+# dlm.runs.resume).
 
 
 @dataclass
@@ -444,79 +310,8 @@ def build_state(config: Config, model: nn.Module, total_steps: int) -> TrainStat
     return TrainState(config, model, objective, optimizer, scheduler, ema, pace)
 
 
-def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
-    """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them. No
-    optimizer state: that is twice the model again, and only last.pt is resumed from."""
-    return {"model": state.model.state_dict(),
-            "ema": state.ema.module.state_dict() if state.ema is not None else None,
-            "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch}
-
-
-def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
-    """last.pt: a kept checkpoint plus all that an exact resume needs."""
-    warp = state.time_warp
-    return {**kept_payload(state, tokenizer),
-            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-            "ema_n_averaged": int(state.ema.n_averaged) if state.ema is not None else 0,
-            "rng": torch.get_rng_state(), "time_warp": warp.state_dict() if warp is not None else None}
-
-
 # ---------------------------------------------------------------------------------------------
-# Stage 2: resume.
-
-# A resumed run keeps its recipe; only how long it trains, what it records and how it executes may change,
-# and its peak lr (the way on after a divergence: --resume --lr LOWER).
-CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", "lr", *section_keys("bookkeeping"),
-                        *section_keys("runtime"))
-
-
-def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Config:
-    saved_config = from_dict(saved)
-    if config.model != saved_config.model:  # the folder's model would train under the other preset's recipe
-        command = "dlm train-ar" if saved_config.model == "ar" else "dlm train"
-        where = f"'{run.path}'" if run is not None else "The run"
-        raise RunExistsError(f"{where} holds a run of model '{saved_config.model}', not '{config.model}': resume it "
-                             f"with {command} and its own preset, or choose another --run_dir for the {config.model} run.")
-    changed = [k for k, v in config.to_dict().items()
-               if k not in CHANGEABLE_ON_RESUME and getattr(saved_config, k) != v]
-    if changed:
-        logger.info("resume keeps the saved recipe; ignoring changed keys: %s", ", ".join(changed))
-    return saved_config.replace(**{k: getattr(config, k) for k in CHANGEABLE_ON_RESUME})
-
-
-def restore(state: TrainState, payload: dict, path: Path) -> None:
-    """last.pt's weights, optimizer, schedule, EMA, time warp, RNG and counters into `state`."""
-    try:
-        state.model.load_state_dict(payload["model"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-        state.scheduler.load_state_dict(payload["scheduler"])
-        if state.ema is not None:
-            state.ema.module.load_state_dict(payload["ema"])
-            state.ema.n_averaged.fill_(payload["ema_n_averaged"])
-        if state.time_warp is not None:
-            state.time_warp.load_state_dict(payload["time_warp"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"'{path}' does not match this run: {error}") from None
-    torch.set_rng_state(payload["rng"])
-    state.step, state.epoch = payload["step"], payload["epoch"]
-    saved_lr = payload["config"].get("lr")
-    if saved_lr is not None and saved_lr != state.config.lr:
-        set_peak_lr(state)
-        logger.info("resume: peak lr %g -> %g (the schedule goes on from step %d at the new peak)",
-                    saved_lr, state.config.lr, state.step)
-
-
-def set_peak_lr(state: TrainState) -> None:
-    """Give a restored optimizer and schedule the config's peak lr (the saved state holds the old one)."""
-    scheduler = state.scheduler
-    for index, group in enumerate(state.optimizer.param_groups):
-        peak = state.config.lr * (state.config.embedding_lr_scale if group.get("name") == "embedding" else 1.0)
-        group["initial_lr"] = scheduler.base_lrs[index] = peak
-        group["lr"] = peak * scheduler.lr_lambdas[index](scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
-
-
-# ---------------------------------------------------------------------------------------------
+# Stage 2, resume: dlm.runs.resume (resumed_config, restore).
 # Stage 3: the loop, and what it calls besides the optimizer step.
 
 
@@ -749,27 +544,6 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
         hooks.checkpoint(state, keep=state.epoch % config.checkpoint_every == 0 or done)
     bar.close()
     return row
-
-
-class RunLock:
-    """One writer per run folder: an exclusive lock on run_dir/.train.lock, held from the start of
-    train() to its end (dlm.core.lockfile: released by the kernel when the process dies)."""
-
-    def __init__(self, run: RunDir):
-        self.run, self.lock = run, FolderLock(run.lock)
-
-    def __enter__(self) -> RunLock:
-        try:
-            self.lock.__enter__()
-        except FolderLocked as held:
-            raise RunLockedError(
-                f"'{self.run.path}' is being trained right now by {held.holder}; two writers would corrupt it. "
-                f"Wait for that run to end (or stop it), then continue it with --resume; or choose another --run_dir."
-            ) from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.__exit__(*exc)
 
 
 def remove_leftovers(run: RunDir) -> None:

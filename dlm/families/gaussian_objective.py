@@ -1,0 +1,307 @@
+"""The Gaussian family's training objective (Diffusion-LM): the one loss whose terms the config
+switches, what the network's output means (x0, epsilon, logits, preconditioned), and CDCD's time
+warping of the training timesteps. It knows the model only through `denoise`, `round`, `table`,
+`embedding` and `rounding` (dlm.families.gaussian_model.DiffusionLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dlm.core.noise import WindowKeys, per_window
+from dlm.core.runtime import all_reduce_sum
+from dlm.core.schedule import NoiseSchedule, position_timesteps, q_sample
+from dlm.families.blocks import every_block_mask
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+@dataclass
+class LossSettings:
+    """The loss's switches: each field is the Config key of the same name (section 'diffusion')."""
+    predict: str = "x0"  # what the network outputs: x0, epsilon, or logits (through the rounding head)
+    rounding_weight: float = 1.0
+    rounding_target: str = "noisy"  # clean | noisy | predicted
+    prior_loss: bool = True
+    self_condition: float = 0.0
+    left_to_right: float = 0.0  # AR-Diffusion's per-position delay (see position_timesteps)
+    time_warp: bool = False  # draw training timesteps where the words' cross-entropy rises (TimeWarp)
+    block_size: int | None = None  # semi-autoregressive blocks (see GaussianDiffusion.block_size_for)
+    block_training: str = "one"  # one block per window (SSD-LM) or all at once (BD3-LM)
+
+
+PREDICTIONS = ("x0", "epsilon", "logits", "preconditioned")
+
+
+class TimeWarp:
+    """CDCD-style time warping (Dieleman et al. 2022): draw training timesteps where the loss is
+    still changing with t instead of uniformly.
+
+    CDCD learns a monotone map from uniform u to t so that the cross-entropy is linear in u: t then
+    has density proportional to dCE/dt. Here that curve is measured, not learned: an exponential
+    moving average of each sequence's word cross-entropy (`word_loss_per_sequence`) in `bins`
+    equal bins of t, made monotone. Below the band where words are chosen it is near zero and
+    flat; at pure noise the prediction is the mean embedding and it flattens again; both ends get
+    few draws. A `uniform` share of the draws stays uniform, so every bin keeps being measured.
+    (The x0 MSE would be the cheaper signal, but it rises evenly over all t and warps nothing.)
+    """
+
+    def __init__(self, steps: int, bins: int = 40, uniform: float = 0.2, decay: float = 0.98):
+        bins = min(bins, steps)  # so that no bin is empty
+        self.steps, self.bins, self.uniform, self.decay = steps, bins, uniform, decay
+        # bin k holds the t with floor(t * bins / steps) = k: edges[k] <= t < edges[k + 1]
+        self.edges = -torch.div(-torch.arange(bins + 1) * steps, bins, rounding_mode="floor")
+        self.loss = torch.zeros(bins, dtype=torch.float64)
+        self.seen = torch.zeros(bins, dtype=torch.bool)
+
+    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.div(t.cpu() * self.bins, self.steps, rounding_mode="floor")
+
+    def density(self) -> torch.Tensor:
+        """Probability of each bin: uniform until every bin has been measured."""
+        even = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float64)
+        if not self.seen.all():
+            return even
+        curve = torch.cummax(self.loss, dim=0).values
+        rise = torch.diff(curve, prepend=curve.new_zeros(1))
+        if rise.sum() <= 0:
+            return even
+        return self.uniform * even + (1 - self.uniform) * rise / rise.sum()
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        chosen = torch.multinomial(self.density(), batch, replacement=True, generator=generator)
+        low, high = self.edges[chosen], self.edges[chosen + 1]
+        return low + (torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low)).long()
+
+    def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
+        """Fold a batch's per-sequence losses (B,) at timesteps t (B,) into the curve."""
+        bins, loss = self.bin_of(t), loss.detach().double().cpu()
+        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, loss)
+        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(loss))
+        # In a distributed run each process holds a shard of the batch: fold in the whole batch,
+        # so that every process keeps the same curve (the one a single process would keep).
+        sums = all_reduce_sum(torch.stack([total, count]))
+        total, count = sums[0], sums[1]
+        hit = count > 0
+        mean = total[hit] / count[hit]
+        self.loss[hit] = torch.where(self.seen[hit], self.decay * self.loss[hit] + (1 - self.decay) * mean, mean)
+        self.seen |= hit
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["loss"].shape != self.loss.shape:
+            raise ValueError(f"time warp has {len(state['loss'])} bins, expected {self.bins}")
+        self.loss, self.seen = state["loss"].clone().double(), state["seen"].clone().bool()
+
+
+class GaussianDiffusion:
+    terms = ("total", "mse", "rounding", "prior")  # what training_losses returns, in log order
+
+    def __init__(self, schedule: NoiseSchedule, settings: LossSettings):
+        if settings.predict not in PREDICTIONS:
+            raise ValueError(f"predict must be one of {', '.join(PREDICTIONS)}, got '{settings.predict}'.")
+        if settings.rounding_target not in ("clean", "noisy", "predicted"):
+            raise ValueError(f"rounding_target must be clean, noisy or predicted, got '{settings.rounding_target}'.")
+        if settings.time_warp and settings.left_to_right > 0:
+            raise ValueError("time_warp draws one timestep per sequence; it cannot be combined with left_to_right.")
+        self.schedule = schedule
+        self.settings = settings
+        self.time_warp = TimeWarp(schedule.steps) if settings.time_warp else None
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    def block_size_for(self, length: int) -> int | None:
+        """The block size of semi-autoregressive block diffusion (SSD-LM, BD3-LM) for windows of
+        `length` tokens, or None when the whole window is one block (Diffusion-LM: every position
+        noised together, the plain path, untouched)."""
+        size = self.settings.block_size
+        if size is None or size >= length:
+            return None
+        if size < 1 or length % size:
+            raise ValueError(f"block_size ({size}) must divide the window length ({length}).")
+        if self.settings.left_to_right > 0 or self.time_warp is not None:
+            raise ValueError("block_size below the window length cannot be combined with left_to_right or time_warp.")
+        return size
+
+    def x0_from_output(self, model, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.settings.predict == "x0":
+            return output
+        if self.settings.predict == "preconditioned":
+            skip, out = self.preconditioning(t, x_t.ndim)
+            return skip * x_t + out * output
+        if self.settings.predict == "logits":
+            # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
+            # float32 like the rest of the diffusion arithmetic.
+            with torch.autocast(output.device.type, enabled=False):
+                return torch.softmax(model.round(output.float()), dim=-1) @ model.table().float()
+        s = self.schedule
+        return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
+                / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
+
+    def preconditioning(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM's c_skip and c_out (Karras et al. 2022) at timesteps t, for predict 'preconditioned':
+        x0 = c_skip x_t + c_out F(x_t, t). In EDM's terms x_t / sqrt(a) = x0 + sigma eps with
+        sigma^2 = (1 - a) / a (a = alpha_bar), and with sigma_data = 1 (the scale of embedding rows of
+        norm sqrt(d)) its c_in is 1 on x_t, c_skip sqrt(a) and c_out sqrt(1 - a). As the noise
+        vanishes c_skip x_t tends to x_t / sqrt(a), x_t itself rescaled: the denoiser gets the
+        identity for free and learns only the correction (F is then minus the v of v-prediction)."""
+        s = self.schedule
+        return s.at(s.sqrt_alphas_cumprod, t, ndim), s.at(s.sqrt_one_minus_alphas_cumprod, t, ndim)
+
+    @torch.no_grad()
+    def word_loss_per_sequence(self, model, decoded: torch.Tensor, ids: torch.Tensor, positions: int = 4) -> torch.Tensor:
+        """The rounding decoder's cross-entropy on `positions` evenly spread positions of each
+        sequence, (B,): how well the words are known at each sequence's t (the time warp's signal;
+        a few positions keep the (B, positions, V) logits small)."""
+        picked = torch.linspace(0, ids.shape[1] - 1, min(positions, ids.shape[1])).round().long().to(ids.device)
+        logits = model.round(decoded[:, picked]).float()
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, picked], reduction="none").mean(1)
+
+    def training_losses(self, model, ids: torch.Tensor, generator: torch.Generator | None = None,
+                        uniform_t: bool = False, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
+        """The one loss. Returns every term (scalars): mse, rounding, prior, total.
+
+        Timesteps are uniform, or drawn and measured by the time warp when the run has one and
+        uniform_t is False (validation passes True, so its losses compare across runs).
+
+        What is drawn (the timesteps, the noise, the self-conditioning coin) comes from `keys` when
+        given (training and validation pass them): each window's from its own generator seeded by
+        (seed, step, its index in the global batch), the coin from the step's, so a batch split over
+        processes draws exactly what it draws whole. Else from `generator`, else torch's global RNG.
+
+        mse: ||f(x_t, t) - target||^2 with target x0 (or epsilon), and at t = 0 the predicted x0
+        against EMB(w); rounding: CE of the rounding decoder on the configured x0; prior (tT):
+        ||sqrt(alpha_bar_T) x0||^2, which keeps the table from growing without bound.
+
+        Block diffusion (block_size below the window), block_training one (SSD-LM): each window
+        also draws a block b (after its timestep). The positions of earlier blocks enter clean,
+        EMB(w) at t = 0; block b's are noised to t as usual; later blocks are masked out of
+        attention (and put at T - 1), so their words cannot matter. Every term is taken over block
+        b's positions only. block_training all (BD3-LM): every block is noised at its own timestep
+        and each reads the earlier blocks clean from a clean copy of the window
+        (`denoise_every_block`); every term is taken over every position.
+        """
+        cfg, s = self.settings, self.schedule
+        device = ids.device
+        emb = model.embedding(ids)  # (B, L, d)
+        batch = ids.shape[0]
+
+        windows = keys.generators() if keys is not None else None
+
+        def randn_like(x):
+            if windows is not None:
+                return per_window(windows, lambda g: torch.randn(x.shape[1:], generator=g)).to(device)
+            return torch.randn(x.shape, generator=generator, device="cpu").to(device) if generator else torch.randn_like(x)
+
+        def draw(sample):  # sample(count, generator) -> (count,): (batch,) of them, per window when keyed
+            if windows is not None:
+                return per_window(windows, lambda g: sample(1, g)[0])
+            return sample(batch, generator)
+
+        if cfg.rounding_target == "clean":
+            x0 = emb  # the seed: diffuse the clean embeddings themselves
+        else:
+            x0 = emb + s.sigma0 * randn_like(emb)  # x0 ~ q(x0 | w)
+        length = ids.shape[1]
+        block_size = self.block_size_for(length)
+        every_block = block_size is not None and cfg.block_training == "all"
+        one_block = block_size is not None and not every_block  # SSD-LM: one block per window
+        if cfg.left_to_right > 0:
+            progress = draw(lambda n, g: torch.rand((n,), generator=g))
+            t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
+        elif every_block:  # BD3-LM: each block at its own timestep
+            t = draw(lambda n, g: torch.randint(0, s.steps, (n, length // block_size), generator=g)).to(device)
+            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
+        elif self.time_warp is not None and not uniform_t:
+            t = draw(self.time_warp.sample).to(device)
+        else:
+            t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
+        attend = None
+        pick = _identity  # the positions the loss is taken over: all of them, or the current block's
+        if one_block:
+            current = draw(lambda n, g: torch.randint(0, length // block_size, (n,), generator=g)).to(device)
+            block_of = torch.arange(length, device=device) // block_size
+            earlier = block_of[None] < current[:, None]  # (B, L)
+            in_block = block_of[None] == current[:, None]
+            attend = block_of[None] <= current[:, None]  # SSD-LM: context and block, bidirectionally
+            t = torch.where(earlier, 0, torch.where(in_block, t[:, None], s.steps - 1))
+
+            def pick(z):  # (B, L, ...) -> (B, block_size, ...)
+                return z[in_block].view(batch, block_size, *z.shape[2:])
+        noise = randn_like(x0)
+        x_t = q_sample(s, x0, t, noise)
+        if one_block:
+            x_t = torch.where(earlier[..., None], emb, x_t)  # the finished blocks: clean, not noised
+
+        x0_estimate = None
+        if cfg.self_condition > 0:
+            # Self-conditioning (Analog Bits): on a share of batches, first predict x0 without
+            # gradient and feed that estimate back in as an extra input. One coin per step.
+            coin = keys.step_generator() if keys is not None else generator
+            use = torch.rand((), generator=coin).item() < cfg.self_condition
+            if use:
+                with torch.no_grad():
+                    x0_estimate = self.x0_from_output(model, model.denoise(x_t, t, None, attend), x_t, t).detach()
+        if every_block:
+            output = denoise_every_block(model, x_t, t, emb, block_size)
+        else:
+            output = model.denoise(x_t, t, x0_estimate, attend)
+        last = torch.full_like(t, s.steps - 1)
+        prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
+
+        if cfg.predict == "logits":
+            # CDCD's categorical reparameterisation: the denoiser classifies every position and is
+            # trained by cross-entropy alone; its x0 is the softmax-weighted embedding. The MSE of
+            # that x0 is reported, not trained (it needs the (B, L, V) logits).
+            rounding = model.rounding.loss(pick(output), pick(ids))
+            with torch.no_grad():
+                mse = mean_flat(pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2).mean()
+            total = rounding
+        else:
+            pred_x0 = self.x0_from_output(model, output, x_t, t)
+            if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
+                skip, out = self.preconditioning(t, x0.ndim)
+                target = (x0 - skip * x_t) / out
+            else:
+                target = x0 if cfg.predict == "x0" else noise
+            # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
+            # scored against EMB(w) itself.
+            t_per_position = t if t.ndim == 2 else t[:, None]
+            mse = pick(torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
+                                   ((output - target) ** 2).mean(-1))).mean()
+            rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
+            # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
+            rounding = model.rounding.loss(pick(rounding_input), pick(ids))
+            total = mse + cfg.rounding_weight * rounding
+        if self.time_warp is not None and not uniform_t:
+            decoded = output if cfg.predict == "logits" else pred_x0
+            # reads the losses on the CPU: one sync per step on CUDA
+            self.time_warp.update(t, self.word_loss_per_sequence(model, decoded, ids))
+        if cfg.prior_loss:
+            total = total + prior
+        return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
+
+
+def _identity(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+
+def denoise_every_block(model, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The denoiser's output for every block of x_t (B, L, d) at once, each block at its own
+    timesteps t (B, L), given the earlier blocks clean: one pass over the noised window beside the
+    clean one (EMB(w) at t = 0, at the same positions) under `every_block_mask`."""
+    length = x_t.shape[1]
+    inputs = torch.cat([x_t, emb.to(x_t.dtype)], dim=1)
+    timesteps = torch.cat([t, torch.zeros_like(t)], dim=1)
+    positions = torch.arange(length, device=x_t.device).repeat(2)
+    mask = every_block_mask(length, block_size, x_t.device)[None]
+    return model.denoise(inputs, timesteps, None, mask, positions)[:, :length]

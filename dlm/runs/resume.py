@@ -1,0 +1,91 @@
+"""Resuming a run exactly: what the checkpoints save of the training state (kept_payload for
+epoch_NNNN.pt, resume_payload for last.pt), which config keys a resume may change, and restoring
+last.pt into a freshly built state (dlm.runs.train.build_state)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dlm.core.checkpoint import CheckpointError
+from dlm.core.config import Config, from_dict, section_keys
+from dlm.core.data import Tokenizer
+from dlm.runs.rundir import RunDir, RunExistsError
+
+if TYPE_CHECKING:
+    from dlm.runs.train import TrainState
+
+logger = logging.getLogger("dlm")
+
+
+def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
+    """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them. No
+    optimizer state: that is twice the model again, and only last.pt is resumed from."""
+    return {"model": state.model.state_dict(),
+            "ema": state.ema.module.state_dict() if state.ema is not None else None,
+            "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch}
+
+
+def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
+    """last.pt: a kept checkpoint plus all that an exact resume needs."""
+    warp = state.time_warp
+    return {**kept_payload(state, tokenizer),
+            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+            "ema_n_averaged": int(state.ema.n_averaged) if state.ema is not None else 0,
+            "rng": torch.get_rng_state(), "time_warp": warp.state_dict() if warp is not None else None}
+
+
+
+# A resumed run keeps its recipe; only how long it trains, what it records and how it executes may change,
+# and its peak lr (the way on after a divergence: --resume --lr LOWER).
+CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_train_seconds", "lr", *section_keys("bookkeeping"),
+                        *section_keys("runtime"))
+
+
+def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Config:
+    saved_config = from_dict(saved)
+    if config.model != saved_config.model:  # the folder's model would train under the other preset's recipe
+        command = "dlm train-ar" if saved_config.model == "ar" else "dlm train"
+        where = f"'{run.path}'" if run is not None else "The run"
+        raise RunExistsError(f"{where} holds a run of model '{saved_config.model}', not '{config.model}': resume it "
+                             f"with {command} and its own preset, or choose another --run_dir for the {config.model} run.")
+    changed = [k for k, v in config.to_dict().items()
+               if k not in CHANGEABLE_ON_RESUME and getattr(saved_config, k) != v]
+    if changed:
+        logger.info("resume keeps the saved recipe; ignoring changed keys: %s", ", ".join(changed))
+    return saved_config.replace(**{k: getattr(config, k) for k in CHANGEABLE_ON_RESUME})
+
+
+def restore(state: TrainState, payload: dict, path: Path) -> None:
+    """last.pt's weights, optimizer, schedule, EMA, time warp, RNG and counters into `state`."""
+    try:
+        state.model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+        if state.ema is not None:
+            state.ema.module.load_state_dict(payload["ema"])
+            state.ema.n_averaged.fill_(payload["ema_n_averaged"])
+        if state.time_warp is not None:
+            state.time_warp.load_state_dict(payload["time_warp"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"'{path}' does not match this run: {error}") from None
+    torch.set_rng_state(payload["rng"])
+    state.step, state.epoch = payload["step"], payload["epoch"]
+    saved_lr = payload["config"].get("lr")
+    if saved_lr is not None and saved_lr != state.config.lr:
+        set_peak_lr(state)
+        logger.info("resume: peak lr %g -> %g (the schedule goes on from step %d at the new peak)",
+                    saved_lr, state.config.lr, state.step)
+
+
+def set_peak_lr(state: TrainState) -> None:
+    """Give a restored optimizer and schedule the config's peak lr (the saved state holds the old one)."""
+    scheduler = state.scheduler
+    for index, group in enumerate(state.optimizer.param_groups):
+        peak = state.config.lr * (state.config.embedding_lr_scale if group.get("name") == "embedding" else 1.0)
+        group["initial_lr"] = scheduler.base_lrs[index] = peak
+        group["lr"] = peak * scheduler.lr_lambdas[index](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
