@@ -132,7 +132,7 @@ def test_unknown_parameter_is_rejected_before_training(tmp_path):
                                    parameters={"params": str(tiny_preset(tmp_path)), "run_dir": str(tmp_path / "run"),
                                                "epoch": 1},
                                    progress_bar=False, cwd=str(tmp_path))
-    assert caught.value.ename == "ValueError" and "Did you mean 'epochs'?" in caught.value.evalue
+    assert caught.value.ename == "UserError" and "Did you mean 'epochs'?" in caught.value.evalue
     assert not (tmp_path / "run").exists()
 
 
@@ -225,7 +225,7 @@ def test_failing_notebook_stops_the_chain_and_keeps_earlier_steps(tmp_path):
                               parameters={"sample": {**SAMPLE, "steps": 100000}})
     failure = caught.value
     assert isinstance(failure.__cause__, PapermillExecutionError)
-    assert failure.notebook == "sample" and failure.ename == "ValueError" and "steps must be between" in failure.evalue
+    assert failure.notebook == "sample" and failure.ename == "UserError" and "steps must be between" in failure.evalue
     assert "sample.ipynb failed in cell In [" in str(failure)
     report = reports / "broken"
     assert (report / "train.html").is_file() and (report / "run" / "checkpoints" / "last.pt").is_file()

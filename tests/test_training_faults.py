@@ -399,10 +399,13 @@ def test_sigkill_at_random_steps_and_mid_checkpoint_then_resume_equals_an_uninte
     run = RunDir(tmp_path / "run")
     assert start(reference, tmp_path / "reference.log").wait() == 0
 
-    def kill_after(step, resume, log, jitter=0.3):
+    def kill_after(step, resume, log, jitter=0.02):
+        # the smoke model steps in about 10 ms on a free core: a longer jitter could let the run
+        # finish its 64 steps before the kill, and the next resume would have nothing to train
         process = start(args + (["--resume"] if resume else []), tmp_path / log)
         wait_for(lambda: logged_step(tmp_path / log) >= step, process)
         time.sleep(rng.uniform(0, jitter))  # somewhere in the next steps
+        assert process.poll() is None, "the run finished before it could be killed"
         process.kill()
         process.wait()
 
