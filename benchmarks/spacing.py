@@ -22,8 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from dlm.core.schedule import SPACINGS, sampling_timesteps
-from dlm.evaluation.likelihood import nll_bound, validation_windows
+from dlm.evaluation.likelihood import nll_bound
 from dlm.evaluation.matched import match_entropy
+from dlm.evaluation.rundata import validation_windows
 from dlm.runs.build import load_run
 from dlm.runs.sample import SampleOptions
 

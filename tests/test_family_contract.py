@@ -118,7 +118,8 @@ def test_samples(trained):
 def test_likelihood(trained):
     """An exact NLL or a bound, in nats per token with a standard error, through the one API."""
     from dlm.evaluation.evaluate import teacher_nll
-    from dlm.evaluation.likelihood import nll_bound, validation_windows
+    from dlm.evaluation.likelihood import nll_bound
+    from dlm.evaluation.rundata import validation_windows
 
     name, run_dir = trained
     run = load_run(run_dir)

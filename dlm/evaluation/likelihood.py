@@ -49,9 +49,8 @@ from dlm.core.config import machine_memory_bytes
 from dlm.core.errors import UserError
 from dlm.core.runtime import autocast
 from dlm.core.schedule import q_sample
-from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import teacher_nll
-from dlm.evaluation.rundata import run_checkpoints, run_data
+from dlm.evaluation.rundata import run_checkpoints, validation_windows
 from dlm.families import not_available, supports
 from dlm.families.gaussian_sampling import expected_x0_hook, x0_given_earlier_blocks
 from dlm.runs import curves as tensorboard_curves
@@ -261,11 +260,6 @@ def x0_errors(model, diffusion, ids: torch.Tensor, timesteps: Sequence[int], gen
         rows.append({"t": t, "weight": weight, "error": error, "identity_error": identity_error,
                      "excess_nats": weight * (error - identity_error)})
     return pd.DataFrame(rows)
-
-
-def validation_windows(run: LoadedRun, count: int, seed: int = 0) -> torch.Tensor:
-    """`count` random held-out windows of the run's length (the package's held-out windows)."""
-    return heldout_windows(run_data(run).val_ids, run.config.seq_len, count, seed)
 
 
 def check_counts(windows: int, draws: int) -> None:

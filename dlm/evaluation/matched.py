@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 
 from dlm.core.errors import UserError
-from dlm.core.textstats import heldout_windows, sample_stats
+from dlm.core.textstats import sample_stats
 from dlm.evaluation.evaluate import evaluate_samples, records_from_ids, sample_ids
-from dlm.evaluation.rundata import run_data
+from dlm.evaluation.rundata import validation_windows
 from dlm.evaluation.tokens import ids_to_words
 from dlm.families import not_available, supports
 from dlm.runs.build import LoadedRun
@@ -80,15 +80,10 @@ def entropy_of(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = No
     return sample_stats(ids_to_words(rows, tokenizer))["unigram_entropy"]
 
 
-def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
-    """`count` held-out windows of the run's length, in its tokenizer: what its samples are compared with."""
-    return heldout_windows(run_data(run).val_ids, run.config.seq_len, count)
-
-
 def heldout_entropy(run: LoadedRun, count: int, teacher: LoadedRun | None = None) -> float:
     """Unigram entropy (bits) of `count` held-out windows of the run's length: what samples match
     (read by `teacher` as its samples are, when given)."""
-    return entropy_of(run, heldout_ids(run, count), teacher)
+    return entropy_of(run, validation_windows(run, count), teacher)
 
 
 def find_temperature(entropy_at: Callable[[float], float], target: float, tolerance: float = 0.01,
@@ -149,7 +144,7 @@ def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float],
     ids = draw(temperature)
     # a teacher of another tokenizer reads the run's own held-out windows, as it reads the samples
     other = teacher.tokenizer.fingerprint() != run.tokenizer.fingerprint()
-    heldout = records_from_ids(heldout_ids(run, len(ids)), run.tokenizer) if other else None
+    heldout = records_from_ids(validation_windows(run, len(ids)), run.tokenizer) if other else None
     result = evaluate_samples(records_from_ids(ids, run.tokenizer), teacher, heldout)
     samples, heldout = result["samples"], result["heldout"]
     types_key = f"types_at_{result['types_count']}"

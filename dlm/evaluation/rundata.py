@@ -22,11 +22,15 @@ def run_data(run: LoadedRun) -> CorpusData:
     return prepare_data(run.config.corpus, tokenizer=run.tokenizer, max_train_tokens=run.config.max_train_tokens)
 
 
+def validation_windows(run: LoadedRun, count: int, seed: int = 0, data: CorpusData | None = None) -> torch.Tensor:
+    """`count` random held-out windows of the run's length, in its tokens (the package's held-out
+    windows: what the bound scores and samples are compared with)."""
+    return heldout_windows((data or run_data(run)).val_ids, run.config.seq_len, count, seed)
+
+
 def heldout_sequences(run: LoadedRun, count: int, seed: int = 0, data: CorpusData | None = None) -> list[list[str]]:
     """`count` random held-out windows of the run's length (in its tokens), as their words."""
-    data = data or run_data(run)
-    windows = heldout_windows(data.val_ids, run.config.seq_len, count, seed)
-    return ids_to_words(windows, run.tokenizer)
+    return ids_to_words(validation_windows(run, count, seed, data), run.tokenizer)
 
 
 def train_token_counts(run: LoadedRun, data: CorpusData | None = None) -> torch.Tensor:

@@ -25,7 +25,6 @@ def metric_columns(terms: tuple[str, ...]) -> tuple[str, ...]:
     return ("step", "epoch", *terms, *(f"val_{term}" for term in terms), *RUN_COLUMNS)
 
 
-
 class MetricsError(CheckpointError):
     """metrics.csv does not hold the rows last.pt says were written: resuming would lose history."""
 
