@@ -218,3 +218,24 @@ def test_the_prefix_cache_gives_the_recomputed_logits_and_samples(block_size):
     with_cache, _ = masked.sample_ids(model, objective, ids, known, 4, torch.Generator().manual_seed(0))
     without, _ = masked.sample_ids(model, objective, ids, known, 4, torch.Generator().manual_seed(0), prefix_cache=False)
     assert torch.equal(with_cache, without)
+
+
+def test_the_word_head_runs_only_where_a_position_unmasks_and_draws_the_same_samples():
+    """The sampler projects to the vocabulary only the positions a step unmasks: the same chain as
+    projecting every position (the oracle: predict returns the model's full logits), with the
+    head's rows summing to the positions generated."""
+    _, model, _ = model_and_objective(seq_len=32)
+    start = torch.full((3, 32), model.mask_id)
+    rows = []
+
+    def head(hidden):
+        rows.append(hidden.shape[0])
+        return model.logits(hidden)
+
+    with torch.no_grad():
+        full = list(masked.unmask_chain(lambda z: model(z), start, model.mask_id, 20, torch.Generator().manual_seed(3)))
+        split = list(masked.unmask_chain(model.hidden, start, model.mask_id, 20, torch.Generator().manual_seed(3),
+                                         head=head))
+    assert torch.equal(full[-1].z, split[-1].z)
+    assert not (split[-1].z == model.mask_id).any()
+    assert sum(rows) == 3 * 32

@@ -180,12 +180,12 @@ class UnmaskState:
     t: float
     z: torch.Tensor
     unmasked: torch.Tensor
-    probs: torch.Tensor
+    probs: torch.Tensor | None  # None when the step unmasked nothing
     calls: int  # network calls so far (a step where nothing changed reuses the last output)
 
 
 def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: torch.Generator | None = None,
-                 temperature: float = 1.0, banned: Sequence[int] = ()) -> Iterator[UnmaskState]:
+                 temperature: float = 1.0, banned: Sequence[int] = (), head=None) -> Iterator[UnmaskState]:
     """MDLM's ancestral sampler with caching, from z (B, n) (masks where to generate) over `steps`
     steps of the log-linear schedule, t = 1 -> 0. predict(z) -> logits (B, n, V) float32. From t to
     s a masked position unmasks with probability (t - s) / t and then takes a word drawn from the
@@ -193,46 +193,61 @@ def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: 
     That is MDLM's one categorical over the words and [MASK] (probabilities p (t - s) / t and
     s / t), drawn in two float64 stages so that the words are drawn only where a position unmasks.
     The network runs again only when a position changed (in most steps none does when the steps
-    outnumber the positions)."""
-    logits, calls = None, 0
+    outnumber the positions). With `head`, predict(z) returns features (B, n, d) and head maps the
+    unmasking positions' features (k, d) to their logits (k, V): the vocabulary projection, which
+    costs as much as the network at a word vocabulary, is paid for the k positions a step unmasks,
+    not all B x n."""
+    features, calls = None, 0
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
-        if logits is None:
-            logits = predict(z)
+        if features is None:
+            features = predict(z)
             calls += 1
-            if banned:
-                logits[..., list(banned)] = -torch.inf
         coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
         unmasked = (z == mask_id) & (coin < (t - s) / t)
-        probs = torch.empty(0, logits.shape[-1], dtype=torch.float64)
+        probs = None
         if unmasked.any():
             # the words' distribution, in float64, only where a position unmasks
-            chosen = logits[unmasked].double()
+            chosen = features[unmasked] if head is None else head(features[unmasked])
+            chosen = chosen.double()
+            if banned:
+                chosen[..., list(banned)] = -torch.inf
             probs = (F.one_hot(chosen.argmax(-1), chosen.shape[-1]).double() if temperature == 0
                      else torch.softmax(chosen / temperature, dim=-1))
             z = z.clone()
             z[unmasked] = categorical(probs, generator).to(z.device)
-            logits = None  # the window changed: the next step asks the network again
+            features = None  # the window changed: the next step asks the network again
         yield UnmaskState(index, s, z, unmasked, probs, calls)
 
 
 def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str,
                     cache: PrefixCache | None = None):
-    """predict(z_block) -> logits (B, n, V) for the block after the clean `prefix` (B, first), as
-    training's layout reads it: the prefix block-causally, the block itself and everything before
-    it. With `cache` (the prefix's keys and values, `extend_prefix_cache`), a call runs the block's
-    own positions only; without it, the prefix is recomputed each call (the reference path)."""
+    """predict(z_block) -> hidden states (B, n, d) for the block after the clean `prefix` (B, first),
+    as training's layout reads it: the prefix block-causally, the block itself and everything before
+    it (`word_head` turns them into logits). With `cache` (the prefix's keys and values,
+    `extend_prefix_cache`), a call runs the block's own positions only; without it, the prefix is
+    recomputed each call (the reference path)."""
     first = prefix.shape[1]
 
     def predict(z_block: torch.Tensor) -> torch.Tensor:
         with autocast(precision, z_block.device):
             if cache is not None:
-                return model.logits(model.transformer(model.embedding(z_block), None, cache=cache))
+                return model.transformer(model.embedding(z_block), None, cache=cache)
             end = first + z_block.shape[1]
             attend = None if first == 0 else block_causal_mask(end, block_size, z_block.device)[None]
-            return model(torch.cat([prefix, z_block], dim=1), attend)[:, first:]
+            return model.hidden(torch.cat([prefix, z_block], dim=1), attend)[:, first:]
 
     return predict
+
+
+def word_head(model: MaskedDiffusionLM, precision: str):
+    """head(hidden (k, d)) -> word logits (k, V) float32, at the precision the network ran at."""
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, hidden.device):
+            return model.logits(hidden)
+
+    return head
 
 
 def extend_prefix_cache(model: MaskedDiffusionLM, cache: PrefixCache | None, block: torch.Tensor,
@@ -263,7 +278,8 @@ def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.
     for first in range(0, length, size):
         predict = block_predictor(model, z[:, :first], size, precision, cache if prefix_cache else None)
         block = z[:, first: first + size]
-        for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned):
+        for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned,
+                                  word_head(model, precision)):
             block = state.z
             if keep_scores and state.unmasked.any():
                 scores[:, first: first + size][state.unmasked.cpu()] = state.probs.log().float().cpu()
