@@ -272,13 +272,29 @@ def test_loss_second_moment_in_training_losses(monkeypatch):
     assert losses["mse"].item() == pytest.approx(mse_each.mean().item(), rel=1e-5)
 
 
-def test_loss_second_moment_with_one_block_per_window():
+def test_loss_second_moment_with_blocks(monkeypatch):
     model, diffusion = toy(rounding_target="predicted", timestep_sampling="loss_second_moment", block_size=2)
     losses = diffusion.training_losses(model, torch.randint(0, 11, (16, 6)), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(losses["total"]) and diffusion.importance.count.sum() == 16  # one t a window
-    settings = LossSettings(timestep_sampling="loss_second_moment", block_size=2, block_training="all")
-    with pytest.raises(ValueError, match="block_training all"):  # a timestep per block
-        GaussianDiffusion(NoiseSchedule("sqrt", 50), settings).block_size_for(6)
+    # every block at once (BD3-LM): each block draws its own t and is weighted and measured by it
+    model, diffusion = toy(rounding_target="clean", timestep_sampling="loss_second_moment", block_size=2,
+                           block_training="all")
+    sampler = diffusion.importance
+    sampler.load_state_dict({"square": torch.tensor([100.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64),
+                             "count": torch.full((5,), 10.0, dtype=torch.float64)})
+    density = sampler.density()
+    ids = torch.randint(0, 11, (16, 6))
+    seen, output = [], torch.randn(16, 12, 8)  # the noised window beside the clean one
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None, positions=None:
+                        seen.append(t) or output)
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+    t = seen[0][:, :6]  # (16, 6): each block's t on its two positions
+    assert torch.equal(t[:, 0::2], t[:, 1::2]) and (t[:, 0::2] != t[:, [0]]).any()
+    weights = 1 / (50 * density[t // 10] / 10)  # per position: its block's
+    emb = model.embedding(ids).detach()
+    error = ((output[:, :6] - emb) ** 2).mean(-1).double()
+    assert losses["mse"].item() == pytest.approx((error * weights).mean().item(), rel=1e-5)
+    assert sampler.count.sum().item() == 50 + 16 * 3  # one measurement a block
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -39,7 +39,8 @@ def test_shards_cover_the_batch_evenly():
 
 @pytest.mark.parametrize("options", [{"self_condition": 0.5, "time_warp": True}, {"left_to_right": 0.5},
                                      {"rounding_target": "clean", "predict": "epsilon"},
-                                     {"timestep_sampling": "loss_second_moment"}])
+                                     {"timestep_sampling": "loss_second_moment"},
+                                     {"timestep_sampling": "loss_second_moment", "block_size": 4, "block_training": "all"}])
 def test_a_split_batch_draws_and_learns_what_the_whole_batch_does(smoke_config, options):
     """Each window's timestep and noise come from (seed, step, its index in the batch): two halves
     give the whole batch's gradient (their mean), which is what DDP averages."""

@@ -72,8 +72,6 @@ def runs(tmp_path_factory):
      "'timestep_sampling: loss_second_moment' draws one timestep per sequence and 'left_to_right' one per position"),
     (["--timestep_sampling", "loss_second_moment", "--time_warp"],
      "'timestep_sampling: loss_second_moment' draws one timestep per sequence and 'time_warp' its own"),
-    (["--timestep_sampling", "loss_second_moment", "--block_size", "4", "--block_training", "all"],
-     "'timestep_sampling: loss_second_moment' draws one timestep per window and 'block_training: all' one per block"),
     (["--timestep_sampling", "importance"], "one of: uniform, loss_second_moment"),
     (["--model", "masked", "--mask_rate_min", "0.6", "--mask_rate_max", "0.5"], "'mask_rate_min' (0.6) must be below"),
 ])

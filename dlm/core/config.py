@@ -442,9 +442,6 @@ def check_block_size(config: Config) -> None:
     if size < length and config.time_warp:
         raise ConfigError("'time_warp' measures the loss over the whole window; it cannot be combined with "
                           "block_size below seq_len.")
-    if config.trains_every_block and config.timestep_sampling != "uniform":
-        raise ConfigError(f"'timestep_sampling: {config.timestep_sampling}' draws one timestep per window and "
-                          f"'block_training: all' one per block: use block_training one or timestep_sampling uniform.")
 
 
 def training_memory_bytes(config: Config) -> int:

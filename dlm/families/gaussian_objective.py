@@ -224,9 +224,6 @@ class GaussianDiffusion:
             raise ValueError(f"block_size ({size}) must divide the window length ({length}).")
         if self.settings.left_to_right > 0 or self.time_warp is not None:
             raise ValueError("block_size below the window length cannot be combined with left_to_right or time_warp.")
-        if self.importance is not None and self.settings.block_training == "all":
-            raise ValueError("timestep_sampling loss_second_moment draws one timestep per window; it cannot be "
-                             "combined with block_training all (a timestep per block).")
         return size
 
     def x0_from_output(self, model, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -269,9 +266,10 @@ class GaussianDiffusion:
 
         Timesteps are uniform, or drawn and measured by the time warp or the loss's second moment
         when the run has one and uniform_t is False (validation passes True, so its losses compare
-        across runs). Under the second moment's importance sampling every term taken per sequence
-        (mse, rounding) is that sequence's term times 1 / (T p(t)), so each has the uniform draw's
-        expectation; the prior does not depend on t and is not weighted.
+        across runs). Under the second moment's importance sampling every term taken per position
+        (mse, rounding) is weighted by 1 / (T p(t)) of its window's t (of its block's, block_training
+        all), so each has the uniform draw's expectation; the prior does not depend on t and is not
+        weighted.
 
         What is drawn (the timesteps, the noise, the self-conditioning coin) comes from `keys` when
         given (training and validation pass them): each window's from its own generator seeded by
@@ -315,19 +313,26 @@ class GaussianDiffusion:
         block_size = self.block_size_for(length)
         every_block = block_size is not None and cfg.block_training == "all"
         one_block = block_size is not None and not every_block  # SSD-LM: one block per window
+        importance = self.importance if not uniform_t else None
         if cfg.left_to_right > 0:
             progress = draw(lambda n, g: torch.rand((n,), generator=g))
             t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
         elif every_block:  # BD3-LM: each block at its own timestep
-            t = draw(lambda n, g: torch.randint(0, s.steps, (n, length // block_size), generator=g)).to(device)
-            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
+            blocks = length // block_size
+            if importance is not None:
+                t = draw(lambda n, g: importance.sample(n * blocks, g).view(n, blocks)).to(device)
+            else:
+                t = draw(lambda n, g: torch.randint(0, s.steps, (n, blocks), generator=g)).to(device)
         elif self.timestep_sampler is not None and not uniform_t:
             t = draw(self.timestep_sampler.sample).to(device)
         else:
             t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
-        importance = self.importance if not uniform_t else None
-        drawn_t = t  # one per window, before a block run spreads it over the window's positions
-        weights = importance.weights(t) if importance is not None else None  # (B,): 1 / (T p(t))
+        # the drawn timesteps, one per window (B,) or per block (B, blocks), each a unit of the
+        # second moment's measurements and weights, 1 / (T p(t))
+        drawn_t = t
+        weights = importance.weights(t) if importance is not None else None
+        if every_block:
+            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
         attend = None
         pick = _identity  # the positions the loss is taken over: all of them, or the current block's
         if one_block:
@@ -361,11 +366,17 @@ class GaussianDiffusion:
         last = torch.full_like(t, s.steps - 1)
         prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
-        def rounding_loss(x):  # the mean CE over `pick`'s positions, and each sequence's (weighted only)
+        if weights is not None:  # (B, positions the loss is taken over): each its window's or block's weight
+            units = weights.view(batch, -1)
+            position_weights = units.repeat_interleave(pick(ids).shape[1] // units.shape[1], dim=1)
+
+        def per_unit(each):  # (B, positions) -> the mean over each window or block, (B * units,)
+            return each.reshape(*units.shape, -1).mean(-1).flatten()
+
+        def rounding_loss(x):  # the mean CE over `pick`'s positions, and each position's (weighted only)
             if weights is None:
                 return model.rounding.loss(pick(x), pick(ids)), None
-            mean, each = model.rounding.weighted_loss(pick(x), pick(ids), weights[:, None].expand(pick(ids).shape))
-            return mean, each.mean(1)
+            return model.rounding.weighted_loss(pick(x), pick(ids), position_weights)
 
         if cfg.predict == "logits":
             # CDCD's categorical reparameterisation: the denoiser classifies every position and is
@@ -373,10 +384,10 @@ class GaussianDiffusion:
             # that x0 is reported, not trained (it needs the (B, L, V) logits).
             rounding, rounding_each = rounding_loss(output)
             with torch.no_grad():
-                mse_each = mean_flat(pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2)
-                mse = mse_each.mean() if weights is None else (mse_each * weights).mean()
+                error = pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2
+                mse = mean_flat(error).mean() if weights is None else (error.mean(-1) * position_weights).mean()
             total = rounding
-            sequence_loss = rounding_each
+            unit_loss = per_unit(rounding_each) if weights is not None else None
         else:
             pred_x0 = self.x0_from_output(model, output, x_t, t)
             if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
@@ -389,18 +400,15 @@ class GaussianDiffusion:
             t_per_position = t if t.ndim == 2 else t[:, None]
             mse_per_position = pick(torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
                                                 ((output - target) ** 2).mean(-1)))
-            if weights is None:
-                mse = mse_per_position.mean()
-            else:
-                mse_each = mse_per_position.mean(1)
-                mse = (mse_each * weights).mean()
+            mse = (mse_per_position if weights is None else mse_per_position * position_weights).mean()
             rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
             # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
             rounding, rounding_each = rounding_loss(rounding_input)
             total = mse + cfg.rounding_weight * rounding
-            sequence_loss = (mse_each.detach() + cfg.rounding_weight * rounding_each) if weights is not None else None
-        if importance is not None:
-            importance.update(drawn_t, sequence_loss)  # reads the losses on the CPU: one sync per step on CUDA
+            if weights is not None:
+                unit_loss = per_unit(mse_per_position.detach() + cfg.rounding_weight * rounding_each)
+        if importance is not None:  # reads the losses on the CPU: one sync per step on CUDA
+            importance.update(drawn_t.flatten(), unit_loss)
         if self.time_warp is not None and not uniform_t:
             decoded = output if cfg.predict == "logits" else pred_x0
             # reads the losses on the CPU: one sync per step on CUDA
