@@ -172,18 +172,20 @@ def test_same_seed_same_losses(smoke_config, tmp_path):
     assert a == b
 
 
-@pytest.mark.parametrize("time_warp", [False, True])
-def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_path, monkeypatch, time_warp):
-    config = smoke_config.replace(epochs=3, time_warp=time_warp)
+@pytest.mark.parametrize("sampling", [{}, {"time_warp": True}, {"timestep_sampling": "loss_second_moment"}],
+                         ids=["uniform", "time_warp", "loss_second_moment"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_path, monkeypatch, sampling):
+    config = smoke_config.replace(epochs=3, **sampling)
     whole = train(config, tmp_path / "whole")
 
     real_save = train_module.save_checkpoint
-    saves = []
+    saves, crashed = [], {}
 
     def crash_after_first_epoch(path, payload):
         real_save(path, payload)
         saves.append(path.name)
         if path.name == "last.pt":
+            crashed.update(payload)
             raise KeyboardInterrupt  # the process dies right after epoch 1 was saved
 
     monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_epoch)
@@ -200,10 +202,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_config, tmp_pa
     a = load_run(tmp_path / "whole", use_ema=False).model.state_dict()
     b = load_run(tmp_path / "part", use_ema=False).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    if time_warp:  # the measured curve travels with the checkpoint, and was in use
-        warps = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["time_warp"]
-                 for d in (tmp_path / "whole", tmp_path / "part")]
-        assert warps[0]["seen"].all() and torch.equal(warps[0]["loss"], warps[1]["loss"])
+    states = [torch.load(d / "checkpoints" / "last.pt", weights_only=False)["timestep_sampler"]
+              for d in (tmp_path / "whole", tmp_path / "part")]
+    if not sampling:
+        assert states == [None, None]
+    else:  # the measured density travels with the checkpoint, and was in use
+        assert states[0].keys() == states[1].keys()
+        assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    if "time_warp" in sampling:
+        assert states[0]["seen"].all()
+    if "timestep_sampling" in sampling:  # measured before the crash: the resumed epochs drew from it
+        assert (crashed["timestep_sampler"]["count"] >= 10).all()
 
 
 def test_an_existing_run_is_never_overwritten(smoke_config, tmp_path):

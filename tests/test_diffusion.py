@@ -16,7 +16,7 @@ from dlm.core.schedule import (
 )
 from dlm.core.scheduler import DiffusionScheduler
 from dlm.families.gaussian_model import DiffusionLM
-from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings, TimeWarp
+from dlm.families.gaussian_objective import GaussianDiffusion, LossSecondMoment, LossSettings, TimeWarp
 from dlm.families.gaussian_sampling import sample_progressive
 from dlm.runs.build import build_diffusion
 
@@ -173,6 +173,138 @@ def test_time_warp_in_training_losses(monkeypatch):
     assert torch.equal(warp.loss, before["loss"])  # validation neither warps nor measures
     with pytest.raises(ValueError, match="left_to_right"):
         toy(time_warp=True, left_to_right=1.0)
+
+
+def test_loss_second_moment_density_follows_the_losses_it_was_fed():
+    sampler = LossSecondMoment(steps=100, bin_width=10, uniform=0.1, history=2)
+    assert sampler.bins == 10
+    uniform = torch.full((10,), 0.1, dtype=torch.float64)
+    assert torch.allclose(sampler.density(), uniform)  # nothing measured yet
+    assert torch.equal(sampler.weights(torch.arange(100)), torch.ones(100))
+    centres = torch.arange(10) * 10 + 5
+    # bin 0 sees losses 0 then 2, bin 1 sees 1 then 1, bins 2-9 see 3 then 4
+    first = torch.tensor([0.0, 1.0] + [3.0] * 8)
+    second = torch.tensor([2.0, 1.0] + [4.0] * 8)
+    sampler.update(centres, first)
+    assert torch.allclose(sampler.density(), uniform)  # one loss a bin: below the history of 2
+    sampler.update(centres, second)
+    # by hand: sqrt(E[loss^2]) is sqrt((0 + 4) / 2), sqrt((1 + 1) / 2), sqrt((9 + 16) / 2); bins of
+    # equal width, so the 90% not uniform is shared in those proportions
+    rms = [math.sqrt(2.0), 1.0] + [math.sqrt(12.5)] * 8
+    expected = torch.tensor([0.1 * 0.1 + 0.9 * r / sum(rms) for r in rms], dtype=torch.float64)
+    assert torch.allclose(sampler.density(), expected)
+    assert sampler.density()[0] > sampler.density()[1]  # equal mean losses; the spread counts
+    # 1 / (T p(t)) with p(t) = p(bin) / 10 timesteps
+    assert sampler.weights(torch.tensor([95, 3])).tolist() == pytest.approx(
+        [1 / (100 * expected[9].item() / 10), 1 / (100 * expected[0].item() / 10)], rel=1e-6)
+    drawn = sampler.sample(40000, torch.Generator().manual_seed(0))
+    assert drawn.min() >= 0 and drawn.max() <= 99
+    frequency = torch.bincount(drawn // 10, minlength=10).double() / len(drawn)
+    assert torch.allclose(frequency, expected, atol=0.01)
+    # a moving average: a new loss moves a bin's E[loss^2] by 1 / history of the way, two by 3/4
+    sampler.update(torch.tensor([15]), torch.tensor([6.0]))
+    assert sampler.square[1].item() == pytest.approx(0.5 * 1.0 + 0.5 * 36.0)
+    sampler.update(torch.tensor([25, 26]), torch.tensor([2.0, 2.0]))
+    assert sampler.square[2].item() == pytest.approx(0.25 * 12.5 + 0.75 * 4.0)
+    restored = LossSecondMoment(steps=100, bin_width=10)
+    restored.load_state_dict(sampler.state_dict())
+    assert torch.equal(restored.square, sampler.square) and torch.equal(restored.count, sampler.count)
+    with pytest.raises(ValueError, match="bins"):
+        LossSecondMoment(steps=100, bin_width=20).load_state_dict(sampler.state_dict())
+
+
+def test_loss_second_moment_weights_keep_the_uniform_mean():
+    """Importance sampling is unbiased: drawn from the measured density and weighted by
+    1 / (T p(t)), a per-timestep function's mean is its mean over uniform t. Here the density was
+    measured on losses that rise with t while the function falls with t (the hard case: its mass
+    is where few draws go, with the largest weights). Tolerance: 4 standard errors of the mean of
+    the weighted draws (their own spread); a mean without the weights misses by far more."""
+    steps = 100
+    sampler = LossSecondMoment(steps=steps, bin_width=10, uniform=0.05, history=1)
+    t = torch.arange(steps)
+    sampler.update(t, (t + 1).double() / 10)
+    assert sampler.density()[9] > 5 * sampler.density()[0]  # far from uniform
+    f = torch.exp(-t.double() / 10)
+    truth = f.mean().item()  # the uniform mean, exactly
+    drawn = sampler.sample(200_000, torch.Generator().manual_seed(0))
+    weighted = sampler.weights(drawn).double() * f[drawn]
+    standard_error = weighted.std().item() / math.sqrt(len(drawn))
+    assert standard_error < 0.02 * truth  # 4 of them: within 5% of the truth
+    assert abs(weighted.mean().item() - truth) < 4 * standard_error
+    assert abs(f[drawn].mean().item() - truth) > 20 * standard_error  # the weights matter
+
+
+def test_loss_second_moment_in_training_losses(monkeypatch):
+    model, diffusion = toy(rounding_target="clean", timestep_sampling="loss_second_moment")
+    sampler = diffusion.importance
+    assert diffusion.timestep_sampler is sampler and sampler.bins == 5  # T = 50 in bins of 10
+    ids = torch.randint(0, 11, (64, 6))
+    for seed in range(5):  # uniform draws until every bin holds its history
+        diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(seed))
+    assert (sampler.count >= sampler.history).all() and (sampler.square > 0).all()
+    sampler.square = torch.tensor([100.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # the first bin's losses: 10x
+    density = sampler.density()
+    before = sampler.state_dict()
+    seen, output = [], torch.randn(64, 6, 8)
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: seen.append(t) or output)
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(9))
+    t = seen[0]
+    assert (t < 10).double().mean() > 0.5  # the first bin: 95% of 10 / 19 of the draws, and its uniform share
+    weights = 1 / (50 * density[t // 10] / 10)
+    emb = model.embedding(ids).detach()
+    mse_each = ((output - emb) ** 2).mean((1, 2)).double()  # x0 prediction of clean x0
+    ce_each = F.cross_entropy(model.rounding(emb).transpose(1, 2), ids, reduction="none").mean(1).double()
+    assert losses["mse"].item() == pytest.approx((mse_each * weights).mean().item(), rel=1e-5)
+    assert losses["rounding"].item() == pytest.approx((ce_each * weights).mean().item(), rel=1e-5)
+    # each sequence's unweighted loss, mse + rounding, is what the bins measured
+    counted = torch.bincount(t // 10, minlength=5).double()
+    assert torch.equal(sampler.count - before["count"], counted)
+    in_first = t < 10
+    square = ((mse_each + ce_each)[in_first] ** 2).mean().item()
+    kept = (1 - 1 / sampler.history) ** counted[0].item()
+    assert sampler.square[0].item() == pytest.approx(kept * 100.0 + (1 - kept) * square, rel=1e-5)
+    # validation: uniform, unweighted, and measures nothing
+    state = sampler.state_dict()
+    seen.clear()
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(9), uniform_t=True)
+    assert torch.equal(sampler.count, state["count"]) and torch.equal(sampler.square, state["square"])
+    mse_each = ((output - emb) ** 2).mean((1, 2))
+    assert losses["mse"].item() == pytest.approx(mse_each.mean().item(), rel=1e-5)
+
+
+def test_loss_second_moment_with_blocks(monkeypatch):
+    model, diffusion = toy(rounding_target="predicted", timestep_sampling="loss_second_moment", block_size=2)
+    losses = diffusion.training_losses(model, torch.randint(0, 11, (16, 6)), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["total"]) and diffusion.importance.count.sum() == 16  # one t a window
+    # every block at once (BD3-LM): each block draws its own t and is weighted and measured by it
+    model, diffusion = toy(rounding_target="clean", timestep_sampling="loss_second_moment", block_size=2,
+                           block_training="all")
+    sampler = diffusion.importance
+    sampler.load_state_dict({"square": torch.tensor([100.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64),
+                             "count": torch.full((5,), 10.0, dtype=torch.float64)})
+    density = sampler.density()
+    ids = torch.randint(0, 11, (16, 6))
+    seen, output = [], torch.randn(16, 12, 8)  # the noised window beside the clean one
+    monkeypatch.setattr(model, "denoise", lambda x_t, t, x0_estimate=None, attend=None, positions=None:
+                        seen.append(t) or output)
+    losses = diffusion.training_losses(model, ids, generator=torch.Generator().manual_seed(0))
+    t = seen[0][:, :6]  # (16, 6): each block's t on its two positions
+    assert torch.equal(t[:, 0::2], t[:, 1::2]) and (t[:, 0::2] != t[:, [0]]).any()
+    weights = 1 / (50 * density[t // 10] / 10)  # per position: its block's
+    emb = model.embedding(ids).detach()
+    error = ((output[:, :6] - emb) ** 2).mean(-1).double()
+    assert losses["mse"].item() == pytest.approx((error * weights).mean().item(), rel=1e-5)
+    assert sampler.count.sum().item() == 50 + 16 * 3  # one measurement a block
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"left_to_right": 1.0}, "left_to_right"), ({"time_warp": True}, "use one of them")])
+def test_loss_second_moment_refuses_other_timestep_draws(overrides, message):
+    settings = LossSettings(timestep_sampling="loss_second_moment", **overrides)
+    with pytest.raises(ValueError, match=message):
+        GaussianDiffusion(NoiseSchedule("sqrt", 50), settings)
+    with pytest.raises(ValueError, match="timestep_sampling must be one of uniform, loss_second_moment"):
+        GaussianDiffusion(NoiseSchedule("sqrt", 50), LossSettings(timestep_sampling="importance"))
 
 
 def test_left_to_right_timesteps_lag_along_the_sequence():

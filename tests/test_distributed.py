@@ -38,7 +38,9 @@ def test_shards_cover_the_batch_evenly():
 
 
 @pytest.mark.parametrize("options", [{"self_condition": 0.5, "time_warp": True}, {"left_to_right": 0.5},
-                                     {"rounding_target": "clean", "predict": "epsilon"}])
+                                     {"rounding_target": "clean", "predict": "epsilon"},
+                                     {"timestep_sampling": "loss_second_moment"},
+                                     {"timestep_sampling": "loss_second_moment", "block_size": 4, "block_training": "all"}])
 def test_a_split_batch_draws_and_learns_what_the_whole_batch_does(smoke_config, options):
     """Each window's timestep and noise come from (seed, step, its index in the batch): two halves
     give the whole batch's gradient (their mean), which is what DDP averages."""
@@ -50,7 +52,12 @@ def test_a_split_batch_draws_and_learns_what_the_whole_batch_does(smoke_config, 
     def gradient(first: int, stop: int) -> torch.Tensor:
         model.zero_grad()
         keys = WindowKeys.batch(config.seed, 3, stop - first, first)
-        build_diffusion(config).training_losses(model, ids[first:stop], keys=keys)["total"].backward()
+        objective = build_diffusion(config)
+        if objective.importance is not None:  # measured and far from uniform: each window its own weight
+            bins = objective.importance.bins
+            objective.importance.load_state_dict({"square": torch.linspace(1, 100, bins, dtype=torch.float64),
+                                                  "count": torch.full((bins,), 10.0, dtype=torch.float64)})
+        objective.training_losses(model, ids[first:stop], keys=keys)["total"].backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     whole = gradient(0, 8)

@@ -76,3 +76,32 @@ def test_chunked_rounding_loss_matches_plain_cross_entropy(norm, rounding):
         assert head.loss(x, ids).item() == pytest.approx(plain.item(), rel=1e-6)
     x.requires_grad_(False)  # only the table and bias need gradients
     assert head.loss(x, ids).requires_grad
+
+
+def test_weighted_rounding_loss_matches_weighted_plain_cross_entropy():
+    """LearnedRounding.weighted_loss: the mean of weight * CE with its gradients, and each
+    position's CE, against F.cross_entropy(reduction='none') (one row per chunk and all at once)."""
+    import torch.nn.functional as F
+
+    from dlm.core import embeddings
+
+    torch.manual_seed(0)
+    table = LearnedEmbedding(50, 8, norm="l2")
+    head = LearnedRounding(8, 50, tied_embedding=table)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 7))
+    weights = torch.rand(3, 7) * 4
+    params = [x, *(p for p in head.parameters() if p.requires_grad)]
+    each = F.cross_entropy(head(x).transpose(1, 2), ids, reduction="none")  # (3, 7)
+    plain = (each * weights).mean()
+    expected = torch.autograd.grad(plain, params)
+    for chunk in (50, 10**6):
+        mean, rows = embeddings.linear_cross_entropy_rows(*head._weights(x.reshape(-1, 8)), ids.reshape(-1),
+                                                          weights.reshape(-1), chunk_elements=chunk)
+        assert mean.item() == pytest.approx(plain.item(), rel=1e-6)
+        assert torch.allclose(rows, each.detach().reshape(-1), atol=1e-5) and not rows.requires_grad
+        for got, want in zip(torch.autograd.grad(mean, params), expected):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        mean, rows = head.weighted_loss(x, ids, weights)
+    assert mean.item() == pytest.approx(plain.item(), rel=1e-6) and torch.allclose(rows, each, atol=1e-5)

@@ -64,6 +64,15 @@ def runs(tmp_path_factory):
     (["--model", "masked", "--self_condition", "0.5"], "'self_condition' (0.5) is a Gaussian-diffusion option"),
     (["--model", "masked", "--sample_x0", "expected"], "'sample_x0' (expected) is a Gaussian-diffusion option"),
     (["--model", "masked", "--block_size", "4"], "A masked run with block_size trains every block at once"),
+    (["--model", "masked", "--timestep_sampling", "loss_second_moment"],
+     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the masked family has none"),
+    (["--model", "ar", "--timestep_sampling", "loss_second_moment"],
+     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the AR baseline has no timesteps"),
+    (["--timestep_sampling", "loss_second_moment", "--left_to_right", "1"],
+     "'timestep_sampling: loss_second_moment' draws one timestep per sequence and 'left_to_right' one per position"),
+    (["--timestep_sampling", "loss_second_moment", "--time_warp"],
+     "'timestep_sampling: loss_second_moment' draws one timestep per sequence and 'time_warp' its own"),
+    (["--timestep_sampling", "importance"], "one of: uniform, loss_second_moment"),
     (["--model", "masked", "--mask_rate_min", "0.6", "--mask_rate_max", "0.5"], "'mask_rate_min' (0.6) must be below"),
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, capsys, extra, message):

@@ -100,6 +100,10 @@ class Config:
     # CDCD-style time warping: draw training timesteps with density following the rise of the
     # measured word cross-entropy over t (where words are being chosen), not uniformly
     time_warp: bool = _diffusion(False)
+    # uniform, or loss_second_moment: importance sampling of the training timesteps with density
+    # proportional to sqrt(E[loss^2]) at t, each sequence's loss weighted by 1 / (T p(t)) so the
+    # objective is unchanged (improved-diffusion's LossSecondMomentResampler; uniform until measured)
+    timestep_sampling: Literal["uniform", "loss_second_moment"] = _diffusion("uniform")
     # semi-autoregressive block diffusion (SSD-LM, BD3-LM): the window is generated in blocks of
     # this many tokens, left to right, each by the diffusion chain with the earlier blocks given
     # clean; trained the same way. Must divide seq_len; null (or seq_len): the whole window at once
@@ -403,6 +407,10 @@ def validate(config: Config) -> None:
     if config.left_to_right > 0 and config.time_warp:
         raise ConfigError("'time_warp' draws one timestep per sequence and 'left_to_right' one per position: "
                           "use one of them.")
+    if config.timestep_sampling != "uniform" and (config.left_to_right > 0 or config.time_warp):
+        other = "'left_to_right' one per position" if config.left_to_right > 0 else "'time_warp' its own"
+        raise ConfigError(f"'timestep_sampling: {config.timestep_sampling}' draws one timestep per sequence and "
+                          f"{other}: use one of them (timestep_sampling uniform).")
     if config.left_to_right > 0 and config.sample_steps < 2:
         raise ConfigError("'left_to_right' chains need sample_steps of at least 2.")
     if config.block_size is not None:

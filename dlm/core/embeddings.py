@@ -94,6 +94,14 @@ class LearnedRounding(nn.Module):
         inputs, weight, bias = self._weights(x)
         return linear_cross_entropy(inputs.reshape(-1, inputs.shape[-1]), weight, bias, ids.reshape(-1))
 
+    def weighted_loss(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the mean of weights * cross-entropy over the positions, each position's cross-entropy
+        detached (...)) for x (..., d), ids and weights (...): `loss` with a weight per position."""
+        inputs, weight, bias = self._weights(x)
+        mean, rows = linear_cross_entropy_rows(inputs.reshape(-1, inputs.shape[-1]), weight, bias, ids.reshape(-1),
+                                               weights.reshape(-1))
+        return mean, rows.view(ids.shape)
+
 
 # Rows of logits per chunk in linear_cross_entropy: (rows x V) floats stay in the CPU's cache.
 CROSS_ENTROPY_CHUNK_ELEMENTS = 1 << 20
@@ -108,37 +116,49 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     computed in the same pass ((softmax - onehot) / N, then into x, weight and bias), so what
     backward keeps is the size of the inputs, not N x V. Always in float32 (autocast is off here).
     """
+    return linear_cross_entropy_rows(x, weight, bias, targets, chunk_elements=chunk_elements)[0]
+
+
+def linear_cross_entropy_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+                              row_weights: torch.Tensor | None = None,
+                              chunk_elements: int = CROSS_ENTROPY_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_cross_entropy` with a weight per row: (sum_i w_i CE_i / N, each row's CE_i (N,),
+    detached). No row_weights: every w_i is 1, the plain mean."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
         x, weight, bias = x.float(), weight.float(), bias.float()
+        row_weights = row_weights.float() if row_weights is not None else None
         rows = max(1, chunk_elements // weight.shape[0])
         if needs_grad:
-            return _LinearCrossEntropy.apply(x, weight, bias, targets, rows)
-        total = x.new_zeros(())
+            return _LinearCrossEntropy.apply(x, weight, bias, targets, rows, row_weights)
+        total, each = x.new_zeros(()), x.new_empty(x.shape[0])
         for start in range(0, x.shape[0], rows):
             logits = torch.addmm(bias, x[start: start + rows], weight.t())
             picked = logits.gather(1, targets[start: start + rows, None]).squeeze(1)
-            total += (torch.logsumexp(logits, dim=-1) - picked).sum()
-        return total / x.shape[0]
+            ce = each[start: start + rows] = torch.logsumexp(logits, dim=-1) - picked
+            total += (ce if row_weights is None else ce * row_weights[start: start + rows]).sum()
+        return total / x.shape[0], each
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the mean CE and, chunk by chunk, its gradients; backward scales them.
+    """Forward computes the (weighted) mean CE and, chunk by chunk, its gradients; backward scales
+    them. The second output, each row's CE, takes no gradient.
 
     Per chunk: e = exp(logits - max) in place, p = e / sum(e); the gradient of the summed CE with
-    respect to the logits is p - onehot. The 1 / sum(e) scaling is applied to the small operands
-    (rows of x, the (rows, d) result) and the onehot part is an index_add of rows, so the
-    (rows, V) block is only written once and read four times (max, exp, sum, two matmuls).
+    respect to the logits is p - onehot (w (p - onehot) for a row of weight w). The 1 / sum(e)
+    scaling is applied to the small operands (rows of x, the (rows, d) result) and the onehot part
+    is an index_add of rows, so the (rows, V) block is only written once and read four times (max,
+    exp, sum, two matmuls).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, rows):
+    def forward(ctx, x, weight, bias, targets, rows, row_weights):
         n, d = x.shape
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x) if need_x else None
         # The weight and bias gradients come out of one matmul: [x / sum(e), 1 / sum(e)]^T e.
         grad_wb = torch.zeros(weight.shape[0], d + 1, dtype=x.dtype, device=x.device) if need_w or need_b else None
-        total = x.new_zeros(())
+        total, each = x.new_zeros(()), x.new_empty(n)
         for start in range(0, n, rows):
             xs, ts = x[start: start + rows], targets[start: start + rows]
             logits = torch.addmm(bias, xs, weight.t())  # (rows, V)
@@ -146,28 +166,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
             top = logits.amax(dim=-1, keepdim=True)
             e = logits.sub_(top).exp_()  # in place: the chunk's logits become exp(logits - max)
             norm = e.sum(dim=-1, keepdim=True)
-            total += (top + norm.log() - picked).sum()
+            ce = top + norm.log() - picked  # (rows, 1)
+            each[start: start + rows] = ce[:, 0]
             inv = norm.reciprocal()  # (rows, 1)
+            w = row_weights[start: start + rows, None] if row_weights is not None else None
+            if w is not None:  # row i's gradients scale by w_i
+                ce, inv = ce * w, inv * w
+            total += ce.sum()
             if need_x:
                 out = grad_x[start: start + rows]
                 torch.mm(e, weight, out=out)
-                out.mul_(inv).sub_(weight[ts])
+                out.mul_(inv).sub_(weight[ts] if w is None else weight[ts] * w)
             if grad_wb is not None:
                 grad_wb.addmm_(e.t(), torch.cat([xs * inv, inv], dim=1))
-                grad_wb.index_add_(0, ts, torch.cat([xs, torch.ones_like(inv)], dim=1), alpha=-1.0)
+                onehot = torch.cat([xs, torch.ones_like(inv)], dim=1)
+                grad_wb.index_add_(0, ts, onehot if w is None else onehot * w, alpha=-1.0)
         grads = (grad_x, grad_wb[:, :d] if need_w else None, grad_wb[:, d] if need_b else None)
         ctx.present = tuple(g is not None for g in grads)
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.n = n
-        return total / n
+        ctx.mark_non_differentiable(each)
+        return total / n, each
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_each):
         saved = iter(ctx.saved_tensors)
         scale = grad_output / ctx.n
         grads = [next(saved) * scale if present else None for present in ctx.present]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 class CosineRounding(nn.Module):

@@ -30,14 +30,69 @@ class LossSettings:
     self_condition: float = 0.0
     left_to_right: float = 0.0  # AR-Diffusion's per-position delay (see position_timesteps)
     time_warp: bool = False  # draw training timesteps where the words' cross-entropy rises (TimeWarp)
+    timestep_sampling: str = "uniform"  # uniform, or loss_second_moment (importance sampling: LossSecondMoment)
     block_size: int | None = None  # semi-autoregressive blocks (see GaussianDiffusion.block_size_for)
     block_training: str = "one"  # one block per window (SSD-LM) or all at once (BD3-LM)
 
 
 PREDICTIONS = ("x0", "epsilon", "logits", "preconditioned")
+TIMESTEP_SAMPLING = ("uniform", "loss_second_moment")
 
 
-class TimeWarp:
+class BinnedTimesteps:
+    """A density over the training timesteps, measured from the training losses in `bins` equal
+    bins of t (the state of TimeWarp and LossSecondMoment): draws pick a bin by `density`, then a
+    t uniformly inside it. Subclasses name their per-bin tensors in `state_names` (checkpointed)."""
+
+    name = "timestep sampler"
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, steps: int, bins: int, uniform: float):
+        bins = min(bins, steps)  # so that no bin is empty
+        self.steps, self.bins, self.uniform = steps, bins, uniform
+        # bin k holds the t with floor(t * bins / steps) = k: edges[k] <= t < edges[k + 1]
+        self.edges = -torch.div(-torch.arange(bins + 1) * steps, bins, rounding_mode="floor")
+        self.widths = torch.diff(self.edges).double()
+
+    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.div(t.cpu() * self.bins, self.steps, rounding_mode="floor")
+
+    def density(self) -> torch.Tensor:
+        """Probability of each bin (bins,), float64."""
+        raise NotImplementedError
+
+    def mixed(self, shape: torch.Tensor, even: torch.Tensor) -> torch.Tensor:
+        """`shape` normalised, with a `uniform` share of `even` mixed in (every bin keeps being drawn
+        and measured)."""
+        return self.uniform * even + (1 - self.uniform) * shape / shape.sum()
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        chosen = torch.multinomial(self.density(), batch, replacement=True, generator=generator)
+        low, high = self.edges[chosen], self.edges[chosen + 1]
+        return low + (torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low)).long()
+
+    def bin_sums(self, t: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bin: the sum of `values` (B,) at timesteps t (B,), and how many there were. In a
+        distributed run each process holds a shard of the batch: these are the whole batch's, so
+        that every process keeps the same state (the one a single process would keep)."""
+        bins, values = self.bin_of(t), values.detach().double().cpu()
+        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, values)
+        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(values))
+        sums = all_reduce_sum(torch.stack([total, count]))
+        return sums[0], sums[1]
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key).clone() for key in self.state_names}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.state_names:
+            mine = getattr(self, key)
+            if state[key].shape != mine.shape:
+                raise ValueError(f"{self.name} has {len(state[key])} bins, expected {self.bins}")
+            setattr(self, key, state[key].clone().to(mine.dtype))
+
+
+class TimeWarp(BinnedTimesteps):
     """CDCD-style time warping (Dieleman et al. 2022): draw training timesteps where the loss is
     still changing with t instead of uniformly.
 
@@ -50,16 +105,14 @@ class TimeWarp:
     (The x0 MSE would be the cheaper signal, but it rises evenly over all t and warps nothing.)
     """
 
-    def __init__(self, steps: int, bins: int = 40, uniform: float = 0.2, decay: float = 0.98):
-        bins = min(bins, steps)  # so that no bin is empty
-        self.steps, self.bins, self.uniform, self.decay = steps, bins, uniform, decay
-        # bin k holds the t with floor(t * bins / steps) = k: edges[k] <= t < edges[k + 1]
-        self.edges = -torch.div(-torch.arange(bins + 1) * steps, bins, rounding_mode="floor")
-        self.loss = torch.zeros(bins, dtype=torch.float64)
-        self.seen = torch.zeros(bins, dtype=torch.bool)
+    name = "time warp"
+    state_names = ("loss", "seen")
 
-    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.div(t.cpu() * self.bins, self.steps, rounding_mode="floor")
+    def __init__(self, steps: int, bins: int = 40, uniform: float = 0.2, decay: float = 0.98):
+        super().__init__(steps, bins, uniform)
+        self.decay = decay
+        self.loss = torch.zeros(self.bins, dtype=torch.float64)
+        self.seen = torch.zeros(self.bins, dtype=torch.bool)
 
     def density(self) -> torch.Tensor:
         """Probability of each bin: uniform until every bin has been measured."""
@@ -70,34 +123,62 @@ class TimeWarp:
         rise = torch.diff(curve, prepend=curve.new_zeros(1))
         if rise.sum() <= 0:
             return even
-        return self.uniform * even + (1 - self.uniform) * rise / rise.sum()
-
-    def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        chosen = torch.multinomial(self.density(), batch, replacement=True, generator=generator)
-        low, high = self.edges[chosen], self.edges[chosen + 1]
-        return low + (torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low)).long()
+        return self.mixed(rise, even)
 
     def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
         """Fold a batch's per-sequence losses (B,) at timesteps t (B,) into the curve."""
-        bins, loss = self.bin_of(t), loss.detach().double().cpu()
-        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, loss)
-        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(loss))
-        # In a distributed run each process holds a shard of the batch: fold in the whole batch,
-        # so that every process keeps the same curve (the one a single process would keep).
-        sums = all_reduce_sum(torch.stack([total, count]))
-        total, count = sums[0], sums[1]
+        total, count = self.bin_sums(t, loss)
         hit = count > 0
         mean = total[hit] / count[hit]
         self.loss[hit] = torch.where(self.seen[hit], self.decay * self.loss[hit] + (1 - self.decay) * mean, mean)
         self.seen |= hit
 
-    def state_dict(self) -> dict:
-        return {"loss": self.loss.clone(), "seen": self.seen.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["loss"].shape != self.loss.shape:
-            raise ValueError(f"time warp has {len(state['loss'])} bins, expected {self.bins}")
-        self.loss, self.seen = state["loss"].clone().double(), state["seen"].clone().bool()
+class LossSecondMoment(BinnedTimesteps):
+    """Importance sampling of the training timesteps by the loss's second moment, as
+    improved-diffusion's LossSecondMomentResampler does (Nichol & Dhariwal 2021): t has density
+    proportional to sqrt(E[loss(t)^2]), so the timesteps whose losses are large and noisy are
+    drawn often, and each sequence's loss is weighted by 1 / (T p(t)) (`weights`), so the
+    objective's expectation is the uniform one's: the same objective, a lower-variance estimate.
+
+    Measured per bin of `bin_width` timesteps rather than per timestep: with a history of 10
+    losses a timestep, T = 2000 timesteps would need about 800 steps at batch 64 before every one
+    was measured (uniform draws until then); its 200 bins of 10 are measured in about 65. E[loss^2]
+    is a moving average in which each new loss moves the bin's mean by 1 / history of the way
+    (about the last `history` losses, improved-diffusion's history of 10 a timestep). The
+    `uniform` share keeps every bin measured and bounds every weight by 1 / uniform.
+    """
+
+    name = "loss second moment"
+    state_names = ("square", "count")
+
+    def __init__(self, steps: int, bin_width: int = 10, uniform: float = 0.05, history: int = 10):
+        super().__init__(steps, -(-steps // bin_width), uniform)
+        self.history = history
+        self.square = torch.zeros(self.bins, dtype=torch.float64)  # the moving E[loss^2] of each bin
+        self.count = torch.zeros(self.bins, dtype=torch.float64)  # losses folded into it
+
+    def density(self) -> torch.Tensor:
+        """Probability of each bin: uniform in t until every bin holds `history` losses."""
+        even = self.widths / self.steps
+        if (self.count < self.history).any() or self.square.sum() <= 0:
+            return even
+        return self.mixed(self.widths * self.square.sqrt(), even)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """1 / (T p(t)) for timesteps t (B,) under the current density, float32 on t's device."""
+        bins = self.bin_of(t)
+        p_t = self.density()[bins] / self.widths[bins]
+        return (1.0 / (self.steps * p_t)).float().to(t.device)
+
+    def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
+        """Fold a batch's per-sequence losses (B,) at timesteps t (B,) into E[loss^2]."""
+        total, count = self.bin_sums(t, loss.detach().double() ** 2)
+        hit = count > 0
+        mean = total[hit] / count[hit]
+        kept = (1 - 1 / self.history) ** count[hit]  # n new losses: each moves the mean 1 / history
+        self.square[hit] = torch.where(self.count[hit] > 0, kept * self.square[hit] + (1 - kept) * mean, mean)
+        self.count[hit] += count[hit]
 
 
 class GaussianDiffusion:
@@ -108,11 +189,25 @@ class GaussianDiffusion:
             raise ValueError(f"predict must be one of {', '.join(PREDICTIONS)}, got '{settings.predict}'.")
         if settings.rounding_target not in ("clean", "noisy", "predicted"):
             raise ValueError(f"rounding_target must be clean, noisy or predicted, got '{settings.rounding_target}'.")
-        if settings.time_warp and settings.left_to_right > 0:
-            raise ValueError("time_warp draws one timestep per sequence; it cannot be combined with left_to_right.")
+        if settings.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, "
+                             f"got '{settings.timestep_sampling}'.")
+        importance = settings.timestep_sampling == "loss_second_moment"
+        if (settings.time_warp or importance) and settings.left_to_right > 0:
+            raise ValueError("time_warp and timestep_sampling draw one timestep per sequence; they cannot be "
+                             "combined with left_to_right.")
+        if settings.time_warp and importance:
+            raise ValueError("time_warp and timestep_sampling loss_second_moment both choose the training "
+                             "timesteps: use one of them.")
         self.schedule = schedule
         self.settings = settings
         self.time_warp = TimeWarp(schedule.steps) if settings.time_warp else None
+        self.importance = LossSecondMoment(schedule.steps) if importance else None
+
+    @property
+    def timestep_sampler(self) -> BinnedTimesteps | None:
+        """The measured density the training timesteps are drawn from (checkpointed), if any."""
+        return self.time_warp if self.time_warp is not None else self.importance
 
     @property
     def steps(self) -> int:
@@ -169,8 +264,12 @@ class GaussianDiffusion:
                         uniform_t: bool = False, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
         """The one loss. Returns every term (scalars): mse, rounding, prior, total.
 
-        Timesteps are uniform, or drawn and measured by the time warp when the run has one and
-        uniform_t is False (validation passes True, so its losses compare across runs).
+        Timesteps are uniform, or drawn and measured by the time warp or the loss's second moment
+        when the run has one and uniform_t is False (validation passes True, so its losses compare
+        across runs). Under the second moment's importance sampling every term taken per position
+        (mse, rounding) is weighted by 1 / (T p(t)) of its window's t (of its block's, block_training
+        all), so each has the uniform draw's expectation; the prior does not depend on t and is not
+        weighted.
 
         What is drawn (the timesteps, the noise, the self-conditioning coin) comes from `keys` when
         given (training and validation pass them): each window's from its own generator seeded by
@@ -214,16 +313,26 @@ class GaussianDiffusion:
         block_size = self.block_size_for(length)
         every_block = block_size is not None and cfg.block_training == "all"
         one_block = block_size is not None and not every_block  # SSD-LM: one block per window
+        importance = self.importance if not uniform_t else None
         if cfg.left_to_right > 0:
             progress = draw(lambda n, g: torch.rand((n,), generator=g))
             t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
         elif every_block:  # BD3-LM: each block at its own timestep
-            t = draw(lambda n, g: torch.randint(0, s.steps, (n, length // block_size), generator=g)).to(device)
-            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
-        elif self.time_warp is not None and not uniform_t:
-            t = draw(self.time_warp.sample).to(device)
+            blocks = length // block_size
+            if importance is not None:
+                t = draw(lambda n, g: importance.sample(n * blocks, g).view(n, blocks)).to(device)
+            else:
+                t = draw(lambda n, g: torch.randint(0, s.steps, (n, blocks), generator=g)).to(device)
+        elif self.timestep_sampler is not None and not uniform_t:
+            t = draw(self.timestep_sampler.sample).to(device)
         else:
             t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
+        # the drawn timesteps, one per window (B,) or per block (B, blocks), each a unit of the
+        # second moment's measurements and weights, 1 / (T p(t))
+        drawn_t = t
+        weights = importance.weights(t) if importance is not None else None
+        if every_block:
+            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
         attend = None
         pick = _identity  # the positions the loss is taken over: all of them, or the current block's
         if one_block:
@@ -257,14 +366,28 @@ class GaussianDiffusion:
         last = torch.full_like(t, s.steps - 1)
         prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
 
+        if weights is not None:  # (B, positions the loss is taken over): each its window's or block's weight
+            units = weights.view(batch, -1)
+            position_weights = units.repeat_interleave(pick(ids).shape[1] // units.shape[1], dim=1)
+
+        def per_unit(each):  # (B, positions) -> the mean over each window or block, (B * units,)
+            return each.reshape(*units.shape, -1).mean(-1).flatten()
+
+        def rounding_loss(x):  # the mean CE over `pick`'s positions, and each position's (weighted only)
+            if weights is None:
+                return model.rounding.loss(pick(x), pick(ids)), None
+            return model.rounding.weighted_loss(pick(x), pick(ids), position_weights)
+
         if cfg.predict == "logits":
             # CDCD's categorical reparameterisation: the denoiser classifies every position and is
             # trained by cross-entropy alone; its x0 is the softmax-weighted embedding. The MSE of
             # that x0 is reported, not trained (it needs the (B, L, V) logits).
-            rounding = model.rounding.loss(pick(output), pick(ids))
+            rounding, rounding_each = rounding_loss(output)
             with torch.no_grad():
-                mse = mean_flat(pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2).mean()
+                error = pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2
+                mse = mean_flat(error).mean() if weights is None else (error.mean(-1) * position_weights).mean()
             total = rounding
+            unit_loss = per_unit(rounding_each) if weights is not None else None
         else:
             pred_x0 = self.x0_from_output(model, output, x_t, t)
             if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
@@ -275,12 +398,17 @@ class GaussianDiffusion:
             # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
             # scored against EMB(w) itself.
             t_per_position = t if t.ndim == 2 else t[:, None]
-            mse = pick(torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
-                                   ((output - target) ** 2).mean(-1))).mean()
+            mse_per_position = pick(torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
+                                                ((output - target) ** 2).mean(-1)))
+            mse = (mse_per_position if weights is None else mse_per_position * position_weights).mean()
             rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
             # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
-            rounding = model.rounding.loss(pick(rounding_input), pick(ids))
+            rounding, rounding_each = rounding_loss(rounding_input)
             total = mse + cfg.rounding_weight * rounding
+            if weights is not None:
+                unit_loss = per_unit(mse_per_position.detach() + cfg.rounding_weight * rounding_each)
+        if importance is not None:  # reads the losses on the CPU: one sync per step on CUDA
+            importance.update(drawn_t.flatten(), unit_loss)
         if self.time_warp is not None and not uniform_t:
             decoded = output if cfg.predict == "logits" else pred_x0
             # reads the losses on the CPU: one sync per step on CUDA

@@ -334,7 +334,7 @@ SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size",
 # masked run they are refused, not ignored (an option that silently does nothing misleads).
 GAUSSIAN_KEYS = ("embedding_norm", "embedding_scale", "use_learned_embeddings", "rounding", "schedule", "predict",
                  "rounding_weight", "rounding_target", "prior_loss", "self_condition", "left_to_right", "time_warp",
-                 "sample_spacing", "clamp_fraction", "sample_eta", "sample_x0")
+                 "timestep_sampling", "sample_spacing", "clamp_fraction", "sample_eta", "sample_x0")
 
 
 def check_config(config: Config) -> None:

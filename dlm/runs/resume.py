@@ -31,11 +31,11 @@ def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
 
 def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
     """last.pt: a kept checkpoint plus all that an exact resume needs."""
-    warp = state.time_warp
+    sampler = state.timestep_sampler
     return {**kept_payload(state, tokenizer),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "ema_n_averaged": int(state.ema.n_averaged) if state.ema is not None else 0,
-            "rng": torch.get_rng_state(), "time_warp": warp.state_dict() if warp is not None else None}
+            "rng": torch.get_rng_state(), "timestep_sampler": sampler.state_dict() if sampler is not None else None}
 
 
 
@@ -60,7 +60,7 @@ def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Co
 
 
 def restore(state: TrainState, payload: dict, path: Path) -> None:
-    """last.pt's weights, optimizer, schedule, EMA, time warp, RNG and counters into `state`."""
+    """last.pt's weights, optimizer, schedule, EMA, timestep sampler, RNG and counters into `state`."""
     try:
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
@@ -68,8 +68,8 @@ def restore(state: TrainState, payload: dict, path: Path) -> None:
         if state.ema is not None:
             state.ema.module.load_state_dict(payload["ema"])
             state.ema.n_averaged.fill_(payload["ema_n_averaged"])
-        if state.time_warp is not None:
-            state.time_warp.load_state_dict(payload["time_warp"])
+        if state.timestep_sampler is not None:  # saved as "time_warp" before there were two kinds
+            state.timestep_sampler.load_state_dict(payload.get("timestep_sampler") or payload["time_warp"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"'{path}' does not match this run: {error}") from None
     torch.set_rng_state(payload["rng"])

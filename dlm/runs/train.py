@@ -265,9 +265,10 @@ class TrainState:
     loss_module: nn.Module | None = None  # a distributed run's DistributedDataParallel(ObjectiveModule)
 
     @property
-    def time_warp(self):
-        """The objective's measured timestep density (time_warp: true), checkpointed with the run."""
-        return getattr(self.objective, "time_warp", None)
+    def timestep_sampler(self):
+        """The objective's measured timestep density (time_warp, timestep_sampling), checkpointed
+        with the run."""
+        return getattr(self.objective, "timestep_sampler", None)
 
     @property
     def eval_model(self) -> nn.Module:
