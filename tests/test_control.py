@@ -162,3 +162,19 @@ def test_a_blanked_window_fixes_everything_but_the_span(tmp_path):
     assert control.given.split()[3:6] == ["__", "__", "__"]
     with pytest.raises(ValueError, match="inside the window"):
         blanked_control(run, window, 5, 5)
+
+
+def test_a_blanked_bpe_window_reads_as_its_text_and_types_back_to_its_pieces():
+    from types import SimpleNamespace
+
+    from dlm.core.data import build_tokenizer
+    from dlm.runs.control import BLANK, blanked_control
+    from tests.conftest import LINES
+
+    bpe = build_tokenizer("\n\n".join(LINES * 20) + "\n", "bpe", bpe_vocab_size=2000)
+    window = bpe.encode("What's this, my countrymen? I'll speak to it though hell itself should gape.")[:16]
+    run = SimpleNamespace(tokenizer=bpe, config=SimpleNamespace(seq_len=len(window)))
+    control = blanked_control(run, window, 5, 8)
+    # the oracle: the tokenizer's own decode of the fixed stretches, blanks between them
+    assert control.given == bpe.decode(window[:5]) + BLANK * 3 + bpe.decode(window[8:])
+    assert template_control(run, control.given).ids.tolist() == control.ids.tolist()  # typed back: the same pieces

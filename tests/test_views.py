@@ -1,3 +1,4 @@
+import html
 import re
 
 import pandas as pd
@@ -82,13 +83,15 @@ def test_unk_is_shown_distinctly():
     assert side["learned"][0] == views.UNK_MARK
 
 
-def test_char_level_tokens_are_not_spaced():
-    assert views.render_tokens(["m", "y", " ", "l", "o"], char_level=True) == "my lo"
+def test_joined_as_is_tokens_are_not_spaced():
+    assert views.render_tokens(["m", "y", " ", "l", "o"], joined_as_is=True) == "my lo"
     assert views.render_tokens(["m", "y"]) == "m y"  # word level: spaced
+    pieces = ["Romeo", "!", "\n\n", "JULIET", ":\n"]  # BPE pieces may hold line breaks
+    assert views.render_tokens(pieces, joined_as_is=True) == views.mark_unknown("".join(pieces))  # as the sample table
     char_itos = ["<pad>", "<unk>", "a", "b", " "]
     frames = [{"index": 0, "t": 0, "ids": [[2, 3, 4, 2]]}]
-    assert ">ab a</li>" in views.slider_html(frames, char_itos, char_level=True)
-    assert views.StepViewer(frames, char_itos, char_level=True).text.value.endswith("ab a</li></ol>")
+    assert ">ab a</li>" in views.slider_html(frames, char_itos, joined_as_is=True)
+    assert views.StepViewer(frames, char_itos, joined_as_is=True).text.value.endswith("ab a</li></ol>")
 
 
 def test_folded_table_and_headline():
@@ -105,3 +108,23 @@ def test_titled_table_shows_its_title_on_the_page_not_as_a_printed_line():
     shown = titled._repr_html_()
     assert shown.startswith('<p class="dlm-title"><b>runs/&lt;a&gt;</b></p><table') and "&lt;x&gt;" in shown
     assert repr(titled).startswith("runs/<a>\n")
+
+
+def test_bpe_pieces_are_shown_as_the_tokenizer_decodes_them():
+    from dlm.core.data import build_tokenizer
+    from tests.conftest import LINES
+
+    bpe = build_tokenizer("\n\n".join(LINES * 20) + "\n", "bpe", bpe_vocab_size=2000)
+    assert bpe.joined_as_is and build_tokenizer("a b", "char").joined_as_is and not build_tokenizer("a b").joined_as_is
+    text = "What's this, my countrymen?\n\nI'll speak to it, Romeo!\n"
+    ids = bpe.encode(text)
+    assert {"What", "'s", "I", "'ll", " Romeo"} <= {bpe.itos[i] for i in ids}  # whole words, and cuts inside two
+    # the oracle: HuggingFace's own decode of the ids, line breaks shown as the views show them
+    expected = bpe.hf.decode(ids).replace("\n", " / ")
+    shown = views.render_tokens([bpe.itos[i] for i in ids], joined_as_is=bpe.joined_as_is)
+    assert shown == html.escape(expected)
+    frames = [{"index": 0, "t": 0, "ids": [ids + [bpe.pad_id]]}]
+    page = views.slider_html(frames, bpe.itos, joined_as_is=bpe.joined_as_is)
+    assert f'<li value="1">{html.escape(expected)}</li>' in page
+    fixed = views.fixed_words_html([ids], [[]], bpe.itos, joined_as_is=bpe.joined_as_is)
+    assert f"<li>{html.escape(expected)}</li>" in fixed

@@ -250,6 +250,12 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.itos)
 
+    @property
+    def joined_as_is(self) -> bool:
+        """Whether text is its pieces joined as they are: character and BPE pieces carry their own
+        spaces (" the"); word tokens are spaced by join_words."""
+        return self.kind != "word"
+
     def tokenize(self, text: str) -> list[str]:
         return split_tokens(text, self.kind, self.lowercase)
 

@@ -106,7 +106,8 @@ def blanked_control(run: LoadedRun, window: Sequence[int], start: int, stop: int
         raise UserError(f"The blank span {start}..{stop} must lie inside the window's {len(window)} tokens.")
     pieces = [None if start <= i < stop else token for i, token in enumerate(window)]
     words = [BLANK if p is None else run.tokenizer.itos[p].replace("\n", "\\n") for p in pieces]
-    return _window(run, "template", " ".join(words), pieces)
+    # BPE and character pieces carry their own spaces: joined with more, a word would read "Wh at"
+    return _window(run, "template", ("" if run.tokenizer.joined_as_is else " ").join(words), pieces)
 
 
 def prefix_control(run: LoadedRun, prefix: str) -> Control:

@@ -48,17 +48,17 @@ SLIDER_CSS = """
 """
 
 
-def render_tokens(tokens: Sequence[str], changed: Sequence[bool] | None = None, char_level: bool = False) -> str:
-    """Tokens as escaped HTML text, spaced like dlm.data.join_words (char-level tokens are joined
-    as they are), line breaks shown as ' / ', <unk> as a grey box; `changed` tokens are wrapped in
-    <mark>."""
+def render_tokens(tokens: Sequence[str], changed: Sequence[bool] | None = None, joined_as_is: bool = False) -> str:
+    """Tokens as escaped HTML text, spaced like dlm.data.join_words (`joined_as_is`: character and
+    BPE pieces, which carry their own spaces, joined as they are), line breaks shown as ' / ', <unk>
+    as a grey box; `changed` tokens are wrapped in <mark>."""
     parts: list[str] = []
     previous = None
     for position, token in enumerate(tokens):
         if token == PAD:
             continue
-        shown = " / " if token == "\n" else token
-        if (not char_level and previous is not None and token not in NO_SPACE_BEFORE
+        shown = token.replace("\n", " / ")  # a BPE piece may hold line breaks ("\n\n")
+        if (not joined_as_is and previous is not None and token not in NO_SPACE_BEFORE
                 and previous not in NO_SPACE_AFTER):
             parts.append(" ")
         escaped = UNK_HTML if token == UNK else html.escape(shown)
@@ -85,7 +85,7 @@ def frame_label(frame: dict, total_steps: int) -> str:
 
 
 def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int],
-                  char_level: bool = False) -> list[str]:
+                  joined_as_is: bool = False) -> list[str]:
     """One HTML block per recorded step: an ordered list of the chosen samples, tokens that changed
     since the previous recorded step marked."""
     blocks, previous = [], None
@@ -95,7 +95,7 @@ def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence
             ids = frame["ids"][sample]
             before = previous["ids"][sample] if previous is not None else None
             tokens = [itos[i] for i in ids]
-            items.append(f'<li value="{sample + 1}">{render_tokens(tokens, changed_positions(before, ids), char_level)}</li>')
+            items.append(f'<li value="{sample + 1}">{render_tokens(tokens, changed_positions(before, ids), joined_as_is)}</li>')
         blocks.append("<ol>" + "".join(items) + "</ol>")
         previous = frame
     return blocks
@@ -105,7 +105,7 @@ STEP_NOTE = "Decoded prediction of x0 at each recorded step; <mark>marked</mark>
 
 
 def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                total_steps: int | None = None, char_level: bool = False, labels: Sequence[str] | None = None,
+                total_steps: int | None = None, joined_as_is: bool = False, labels: Sequence[str] | None = None,
                 note: str = STEP_NOTE, name: str = "sampling step") -> str:
     """The offline slider: an <input type=range> over pre-rendered frames, shown by a few lines of
     inline JavaScript; the last frame (the final text) shows first, and without JavaScript too.
@@ -117,7 +117,7 @@ def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[i
     labels = list(labels) if labels is not None else [frame_label(frame, total_steps) for frame in frames]
     uid = f"dlm-steps-{uuid.uuid4().hex[:12]}"  # unique even with several notebooks in one page
     last = len(frames) - 1
-    blocks = render_frames(frames, itos, samples, char_level)
+    blocks = render_frames(frames, itos, samples, joined_as_is)
     divs = "".join(
         f'<div class="dlm-frame" data-label="{html.escape(label, quote=True)}"'
         f'{"" if i == last else " hidden"}>{block}</div>'
@@ -147,7 +147,7 @@ class StepViewer:
     the same pre-rendered frames. A plain observer, so it needs no `interact` machinery."""
 
     def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                 total_steps: int | None = None, char_level: bool = False, labels: Sequence[str] | None = None,
+                 total_steps: int | None = None, joined_as_is: bool = False, labels: Sequence[str] | None = None,
                  name: str = "step"):
         import ipywidgets as widgets
 
@@ -157,7 +157,7 @@ class StepViewer:
         self.total_steps = total_steps or self.frames[-1]["index"] + 1
         self.labels = (list(labels) if labels is not None
                        else [frame_label(frame, self.total_steps) for frame in self.frames])
-        self.blocks = render_frames(self.frames, itos, samples, char_level)
+        self.blocks = render_frames(self.frames, itos, samples, joined_as_is)
         last = len(self.frames) - 1
         self.slider = widgets.IntSlider(value=last, min=0, max=last, step=1, description=name,
                                         readout=False, continuous_update=True,
@@ -178,15 +178,15 @@ class StepViewer:
 
 
 def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                       total_steps: int | None = None, live: bool = True, char_level: bool = False,
+                       total_steps: int | None = None, live: bool = True, joined_as_is: bool = False,
                        labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step") -> dict:
     """A display bundle with the offline slider as text/html and, when `live`, the ipywidgets
     slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML.
     labels, note, name: see `slider_html` (frames that are not sampling steps)."""
-    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, char_level, labels, note, name),
+    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, joined_as_is, labels, note, name),
               "text/plain": f"<slider over {len(frames)} frames ({name})>"}
     if live:
-        viewer = StepViewer(frames, itos, samples, total_steps, char_level, labels, name)
+        viewer = StepViewer(frames, itos, samples, total_steps, joined_as_is, labels, name)
         widget_bundle = viewer.widget._repr_mimebundle_()
         bundle.update({k: v for k, v in widget_bundle.items() if k != "text/plain"})
         bundle["_viewer"] = viewer  # kept alive by the caller; removed before display
@@ -194,14 +194,14 @@ def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Seq
 
 
 def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
-                total_steps: int | None = None, live: bool = True, char_level: bool = False,
+                total_steps: int | None = None, live: bool = True, joined_as_is: bool = False,
                 labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step"):
     """Display the slider over sampling steps (see the module docstring); returns the live viewer.
-    `char_level`: the run's tokenizer is 'char' (its tokens are joined without spaces).
+    `joined_as_is`: the run's tokenizer joins its pieces as they are (bpe, char; Tokenizer.joined_as_is).
     labels, note, name: frames that are not sampling steps (the control notebook's strengths)."""
     from IPython.display import display
 
-    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, char_level, labels, note, name)
+    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, joined_as_is, labels, note, name)
     viewer = bundle.pop("_viewer", None)
     display(bundle, raw=True)
     return viewer
@@ -282,19 +282,19 @@ FIXED_NOTE = "<mark>Marked</mark> words were given (fixed by the template, prefi
 
 
 def fixed_words_html(rows: Sequence[Sequence[int]], fixed: Sequence[Sequence[int]], itos: Sequence[str],
-                     char_level: bool = False) -> str:
+                     joined_as_is: bool = False) -> str:
     """Controlled samples as an ordered list, the given (fixed) positions of each row marked."""
     items = []
     for ids, positions in zip(rows, fixed):
         marked = set(positions)
         tokens = [itos[i] for i in ids]
-        items.append(f"<li>{render_tokens(tokens, [p in marked for p in range(len(ids))], char_level)}</li>")
+        items.append(f"<li>{render_tokens(tokens, [p in marked for p in range(len(ids))], joined_as_is)}</li>")
     return (f'<div class="dlm-steps"><style>{SLIDER_CSS}</style><ol>{"".join(items)}</ol>'
             f'<div class="dlm-note">{FIXED_NOTE}</div></div>')
 
 
 def strength_slider(samples_by_strength: dict[float, Sequence[Sequence[int]]], itos: Sequence[str],
-                    samples: Sequence[int] = (0,), live: bool = True, char_level: bool = False):
+                    samples: Sequence[int] = (0,), live: bool = True, joined_as_is: bool = False):
     """The slider over guidance strength: one pre-rendered frame per strength (samples drawn from the
     same seed, so a frame differs from the previous one only by what guidance changed: marked)."""
     strengths = list(samples_by_strength)
@@ -302,4 +302,4 @@ def strength_slider(samples_by_strength: dict[float, Sequence[Sequence[int]]], i
               for i, s in enumerate(strengths)]
     labels = [f"strength {s:g}" + (" (unguided)" if s == 0 else "") for s in strengths]
     note = "The same seed at each guidance strength; <mark>marked</mark> words changed since the previous strength."
-    return step_slider(frames, itos, samples, len(frames), live, char_level, labels, note, "strength")
+    return step_slider(frames, itos, samples, len(frames), live, joined_as_is, labels, note, "strength")
