@@ -15,13 +15,14 @@ from dlm.runs.build import build_diffusion
 LENGTH, VOCAB, T = 32, 13, 50
 
 
-def net(causal=False):
+def net(causal=False, positions="learned"):
     torch.manual_seed(0)
-    return TinyTransformer(8, 16, 2, 2, LENGTH, dropout=0.0, causal=causal).eval()
+    return TinyTransformer(8, 16, 2, 2, LENGTH, dropout=0.0, causal=causal, positions=positions).eval()
 
 
-def test_a_block_after_a_cache_reads_what_the_block_causal_mask_shows_it():
-    model = net()
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_a_block_after_a_cache_reads_what_the_block_causal_mask_shows_it(positions):
+    model = net(positions=positions)
     x, t = torch.randn(3, 12, 8), torch.randint(0, T, (3, 12))
     whole = model(x, t, block_causal_mask(12, 4)[None])
     cache = model.cache_prefix(x[:, :4], t[:, :4])
@@ -35,8 +36,9 @@ def test_a_block_after_a_cache_reads_what_the_block_causal_mask_shows_it():
     assert not torch.allclose(shifted, whole[:, 8:], atol=1e-3)
 
 
-def test_a_causal_model_with_a_cache_is_the_causal_model():
-    model = net(causal=True)
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_a_causal_model_with_a_cache_is_the_causal_model(positions):
+    model = net(causal=True, positions=positions)
     x = torch.randn(2, 10, 8)
     t = torch.zeros(2, dtype=torch.long)
     whole = model(x, t)

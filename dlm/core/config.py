@@ -75,6 +75,9 @@ class Config:
     embedding_scale: float = _model(1.0)
     embedding_lr_scale: float = _model(1.0)  # the table's lr is lr * this
     rounding: Literal["tied", "untied"] = _model("tied")  # tied: logits = x @ E^T + b (Diffusion-LM)
+    # where the denoiser learns word order: learned (a position table added to the input) or rotary
+    # (RoPE in attention, MDLM's and BD3-LM's; see dlm.core.nets.TinyTransformer)
+    positions: Literal["learned", "rotary"] = _model("learned")
     width: int = _model(256)
     depth: int = _model(4)
     heads: int = _model(4)

@@ -20,6 +20,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(features, (0, dim % 2))
 
 
+def rotary_angles(positions: torch.Tensor, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (L, head_size / 2) of rotary position embeddings (RoPE, Su et al. 2021) at
+    integer positions (L,): what `rotate` turns each query and key by."""
+    half = head_size // 2
+    freqs = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, heads, L, head_size) with each pair (x_i, x_{i + head_size/2}) turned by its position's
+    angle, so that a query-key product depends on the two positions only through their distance."""
+    cos, sin = (a.to(x.dtype) for a in angles)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 # One layer's keys and values, (B, heads, P, head size) each.
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,8 +63,10 @@ class SelfAttention(nn.Module):
         self.causal = causal
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None,
-                past: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues]:
-        """(output, the keys and values the queries read: past's, then x's own).
+                past: KeysValues | None = None,
+                angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, KeysValues]:
+        """(output, the keys and values the queries read: past's, then x's own; keys rotated).
+        angles: x's positions' rotary angles (`rotary_angles`), None without rotary positions.
 
         attend, optional (False: masked out): (B, K) bool, the keys every query may read, or
         (B or 1, L, K) bool, the keys each query may read; K counts past's keys first.
@@ -57,6 +76,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(width, dim=-1)
         # (B, L, W) -> (B, nh, L, hs)
         q, k, v = (z.view(batch, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        if angles is not None:
+            q, k = rotate(q, angles), rotate(k, angles)
         if past is not None:
             k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
         dropout_p = self.dropout if self.training else 0.0
@@ -95,9 +116,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None,
-                past: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues]:
+                past: KeysValues | None = None,
+                angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, KeysValues]:
         """(output, the attention's keys and values, past's included)."""
-        attended, keys_values = self.attn(self.ln1(x), attend, past)
+        attended, keys_values = self.attn(self.ln1(x), attend, past, angles)
         x = x + self.drop(attended)
         return x + self.mlp(self.ln2(x)), keys_values
 
@@ -105,6 +127,12 @@ class Block(nn.Module):
 class TinyTransformer(nn.Module):
     """embed_dim -> width up-projection, learned positions, (optional) time embedding through an
     MLP, pre-LN blocks on scaled_dot_product_attention, width -> out_dim down-projection.
+
+    positions: 'learned' (a table added to the input, GPT-2's) or 'rotary' (RoPE in every layer's
+    queries and keys, as MDLM's and BD3-LM's DiT backbone has). A causal model learns word order
+    from its mask; a bidirectional one with learned positions reads its window as a bag of words
+    until it has learned them (docs/results.md, "Families side by side"), where rotary attention
+    sees distances from the first step.
 
     A prefix that later positions read but that never reads them (the finished blocks of block
     diffusion, under a block-causal mask; a causal model's past) can be run once and cached:
@@ -123,11 +151,19 @@ class TinyTransformer(nn.Module):
 
     def __init__(self, embed_dim: int, width: int, depth: int, heads: int, seq_len: int,
                  dropout: float = 0.1, causal: bool = False, time_conditioned: bool = True,
-                 in_dim: int | None = None, out_dim: int | None = None):
+                 in_dim: int | None = None, out_dim: int | None = None, positions: str = "learned"):
         super().__init__()
+        if positions not in ("learned", "rotary"):
+            raise ValueError(f"Unknown positions '{positions}': use learned or rotary.")
+        if positions == "rotary" and (width // heads) % 2:
+            raise ValueError(f"Rotary positions need an even head size; width {width} / heads {heads} is odd.")
         self.width = width
+        self.head_size = width // heads
+        self.seq_len = seq_len
+        self.rotary = positions == "rotary"
         self.in_proj = nn.Linear(in_dim or embed_dim, width)
-        self.positions = nn.Parameter(torch.randn(seq_len, width) * 0.02)
+        # rotary runs keep no table (their state dict says which kind they are)
+        self.positions = None if self.rotary else nn.Parameter(torch.randn(seq_len, width) * 0.02)
         self.time_mlp = (
             nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
             if time_conditioned else None
@@ -145,38 +181,42 @@ class TinyTransformer(nn.Module):
         L positions after the cache's; block diffusion trained on every block at once feeds the
         window twice, noised and clean, at the same positions). cache: a prefix x reads (see the
         class docstring)."""
-        h = self._inputs(x, t, positions, cache)
+        h, angles = self._inputs(x, t, positions, cache)
         for index, block in enumerate(self.blocks):
-            h, _ = block(h, attend, None if cache is None else cache.layers[index])
+            h, _ = block(h, attend, None if cache is None else cache.layers[index], angles)
         return self.out_proj(self.ln_f(h))
 
     def cache_prefix(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: PrefixCache | None = None,
                      attend: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> PrefixCache:
         """`cache` (None: empty) grown by x's L positions, which read the cache and each other
         (attend, positions: as in forward). Nothing is returned of x but its keys and values."""
-        h = self._inputs(x, t, positions, cache)
+        h, angles = self._inputs(x, t, positions, cache)
         layers = []
         for index, block in enumerate(self.blocks):
             past = None if cache is None else cache.layers[index]
             if index == len(self.blocks) - 1:  # the last block's keys need no more than its input
-                layers.append(block.attn(block.ln1(h), attend, past)[1])
+                layers.append(block.attn(block.ln1(h), attend, past, angles)[1])
             else:
-                h, keys_values = block(h, attend, past)
+                h, keys_values = block(h, attend, past, angles)
                 layers.append(keys_values)
         return PrefixCache(layers)
 
     def _inputs(self, x: torch.Tensor, t: torch.Tensor | None, positions: torch.Tensor | None,
-                cache: PrefixCache | None) -> torch.Tensor:
-        """The first block's input: projected x, its positions' embeddings and its timesteps'."""
+                cache: PrefixCache | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The first block's input (projected x, its positions' embeddings and its timesteps') and,
+        with rotary positions, the rotary angles of x's positions."""
         length = x.shape[1]
         if positions is None:
             first = 0 if cache is None else cache.length
-            position = self.positions[first: first + length]
+            positions = torch.arange(first, first + length, device=x.device)
+        h = self.in_proj(x)  # (B, L, W)
+        angles = None
+        if self.rotary:
+            angles = rotary_angles(positions, self.head_size)
         else:
-            position = self.positions[positions]
-        h = self.in_proj(x) + position  # (B, L, W)
+            h = h + self.positions[positions]
         if self.time_mlp is not None:
             # t is one timestep per sequence (B,) or one per position (B, L) (left-to-right chains)
             time = self.time_mlp(timestep_embedding(t.reshape(-1), self.width))
             h = h + (time[:, None, :] if t.ndim == 1 else time.view(*t.shape, -1))
-        return self.drop(h)
+        return self.drop(h), angles

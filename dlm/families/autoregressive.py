@@ -28,7 +28,8 @@ class AutoregressiveLM(nn.Module):
         d = config.embed_dim
         self.embedding = LearnedEmbedding(vocab_size, d, pretrained_embeddings, init_std=config.embedding_init_std)
         self.transformer = TinyTransformer(d, config.width, config.depth, config.heads, config.seq_len,
-                                           config.dropout, causal=True, time_conditioned=False)
+                                           config.dropout, causal=True, time_conditioned=False,
+                                           positions=config.positions)
         self.head = LearnedRounding(d, vocab_size, tied_embedding=self.embedding)
 
     def table(self) -> torch.Tensor:
@@ -66,7 +67,7 @@ class AutoregressiveLM(nn.Module):
             prompt = prompt.to(device).expand(count, -1)
         ids = prompt
         while ids.shape[1] < length + prompt.shape[1]:
-            logits = self(ids[:, -self.transformer.positions.shape[0]:])[:, -1].float()
+            logits = self(ids[:, -self.transformer.seq_len:])[:, -1].float()
             if banned:
                 logits[:, list(banned)] = -torch.inf
             probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()

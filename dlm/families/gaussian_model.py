@@ -27,7 +27,7 @@ class DiffusionLM(nn.Module):
         # With self-conditioning the denoiser also reads its previous x0 estimate, concatenated.
         self.denoiser = TinyTransformer(
             d, config.width, config.depth, config.heads, config.seq_len, config.dropout,
-            in_dim=2 * d if self.self_conditioned else d,
+            in_dim=2 * d if self.self_conditioned else d, positions=config.positions,
         )
         tied = self.embedding if config.rounding == "tied" else None
         self.rounding = LearnedRounding(d, vocab_size, tied_embedding=tied)

@@ -55,7 +55,8 @@ class MaskedDiffusionLM(nn.Module):
         self.mask_id = vocab_size
         self.embedding = LearnedEmbedding(vocab_size + 1, d, pretrained_embeddings, init_std=config.embedding_init_std)
         self.transformer = TinyTransformer(d, config.width, config.depth, config.heads, config.seq_len,
-                                           config.dropout, causal=False, time_conditioned=False)
+                                           config.dropout, causal=False, time_conditioned=False,
+                                           positions=config.positions)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def table(self) -> torch.Tensor:
