@@ -89,7 +89,6 @@ class NextTokenObjective:
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
 NAME = "ar"
-SCORES_TOKENS = True  # exact per-token likelihoods: it can be the teacher
 SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
 # The Gaussian chain's options are read by no AR code; accepted (and ignored) as before.
 SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
