@@ -38,7 +38,7 @@ from dlm.core.data import atomic_write_bytes
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
-from dlm.workbench.notebook import LIVE_MARK, assigned_names, package_root, project_root
+from dlm.workbench.notebook import LIVE_MARK, assigned_names, config_overrides, package_root, project_root
 
 logger = logging.getLogger("dlm")
 
@@ -568,7 +568,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                  parameters: Mapping[str, Mapping[str, Any]] | None = None,
                  kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
     """Run the notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them: train,
-    sample, collapse_analysis, and control when the preset names control_tasks.
+    sample, collapse_analysis, and control when the preset, or a --param train.control_tasks over it,
+    names control tasks.
 
     `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
     `from_run` starts the report from a run already trained on that preset (it is linked into
@@ -589,6 +590,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         raise ReportError(f"Unknown notebook(s) in parameters: {', '.join(sorted(unknown))}; use {', '.join(NOTEBOOKS)}.")
     source = notebooks_dir()
     check_notebook_parameters(extra, source)
+    # the pages follow what the train notebook trains: the preset with its --param train.KEY overrides
+    config = load_config(params, **config_overrides(extra.get("train", {})))
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
