@@ -372,3 +372,30 @@ def test_the_control_page_follows_the_train_parameters_over_the_preset(tmp_path,
     # a family given over the preset decides which pages its family has (no collapse page for a masked run)
     masked = pages_run(tmp_path, monkeypatch, "epochs: 1\n", {"train": {"model": "masked"}})
     assert list(masked) == ["train", "sample"]
+
+
+@pytest.mark.parametrize("notebook, key, value, flag", [
+    ("sample", "clamp", True, "--param sample.clamp is an option of the Gaussian diffusion chain; the 'ar' family"),
+    ("sample", "steps", 10, "--param sample.steps is an option of the diffusion and masked families' samplers"),
+    ("sample", "curve_steps", "10,20", "--param sample.curve_steps is an option of the diffusion and masked"),
+    ("sample", "spacing", "uniform", "--param sample.spacing is an option of the Gaussian diffusion chain"),
+    ("control", "steps", 10, "--param control.steps is an option of the diffusion and masked families'"),
+    ("train", "preview_steps", 10, "--param train.preview_steps is an option of the diffusion and masked"),
+])
+def test_a_sampler_option_the_family_does_not_read_is_refused_before_the_report(tmp_path, monkeypatch, capsys,
+                                                                                notebook, key, value, flag):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: pytest.fail("a notebook ran"))
+    (tmp_path / "ar.yaml").write_text("model: ar\ncontrol_tasks: prefix\n")
+    assert main(["report", "ar.yaml", "--param", f"{notebook}.{key}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dlm report: error: ") and flag in err[0], err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_sampler_parameters_left_to_the_run_build_an_ar_report(tmp_path, monkeypatch):
+    defaults = {"sample": {"steps": -1, "curve_steps": "", "clamp": None, "spacing": "", "record_every": 0,
+                           "num_samples": 4, "seed": 1},
+                "control": {"steps": -1}, "train": {"preview_steps": -1}}
+    ran = pages_run(tmp_path, monkeypatch, "model: ar\ncontrol_tasks: prefix\n", defaults)
+    assert list(ran) == ["train", "sample", "control"]  # no collapse page for the AR family

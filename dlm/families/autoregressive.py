@@ -90,9 +90,8 @@ class NextTokenObjective:
 
 NAME = "ar"
 SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
-# The Gaussian chain's options are read by no AR code; accepted (and ignored) as before.
-SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
-                            "decoder", "seed", "batch_size", "num_samples", "record_every"})
+# No chain: one network call per token, so no steps, spacing, clamping, eta, x0, decoder or trajectory.
+SAMPLE_OPTIONS = frozenset({"temperature", "unk", "seed", "batch_size", "num_samples"})
 
 
 def check_config(config: Config) -> None:

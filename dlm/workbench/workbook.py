@@ -44,6 +44,14 @@ logger = logging.getLogger("dlm")
 
 NOTEBOOKS = ("train", "sample", "collapse_analysis", "control")  # control: when the preset names control_tasks
 PAGE_NEEDS = {"collapse_analysis": "geometry"}  # what a page asks of the run's family (dlm.families SUPPORTS)
+# Notebook parameters that set a sampler option (a SampleOptions field), with the value that leaves it
+# to the run: given for a family whose sampler does not read it, the report is refused before it starts.
+SAMPLER_PARAMETERS = {
+    "train": {"preview_steps": ("steps", -1)},
+    "sample": {"steps": ("steps", -1), "curve_steps": ("steps", ""), "clamp": ("clamp", None),
+               "spacing": ("spacing", ""), "record_every": ("record_every", 0)},
+    "control": {"steps": ("steps", -1)},
+}
 TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
 WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -592,6 +600,12 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
     check_notebook_parameters(extra, source)
     # the pages follow what the train notebook trains: the preset with its --param train.KEY overrides
     config = load_config(params, **config_overrides(extra.get("train", {})))
+    for notebook, keys in SAMPLER_PARAMETERS.items():
+        for key, (option, unset) in keys.items():
+            value = extra.get(notebook, {}).get(key, unset)
+            if value is not None and value != unset:
+                families.check_sample_options(config.model, {option: value},
+                                              flag=lambda _, given=f"--param {notebook}.{key}": given)
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
