@@ -212,7 +212,8 @@ def test_notebooks_run_for_every_family(name, tmp_path):
                   threads=1, sample_steps=8, epochs=2, control_tasks=tasks)
     preset = tmp_path / f"{name}.yaml"
     preset.write_text(yaml.safe_dump(values))
-    parameters = {"sample": {"num_samples": 4, "threads": 1, "table_rows": 3, "curve_steps": "2,4", "curve_samples": 2},
+    curve = {"curve_steps": "2,4", "curve_samples": 2} if "steps" in family(name).SAMPLE_OPTIONS else {}
+    parameters = {"sample": {"num_samples": 4, "threads": 1, "table_rows": 3, **curve},
                   "collapse_analysis": {"num_samples": 4, "threads": 1, "max_checkpoints": 2},
                   "control": {"num_samples": 2, "threads": 1, "length": 4}}
     report_dir = workbook.build_report(preset, name=name, reports_dir=tmp_path / "reports", parameters=parameters)
