@@ -20,7 +20,7 @@ from dlm.core.errors import UserError
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS, sampling_timesteps
 from dlm.core.textstats import sample_stats
-from dlm.families import FAMILIES
+from dlm.families import FAMILIES, check_sample_options
 from dlm.runs.build import load_run
 from dlm.runs.sample import (
     X0_CHOICES,
@@ -334,15 +334,6 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
 
-def check_sample_options(run, **given) -> None:
-    """A sampling option the user gave (not None) that the run's family does not read: one line
-    naming it and the family, before any sampling."""
-    for name, value in given.items():
-        if value is not None and name not in run.family.SAMPLE_OPTIONS:
-            raise UserError(f"--{name} is an option of the Gaussian diffusion chain; the '{run.config.model}' family "
-                             f"has none: drop --{name}.")
-
-
 def run_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -358,8 +349,12 @@ def run_sample(args: argparse.Namespace) -> None:
         unk=args.unk, seed=args.seed,
         batch_size=args.batch_size, record_every=args.record_every,
     )
-    check_sample_options(run, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
-                         x0=args.x0, decoder=None if args.decoder == "learned" else args.decoder)
+    # what the user gave: None, or a default that means none (learned, 0), is not given; every family's
+    # sampler reads num_samples, seed and batch_size
+    check_sample_options(run.config.model, dict(
+        steps=args.steps, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
+        x0=args.x0, temperature=args.temperature, unk=args.unk,
+        decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
     options.validate(getattr(run.objective, "steps", None))
     check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
     if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
@@ -447,7 +442,7 @@ def run_matched(args: argparse.Namespace) -> None:
         raise UserError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device)
-    check_sample_options(run, x0=args.x0)
+    check_sample_options(run.config.model, dict(steps=args.steps, spacing=args.spacing, x0=args.x0, unk=args.unk))
     teacher = load_run(args.teacher, device=device)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
                                         x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing)
@@ -473,7 +468,7 @@ def run_nll(args: argparse.Namespace) -> None:
         raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint)
-    check_sample_options(run, x0=args.x0)
+    check_sample_options(run.config.model, dict(x0=args.x0))
     ar = load_run(args.ar_run) if args.ar_run else None
     x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
     chain = None
@@ -506,6 +501,7 @@ def run_infill(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     run = load_run(args.run_dir, device=device)
     control = make_control(run, args.template, args.prefix, args.length)
+    check_sample_options(run.config.model, dict(steps=args.steps))
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed)
     result = infill(run, control, options, mbr=args.mbr, device=device)
     for text in result.texts:

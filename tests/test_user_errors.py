@@ -230,6 +230,8 @@ def test_bad_sample_options_fast(total_steps, extra, message):
 @pytest.mark.parametrize("model", ["diffusion", "ar"])
 @pytest.mark.parametrize("extra, message", BAD_SAMPLE_OPTIONS)
 def test_bad_sample_options(runs, tmp_path, capsys, model, extra, message):
+    if model == "ar" and extra[0] in ("--eta", "--record_every"):  # options the AR sampler has none of
+        message = f"{extra[0]} is an option of the"
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--run_dir", str(runs / model), "--out", str(out), "--num_samples", "2", *extra]) == 2
     assert message in one_error_line(capsys, "sample")
@@ -261,10 +263,10 @@ def test_a_diverged_run_is_not_sampled_into_empty_text(runs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_good_sampling_still_works(runs, tmp_path, capsys):
-    for model in ("diffusion", "ar"):
+    for model, chain in (("diffusion", ["--steps", "5", "--eta", "0"]), ("ar", [])):
         out = tmp_path / f"{model}.jsonl"
         assert main(["sample", "--run_dir", str(runs / model), "--out", str(out), "--num_samples", "3",
-                     "--batch_size", "2", "--steps", "5", "--eta", "0"]) == 0
+                     "--batch_size", "2", *chain]) == 0
         assert len([json.loads(line) for line in out.read_text().splitlines()]) == 3
 
 
@@ -361,6 +363,50 @@ def test_gaussian_options_on_a_masked_run(toy_runs, tmp_path, capsys, command, e
     assert main([command, "--run_dir", str(toy_runs / "masked"), *destination, *extra]) == 2
     assert message in one_error_line(capsys, command)
     assert not list(tmp_path.iterdir())
+
+
+# A sampling option the AR sampler does not read (it has no chain), given for an AR run: one line naming
+# the option and the family, nothing written; the options it reads, and every default, still sample.
+UNREAD_BY_AR = [
+    ("sample", ["--clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'ar' family has none: drop --clamp"),
+    ("sample", ["--no-clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'ar' family has none"),
+    ("sample", ["--clamp_fraction", "0.5"], "--clamp_fraction is an option of the Gaussian diffusion chain; the 'ar'"),
+    ("sample", ["--eta", "0"], "--eta is an option of the Gaussian diffusion chain; the 'ar' family has none"),
+    ("sample", ["--eta", "nan"], "--eta is an option of the Gaussian diffusion chain; the 'ar' family has none"),
+    ("sample", ["--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'ar' family has none"),
+    ("sample", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain; the 'ar' family"),
+    ("sample", ["--decoder", "cosine"], "--decoder is an option of the Gaussian diffusion chain; the 'ar' family"),
+    ("sample", ["--steps", "5"],
+     "--steps is an option of the diffusion and masked families' samplers; the 'ar' family has none: drop --steps"),
+    ("sample", ["--record_every", "2"], "--record_every is an option of the diffusion and masked families' samplers; "
+                                        "the 'ar' family has none"),
+    ("infill", ["--prefix", "To be", "--steps", "3"], "--steps is an option of the diffusion and masked families'"),
+    ("evaluate", ["--matched", "--steps", "5"], "--steps is an option of the diffusion and masked families'"),
+    ("evaluate", ["--matched", "--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain"),
+    ("evaluate", ["--matched", "--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'ar'"),
+]
+
+
+@pytest.mark.parametrize("command, extra, message", UNREAD_BY_AR)
+def test_options_the_ar_sampler_does_not_read(toy_runs, tmp_path, capsys, command, extra, message):
+    out = tmp_path / "out.jsonl"
+    destination = {"sample": ["--out", str(out)], "infill": ["--out", str(out)],
+                   "evaluate": ["--json", str(out.with_suffix(".json")), "--teacher", str(toy_runs / "ar")]}[command]
+    assert main([command, "--run_dir", str(toy_runs / "ar"), *destination, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert message in one_error_line_from(err, command)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_options_the_ar_sampler_reads_and_every_default_still_sample(toy_runs, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "ar"), "--out", str(out), "--num_samples", "3",
+                 "--batch_size", "2", "--seed", "1", "--temperature", "0.5", "--no-unk", "--decoder", "learned",
+                 "--record_every", "0"]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    assert main(["sample", "--run_dir", str(toy_runs / "ar"), "--out", str(out), "--num_samples", "2"]) == 0
+    assert main(["infill", "--run_dir", str(toy_runs / "ar"), "--prefix", "To be", "--num_samples", "2"]) == 0
 
 
 # --- classifier-guided control ------------------------------------------------------------------

@@ -344,3 +344,58 @@ def test_train_tells_a_listener_of_every_metrics_row(smoke_config, tmp_path):
     written = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert len(heard) == len(written) >= 2 and [row["step"] for row in heard] == written["step"].tolist()
     assert any("val_total" in row for row in heard) and any("total" in row for row in heard)
+
+
+def pages_run(tmp_path, monkeypatch, preset_text: str, parameters: dict) -> dict[str, dict]:
+    """The notebooks build_report runs (name -> the parameters it gives), no kernel started."""
+    ran = {}
+
+    def record(notebook, output, parameters, **kwargs):
+        ran[Path(notebook).stem] = parameters
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(workbook, "execute", record)
+    monkeypatch.setattr(workbook, "export_html", lambda executed, **kwargs: Path(executed).with_suffix(".html"))
+    (tmp_path / "p.yaml").write_text(preset_text)
+    workbook.build_report(tmp_path / "p.yaml", reports_dir=tmp_path / "r", parameters=parameters, overwrite=True)
+    return ran
+
+
+def test_the_control_page_follows_the_train_parameters_over_the_preset(tmp_path, monkeypatch):
+    plain = pages_run(tmp_path, monkeypatch, "epochs: 1\n", {})
+    assert list(plain) == ["train", "sample", "collapse_analysis"]
+    given = pages_run(tmp_path, monkeypatch, "epochs: 1\n", {"train": {"control_tasks": "infill,prefix"}})
+    assert list(given) == ["train", "sample", "collapse_analysis", "control"]
+    assert given["control"]["task"] == "infill,prefix" and given["train"]["control_tasks"] == "infill,prefix"
+    # and the other way: a preset's control tasks turned off for one report
+    assert "control" not in pages_run(tmp_path, monkeypatch, "control_tasks: infill\n", {"train": {"control_tasks": ""}})
+    # a family given over the preset decides which pages its family has (no collapse page for a masked run)
+    masked = pages_run(tmp_path, monkeypatch, "epochs: 1\n", {"train": {"model": "masked"}})
+    assert list(masked) == ["train", "sample"]
+
+
+@pytest.mark.parametrize("notebook, key, value, flag", [
+    ("sample", "clamp", True, "--param sample.clamp is an option of the Gaussian diffusion chain; the 'ar' family"),
+    ("sample", "steps", 10, "--param sample.steps is an option of the diffusion and masked families' samplers"),
+    ("sample", "curve_steps", "10,20", "--param sample.curve_steps is an option of the diffusion and masked"),
+    ("sample", "spacing", "uniform", "--param sample.spacing is an option of the Gaussian diffusion chain"),
+    ("control", "steps", 10, "--param control.steps is an option of the diffusion and masked families'"),
+    ("train", "preview_steps", 10, "--param train.preview_steps is an option of the diffusion and masked"),
+])
+def test_a_sampler_option_the_family_does_not_read_is_refused_before_the_report(tmp_path, monkeypatch, capsys,
+                                                                                notebook, key, value, flag):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: pytest.fail("a notebook ran"))
+    (tmp_path / "ar.yaml").write_text("model: ar\ncontrol_tasks: prefix\n")
+    assert main(["report", "ar.yaml", "--param", f"{notebook}.{key}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dlm report: error: ") and flag in err[0], err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_sampler_parameters_left_to_the_run_build_an_ar_report(tmp_path, monkeypatch):
+    defaults = {"sample": {"steps": -1, "curve_steps": "", "clamp": None, "spacing": "", "record_every": 0,
+                           "num_samples": 4, "seed": 1},
+                "control": {"steps": -1}, "train": {"preview_steps": -1}}
+    ran = pages_run(tmp_path, monkeypatch, "model: ar\ncontrol_tasks: prefix\n", defaults)
+    assert list(ran) == ["train", "sample", "control"]  # no collapse page for the AR family

@@ -28,6 +28,7 @@ from dlm.core.errors import UserError
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.evaluate import records_from_ids, sample_ids, teacher_nll
 from dlm.evaluation.rundata import run_data
+from dlm.families import supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Attribute, Classifier, attribute
 from dlm.runs.guidance import FLUENCY, guided_ids
@@ -130,7 +131,7 @@ def control_table(run: LoadedRun, teacher: LoadedRun | None, classifiers: dict[s
                   device: torch.device | str = "cpu", samples_out: dict | None = None) -> pd.DataFrame:
     """control_rows for every attribute ({name: (guide, judge)}); the unguided samples drawn once.
     `samples_out`: filled with {attribute: {strength: ids}}."""
-    if teacher is not None and not teacher.family.SCORES_TOKENS:
+    if teacher is not None and not supports(teacher.config.model, "likelihood_exact"):
         raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     options = dataclasses.replace(options, record_every=0)
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from dlm.core.textstats import content_tokens, heldout_windows, sample_stats
 from dlm.evaluation.collapse import collapse_signals
 from dlm.evaluation.rundata import run_data
 from dlm.evaluation.tokens import ids_to_words
+from dlm.families import supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, generate
 
@@ -170,7 +171,7 @@ def evaluate_samples(records: list[dict], teacher: LoadedRun, heldout_records: l
     for as many held-out windows of the samples' length; or, given `heldout_records` (held-out
     windows in the samples' own tokenizer), for those, read by the teacher as the samples are: a
     run of another tokenizer is then compared with the same held-out text, read the same way."""
-    if not teacher.family.SCORES_TOKENS:
+    if not supports(teacher.config.model, "likelihood_exact"):
         raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     rows = sample_ids(records, teacher.tokenizer)
     heldout = sample_ids(heldout_records, teacher.tokenizer) if heldout_records is not None else None

@@ -317,7 +317,7 @@ def summarise(parts: dict[str, torch.Tensor], tokens: int, draws: int) -> Bound:
 
 
 def check_ar_run(run: LoadedRun, ar: LoadedRun) -> None:
-    if not ar.family.SCORES_TOKENS:
+    if not supports(ar.config.model, "likelihood_exact"):
         raise UserError(f"--ar_run '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
                          f"train one with dlm train-ar params/ar.yaml.")
     if ar.tokenizer.fingerprint() != run.tokenizer.fingerprint():

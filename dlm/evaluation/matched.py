@@ -158,7 +158,7 @@ def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float],
 
 
 def check_teacher(teacher: LoadedRun) -> None:
-    if not teacher.family.SCORES_TOKENS:
+    if not supports(teacher.config.model, "likelihood_exact"):
         raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
 
 

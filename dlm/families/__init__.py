@@ -27,6 +27,7 @@ A new family is one new module plus one line in FAMILIES; tests/test_family_cont
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 from dlm.core.errors import UserError
@@ -53,3 +54,17 @@ def supports(name: str, capability: str) -> bool:
 def not_available(name: str, what: str) -> str:
     """The one line the workbench shows for something a family does not support."""
     return f"{what} is not available for the '{name}' family (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."
+
+
+def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[[str], str] = "--{}".format) -> None:
+    """Sampling options (SampleOptions fields) a user gave, None where not given: the first one the
+    family `name`'s sampler does not read is one line naming it and the family, before any sampling
+    (ignoring it silently would sample something other than what was asked). `flag` writes an
+    option as the user gave it (a command-line flag by default, or a notebook parameter)."""
+    for option, value in given.items():
+        if value is not None and option not in family(name).SAMPLE_OPTIONS:
+            readers = [other for other in FAMILIES if option in family(other).SAMPLE_OPTIONS]
+            owner = ("the Gaussian diffusion chain" if readers == ["diffusion"]
+                     else f"the {' and '.join(readers)} families' samplers")
+            raise UserError(f"{flag(option)} is an option of {owner}; the '{name}' family has none: "
+                            f"drop {flag(option)}.")

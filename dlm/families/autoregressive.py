@@ -90,11 +90,9 @@ class NextTokenObjective:
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
 NAME = "ar"
-SCORES_TOKENS = True  # exact per-token likelihoods: it can be the teacher
 SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
-# The Gaussian chain's options are read by no AR code; accepted (and ignored) as before.
-SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
-                            "decoder", "seed", "batch_size", "num_samples", "record_every"})
+# No chain: one network call per token, so no steps, spacing, clamping, eta, x0, decoder or trajectory.
+SAMPLE_OPTIONS = frozenset({"temperature", "unk", "seed", "batch_size", "num_samples"})
 
 
 def check_config(config: Config) -> None:

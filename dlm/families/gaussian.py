@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from dlm.runs.sample import SampleOptions
 
 NAME = "diffusion"
-SCORES_TOKENS = False  # no exact likelihood: the NLL bound is the closest thing
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "guidance", "latent", "temperature",
                       "geometry"})
 SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",

@@ -326,9 +326,7 @@ def window_bound(run: LoadedRun, ids: torch.Tensor, draws: int, generator: torch
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
 NAME = "masked"
-SCORES_TOKENS = False  # a bound (the NELBO), not exact per-token likelihoods
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature"})
-ANALYSES = ()  # the collapse and geometry analyses read a Gaussian model's table, rounding and chain
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
 
 # Config keys of the Gaussian family that mean nothing here: set away from their defaults on a

@@ -150,8 +150,9 @@ def make_control(run: LoadedRun, template: str | None = None, prefix: str | None
     if not supports(run.config.model, capability):
         can = [f"--{flag}" for flag, need in (("template", "infill"), ("prefix", "prefix"), ("length", "length"))
                if supports(run.config.model, need)]
+        left_to_right = supports(run.config.model, "likelihood_exact")  # exact per-token NLL: an AR factorisation
         raise UserError(f"--{given[0]} is not available for the '{run.config.model}' family"
-                        f"{' (an autoregressive run writes left to right)' if run.family.SCORES_TOKENS else ''}: "
+                        f"{' (an autoregressive run writes left to right)' if left_to_right else ''}: "
                         f"use {' or '.join(can) or 'another run'}, or a diffusion or masked run for --{given[0]}.")
     if template is not None:
         return template_control(run, template)

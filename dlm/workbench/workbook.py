@@ -38,12 +38,20 @@ from dlm.core.data import atomic_write_bytes
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
-from dlm.workbench.notebook import LIVE_MARK, assigned_names, package_root, project_root
+from dlm.workbench.notebook import LIVE_MARK, assigned_names, config_overrides, package_root, project_root
 
 logger = logging.getLogger("dlm")
 
 NOTEBOOKS = ("train", "sample", "collapse_analysis", "control")  # control: when the preset names control_tasks
 PAGE_NEEDS = {"collapse_analysis": "geometry"}  # what a page asks of the run's family (dlm.families SUPPORTS)
+# Notebook parameters that set a sampler option (a SampleOptions field), with the value that leaves it
+# to the run: given for a family whose sampler does not read it, the report is refused before it starts.
+SAMPLER_PARAMETERS = {
+    "train": {"preview_steps": ("steps", -1)},
+    "sample": {"steps": ("steps", -1), "curve_steps": ("steps", ""), "clamp": ("clamp", None),
+               "spacing": ("spacing", ""), "record_every": ("record_every", 0)},
+    "control": {"steps": ("steps", -1)},
+}
 TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
 WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -568,7 +576,8 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                  parameters: Mapping[str, Mapping[str, Any]] | None = None,
                  kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
     """Run the notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them: train,
-    sample, collapse_analysis, and control when the preset names control_tasks.
+    sample, collapse_analysis, and control when the preset, or a --param train.control_tasks over it,
+    names control tasks.
 
     `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
     `from_run` starts the report from a run already trained on that preset (it is linked into
@@ -589,6 +598,14 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         raise ReportError(f"Unknown notebook(s) in parameters: {', '.join(sorted(unknown))}; use {', '.join(NOTEBOOKS)}.")
     source = notebooks_dir()
     check_notebook_parameters(extra, source)
+    # the pages follow what the train notebook trains: the preset with its --param train.KEY overrides
+    config = load_config(params, **config_overrides(extra.get("train", {})))
+    for notebook, keys in SAMPLER_PARAMETERS.items():
+        for key, (option, unset) in keys.items():
+            value = extra.get(notebook, {}).get(key, unset)
+            if value is not None and value != unset:
+                families.check_sample_options(config.model, {option: value},
+                                              flag=lambda _, given=f"--param {notebook}.{key}": given)
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
