@@ -110,6 +110,16 @@ def tail_distribution(tail=4000, top=0.9):
     return torch.cat([torch.tensor([top]), torch.full((tail,), (1 - top) / tail)]).double()
 
 
+def test_a_draw_follows_its_probabilities_and_never_takes_a_zero():
+    """Oracle: the probabilities themselves."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2], dtype=torch.float64)
+    drawn = masked.categorical(probs.expand(20000, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=5).double() / 20000
+    assert counts[0] == 0 and counts[2] == 0
+    for word, p in ((1, 0.5), (3, 0.3), (4, 0.2)):
+        assert abs(counts[word] - p) < 4 * math.sqrt(p * (1 - p) / 20000)
+
+
 def test_draws_are_float64_low_precision_gumbel_noise_loses_the_tail():
     """Zheng et al. 2024: truncated Gumbel noise under-draws unlikely tokens. With float16 noise the
     largest Gumbel value (about 7.6) minus the smallest (about -2.3) cannot bridge the log-odds of
