@@ -15,7 +15,7 @@ kept what the whole chain keeps.
 
 A masked-diffusion run gets its own table instead: the cross-entropy at masked positions of
 held-out windows by mask rate, beside the training unigram's on the same positions: whether the
-model reads its context at all (dlm.evaluation.probe.masked_context_use).
+model reads its context at all (dlm.evaluation.probe.run_context_use).
 
 Writes --out/probe.md (default benchmarks/results/) with one table of each kind per run
 (--one_step: probe_one_step.md).
@@ -29,11 +29,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from dlm.core.data import fixed_windows
-from dlm.evaluation.probe import chain_retention, denoising_accuracy, heldout_ids, masked_context_use
-from dlm.evaluation.rundata import run_data, train_token_counts
+from dlm.evaluation.probe import chain_retention, denoising_accuracy, heldout_ids, run_context_use
 from dlm.runs.build import load_run
 from dlm.runs.rundir import run_and_checkpoint
 
@@ -60,16 +57,6 @@ def markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, floatfmt=formats)
 
 
-def context_table(run, windows: int) -> pd.DataFrame:
-    """A masked run's cross-entropy at masked positions by mask rate, beside the unigram's."""
-    held_out = fixed_windows(run_data(run).val_ids, run.config.seq_len)
-    ids = held_out[torch.linspace(0, len(held_out) - 1, windows).long()]
-    counts = train_token_counts(run).double() + 1  # add-one: a held-out word unseen in training
-    unigram = (counts / counts.sum()).log()
-    run.model.eval()
-    return masked_context_use(run.model, ids, unigram)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -77,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.runs:
         run = load_run(*run_and_checkpoint(path))
         if run.config.model == "masked":
-            section = f"## {path} (step {run.step})\n\n{markdown(context_table(run, args.windows))}\n"
+            section = f"## {path} (step {run.step})\n\n{markdown(run_context_use(run, args.windows))}\n"
             sections.append(section)
             print(section, flush=True)
             continue

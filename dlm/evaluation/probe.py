@@ -22,7 +22,7 @@ from dlm.core.data import fixed_windows
 from dlm.core.embeddings import nearest_rows
 from dlm.core.errors import UserError
 from dlm.core.schedule import q_sample
-from dlm.evaluation.rundata import run_data
+from dlm.evaluation.rundata import run_data, train_token_counts
 from dlm.families import not_available, supports
 from dlm.families.gaussian_sampling import sample_chain, x0_given_earlier_blocks
 from dlm.runs.build import LoadedRun
@@ -32,10 +32,15 @@ PROBE_TIMESTEPS = (0, 50, 200, 400, 700, 1000, 1400, 1800, 1999)  # for T = 2000
 
 
 def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
-    """`count` validation windows spread over the whole split, (count, seq_len): the probes'
-    inputs (their x_t, chains and rounding are the Gaussian family's)."""
+    """`count` validation windows spread over the whole split, (count, seq_len): the denoising
+    probes' inputs (their x_t, chains and rounding are the Gaussian family's)."""
     if not supports(run.config.model, "geometry"):
         raise UserError(not_available(run.config.model, "The denoising probe"))
+    return spread_heldout_windows(run, count)
+
+
+def spread_heldout_windows(run: LoadedRun, count: int) -> torch.Tensor:
+    """`count` validation windows spread evenly over the whole split, (count, seq_len)."""
     windows = fixed_windows(run_data(run).val_ids, run.config.seq_len)
     if len(windows) < count:
         raise UserError(f"The validation split has {len(windows)} windows; asked for {count}.")
@@ -140,3 +145,11 @@ def masked_context_use(model, ids: torch.Tensor, unigram: torch.Tensor, rates: S
                      "cross_entropy": float(F.cross_entropy(logits[masked], ids[masked])),
                      "unigram": float(-unigram[ids[masked]].mean())})
     return pd.DataFrame(rows)
+
+
+def run_context_use(run: LoadedRun, windows: int) -> pd.DataFrame:
+    """`masked_context_use` for a masked run on `windows` held-out windows spread over the split,
+    beside its training unigram (add-one: a held-out word unseen in training)."""
+    counts = train_token_counts(run).double() + 1
+    run.model.eval()
+    return masked_context_use(run.model, spread_heldout_windows(run, windows), (counts / counts.sum()).log())
