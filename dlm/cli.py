@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="which timesteps those steps visit (default: the run's sample_spacing)")
     matched.add_argument("--unk", action=argparse.BooleanOptionalAction,
                          help="a final token may be <unk>; --no-unk masks it (default: the run's decode_unk)")
+    matched.add_argument("--entropy", type=float,
+                         help="score at this unigram entropy (bits) instead of held-out text's: compares a sampler "
+                              "whose argmax is above held-out entropy with one at its entropy")
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
@@ -436,23 +439,25 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_matched(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from dlm.evaluation.matched import match_entropy
+    from dlm.evaluation.matched import check_entropy, match_entropy
 
     if args.run_dir is None or args.teacher is None:
         raise UserError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
+    check_entropy(args.entropy)  # before any run is loaded
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device)
     check_sample_options(run.config.model, dict(steps=args.steps, spacing=args.spacing, x0=args.x0, unk=args.unk))
     teacher = load_run(args.teacher, device=device)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
                                         x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing)
-    result = match_entropy(run, teacher, options, device=device)
+    result = match_entropy(run, teacher, options, device=device, entropy=args.entropy)
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
         print(table.to_string())
     band = "within" if result["matched"] else "NOT within"
     print(f"temperature {result['temperature']:.4f}: entropy {result['samples']['unigram_entropy']:.3f} bits, "
-          f"{band} 5% of held-out's {result['target_entropy']:.3f} ({run.checkpoint}, step {run.step}; "
+          f"{band} 5% of {'held-out' if args.entropy is None else 'the asked'} {result['target_entropy']:.3f} "
+          f"({run.checkpoint}, step {run.step}; "
           f"{result['num_samples']} samples{f', x0 {options.x0}' if 'x0' in run.family.SAMPLE_OPTIONS else ''}"
           f"{'' if options.unk else ', <unk> masked'})")
     print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))

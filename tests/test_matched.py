@@ -82,6 +82,20 @@ def test_match_entropy_scores_samples_at_heldout_entropy(toy_runs, which):
     assert set(result["ratios"]) == set(result["targets"]) | {"unigram_entropy"}  # the same names, whatever the count
 
 
+def test_match_entropy_scores_at_an_asked_entropy(toy_runs):
+    """--entropy: the samples are scored at the asked bits, not held-out text's; the ratios stay
+    against held-out text."""
+    run, teacher = load_run(toy_runs[0]), load_run(toy_runs[1])
+    options = SampleOptions.from_config(run.config, num_samples=16)
+    heldout = match_entropy(run, teacher, options)
+    asked = heldout["target_entropy"] * 1.02  # within what the toy vocabulary can spend
+    result = match_entropy(run, teacher, options, entropy=asked)
+    assert result["target_entropy"] == asked and result["temperature"] > heldout["temperature"]
+    redrawn = entropy_of(run, temperature_sampler(run, options)(result["temperature"]))
+    assert abs(redrawn / asked - 1) <= 0.01
+    assert result["heldout"]["unigram_entropy"] == pytest.approx(heldout["heldout"]["unigram_entropy"])
+
+
 def test_cli_prints_and_writes_the_matched_row(toy_runs, tmp_path, capsys):
     out = tmp_path / "new_folder" / "matched.json"  # the folder is made, as dlm sample makes its --out's
     assert main(["evaluate", "--matched", "--run_dir", str(toy_runs[0]), "--teacher", str(toy_runs[1]),
@@ -99,6 +113,8 @@ def test_matched_bad_inputs_give_one_clear_line(toy_runs, tmp_path, capsys):
         (["--run_dir", diffusion, "--teacher", diffusion], "The teacher must be an autoregressive run"),
         (["--run_dir", diffusion, "--teacher", ar, "--num_samples", "0"], "num_samples must be at least 1"),
         (["--run_dir", diffusion, "--teacher", ar, "--steps", "51"], "steps must be between 1 and the run's"),
+        (["--run_dir", diffusion, "--teacher", ar, "--entropy", "0"], "--entropy is a unigram entropy in bits"),
+        (["--run_dir", diffusion, "--teacher", ar, "--entropy", "nan"], "--entropy is a unigram entropy in bits"),
         (["--run_dir", diffusion, "--teacher", ar, "--checkpoint", str(tmp_path / "no.pt")], "no.pt"),
         (["--run_dir", diffusion, "--teacher", ar, "--json", str(tmp_path / "afile" / "x.json")], "afile"),
     ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -162,9 +163,17 @@ def check_teacher(teacher: LoadedRun) -> None:
         raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
 
 
+def check_entropy(bits: float | None) -> None:
+    if bits is not None and not (math.isfinite(bits) and bits > 0):
+        raise UserError(f"--entropy is a unigram entropy in bits, a positive number, got {bits}.")
+
+
 def match_entropy(run: LoadedRun, teacher: LoadedRun, options: SampleOptions, tolerance: float = 0.01,
-                  device: str | torch.device = "cpu") -> dict:
-    """The run's samples at held-out entropy, scored (score_at_entropy)."""
+                  device: str | torch.device = "cpu", entropy: float | None = None) -> dict:
+    """The run's samples at held-out entropy, scored (score_at_entropy); at `entropy` bits instead
+    when given: two samplers compared where the one whose argmax is above held-out entropy can be."""
+    check_entropy(entropy)
     check_teacher(teacher)  # before the chain, not after it
     draw = temperature_sampler(run, options, device)
-    return score_at_entropy(run, teacher, draw, heldout_entropy(run, options.num_samples, teacher), tolerance)
+    target = heldout_entropy(run, options.num_samples, teacher) if entropy is None else entropy
+    return score_at_entropy(run, teacher, draw, target, tolerance)
