@@ -26,14 +26,17 @@ from dlm.evaluation.likelihood import nll_bound
 from dlm.evaluation.matched import match_entropy
 from dlm.evaluation.rundata import validation_windows
 from dlm.runs.build import load_run
-from dlm.runs.sample import SampleOptions
+from dlm.runs.sample import X0_CHOICES, SampleOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str], seeds: list[int],
-            samples: int, windows: int, written=lambda table: None, tolerance: float = 0.01) -> pd.DataFrame:
-    """The table; `written(table so far)` after every row, so a long run stopped early keeps its rows."""
+            samples: int, windows: int, written=lambda table: None, tolerance: float = 0.01, x0: str | None = None,
+            entropy: float | None = None) -> pd.DataFrame:
+    """The table; `written(table so far)` after every row, so a long run stopped early keeps its rows.
+    x0: the x0 the steps move toward (None: the run's sample_x0); entropy: the bits the samples are
+    scored at (None: held-out text's)."""
     run, teacher = load_run(run_dir), load_run(teacher_dir)
     ids = validation_windows(run, windows, seeds[0])
     rows = []
@@ -41,17 +44,17 @@ def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str
         for spacing in spacings:
             chain = sampling_timesteps(run.objective.schedule, count, spacing)
             start = time.perf_counter()
-            bound = nll_bound(run, ids, seed=seeds[0], chain=chain)
+            bound = nll_bound(run, ids, seed=seeds[0], chain=chain, x0=x0)
             bound_s = time.perf_counter() - start
             for seed in seeds:
                 options = SampleOptions.from_config(run.config, num_samples=samples, steps=count, spacing=spacing,
-                                                    seed=seed)
+                                                    seed=seed, x0=x0)
                 start = time.perf_counter()
-                result = match_entropy(run, teacher, options, tolerance)
-                rows.append({"steps": count, "spacing": spacing, "seed": seed,
+                result = match_entropy(run, teacher, options, tolerance, entropy=entropy)
+                rows.append({"steps": count, "spacing": spacing, "x0": options.x0, "seed": seed,
                              "teacher_perplexity": result["samples"]["teacher_perplexity"],
                              "unigram_entropy": result["samples"]["unigram_entropy"],
-                             "heldout_entropy": result["target_entropy"], "temperature": result["temperature"],
+                             "target_entropy": result["target_entropy"], "temperature": result["temperature"],
                              "matched": result["matched"], "punctuation_share": result["samples"]["punctuation_share"],
                              "chain_bound": bound.total, "chain_bound_se": bound.se,
                              "sample_s": time.perf_counter() - start, "bound_s": bound_s})
@@ -62,13 +65,14 @@ def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str
 
 def markdown(table: pd.DataFrame, command: str) -> str:
     lines = [f"`{command}`", "",
-             "| steps | spacing | seed | teacher ppl at held-out entropy | entropy (bits) | temperature | "
+             "| steps | spacing | x0 | seed | teacher ppl at the target entropy | entropy (bits) | target | temperature | "
              "chain bound (nats/token) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
-        lines.append(f"| {row.steps} | {row.spacing} | {row.seed} | {row.teacher_perplexity:,.0f} | "
-                     f"{row.unigram_entropy:.2f}{'' if row.matched else ' (not matched)'} | {row.temperature:.3f} | "
-                     f"{row.chain_bound:.2f} +- {row.chain_bound_se:.2f} |")
+        lines.append(f"| {row.steps} | {row.spacing} | {getattr(row, 'x0', 'predicted')} | {row.seed} | "
+                     f"{row.teacher_perplexity:,.0f} | "
+                     f"{row.unigram_entropy:.2f}{'' if row.matched else ' (not matched)'} | {row.target_entropy:.2f} | "
+                     f"{row.temperature:.3f} | {row.chain_bound:.2f} +- {row.chain_bound_se:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="how close (relative) the samples' entropy must come to held-out's (default 0.01): "
                         "teacher perplexity rises steeply with entropy, so rows within one band can differ by it")
+    parser.add_argument("--x0", choices=X0_CHOICES, help="the x0 the steps move toward (default: the run's sample_x0)")
+    parser.add_argument("--entropy", type=float,
+                        help="score the samples at this unigram entropy (bits) instead of held-out text's")
     parser.add_argument("--quick", action="store_true", help="tiny runs made on the spot: a smoke run")
     parser.add_argument("--out", help="folder of spacing.csv and spacing.md (default: benchmarks/results/; "
                         "with --quick: the temporary folder of its runs)")
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
         (out / "spacing.md").write_text(markdown(table, command))
 
     table = measure(args.run_dir, args.teacher, args.steps, args.spacings, args.seeds, args.samples, args.windows, write,
-                    args.tolerance)
+                    args.tolerance, args.x0, args.entropy)
     print(markdown(table, command))
     return 0
 
