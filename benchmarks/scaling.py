@@ -34,7 +34,7 @@ from dlm.evaluation.likelihood import compare_with_ar
 from dlm.evaluation.matched import check_teacher, entropy_of, heldout_entropy, score_at_entropy, temperature_sampler
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir, run_and_checkpoint
-from dlm.runs.sample import SampleOptions, generate
+from dlm.runs.sample import X0_CHOICES, SampleOptions, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=4, help="timesteps per window for the bound (default 4)")
     parser.add_argument("--speed_steps", type=int, default=50,
                         help="reverse steps for the samples/s columns (default 50; block runs: their own steps per block)")
+    parser.add_argument("--x0", choices=X0_CHOICES,
+                        help="the x0 a Gaussian run's steps move toward, in its samples and its bound (default: each "
+                             "run's sample_x0; other families have no such choice and ignore it)")
     parser.add_argument("--no_ar", action="store_true", help="leave out the AR teacher's own row")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where scaling.csv/.md go")
@@ -74,11 +77,17 @@ def training_seconds(run_dir: Path, step: int) -> float:
     return float(logged["elapsed_s"].iloc[-1]) if len(logged) else float("nan")
 
 
-def sampling_speed(run, samples: int, steps: int) -> dict:
+def x0_of(run, asked: str | None) -> str | None:
+    """The x0 a row uses: the asked one for a family that has the choice (Gaussian), else None."""
+    return asked if "x0" in run.family.SAMPLE_OPTIONS else None
+
+
+def sampling_speed(run, samples: int, steps: int, x0: str | None = None) -> dict:
     """Samples per wall second and per process CPU second (the VM's clock drifts: both are given) for
     one batch of `samples`, at `steps` reverse steps (a block run: its own steps per block)."""
     chain_steps = None if run.config.block_size is not None and run.config.block_size < run.config.seq_len else steps
-    options = SampleOptions.from_config(run.config, num_samples=samples, batch_size=samples, steps=chain_steps, seed=0)
+    options = SampleOptions.from_config(run.config, num_samples=samples, batch_size=samples, steps=chain_steps, seed=0,
+                                        x0=x0)
     wall, cpu = time.perf_counter(), time.process_time()
     generate(run, options)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -106,7 +115,8 @@ class Row:
     def __init__(self, run, teacher, args):
         self.run, self.teacher = run, teacher
         self.draws = [temperature_sampler(run, SampleOptions.from_config(run.config, num_samples=args.samples,
-                                                                         steps=args.steps, seed=seed))
+                                                                         steps=args.steps, seed=seed,
+                                                                         x0=x0_of(run, args.x0)))
                       for seed in range(args.seeds)]
         self.results = self.at(heldout_entropy(run, args.samples, teacher))
         self.argmax_entropy = statistics.fmean(entropy_of(run, draw(0.0), teacher) for draw in self.draws)
@@ -146,16 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     for label, run_dir, checkpoint in specs:
         run = load_run(run_dir, checkpoint)
         began = time.process_time()
-        comparison = compare_with_ar(run, teacher, args.windows, args.draws)
+        x0 = x0_of(run, args.x0)
+        comparison = compare_with_ar(run, teacher, args.windows, args.draws, x0=x0)
         samplers.append(Row(run, teacher, args))
         ar_nll = comparison.ar_nll
-        rows.append({"row": label, "step": run.step,
+        own_x0 = (x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else ""
+        rows.append({"row": label, "step": run.step, "x0": own_x0,
                      "tokens": run.step * run.config.batch_size * run.config.seq_len,
                      "train_s": training_seconds(Path(run_dir), run.step),
                      "nll_bound": comparison.bound.total, "nll_se": comparison.bound.se,
                      "bound_x_ar": comparison.ratio, "argmax_entropy": samplers[-1].argmax_entropy,
                      **matched_columns(samplers[-1].results),
-                     **sampling_speed(run, args.samples, args.speed_steps), "eval_cpu_s": time.process_time() - began})
+                     **sampling_speed(run, args.samples, args.speed_steps, x0), "eval_cpu_s": time.process_time() - began})
         print(f"{label}: bound {comparison.bound.total:.2f} +- {comparison.bound.se:.2f}, "
               f"ppl {rows[-1]['teacher_ppl']:,.0f} at T {rows[-1]['temperature']:.3f}", flush=True)
         pd.DataFrame(rows).to_csv(out / "scaling.partial.csv", index=False)  # kept if a later row fails

@@ -80,3 +80,20 @@ def test_training_seconds_reads_the_last_logged_row_up_to_the_step(tmp_path):
     assert scaling.training_seconds(tmp_path, 99) == 12.0
     assert math.isnan(scaling.training_seconds(tmp_path, 10))  # none logged yet
     assert math.isnan(scaling.training_seconds(tmp_path / "missing", 65))
+
+
+def test_x0_reaches_a_gaussian_rows_bound_and_samples_and_not_the_ar_row(tmp_path):
+    scaling = load_scaling()
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    run, ar = toy_run_dir(tmp_path / "d", corpus=corpus), toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus)
+    common = [f"one={run}", "--teacher", str(ar), "--samples", "8", "--windows", "4", "--draws", "1",
+              "--speed_steps", "3"]
+    tables = {}
+    for x0 in ("predicted", "expected"):
+        assert scaling.main([*common, "--x0", x0, "--out", str(tmp_path / x0)]) == 0
+        tables[x0] = list(csv.DictReader(open(tmp_path / x0 / "scaling.csv")))
+    predicted, expected = tables["predicted"][0], tables["expected"][0]
+    assert (predicted["x0"], expected["x0"], tables["expected"][1]["x0"]) == ("predicted", "expected", "")
+    assert predicted["nll_bound"] != expected["nll_bound"]  # another reverse process, another bound
+    assert predicted["argmax_entropy"] != expected["argmax_entropy"]  # and other samples
+    assert tables["predicted"][1]["teacher_ppl"] == tables["expected"][1]["teacher_ppl"]  # the AR row unchanged
