@@ -50,8 +50,8 @@ ARMS = [
     Arm("draw at T=1", "decoding", sample={"temperature": 1.0}),
     Arm("draw at T=0.5", "decoding", sample={"temperature": 0.5}),
     Arm("DDIM (eta 0)", "decoding", sample={"eta": 0.0}),
-    Arm("x0 expected", "decoding", sample={"x0": "expected"}),
-    Arm("x0 expected, DDIM", "decoding", sample={"x0": "expected", "eta": 0.0}),
+    Arm("x0 predicted", "decoding", sample={"x0": "predicted"}),  # the default moves toward the expected x0
+    Arm("x0 predicted, DDIM", "decoding", sample={"x0": "predicted", "eta": 0.0}),
     Arm("MBR of 4", "decoding", mbr=4),
     Arm("50 steps", "decoding", sample={"steps": 50}),
     Arm("50 steps, uniform spacing", "decoding", sample={"steps": 50, "spacing": "uniform"}),
