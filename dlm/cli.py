@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
     nll.add_argument("--seed", type=int, default=0, help="which windows and noise (default 0)")
     nll.add_argument("--x0", choices=X0_CHOICES,
-                     help="the reverse process scored: steps toward the denoiser's x0 or its rounding softmax's "
-                          "expected embedding (default: the run's sample_x0, what dlm sample draws from)")
+                     help="the reverse process scored: steps toward the denoiser's x0, its rounding softmax's "
+                          "expected embedding, or the posterior mean of x_0 under it (default: the run's sample_x0, "
+                          "what dlm sample draws from)")
 
     matched = evaluate_parser.add_argument_group(
         "matched entropy (--matched)", "samples of --run_dir drawn at the final-token temperature that gives "
@@ -117,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                                help="clamp only during the last share of steps")
     sample_parser.add_argument("--eta", type=float, help="1 ancestral, 0 deterministic DDIM")
     sample_parser.add_argument("--x0", choices=X0_CHOICES,
-                               help="the x0 each step moves toward: the denoiser's, or the expected embedding "
-                                    "under its rounding softmax (default: the run's sample_x0)")
+                               help="the x0 each step moves toward: the denoiser's, the expected embedding "
+                                    "under its rounding softmax, or the posterior mean of x_0 under it (the "
+                                    "expected one plus x_t's share of x_0's own noise; default: the run's "
+                                    "sample_x0)")
     sample_parser.add_argument("--temperature", type=float,
                                help="0: argmax of the rounding logits; >0: draw final tokens from softmax/T")
     sample_parser.add_argument("--unk", action=argparse.BooleanOptionalAction,

@@ -38,6 +38,9 @@ class Oracle(nn.Module):
     def round(self, x):
         return (-((x.double()[..., None, :] - self.tab) ** 2).sum(-1) / (2 * self.s0)).float()
 
+    def table(self):
+        return self.tab.float()
+
     def denoise(self, x, t):
         a = self.schedule.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
         x, e = x.double()[..., None, :], self.tab  # (B, L, 1, d) against (V, d)
@@ -279,3 +282,18 @@ def test_x0_errors_locate_a_denoiser_worse_than_its_input_at_low_noise():
     shrunk = x0_errors(Oracle(table, schedule, shrink=0.8), diffusion, ids, timesteps, torch.Generator().manual_seed(1))
     assert (shrunk.error > shrunk.identity_error)[:3].all()
     assert shrunk.excess_nats[0] == pytest.approx(good.weight[0] * (0.04 * dim - good.identity_error[0]), rel=0.1)
+    # The expected x0 (the rounding softmax's mean row) snaps the shrunk estimate back onto its word
+    # at low noise: at t = 0 EMB(w) itself, at t >= 1 x_0's own noise d s0 is all that is left.
+    snapped = x0_errors(Oracle(table, schedule, shrink=0.8), diffusion, ids, timesteps,
+                        torch.Generator().manual_seed(1), x0_kind="expected")
+    assert snapped.error[0] == pytest.approx(0.0, abs=1e-3)
+    for row in snapped[snapped.t.between(1, 3)].itertuples():
+        assert row.error == pytest.approx(dim * s0, rel=0.1) and row.error < row.identity_error
+    # The posterior x0 adds x_t's share of that noise back: the Bayes-optimal error, from the closed
+    # form above, at low noise, where the softmax knows the word (the shrunk denoiser only chose it)
+    posterior = x0_errors(Oracle(table, schedule, shrink=0.8), diffusion, ids, timesteps,
+                          torch.Generator().manual_seed(1), x0_kind="posterior")
+    assert posterior.error[0] == pytest.approx(0.0, abs=1e-3)
+    for row in posterior[posterior.t.between(1, 3)].itertuples():
+        at = float(a[row.t])
+        assert row.error == pytest.approx(dim * s0 * (1 - at) / (at * s0 + 1 - at), rel=0.05)

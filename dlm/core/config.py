@@ -130,9 +130,10 @@ class Config:
     clamp: bool = _sampling(True)  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
     clamp_fraction: float = _sampling(1.0)  # clamp only during the last share of the steps
     sample_eta: float = _sampling(1.0)  # 1 ancestral (DDPM), 0 deterministic DDIM
-    # the x0 each step moves toward: the denoiser's prediction, or the expected embedding under the
-    # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/results.md)
-    sample_x0: Literal["predicted", "expected"] = _sampling("predicted")
+    # the x0 each step moves toward: the denoiser's prediction, the expected embedding under the
+    # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/results.md),
+    # or the posterior mean E[x_0 | x_t] under that softmax (gaussian_sampling.posterior_x0_hook)
+    sample_x0: Literal["predicted", "expected", "posterior"] = _sampling("predicted")
     decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
     # whether a final token may be <unk>; False masks its score, so that a capped vocabulary's
     # samples (about 12% <unk> at 10+ occurrences) hold words only

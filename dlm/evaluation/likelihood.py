@@ -52,7 +52,7 @@ from dlm.core.schedule import q_sample
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, validation_windows
 from dlm.families import not_available, supports
-from dlm.families.gaussian_sampling import expected_x0_hook, x0_given_earlier_blocks
+from dlm.families.gaussian_sampling import X0_HOOKS, x0_given_earlier_blocks
 from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, load_run
 
@@ -173,8 +173,8 @@ def _denoise_x0(model, diffusion, x_t: torch.Tensor, t: torch.Tensor, emb: torch
     -log p(block | the words before it): the likelihood of the model that generates block by block."""
     with autocast(precision, x_t.device):
         pred_x0 = x0_given_earlier_blocks(model, diffusion, x_t, t, emb).float()
-    if x0_kind == "expected":
-        pred_x0 = expected_x0_hook(model)(pred_x0, t, x_t, 0)
+    if x0_kind != "predicted":
+        pred_x0 = X0_HOOKS[x0_kind](model, diffusion)(pred_x0, t, x_t, 0)
     return pred_x0.float()
 
 
@@ -233,13 +233,14 @@ def window_terms(model, diffusion, ids: torch.Tensor, draws: int = 1, generator:
 
 @torch.inference_mode()
 def x0_errors(model, diffusion, ids: torch.Tensor, timesteps: Sequence[int], generator: torch.Generator | None = None,
-              precision: str = "fp32") -> pd.DataFrame:
+              precision: str = "fp32", x0_kind: str = "predicted") -> pd.DataFrame:
     """Where the bound is made, one row per timestep t: the denoiser's squared x0 error per token
     (summed over dimensions, each block given the words before it as `window_terms` asks) beside
     the identity's (x_t / sqrt(alpha_bar_t), x_t itself rescaled), and the bound's weight on it: a
     step's KL is weight x error, so weight x (error - identity_error) is what the denoiser costs
     the bound per token beyond returning its input. At t = 0 the error is against EMB(w) and the
-    weight the decoder term's (p(x_0 | x_1)); above, against x_0 and the step's KL weight."""
+    weight the decoder term's (p(x_0 | x_1)); above, against x_0 and the step's KL weight. x0_kind:
+    the denoiser's x0 or the expected embedding under its rounding softmax (`_denoise_x0`)."""
     terms = BoundTerms(diffusion.schedule)
     device = ids.device
     emb = model.embed(ids).float()
@@ -248,7 +249,7 @@ def x0_errors(model, diffusion, ids: torch.Tensor, timesteps: Sequence[int], gen
     for t in timesteps:
         t_batch = torch.full((ids.shape[0],), t, dtype=torch.long, device=device)
         x_t = q_sample(diffusion.schedule, x0, t_batch, torch.randn(x0.shape, generator=generator).to(device))
-        pred = _denoise_x0(model, diffusion, x_t, t_batch, emb, precision).double()
+        pred = _denoise_x0(model, diffusion, x_t, t_batch, emb, precision, x0_kind).double()
         target = emb if t == 0 else x0
         if t == 0:
             weight = (1 - terms.decoder_gain * math.sqrt(float(terms.a[0]))) ** 2 / (2 * terms.decoder_var)

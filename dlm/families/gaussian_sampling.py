@@ -102,6 +102,27 @@ def expected_x0_hook(model: DiffusionLM) -> Hook:
     return expected
 
 
+def posterior_x0_hook(model: DiffusionLM, diffusion: GaussianDiffusion) -> Hook:
+    """The step moves toward E[x_0 | x_t], the words weighed by the rounding softmax of the predicted
+    x0 (as `expected_x0_hook`) and each word's x_0 = EMB(w) + sigma0 z given x_t: Gaussian
+    conditioning adds gain_t (x_t - sqrt(a_t) E[EMB(w)]), gain_t = sqrt(a_t) s0 / (a_t s0 + 1 - a_t)
+    with s0 = sigma0^2 (0 at t = 0, where the target is EMB(w) itself). The expected x0 leaves that
+    term out and pays x_0's own noise, d s0 per token, at every low-noise step of the bound
+    (docs/results.md, "The expected x0 with rotary positions")."""
+    expected = expected_x0_hook(model)
+    schedule = diffusion.schedule
+    s0 = schedule.sigma0 ** 2
+
+    def posterior(pred_x0: torch.Tensor, t: torch.Tensor, x: torch.Tensor, index: int) -> torch.Tensor:
+        mean = expected(pred_x0, t, x, index)
+        a = schedule.at(schedule.alphas_cumprod.float(), t, mean.ndim)
+        first = (t == 0).view(*t.shape, *([1] * (mean.ndim - t.ndim)))
+        gain = torch.where(first, 0.0, a.sqrt() * s0 / (a * s0 + 1 - a))
+        return mean + gain * (x.float() - a.sqrt() * mean)
+
+    return posterior
+
+
 def known_positions_hook(model: DiffusionLM, ids: torch.Tensor, known: torch.Tensor) -> Hook:
     """Fixed words (infilling, a prefix, earlier blocks): at the positions where `known` (B, L) is
     True the predicted x0 is replaced by the words' clean embeddings EMB(ids). The step then draws
@@ -158,13 +179,17 @@ def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options: Samp
     x0, clamp, clamp_fraction) describe it: the one way `dlm sample`, the probes and the speed
     benchmark build their chains, so none of them copies the recipe's keys by hand.
     prefix_cache: see `sample_progressive`."""
-    if options.x0 == "expected":  # first, so that fixed words and clamping act on what the step uses
-        hooks = (expected_x0_hook(model), *hooks)
+    if options.x0 != "predicted":  # first, so that fixed words and clamping act on what the step uses
+        hooks = (X0_HOOKS[options.x0](model, diffusion), *hooks)
     return sample_progressive(model, diffusion, shape, options.steps, eta=options.eta, clamp=options.clamp,
                               clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
                               device=device, start=start, start_t=start_t, hooks=hooks,
                               decoder=options.decoder, temperature=options.temperature, banned=banned,
                               prefix_cache=prefix_cache)
+
+
+# What each sample_x0 but 'predicted' puts in place of the denoiser's x0 (hook builders).
+X0_HOOKS = {"expected": lambda model, diffusion: expected_x0_hook(model), "posterior": posterior_x0_hook}
 
 
 def chain_blocks(diffusion: GaussianDiffusion, length: int) -> int:

@@ -19,7 +19,7 @@ from dlm.core.schedule import SPACINGS
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
-X0_CHOICES = ("predicted", "expected")
+X0_CHOICES = ("predicted", "expected", "posterior")
 
 
 def recipe(key: str):
@@ -36,7 +36,7 @@ class SampleOptions:
     clamp: bool = recipe("clamp")  # Diffusion-LM's clamping trick
     clamp_fraction: float = recipe("clamp_fraction")  # clamp only during the last share of steps
     eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM
-    x0: str = recipe("sample_x0")  # predicted (the denoiser's) or expected (under its rounding softmax)
+    x0: str = recipe("sample_x0")  # predicted (the denoiser's), expected or posterior (under its rounding softmax)
     temperature: float = recipe("decode_temperature")  # final tokens: 0 argmax, >0 drawn from softmax/T
     unk: bool = recipe("decode_unk")  # a final token may be <unk> (False: its score masked)
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
