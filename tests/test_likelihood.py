@@ -297,3 +297,28 @@ def test_x0_errors_locate_a_denoiser_worse_than_its_input_at_low_noise():
     for row in posterior[posterior.t.between(1, 3)].itertuples():
         at = float(a[row.t])
         assert row.error == pytest.approx(dim * s0 * (1 - at) / (at * s0 + 1 - at), rel=0.05)
+
+
+class Garbling(Oracle):
+    """The Bayes-optimal denoiser, except at t = 0, where it returns the row of another word: what a
+    denoiser trained at t = 0 once in T draws drifted toward (the blocks-of-one run at 3x its steps)."""
+
+    def denoise(self, x, t):
+        out = super().denoise(x, t)
+        wrong = self.tab[(self.round(out).argmax(-1) + 1) % len(self.tab)].float()
+        return torch.where((t == 0).view(-1, 1, 1), wrong, out)
+
+
+def test_the_posterior_x0_reads_the_words_at_t0_from_x_t_itself():
+    # at t = 0 x_t is x_0 up to noise far below the rows' spacing: the posterior x0 is EMB(w) (error
+    # 0 against it) whatever the denoiser says, where the expected x0 follows the denoiser's word
+    table, schedule, diffusion = toy(2000)
+    ids = torch.randint(0, len(table), (256, 8), generator=torch.Generator().manual_seed(0))
+    garbling = Garbling(table, schedule)
+    kinds = {kind: x0_errors(garbling, diffusion, ids, [0, 1], torch.Generator().manual_seed(1), x0_kind=kind)
+             for kind in ("expected", "posterior")}
+    assert kinds["posterior"].error[0] == pytest.approx(0.0, abs=1e-3)
+    next_row = (table[(ids + 1) % len(table)] - table[ids]).pow(2).sum(-1).mean()  # every word the next one
+    assert kinds["expected"].error[0] == pytest.approx(float(next_row), rel=0.05)
+    # above t = 0 the denoiser's words are kept: both equal the optimal denoiser's own
+    assert kinds["posterior"].error[1] < kinds["expected"].error[1]

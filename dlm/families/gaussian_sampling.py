@@ -108,15 +108,18 @@ def posterior_x0_hook(model: DiffusionLM, diffusion: GaussianDiffusion) -> Hook:
     conditioning adds gain_t (x_t - sqrt(a_t) E[EMB(w)]), gain_t = sqrt(a_t) s0 / (a_t s0 + 1 - a_t)
     with s0 = sigma0^2 (0 at t = 0, where the target is EMB(w) itself). The expected x0 leaves that
     term out and pays x_0's own noise, d s0 per token, at every low-noise step of the bound
-    (docs/results.md, "The expected x0 with rotary positions")."""
+    (docs/results.md, "The posterior x0"). At t = 0 the words are read from x_t itself (rescaled to
+    x_0's scale, Diffusion-LM's rounding p(w | x_0)): its noise there is far below the rows'
+    spacing, and a denoiser trained there once in T draws garbles some of them as training goes on."""
     expected = expected_x0_hook(model)
     schedule = diffusion.schedule
     s0 = schedule.sigma0 ** 2
+    first_scale = float(schedule.sqrt_alphas_cumprod[0])
 
     def posterior(pred_x0: torch.Tensor, t: torch.Tensor, x: torch.Tensor, index: int) -> torch.Tensor:
-        mean = expected(pred_x0, t, x, index)
+        first = (t == 0).view(*t.shape, *([1] * (pred_x0.ndim - t.ndim)))
+        mean = expected(torch.where(first, x.float() / first_scale, pred_x0.float()), t, x, index)
         a = schedule.at(schedule.alphas_cumprod.float(), t, mean.ndim)
-        first = (t == 0).view(*t.shape, *([1] * (mean.ndim - t.ndim)))
         gain = torch.where(first, 0.0, a.sqrt() * s0 / (a * s0 + 1 - a))
         return mean + gain * (x.float() - a.sqrt() * mean)
 
