@@ -78,8 +78,9 @@ def training_seconds(run_dir: Path, step: int) -> float:
 
 
 def x0_of(run, asked: str | None) -> str | None:
-    """The x0 a row uses: the asked one for a family that has the choice (Gaussian), else None."""
-    return asked if "x0" in run.family.SAMPLE_OPTIONS else None
+    """The x0 a row uses: for a family that has the choice (Gaussian) the asked one, else the run's
+    own sample_x0; None for the others."""
+    return (asked or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
 
 
 def sampling_speed(run, samples: int, steps: int, x0: str | None = None) -> dict:
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison = compare_with_ar(run, teacher, args.windows, args.draws, x0=x0)
         samplers.append(Row(run, teacher, args))
         ar_nll = comparison.ar_nll
-        own_x0 = (x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else ""
-        rows.append({"row": label, "step": run.step, "x0": own_x0,
+        rows.append({"row": label, "step": run.step, "x0": x0 or "",
                      "tokens": run.step * run.config.batch_size * run.config.seq_len,
                      "train_s": training_seconds(Path(run_dir), run.step),
                      "nll_bound": comparison.bound.total, "nll_se": comparison.bound.se,
