@@ -78,6 +78,35 @@ def test_chunked_rounding_loss_matches_plain_cross_entropy(norm, rounding):
     assert head.loss(x, ids).requires_grad
 
 
+def test_chunked_expectation_matches_the_softmax_weighted_sum():
+    """LearnedRounding.expectation is sum_w p(w | x) values[w] with p the rounding softmax, computed
+    here by hand from the logits, for chunks that split the rows unevenly, under bf16 autocast, and
+    with gradients."""
+    torch.manual_seed(0)
+    table = LearnedEmbedding(50, 8, norm="l2")
+    head = LearnedRounding(8, 50, tied_embedding=table)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(50))
+        head.log_scale.fill_(1.5)  # a peaked softmax: a misplaced chunk row shows
+    x = torch.randn(3, 7, 8)
+    values = torch.randn(50, 5)
+    logits = x @ table.table().T * math.exp(1.5) + head.bias
+    weights = logits.exp() / logits.exp().sum(-1, keepdim=True)
+    by_hand = (weights[..., :, None] * values).sum(-2)
+    with torch.no_grad():
+        for chunk in (50, 4 * 50, 10**6):  # one row per chunk, 4 rows (21 rows: the last chunk of 1), all at once
+            got = head.expectation(x, values, chunk_elements=chunk)
+            assert got.shape == (3, 7, 5) and got.dtype == torch.float32
+            assert torch.allclose(got, by_hand, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(head.expectation(x, values, chunk_elements=4 * 50), by_hand, atol=1e-5)
+    x.requires_grad_(True)
+    got = head.expectation(x, values)
+    assert torch.allclose(got, by_hand, atol=1e-5)
+    got.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_weighted_rounding_loss_matches_weighted_plain_cross_entropy():
     """LearnedRounding.weighted_loss: the mean of weight * CE with its gradients, and each
     position's CE, against F.cross_entropy(reduction='none') (one row per chunk and all at once)."""

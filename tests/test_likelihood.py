@@ -41,6 +41,9 @@ class Oracle(nn.Module):
     def table(self):
         return self.tab.float()
 
+    def expected_embedding(self, x):
+        return torch.softmax(self.round(x), dim=-1) @ self.table()
+
     def denoise(self, x, t):
         a = self.schedule.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
         x, e = x.double()[..., None, :], self.tab  # (B, L, 1, d) against (V, d)

@@ -9,7 +9,7 @@ from dlm.core.config import load_config
 from dlm.core.nets import TinyTransformer
 from dlm.families.blocks import block_causal_mask
 from dlm.families.gaussian_model import DiffusionLM
-from dlm.families.gaussian_sampling import sample_progressive
+from dlm.families.gaussian_sampling import posterior_x0_hook, sample_progressive
 from dlm.runs.build import build_diffusion
 
 LENGTH, VOCAB, T = 32, 13, 50
@@ -91,6 +91,27 @@ def test_cached_and_uncached_block_chains_sample_the_same_words(monkeypatch, blo
     # the prefix matters: other earlier words give the last block other predictions
     assert not torch.allclose(cached[-1].pred_x0[:, -block_size:], model.embed(cached[-1].words)[:, -block_size:],
                               atol=1e-3) or block_size == 16
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_block_chain_moves_its_block_toward_the_posterior_x0_computed_on_the_block_alone(monkeypatch, block_size,
+                                                                                         cached):
+    """x0='posterior' in a block chain gives the words and the block's states of the posterior hook
+    run over the whole prefix and block (given as an ordinary hook), but computes it on the block
+    only; the finished blocks stay their clean embeddings."""
+    model, diffusion = toy(block_size)
+    whole_window = chain(model, diffusion, cached, hooks=(posterior_x0_hook(model, diffusion),))
+    rows, expected = [], model.expected_embedding
+    monkeypatch.setattr(model, "expected_embedding", lambda x: rows.append(x.shape[1]) or expected(x))
+    on_block = chain(model, diffusion, cached, x0="posterior")
+    assert set(rows) == {block_size}
+    assert torch.equal(on_block[-1].words, whole_window[-1].words)
+    for ours, theirs in zip(on_block, whole_window):
+        first = ours.index // 4 * block_size  # 4 steps a block
+        block = slice(first, first + block_size)
+        assert close(ours.x[:, block], theirs.x[:, block]) and close(ours.pred_x0[:, block], theirs.pred_x0[:, block])
+        assert torch.equal(ours.x[:, :first], model.embed(on_block[-1].words[:, :first]))
 
 
 def test_a_run_trained_one_block_per_window_is_not_cached(monkeypatch):

@@ -55,6 +55,11 @@ class LearnedEmbedding(nn.Module):
         return F.embedding(ids, self.table())
 
 
+# Rows of logits per chunk in linear_cross_entropy and LearnedRounding.expectation: (rows x V)
+# floats stay in the CPU's cache.
+CROSS_ENTROPY_CHUNK_ELEMENTS = 1 << 20
+
+
 class LearnedRounding(nn.Module):
     """p(w | x): logits over the vocabulary for each vector.
 
@@ -87,6 +92,26 @@ class LearnedRounding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(*self._weights(x))
 
+    def expectation(self, x: torch.Tensor, values: torch.Tensor,
+                    chunk_elements: int = CROSS_ENTROPY_CHUNK_ELEMENTS) -> torch.Tensor:
+        """E[values[w]] under p(w | x) for x (..., d) and values (V, k): (..., k) in float32 (the
+        expected embedding when values is the table). Without gradients the softmax is made a chunk
+        of rows at a time, as in `linear_cross_entropy`, so the (rows, V) probabilities stay in the
+        CPU's cache instead of one (N, V) block going through memory three times (faster at a
+        sampler's batch: docs/results.md, "The posterior x0")."""
+        inputs, weight, bias = self._weights(x)
+        with torch.autocast(x.device.type, enabled=False):
+            inputs, weight, bias, values = inputs.float(), weight.float(), bias.float(), values.float()
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (inputs, weight, bias, values)):
+                return torch.softmax(F.linear(inputs, weight, bias), dim=-1) @ values
+            flat = inputs.reshape(-1, inputs.shape[-1])
+            out = flat.new_empty(flat.shape[0], values.shape[-1])
+            rows = max(1, chunk_elements // weight.shape[0])
+            for start in range(0, flat.shape[0], rows):
+                logits = torch.addmm(bias, flat[start: start + rows], weight.t())
+                out[start: start + rows] = torch.softmax(logits, dim=-1) @ values
+            return out.view(*inputs.shape[:-1], values.shape[-1])
+
     def loss(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the rounding softmax at x (..., d) against ids (...): the same
         value as F.cross_entropy(self(x), ids), computed in row chunks without keeping the
@@ -101,10 +126,6 @@ class LearnedRounding(nn.Module):
         mean, rows = linear_cross_entropy_rows(inputs.reshape(-1, inputs.shape[-1]), weight, bias, ids.reshape(-1),
                                                weights.reshape(-1))
         return mean, rows.view(ids.shape)
-
-
-# Rows of logits per chunk in linear_cross_entropy: (rows x V) floats stay in the CPU's cache.
-CROSS_ENTROPY_CHUNK_ELEMENTS = 1 << 20
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,

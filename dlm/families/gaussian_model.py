@@ -71,6 +71,10 @@ class DiffusionLM(nn.Module):
         """The rounding decoder p(w | x): vectors (..., d) to logits (..., V)."""
         return self.rounding(x)
 
+    def expected_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """E[EMB(w)] under the rounding softmax p(w | x): vectors (..., d) to (..., d), float32."""
+        return self.rounding.expectation(x, self.table())
+
     def rounding_bias(self) -> torch.Tensor:
         """The rounding decoder's per-word bias (V,): where a vector that carries nothing lands."""
         return self.rounding.output_bias

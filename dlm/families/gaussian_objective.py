@@ -236,7 +236,7 @@ class GaussianDiffusion:
             # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
             # float32 like the rest of the diffusion arithmetic.
             with torch.autocast(output.device.type, enabled=False):
-                return torch.softmax(model.round(output.float()), dim=-1) @ model.table().float()
+                return model.expected_embedding(output.float())
         s = self.schedule
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))

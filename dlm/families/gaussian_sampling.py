@@ -89,15 +89,9 @@ def expected_x0_hook(model: DiffusionLM) -> Hook:
     chain from held-out x_400 kept 70% of the words its first step knew 94% of; with this x0 it
     keeps what the first step knows. It is the soft form of clamping (clamping takes the argmax row),
     so at high noise, where the softmax is broad, it stays a blend and does not snap to punctuation."""
-    table = None
 
     def expected(pred_x0: torch.Tensor, t: torch.Tensor, x: torch.Tensor, index: int) -> torch.Tensor:
-        nonlocal table
-        if table is None:  # once per chain, inside the chain's autocast like the steps
-            table = model.table()
-        # float32 like the rest of the diffusion arithmetic
-        with torch.autocast(pred_x0.device.type, enabled=False):
-            return torch.softmax(model.round(pred_x0.float()).float(), dim=-1) @ table.float()
+        return model.expected_embedding(pred_x0.float())  # float32, autocast or not
 
     return expected
 
@@ -182,13 +176,11 @@ def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options: Samp
     x0, clamp, clamp_fraction) describe it: the one way `dlm sample`, the probes and the speed
     benchmark build their chains, so none of them copies the recipe's keys by hand.
     prefix_cache: see `sample_progressive`."""
-    if options.x0 != "predicted":  # first, so that fixed words and clamping act on what the step uses
-        hooks = (X0_HOOKS[options.x0](model, diffusion), *hooks)
     return sample_progressive(model, diffusion, shape, options.steps, eta=options.eta, clamp=options.clamp,
                               clamp_fraction=options.clamp_fraction, spacing=options.spacing, generator=generator,
                               device=device, start=start, start_t=start_t, hooks=hooks,
                               decoder=options.decoder, temperature=options.temperature, banned=banned,
-                              prefix_cache=prefix_cache)
+                              prefix_cache=prefix_cache, x0=options.x0)
 
 
 # What each sample_x0 but 'predicted' puts in place of the denoiser's x0 (hook builders).
@@ -207,8 +199,8 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", start: torch.Tensor | None = None,
                        start_t: int | None = None, hooks: Sequence[Hook] = (), decoder: str = "learned",
-                       temperature: float = 0.0, banned: Sequence[int] = (), prefix_cache: bool = True
-                       ) -> Iterator[SampleState]:
+                       temperature: float = 0.0, banned: Sequence[int] = (), prefix_cache: bool = True,
+                       x0: str = "predicted") -> Iterator[SampleState]:
     """The reverse chain of `steps` steps (see `DiffusionScheduler.set_timesteps`) from pure noise,
     every state yielded: how `dlm sample`, the probes and the speed benchmark all sample.
 
@@ -218,6 +210,8 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     left-to-right chain's clean or not-yet-started positions) keeps its x.
     start, start_t: begin from this x_t (B, L, d) at timestep start_t instead of pure noise,
     running only the chain's steps below start_t (SDEdit; `dlm.evaluation.probe` uses it).
+    x0: what each step moves toward ('predicted', or a kind of X0_HOOKS), before any other hook, so
+    that fixed words and clamping act on what the step uses.
 
     With block diffusion (the objective's block_size below L) the chain runs once per block, left
     to right (`_block_chain`); decoder, temperature and banned then turn each finished block into
@@ -229,7 +223,9 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     block_size = diffusion.block_size_for(length)
     if block_size is not None:
         return _block_chain(model, diffusion, shape, block_size, steps, eta, clamp, clamp_fraction, spacing,
-                            generator, device, start, start_t, hooks, decoder, temperature, banned, prefix_cache)
+                            generator, device, start, start_t, hooks, decoder, temperature, banned, prefix_cache, x0)
+    if x0 != "predicted":
+        hooks = (X0_HOOKS[x0](model, diffusion), *hooks)
     scheduler = plain_scheduler(diffusion, steps, length, eta, spacing, None if start is None else start_t, device)
     # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
     x = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
@@ -266,6 +262,19 @@ def cached_x0(model: DiffusionLM, diffusion: GaussianDiffusion, cache: PrefixCac
     return estimate
 
 
+def from_position_hook(hook: Hook, first: int) -> Hook:
+    """A position-wise x0 hook (X0_HOOKS) run on the positions from `first` on: a block chain's
+    block, not its finished prefix, whose x0 `known_positions_hook` sets to the clean words anyway."""
+
+    def from_first(pred_x0: torch.Tensor, t: torch.Tensor, x: torch.Tensor, index: int) -> torch.Tensor:
+        if first == 0:
+            return hook(pred_x0, t, x, index)
+        block = hook(pred_x0[:, first:], t[:, first:] if t.ndim == 2 else t, x[:, first:], index)
+        return torch.cat([pred_x0[:, :first], block], dim=1)
+
+    return from_first
+
+
 def plain_scheduler(diffusion: GaussianDiffusion, steps: int, length: int, eta: float = 1.0,
                     spacing: str = "logsnr", start_t: int | None = None,
                     device: torch.device | str = "cpu") -> DiffusionScheduler:
@@ -280,7 +289,7 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
                  steps: int, eta: float, clamp: bool, clamp_fraction: float, spacing: str,
                  generator: torch.Generator | None, device: torch.device | str, start: torch.Tensor | None,
                  start_t: int | None, hooks: Sequence[Hook], decoder: str, temperature: float,
-                 banned: Sequence[int], prefix_cache: bool = True) -> Iterator[SampleState]:
+                 banned: Sequence[int], prefix_cache: bool = True, x0: str = "predicted") -> Iterator[SampleState]:
     """Semi-autoregressive block diffusion (SSD-LM): block b runs the whole reverse chain of
     `steps` steps over the positions 0 .. end of block b, as in training: the finished blocks
     are their words' clean embeddings at t = 0 (`known_positions_hook` keeps their x0, the
@@ -293,10 +302,12 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
     they never read the block being denoised, so with prefix_cache their keys and values are
     computed once, when each block is finished (`DiffusionLM.cache_prefix`), and a step runs only
     the block's own positions (`cached_x0`). A run trained one block per window lets the context
-    read the noised block, so its prefix changes with every step and is run every step."""
+    read the noised block, so its prefix changes with every step and is run every step. The x0
+    hook (`x0`) runs on the block's positions only: the finished blocks' x0 is their clean words."""
     batch, length = shape
     cached = prefix_cache and diffusion.settings.block_training == "all" and not model.self_conditioned
     cache = None
+    position_x0 = None if x0 == "predicted" else X0_HOOKS[x0](model, diffusion)
     noise = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     initial = noise if start is None else start.to(device)
     words = torch.zeros(batch, length, dtype=torch.long, device=device)
@@ -310,6 +321,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
         known[:, :first] = True
         context = words[:, :first].clone()
         block_hooks = (known_positions_hook(model, words[:, :end].clone(), known), *hooks)
+        if position_x0 is not None:
+            block_hooks = (from_position_hook(position_x0, first), *block_hooks)
         if clamp:
             block_hooks = (*block_hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
         prefix = model.embed(context).to(initial.dtype)
