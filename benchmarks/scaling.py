@@ -6,7 +6,7 @@
 Each LABEL=PATH is a run folder (its last checkpoint) or a checkpoint file inside one. A row gives
 the optimizer steps, the tokens seen (steps x batch x seq_len), the training wall seconds its
 metrics.csv recorded, the NLL bound (dlm evaluate --nll) with the AR's exact NLL on the same
-windows, and the samples at held-out entropy (dlm evaluate --matched): final-token temperature,
+windows, and the samples at held-out entropy or --entropy BITS (dlm evaluate --matched): final-token temperature,
 teacher perplexity (mean over --seeds, with min-max), the ratios to held-out text and how many of
 the issue's four targets they meet, and sampling speed: samples per wall second and per process CPU
 second at --speed_steps reverse steps (a block run at its own steps per block; the AR model has no
@@ -30,8 +30,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dlm.core.errors import UserError
 from dlm.evaluation.likelihood import compare_with_ar
-from dlm.evaluation.matched import check_teacher, entropy_of, heldout_entropy, score_at_entropy, temperature_sampler
+from dlm.evaluation.matched import (
+    check_entropy,
+    check_teacher,
+    entropy_of,
+    heldout_entropy,
+    score_at_entropy,
+    temperature_sampler,
+)
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir, run_and_checkpoint
 from dlm.runs.sample import X0_CHOICES, SampleOptions, generate
@@ -53,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--x0", choices=X0_CHOICES,
                         help="the x0 a Gaussian run's steps move toward, in its samples and its bound (default: each "
                              "run's sample_x0; other families have no such choice and ignore it)")
+    parser.add_argument("--entropy", type=float, metavar="BITS",
+                        help="score the samples at this unigram entropy instead of held-out text's: where a "
+                             "sampler's argmax is above held-out entropy (the posterior x0), rows scored in separate "
+                             "calls still compare")
     parser.add_argument("--no_ar", action="store_true", help="leave out the AR teacher's own row")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where scaling.csv/.md go")
@@ -119,24 +131,31 @@ class Row:
                                                                          steps=args.steps, seed=seed,
                                                                          x0=x0_of(run, args.x0)))
                       for seed in range(args.seeds)]
-        self.results = self.at(heldout_entropy(run, args.samples, teacher))
+        self.results = self.at(heldout_entropy(run, args.samples, teacher) if args.entropy is None else args.entropy)
         self.argmax_entropy = statistics.fmean(entropy_of(run, draw(0.0), teacher) for draw in self.draws)
 
     def at(self, entropy: float) -> list[dict]:
         return [score_at_entropy(self.run, self.teacher, draw, entropy) for draw in self.draws]
 
 
-def score_at_common_entropy(rows: list[dict], samplers: list[Row], heldout: float) -> str | None:
-    """A row whose argmax is already above held-out entropy cannot be matched there by temperature:
-    then every row is also scored at the lowest entropy all of them reach (the highest argmax
-    entropy), so they still meet somewhere. Adds that column to `rows`; returns its name (or None)."""
+def score_at_common_entropy(rows: list[dict], samplers: list[Row], target: float) -> str | None:
+    """A row whose argmax is already above the target entropy (held-out text's, or --entropy) cannot
+    be matched there by temperature: then every row is also scored at the lowest entropy all of
+    them reach (the highest argmax entropy), so they still meet somewhere. Adds that column to
+    `rows`; returns its name (or None)."""
     common = max(sampler.argmax_entropy for sampler in samplers)
-    if common <= heldout * 1.05:
+    if common <= target * 1.05:
         return None
     column = f"ppl at {common:.2f} bits"
     for row, sampler in zip(rows, samplers):
         row[column] = statistics.fmean(r["samples"]["teacher_perplexity"] for r in sampler.at(common))
     return column
+
+
+def target_text(entropy: float | None, heldout: dict) -> str:
+    if entropy is None:
+        return f"held-out text's ({heldout['unigram_entropy']:.2f} bits)"
+    return f"{entropy:.2f} bits (--entropy; held-out text's: {heldout['unigram_entropy']:.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         specs = [split_label(text) for text in args.runs]
-    except ValueError as error:
+        check_entropy(args.entropy)
+    except (ValueError, UserError) as error:
         print(error, file=sys.stderr)
         return 2
     teacher = load_run(args.teacher)
@@ -179,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                      "nll_se": 0.0, "bound_x_ar": 1.0, "argmax_entropy": samplers[-1].argmax_entropy,
                      **matched_columns(samplers[-1].results), **sampling_speed(teacher, args.samples, args.speed_steps)})
     reference = samplers[0].results[0]["heldout"]
-    score_at_common_entropy(rows, samplers, reference["unigram_entropy"])
+    target = reference["unigram_entropy"] if args.entropy is None else args.entropy
+    score_at_common_entropy(rows, samplers, target)
     rows.append({"row": "held-out text", "entropy": reference["unigram_entropy"], "argmax_entropy": math.nan,
                  "teacher_ppl": reference["teacher_perplexity"], "ppl_x_heldout": 1.0, "punct_x": 1.0,
                  "types_x": 1.0, "copy4_x": 1.0})
@@ -189,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     table.to_csv(out / "scaling.csv", index=False)
     header = (f"Bound: {args.windows} held-out windows x {args.draws} timesteps (nats/token, the AR's exact NLL "
               f"on the same windows). Samples: {args.samples} per seed x {args.seeds} seed(s), final-token "
-              f"temperature set so their unigram entropy is held-out text's ({reference['unigram_entropy']:.2f} "
-              f"bits), scored by the AR teacher {Path(args.teacher).name}. Targets (issue 13): ppl <= 10x held-out, "
+              f"temperature set so their unigram entropy is {target_text(args.entropy, reference)}, scored by the "
+              f"AR teacher {Path(args.teacher).name}. Targets (issue 13): ppl <= 10x held-out, "
               f"punctuation within 15%, types >= 0.8x, 4-gram copy <= 2x. Machine: {platform.machine()}, "
               f"{torch.get_num_threads()} threads; whole run {wall / 60:.1f} min.\n\n")
     shown = table.drop(columns=[c for c in ("eval_cpu_s", "ppl_min", "ppl_max") if c in table])

@@ -73,6 +73,27 @@ def test_rows_above_heldout_entropy_meet_at_a_common_one(tmp_path):
     assert abs(at_common["samples"]["unigram_entropy"] / (heldout * 1.06) - 1) <= 0.01
 
 
+def test_entropy_scores_every_row_at_the_bits_asked(tmp_path, capsys):
+    scaling = load_scaling()
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    run, ar = toy_run_dir(tmp_path / "d", corpus=corpus), toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus)
+    common = [f"one={run}", "--teacher", str(ar), "--samples", "8", "--windows", "2", "--draws", "1",
+              "--speed_steps", "2", "--out", str(tmp_path / "out")]
+    assert scaling.main(common) == 0
+    heldout = float(list(csv.DictReader(open(tmp_path / "out" / "scaling.csv")))[-1]["entropy"])
+    target = heldout * 1.04
+    assert scaling.main([*common, "--entropy", str(target)]) == 0
+    one, teacher, text = list(csv.DictReader(open(tmp_path / "out" / "scaling.csv")))
+    for row in (one, teacher):
+        assert row["matched"] == "True"
+        assert float(row["entropy"]) == pytest.approx(target, rel=0.011)
+    assert float(text["entropy"]) == pytest.approx(heldout)  # held-out text stays itself
+    assert f"{target:.2f} bits (--entropy" in (tmp_path / "out" / "scaling.md").read_text()
+    capsys.readouterr()
+    assert scaling.main([*common, "--entropy", "-1"]) == 2
+    assert "--entropy is a unigram entropy in bits" in capsys.readouterr().err
+
+
 def test_training_seconds_reads_the_last_logged_row_up_to_the_step(tmp_path):
     scaling = load_scaling()
     (tmp_path / "metrics.csv").write_text("step,total,val_total,elapsed_s\n50,6.0,,10.5\n65,,4.4,12.0\n100,5.0,,20.0\n")
