@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="score the samples at this unigram entropy instead of held-out text's: where a "
                              "sampler's argmax is above held-out entropy (the posterior x0), rows scored in separate "
                              "calls still compare")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="how close to the target entropy the temperature search stops, a fraction of it "
+                             "(default 0.01; rows compared at equal entropy want 0.002)")
     parser.add_argument("--no_ar", action="store_true", help="leave out the AR teacher's own row")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where scaling.csv/.md go")
@@ -126,7 +129,7 @@ class Row:
     entropy, and its argmax's entropy (the lowest the final-token temperature reaches)."""
 
     def __init__(self, run, teacher, args):
-        self.run, self.teacher = run, teacher
+        self.run, self.teacher, self.tolerance = run, teacher, args.tolerance
         self.draws = [temperature_sampler(run, SampleOptions.from_config(run.config, num_samples=args.samples,
                                                                          steps=args.steps, seed=seed,
                                                                          x0=x0_of(run, args.x0)))
@@ -135,7 +138,7 @@ class Row:
         self.argmax_entropy = statistics.fmean(entropy_of(run, draw(0.0), teacher) for draw in self.draws)
 
     def at(self, entropy: float) -> list[dict]:
-        return [score_at_entropy(self.run, self.teacher, draw, entropy) for draw in self.draws]
+        return [score_at_entropy(self.run, self.teacher, draw, entropy, self.tolerance) for draw in self.draws]
 
 
 def score_at_common_entropy(rows: list[dict], samplers: list[Row], target: float) -> str | None:
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = [split_label(text) for text in args.runs]
         check_entropy(args.entropy)
+        if not 0 < args.tolerance < 1:
+            raise ValueError(f"--tolerance is a fraction of the target entropy between 0 and 1, got {args.tolerance}.")
     except (ValueError, UserError) as error:
         print(error, file=sys.stderr)
         return 2

@@ -82,16 +82,18 @@ def test_entropy_scores_every_row_at_the_bits_asked(tmp_path, capsys):
     assert scaling.main(common) == 0
     heldout = float(list(csv.DictReader(open(tmp_path / "out" / "scaling.csv")))[-1]["entropy"])
     target = heldout * 1.04
-    assert scaling.main([*common, "--entropy", str(target)]) == 0
+    assert scaling.main([*common, "--entropy", str(target), "--tolerance", "0.001"]) == 0
     one, teacher, text = list(csv.DictReader(open(tmp_path / "out" / "scaling.csv")))
     for row in (one, teacher):
         assert row["matched"] == "True"
-        assert float(row["entropy"]) == pytest.approx(target, rel=0.011)
+        assert float(row["entropy"]) == pytest.approx(target, rel=0.0011)
     assert float(text["entropy"]) == pytest.approx(heldout)  # held-out text stays itself
     assert f"{target:.2f} bits (--entropy" in (tmp_path / "out" / "scaling.md").read_text()
     capsys.readouterr()
     assert scaling.main([*common, "--entropy", "-1"]) == 2
     assert "--entropy is a unigram entropy in bits" in capsys.readouterr().err
+    assert scaling.main([*common, "--tolerance", "0"]) == 2
+    assert "--tolerance is a fraction" in capsys.readouterr().err
 
 
 def test_training_seconds_reads_the_last_logged_row_up_to_the_step(tmp_path):
