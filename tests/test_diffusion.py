@@ -552,3 +552,17 @@ def test_preconditioned_training_target_gives_back_x0():
     x_t = q_sample(diffusion.schedule, x0, t, torch.randn_like(x0))
     skip, out = diffusion.preconditioning(t, 3)
     assert torch.allclose(diffusion.x0_from_output(model, (x0 - skip * x_t) / out, x_t, t), x0, atol=1e-5)
+
+
+def test_decode_draws_in_float64_so_a_small_temperature_gives_the_argmax():
+    """A temperature near 0 (where the matched-entropy search can land) draws the argmax of the
+    rounding logits; in float32 the scaled logits overflow and the draw fails on NaN."""
+    from dlm.core.config import load_config
+    from dlm.families.gaussian_model import decode
+
+    torch.manual_seed(0)
+    model = DiffusionLM(load_config(None, embed_dim=8, width=16, depth=1, heads=2, seq_len=6), vocab_size=20).eval()
+    x0 = torch.randn(3, 6, 8) * 5
+    argmax = model.round(x0).argmax(-1)
+    drawn = decode(model, x0, temperature=1e-37, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, argmax)

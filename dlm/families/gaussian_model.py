@@ -100,6 +100,7 @@ def decode(model: DiffusionLM, x0: torch.Tensor, decoder: str = "learned", tempe
     logits = rounding_logits(model, x0, decoder, banned)
     if decoder == "cosine" or temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1).cpu()
+    # float64: at a small temperature float32 logits / T overflow and the softmax turns to NaN
+    probs = torch.softmax(logits.double() / temperature, dim=-1).cpu()
     flat = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator)
     return flat.view(logits.shape[:-1]).to(x0.device)
