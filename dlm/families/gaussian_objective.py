@@ -234,9 +234,8 @@ class GaussianDiffusion:
             return skip * x_t + out * output
         if self.settings.predict == "logits":
             # Score interpolation (CDCD): the expected embedding under the rounding softmax, in
-            # float32 like the rest of the diffusion arithmetic.
-            with torch.autocast(output.device.type, enabled=False):
-                return model.expected_embedding(output.float())
+            # float32 like the rest of the diffusion arithmetic (expected_embedding turns autocast off).
+            return model.expected_embedding(output.float())
         s = self.schedule
         return ((x_t - s.at(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * output)
                 / s.at(s.sqrt_alphas_cumprod, t, x_t.ndim))
