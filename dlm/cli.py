@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--batch_size", type=int, default=64)
     sample_parser.add_argument("--record_every", type=int, default=0,
                                help="also write FILE.trajectory.json with decoded tokens every N steps")
+    sample_parser.add_argument("--overwrite", action="store_true",
+                               help="replace an existing FILE.jsonl (+ .txt, .trajectory.json): the set is replaced "
+                                    "together once samples exist")
     sample_parser.add_argument("--device", default="auto")
     sample_parser.add_argument("--out", required=True, help="FILE.jsonl (a .txt is written beside it)")
 
@@ -343,7 +346,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    check_sample_destination(args.out)  # before sampling, so that a bad --out never costs the samples
+    check_sample_destination(args.out, args.overwrite)  # before sampling, so that a bad --out never costs the samples
     device = pick_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):

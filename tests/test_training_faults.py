@@ -112,6 +112,30 @@ def test_a_run_without_a_checkpoint_starts_afresh(exact, tmp_path, monkeypatch, 
     assert train(exact.replace(max_steps=3), tmp_path / "zero").step == 3
 
 
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("files", [
+    {"notes.txt": b"my notes"},
+    {"config.yaml": b"mine: 1\n", "vocab.json": b"{}", "metrics.csv": b"step,total\n1,2.0\n"},  # not dlm's run
+    {"metrics.csv": b"step,total\n1,2.0\n"},
+])
+def test_a_fresh_run_never_overwrites_a_folder_that_is_not_a_run(tmp_path, corpus, capsys, files, resume):
+    """Only a new or empty folder, or a run dlm started (provenance.json) that stopped before its first
+    checkpoint, is (re)started; anything else is named and left byte-identical."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    assert main(cli_args(corpus, folder, *(["--resume"] if resume else []))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    if resume and "metrics.csv" not in files:
+        assert "No run to resume" in err[0]
+    else:
+        assert f"holds {', '.join(sorted(files))} but no run of dlm's to continue" in err[0], err
+        assert "a new run starts only in an empty or new folder" in err[0]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+
 def test_resume_of_nothing_is_one_clear_line(tmp_path, corpus, capsys):
     assert main(cli_args(corpus, tmp_path / "absent", "--resume")) == 2
     err = capsys.readouterr().err

@@ -405,7 +405,8 @@ def test_the_options_the_ar_sampler_reads_and_every_default_still_sample(toy_run
                  "--batch_size", "2", "--seed", "1", "--temperature", "0.5", "--no-unk", "--decoder", "learned",
                  "--record_every", "0"]) == 0
     assert len(out.read_text().splitlines()) == 3
-    assert main(["sample", "--run_dir", str(toy_runs / "ar"), "--out", str(out), "--num_samples", "2"]) == 0
+    assert main(["sample", "--run_dir", str(toy_runs / "ar"), "--out", str(out), "--num_samples", "2",
+                 "--overwrite"]) == 0
     assert main(["infill", "--run_dir", str(toy_runs / "ar"), "--prefix", "To be", "--num_samples", "2"]) == 0
 
 
@@ -477,6 +478,63 @@ def test_sample_out_is_refused_before_sampling(toy_runs, tmp_path, capsys, out, 
             message, tmp_path)
     assert not list(tmp_path.glob("*.jsonl")) and not (tmp_path / "afile.txt").exists()
     assert not os.path.exists("/dev/null.txt") and not os.path.exists("/proc/dlm_nope")
+
+
+def sample_argv(run, out, *extra):
+    return ["sample", "--run_dir", str(run), "--steps", "2", "--num_samples", "2", "--batch_size", "1",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("existing", [["s.jsonl"], ["s.txt"], ["s.trajectory.json"], ["s.jsonl", "s.txt"]])
+def test_sample_never_replaces_samples_unless_asked(toy_runs, tmp_path, capsys, existing):
+    for name in existing:
+        (tmp_path / name).write_text("earlier samples\n")
+    line = refused(capsys, "sample", sample_argv(toy_runs / "diffusion", tmp_path / "s.jsonl"),
+                   f"already holds {', '.join(existing)}: pass --overwrite to replace that set of samples", tmp_path)
+    assert str(tmp_path) in line
+
+
+def test_sample_overwrite_replaces_the_whole_set(toy_runs, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert main(sample_argv(toy_runs / "diffusion", out, "--record_every", "1")) == 0
+    assert out.with_suffix(".trajectory.json").is_file()
+    (tmp_path / "s.txt").write_text("an unrelated file that happens to share the name\n")
+    assert main(sample_argv(toy_runs / "diffusion", out, "--overwrite", "--seed", "1")) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seed"] for r in records] == [1, 1]
+    assert len((tmp_path / "s.txt").read_text().splitlines()) == 2
+    # the old trajectory belonged to other samples: it is gone, not left beside these
+    assert not out.with_suffix(".trajectory.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl", "s.txt"]  # no temp file left
+
+
+def test_samples_cut_short_keep_whole_batches_only(toy_runs, tmp_path, monkeypatch, capsys):
+    """A disk that fills during the second batch: the files end at the first batch's last whole
+    line (never half a JSON line), and an older set is replaced only by samples that exist."""
+    from dlm.runs import sample
+
+    out = tmp_path / "s.jsonl"
+    out.write_text("earlier samples\n")
+    real_fsync, calls = os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) > 2:  # the second batch's first file: its lines written, not yet safe
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(sample.os, "fsync", full_disk)
+    assert main(sample_argv(toy_runs / "diffusion", out, "--overwrite")) != 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0] and len(out.with_suffix(".txt").read_text().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl", "s.txt"]
+    calls.clear()
+    out.write_text("earlier samples\n")
+    out.with_suffix(".txt").unlink()
+    monkeypatch.setattr(sample.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert main(sample_argv(toy_runs / "diffusion", out, "--overwrite")) != 0
+    assert out.read_text() == "earlier samples\n" and sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
 
 
 @pytest.mark.parametrize("command", ["infill", "evaluate", "stats", "train-classifier", "control-table"])

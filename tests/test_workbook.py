@@ -165,7 +165,7 @@ def test_build_report_guards(tmp_path, monkeypatch):
     with pytest.raises(workbook.ReportError, match="Unknown notebook"):
         workbook.build_report(preset, reports_dir=tmp_path / "r", parameters={"trian": {}})
     (tmp_path / "r" / "p").mkdir(parents=True)
-    (tmp_path / "r" / "p" / "report.json").write_text("{}")
+    (tmp_path / "r" / "p" / "report.json").write_text('{"name": "p", "params": "p.yaml", "status": "failed", "pages": {}}')
     with pytest.raises(workbook.ReportExistsError, match="--overwrite"):
         workbook.build_report(preset, reports_dir=tmp_path / "r")
     assert not (tmp_path / "r" / "p" / "run").exists()
@@ -179,8 +179,74 @@ def test_report_command_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "p.yaml").write_text("epochs: 1\n")
     (tmp_path / "reports" / "mine").mkdir(parents=True)
     (tmp_path / "reports" / "mine" / "x").write_text("")
-    assert main(["report", "p.yaml", "--name", "mine"]) == 1
-    assert "already holds a report" in capsys.readouterr().err
+    assert main(["report", "p.yaml", "--name", "mine"]) != 0
+    assert "is not a report (no report.json of dlm report; it holds x)" in capsys.readouterr().err
+
+
+def tree(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def fake_notebooks(monkeypatch):
+    """build_report without kernels: each notebook 'runs' instantly and leaves its page."""
+    monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: None)
+    monkeypatch.setattr(workbook, "export_html", lambda executed, **kwargs: Path(executed).with_suffix(".html"))
+
+
+def a_run(folder: Path) -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.pt").write_bytes(b"weights")
+    (folder / "config.yaml").write_text("epochs: 1\n")
+    (folder / "metrics.csv").write_text("step,epoch,total,val_total,embedding_norm,nn_distance,elapsed_s\n"
+                                        "1,1,2.5,2.6,1.0,0.5,3.0\n")
+    return folder
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_report_never_deletes_a_folder_that_is_not_a_report(tmp_path, monkeypatch, capsys, overwrite):
+    """`dlm report --reports_dir runs --overwrite` after training into runs/p: the run survives."""
+    monkeypatch.chdir(tmp_path)
+    fake_notebooks(monkeypatch)
+    (tmp_path / "p.yaml").write_text("epochs: 1\n")
+    a_run(tmp_path / "runs" / "p")
+    before = tree(tmp_path / "runs")
+    assert main(["report", "p.yaml", "--reports_dir", "runs", *(["--overwrite"] if overwrite else [])]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not a report" in err and "checkpoints/, config.yaml, metrics.csv" in err
+    assert "already holds a report" not in err
+    assert tree(tmp_path / "runs") == before
+
+
+def test_report_overwrite_refuses_a_from_run_inside_the_report_it_would_delete(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fake_notebooks(monkeypatch)
+    (tmp_path / "p.yaml").write_text("epochs: 1\n")
+    workbook.build_report(tmp_path / "p.yaml", name="bt", reports_dir=tmp_path / "reports")
+    a_run(tmp_path / "reports" / "bt" / "run")  # what a failed report leaves: its run, trained
+    before = tree(tmp_path / "reports")
+    assert main(["report", "p.yaml", "--name", "bt", "--overwrite", "--from_run", "reports/bt/run"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "lies inside 'reports/bt', which --overwrite deletes first" in err
+    assert tree(tmp_path / "reports") == before
+    # the way out the message gives works: the run moved out, then copied into the new report
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "reports" / "bt" / "run").rename(tmp_path / "runs" / "bt")
+    workbook.build_report(tmp_path / "p.yaml", name="bt", reports_dir=tmp_path / "reports", overwrite=True,
+                          from_run=tmp_path / "runs" / "bt")
+    assert (tmp_path / "reports" / "bt" / "run" / "checkpoints" / "last.pt").read_bytes() == b"weights"
+    assert (tmp_path / "runs" / "bt" / "checkpoints" / "last.pt").is_file()
+
+
+def test_report_is_never_written_inside_its_own_from_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fake_notebooks(monkeypatch)
+    (tmp_path / "p.yaml").write_text("epochs: 1\n")
+    run = a_run(tmp_path / "runs" / "r")
+    before = tree(tmp_path / "runs")
+    assert main(["report", "p.yaml", "--from_run", "runs/r", "--reports_dir", "runs/r/reports"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "lies inside --from_run 'runs/r'" in err
+    assert tree(tmp_path / "runs") == before and not (run / "reports").exists()
 
 
 FIRST_REPORT = """

@@ -68,6 +68,19 @@ class RunDir:
     def has_run(self) -> bool:
         return self.has_checkpoint() or self.metrics.exists()
 
+    def entries(self) -> list[str]:
+        """What the folder holds, its lock and the temp files of interrupted writes aside (a folder
+        is new or empty for a fresh run when this is empty)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in self.path.iterdir()
+                      if p.name != self.lock.name and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+    def started_without_checkpoint(self) -> bool:
+        """A run dlm started that stopped before its first checkpoint: its provenance.json is
+        there (written once training begins) and no checkpoint; nothing in it to keep."""
+        return self.provenance.is_file() and self.config.is_file() and not self.has_checkpoint()
+
     def has_checkpoint(self) -> bool:
         """Anything a run could be resumed or sampled from: last.pt or a kept checkpoint."""
         return self.last_checkpoint.exists() or bool(self.kept_checkpoints())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dlm.core.config import Config, machine_memory_bytes
-from dlm.core.data import atomic_write_bytes, check_destination
+from dlm.core.data import atomic_write_bytes, check_destination, current_umask
 from dlm.core.errors import UserError
 from dlm.core.schedule import SPACINGS
 from dlm.runs.build import LoadedRun
@@ -130,23 +131,32 @@ def sample_files(out: str | Path) -> dict[str, Path]:
     return {"jsonl": out, "txt": out.with_suffix(".txt"), "trajectory": out.with_suffix(".trajectory.json")}
 
 
-def check_sample_destination(out: str | Path) -> Path:
+def check_sample_destination(out: str | Path, overwrite: bool = False, switch: str = "--overwrite") -> Path:
     """--out of dlm sample, before sampling: FILE.jsonl (the listing beside it is derived from that
-    name), not inside a run's checkpoints folder, nothing beside it in the way."""
-    files = sample_files(check_destination(out, "--out", suffix=".jsonl"))
+    name), not inside a run's checkpoints folder, nothing beside it in the way, and no sample file of
+    that name already there unless `overwrite` (the set is then replaced together, see SampleWriter)."""
+    what = "--out"
+    files = sample_files(check_destination(out, what, suffix=".jsonl"))
     for folder in files["jsonl"].absolute().parents:
         if folder.name == "checkpoints" and (RunDir(folder.parent).config.is_file() or any(folder.glob("*.pt"))):
-            raise UserError(f"--out '{out}' lies inside the run's checkpoints folder '{folder}': write samples "
+            raise UserError(f"{what} '{out}' lies inside the run's checkpoints folder '{folder}': write samples "
                             f"elsewhere, e.g. {RunDir(folder.parent).samples_file}.")
     for kind in ("txt", "trajectory"):
-        check_destination(files[kind], f"the {kind} file beside --out")
+        check_destination(files[kind], f"the {kind} file beside {what}")
+    existing = [path.name for path in files.values() if path.exists()]
+    if existing and not overwrite:
+        elsewhere = ", or write to another --out" if switch == "--overwrite" else ""
+        raise UserError(f"'{files['jsonl'].parent}' already holds {', '.join(existing)}: pass {switch} to replace "
+                        f"that set of samples{elsewhere}.")
     return files["jsonl"]
 
 
 class SampleWriter:
-    """FILE.jsonl and FILE.txt written batch by batch, each batch flushed to disk, so an interrupt
-    keeps the samples made so far; a file that was there is replaced only once the first batch is
-    ready. A recorded trajectory is written at the end."""
+    """FILE.jsonl and FILE.txt written batch by batch into hidden temp files beside them, each batch
+    flushed to disk; close() (also after an interrupt or a full disk) cuts them back to the last whole
+    batch and renames the set into place together: an older set of that name is replaced only by
+    samples that exist, a trajectory is written only when recorded (an older one is removed, so it
+    never sits beside samples it does not belong to), and no file ever ends in half a line."""
 
     def __init__(self, out: str | Path, run: LoadedRun, options: SampleOptions):
         self.files = sample_files(out)
@@ -154,19 +164,27 @@ class SampleWriter:
                      "model": run.config.model, "vocab": run.tokenizer.fingerprint(), **asdict(options)}
         self.itos = run.tokenizer.itos
         self.count, self.handles, self.frames = 0, None, []
+        self.temps: dict[str, Path] = {}
+        self.whole: dict[str, int] = {"jsonl": 0, "txt": 0}  # bytes up to the end of the last whole batch
 
     def add(self, batch: SampleBatch) -> None:
         if self.handles is None:
-            for path in self.files.values():
+            self.handles = {}
+            for kind in ("jsonl", "txt"):
+                path = self.files[kind]
                 path.parent.mkdir(parents=True, exist_ok=True)
-            self.handles = [open(self.files[kind], "w", encoding="utf-8") for kind in ("jsonl", "txt")]
+                fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                self.temps[kind], self.handles[kind] = Path(temp), os.fdopen(fd, "wb")
         lines = [json.dumps({"index": self.count + i, "text": text, "ids": row.tolist(), **self.meta},
                             ensure_ascii=False) for i, (text, row) in enumerate(zip(batch.texts, batch.ids))]
         plain = [text.replace("\n", " / ") for text in batch.texts]
-        for handle, rows in zip(self.handles, (lines, plain)):
-            handle.write("".join(row + "\n" for row in rows))
+        for kind, rows in (("jsonl", lines), ("txt", plain)):
+            handle = self.handles[kind]
+            handle.write("".join(row + "\n" for row in rows).encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
+        for kind in self.whole:
+            self.whole[kind] = self.handles[kind].tell()
         self._record(batch.trajectory)
         self.count += len(batch.texts)
 
@@ -179,11 +197,24 @@ class SampleWriter:
                 mine["ids"].extend(theirs["ids"])
 
     def close(self) -> None:
-        for handle in self.handles or ():
-            handle.close()
-        if self.frames:
-            atomic_write_bytes(self.files["trajectory"],
-                               json.dumps({"itos": self.itos, "frames": self.frames}).encode())
+        try:
+            for kind, handle in (self.handles or {}).items():
+                if not handle.closed:
+                    handle.close()
+                os.truncate(self.temps[kind], self.whole[kind])  # a batch cut short (full disk, interrupt) is dropped
+            if self.count:
+                if self.frames:
+                    atomic_write_bytes(self.files["trajectory"],
+                                       json.dumps({"itos": self.itos, "frames": self.frames}).encode())
+                else:
+                    self.files["trajectory"].unlink(missing_ok=True)
+                for kind, temp in self.temps.items():
+                    os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode
+                    os.replace(temp, self.files[kind])
+        finally:
+            for temp in self.temps.values():
+                temp.unlink(missing_ok=True)  # renamed already, or nothing whole to keep
+            self.temps = {}
 
 
 def write_samples(batch: SampleBatch, out: str | Path, run: LoadedRun, options: SampleOptions) -> tuple[Path, Path]:

@@ -573,6 +573,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     if resume and not run.has_run():
         raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
                               f"Drop --resume to start one there.")
+    if not run.has_checkpoint() and not run.started_without_checkpoint() and run.entries():
+        raise RunExistsError(not_a_run_message(run))  # before any device or process starts; again under the lock
     device = pick_device(config.device)
     ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
     try:
@@ -590,20 +592,22 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
            rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
     payload, mode = None, "fresh"
-    if run.has_run() and not run.has_checkpoint():
+    if run.started_without_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
         logger.info("'%s' holds no checkpoint (its run stopped before the first epoch end): starting it afresh, "
                     "metrics.csv rewritten", run.path)
         mode = "restarted"
-    elif resume:
+    elif resume and run.has_checkpoint():
         payload = load_checkpoint(run.last_checkpoint)
         config = resumed_config(config, payload["config"], run)
         mode = "resume"
-    elif run.has_run():
+    elif run.has_checkpoint():
         raise RunExistsError(
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
+    elif run.entries():
+        raise RunExistsError(not_a_run_message(run))
     check_global_batch(config.batch_size, ranks.world_size)
     if not ranks.is_main:
         logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
@@ -668,6 +672,13 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         if hooks.curves is not None:
             hooks.curves.close()
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
+
+
+def not_a_run_message(run: RunDir) -> str:
+    held = run.entries()
+    listing = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+    return (f"'{run.path}' holds {listing} but no run of dlm's to continue: a new run starts only in an empty or "
+            f"new folder, so nothing there is overwritten. Choose another --run_dir, or move those files away.")
 
 
 def where_it_stands(run: RunDir, hooks: RunHooks) -> str:

@@ -558,6 +558,42 @@ def _write_report_json(report_dir: Path, report: dict) -> None:
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
 
 
+def is_report(folder: Path) -> bool:
+    """A folder that `dlm report` wrote: its report.json holds the record build_report keeps."""
+    try:
+        record = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"name", "params", "status", "pages"} <= record.keys()
+
+
+def check_report_destination(report_dir: Path, overwrite: bool, from_run: str | Path | None) -> bool:
+    """Before anything is written or deleted: True when `report_dir` holds a report that --overwrite
+    replaces. Only a report is ever deleted (never a training run or other files under that name),
+    never the --from_run it is asked to copy, and a report is never written inside its own --from_run."""
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ReportError(f"'{report_dir}' is a file, not a report folder: choose another --name or --reports_dir.")
+    if from_run is not None:
+        source, target = Path(from_run).resolve(), report_dir.resolve()
+        if target.is_relative_to(source):
+            raise ReportError(f"The report folder '{report_dir}' lies inside --from_run '{from_run}': the copy of the "
+                              f"run would copy itself. Give a --reports_dir outside the run folder.")
+        if overwrite and source.is_relative_to(target):
+            raise ReportError(f"--from_run '{from_run}' lies inside '{report_dir}', which --overwrite deletes first: "
+                              f"move the run out (e.g. mv {from_run} runs/{report_dir.name}) and give that as --from_run.")
+    if not report_dir.exists() or not any(report_dir.iterdir()):
+        return False
+    if not is_report(report_dir):
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in report_dir.iterdir())
+        listing = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise ReportError(f"'{report_dir}' is not a report (no report.json of dlm report; it holds {listing}): dlm "
+                          f"report never deletes it, --overwrite or not. Choose another --name or --reports_dir.")
+    if not overwrite:
+        raise ReportExistsError(f"'{report_dir}' already holds a report. Pass --overwrite to replace it, "
+                                f"or --name to write another.")
+    return True
+
+
 def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
     """Checkpoints (hundreds of MB) are hard-linked where the file system allows: they are only
     ever replaced atomically (a new inode), never written in place. Everything else (metrics.csv
@@ -608,20 +644,21 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                                               flag=lambda _, given=f"--param {notebook}.{key}": given)
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
+    check_report_destination(report_dir, overwrite, from_run)  # refused before even the lock file is made
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
-        if report_dir.exists() and any(report_dir.iterdir()):
-            if not overwrite:
-                raise ReportExistsError(f"'{report_dir}' already holds a report. Pass --overwrite to replace it, "
-                                        f"or --name to write another.")
+        if check_report_destination(report_dir, overwrite, from_run):
             shutil.rmtree(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
+        # marked as a report at once: a later --overwrite may replace it even if the copy below fails
+        _write_report_json(report_dir, {"name": name, "params": str(params), "status": "starting", "pages": {},
+                                        "created": datetime.datetime.now().isoformat(timespec="seconds")})
         if from_run is not None:
             shutil.copytree(from_run, report_dir / "run", copy_function=_link_checkpoints_copy_the_rest)
         cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
         run_dir = path_for_kernel(report_dir / "run", cwd)
         chain = {
             "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir, **({"resume": True} if from_run else {})},
-            "sample": {"run_dir": run_dir},
+            "sample": {"run_dir": run_dir, "overwrite": True},  # the report's own copy of the run
             "collapse_analysis": {"run_dir": run_dir},
             "control": {"run_dir": run_dir, "task": config.control_tasks},
         }
