@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dlm import families
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
@@ -338,6 +339,11 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.command == "train-ar":
         overrides["model"] = "ar"
     config = load_config(args.params, **overrides)
+    if "model" in overrides and overrides["model"] != load_config(args.params).model:
+        config, dropped = families.without_other_families_keys(config, set(overrides))
+        if dropped:
+            print(f"{args.params} is a preset of another family: its {', '.join(dropped)} (read by no "
+                  f"'{config.model}' run) are left out.", flush=True)
     result = train(config, args.run_dir, resume=args.resume, rebuild_metrics=args.rebuild_metrics)
     if ranks_from_env().is_main:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 
+from dlm import families
 from dlm.core.config import SECTIONS, Config, ConfigError, coerce, keys, load_config, notebook_parameter, section_keys, section_of
 from tests.conftest import ROOT
 
@@ -65,8 +66,12 @@ def test_missing_preset_and_inconsistent_values(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="divisible"):
         load_config(None, width=30, heads=4)
-    with pytest.raises(ConfigError, match="sample_steps"):
-        load_config(None, diffusion_steps=100, sample_steps=200)
+    # the Gaussian chain has diffusion_steps timesteps; the masked chain's steps are not capped by them
+    with pytest.raises(ConfigError, match="'sample_steps' \\(200\\) must be at most diffusion_steps \\(100\\)"):
+        families.check_config(load_config(None, diffusion_steps=100, sample_steps=200))
+    families.check_config(load_config(None, model="masked", sample_steps=5000))
+    with pytest.raises(ConfigError, match="'sample_steps' must be at least 1"):
+        load_config(None, sample_steps=0)
 
 
 def test_speed_options_are_typed():

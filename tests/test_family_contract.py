@@ -3,13 +3,16 @@ that passes these tests works with the whole workbench. Nothing here names a fam
 is checked by adding its line to FAMILIES."""
 
 import csv
+import dataclasses
 import json
+import typing
 
 import pandas as pd
 import pytest
 import torch
 
-from dlm.core.config import Config, load_config
+from dlm import families
+from dlm.core.config import Config, field_types, load_config, section_keys
 from dlm.families import FAMILIES, family, supports
 from dlm.runs import train as train_module
 from dlm.runs.build import load_run
@@ -25,13 +28,45 @@ CONTROLS = {"infill": "template", "prefix": "prefix", "length": "length"}
 
 def tiny_config(corpus, name: str, **overrides) -> Config:
     """params/smoke.yaml with the family's name, fp32 on the CPU: a few steps in a second or two."""
-    return load_config(ROOT / "params" / "smoke.yaml", model=name, corpus=str(corpus), max_train_tokens=None,
-                       min_count=1, progress=False, precision="fp32", device="cpu", threads=1, epochs=2, **overrides)
+    config = load_config(ROOT / "params" / "smoke.yaml", model=name, corpus=str(corpus), max_train_tokens=None,
+                         min_count=1, progress=False, precision="fp32", device="cpu", threads=1, epochs=2, **overrides)
+    return families.without_other_families_keys(config, set(overrides))[0]  # the Gaussian preset's own keys out
 
 
 def read_rows(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def another_value(key: str):
+    """A value of Config key `key` other than its default (not checked against the other keys)."""
+    tp, default = field_types()[key], getattr(Config(), key)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return next(choice for choice in args if choice != default)
+    kind = args[0] if args else tp
+    return {bool: not default, int: (default or 1) + 1, float: (default or 0.25) / 2, str: "x"}[kind]
+
+
+def test_every_diffusion_and_sampling_key_has_a_family_that_reads_it():
+    owned = families.family_keys()
+    assert set(section_keys("diffusion")) | set(section_keys("sampling")) <= owned
+    assert all(families.readers(key) for key in owned)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_key_of_another_family_is_refused_naming_its_readers(name):
+    for key in sorted(families.family_keys() - family(name).CONFIG_KEYS):
+        config = dataclasses.replace(Config(model=name), **{key: another_value(key)})
+        with pytest.raises(families.ConfigError, match=f"'{key}' .* the '{name}' family does not read it: .*"
+                                                       f"use model: {families.readers(key)[0]}"):
+            families.check_config(config)
+    for key in sorted(family(name).CONFIG_KEYS):  # its own keys pass this check (their values aside)
+        config = dataclasses.replace(Config(model=name), **{key: another_value(key)})
+        try:
+            families.check_config(config)
+        except families.ConfigError as error:
+            assert "does not read it" not in str(error), error
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +245,8 @@ def test_notebooks_run_for_every_family(name, tmp_path):
     tasks = ",".join(t for t in ("infill", "prefix", "length") if supports(name, t))
     values.update(model=name, corpus=str(make_corpus(tmp_path / "corpus.txt")), min_count=1, max_train_tokens=None,
                   threads=1, sample_steps=8, epochs=2, control_tasks=tasks)
+    values = {key: value for key, value in values.items()  # the keys this family reads, and the shared ones
+              if key not in families.family_keys() - family(name).CONFIG_KEYS}
     preset = tmp_path / f"{name}.yaml"
     preset.write_text(yaml.safe_dump(values))
     curve = {"curve_steps": "2,4", "curve_samples": 2} if "steps" in family(name).SAMPLE_OPTIONS else {}

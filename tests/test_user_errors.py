@@ -41,6 +41,20 @@ def runs(tmp_path_factory):
 
 # --- training: every setting, checked before any work -------------------------------------------
 
+def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, capsys):
+    """`dlm train-ar params/smoke.yaml`: the AR at the smoke preset's size; the Gaussian keys the
+    preset sets are named and left out, while the same key given by the user is refused."""
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    assert main(["train-ar", SMOKE, "--run_dir", str(tmp_path / "ar"), "--corpus", corpus, *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "is a preset of another family: its diffusion_steps, sample_steps (read by no 'ar' run) are left out" in out
+    saved = load_yaml(tmp_path / "ar" / "config.yaml")
+    assert saved["diffusion_steps"] == 2000 and saved["sample_steps"] == 200 and saved["width"] == 32
+    refused(capsys, "train-ar", ["train-ar", SMOKE, "--run_dir", str(tmp_path / "ar2"), "--corpus", corpus,
+                                 "--sample_steps", "7", *QUICK], "'sample_steps' (7) is a diffusion and masked option",
+            tmp_path)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--rounding_weight", "nan"], "'rounding_weight' must be a finite number, got nan"),
     (["--lr", "inf"], "'lr' must be a finite number, got inf"),
@@ -58,16 +72,24 @@ def runs(tmp_path_factory):
     # the registry names every family; a Gaussian-only key on a masked run names the key and the family
     (["--model", "gpt"], "Unknown model family 'gpt': use one of diffusion, masked, ar."),
     (["--model", "masked", "--embedding_norm", "l2"],
-     "'embedding_norm' (l2) is a Gaussian-diffusion option; the masked family has none"),
+     "'embedding_norm' (l2) is a Gaussian-diffusion option; the 'masked' family does not read it"),
     (["--model", "masked", "--no-use_learned_embeddings"], "'use_learned_embeddings' (False) is a Gaussian-diffusion"),
     (["--model", "masked", "--predict", "epsilon"], "'predict' (epsilon) is a Gaussian-diffusion option"),
     (["--model", "masked", "--self_condition", "0.5"], "'self_condition' (0.5) is a Gaussian-diffusion option"),
     (["--model", "masked", "--sample_x0", "expected"], "'sample_x0' (expected) is a Gaussian-diffusion option"),
     (["--model", "masked", "--block_size", "4"], "A masked run with block_size trains every block at once"),
     (["--model", "masked", "--timestep_sampling", "loss_second_moment"],
-     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the masked family has none"),
+     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the 'masked' family does not"),
     (["--model", "ar", "--timestep_sampling", "loss_second_moment"],
-     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the AR baseline has no timesteps"),
+     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the 'ar' family does not read it"),
+    # a key every other family ignores is refused by name, with the family that reads it (issue 32, item 7)
+    (["--mask_rate_min", "0.3"], "'mask_rate_min' (0.3) is a masked option; the 'diffusion' family does not read it: "
+                                 "leave it at its default (0.001) or use model: masked."),
+    (["--model", "ar", "--sample_x0", "posterior"], "'sample_x0' (posterior) is a Gaussian-diffusion option; the 'ar'"),
+    (["--model", "ar", "--block_size", "4", "--block_training", "all"],
+     "'block_size' (4) is a diffusion and masked option; the 'ar' family does not read it"),
+    (["--block_training", "all"], "'block_training' (all) applies to block runs only: set block_size"),
+    (["--sample_steps", "101"], "'sample_steps' (101) must be at most diffusion_steps (100)"),
     (["--timestep_sampling", "loss_second_moment", "--left_to_right", "1"],
      "'timestep_sampling: loss_second_moment' draws one timestep per sequence and 'left_to_right' one per position"),
     (["--timestep_sampling", "loss_second_moment", "--time_warp"],

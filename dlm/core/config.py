@@ -426,8 +426,11 @@ def validate(config: Config) -> None:
     if unknown_tasks:
         raise ConfigError(f"'control_tasks' names {', '.join(unknown_tasks)}: use a comma list of "
                           f"{', '.join(CONTROL_TASKS)} (or leave it empty for no control page).")
-    if not 1 <= config.sample_steps <= config.diffusion_steps:
-        raise ConfigError(f"'sample_steps' must be between 1 and diffusion_steps ({config.diffusion_steps}).")
+    if config.sample_steps < 1:
+        raise ConfigError(f"'sample_steps' must be at least 1, got {config.sample_steps}.")
+    if config.block_training != "one" and (config.block_size is None or config.block_size == config.seq_len):
+        raise ConfigError(f"'block_training' ({config.block_training}) applies to block runs only: set block_size "
+                          f"to a divisor of seq_len below {config.seq_len}, or drop block_training.")
     check_memory(config)
 
 

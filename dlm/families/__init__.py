@@ -7,7 +7,10 @@
   "latent" (noised latents for a latent classifier), "temperature" (samples drawn at a
   temperature: matched entropy), "geometry" (the collapse and embedding-geometry analyses);
 - SAMPLE_OPTIONS: the SampleOptions fields its sampler reads (a user giving another is told so);
-- check_config(config): raise ConfigError for a key that means nothing to the family;
+- CONFIG_KEYS: the family-specific Config keys it reads (every other key is shared: data, training,
+  bookkeeping, runtime and the denoiser's size); dlm.families.check_config refuses another family's
+  key set away from its default, naming the families that read it;
+- check_config(config): raise ConfigError for values the family cannot train (after the key check);
 - new_model(config, vocab_size, pretrained=None): a freshly initialised nn.Module with an
   `embedding` (its `.weight` the table AdamW groups apart) and `table()` (the training log's geometry);
 - objective(config): what the training loop minimises: `terms` (the metric columns, "total"
@@ -30,6 +33,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from types import ModuleType
 
+from dlm.core.config import Config, ConfigError
 from dlm.core.errors import UserError
 
 FAMILIES = {
@@ -44,6 +48,41 @@ def family(name: str) -> ModuleType:
     if name not in FAMILIES:
         raise UserError(f"Unknown model family '{name}': use one of {', '.join(FAMILIES)}.")
     return importlib.import_module(FAMILIES[name])
+
+
+def family_keys() -> frozenset[str]:
+    """The Config keys that some family reads and another does not."""
+    return frozenset().union(*(family(name).CONFIG_KEYS for name in FAMILIES))
+
+
+def readers(key: str) -> list[str]:
+    return [name for name in FAMILIES if key in family(name).CONFIG_KEYS]
+
+
+def check_config(config: Config) -> None:
+    """The one check of a Config against its family, before anything is written: a family-specific
+    key set (away from its default) for a family that does not read it is one line naming the
+    families that do (ignoring it would train something other than what was asked); then the
+    family's own checks."""
+    module, defaults = family(config.model), Config()
+    for key in sorted(family_keys() - module.CONFIG_KEYS):
+        value, default = getattr(config, key), getattr(defaults, key)
+        if value != default:
+            owners = readers(key)
+            owner = "Gaussian-diffusion" if owners == ["diffusion"] else " and ".join(owners)
+            raise ConfigError(f"'{key}' ({value}) is a {owner} option; the '{config.model}' family does not read "
+                              f"it: leave it at its default ({default}) or use model: {owners[0]}.")
+    module.check_config(config)
+
+
+def without_other_families_keys(config: Config, given: set[str]) -> tuple[Config, list[str]]:
+    """A preset of one family run as another (`dlm train-ar params/smoke.yaml`, `--model masked`):
+    the preset's keys that the new family does not read are set back to their defaults and
+    returned, so they can be named; the keys in `given` (the user's own) stay, for check_config."""
+    defaults, module = Config(), family(config.model)
+    dropped = [key for key in sorted(family_keys() - module.CONFIG_KEYS)
+               if key not in given and getattr(config, key) != getattr(defaults, key)]
+    return config.replace(**{key: getattr(defaults, key) for key in dropped}), dropped
 
 
 def supports(name: str, capability: str) -> bool:

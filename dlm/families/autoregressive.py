@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlm.core.config import Config, ConfigError
+from dlm.core.config import Config
 from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
 from dlm.core.nets import TinyTransformer
 
@@ -95,12 +95,13 @@ SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
 SAMPLE_OPTIONS = frozenset({"temperature", "unk", "seed", "batch_size", "num_samples"})
 
 
+# The family-specific Config keys it reads (dlm.families.check_config refuses the others'): how its
+# tokens are drawn.
+CONFIG_KEYS = frozenset({"decode_temperature", "decode_unk"})
+
+
 def check_config(config: Config) -> None:
-    """The AR baseline reads the shared keys and ignores the diffusion ones (its presets set none),
-    except the one that would change how it trains if it had timesteps: refused, not ignored."""
-    if config.timestep_sampling != "uniform":
-        raise ConfigError(f"'timestep_sampling' ({config.timestep_sampling}) is a Gaussian-diffusion option; the AR "
-                          f"baseline has no timesteps: leave it at its default (uniform) or use model: diffusion.")
+    """Nothing beyond the shared checks: its keys are the shared ones and CONFIG_KEYS."""
 
 
 def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> AutoregressiveLM:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dlm.core.config import Config
+from dlm.core.config import Config, ConfigError, section_keys
 from dlm.core.runtime import autocast
 from dlm.core.schedule import NoiseSchedule
 from dlm.families.gaussian_model import DiffusionLM, decode, rounding_logits
@@ -30,8 +30,17 @@ SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta"
                             "decoder", "seed", "batch_size", "num_samples", "record_every"})
 
 
+# The family-specific Config keys it reads (dlm.families.check_config refuses the others'): every
+# diffusion key but the masked family's mask rates, every sampling key, and its embedding table's shape.
+CONFIG_KEYS = frozenset({*section_keys("diffusion"), *section_keys("sampling"), "embedding_norm", "embedding_scale",
+                         "use_learned_embeddings", "rounding"}) - {"mask_rate_min", "mask_rate_max"}
+
+
 def check_config(config: Config) -> None:
-    """Every key means something to the Gaussian family (Config's own checks cover their values)."""
+    """Config's own checks cover the values; its chain runs at most diffusion_steps steps."""
+    if config.sample_steps > config.diffusion_steps:
+        raise ConfigError(f"'sample_steps' ({config.sample_steps}) must be at most diffusion_steps "
+                          f"({config.diffusion_steps}): the chain has that many timesteps.")
 
 
 def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None = None) -> DiffusionLM:

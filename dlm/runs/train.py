@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
+from dlm import families
 from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, save_config
@@ -567,7 +568,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
-    family(config.model).check_config(config)  # a key that means nothing to the family: before anything is written
+    families.check_config(config)  # a key that means nothing to the family: before anything is written
     run = RunDir(run_dir)
     created = not run.path.exists()
     if resume and not run.has_run():

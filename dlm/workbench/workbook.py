@@ -636,6 +636,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
     check_notebook_parameters(extra, source)
     # the pages follow what the train notebook trains: the preset with its --param train.KEY overrides
     config = load_config(params, **config_overrides(extra.get("train", {})))
+    families.check_config(config)  # a key the family does not read: before the first notebook
     for notebook, keys in SAMPLER_PARAMETERS.items():
         for key, (option, unset) in keys.items():
             value = extra.get(notebook, {}).get(key, unset)
