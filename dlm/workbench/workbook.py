@@ -39,6 +39,7 @@ from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
 from dlm.workbench.notebook import LIVE_MARK, assigned_names, config_overrides, package_root, project_root
+from dlm.workbench.shipped import EditedNotebook, check_as_shipped, digest
 
 logger = logging.getLogger("dlm")
 
@@ -634,6 +635,13 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         raise ReportError(f"Unknown notebook(s) in parameters: {', '.join(sorted(unknown))}; use {', '.join(NOTEBOOKS)}.")
     source = notebooks_dir()
     check_notebook_parameters(extra, source)
+    ran = {}  # the code each notebook of the chain runs: the shipped code, recorded in report.json
+    for notebook in NOTEBOOKS:
+        try:
+            check_as_shipped(source / f"{notebook}.ipynb")
+        except EditedNotebook as edited:
+            raise ReportError(str(edited)) from None
+        ran[notebook] = digest(source / f"{notebook}.ipynb")
     # the pages follow what the train notebook trains: the preset with its --param train.KEY overrides
     config = load_config(params, **config_overrides(extra.get("train", {})))
     families.check_config(config)  # a key the family does not read: before the first notebook
@@ -671,6 +679,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
                                   "created": datetime.datetime.now().isoformat(timespec="seconds"),
                                   "pages": {}, "notebook_s": {}, "numbers": {}, "not_available": not_available,
+                                  "notebooks": ran,
                                   "provenance": {**environment(), "run": []}}
         for line in not_available.values():
             logger.info("%s", line)
