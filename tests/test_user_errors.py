@@ -675,6 +675,16 @@ def test_a_failed_init_from_pretrained_leaves_no_run_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_min_count_above_every_word_is_refused_before_training(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK,
+                              "--min_count", "1000000"], "min_count 1000000 keeps 0 words of the", tmp_path)
+    assert not (tmp_path / "run").exists()
+    assert "100.0% of its tokens <unk>" in refused(capsys, "train-ar", [
+        "train-ar", SMOKE, "--run_dir", str(tmp_path / "ar"), "--corpus", str(corpus), *QUICK, "--min_count", "1000000"],
+        "or lower, or tokenizer bpe or char (no <unk>)", tmp_path)
+
+
 @pytest.mark.parametrize("command, folder, message", [
     ("train-ar", "diffusion", "holds a run of model 'diffusion', not 'ar': resume it with dlm train and its own preset"),
     ("train", "ar", "holds a run of model 'ar', not 'diffusion': resume it with dlm train-ar and its own preset"),

@@ -427,13 +427,48 @@ def prepare_data(corpus: str, kind: str = "word", min_count: int = 2, lowercase:
     """Read, split and encode the corpus; the vocabulary is learned on the train split only."""
     text = read_corpus(corpus)
     train_text, val_text = split_text(text)
-    if tokenizer is None:
+    new_vocabulary = tokenizer is None
+    if new_vocabulary:
         tokenizer = build_tokenizer(train_text, kind, min_count, lowercase, bpe_vocab_size, corpus_text=text)
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    if new_vocabulary:
+        check_vocabulary(tokenizer, train_ids, train_text, min_count)
     if max_train_tokens is not None:
         train_ids = train_ids[:max_train_tokens]
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
     return CorpusData(tokenizer, train_ids, val_ids)
+
+
+# A word vocabulary may turn at most this share of the training tokens into <unk>: beyond it <unk> is
+# most of what the model sees and predicts, and the words it keeps are a minority of the text.
+MAX_UNK_SHARE = 0.5
+
+
+def check_vocabulary(tokenizer: Tokenizer, train_ids: torch.Tensor, train_text: str, min_count: int) -> None:
+    """Refuse, before training, a word vocabulary that cannot model the text: one that makes more
+    than MAX_UNK_SHARE of the training tokens <unk> (a min_count above most words' counts), saying
+    how many words it keeps and the largest min_count that keeps enough of them."""
+    if tokenizer.unk_id is None or not len(train_ids):
+        return
+    share = float((train_ids == tokenizer.unk_id).double().mean())
+    if share <= MAX_UNK_SHARE:
+        return
+    counts = sorted((c for t, c in collections.Counter(tokenizer.tokenize(train_text)).items() if t not in (PAD, UNK)),
+                    reverse=True)
+    # the largest min_count whose words cover at least (1 - MAX_UNK_SHARE) of the tokens: the count
+    # of the word at which the most frequent words' running total first reaches that share
+    needed, running, largest = (1 - MAX_UNK_SHARE) * len(train_ids), 0, 1
+    for count in counts:
+        running += count
+        if running >= needed:
+            largest = count
+            break
+    words = len(tokenizer) - len(special_tokens(tokenizer.kind))
+    raise TokenizerError(
+        f"min_count {min_count} keeps {words} word{'' if words == 1 else 's'} of the {len(counts)} in the training "
+        f"text and makes {share:.1%} of its tokens <unk>: a model that sees mostly <unk> cannot model the text (dlm "
+        f"refuses more than {MAX_UNK_SHARE:.0%} <unk>). Use min_count {largest} or lower, or tokenizer bpe or char "
+        f"(no <unk>).")
 
 
 def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
