@@ -341,6 +341,34 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
     assert [r["fixed_positions"] for r in records] == [[], []]
 
 
+# What each family's sampler reads, written out here (not read from the families): a record lists these
+# options and no other, so a masked or AR record never claims a spacing, clamp or decoder it did not use.
+READ_BY = {"diffusion": {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta",
+                         "x0", "temperature", "unk", "decoder", "record_every"},
+           "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every"},
+           "ar": {"num_samples", "seed", "batch_size", "temperature", "unk"}}
+OPTION_FIELDS = {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta", "x0",
+                 "temperature", "unk", "decoder", "record_every"}
+
+
+@pytest.mark.parametrize("model", list(READ_BY))
+def test_sample_and_infill_records_list_what_the_sampler_read(toy_runs, tmp_path, capsys, model):
+    assert set(SampleOptions.__dataclass_fields__) == OPTION_FIELDS  # a new option is added to READ_BY too
+    steps = [] if model == "ar" else ["--steps", "3"]
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / model), "--out", str(out), "--num_samples", "2", *steps]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert set(record) & OPTION_FIELDS == READ_BY[model], set(record) & OPTION_FIELDS ^ READ_BY[model]
+    assert record["model"] == model and "text" in record and "ids" in record
+    control = tmp_path / "c.jsonl"
+    assert main(["infill", "--run_dir", str(toy_runs / model), "--prefix", "To be", "--num_samples", "2",
+                 "--out", str(control), *steps]) == 0
+    record = json.loads(control.read_text().splitlines()[0])
+    assert set(record) & OPTION_FIELDS == READ_BY[model]
+    # only the Gaussian chain rounds the fixed words too; the others give them back as given
+    assert ("kept_by_rounding" in record) == (model == "diffusion")
+
+
 # A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.
 GAUSSIAN_ONLY = [
     ("sample", ["--clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'masked' family has none"),
