@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "To be , or not to be : __ __ __ __ __ __ question"
 
 
+def kept_share(result) -> float:
+    """The share of fixed words the rounding kept by itself; nan for a family that does not round them."""
+    kept = result.kept_by_rounding
+    return float("nan") if kept is None else sum(kept) / len(kept)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a diffusion run")
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         began = time.perf_counter()
         options = SampleOptions.from_config(run.config, num_samples=args.samples, steps=args.steps)
         result = infill(run, control, options, mbr=mbr)
-        rows.append({"task": f"template, mbr {mbr}", "kept_by_rounding": sum(result.kept_by_rounding) / len(result.texts),
+        rows.append({"task": f"template, mbr {mbr}", "kept_by_rounding": kept_share(result),
                      "teacher_perplexity": ppl(result.ids), "seconds": time.perf_counter() - began,
                      "example": result.texts[0][:80].replace("\n", " / ")})
     for length in (8, 24):
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         options = SampleOptions.from_config(run.config, num_samples=args.samples, steps=args.steps)
         result = infill(run, length_control(run, length), options)
         speeches = [window[result.control.speech] for window in result.ids]
-        rows.append({"task": f"length {length}", "kept_by_rounding": sum(result.kept_by_rounding) / len(result.texts),
+        rows.append({"task": f"length {length}", "kept_by_rounding": kept_share(result),
                      "newlines_masked_per_sample": sum(result.masked) / len(result.masked),
                      "teacher_perplexity": ppl(speeches), "seconds": time.perf_counter() - began,
                      "example": result.texts[0][:80].replace("\n", " / ")})

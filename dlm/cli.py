@@ -51,6 +51,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{key}", metavar="VALUE", default=argparse.SUPPRESS, help=words)
 
 
+def add_corpus_change_option(parser: argparse.ArgumentParser) -> None:
+    """For the commands that read a run's corpus again (a resume, held-out text, training windows)."""
+    parser.add_argument("--accept_corpus_change", action="store_true",
+                        help="read the run's corpus even when it is not the text the run was trained on (its "
+                             "SHA-256 differs from the one the run recorded): refused without it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Diffusion-LM workbench on tiny_shakespeare.",
                                      allow_abbrev=False)
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         train_parser.add_argument("--nproc", type=int, default=None, metavar="N",
                                   help="train with N processes on this machine (torchrun --standalone "
                                        "--nproc_per_node N, DistributedDataParallel; batch_size stays the global batch)")
+        add_corpus_change_option(train_parser)
         add_config_options(train_parser)
 
     evaluate_parser = commands.add_parser(
@@ -104,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     matched.add_argument("--entropy", type=float,
                          help="score at this unigram entropy (bits) instead of held-out text's: compares a sampler "
                               "whose argmax is above held-out entropy with one at its entropy")
+    add_corpus_change_option(evaluate_parser)
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats_parser.add_argument("--samples", required=True, help="a .jsonl written by dlm sample")
     stats_parser.add_argument("--run_dir", required=True, help="the run whose corpus and vocabulary to compare with")
     stats_parser.add_argument("--json", help="also write the numbers to this file")
+    add_corpus_change_option(stats_parser)
 
     report_parser = commands.add_parser(
         "report", help="run the train, sample and collapse-analysis notebooks into reports/NAME/ with HTML pages",
@@ -199,6 +209,7 @@ def add_control_commands(commands) -> None:
     classifier_parser.add_argument("--depth", type=int, default=2)
     classifier_parser.add_argument("--seed", type=int, default=0)
     classifier_parser.add_argument("--out", help="checkpoint file (default: RUN_DIR/classifiers/KIND/ATTRIBUTE.pt)")
+    add_corpus_change_option(classifier_parser)
 
     table_parser = commands.add_parser(
         "control-table", allow_abbrev=False,
@@ -219,6 +230,7 @@ def add_control_commands(commands) -> None:
     table_parser.add_argument("--seed", type=int, default=0)
     table_parser.add_argument("--out_dir", required=True, help="writes control.csv and control.md here")
     table_parser.add_argument("--device", default="auto")
+    add_corpus_change_option(table_parser)
 
 
 def run_train_classifier(args: argparse.Namespace) -> None:
@@ -230,7 +242,7 @@ def run_train_classifier(args: argparse.Namespace) -> None:
     beside = out.with_suffix(".new.pt")  # where a new classifier goes when it is not better than the one at out
     check_destination(out, "--out", suffix=".pt")
     check_destination(beside, "--out (a new classifier not better than the one there is written beside it)")
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, accept_corpus_change=args.accept_corpus_change)
     result = train_classifier(run, args.attribute, args.kind, steps=args.steps, batch_size=args.batch_size,
                               width=args.width, depth=args.depth, seed=args.seed)
     numbers = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items())
@@ -272,13 +284,13 @@ def run_control_table(args: argparse.Namespace) -> None:
         raise UserError(f"--strengths must be positive (strength 0, unguided, is always a row); got '{args.strengths}'.")
     out_dir = check_destination(Path(args.out_dir) / "control.csv", "--out_dir").parent
     device = pick_device(args.device)
-    run = load_run(args.run_dir, device=device)
+    run = load_run(args.run_dir, device=device, accept_corpus_change=args.accept_corpus_change)
     for name in args.attribute:  # an unknown attribute fails before anything is loaded or drawn
         attribute(name, run.tokenizer)
     folder = RunDir(args.run_dir).classifiers if args.classifiers is None else Path(args.classifiers)
     classifiers = {name: tuple(load_classifier(RunDir(args.run_dir).classifier(kind, name, folder), run, kind, name)
                                for kind in ("latent", "judge")) for name in args.attribute}
-    ar_run = load_run(args.ar_run, device=device)
+    ar_run = load_run(args.ar_run, device=device, accept_corpus_change=args.accept_corpus_change)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed)
     table = control_table(run, ar_run, classifiers, options, strengths, args.fluency, args.inner_steps, ar_run,
                           args.ar_candidates, device)
@@ -344,7 +356,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         if dropped:
             print(f"{args.params} is a preset of another family: its {', '.join(dropped)} (read by no "
                   f"'{config.model}' run) are left out.", flush=True)
-    result = train(config, args.run_dir, resume=args.resume, rebuild_metrics=args.rebuild_metrics)
+    result = train(config, args.run_dir, resume=args.resume, rebuild_metrics=args.rebuild_metrics,
+                   accept_corpus_change=args.accept_corpus_change)
     if ranks_from_env().is_main:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
@@ -402,7 +415,7 @@ def run_stats(args: argparse.Namespace) -> None:
 
     if args.json:
         check_destination(args.json, "--json")  # before reading anything, as dlm evaluate does
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, accept_corpus_change=args.accept_corpus_change)
     records = read_samples(args.samples)
     # samples of another vocabulary (or written by hand, text only) are encoded again with the run's;
     # both sides are counted in words
@@ -438,7 +451,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.samples is None or args.teacher is None:
         raise UserError("give --samples FILE.jsonl and --teacher AR_RUN to score samples, "
                          "or --nll --run_dir RUN for the likelihood bound.")
-    result = evaluate_samples(read_samples(args.samples), load_run(args.teacher))
+    result = evaluate_samples(read_samples(args.samples),
+                              load_run(args.teacher, accept_corpus_change=args.accept_corpus_change))
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
         print(table.to_string())
@@ -457,9 +471,9 @@ def run_matched(args: argparse.Namespace) -> None:
         raise UserError("--matched needs --run_dir RUN (the run to sample) and --teacher AR_RUN (the scorer).")
     check_entropy(args.entropy)  # before any run is loaded
     device = pick_device("auto")
-    run = load_run(args.run_dir, args.checkpoint, device=device)
+    run = load_run(args.run_dir, args.checkpoint, device=device, accept_corpus_change=args.accept_corpus_change)
     check_sample_options(run.config.model, dict(steps=args.steps, spacing=args.spacing, x0=args.x0, unk=args.unk))
-    teacher = load_run(args.teacher, device=device)
+    teacher = load_run(args.teacher, device=device, accept_corpus_change=args.accept_corpus_change)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
                                         x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing)
     result = match_entropy(run, teacher, options, device=device, entropy=args.entropy)
@@ -484,9 +498,9 @@ def run_nll(args: argparse.Namespace) -> None:
     if args.run_dir is None:
         raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
-    run = load_run(args.run_dir, args.checkpoint)
+    run = load_run(args.run_dir, args.checkpoint, accept_corpus_change=args.accept_corpus_change)
     check_sample_options(run.config.model, dict(x0=args.x0))
-    ar = load_run(args.ar_run) if args.ar_run else None
+    ar = load_run(args.ar_run, accept_corpus_change=args.accept_corpus_change) if args.ar_run else None
     x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
     chain = None
     if args.steps is not None:  # the bound of the chain the sampler runs at that many steps

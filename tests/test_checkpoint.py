@@ -150,7 +150,7 @@ def test_training_writes_a_run_folder_and_checkpoints_on_schedule(smoke_config, 
 def test_kept_checkpoints_hold_weights_only_and_last_pt_all_a_resume_needs(smoke_config, tmp_path):
     run = RunDir(train(smoke_config.replace(epochs=2), tmp_path / "run").run_dir)
     kept, last = run.epoch_checkpoint(2), run.last_checkpoint
-    weights = {"model", "ema", "config", "vocab", "step", "epoch"}
+    weights = {"model", "ema", "config", "vocab", "step", "epoch", "corpus_sha256"}
     assert set(load_checkpoint(kept)) - {"format", "version"} == weights
     assert set(load_checkpoint(last)) >= weights | {"optimizer", "scheduler", "ema_n_averaged", "rng"}
     # AdamW's two moments are as large as the model and its EMA copy together

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from dlm.core import data
-from dlm.core.data import CorpusError, Tokenizer, epoch_windows, prepare_data, read_corpus, resolve_corpus, split_text
+from dlm.core.data import (
+    CorpusError,
+    Tokenizer,
+    TokenizerError,
+    epoch_windows,
+    prepare_data,
+    read_corpus,
+    resolve_corpus,
+    split_text,
+)
 from tests.conftest import SHARED_CORPUS
 
 TEXT = "First Citizen:\nYes, my lord. I'll go--now!\n\nWhat's this? (A 'tis) 'Tis 3 o'clock;\n"
@@ -43,6 +52,23 @@ def test_min_count_unk_pad_and_lowercase():
     assert other.encode("<unk> cat") == [other.unk_id, other.stoi["cat"]]
     lower = Tokenizer.build("The the THE", min_count=1, lowercase=True)
     assert lower.itos[2:] == ["the"]
+
+
+def test_a_min_count_that_leaves_mostly_unk_is_refused_naming_one_that_works(tmp_path):
+    """Ten lines of 'a'x5 'b'x3 'c'x2 'd' 'e' newline: the train split (90% of the characters) is
+    nine of them, 117 tokens: a 45, b 27, c 18, d, e and the newline 9 each. min_count 28 keeps 'a'
+    alone, 72 tokens <unk> (61.5%, over half); 27 keeps a and b, 45 <unk> (38.5%)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a a a a a b b b c c d e\n" * 10)
+    with pytest.raises(TokenizerError) as refused:
+        prepare_data(str(corpus), min_count=28)
+    message = str(refused.value)
+    assert "min_count 28 keeps 1 word of the 6 in the training text and makes 61.5% of its tokens <unk>" in message
+    assert "Use min_count 27 or lower" in message
+    assert len(prepare_data(str(corpus), min_count=27).tokenizer) == 4  # <pad>, <unk>, a, b
+    with pytest.raises(TokenizerError, match="keeps 0 words of the 6 .* 100.0% of its tokens <unk>"):
+        prepare_data(str(corpus), min_count=46)
+    assert len(prepare_data(str(corpus), min_count=46, kind="char").tokenizer) > 2  # no <unk>: nothing to refuse
 
 
 def test_char_tokenizer_round_trip_and_save(tmp_path):

@@ -93,7 +93,7 @@ def test_the_module_declares_the_interface(name):
     for function in ("check_config", "new_model", "objective", "trunk", "generate"):
         assert callable(getattr(module, function)), function
     if set(module.SUPPORTS) & set(CONTROLS):
-        assert callable(module.fill)
+        assert callable(module.fill) and isinstance(module.ROUNDS_FIXED_WORDS, bool)
 
 
 def test_losses_and_metric_columns(trained):
@@ -221,6 +221,10 @@ def test_control_where_supported(trained, capability):
         return
     control = make_control(run, **given)
     options = SampleOptions.from_config(run.config, num_samples=3, batch_size=2, steps=4)
+    if not run.family.ROUNDS_FIXED_WORDS:  # what it declares: fill gives the fixed words back as given
+        targets = control.ids.expand(3, -1)
+        raw, _ = run.family.fill(run, targets, control.known, options, torch.Generator().manual_seed(0))
+        assert torch.equal(raw[:, control.known], targets[:, control.known])
     result = infill(run, control, options)
     assert result.ids.shape == (3, run.config.seq_len)
     known = control.known

@@ -14,6 +14,7 @@ from dlm.evaluation.matched import (
     find_temperature,
     heldout_entropy,
     match_entropy,
+    target_checks,
     temperature_sampler,
 )
 from dlm.runs.build import load_run
@@ -46,6 +47,21 @@ def test_find_temperature_stops_at_the_argmax_or_the_ceiling():
     assert find_temperature(saturating, 1.5) == (0.0, 2.0)  # argmax already above: cannot go lower
     temperature, entropy = find_temperature(saturating, 6.0)  # never reached
     assert temperature == MAX_TEMPERATURE and entropy < 5.0
+
+
+def test_targets_met_when_samples_and_heldout_text_both_copy_nothing():
+    """0/0 is no ratio: samples that copy no 4-gram where held-out text copies none meet "at most
+    2x"; any copying against held-out text's 0 does not; the other targets read as before."""
+    heldout = {"teacher_perplexity": 40.0, "punctuation_share": 0.2, "types_at_100": 50, "copy_rate_4gram": 0.0}
+    same = dict(heldout)
+    assert target_checks(same, heldout, "types_at_100") == dict.fromkeys(
+        ("teacher_perplexity", "punctuation_share", "types_at", "copy_rate_4gram"), True)
+    copying = {**heldout, "copy_rate_4gram": 0.05}
+    assert target_checks(copying, heldout, "types_at_100")["copy_rate_4gram"] is False
+    worse = {"teacher_perplexity": 401.0, "punctuation_share": 0.24, "types_at_100": 39, "copy_rate_4gram": 0.0}
+    assert not any(v for k, v in target_checks(worse, heldout, "types_at_100").items() if k != "copy_rate_4gram")
+    twice = {**heldout, "copy_rate_4gram": 0.2}
+    assert target_checks(twice, {**heldout, "copy_rate_4gram": 0.1}, "types_at_100")["copy_rate_4gram"] is True
 
 
 @pytest.fixture(scope="module")

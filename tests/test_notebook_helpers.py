@@ -101,3 +101,28 @@ def test_unknown_parameter_is_rejected_with_a_suggestion():
 def test_notebook_setup_refuses_a_bad_thread_count_in_one_line(threads):
     with pytest.raises(ConfigError, match="threads must be a number of threads"):
         notebook.setup(threads=threads)
+
+
+def test_the_train_page_shows_the_run_s_own_config_and_names_what_it_did_not_apply(tmp_path):
+    """A report drawn --from_run a masked run with --param train.mask_rate_min=0.5 resumes it; the run
+    keeps its mask_rate_min (0.001, what it was trained with) and applies the new max_steps: the page's
+    table holds the run's values and the one line names mask_rate_min alone."""
+    from dlm.core.config import load_config
+    from dlm.runs.train import train
+    from tests.conftest import make_corpus
+
+    preset = ROOT / "params" / "masked_smoke.yaml"
+    quick = dict(corpus=str(make_corpus(tmp_path / "corpus.txt")), min_count=1, max_train_tokens=None,
+                 precision="fp32", device="cpu", threads=1, progress=False)
+    train(load_config(preset, max_steps=2, **quick), tmp_path / "run")
+    asked = load_config(preset, max_steps=3, mask_rate_min=0.5, **quick)
+    train(asked, tmp_path / "run", resume=True)  # what train.ipynb does with a --from_run
+    run_config = notebook.trained_config(tmp_path / "run")
+    assert (run_config.mask_rate_min, run_config.max_steps) == (0.001, 3)
+    table, line = notebook.configuration_table(run_config, asked)
+    assert table.loc["mask_rate_min", "value"] == 0.001 and table.loc["max_steps", "value"] == 3
+    assert table.loc["mask_rate_min", "asked, not applied"] == "0.5" and table.loc["lr", "asked, not applied"] == ""
+    assert "asked for but not applied" in line and "mask_rate_min 0.5 (the run's: 0.001)" in line
+    assert "max_steps" not in line and line.count("(the run's:") == 1
+    assert notebook.configuration_table(run_config, run_config)[1] is None  # a run trained as asked: no line
+    assert list(notebook.configuration_table(run_config, run_config)[0].columns) == ["value"]

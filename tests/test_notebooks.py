@@ -189,7 +189,8 @@ def test_report_from_a_trained_run_draws_pages_without_training_again(report, tm
     before = (source / "metrics.csv").read_text()
     again = workbook.build_report(report.parent.parent / "tiny.yaml", name="again", reports_dir=tmp_path,
                                   from_run=source, parameters={"sample": {**SAMPLE, "curve_steps": ""},  # "" skips the curve
-                                                               "collapse_analysis": COLLAPSE})
+                                                               "collapse_analysis": COLLAPSE,
+                                                               "train": {"dropout": 0.25}})
     assert (again / "train.html").is_file() and (again / "collapse_analysis.html").is_file()
     assert (again / "run" / "metrics.csv").read_text() == before  # nothing was trained
     assert (source / "metrics.csv").read_text() == before and (source / "checkpoints" / "last.pt").is_file()
@@ -204,6 +205,8 @@ def test_report_from_a_trained_run_draws_pages_without_training_again(report, tm
                       if o.output_type == "stream")
     assert f"already trained: {metrics['step'].max()} steps" in printed, printed[-500:]
     assert f"in {metrics['elapsed_s'].max():.1f}s of training" in printed and " in 0.0s" not in printed
+    # the run kept its dropout: its page shows the run's config and names the key it did not apply
+    assert "asked for but not applied" in printed and "dropout 0.25 (the run's: 0.0)" in printed
     with pytest.raises(workbook.ReportError, match="no trained run"):
         workbook.build_report(report.parent.parent / "tiny.yaml", name="none", reports_dir=tmp_path, from_run=tmp_path)
 

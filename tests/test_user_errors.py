@@ -2,6 +2,7 @@
 traceback, and nothing written (or lost). In-process through dlm.cli.main: the fast lane."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -361,6 +362,34 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
                  "--num_samples", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["fixed_positions"] for r in records] == [[], []]
+
+
+# What each family's sampler reads, written out here (not read from the families): a record lists these
+# options and no other, so a masked or AR record never claims a spacing, clamp or decoder it did not use.
+READ_BY = {"diffusion": {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta",
+                         "x0", "temperature", "unk", "decoder", "record_every"},
+           "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every"},
+           "ar": {"num_samples", "seed", "batch_size", "temperature", "unk"}}
+OPTION_FIELDS = {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta", "x0",
+                 "temperature", "unk", "decoder", "record_every"}
+
+
+@pytest.mark.parametrize("model", list(READ_BY))
+def test_sample_and_infill_records_list_what_the_sampler_read(toy_runs, tmp_path, capsys, model):
+    assert set(SampleOptions.__dataclass_fields__) == OPTION_FIELDS  # a new option is added to READ_BY too
+    steps = [] if model == "ar" else ["--steps", "3"]
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / model), "--out", str(out), "--num_samples", "2", *steps]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert set(record) & OPTION_FIELDS == READ_BY[model], set(record) & OPTION_FIELDS ^ READ_BY[model]
+    assert record["model"] == model and "text" in record and "ids" in record
+    control = tmp_path / "c.jsonl"
+    assert main(["infill", "--run_dir", str(toy_runs / model), "--prefix", "To be", "--num_samples", "2",
+                 "--out", str(control), *steps]) == 0
+    record = json.loads(control.read_text().splitlines()[0])
+    assert set(record) & OPTION_FIELDS == READ_BY[model]
+    # only the Gaussian chain rounds the fixed words too; the others give them back as given
+    assert ("kept_by_rounding" in record) == (model == "diffusion")
 
 
 # A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.
@@ -753,6 +782,80 @@ def test_a_failed_init_from_pretrained_leaves_no_run_folder(tmp_path, capsys):
     refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK,
                               "--init_from_pretrained", str(vectors)], "is not 'word v1 v2 ...' text", tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_min_count_above_every_word_is_refused_before_training(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK,
+                              "--min_count", "1000000"], "min_count 1000000 keeps 0 words of the", tmp_path)
+    assert not (tmp_path / "run").exists()
+    assert "100.0% of its tokens <unk>" in refused(capsys, "train-ar", [
+        "train-ar", SMOKE, "--run_dir", str(tmp_path / "ar"), "--corpus", str(corpus), *QUICK, "--min_count", "1000000"],
+        "or lower, or tokenizer bpe or char (no <unk>)", tmp_path)
+
+
+CORPUS_CHANGED = "is not the corpus"
+
+
+def test_a_run_refuses_a_corpus_that_is_not_the_one_it_was_trained_on(tmp_path, capsys):
+    """Every command that reads a run's corpus again checks its SHA-256 against the one the run
+    recorded: an edited file is one line naming --accept_corpus_change, and nothing is written."""
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    for name, command in (("run", "train"), ("ar", "train-ar")):
+        assert main([command, SMOKE, "--run_dir", str(tmp_path / name), "--corpus", str(corpus), *QUICK]) == 0
+    samples = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(tmp_path / "run"), "--num_samples", "2", "--out", str(samples)]) == 0
+    capsys.readouterr()
+    original = corpus.read_bytes()
+    corpus.write_bytes(original.replace(b"Romeo", b"Tybalt"))  # the same length of text, other words
+    run, ar, out = str(tmp_path / "run"), str(tmp_path / "ar"), str(tmp_path / "out.json")
+    readers = {
+        "train": ["train", SMOKE, "--run_dir", run, "--resume", "--corpus", str(corpus), "--max_steps", "4", *QUICK[2:]],
+        "stats": ["stats", "--samples", str(samples), "--run_dir", run, "--json", out],
+        "evaluate": ["evaluate", "--samples", str(samples), "--teacher", ar, "--json", out],
+        "--nll": ["evaluate", "--nll", "--run_dir", run, "--windows", "2", "--draws", "1", "--json", out],
+        "--matched": ["evaluate", "--matched", "--run_dir", run, "--teacher", ar, "--num_samples", "2", "--json", out],
+        "train-classifier": ["train-classifier", "--run_dir", run, "--attribute", "question", "--kind", "judge",
+                             "--steps", "1", "--out", str(tmp_path / "c.pt")],
+    }
+    for argv in readers.values():
+        line = refused(capsys, argv[0], argv, CORPUS_CHANGED, tmp_path)
+        assert "--accept_corpus_change to use this text knowingly" in line and str(corpus) in line
+    # knowingly: read as it is now (and a resume then records the text it trained on)
+    for argv in (readers["stats"], readers["train"]):
+        assert main([*argv, "--accept_corpus_change"]) == 0
+    assert main(readers["stats"]) == 0
+    corpus.write_bytes(original)
+    assert refused(capsys, "stats", readers["stats"], CORPUS_CHANGED, tmp_path)
+
+
+def test_a_relative_corpus_path_read_from_another_folder_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    make_corpus(tmp_path / "a" / "corpus.txt", seed=0)
+    make_corpus(tmp_path / "b" / "corpus.txt", seed=1)  # another text under the same relative name
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", "corpus.txt", *QUICK]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    line = refused(capsys, "evaluate", ["evaluate", "--nll", "--run_dir", str(tmp_path / "run"), "--windows", "2",
+                                        "--draws", "1"], CORPUS_CHANGED, tmp_path)
+    assert "a relative path is read from the folder dlm runs in" in line
+
+
+def test_a_run_that_recorded_no_corpus_hash_still_works_and_says_so_once(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="dlm")
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    assert main(["train", SMOKE, "--run_dir", str(tmp_path / "run"), "--corpus", str(corpus), *QUICK]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    assert len(payload.pop("corpus_sha256")) == 64  # as a run trained before dlm recorded it
+    save_checkpoint(last, payload)
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"text": "speak , speak"}) + "\n")
+    caplog.clear()
+    for _ in range(2):
+        assert main(["stats", "--samples", str(samples), "--run_dir", str(tmp_path / "run")]) == 0
+    assert caplog.text.count("records no corpus SHA-256") == 1, caplog.text
 
 
 @pytest.mark.parametrize("command, folder, message", [

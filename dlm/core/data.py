@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -36,8 +37,15 @@ NO_SPACE_BEFORE = set(",.;:!?)]}-\n")
 NO_SPACE_AFTER = set("([{'-\n")
 
 
+logger = logging.getLogger("dlm")
+
+
 class CorpusError(UserError, FileNotFoundError):
     """The corpus cannot be found, fetched or read."""
+
+
+class CorpusChangedError(UserError):
+    """The corpus a run names is not the text it was trained on (its SHA-256 differs)."""
 
 
 def cache_dir() -> Path:
@@ -190,7 +198,10 @@ def current_umask() -> int:
 
 
 def read_corpus(name_or_path: str) -> str:
-    path = resolve_corpus(name_or_path)
+    return read_corpus_file(resolve_corpus(name_or_path))
+
+
+def read_corpus_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -419,21 +430,87 @@ class CorpusData:
     tokenizer: Tokenizer
     train_ids: torch.Tensor  # (N_train,) int64
     val_ids: torch.Tensor  # (N_val,) int64
+    sha256: str | None = None  # of the corpus file's bytes: what a run records, and checks when it reads it again
+    path: Path | None = None  # where the corpus was read
 
 
 def prepare_data(corpus: str, kind: str = "word", min_count: int = 2, lowercase: bool = False,
                  tokenizer: Tokenizer | None = None, max_train_tokens: int | None = None,
                  bpe_vocab_size: int = 4000) -> CorpusData:
     """Read, split and encode the corpus; the vocabulary is learned on the train split only."""
-    text = read_corpus(corpus)
+    path = resolve_corpus(corpus)
+    text = read_corpus_file(path)
     train_text, val_text = split_text(text)
-    if tokenizer is None:
+    new_vocabulary = tokenizer is None
+    if new_vocabulary:
         tokenizer = build_tokenizer(train_text, kind, min_count, lowercase, bpe_vocab_size, corpus_text=text)
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    if new_vocabulary:
+        check_vocabulary(tokenizer, train_ids, train_text, min_count)
     if max_train_tokens is not None:
         train_ids = train_ids[:max_train_tokens]
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    return CorpusData(tokenizer, train_ids, val_ids)
+    return CorpusData(tokenizer, train_ids, val_ids, sha256_of(path), path)
+
+
+_UNCHECKED = set()  # the runs already said to record no corpus hash (said once per process)
+
+
+def check_corpus(data: CorpusData, corpus: str, recorded: str | None, trained: str | Path, accept: bool = False) -> None:
+    """The one check that a run reads the text it was trained on: `data` (the corpus `corpus` as read
+    now) against the SHA-256 the run `trained` (a run folder or checkpoint) recorded. An edited file,
+    or a relative path read from another folder, would otherwise give another validation split and
+    another vocabulary's worth of <unk> without a word. `accept`: the user knows and goes on."""
+    if recorded is None:
+        # tiny_shakespeare is checked against its own hash when it is found (resolve_corpus)
+        if corpus != TINY_SHAKESPEARE and str(trained) not in _UNCHECKED:
+            _UNCHECKED.add(str(trained))
+            logger.info("'%s' records no corpus SHA-256 (trained before dlm recorded one): '%s' is read unchecked",
+                        trained, data.path)
+        return
+    if data.sha256 == recorded:
+        return
+    if accept:
+        logger.warning("'%s' is not the corpus '%s' was trained on (SHA-256 %s, recorded %s): used anyway "
+                       "(--accept_corpus_change)", data.path, trained, data.sha256[:12], recorded[:12])
+        return
+    relative = "" if Path(corpus).expanduser().is_absolute() else " (a relative path is read from the folder dlm runs in)"
+    raise CorpusChangedError(
+        f"'{data.path}' is not the corpus '{trained}' was trained on: its SHA-256 is {data.sha256[:12]}..., the run "
+        f"recorded {recorded[:12]}... Put the run's text back at '{corpus}'{relative}, or give "
+        f"--accept_corpus_change to use this text knowingly.")
+
+
+# A word vocabulary may turn at most this share of the training tokens into <unk>: beyond it <unk> is
+# most of what the model sees and predicts, and the words it keeps are a minority of the text.
+MAX_UNK_SHARE = 0.5
+
+
+def check_vocabulary(tokenizer: Tokenizer, train_ids: torch.Tensor, train_text: str, min_count: int) -> None:
+    """Refuse, before training, a word vocabulary that cannot model the text: one that makes more
+    than MAX_UNK_SHARE of the training tokens <unk> (a min_count above most words' counts), saying
+    how many words it keeps and the largest min_count that keeps enough of them."""
+    if tokenizer.unk_id is None or not len(train_ids):
+        return
+    share = float((train_ids == tokenizer.unk_id).double().mean())
+    if share <= MAX_UNK_SHARE:
+        return
+    counts = sorted((c for t, c in collections.Counter(tokenizer.tokenize(train_text)).items() if t not in (PAD, UNK)),
+                    reverse=True)
+    # the largest min_count whose words cover at least (1 - MAX_UNK_SHARE) of the tokens: the count
+    # of the word at which the most frequent words' running total first reaches that share
+    needed, running, largest = (1 - MAX_UNK_SHARE) * len(train_ids), 0, 1
+    for count in counts:
+        running += count
+        if running >= needed:
+            largest = count
+            break
+    words = len(tokenizer) - len(special_tokens(tokenizer.kind))
+    raise TokenizerError(
+        f"min_count {min_count} keeps {words} word{'' if words == 1 else 's'} of the {len(counts)} in the training "
+        f"text and makes {share:.1%} of its tokens <unk>: a model that sees mostly <unk> cannot model the text (dlm "
+        f"refuses more than {MAX_UNK_SHARE:.0%} <unk>). Use min_count {largest} or lower, or tokenizer bpe or char "
+        f"(no <unk>).")
 
 
 def windows_per_epoch(num_tokens: int, seq_len: int) -> int:

@@ -9,17 +9,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dlm.core.data import CorpusData, prepare_data
+from dlm.core.data import CorpusData
 from dlm.core.textstats import heldout_windows
 from dlm.evaluation.tokens import ids_to_words
-from dlm.runs.build import LoadedRun, load_run
+from dlm.runs.build import LoadedRun, corpus_data, load_run
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleBatch, SampleOptions, generate
 
 
 def run_data(run: LoadedRun) -> CorpusData:
-    """The run's corpus encoded with its vocabulary, its train split cut as it was trained."""
-    return prepare_data(run.config.corpus, tokenizer=run.tokenizer, max_train_tokens=run.config.max_train_tokens)
+    """The run's corpus encoded with its vocabulary, its train split cut as it was trained (and
+    checked to be the text it was trained on: dlm.runs.build.corpus_data)."""
+    return corpus_data(run)
 
 
 def validation_windows(run: LoadedRun, count: int, seed: int = 0, data: CorpusData | None = None) -> torch.Tensor:

@@ -6,7 +6,11 @@
   "prefix", "length" (classifier-free control), "guidance" (classifier guidance of its chain),
   "latent" (noised latents for a latent classifier), "temperature" (samples drawn at a
   temperature: matched entropy), "geometry" (the collapse and embedding-geometry analyses);
-- SAMPLE_OPTIONS: the SampleOptions fields its sampler reads (a user giving another is told so);
+- SAMPLE_OPTIONS: the SampleOptions fields its sampler reads (a user giving another is told so, and
+  a samples or control record lists these alone: sample_settings);
+- ROUNDS_FIXED_WORDS (with "infill", "prefix" or "length"): whether fill's fixed words go through the
+  chain and its rounding too (the Gaussian chain), so a control record can say how often the
+  rounding kept them (kept_by_rounding); False where fill gives them back as given;
 - CONFIG_KEYS: the family-specific Config keys it reads (every other key is shared: data, training,
   bookkeeping, runtime and the denoiser's size); dlm.families.check_config refuses another family's
   key set away from its default, naming the families that read it;
@@ -29,6 +33,7 @@ A new family is one new module plus one line in FAMILIES; tests/test_family_cont
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -93,6 +98,14 @@ def supports(name: str, capability: str) -> bool:
 def not_available(name: str, what: str) -> str:
     """The one line the workbench shows for something a family does not support."""
     return f"{what} is not available for the '{name}' family (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."
+
+
+def sample_settings(name: str, options) -> dict:
+    """The SampleOptions values (a dataclass) the family `name`'s sampler reads (its SAMPLE_OPTIONS),
+    in field order: what a samples or control record lists. The rest are settings of other families'
+    samplers; listed on a record, they would claim a spacing or decoder that no sampler used."""
+    read = family(name).SAMPLE_OPTIONS
+    return {key: value for key, value in dataclasses.asdict(options).items() if key in read}
 
 
 def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[[str], str] = "--{}".format) -> None:

@@ -93,6 +93,7 @@ NAME = "ar"
 SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
 # No chain: one network call per token, so no steps, spacing, clamping, eta, x0, decoder or trajectory.
 SAMPLE_OPTIONS = frozenset({"temperature", "unk", "seed", "batch_size", "num_samples"})
+ROUNDS_FIXED_WORDS = False  # the prefix is given to the model as it is
 
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): how its

@@ -28,6 +28,8 @@ SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "guidanc
                       "geometry"})
 SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
                             "decoder", "seed", "batch_size", "num_samples", "record_every"})
+# fixed words are diffused and rounded with the rest; after it they are set again
+ROUNDS_FIXED_WORDS = True
 
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): every

@@ -328,6 +328,8 @@ def window_bound(run: LoadedRun, ids: torch.Tensor, draws: int, generator: torch
 NAME = "masked"
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature"})
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
+# fixed words are never masked: fill gives them back as given, with nothing to round
+ROUNDS_FIXED_WORDS = False
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): blocks,
 # the training mask-rate range, and the sampling keys of its sampler.

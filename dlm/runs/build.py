@@ -11,7 +11,7 @@ from torch import nn
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint
 from dlm.core.config import Config, ConfigError, from_dict
-from dlm.core.data import Tokenizer, saved_tokenizer
+from dlm.core.data import CorpusData, Tokenizer, check_corpus, prepare_data, saved_tokenizer
 from dlm.core.embeddings import pretrained_table, read_word_vectors
 from dlm.families import family
 from dlm.families.gaussian_objective import GaussianDiffusion
@@ -75,6 +75,8 @@ class LoadedRun:
     step: int
     epoch: int
     used_ema: bool
+    corpus_sha256: str | None = None  # what the checkpoint's training read (None: trained before it was recorded)
+    accept_corpus_change: bool = False  # read the corpus even when its SHA-256 is another (--accept_corpus_change)
 
     @property
     def family(self):
@@ -82,8 +84,17 @@ class LoadedRun:
         return family(self.config.model)
 
 
+def corpus_data(run: LoadedRun) -> CorpusData:
+    """The run's corpus encoded with its vocabulary, its train split cut as it was trained: refused
+    when the file is not the text the run was trained on (check_corpus), unless the run was loaded
+    with accept_corpus_change."""
+    data = prepare_data(run.config.corpus, tokenizer=run.tokenizer, max_train_tokens=run.config.max_train_tokens)
+    check_corpus(data, run.config.corpus, run.corpus_sha256, run.checkpoint, run.accept_corpus_change)
+    return data
+
+
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
-             device: str | torch.device = "cpu") -> LoadedRun:
+             device: str | torch.device = "cpu", accept_corpus_change: bool = False) -> LoadedRun:
     run = RunDir(run_dir)
     path = Path(checkpoint) if checkpoint else run.last_checkpoint
     if checkpoint is None and not run.path.is_dir():
@@ -103,5 +114,5 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     except RuntimeError as error:
         raise CheckpointError(f"'{path}' does not match its own config: {error}") from None
     model.to(device).eval()
-    return LoadedRun(config, tokenizer, model, build_objective(config), path,
-                     payload["step"], payload["epoch"], used_ema)
+    return LoadedRun(config, tokenizer, model, build_objective(config), path, payload["step"], payload["epoch"],
+                     used_ema, payload.get("corpus_sha256"), accept_corpus_change)

@@ -24,12 +24,12 @@ from torch import nn
 
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import did_you_mean
-from dlm.core.data import Tokenizer, fixed_windows, prepare_data
+from dlm.core.data import Tokenizer, fixed_windows
 from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
 from dlm.core.schedule import q_sample
 from dlm.families import not_available, supports
-from dlm.runs.build import LoadedRun
+from dlm.runs.build import LoadedRun, corpus_data
 from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
@@ -125,9 +125,8 @@ class ClassifierResult:
 def training_windows(run: LoadedRun, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's corpus as windows of its length: train windows every `stride` tokens (overlapping,
     more of them than an epoch's), held-out windows end to end."""
-    config = run.config
-    data = prepare_data(config.corpus, tokenizer=run.tokenizer, max_train_tokens=config.max_train_tokens)
-    length = config.seq_len
+    data = corpus_data(run)
+    length = run.config.seq_len
     stride = stride or max(1, length // 4)
     starts = torch.arange(0, len(data.train_ids) - length + 1, stride)
     train = data.train_ids[starts[:, None] + torch.arange(length)]

@@ -17,14 +17,14 @@ import collections
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
-from dlm.families import supports
+from dlm.families import sample_settings, supports
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions
 
@@ -212,7 +212,9 @@ class ControlResult:
     control: Control
     ids: torch.Tensor  # (N, L): the fixed words guaranteed at their positions
     texts: list[str]  # the whole window (length mode: the speech alone)
-    kept_by_rounding: list[float]  # per sample: share of fixed positions the rounding already got right
+    # per sample: share of fixed positions the rounding already got right; None for a family whose fill
+    # gives the fixed words back as given (nothing rounds them: ROUNDS_FIXED_WORDS in dlm.families)
+    kept_by_rounding: list[float] | None
     options: SampleOptions
     mbr: int = 1
     masked: list[int] = field(default_factory=list)  # length mode, per sample: newlines the constraint re-rounded
@@ -259,12 +261,15 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
     raw, scores = run.family.fill(run, targets, control.known, options, generator, device)
     raw, masked = _length_constraint(run, raw, scores, control)  # masked: positions the constraint re-rounded
     known = control.known
-    kept = ((raw[:, known] == targets[:, known]).float().mean(1) if known.any()
-            else torch.ones(len(raw))).tolist()
+    kept = None
+    if run.family.ROUNDS_FIXED_WORDS:
+        kept = ((raw[:, known] == targets[:, known]).float().mean(1) if known.any()
+                else torch.ones(len(raw))).tolist()
     ids = torch.where(known, targets, raw)
     if mbr > 1:
         picks = mbr_indices(ids, mbr, mbr_distance)
-        ids, kept, masked = ids[picks], [kept[i] for i in picks], masked[picks]
+        ids, masked = ids[picks], masked[picks]
+        kept = None if kept is None else [kept[i] for i in picks]
     span = control.speech if control.mode == "length" else slice(None)
     texts = [run.tokenizer.decode(row[span]) for row in ids]
     return ControlResult(control, ids, texts, kept, options, mbr, masked.tolist())
@@ -276,10 +281,11 @@ def control_records(result: ControlResult, run: LoadedRun) -> list[dict]:
     meta = {"mode": control.mode, control.mode: control.given, "fixed_positions": control.fixed_positions,
             "fixed_ids": control.ids[control.known].tolist(), "mbr": result.mbr,
             "checkpoint": str(run.checkpoint), "step": run.step, "model": run.config.model,
-            "vocab": run.tokenizer.fingerprint(), **asdict(result.options)}
+            "vocab": run.tokenizer.fingerprint(), **sample_settings(run.config.model, result.options)}
     records = []
-    for i, (text, row, kept) in enumerate(zip(result.texts, result.ids, result.kept_by_rounding)):
-        record = {"index": i, "text": text, "ids": row.tolist(), "kept_by_rounding": kept, **meta}
+    for i, (text, row) in enumerate(zip(result.texts, result.ids)):
+        kept = {} if result.kept_by_rounding is None else {"kept_by_rounding": result.kept_by_rounding[i]}
+        record = {"index": i, "text": text, "ids": row.tolist(), **kept, **meta}
         if control.mode == "length":  # the speech alone is the text; ids keep the whole window
             record["newlines_masked"] = result.masked[i]
             record["ids"] = row[control.speech].tolist()

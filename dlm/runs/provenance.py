@@ -54,12 +54,14 @@ def environment() -> dict[str, Any]:
             **git_state(), "versions": package_versions(), "python": sys.version.split()[0]}
 
 
-def invocation(config: dict, *, mode: str, step: int, device: str, precision: str, processes: int = 1) -> dict:
-    """One `dlm train` (or train.ipynb) invocation: the environment plus the resolved run settings.
-    `mode` is fresh, restarted (a folder without a checkpoint started again) or resume."""
+def invocation(config: dict, *, mode: str, step: int, device: str, precision: str, processes: int = 1,
+               corpus: dict | None = None) -> dict:
+    """One `dlm train` (or train.ipynb) invocation: the environment plus the resolved run settings
+    and the corpus it read (its path and SHA-256). `mode` is fresh, restarted (a folder without a
+    checkpoint started again) or resume."""
     return {**environment(), "mode": mode, "from_step": step, "argv": list(sys.argv),
             "seed": config.get("seed"), "device": device, "precision": precision, "processes": processes,
-            "config": config}
+            "corpus": corpus, "config": config}
 
 
 def read_provenance(path: str | Path) -> list[dict]:

@@ -21,18 +21,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dlm")
 
 
-def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
-    """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them. No
+def kept_payload(state: TrainState, tokenizer: Tokenizer, corpus_sha256: str | None = None) -> dict:
+    """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them, and the
+    SHA-256 of the corpus they were trained on (checked whenever the run reads its corpus again). No
     optimizer state: that is twice the model again, and only last.pt is resumed from."""
     return {"model": state.model.state_dict(),
             "ema": state.ema.module.state_dict() if state.ema is not None else None,
-            "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch}
+            "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch,
+            "corpus_sha256": corpus_sha256}
 
 
-def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
+def resume_payload(state: TrainState, tokenizer: Tokenizer, corpus_sha256: str | None = None) -> dict:
     """last.pt: a kept checkpoint plus all that an exact resume needs."""
     sampler = state.timestep_sampler
-    return {**kept_payload(state, tokenizer),
+    return {**kept_payload(state, tokenizer, corpus_sha256),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "ema_n_averaged": int(state.ema.n_averaged) if state.ema is not None else 0,
             "rng": torch.get_rng_state(), "timestep_sampler": sampler.state_dict() if sampler is not None else None}

@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from dlm.core.config import Config, machine_memory_bytes
 from dlm.core.data import atomic_write_bytes, check_destination, current_umask
 from dlm.core.errors import UserError
 from dlm.core.schedule import SPACINGS
+from dlm.families import sample_settings
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
@@ -161,7 +162,8 @@ class SampleWriter:
     def __init__(self, out: str | Path, run: LoadedRun, options: SampleOptions):
         self.files = sample_files(out)
         self.meta = {"checkpoint": str(run.checkpoint), "step": run.step, "epoch": run.epoch, "ema": run.used_ema,
-                     "model": run.config.model, "vocab": run.tokenizer.fingerprint(), **asdict(options)}
+                     "model": run.config.model, "vocab": run.tokenizer.fingerprint(),
+                     **sample_settings(run.config.model, options)}
         self.itos = run.tokenizer.itos
         self.count, self.handles, self.frames = 0, None, []
         self.temps: dict[str, Path] = {}

@@ -27,6 +27,7 @@ from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from dlm.core.config import Config, save_config
 from dlm.core.data import (
     Tokenizer,
+    check_corpus,
     epoch_windows,
     fixed_windows,
     prepare_data,
@@ -324,8 +325,9 @@ class RunHooks:
 
     def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
                  saved: dict | None = None, curves: tensorboard_curves.Curves | None = None,
-                 on_metrics: Callable[[dict], None] | None = None):
+                 on_metrics: Callable[[dict], None] | None = None, corpus_sha256: str | None = None):
         self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
+        self.corpus_sha256 = corpus_sha256  # recorded in every checkpoint
         self.curves = curves
         self.on_metrics = on_metrics  # told of each metrics.csv row once it is written (a live plot)
         # last.pt's log interval (a resumed run's first row then averages the same steps as an
@@ -371,11 +373,12 @@ class RunHooks:
         # last.pt first: a kill between the two writes then leaves a resumable run (the other way
         # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
         interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
-        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval,
-                                                   "metrics": self.metrics.record()})
+        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer, self.corpus_sha256),
+                                                   **interval, "metrics": self.metrics.record()})
         self.saved_step = state.step
         if keep:
-            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
+            save_checkpoint(self.run.epoch_checkpoint(state.epoch),
+                            kept_payload(state, self.tokenizer, self.corpus_sha256))
             if self.curves is not None:  # after the checkpoints: drawing samples never delays them
                 self.curves.log_table(state.step, state.model.table())
                 self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
@@ -560,10 +563,12 @@ def remove_leftovers(run: RunDir) -> None:
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False,
-          on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
+          on_metrics: Callable[[dict], None] | None = None, accept_corpus_change: bool = False) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
     the run folder's lock throughout (RunLockedError when another process trains there). A resume
-    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`.
+    refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`,
+    and a corpus that is not the text last.pt was trained on (CorpusChangedError) unless
+    `accept_corpus_change`.
     `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
@@ -580,10 +585,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
-            return _train(config, run, resume, device, ranks, rebuild_metrics)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, None, accept_corpus_change)
         with RunLock(run):
             remove_leftovers(run)
-            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, accept_corpus_change)
     finally:
         destroy_distributed()
         if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
@@ -591,7 +596,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
-           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
+           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
+           accept_corpus_change: bool = False) -> TrainResult:
     payload, mode = None, "fresh"
     if run.started_without_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
@@ -623,6 +629,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
                         saved_tokenizer(payload["vocab"], run.path) if payload else None, config.max_train_tokens,
                         config.bpe_vocab_size)
+    if payload:  # before anything is written: a resume trains on the text the run was trained on
+        check_corpus(data, config.corpus, payload.get("corpus_sha256"), run.path, accept_corpus_change)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     epoch_steps = steps_per_epoch(epoch_size, config.batch_size, ranks.world_size)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
@@ -642,11 +650,11 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
                    else MetricsWriter(run.metrics, fresh=mode == "restarted", terms=terms))
         # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
         curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics)
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics, data.sha256)
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
-            precision=resolved_precision(config.precision, device), processes=ranks.world_size),
-            keep_earlier=mode == "resume")
+            precision=resolved_precision(config.precision, device), processes=ranks.world_size,
+            corpus={"path": str(data.path), "sha256": data.sha256}), keep_earlier=mode == "resume")
     else:
         hooks = WorkerHooks(val_windows)
 

@@ -134,6 +134,37 @@ def notebook_config(params: str | Path | None, namespace: Mapping[str, Any], **f
     return load_config(path, **overrides)
 
 
+def trained_config(run_dir: str | Path) -> Config:
+    """The config the run in `run_dir` was last trained with, what its pages show: last.pt's (its
+    config.yaml plus what a resume may change, such as max_steps or lr), or config.yaml without one.
+    A notebook's own config is only what it asked for: a resumed run keeps its recipe."""
+    from dlm.core.checkpoint import load_checkpoint
+    from dlm.core.config import from_dict, load_yaml
+    from dlm.runs.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if run.last_checkpoint.is_file():
+        return from_dict(load_checkpoint(run.last_checkpoint, require=("config",))["config"])
+    return from_dict(load_yaml(run.config))
+
+
+def configuration_table(run_config: Config, asked: Config) -> tuple[Any, str | None]:
+    """The run's own configuration, one row per key ('value'), and one line naming each key asked
+    for (`asked`: the preset and the notebook's parameters) that the run did not apply, with both
+    values (None when it applied every one); the table then says the asked value beside the run's."""
+    import pandas as pd
+
+    values, wanted = run_config.to_dict(), asked.to_dict()
+    ignored = {key: wanted[key] for key in values if wanted[key] != values[key]}
+    table = pd.Series(values, name="value").to_frame()
+    if not ignored:
+        return table, None
+    table["asked, not applied"] = pd.Series({key: repr(value) for key, value in ignored.items()})
+    table = table.fillna("")
+    named = ", ".join(f"{key} {value!r} (the run's: {values[key]!r})" for key, value in ignored.items())
+    return table, f"asked for but not applied (a resumed run keeps its recipe; the pages show the run's): {named}"
+
+
 def split_list(value: str | list | tuple | None) -> list[str]:
     """A list parameter given as a list (papermill -y) or as comma-separated text (-p)."""
     if value is None:
