@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "whose argmax is above held-out entropy with one at its entropy")
     add_corpus_change_option(evaluate_parser)
 
+    calibrate_parser = commands.add_parser(
+        "calibrate", allow_abbrev=False,
+        help="find the final-token temperature that puts a run's samples at held-out text's unigram entropy; "
+             "the run samples at it by default from then on (RUN/calibration.json)")
+    calibrate_parser.add_argument("--run_dir", required=True)
+    calibrate_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    calibrate_parser.add_argument("--num_samples", type=int, default=64,
+                                  help="samples (and held-out windows) whose unigram entropy is matched")
+    calibrate_parser.add_argument("--seed", type=int, default=0)
+    calibrate_parser.add_argument("--tolerance", type=float, default=0.01,
+                                  help="relative distance to held-out entropy that counts as matched")
+    calibrate_parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                                  help="use the EMA weights when the checkpoint has them")
+    calibrate_parser.add_argument("--device", default="auto")
+
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
     sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
@@ -362,6 +377,26 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
 
+def run_calibrate(args: argparse.Namespace) -> None:
+    from dlm.evaluation.calibration import calibrate, describe, write_calibration
+    from dlm.runs.rundir import RunDir
+
+    if args.num_samples < 2:
+        raise UserError(f"--num_samples must be at least 2 (an entropy of one sample says little), got {args.num_samples}.")
+    if not 0 < args.tolerance < 0.5:
+        raise UserError(f"--tolerance is a relative distance to held-out entropy in (0, 0.5), e.g. 0.01; "
+                        f"got {args.tolerance}.")
+    check_destination(RunDir(args.run_dir).calibration, "the calibration file", suffix=".json")
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, args.checkpoint, use_ema=args.ema, device=device)
+    record = calibrate(run, args.num_samples, args.seed, args.tolerance, device)
+    command = ["dlm", "calibrate", "--run_dir", str(args.run_dir), "--num_samples", str(args.num_samples),
+               "--seed", str(args.seed), "--tolerance", f"{args.tolerance:g}",
+               *(["--checkpoint", str(args.checkpoint)] if args.checkpoint else []), *([] if args.ema else ["--no-ema"])]
+    write_calibration(args.run_dir, record, " ".join(command))
+    print(f"{describe(record)} -> {RunDir(args.run_dir).calibration}")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -595,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            commands = {"infill": run_infill, "sample": run_sample, "stats": run_stats, "evaluate": run_evaluate,
+            commands = {"infill": run_infill, "sample": run_sample, "calibrate": run_calibrate, "stats": run_stats,
+                        "evaluate": run_evaluate,
                         "report": run_report, "train-classifier": run_train_classifier,
                         "control-table": run_control_table}
             return commands[args.command](args) or 0

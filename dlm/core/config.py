@@ -138,6 +138,10 @@ class Config:
     # whether a final token may be <unk>; False masks its score, so that a capped vocabulary's
     # samples (about 12% <unk> at 10+ occurrences) hold words only
     decode_unk: bool = _sampling(True)
+    # at the end of training, find the final-token temperature that puts 64 samples at held-out
+    # text's unigram entropy and sample at it by default from then on (RUN/calibration.json;
+    # dlm.evaluation.calibration; the same as `dlm calibrate`)
+    calibrate_temperature: bool = _sampling(False)
 
     # --- training: optimisation, and how long ---
     batch_size: int = _training(64)

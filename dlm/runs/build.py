@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class LoadedRun:
     used_ema: bool
     corpus_sha256: str | None = None  # what the checkpoint's training read (None: trained before it was recorded)
     accept_corpus_change: bool = False  # read the corpus even when its SHA-256 is another (--accept_corpus_change)
+    # RUN/calibration.json when it was made for this checkpoint: config.decode_temperature is then
+    # its temperature (dlm.evaluation.calibration), the preset's own is recipe_config(run)'s
+    calibration: dict | None = None
 
     @property
     def family(self):
@@ -114,5 +118,31 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     except RuntimeError as error:
         raise CheckpointError(f"'{path}' does not match its own config: {error}") from None
     model.to(device).eval()
+    calibration = calibration_for(run, path, payload["step"], used_ema)
+    if calibration is not None:
+        config = config.replace(decode_temperature=calibration["temperature"])
     return LoadedRun(config, tokenizer, model, build_objective(config), path, payload["step"], payload["epoch"],
-                     used_ema, payload.get("corpus_sha256"), accept_corpus_change)
+                     used_ema, payload.get("corpus_sha256"), accept_corpus_change, calibration)
+
+
+def calibration_for(run: RunDir, checkpoint: Path, step: int, used_ema: bool) -> dict | None:
+    """RUN/calibration.json when it was made for this checkpoint (same file, step and weights)."""
+    try:
+        record = json.loads(run.calibration.read_text(encoding="utf-8"))
+        made_here = (record["checkpoint"], record["step"], record["ema"]) == (checkpoint.name, step, used_ema)
+        temperature = float(record["temperature"])
+        float(record["recipe_temperature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not made_here or not temperature >= 0:
+        return None
+    logger.info("sampling at the calibrated temperature %g (held-out entropy; %s); --temperature gives another",
+                temperature, run.calibration)
+    return record
+
+
+def recipe_config(run: LoadedRun) -> Config:
+    """The run's config with the preset's own decode_temperature (before any calibration)."""
+    if run.calibration is None:
+        return run.config
+    return run.config.replace(decode_temperature=float(run.calibration["recipe_temperature"]))

@@ -21,6 +21,7 @@ class RunDir:
         run_dir/config.yaml, vocab.json, metrics.csv        (dlm train / train.ipynb)
         run_dir/tokenizer.json                               (a BPE run's tokenizer, instead of vocab.json)
         run_dir/provenance.json                              (who trained it: one entry per invocation)
+        run_dir/calibration.json                             (dlm calibrate: the temperature at held-out entropy)
         run_dir/.train.lock                                  (held by the one process training the run)
         run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
         run_dir/samples/{samples.jsonl, .txt, .trajectory.json, summary.json, quality_vs_steps.csv}  (sample.ipynb)
@@ -38,6 +39,7 @@ class RunDir:
     tokenizer_json = property(lambda self: self.path / "tokenizer.json")
     metrics = property(lambda self: self.path / "metrics.csv")
     provenance = property(lambda self: self.path / "provenance.json")
+    calibration = property(lambda self: self.path / "calibration.json")  # dlm calibrate: the sampling temperature
     lock = property(lambda self: self.path / ".train.lock")
     checkpoints = property(lambda self: self.path / "checkpoints")
     last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")

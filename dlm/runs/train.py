@@ -588,7 +588,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             return _train(config, run, resume, device, ranks, rebuild_metrics, None, accept_corpus_change)
         with RunLock(run):
             remove_leftovers(run)
-            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, accept_corpus_change)
+            result = _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, accept_corpus_change)
+            if config.calibrate_temperature:
+                calibrate_after_training(run, device)
+            return result
     finally:
         destroy_distributed()
         if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
@@ -681,6 +684,18 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         if hooks.curves is not None:
             hooks.curves.close()
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
+
+
+def calibrate_after_training(run: RunDir, device: torch.device) -> None:
+    """calibrate_temperature: the temperature at held-out entropy for the run's last.pt (the default
+    of its samplers from now on; dlm.evaluation.calibration)."""
+    from dlm.evaluation.calibration import calibrate, describe, write_calibration
+    from dlm.runs.build import load_run
+
+    loaded = load_run(run.path, device=device)
+    record = calibrate(loaded, device=device)
+    write_calibration(run.path, record, command=f"dlm calibrate --run_dir {run.path} (at the end of training)")
+    logger.info("calibrated: %s -> %s", describe(record), run.calibration)
 
 
 def not_a_run_message(run: RunDir) -> str:
