@@ -95,8 +95,19 @@ def parameter_groups(model, config: Config) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def cooldown_steps(config: Config, total_steps: int) -> int:
+    """The steps a wsd run's lr decays over: lr_cooldown_steps, else its fraction of the run (at least one)."""
+    if config.lr_cooldown_steps is not None:
+        return config.lr_cooldown_steps
+    return max(1, round(config.lr_cooldown_fraction * total_steps))
+
+
 def lr_factor(step: int, config: Config, total_steps: int) -> float:
-    """Linear warm-up, then linear / cosine decay to 10% (or constant)."""
+    """Linear warm-up, then linear / cosine decay to 10% (or constant); wsd: constant, then linear
+    to 0 over the cooldown's last steps (the warm-up wins where the two overlap)."""
+    if config.lr_decay == "wsd":
+        warm = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
+        return min(warm, max(0.0, (total_steps - step) / cooldown_steps(config, total_steps)))
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.lr_decay == "constant" or total_steps <= config.warmup_steps:
