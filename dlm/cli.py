@@ -1,5 +1,5 @@
-"""The dlm command: train, train-ar, sample, stats, evaluate, infill, train-classifier, control-table and
-report. The only place that parses argv and prints for a user."""
+"""The dlm command: train, train-ar, cooldown, sample, stats, evaluate, infill, train-classifier,
+control-table and report. The only place that parses argv and prints for a user."""
 
 from __future__ import annotations
 
@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="train with N processes on this machine (torchrun --standalone "
                                        "--nproc_per_node N, DistributedDataParallel; batch_size stays the global batch)")
         add_config_options(train_parser)
+
+    cooldown_parser = commands.add_parser(
+        "cooldown", allow_abbrev=False,
+        help="cool a kept checkpoint of a wsd run (--lr_decay wsd) down into a new run folder: K more steps, the lr "
+             "decaying linearly to 0 (a shorter budget from one long run)")
+    cooldown_parser.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
+                                 help="a kept checkpoint of a wsd run's stable phase, RUN/checkpoints/epoch_NNNN.pt")
+    cooldown_parser.add_argument("--run_dir", required=True, help="the new run folder (missing or empty)")
+    cooldown_parser.add_argument("--cooldown_steps", type=int, required=True, metavar="K",
+                                 help="steps trained from the checkpoint while the lr decays to 0")
+    add_config_options(cooldown_parser)  # only what a run records and how it executes (dlm.runs.cooldown)
 
     evaluate_parser = commands.add_parser(
         "evaluate", help="score samples against held-out text and an AR teacher, or (--nll) a run's likelihood bound",
@@ -340,6 +351,14 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
 
 
+def run_cooldown(args: argparse.Namespace, extra: list[str]) -> None:
+    from dlm.runs.cooldown import cooldown
+
+    result = cooldown(args.source, args.run_dir, args.cooldown_steps, parse_overrides(extra, args))
+    print(f"cooled down from {args.source}: trained to step {result.step} ({result.epoch} epochs) in "
+          f"{result.wall_s:.1f}s -> {result.run_dir}")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -569,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.command in ("train", "train-ar"):
             run_train(args, extra)
+        elif args.command == "cooldown":
+            run_cooldown(args, extra)
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -54,12 +54,15 @@ def environment() -> dict[str, Any]:
             **git_state(), "versions": package_versions(), "python": sys.version.split()[0]}
 
 
-def invocation(config: dict, *, mode: str, step: int, device: str, precision: str, processes: int = 1) -> dict:
+def invocation(config: dict, *, mode: str, step: int, device: str, precision: str, processes: int = 1,
+               start: dict | None = None) -> dict:
     """One `dlm train` (or train.ipynb) invocation: the environment plus the resolved run settings.
-    `mode` is fresh, restarted (a folder without a checkpoint started again) or resume."""
-    return {**environment(), "mode": mode, "from_step": step, "argv": list(sys.argv),
-            "seed": config.get("seed"), "device": device, "precision": precision, "processes": processes,
-            "config": config}
+    `mode` is fresh, restarted (a folder without a checkpoint started again), resume, or cooldown
+    (dlm cooldown: `start` names the other run's checkpoint, its step and the config keys changed)."""
+    entry = {**environment(), "mode": mode, "from_step": step, "argv": list(sys.argv),
+             "seed": config.get("seed"), "device": device, "precision": precision, "processes": processes,
+             "config": config}
+    return {**entry, "start": start} if start else entry
 
 
 def read_provenance(path: str | Path) -> list[dict]:

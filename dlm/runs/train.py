@@ -53,7 +53,7 @@ from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, build_model, build_objective
 from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
-from dlm.runs.resume import kept_payload, restore, resume_payload, resumed_config
+from dlm.runs.resume import at_stable_lr, kept_payload, restore, resume_payload, resumed_config
 from dlm.runs.rundir import RunDir, RunExistsError, RunLock
 from dlm.runs.sample import SampleOptions, generate
 
@@ -385,7 +385,10 @@ class RunHooks:
                                                    "metrics": self.metrics.record()})
         self.saved_step = state.step
         if keep:
-            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
+            # a wsd run's stable phase keeps what a resume needs: dlm cooldown starts new runs from it
+            kept = ({**resume_payload(state, self.tokenizer), **interval} if at_stable_lr(state)
+                    else kept_payload(state, self.tokenizer))
+            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept)
             if self.curves is not None:  # after the checkpoints: drawing samples never delays them
                 self.curves.log_table(state.step, state.model.table())
                 self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
@@ -558,6 +561,19 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
     return row
 
 
+@dataclass
+class Start:
+    """Another run's checkpoint that a new run folder starts from (dlm cooldown): its payload, where
+    it was read, and the config keys the new run changed, {key: [before, after]}."""
+    payload: dict
+    checkpoint: Path
+    changed: dict
+
+    @property
+    def run_path(self) -> Path:
+        return self.checkpoint.parent.parent  # RUN/checkpoints/FILE.pt
+
+
 def remove_leftovers(run: RunDir) -> None:
     """Temp files of checkpoint (or metrics) writes a killed process never finished: no reader ever
     looks at them, and under the run's lock no other writer owns them."""
@@ -570,11 +586,12 @@ def remove_leftovers(run: RunDir) -> None:
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False,
-          on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
+          on_metrics: Callable[[dict], None] | None = None, start: Start | None = None) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
     the run folder's lock throughout (RunLockedError when another process trains there). A resume
     refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`.
-    `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot)."""
+    `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot).
+    `start`: a new run folder that goes on from another run's checkpoint (dlm.runs.cooldown)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
@@ -588,10 +605,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
-            return _train(config, run, resume, device, ranks, rebuild_metrics)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, start=start)
         with RunLock(run):
             remove_leftovers(run)
-            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, start)
     finally:
         destroy_distributed()
         if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
@@ -599,9 +616,15 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
-           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
+           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
+           start: Start | None = None) -> TrainResult:
     payload, mode = None, "fresh"
-    if run.has_run() and not run.has_checkpoint():
+    if start is not None:
+        if run.has_run():
+            raise RunExistsError(f"'{run.path}' already holds a run: choose a new run folder to start from "
+                                 f"'{start.checkpoint}'.")
+        payload, mode = start.payload, "cooldown"
+    elif run.has_run() and not run.has_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
         logger.info("'%s' holds no checkpoint (its run stopped before the first epoch end): starting it afresh, "
                     "metrics.csv rewritten", run.path)
@@ -627,7 +650,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     torch.manual_seed(config.seed)
     # a resumed run reads its tokenizer back (a BPE run's tokenizer.json is never trained again)
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
-                        saved_tokenizer(payload["vocab"], run.path) if payload else None, config.max_train_tokens,
+                        saved_tokenizer(payload["vocab"], start.run_path if start else run.path) if payload else None,
+                        config.max_train_tokens,
                         config.bpe_vocab_size)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     epoch_steps = steps_per_epoch(epoch_size, config.batch_size, ranks.world_size)
@@ -635,8 +659,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state = build_state(config, build_model(config, data.tokenizer).to(device), total_steps)
     state.ranks = ranks
     if payload:
-        restore(state, payload, run.last_checkpoint)
-    elif ranks.is_main:
+        restore(state, payload, start.checkpoint if start else run.last_checkpoint)
+    if mode != "resume" and ranks.is_main:
         save_config(config, run.config)
         data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
     state.distribute(device)
@@ -644,14 +668,18 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     if ranks.is_main:
         terms = tuple(state.objective.terms)
         metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
-                                 rebuild=rebuild_metrics, terms=terms) if payload
+                                 rebuild=rebuild_metrics, terms=terms) if mode == "resume"
                    else MetricsWriter(run.metrics, fresh=mode == "restarted", terms=terms))
         # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
         curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
         hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics)
+        if start is not None:
+            hooks.saved_step = None  # the interval goes on from the start; this folder has no checkpoint yet
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
-            precision=resolved_precision(config.precision, device), processes=ranks.world_size),
+            precision=resolved_precision(config.precision, device), processes=ranks.world_size,
+            start=None if start is None else {"checkpoint": str(start.checkpoint), "step": start.payload["step"],
+                                              "changed": start.changed}),
             keep_earlier=mode == "resume")
     else:
         hooks = WorkerHooks(val_windows)
@@ -673,7 +701,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     except Diverged as blew_up:
         raise DivergedError(diverged_message(blew_up, run, config, hooks.saved_step)) from None
     except KeyboardInterrupt:
-        logger.warning("interrupted at step %d (epoch %d). %s", state.step, state.epoch, where_it_stands(run, hooks))
+        logger.warning("interrupted at step %d (epoch %d). %s", state.step, state.epoch,
+                       where_it_stands(run, hooks, started=start is not None))
         raise
     finally:
         if hooks.curves is not None:
@@ -681,13 +710,17 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
 
 
-def where_it_stands(run: RunDir, hooks: RunHooks) -> str:
+def where_it_stands(run: RunDir, hooks: RunHooks, started: bool = False) -> str:
     """What a stopped run keeps and how to go on (last.pt is only written at epoch ends: an
-    interruption mid-step could leave the weights half updated, so none is written then)."""
+    interruption mid-step could leave the weights half updated, so none is written then).
+    `started`: a run started from another run's checkpoint (dlm cooldown), resumed with its own config."""
     if hooks.saved_step is None:
+        if started:
+            return f"No checkpoint was written yet; remove '{run.path}' and run the same dlm cooldown again."
         return (f"No checkpoint was written yet; 'dlm train PARAMS --run_dir {run.path}' starts it again "
                 f"(a run folder without a checkpoint starts afresh).")
-    return (f"checkpoints/last.pt holds step {hooks.saved_step}; continue with 'dlm train PARAMS --run_dir {run.path} "
+    params = run.config if started else "PARAMS"
+    return (f"checkpoints/last.pt holds step {hooks.saved_step}; continue with 'dlm train {params} --run_dir {run.path} "
             f"--resume' (the steps after it are trained again, with the same losses).")
 
 
