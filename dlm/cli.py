@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "matched entropy (--matched)", "samples of --run_dir drawn at the final-token temperature that gives "
         "held-out text's unigram entropy, scored by --teacher: perplexity compared at equal entropy")
     matched.add_argument("--matched", action="store_true", help="score --run_dir's samples at held-out entropy")
-    matched.add_argument("--checkpoint", help="a checkpoint of --run_dir (default: its last; --nll too)")
+    matched.add_argument("--checkpoint", help="a checkpoint of --run_dir, or best or last (default: its last; --nll too)")
     matched.add_argument("--num_samples", type=int, default=64, help="samples drawn (default 64)")
     matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps); with --nll: "
                          "the bound of the chain of that many steps (default: of all T)")
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
-    sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    sample_parser.add_argument("--checkpoint", help="a checkpoint file, or 'best' (checkpoints/best.pt: the lowest "
+                                                    "validation loss) or 'last' (default: checkpoints/last.pt)")
     sample_parser.add_argument("--num_samples", type=int, default=16)
     sample_parser.add_argument("--steps", type=int,
                                help="sampling steps (<= T, placed by --spacing; default: the run's sample_steps)")

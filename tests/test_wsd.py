@@ -114,6 +114,7 @@ def test_a_cooldown_is_the_fresh_wsd_run_of_its_total(exact, tmp_path, sampling)
         assert same_tensors(cooled[key], expected[key]), key
     assert rows_after(tmp_path / "cooled", 20) == rows_after(tmp_path / "fresh", 20)
     assert [float(row["lr"]) for row in rows_after(tmp_path / "cooled", 20) if row["lr"]][-1] == 0.0
+    assert load_checkpoint(RunDir(tmp_path / "cooled").best_checkpoint)["step"] == 27  # its own steps' best
     # the new folder: the run's config with the schedule that ends 7 steps on, and where it came from
     config = yaml.safe_load(RunDir(tmp_path / "cooled").config.read_text())
     assert (config["max_steps"], config["lr_cooldown_steps"], config["lr_decay"]) == (27, 7, "wsd")

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dlm")
 
 
+KEPT_KEYS = ("model", "ema", "config", "vocab", "step", "epoch")  # what kept_payload holds
+
+
 def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
     """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them. No
     optimizer state: that is twice the model again, and only last.pt is resumed from (except in a

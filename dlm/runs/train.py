@@ -53,7 +53,7 @@ from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, build_model, build_objective
 from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
-from dlm.runs.resume import at_stable_lr, kept_payload, restore, resume_payload, resumed_config
+from dlm.runs.resume import KEPT_KEYS, at_stable_lr, kept_payload, restore, resume_payload, resumed_config
 from dlm.runs.rundir import RunDir, RunExistsError, RunLock
 from dlm.runs.sample import SampleOptions, generate
 
@@ -329,8 +329,8 @@ def build_state(config: Config, model: nn.Module, total_steps: int) -> TrainStat
 
 class RunHooks:
     """What the loop does besides stepping, for one run folder: log lines and metrics.csv rows,
-    validation at each epoch end, the kept checkpoints and last.pt, and TensorBoard's curves when
-    the run asks for them."""
+    validation at each epoch end, the kept checkpoints, last.pt and best.pt (the state of the
+    lowest validation loss), and TensorBoard's curves when the run asks for them."""
 
     def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
                  saved: dict | None = None, curves: tensorboard_curves.Curves | None = None,
@@ -343,6 +343,9 @@ class RunHooks:
         self.saved_interval = saved.get("interval") if saved else None
         self.saved_step = saved["step"] if saved else None
         self.interval: Interval | None = None
+        # the lowest validation loss so far, {"step", "val_total"} (recorded in last.pt), and this epoch end's
+        self.best = saved.get("best") if saved else None
+        self.val_total: float | None = None
 
     def open_interval(self, terms: tuple[str, ...], device: torch.device) -> Interval:
         self.interval = Interval(terms, device)
@@ -369,6 +372,7 @@ class RunHooks:
                                 next(state.model.parameters()).device, state.ranks)
         if val:
             row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
+            self.val_total = val["val_total"]
             self.write(row)
             if self.curves is not None:
                 self.curves.log_validation(state.step, val)
@@ -381,9 +385,15 @@ class RunHooks:
         # last.pt first: a kill between the two writes then leaves a resumable run (the other way
         # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
         interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
+        improved = self.val_total is not None and (self.best is None or self.val_total < self.best["val_total"])
+        if improved:
+            self.best = {"step": state.step, "val_total": self.val_total}
+        self.val_total = None
         save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval,
-                                                   "metrics": self.metrics.record()})
+                                                   "metrics": self.metrics.record(), "best": self.best})
         self.saved_step = state.step
+        if improved:  # after last.pt, which records it: a kill between the two is mended on resume (keep_best_whole)
+            save_checkpoint(self.run.best_checkpoint, {**kept_payload(state, self.tokenizer), **self.best})
         if keep:
             # a wsd run's stable phase keeps what a resume needs: dlm cooldown starts new runs from it
             kept = ({**resume_payload(state, self.tokenizer), **interval} if at_stable_lr(state)
@@ -393,6 +403,21 @@ class RunHooks:
                 self.curves.log_table(state.step, state.model.table())
                 self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
                 self.curves.flush()
+
+    def keep_best_whole(self, saved: dict) -> None:
+        """A run killed between writing last.pt and best.pt at the epoch end that improved the
+        validation loss: last.pt records that step as the best and holds its state; best.pt gets it."""
+        best = saved.get("best")
+        if best is None or best["step"] != saved["step"]:
+            return
+        path = self.run.best_checkpoint
+        try:
+            if load_checkpoint(path).get("step") == best["step"]:
+                return
+        except CheckpointError:  # missing or damaged: last.pt holds the state it should hold
+            pass
+        save_checkpoint(path, {**{key: saved[key] for key in KEPT_KEYS}, **best})
+        logger.info("best.pt rewritten from last.pt (step %d): the run stopped between the two writes", best["step"])
 
     def check_finite(self, state: TrainState) -> None:
         """Raise Diverged when a loss term since the last log line or any weight is NaN or inf."""
@@ -672,9 +697,12 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
                    else MetricsWriter(run.metrics, fresh=mode == "restarted", terms=terms))
         # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
         curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics)
-        if start is not None:
-            hooks.saved_step = None  # the interval goes on from the start; this folder has no checkpoint yet
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload if mode == "resume" else None, curves,
+                         on_metrics)
+        if mode == "resume":
+            hooks.keep_best_whole(payload)
+        if start is not None:  # the log interval goes on from the start (the checkpoints and best are this folder's)
+            hooks.saved_interval = payload.get("interval")
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
             precision=resolved_precision(config.precision, device), processes=ranks.world_size,
