@@ -640,29 +640,35 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             shutil.rmtree(run.path)  # failed before writing anything (a bad init_from_pretrained, ...)
 
 
-def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
-           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
-           start: Start | None = None) -> TrainResult:
-    payload, mode = None, "fresh"
+def starting_point(config: Config, run: RunDir, resume: bool, start: Start | None) -> tuple[dict | None, str, Config]:
+    """What a run folder trains from: (checkpoint payload or None, mode, config). The mode is fresh,
+    restarted (a folder without a checkpoint), resume (its last.pt, under the saved recipe) or
+    cooldown (another run's checkpoint, `start`, into an unused folder)."""
     if start is not None:
         if run.has_run():
             raise RunExistsError(f"'{run.path}' already holds a run: choose a new run folder to start from "
                                  f"'{start.checkpoint}'.")
-        payload, mode = start.payload, "cooldown"
-    elif run.has_run() and not run.has_checkpoint():
+        return start.payload, "cooldown", config
+    if run.has_run() and not run.has_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
         logger.info("'%s' holds no checkpoint (its run stopped before the first epoch end): starting it afresh, "
                     "metrics.csv rewritten", run.path)
-        mode = "restarted"
-    elif resume:
+        return None, "restarted", config
+    if resume:
         payload = load_checkpoint(run.last_checkpoint)
-        config = resumed_config(config, payload["config"], run)
-        mode = "resume"
-    elif run.has_run():
+        return payload, "resume", resumed_config(config, payload["config"], run)
+    if run.has_run():
         raise RunExistsError(
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
+    return None, "fresh", config
+
+
+def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
+           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
+           start: Start | None = None) -> TrainResult:
+    payload, mode, config = starting_point(config, run, resume, start)
     check_global_batch(config.batch_size, ranks.world_size)
     if not ranks.is_main:
         logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
