@@ -169,8 +169,8 @@ def test_the_cooldown_command_trains_and_says_where(long_run, tmp_path, capsys):
     assert load_checkpoint(RunDir(tmp_path / "cooled").last_checkpoint)["config"]["log_every"] == 2
 
 
-@pytest.mark.parametrize("case", ["occupied", "not wsd", "decayed", "missing", "no steps", "recipe"])
-def test_a_cooldown_it_cannot_do_is_one_line_and_writes_nothing(long_run, exact, tmp_path, capsys, case):
+@pytest.mark.parametrize("case", ["occupied", "not wsd", "decayed", "missing", "no steps", "recipe", "torchrun"])
+def test_a_cooldown_it_cannot_do_is_one_line_and_writes_nothing(long_run, exact, tmp_path, capsys, monkeypatch, case):
     run, _ = long_run
     source, steps, extra, destination = run.epoch_checkpoint(2), "5", [], tmp_path / "cooled"
     if case == "occupied":
@@ -184,13 +184,17 @@ def test_a_cooldown_it_cannot_do_is_one_line_and_writes_nothing(long_run, exact,
         source = run.checkpoints / "epoch_0009.pt"
     elif case == "no steps":
         steps = "0"
+    elif case == "torchrun":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
     else:
         extra = ["--lr", "0.1"]
     assert main(cooldown_args(source, destination, "--cooldown_steps", steps, *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dlm cooldown: error: ") and "Traceback" not in err
     expected = {"occupied": "is not empty", "not wsd": "lr_decay linear", "decayed": "warm-up or cooldown",
-                "missing": "is not a checkpoint file", "no steps": "at least 1", "recipe": "cannot set lr"}[case]
+                "missing": "is not a checkpoint file", "no steps": "at least 1", "recipe": "cannot set lr",
+                "torchrun": "runs in one process"}[case]
     assert expected in err
     assert [p.name for p in destination.iterdir()] == ["notes.txt"] if case == "occupied" else not destination.exists()
 

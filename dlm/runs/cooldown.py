@@ -11,6 +11,7 @@ from dlm.core.checkpoint import load_checkpoint
 from dlm.core.config import ConfigError, from_dict, section_keys
 from dlm.core.data import check_run_folder
 from dlm.core.errors import UserError
+from dlm.core.runtime import ranks_from_env
 from dlm.runs.train import Start, TrainResult, train
 
 # What a cooldown may set besides its length: what the run records and how it executes.
@@ -66,6 +67,9 @@ def cooldown(checkpoint: str | Path, run_dir: str | Path, cooldown_steps: int,
     """Train `cooldown_steps` more steps from a kept checkpoint of a wsd run's stable phase into the
     new folder `run_dir`, the lr decaying linearly to 0. Everything is checked before anything is
     written."""
+    if ranks_from_env().distributed:
+        raise UserError("dlm cooldown runs in one process: start it without torchrun; once it kept a checkpoint, "
+                        "go on with dlm train RUN/config.yaml --run_dir RUN --resume --nproc N.")
     if isinstance(cooldown_steps, bool) or not isinstance(cooldown_steps, int) or cooldown_steps < 1:
         raise UserError(f"--cooldown_steps must be a number of steps, at least 1; got {cooldown_steps}.")
     check_destination_folder(run_dir)
