@@ -1,5 +1,5 @@
-"""The dlm command: train, train-ar, sample, stats, evaluate, infill, train-classifier, control-table and
-report. The only place that parses argv and prints for a user."""
+"""The dlm command: train, train-ar, cooldown, calibrate, sample, stats, evaluate, infill,
+train-classifier, control-table and report. The only place that parses argv and prints for a user."""
 
 from __future__ import annotations
 
@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_corpus_change_option(train_parser)
         add_config_options(train_parser)
 
+    cooldown_parser = commands.add_parser(
+        "cooldown", allow_abbrev=False,
+        help="cool a kept checkpoint of a wsd run (--lr_decay wsd) down into a new run folder: K more steps, the lr "
+             "decaying linearly to 0 (a shorter budget from one long run)")
+    cooldown_parser.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
+                                 help="a kept checkpoint of a wsd run's stable phase, RUN/checkpoints/epoch_NNNN.pt")
+    cooldown_parser.add_argument("--run_dir", required=True, help="the new run folder (missing or empty)")
+    cooldown_parser.add_argument("--cooldown_steps", type=int, required=True, metavar="K",
+                                 help="steps trained from the checkpoint while the lr decays to 0")
+    add_config_options(cooldown_parser)  # only what a run records and how it executes (dlm.runs.cooldown)
+
     evaluate_parser = commands.add_parser(
         "evaluate", help="score samples against held-out text and an AR teacher, or (--nll) a run's likelihood bound",
         allow_abbrev=False)
@@ -101,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "matched entropy (--matched)", "samples of --run_dir drawn at the final-token temperature that gives "
         "held-out text's unigram entropy, scored by --teacher: perplexity compared at equal entropy")
     matched.add_argument("--matched", action="store_true", help="score --run_dir's samples at held-out entropy")
-    matched.add_argument("--checkpoint", help="a checkpoint of --run_dir (default: its last; --nll too)")
+    matched.add_argument("--checkpoint", help="a checkpoint of --run_dir, or best or last (default: its last; --nll too)")
     matched.add_argument("--num_samples", type=int, default=64, help="samples drawn (default 64)")
     matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps); with --nll: "
                          "the bound of the chain of that many steps (default: of all T)")
@@ -131,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
-    sample_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    sample_parser.add_argument("--checkpoint", help="a checkpoint file, or 'best' (checkpoints/best.pt: the lowest "
+                                                    "validation loss) or 'last' (default: checkpoints/last.pt)")
     sample_parser.add_argument("--num_samples", type=int, default=16)
     sample_parser.add_argument("--steps", type=int,
                                help="sampling steps (<= T, placed by --spacing; default: the run's sample_steps)")
@@ -397,6 +409,14 @@ def run_calibrate(args: argparse.Namespace) -> None:
     print(f"{describe(record)} -> {RunDir(args.run_dir).calibration}")
 
 
+def run_cooldown(args: argparse.Namespace, extra: list[str]) -> None:
+    from dlm.runs.cooldown import cooldown
+
+    result = cooldown(args.source, args.run_dir, args.cooldown_steps, parse_overrides(extra, args))
+    print(f"cooled down from {args.source}: trained to step {result.step} ({result.epoch} epochs) in "
+          f"{result.wall_s:.1f}s -> {result.run_dir}")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -627,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
             return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.command in ("train", "train-ar"):
             run_train(args, extra)
+        elif args.command == "cooldown":
+            run_cooldown(args, extra)
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")

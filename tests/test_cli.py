@@ -104,7 +104,8 @@ def test_resume_through_the_cli_extends_a_run(corpus, tmp_path, capsys):
     assert main(train_args(corpus, run_dir, "--epochs", "1")) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(train_args(corpus, run_dir, "--epochs", "2", "--resume")) == 0
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
 
 
 def test_pretrained_vectors_initialise_the_table(corpus, tmp_path, caplog):

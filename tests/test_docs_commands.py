@@ -9,6 +9,7 @@ import pytest
 
 from dlm.cli import build_parser, notebook_parameters, parse_overrides
 from dlm.core.config import load_config
+from dlm.runs.cooldown import COOLDOWN_OVERRIDES
 from dlm.workbench.workbook import check_notebook_parameters, notebooks_dir
 from tests.conftest import ROOT
 
@@ -33,7 +34,8 @@ COMMANDS = documented_commands()
 
 def test_the_documents_hold_commands_of_every_kind():
     kinds = {argv[0] for _, argv in COMMANDS}
-    assert {"train", "train-ar", "sample", "stats", "evaluate", "infill", "train-classifier", "control-table",
+    assert {"train", "train-ar", "cooldown", "calibrate",
+            "sample", "stats", "evaluate", "infill", "train-classifier", "control-table",
             "report"} <= kinds
 
 
@@ -47,6 +49,8 @@ def test_every_documented_command_parses(where, argv):
     if args.command in ("train", "train-ar"):
         overrides = parse_overrides(extra, args)
         load_config(ROOT / args.params, **overrides)
+    elif args.command == "cooldown":
+        assert set(parse_overrides(extra, args)) <= set(COOLDOWN_OVERRIDES), f"{where}: a cooldown keeps the recipe"
     else:
         assert not extra, f"{where}: unrecognized arguments {extra}"
     if args.command == "report":

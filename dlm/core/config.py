@@ -138,10 +138,6 @@ class Config:
     # whether a final token may be <unk>; False masks its score, so that a capped vocabulary's
     # samples (about 12% <unk> at 10+ occurrences) hold words only
     decode_unk: bool = _sampling(True)
-    # at the end of training, find the final-token temperature that puts 64 samples at held-out
-    # text's unigram entropy and sample at it by default from then on (RUN/calibration.json;
-    # dlm.evaluation.calibration; the same as `dlm calibrate`)
-    calibrate_temperature: bool = _sampling(False)
 
     # --- training: optimisation, and how long ---
     batch_size: int = _training(64)
@@ -156,7 +152,13 @@ class Config:
     # table, or everything (the earlier attempt)
     weight_decay_scope: Literal["matrices", "matrices+embeddings", "all"] = _training("matrices")
     warmup_steps: int = _training(100)
-    lr_decay: Literal["linear", "cosine", "constant"] = _training("linear")
+    # after warm-up: linear or cosine to 10% of lr, constant, or wsd (warmup-stable-decay, Hagele
+    # et al. 2024): constant at lr, then linear to 0 over the run's last lr_cooldown_fraction of
+    # steps (its last lr_cooldown_steps when set). A kept checkpoint of a wsd run's stable phase can
+    # be cooled down into a run of any shorter budget (dlm cooldown)
+    lr_decay: Literal["linear", "cosine", "constant", "wsd"] = _training("linear")
+    lr_cooldown_fraction: float = _training(0.2)  # wsd: the share of the steps the lr decays over
+    lr_cooldown_steps: Optional[int] = _training(None)  # wsd: the steps the lr decays over (overrides the fraction)
     grad_clip: float = _training(1.0)  # 0 disables clipping
     ema_decay: float = _training(0.999)  # 0 disables the EMA copy
     seed: int = _training(0)
@@ -171,6 +173,10 @@ class Config:
     # TensorBoard event files in run_dir/tensorboard/ (losses, lr, tokens/s, embedding geometry,
     # samples at kept checkpoints); needs the tensorboard package
     tensorboard: bool = _bookkeeping(False)
+    # at the end of training, find the final-token temperature that puts 64 samples at held-out
+    # text's unigram entropy and sample at it by default from then on (RUN/calibration.json;
+    # dlm.evaluation.calibration; the same as `dlm calibrate`)
+    calibrate_temperature: bool = _bookkeeping(False)
 
     # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
     device: Literal["auto", "cpu", "cuda"] = _runtime("auto")
@@ -367,6 +373,7 @@ RANGES: dict[str, tuple[str, Any, Any, str]] = {
     "decode_temperature": ("[", 0.0, None, "0 (argmax) or positive"),
     "ema_decay": ("[", 0.0, 1.0, "0 disables the EMA copy"),
     "max_train_seconds": ("(", 0.0, None, "positive, or left out"),
+    "lr_cooldown_fraction": ("(", 0.0, 1.0, "the share of a wsd run's steps its lr decays over, e.g. 0.2"),
     "bpe_vocab_size": ("[", 2000, 8000, "the BPE tokenizer's vocabulary size"),
     "mask_rate_min": ("(", 0.0, 1.0, "the least mask rate a masked run trains at, in (0, 1)"),
     "mask_rate_max": ("(", 0.0, 1.0, "the largest mask rate a masked run trains at, at most 1"),
@@ -397,7 +404,7 @@ def validate(config: Config) -> None:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"Config key '{key}' must be at least 1, got {getattr(config, key)}.")
-    for key in ("max_steps", "max_train_tokens"):
+    for key in ("max_steps", "max_train_tokens", "lr_cooldown_steps"):
         if getattr(config, key) is not None and getattr(config, key) < 1:
             raise ConfigError(f"Config key '{key}' must be at least 1 (or left out, null), got {getattr(config, key)}.")
     if config.threads is not None and config.threads < 0:

@@ -98,7 +98,7 @@ ROUNDS_FIXED_WORDS = False  # the prefix is given to the model as it is
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): how its
 # tokens are drawn.
-CONFIG_KEYS = frozenset({"decode_temperature", "decode_unk", "calibrate_temperature"})
+CONFIG_KEYS = frozenset({"decode_temperature", "decode_unk"})
 
 
 def check_config(config: Config) -> None:

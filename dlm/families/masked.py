@@ -334,7 +334,7 @@ ROUNDS_FIXED_WORDS = False
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): blocks,
 # the training mask-rate range, and the sampling keys of its sampler.
 CONFIG_KEYS = frozenset({"block_size", "block_training", "mask_rate_min", "mask_rate_max", "sample_steps",
-                         "decode_temperature", "decode_unk", "calibrate_temperature"})
+                         "decode_temperature", "decode_unk"})
 
 
 def check_config(config: Config) -> None:

@@ -99,10 +99,16 @@ def corpus_data(run: LoadedRun) -> CorpusData:
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
              device: str | torch.device = "cpu", accept_corpus_change: bool = False) -> LoadedRun:
+    """A run's checkpoint (`checkpoint`: a file, or 'last' or 'best' of the run; default its last.pt)
+    as a model ready to sample (its EMA weights when kept and `use_ema`)."""
     run = RunDir(run_dir)
-    path = Path(checkpoint) if checkpoint else run.last_checkpoint
-    if checkpoint is None and not run.path.is_dir():
+    path = run.checkpoint_file(checkpoint)
+    if str(checkpoint or "last") in ("last", "best") and not run.path.is_dir():
         raise CheckpointError(f"Run folder '{run.path}' does not exist. Train into it first with dlm train.")
+    if str(checkpoint) == "best" and not path.is_file():
+        raise CheckpointError(f"'{run.path}' keeps no checkpoints/best.pt (a run trained before runs kept the state of "
+                              f"their lowest validation loss, or one without validation windows): choose --checkpoint "
+                              f"last or a kept epoch_NNNN.pt.")
     payload = load_checkpoint(path, require=("config", "vocab", "model", "step", "epoch"))
     try:
         config = from_dict(payload["config"])

@@ -55,13 +55,15 @@ def environment() -> dict[str, Any]:
 
 
 def invocation(config: dict, *, mode: str, step: int, device: str, precision: str, processes: int = 1,
-               corpus: dict | None = None) -> dict:
+               corpus: dict | None = None, start: dict | None = None) -> dict:
     """One `dlm train` (or train.ipynb) invocation: the environment plus the resolved run settings
     and the corpus it read (its path and SHA-256). `mode` is fresh, restarted (a folder without a
-    checkpoint started again) or resume."""
-    return {**environment(), "mode": mode, "from_step": step, "argv": list(sys.argv),
-            "seed": config.get("seed"), "device": device, "precision": precision, "processes": processes,
-            "corpus": corpus, "config": config}
+    checkpoint started again), resume, or cooldown (dlm cooldown: `start` names the other run's
+    checkpoint, its step and the config keys changed)."""
+    entry = {**environment(), "mode": mode, "from_step": step, "argv": list(sys.argv),
+             "seed": config.get("seed"), "device": device, "precision": precision, "processes": processes,
+             "corpus": corpus, "config": config}
+    return {**entry, "start": start} if start else entry
 
 
 def read_provenance(path: str | Path) -> list[dict]:

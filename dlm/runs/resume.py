@@ -21,10 +21,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dlm")
 
 
+KEPT_KEYS = ("model", "ema", "config", "vocab", "step", "epoch", "corpus_sha256")  # what kept_payload holds
+
+
 def kept_payload(state: TrainState, tokenizer: Tokenizer, corpus_sha256: str | None = None) -> dict:
     """An epoch_XXXX.pt checkpoint: the weights (and EMA weights) with what reads them, and the
     SHA-256 of the corpus they were trained on (checked whenever the run reads its corpus again). No
-    optimizer state: that is twice the model again, and only last.pt is resumed from."""
+    optimizer state: that is twice the model again, and only last.pt is resumed from (except in a
+    wsd run's stable phase: see at_stable_lr)."""
     return {"model": state.model.state_dict(),
             "ema": state.ema.module.state_dict() if state.ema is not None else None,
             "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch,
@@ -38,6 +42,13 @@ def resume_payload(state: TrainState, tokenizer: Tokenizer, corpus_sha256: str |
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "ema_n_averaged": int(state.ema.n_averaged) if state.ema is not None else 0,
             "rng": torch.get_rng_state(), "timestep_sampler": sampler.state_dict() if sampler is not None else None}
+
+
+def at_stable_lr(state: TrainState) -> bool:
+    """A wsd run whose next step trains at the full lr (past warm-up, before its cooldown): a state
+    dlm cooldown can start from, so its kept checkpoint carries all that a resume needs."""
+    scheduler = state.scheduler
+    return state.config.lr_decay == "wsd" and scheduler.get_last_lr() == scheduler.base_lrs
 
 
 

@@ -23,7 +23,7 @@ class RunDir:
         run_dir/provenance.json                              (who trained it: one entry per invocation)
         run_dir/calibration.json                             (dlm calibrate: the temperature at held-out entropy)
         run_dir/.train.lock                                  (held by the one process training the run)
-        run_dir/checkpoints/{epoch_NNNN.pt, last.pt}
+        run_dir/checkpoints/{epoch_NNNN.pt, last.pt, best.pt}  (best.pt: the lowest validation loss so far)
         run_dir/samples/{samples.jsonl, .txt, .trajectory.json, summary.json, quality_vs_steps.csv}  (sample.ipynb)
         run_dir/analysis/{series.csv, verdict.json}           (collapse_analysis.ipynb)
         run_dir/analysis/nll_bound.csv                        (train.ipynb: the likelihood bound over checkpoints)
@@ -43,6 +43,7 @@ class RunDir:
     lock = property(lambda self: self.path / ".train.lock")
     checkpoints = property(lambda self: self.path / "checkpoints")
     last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")
+    best_checkpoint = property(lambda self: self.path / "checkpoints" / "best.pt")
     samples = property(lambda self: self.path / "samples")
     samples_file = property(lambda self: self.samples / "samples.jsonl")  # + .txt and .trajectory.json beside it
     sample_summary = property(lambda self: self.samples / "summary.json")
@@ -59,6 +60,13 @@ class RunDir:
         """classifiers/KIND/ATTRIBUTE.pt (or FOLDER/KIND/ATTRIBUTE.pt), 'word:love' written
         'word-love' (no ':' in file names)."""
         return Path(folder or self.classifiers) / kind / (re.sub(r"[^A-Za-z0-9_'-]", "-", attribute) + ".pt")
+
+    def checkpoint_file(self, checkpoint: str | Path | None = None) -> Path:
+        """The checkpoint a user names: None or 'last' (last.pt), 'best' (best.pt), else that file."""
+        name = str(checkpoint) if checkpoint else "last"
+        if name in ("last", "best"):
+            return self.last_checkpoint if name == "last" else self.best_checkpoint
+        return Path(checkpoint)
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:04d}.pt"

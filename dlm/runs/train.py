@@ -55,7 +55,7 @@ from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, build_model, build_objective
 from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
-from dlm.runs.resume import kept_payload, restore, resume_payload, resumed_config
+from dlm.runs.resume import KEPT_KEYS, at_stable_lr, kept_payload, restore, resume_payload, resumed_config
 from dlm.runs.rundir import RunDir, RunExistsError, RunLock
 from dlm.runs.sample import SampleOptions, generate
 
@@ -97,8 +97,19 @@ def parameter_groups(model, config: Config) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def cooldown_steps(config: Config, total_steps: int) -> int:
+    """The steps a wsd run's lr decays over: lr_cooldown_steps, else its fraction of the run (at least one)."""
+    if config.lr_cooldown_steps is not None:
+        return config.lr_cooldown_steps
+    return max(1, round(config.lr_cooldown_fraction * total_steps))
+
+
 def lr_factor(step: int, config: Config, total_steps: int) -> float:
-    """Linear warm-up, then linear / cosine decay to 10% (or constant)."""
+    """Linear warm-up, then linear / cosine decay to 10% (or constant); wsd: constant, then linear
+    to 0 over the cooldown's last steps (the warm-up wins where the two overlap)."""
+    if config.lr_decay == "wsd":
+        warm = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
+        return min(warm, max(0.0, (total_steps - step) / cooldown_steps(config, total_steps)))
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.lr_decay == "constant" or total_steps <= config.warmup_steps:
@@ -320,8 +331,8 @@ def build_state(config: Config, model: nn.Module, total_steps: int) -> TrainStat
 
 class RunHooks:
     """What the loop does besides stepping, for one run folder: log lines and metrics.csv rows,
-    validation at each epoch end, the kept checkpoints and last.pt, and TensorBoard's curves when
-    the run asks for them."""
+    validation at each epoch end, the kept checkpoints, last.pt and best.pt (the state of the
+    lowest validation loss), and TensorBoard's curves when the run asks for them."""
 
     def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
                  saved: dict | None = None, curves: tensorboard_curves.Curves | None = None,
@@ -335,6 +346,9 @@ class RunHooks:
         self.saved_interval = saved.get("interval") if saved else None
         self.saved_step = saved["step"] if saved else None
         self.interval: Interval | None = None
+        # the lowest validation loss so far, {"step", "val_total"} (recorded in last.pt), and this epoch end's
+        self.best = saved.get("best") if saved else None
+        self.val_total: float | None = None
 
     def open_interval(self, terms: tuple[str, ...], device: torch.device) -> Interval:
         self.interval = Interval(terms, device)
@@ -361,6 +375,7 @@ class RunHooks:
                                 next(state.model.parameters()).device, state.ranks)
         if val:
             row = {"step": state.step, "epoch": state.epoch, **val, "elapsed_s": state.pace.elapsed()}
+            self.val_total = val["val_total"]
             self.write(row)
             if self.curves is not None:
                 self.curves.log_validation(state.step, val)
@@ -373,16 +388,39 @@ class RunHooks:
         # last.pt first: a kill between the two writes then leaves a resumable run (the other way
         # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
         interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
+        improved = self.val_total is not None and (self.best is None or self.val_total < self.best["val_total"])
+        if improved:
+            self.best = {"step": state.step, "val_total": self.val_total}
+        self.val_total = None
         save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer, self.corpus_sha256),
-                                                   **interval, "metrics": self.metrics.record()})
+                                                   **interval, "metrics": self.metrics.record(), "best": self.best})
         self.saved_step = state.step
+        if improved:  # after last.pt, which records it: a kill between the two is mended on resume (keep_best_whole)
+            save_checkpoint(self.run.best_checkpoint, {**kept_payload(state, self.tokenizer, self.corpus_sha256), **self.best})
         if keep:
-            save_checkpoint(self.run.epoch_checkpoint(state.epoch),
-                            kept_payload(state, self.tokenizer, self.corpus_sha256))
+            # a wsd run's stable phase keeps what a resume needs: dlm cooldown starts new runs from it
+            kept = ({**resume_payload(state, self.tokenizer, self.corpus_sha256), **interval} if at_stable_lr(state)
+                    else kept_payload(state, self.tokenizer, self.corpus_sha256))
+            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept)
             if self.curves is not None:  # after the checkpoints: drawing samples never delays them
                 self.curves.log_table(state.step, state.model.table())
                 self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
                 self.curves.flush()
+
+    def keep_best_whole(self, saved: dict) -> None:
+        """A run killed between writing last.pt and best.pt at the epoch end that improved the
+        validation loss: last.pt records that step as the best and holds its state; best.pt gets it."""
+        best = saved.get("best")
+        if best is None or best["step"] != saved["step"]:
+            return
+        path = self.run.best_checkpoint
+        try:
+            if load_checkpoint(path).get("step") == best["step"]:
+                return
+        except CheckpointError:  # missing or damaged: last.pt holds the state it should hold
+            pass
+        save_checkpoint(path, {**{key: saved[key] for key in KEPT_KEYS}, **best})
+        logger.info("best.pt rewritten from last.pt (step %d): the run stopped between the two writes", best["step"])
 
     def check_finite(self, state: TrainState) -> None:
         """Raise Diverged when a loss term since the last log line or any weight is NaN or inf."""
@@ -551,6 +589,19 @@ def run_loop(state: TrainState, train_ids: torch.Tensor, hooks: RunHooks) -> dic
     return row
 
 
+@dataclass
+class Start:
+    """Another run's checkpoint that a new run folder starts from (dlm cooldown): its payload, where
+    it was read, and the config keys the new run changed, {key: [before, after]}."""
+    payload: dict
+    checkpoint: Path
+    changed: dict
+
+    @property
+    def run_path(self) -> Path:
+        return self.checkpoint.parent.parent  # RUN/checkpoints/FILE.pt
+
+
 def remove_leftovers(run: RunDir) -> None:
     """Temp files of checkpoint (or metrics) writes a killed process never finished: no reader ever
     looks at them, and under the run's lock no other writer owns them."""
@@ -563,13 +614,15 @@ def remove_leftovers(run: RunDir) -> None:
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_metrics: bool = False,
-          on_metrics: Callable[[dict], None] | None = None, accept_corpus_change: bool = False) -> TrainResult:
+          on_metrics: Callable[[dict], None] | None = None, accept_corpus_change: bool = False,
+          start: Start | None = None) -> TrainResult:
     """Build the state, resume it from last.pt when asked, run the loop; the writing process holds
     the run folder's lock throughout (RunLockedError when another process trains there). A resume
     refuses a metrics.csv that lost rows last.pt recorded (MetricsError) unless `rebuild_metrics`,
     and a corpus that is not the text last.pt was trained on (CorpusChangedError) unless
     `accept_corpus_change`.
-    `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot)."""
+    `on_metrics` is called with each metrics.csv row after it is written (train.ipynb's live plot).
+    `start`: a new run folder that goes on from another run's checkpoint (dlm.runs.cooldown)."""
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
@@ -585,10 +638,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
-            return _train(config, run, resume, device, ranks, rebuild_metrics, None, accept_corpus_change)
+            return _train(config, run, resume, device, ranks, rebuild_metrics, None, accept_corpus_change, start)
         with RunLock(run):
             remove_leftovers(run)
-            result = _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, accept_corpus_change)
+            result = _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, accept_corpus_change,
+                            start)
             if config.calibrate_temperature:
                 calibrate_after_training(run, device)
             return result
@@ -598,26 +652,38 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             shutil.rmtree(run.path)  # failed before writing anything (a bad init_from_pretrained, ...)
 
 
-def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
-           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
-           accept_corpus_change: bool = False) -> TrainResult:
-    payload, mode = None, "fresh"
+def starting_point(config: Config, run: RunDir, resume: bool, start: Start | None) -> tuple[dict | None, str, Config]:
+    """What a run folder trains from: (checkpoint payload or None, mode, config). The mode is fresh
+    (a new or empty folder), restarted (a run dlm started that stopped before its first checkpoint),
+    resume (its last.pt, under the saved recipe) or cooldown (another run's checkpoint, `start`, into
+    a new or empty folder). Anything else in the folder is never overwritten: RunExistsError."""
+    if start is not None:
+        if run.entries():
+            raise RunExistsError(f"'{run.path}' is not empty: choose a new run folder to start from "
+                                 f"'{start.checkpoint}'.")
+        return start.payload, "cooldown", config
     if run.started_without_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
         logger.info("'%s' holds no checkpoint (its run stopped before the first epoch end): starting it afresh, "
                     "metrics.csv rewritten", run.path)
-        mode = "restarted"
-    elif resume and run.has_checkpoint():
+        return None, "restarted", config
+    if resume and run.has_checkpoint():
         payload = load_checkpoint(run.last_checkpoint)
-        config = resumed_config(config, payload["config"], run)
-        mode = "resume"
-    elif run.has_checkpoint():
+        return payload, "resume", resumed_config(config, payload["config"], run)
+    if run.has_checkpoint():
         raise RunExistsError(
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
             f"train.ipynb), or choose a new run folder."
         )
-    elif run.entries():
+    if run.entries():
         raise RunExistsError(not_a_run_message(run))
+    return None, "fresh", config
+
+
+def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
+           rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
+           accept_corpus_change: bool = False, start: Start | None = None) -> TrainResult:
+    payload, mode, config = starting_point(config, run, resume, start)
     check_global_batch(config.batch_size, ranks.world_size)
     if not ranks.is_main:
         logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
@@ -630,7 +696,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     torch.manual_seed(config.seed)
     # a resumed run reads its tokenizer back (a BPE run's tokenizer.json is never trained again)
     data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
-                        saved_tokenizer(payload["vocab"], run.path) if payload else None, config.max_train_tokens,
+                        saved_tokenizer(payload["vocab"], start.run_path if start else run.path) if payload else None,
+                        config.max_train_tokens,
                         config.bpe_vocab_size)
     if payload:  # before anything is written: a resume trains on the text the run was trained on
         check_corpus(data, config.corpus, payload.get("corpus_sha256"), run.path, accept_corpus_change)
@@ -640,8 +707,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state = build_state(config, build_model(config, data.tokenizer).to(device), total_steps)
     state.ranks = ranks
     if payload:
-        restore(state, payload, run.last_checkpoint)
-    elif ranks.is_main:
+        restore(state, payload, start.checkpoint if start else run.last_checkpoint)
+    if mode != "resume" and ranks.is_main:
         save_config(config, run.config)
         data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
     state.distribute(device)
@@ -649,15 +716,23 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     if ranks.is_main:
         terms = tuple(state.objective.terms)
         metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
-                                 rebuild=rebuild_metrics, terms=terms) if payload
+                                 rebuild=rebuild_metrics, terms=terms) if mode == "resume"
                    else MetricsWriter(run.metrics, fresh=mode == "restarted", terms=terms))
         # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
         curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload, curves, on_metrics, data.sha256)
+        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload if mode == "resume" else None, curves,
+                         on_metrics, data.sha256)
+        if mode == "resume":
+            hooks.keep_best_whole(payload)
+        if start is not None:  # the log interval goes on from the start (the checkpoints and best are this folder's)
+            hooks.saved_interval = payload.get("interval")
         record_invocation(run.provenance, invocation(
             config.to_dict(), mode=mode, step=state.step, device=str(device),
             precision=resolved_precision(config.precision, device), processes=ranks.world_size,
-            corpus={"path": str(data.path), "sha256": data.sha256}), keep_earlier=mode == "resume")
+            corpus={"path": str(data.path), "sha256": data.sha256},
+            start=None if start is None else {"checkpoint": str(start.checkpoint), "step": start.payload["step"],
+                                              "changed": start.changed}),
+            keep_earlier=mode == "resume")
     else:
         hooks = WorkerHooks(val_windows)
 
@@ -678,7 +753,8 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     except Diverged as blew_up:
         raise DivergedError(diverged_message(blew_up, run, config, hooks.saved_step)) from None
     except KeyboardInterrupt:
-        logger.warning("interrupted at step %d (epoch %d). %s", state.step, state.epoch, where_it_stands(run, hooks))
+        logger.warning("interrupted at step %d (epoch %d). %s", state.step, state.epoch,
+                       where_it_stands(run, hooks, started=start is not None))
         raise
     finally:
         if hooks.curves is not None:
@@ -705,13 +781,17 @@ def not_a_run_message(run: RunDir) -> str:
             f"new folder, so nothing there is overwritten. Choose another --run_dir, or move those files away.")
 
 
-def where_it_stands(run: RunDir, hooks: RunHooks) -> str:
+def where_it_stands(run: RunDir, hooks: RunHooks, started: bool = False) -> str:
     """What a stopped run keeps and how to go on (last.pt is only written at epoch ends: an
-    interruption mid-step could leave the weights half updated, so none is written then)."""
+    interruption mid-step could leave the weights half updated, so none is written then).
+    `started`: a run started from another run's checkpoint (dlm cooldown), resumed with its own config."""
     if hooks.saved_step is None:
+        if started:
+            return f"No checkpoint was written yet; remove '{run.path}' and run the same dlm cooldown again."
         return (f"No checkpoint was written yet; 'dlm train PARAMS --run_dir {run.path}' starts it again "
                 f"(a run folder without a checkpoint starts afresh).")
-    return (f"checkpoints/last.pt holds step {hooks.saved_step}; continue with 'dlm train PARAMS --run_dir {run.path} "
+    params = run.config if started else "PARAMS"
+    return (f"checkpoints/last.pt holds step {hooks.saved_step}; continue with 'dlm train {params} --run_dir {run.path} "
             f"--resume' (the steps after it are trained again, with the same losses).")
 
 
