@@ -265,7 +265,7 @@ def test_x0_errors_locate_a_denoiser_worse_than_its_input_at_low_noise():
     # error is d Var(x_0 | x_t, w) = d s0 (1 - a) / (a s0 + 1 - a), the identity's d (1 - a) / a
     # (against x_0) and at t = 0, against EMB(w), d (s0 + (1 - a) / a). A denoiser that shrinks
     # its estimate by 20% is worse than its own input there (what the blocks-of-one run's bound
-    # rose by between 390 and 910 steps, docs/results.md), and the table says by how many nats.
+    # rose by between 390 and 910 steps, docs/journal.md), and the table says by how many nats.
     table, schedule, diffusion = toy(2000)
     dim = table.shape[1]
     ids = torch.randint(0, len(table), (512, 8), generator=torch.Generator().manual_seed(0))

@@ -131,7 +131,7 @@ class Config:
     clamp_fraction: float = _sampling(1.0)  # clamp only during the last share of the steps
     sample_eta: float = _sampling(1.0)  # 1 ancestral (DDPM), 0 deterministic DDIM
     # the x0 each step moves toward: the denoiser's prediction, the expected embedding under the
-    # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/results.md),
+    # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/journal.md),
     # or the posterior mean E[x_0 | x_t] under that softmax (gaussian_sampling.posterior_x0_hook)
     sample_x0: Literal["predicted", "expected", "posterior"] = _sampling("predicted")
     decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T

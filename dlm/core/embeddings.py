@@ -98,7 +98,7 @@ class LearnedRounding(nn.Module):
         expected embedding when values is the table). Without gradients the softmax is made a chunk
         of rows at a time, as in `linear_cross_entropy`, so the (rows, V) probabilities stay in the
         CPU's cache instead of one (N, V) block going through memory three times (faster at a
-        sampler's batch: docs/results.md, "The posterior x0")."""
+        sampler's batch: docs/journal.md, "The posterior x0")."""
         inputs, weight, bias = self._weights(x)
         with torch.autocast(x.device.type, enabled=False):
             inputs, weight, bias, values = inputs.float(), weight.float(), bias.float(), values.float()

@@ -131,7 +131,7 @@ class TinyTransformer(nn.Module):
     positions: 'learned' (a table added to the input, GPT-2's) or 'rotary' (RoPE in every layer's
     queries and keys, as MDLM's and BD3-LM's DiT backbone has). A causal model learns word order
     from its mask; a bidirectional one with learned positions reads its window as a bag of words
-    until it has learned them (docs/results.md, "Where things stand"), where rotary attention
+    until it has learned them (docs/journal.md, "Where things stand"), where rotary attention
     sees distances from the first step.
 
     A prefix that later positions read but that never reads them (the finished blocks of block

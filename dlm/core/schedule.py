@@ -91,7 +91,7 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logs
     quadratic: t_i = (T-1) (i / (steps-1))^2 (the DDIM paper); uniform: an even stride
     (Diffusion-LM's respacing). Under the sqrt schedule the uniform stride jumps from t = T/steps
     straight to 0, across the low-noise end where the words are chosen. Measurements of each
-    against steps: docs/results.md ("Sampling steps against quality").
+    against steps: docs/journal.md ("Sampling steps against quality").
     """
     total_steps = schedule.steps
     if not 1 <= steps <= total_steps:

@@ -84,7 +84,7 @@ ARMS = [
     Arm("depth 8", "capacity", {"depth": 8}),
     Arm("width 512", "capacity", {"width": 512, "heads": 8}),
     Arm("width 128", "capacity", {"width": 128, "heads": 2}),
-    # its samples hold ~12% <unk>, which the teacher scores cheaply: read with docs/results.md's caveat,
+    # its samples hold ~12% <unk>, which the teacher scores cheaply: read with docs/journal.md's caveat,
     # or the same run with <unk> masked in the final draw (words only)
     Arm("vocabulary: words seen 10+ times", "vocabulary", {"min_count": 10}),
     Arm("vocabulary: words seen 10+ times, <unk> masked", "vocabulary", {"min_count": 10}, {"unk": False}),

@@ -132,7 +132,7 @@ def masked_context_use(model, ids: torch.Tensor, unigram: torch.Tensor, rates: S
     (nats) at the masked positions of held-out windows ids (B, L), beside the unigram model's on
     the same positions (`unigram`: log-probabilities (V,), e.g. the training counts'). A model
     that reads its context does far better than the unigram when few positions are masked; a bag
-    of words does no better with 2% masked than with all of it (docs/results.md, "Where things
+    of words does no better with 2% masked than with all of it (docs/journal.md, "Where things
     stand"). model(z) -> logits (B, L, V) for ids z with model.mask_id where masked."""
     generator = torch.Generator().manual_seed(seed)
     rows = []

@@ -84,7 +84,7 @@ def clamp_hook(model: DiffusionLM, first_index: int = 0) -> Hook:
 
 def expected_x0_hook(model: DiffusionLM) -> Hook:
     """The step moves toward E[EMB(w)] under the rounding softmax of the predicted x0, not toward
-    the prediction itself. Measured on the default run (docs/results.md, "Fidelity"): the raw x0 is
+    the prediction itself. Measured on the default run (docs/journal.md, "Fidelity"): the raw x0 is
     a blend the rounding reads right, but ancestral steps toward it drift off the table, and the
     chain from held-out x_400 kept 70% of the words its first step knew 94% of; with this x0 it
     keeps what the first step knows. It is the soft form of clamping (clamping takes the argmax row),
@@ -102,7 +102,7 @@ def posterior_x0_hook(model: DiffusionLM, diffusion: GaussianDiffusion) -> Hook:
     conditioning adds gain_t (x_t - sqrt(a_t) E[EMB(w)]), gain_t = sqrt(a_t) s0 / (a_t s0 + 1 - a_t)
     with s0 = sigma0^2 (0 at t = 0, where the target is EMB(w) itself). The expected x0 leaves that
     term out and pays x_0's own noise, d s0 per token, at every low-noise step of the bound
-    (docs/results.md, "The posterior x0"). At t = 0 the words are read from x_t itself (rescaled to
+    (docs/journal.md, "The posterior x0"). At t = 0 the words are read from x_t itself (rescaled to
     x_0's scale, Diffusion-LM's rounding p(w | x_0)): its noise there is far below the rows'
     spacing, and a denoiser trained there once in T draws garbles some of them as training goes on."""
     expected = expected_x0_hook(model)
