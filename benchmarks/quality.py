@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = str(work / "teacher")
         if not RunDir(teacher).last_checkpoint.exists():
             print(f"training the AR teacher from params/ar.yaml into {teacher} ...", flush=True)
-            teacher_config = ar_preset.replace(progress=False)
+            teacher_config = ar_preset.replace(progress=False, calibrate_temperature=False)  # it scores, never samples
             if args.quick:
                 teacher_config = teacher_config.replace(epochs=QUICK_TEACHER_EPOCHS, checkpoint_every=1)
             train(teacher_config, teacher)

@@ -160,8 +160,9 @@ def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir
             log(f"[{arm.name}] training {seconds:g} s into {run_dir}")
             # On the clock, not in steps estimated up front (a 5-step timing missed by up to 2x):
             # every arm trains the same wall-clock seconds, its lr decaying over them.
+            # no calibration: each arm samples at its own fixed setting, which is what the arms compare
             result = train(config.replace(max_train_seconds=seconds, max_steps=None, epochs=10**6, progress=False,
-                                          checkpoint_every=10**6), run_dir)
+                                          checkpoint_every=10**6, calibrate_temperature=False), run_dir)
             trained[key] = {"run_dir": str(run_dir), "steps": result.step, "train_s": round(result.wall_s, 1)}
         info = trained[key]
         run = load_run(info["run_dir"])
