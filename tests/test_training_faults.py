@@ -332,6 +332,19 @@ def test_provenance_lists_every_invocation(exact, tmp_path):
     assert entries[1]["config"]["max_steps"] == 20
 
 
+def test_the_machine_a_time_was_measured_on(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon(R) 8480\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 "
+                       "amx_bf16 amx_tile\n\nprocessor\t: 1\nmodel name\t: Some Xeon(R) 8480\n")
+    assert provenance.machine(cpuinfo) == {"cpu": "Some Xeon(R) 8480", "cores": os.cpu_count(),
+                                           "flags": ["amx_bf16", "avx512_bf16", "avx512f", "avx2"]}
+    other = tmp_path / "cpuinfo_epyc"  # machine() is cached per file
+    other.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n")
+    assert provenance.machine(other)["flags"] == ["avx2"]
+    assert provenance.machine(tmp_path / "absent")["flags"] == []
+    assert "machine" in provenance.environment()
+
+
 def test_git_state_is_null_without_git(monkeypatch, tmp_path):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")

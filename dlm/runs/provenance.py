@@ -5,7 +5,10 @@ invocation to run_dir/provenance.json; `dlm report` copies it into report.json."
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import os
+import platform
 import subprocess
 import sys
 from importlib import metadata
@@ -49,9 +52,27 @@ def package_versions() -> dict[str, str | None]:
 
 
 def environment() -> dict[str, Any]:
-    """What does not depend on the run: code, packages, Python, the time now (UTC)."""
+    """What does not depend on the run: code, packages, Python, the machine, the time now (UTC)."""
     return {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            **git_state(), "versions": package_versions(), "python": sys.version.split()[0]}
+            **git_state(), "versions": package_versions(), "python": sys.version.split()[0], "machine": machine()}
+
+
+@functools.cache
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU a time was measured on: its model, cores, and the instruction sets that decide the
+    speed of a step (bf16 and AMX units, AVX-512, AVX2); times compare only on like machines."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the model from platform alone
+        pass
+    wanted = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+    return {"cpu": model, "cores": os.cpu_count(), "flags": [flag for flag in wanted if flag in flags]}
 
 
 def invocation(config: dict, *, mode: str, step: int, device: str, precision: str, processes: int = 1,
