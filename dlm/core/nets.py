@@ -186,6 +186,18 @@ class TinyTransformer(nn.Module):
             h, _ = block(h, attend, None if cache is None else cache.layers[index], angles)
         return self.out_proj(self.ln_f(h))
 
+    def extend(self, x: torch.Tensor, cache: PrefixCache | None = None,
+               t: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
+        """forward's output for x's L positions right after the cache's, and the cache grown by
+        them, in one pass: a causal model's decoding step (KV caching). Each new position reads
+        the cache and, causally, the positions of x before it."""
+        h, angles = self._inputs(x, t, None, cache)
+        layers = []
+        for index, block in enumerate(self.blocks):
+            h, keys_values = block(h, None, None if cache is None else cache.layers[index], angles)
+            layers.append(keys_values)
+        return self.out_proj(self.ln_f(h)), PrefixCache(layers)
+
     def cache_prefix(self, x: torch.Tensor, t: torch.Tensor | None = None, cache: PrefixCache | None = None,
                      attend: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> PrefixCache:
         """`cache` (None: empty) grown by x's L positions, which read the cache and each other

@@ -55,23 +55,35 @@ class AutoregressiveLM(nn.Module):
     @torch.inference_mode()
     def generate(self, count: int, length: int, start_id: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
-                 banned: Sequence[int] = ()) -> torch.Tensor:
+                 banned: Sequence[int] = (), cached: bool = True) -> torch.Tensor:
         """Sample `count` sequences of `length` tokens after a `start_id` token (a newline is a
         natural start in line-structured text), (count, length). With `prompt` (k,) the sequences
         continue those k tokens instead, or (count, k): a prompt per sequence (prefix continuation;
-        the prompt is not part of the result). A `banned` id is never drawn."""
+        the prompt is not part of the result). A `banned` id is never drawn.
+
+        `cached`: each step runs the newest token only, reading the keys and values of the ones
+        before it (TinyTransformer.extend): one token's forward per token, not the whole prefix's.
+        The same samples as `cached=False` (which runs the prefix again each step); past seq_len
+        tokens the window slides, its positions change, and every step runs the whole window."""
         device = self.embedding.weight.device
         if prompt is None:
             prompt = torch.full((count, 1), start_id, dtype=torch.long, device=device)
         else:
             prompt = prompt.to(device).expand(count, -1)
-        ids = prompt
+        ids, cache, fresh = prompt, None, prompt
+        window = self.transformer.seq_len
         while ids.shape[1] < length + prompt.shape[1]:
-            logits = self(ids[:, -self.transformer.seq_len:])[:, -1].float()
+            if cached and ids.shape[1] <= window:
+                hidden, cache = self.transformer.extend(self.embedding(fresh), cache)
+                logits = self.head(hidden[:, -1:])[:, -1].float()
+            else:
+                logits = self(ids[:, -window:])[:, -1].float()
             if banned:
                 logits[:, list(banned)] = -torch.inf
-            probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator).to(device)], dim=1)
+            # float64: a tiny temperature's logits / T overflow float32's softmax
+            probs = torch.softmax(logits.double() / max(temperature, 1e-6), dim=-1).cpu()
+            fresh = torch.multinomial(probs, 1, generator=generator).to(device)
+            ids = torch.cat([ids, fresh], dim=1)
         return ids[:, prompt.shape[1]:]
 
 
