@@ -168,3 +168,36 @@ def test_every_section_named_in_words_exists(path):
     missing = [f"{stem}.md \"{name}\"" for stem, name in section_mentions(flat_text(path))
                if named_section_missing(stem, name)]
     assert not missing, f"{path.relative_to(ROOT)} names sections no heading of docs/ starts with: {missing}"
+
+
+# --- README's preset table: every preset exists, every time is measured, every quality is results.md's -----
+
+def preset_table() -> list[dict[str, str]]:
+    lines = (ROOT / "README.md").read_text().split("## Presets", 1)[1].split("\n## ", 1)[0].splitlines()
+    rows = [line for line in lines if line.startswith("| `")]
+    header = next(line for line in lines if line.startswith("| preset"))
+    names = [cell.strip() for cell in header.strip("|").split("|")]
+    return [dict(zip(names, (cell.strip() for cell in row.strip("|").split("|")))) for row in rows]
+
+
+def test_every_preset_in_the_readme_table_exists_and_every_time_was_measured():
+    import pandas as pd
+
+    times = pd.read_csv(ROOT / "benchmarks" / "results" / "preset_times.csv")
+    results = (ROOT / "docs" / "results.md").read_text()
+    table = preset_table()
+    assert len(table) >= 5
+    for row in table:
+        preset = row["preset"].strip("`")
+        assert (ROOT / "params" / preset).is_file(), preset
+        measured = times[times["preset"] == preset]
+        if row["training"] == "not measured yet":
+            assert measured.empty, f"{preset}: preset_times.csv has a time the README does not give"
+            continue
+        match = re.fullmatch(r"([\d.]+) min \(([\w ]+)\)", row["training"])
+        assert match, row["training"]
+        assert ((measured["train_min"] == float(match[1])) & (measured["precision"] == match[2])).any(), (
+            f"{preset}: {row['training']} is not a row of benchmarks/results/preset_times.csv")
+        quality = re.match(r"[\d.]+", row["quality (x held-out)"])
+        if quality:  # a multiple of held-out text's perplexity, as docs/results.md gives it
+            assert re.search(rf"\| \**{re.escape(quality[0])}\** \|", results), f"{preset}: {quality[0]}"
