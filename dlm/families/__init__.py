@@ -45,6 +45,7 @@ FAMILIES = {
     "diffusion": "dlm.families.gaussian",
     "masked": "dlm.families.masked",
     "ar": "dlm.families.autoregressive",
+    "uniform": "dlm.families.uniform",
 }
 
 
