@@ -259,6 +259,18 @@ def test_fixed_words_are_held_and_scores_are_the_last_steps():
     assert torch.allclose(scores[~known].exp().double(), posterior[~known], atol=1e-5)
 
 
+def test_the_training_loss_is_finite_where_a_draw_of_t_rounds_to_1():
+    """A draw of t just below 1 is 1 in float32 (alpha_t = 0): the loss stays finite, as its gradient."""
+    config = tiny()
+    torch.manual_seed(0)
+    model, objective = uniform.new_model(config, 12), uniform.objective(config)
+    objective.times.draw_rates = lambda *args: torch.tensor([[1 - 1e-9], [1.0], [1e-3]], dtype=torch.float64).float()
+    losses = objective.training_losses(model, torch.randint(12, (3, 8)), torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(value) for value in losses.values())
+    losses["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_uniform_presets():
     config = load_config(ROOT / "params" / "uniform.yaml")
     reference = load_config(ROOT / "params" / "masked.yaml")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 TIME_SCALE = 1000  # the network reads t as 1000 t: the range of the Gaussian chain's integer timesteps
 TRAIN_TIMES = (1e-3, 1.0)  # UDLM's training range of t (its sampling_eps); the bound uses all of (0, 1)
-EDGE = 1e-6  # the bound's t stays this far inside (0, 1), where log t and 1 / alpha_t are finite
+EDGE = 1e-6  # t stays this far inside (0, 1), where log t and 1 / alpha_t are finite
 
 
 class UniformDiffusionLM(nn.Module):
@@ -141,7 +141,8 @@ class UniformDiffusion:
         TRAIN_TIMES: training and validation alike), averaged over all B x L positions."""
         batch, length = ids.shape
         device = ids.device
-        t = self.times.draw_rates(batch, 1, keys, generator, TRAIN_TIMES).to(device)  # (B, 1)
+        # (B, 1); a draw just below 1 would round to 1 in float32, where 1 / alpha_t is infinite
+        t = self.times.draw_rates(batch, 1, keys, generator, TRAIN_TIMES).clamp(max=1 - EDGE).to(device)
         coins, draws = noise_draws((batch, length), model.vocab_size, generator, keys)
         z = corrupt(ids, t, coins.to(device), draws.to(device))
         log_x = model(z, t[:, 0]).log_softmax(-1)
