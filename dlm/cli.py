@@ -548,7 +548,7 @@ def run_matched(args: argparse.Namespace) -> None:
 
 
 def run_nll(args: argparse.Namespace) -> None:
-    from dlm.evaluation.likelihood import check_counts, compare_with_ar
+    from dlm.evaluation.likelihood import check_counts, check_no_chain, compare_with_ar
 
     if args.run_dir is None:
         raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
@@ -559,6 +559,7 @@ def run_nll(args: argparse.Namespace) -> None:
     x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
     chain = None
     if args.steps is not None:  # the bound of the chain the sampler runs at that many steps
+        check_no_chain(run)
         spacing = args.spacing or run.config.sample_spacing
         chain = sampling_timesteps(run.objective.schedule, args.steps, spacing)
     result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0, chain)

@@ -52,8 +52,8 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
     saved = load_yaml(tmp_path / "ar" / "config.yaml")
     assert saved["diffusion_steps"] == 2000 and saved["sample_steps"] == 200 and saved["width"] == 32
     refused(capsys, "train-ar", ["train-ar", SMOKE, "--run_dir", str(tmp_path / "ar2"), "--corpus", corpus,
-                                 "--sample_steps", "7", *QUICK], "'sample_steps' (7) is a diffusion and masked option",
-            tmp_path)
+                                 "--sample_steps", "7", *QUICK],
+            "'sample_steps' (7) is a diffusion, masked and uniform option", tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -71,7 +71,7 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
     (["--tokenizer", "bpe", "--bpe_vocab_size", "500"], "'bpe_vocab_size' must be in [2000, 8000]"),
     (["--tokenizer", "sentencepiece"], "one of: word, bpe, char"),
     # the registry names every family; a Gaussian-only key on a masked run names the key and the family
-    (["--model", "gpt"], "Unknown model family 'gpt': use one of diffusion, masked, ar."),
+    (["--model", "gpt"], "Unknown model family 'gpt': use one of diffusion, masked, ar, uniform."),
     (["--model", "masked", "--embedding_norm", "l2"],
      "'embedding_norm' (l2) is a Gaussian-diffusion option; the 'masked' family does not read it"),
     (["--model", "masked", "--no-use_learned_embeddings"], "'use_learned_embeddings' (False) is a Gaussian-diffusion"),
@@ -427,12 +427,12 @@ UNREAD_BY_AR = [
     ("sample", ["--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'ar' family has none"),
     ("sample", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain; the 'ar' family"),
     ("sample", ["--decoder", "cosine"], "--decoder is an option of the Gaussian diffusion chain; the 'ar' family"),
-    ("sample", ["--steps", "5"],
-     "--steps is an option of the diffusion and masked families' samplers; the 'ar' family has none: drop --steps"),
-    ("sample", ["--record_every", "2"], "--record_every is an option of the diffusion and masked families' samplers; "
-                                        "the 'ar' family has none"),
-    ("infill", ["--prefix", "To be", "--steps", "3"], "--steps is an option of the diffusion and masked families'"),
-    ("evaluate", ["--matched", "--steps", "5"], "--steps is an option of the diffusion and masked families'"),
+    ("sample", ["--steps", "5"], "--steps is an option of the diffusion, masked and uniform families' samplers; "
+                                 "the 'ar' family has none: drop --steps"),
+    ("sample", ["--record_every", "2"], "--record_every is an option of the diffusion, masked and uniform families' "
+                                        "samplers; the 'ar' family has none"),
+    ("infill", ["--prefix", "To be", "--steps", "3"], "--steps is an option of the diffusion, masked and uniform"),
+    ("evaluate", ["--matched", "--steps", "5"], "--steps is an option of the diffusion, masked and uniform"),
     ("evaluate", ["--matched", "--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain"),
     ("evaluate", ["--matched", "--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'ar'"),
 ]

@@ -279,6 +279,13 @@ def check_windows_fit(windows: int, seq_len: int) -> None:
                         f"GiB; this machine has {have / 2**30:.0f} GiB: use at most {int(have / 2 / per_window)}.")
 
 
+def check_no_chain(run: LoadedRun) -> None:
+    """--steps scores a shortened Gaussian chain: refused for a family with a bound of its own."""
+    if hasattr(run.family, "window_bound"):
+        raise UserError(f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound "
+                        f"has no such chain: drop --steps.")
+
+
 def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4, seed: int = 0,
               batch_size: int = 64, proposal: str = "importance", x0: str | None = None,
               chain: Sequence[int] | None = None) -> Bound:
@@ -290,15 +297,14 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
         raise UserError(not_available(run.config.model, "A likelihood bound") + exact)
     ids = validation_windows(run, windows, seed) if isinstance(windows, int) else windows
     check_counts(len(ids), draws)
+    if chain is not None:
+        check_no_chain(run)
     device = next(run.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, len(ids), batch_size), desc="NLL bound", unit="batch", disable=None):
         batch = ids[start: start + batch_size].to(device)
         if hasattr(run.family, "window_bound"):  # the family's own bound (the masked NELBO)
-            if chain is not None:
-                raise UserError(f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound "
-                                f"has no such chain: drop --steps.")
             terms = run.family.window_bound(run, batch, draws, generator)
         else:  # the Gaussian bound of this module
             terms = window_terms(run.model, run.objective, batch, draws, generator, precision=run.config.precision,

@@ -45,6 +45,7 @@ FAMILIES = {
     "diffusion": "dlm.families.gaussian",
     "masked": "dlm.families.masked",
     "ar": "dlm.families.autoregressive",
+    "uniform": "dlm.families.uniform",
 }
 
 
@@ -64,6 +65,11 @@ def readers(key: str) -> list[str]:
     return [name for name in FAMILIES if key in family(name).CONFIG_KEYS]
 
 
+def listed(names: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c': family names in a message."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def check_config(config: Config) -> None:
     """The one check of a Config against its family, before anything is written: a family-specific
     key set (away from its default) for a family that does not read it is one line naming the
@@ -74,7 +80,7 @@ def check_config(config: Config) -> None:
         value, default = getattr(config, key), getattr(defaults, key)
         if value != default:
             owners = readers(key)
-            owner = "Gaussian-diffusion" if owners == ["diffusion"] else " and ".join(owners)
+            owner = "Gaussian-diffusion" if owners == ["diffusion"] else listed(owners)
             raise ConfigError(f"'{key}' ({value}) is a {owner} option; the '{config.model}' family does not read "
                               f"it: leave it at its default ({default}) or use model: {owners[0]}.")
     module.check_config(config)
@@ -117,6 +123,6 @@ def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[
         if value is not None and option not in family(name).SAMPLE_OPTIONS:
             readers = [other for other in FAMILIES if option in family(other).SAMPLE_OPTIONS]
             owner = ("the Gaussian diffusion chain" if readers == ["diffusion"]
-                     else f"the {' and '.join(readers)} families' samplers")
+                     else f"the {listed(readers)} families' samplers")
             raise UserError(f"{flag(option)} is an option of {owner}; the '{name}' family has none: "
                             f"drop {flag(option)}.")
