@@ -96,6 +96,26 @@ def test_the_module_declares_the_interface(name):
         assert callable(module.fill) and isinstance(module.ROUNDS_FIXED_WORDS, bool)
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_module_says_what_it_is_and_what_its_likelihood_is(name):
+    """The report index's family column and likelihood kind come from the module."""
+    module = family(name)
+    titles = {family(other).TITLE for other in FAMILIES}
+    assert len(titles) == len(FAMILIES)  # a reader tells the families apart by their titles
+    assert module.TITLE.strip() and module.DESCRIPTION.strip() and module.TITLE not in module.DESCRIPTION
+    config = Config(model=name)
+    kind = module.likelihood_kind(config)
+    if supports(name, "likelihood_exact"):
+        assert kind == "exact NLL"
+    else:
+        assert supports(name, "likelihood_bound") and kind.split(",")[0] in ("NELBO", "bound"), kind
+    words = module.recipe(config)
+    assert isinstance(words, list) and all(isinstance(w, str) and w.strip() for w in words)
+    if "block_size" in module.CONFIG_KEYS:  # a block run says so
+        blocks = module.recipe(dataclasses.replace(config, block_size=4, block_training="all"))
+        assert "blocks of 4" in blocks and "blocks of 4" not in words
+
+
 def test_losses_and_metric_columns(trained):
     name, run_dir = trained
     run = load_run(run_dir)

@@ -83,7 +83,11 @@ def test_report_runs_every_notebook(report):
     assert info["numbers"]["nll_bound"] > 0 and info["numbers"]["nll_bound_se"] >= 0  # train.ipynb's bound
     index = (report.parent / "index.html").read_text()
     assert ">tiny<" in index and 'href="tiny/sample.html"' in index
-    assert "NLL bound" in index
+    assert "Gaussian diffusion" in index and "bound, predicted x0" in index  # the family and its likelihood's kind
+    numbers = info["numbers"]  # recorded by the report itself, from its run folder and executed notebooks
+    assert numbers["family"] == "diffusion" and numbers["likelihood"] == numbers["nll_bound"]
+    assert numbers["quality_steps"] == 8 and numbers["quality_samples"] == SAMPLE["curve_samples"]
+    assert numbers["samples_per_s"] > 0 and numbers["train_flops"] > 0 and numbers["teacher"] == ""
 
 
 def test_train_notebook_redraws_one_live_figure_and_the_page_leaves_it_out(report):

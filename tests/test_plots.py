@@ -167,3 +167,24 @@ def test_live_loss_curves_redraw_one_figure_in_place(tmp_path):
     assert all(isinstance(figure, Figure) and metadata == {"dlm_live": True} for _, figure, metadata in shown)
     points = [len(figure.axes[0].lines[0].get_xdata()) for _, figure, _ in shown]  # train rows drawn
     assert points == sorted(points) and points[0] < points[-1]  # each redraw reads the run so far
+
+
+def test_quality_against_compute_marks_samples_off_held_out_entropy_hollow():
+    points = pd.DataFrame([
+        {"name": "a", "family": "masked diffusion", "train_flops": 1e14, "teacher_perplexity": 60.0, "matched": True,
+         "samples_per_s": 2.0},
+        {"name": "b", "family": "Gaussian diffusion", "train_flops": 2e14, "teacher_perplexity": 400.0,
+         "matched": False, "samples_per_s": None}])
+    figure = plots.quality_against_compute(points, heldout_perplexity=74.0)
+    assert len(figure.axes) == 1  # one report measured samples/s: no speed panel
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    markers = {line.get_xdata()[0]: line.get_markerfacecolor() for line in ax.lines if len(line.get_xdata()) == 1}
+    assert markers[2e14] == "none" and markers[1e14] != "none"  # b is not at held-out entropy
+    assert any(list(line.get_ydata()) == [74.0, 74.0] for line in ax.lines)  # held-out text's line
+    assert {t.get_text() for t in ax.texts} == {"a", "b"}
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "masked diffusion" in labels and "not at held-out entropy" in labels and "held-out text" in labels
+    points.loc[1, "samples_per_s"] = 0.5
+    assert len(plots.quality_against_compute(points).axes) == 2  # and against speed, once two measured it
+    assert png_bytes(figure) > 0

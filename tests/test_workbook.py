@@ -1,5 +1,6 @@
 """The workbook without running notebooks: committed notebooks, HTML export, the index, guards."""
 
+import html
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import nbformat
 import pandas as pd
 import papermill
 import pytest
+import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from dlm.cli import main
@@ -148,7 +150,7 @@ def test_run_numbers_and_index(tmp_path):
     assert workbook.external_references(index) == [] and "<script" not in index
     assert index.index(">bad<") < index.index(">good<")  # newest first
     assert '<a href="good/train.html">training</a>' in index and '<a href="good/sample.html">samples</a>' in index
-    assert "collapsed since epoch 1 (punctuation)" in index and "0.800 / 0.200" in index
+    assert "collapsed since epoch 1 (punctuation)" in index
     assert "failed in sample.ipynb cell 4: ValueError: &lt;steps&gt; too large" in index
     assert "&lt;p&gt;.yaml" in index and "stray" not in index
 
@@ -343,19 +345,6 @@ def test_echo_indents_kernel_output_line_by_line():
     assert out.getvalue() == "> step 1 | loss 2.0\n> step 2 | loss 1.5\n"
 
 
-def test_index_leads_with_the_verdict_and_notebook_times(tmp_path):
-    reports = tmp_path / "reports"
-    (reports / "r").mkdir(parents=True)
-    (reports / "r" / "report.json").write_text(json.dumps({
-        "status": "complete", "created": "2026-01-01T00:00:00", "params": "p.yaml", "wall_s": 90.0,
-        "notebook_s": {"train": 60.0, "sample": 20.0, "collapse_analysis": 10.0},
-        "pages": {"train": "train.html"}, "numbers": {"collapsed": False}}))
-    index = workbook.write_index(reports).read_text()
-    row = index.split("<tr>")[2]
-    assert row.index("not collapsed") < row.index("complete")  # the verdict right after the name
-    assert "60 / 20 / 10" in row
-
-
 def test_training_time_comes_from_the_run_not_the_resuming_clock(smoke_config, tmp_path):
     from dlm.runs.train import train
 
@@ -465,3 +454,195 @@ def test_sampler_parameters_left_to_the_run_build_an_ar_report(tmp_path, monkeyp
                 "control": {"steps": -1}, "train": {"preview_steps": -1}}
     ran = pages_run(tmp_path, monkeypatch, "model: ar\ncontrol_tasks: prefix\n", defaults)
     assert list(ran) == ["train", "sample", "control"]  # no collapse page for the AR family
+
+
+# --- the index as the families' comparison: fake report folders, as dlm report leaves them --------
+
+VOCAB = ["<pad>", "<unk>", "\n", ",", "."] + [f"w{i}" for i in range(95)]  # 100 tokens: ln V = 4.61
+
+
+def executed_notebook(path, declared: str, injected: str = "") -> None:
+    """An executed notebook's parameters cell and papermill's injected cell after it."""
+    cells = [new_code_cell(declared, metadata={"tags": ["parameters"]})]
+    if injected:
+        cells.append(new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
+    nbformat.write(new_notebook(cells=cells), path)
+
+
+def fake_report(reports, name, config: dict, *, created="2026-01-01T00:00:00", elapsed=866.4, bound=None,
+                teacher="runs/ar", perplexity=150.0, entropy=7.80, curve_samples=64, seconds=32.0,
+                verdict=None, status="complete", not_available=None, recorded=None, pages=("train", "sample")):
+    """reports/NAME/ with report.json and a run folder holding what the notebooks write: 910 steps
+    trained in `elapsed` seconds of metrics.csv, the bound of train.ipynb (64 windows x 2 draws), a
+    quality curve at the samples' 10 steps (teacher perplexity 75.0 of held-out text at 7.77 bits)."""
+    folder, run = reports / name, reports / name / "run"
+    for sub in ("samples", "analysis"):
+        (run / sub).mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"corpus": "c.txt", "sample_steps": 10, **config}))
+    (run / "vocab.json").write_text(json.dumps({"kind": "word", "lowercase": False, "itos": VOCAB}))
+    (run / "metrics.csv").write_text(
+        "step,epoch,total,val_total,embedding_norm,nn_distance,elapsed_s\n"
+        f"500,7,5.0,,1.0,1.0,{elapsed / 2}\n910,14,4.6,4.3,1.0,1.0,{elapsed}\n")
+    if bound is not None:
+        (run / "analysis" / "nll_bound.csv").write_text(f"epoch,step,nll_bound,nll_bound_se\n14,910,{bound},0.24\n")
+    if verdict is not None:
+        (run / "analysis" / "verdict.json").write_text(json.dumps(
+            {"collapsed": verdict, "began_epoch": 2 if verdict else None, "signals": "punctuation" if verdict else "",
+             "warnings": ""}))
+    (run / "samples" / "summary.json").write_text(json.dumps({"options": {"steps": 10, "temperature": 1.0}}))
+    (run / "samples" / "quality_vs_steps.csv").write_text(
+        "steps,seconds,teacher_perplexity,unigram_entropy\n"
+        f"5,{seconds / 2},{perplexity * 2 if perplexity else ''},8.5\n10,{seconds},{perplexity or ''},{entropy}\n"
+        f",,{75.0 if perplexity else ''},7.77\n")
+    executed_notebook(folder / "train.ipynb", "nll_windows = 16\nnll_draws = 2", "nll_windows = 64")
+    executed_notebook(folder / "sample.ipynb", 'teacher_dir: str = ""\ncurve_samples = 16',
+                      f"teacher_dir = {teacher!r}\ncurve_samples = {curve_samples}")
+    (folder / "report.json").write_text(json.dumps({
+        "name": name, "params": f"params/{name}.yaml", "status": status, "created": created,
+        "pages": {page: f"{page}.html" for page in pages}, "notebook_s": {"train": 14.6, "sample": 72.0},
+        "wall_s": 103.9, "not_available": not_available or {},
+        "numbers": recorded if recorded is not None else workbook.run_numbers(run)}))
+    return folder
+
+
+def index_rows(index: str) -> dict[str, str]:
+    """Each table row's HTML by the name in its first cell."""
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", index, re.S)
+    return {re.search(r"<b>(.*?)</b>", row).group(1): row for row in rows[1:]}
+
+
+def cells(row: str) -> list[str]:
+    """A row's cells as text: markup out, entities read (a reader sees 'masked', not &#x27;masked&#x27;)."""
+    return [html.unescape(re.sub(r"<[^>]+>", " ", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+
+
+MASKED_BLOCKS = {"model": "masked", "positions": "rotary", "block_size": 4, "block_training": "all",
+                 "mask_rate_min": 0.3, "mask_rate_max": 0.8}
+GAUSSIAN = {"model": "diffusion", "embed_dim": 32, "embedding_norm": "l2", "sample_x0": "predicted"}
+
+
+@pytest.fixture
+def three_families(tmp_path):
+    reports = tmp_path / "reports"
+    fake_report(reports, "masked_b4", MASKED_BLOCKS, created="2026-01-03T00:00:00", bound=4.5, teacher="",
+                perplexity=None, not_available={"collapse_analysis": "The collapse analysis page is not available "
+                                                "for the 'masked' family (dlm.families.masked)."})
+    fake_report(reports, "gauss", GAUSSIAN, created="2026-01-02T00:00:00", bound=54.98, verdict=False, entropy=8.58,
+                perplexity=300.0, pages=("train", "sample", "collapse_analysis"))
+    fake_report(reports, "ar", {"model": "ar"}, created="2026-01-01T00:00:00")
+    return reports
+
+
+def test_index_family_and_recipe_column(three_families):
+    rows = index_rows(workbook.write_index(three_families).read_text())
+    family = cells(rows["masked_b4"])[1]
+    assert "masked diffusion" in family
+    assert "blocks of 4, clipped mask rate 0.3-0.8, sampled in 10 steps a block, rotary positions, 910 steps" in family
+    assert "Gaussian diffusion" in cells(rows["gauss"])[1] and "sampled toward the predicted x0" in cells(rows["gauss"])[1]
+    assert "autoregressive" in cells(rows["ar"])[1]
+
+
+def test_index_likelihood_column_says_its_kind(three_families):
+    rows = index_rows(workbook.write_index(three_families).read_text())
+    masked, gauss, ar = (cells(rows[name])[2] for name in ("masked_b4", "gauss", "ar"))
+    assert "4.50 ± 0.24" in masked and "NELBO" in masked and "64 windows x 2 draws" in masked
+    assert "54.98 ± 0.24" in gauss and "bound, predicted x0" in gauss
+    assert "above ln V = 4.61" in gauss and "above ln V" not in masked  # ln 100: looser than a uniform guess
+    assert "4.30" in ar and "exact NLL" in ar and "±" not in ar  # the AR's validation loss is its NLL
+
+
+def test_index_quality_columns_and_heldout_row(three_families):
+    index = workbook.write_index(three_families).read_text()
+    rows = index_rows(index)
+    quality, entropy = cells(rows["ar"])[3:5]
+    assert "150.0" in quality and "2.00x held-out" in quality and "teacher runs/ar" in quality
+    assert "7.80 / 7.77" in entropy and "at held-out entropy" in entropy and "not at" not in entropy
+    assert "temperature 1, 10 steps, 64 samples" in entropy
+    assert "not at held-out entropy (+10%)" in cells(rows["gauss"])[4]  # 8.58 against 7.77
+    assert "no teacher" in cells(rows["masked_b4"])[3]
+    held = cells(rows["held-out text"])
+    assert "75.0" in held[3] and "7.77" in held[4]
+    assert list(rows).index("held-out text") == 0  # the row the others are read against comes first
+
+
+def test_index_training_time_is_the_runs_not_the_notebooks(three_families):
+    from dlm.core.config import load_config
+    from dlm.families import family
+
+    rows = index_rows(workbook.write_index(three_families).read_text())
+    training, speed = cells(rows["masked_b4"])[5:7]
+    assert "866 s" in training and "104" not in rows["masked_b4"]  # metrics.csv's time, not report.json's wall_s
+    config = load_config(three_families / "masked_b4" / "run" / "config.yaml")
+    parameters = sum(p.numel() for p in family("masked").new_model(config, len(VOCAB)).parameters())
+    flops = 6 * parameters * 910 * config.batch_size * 2 * config.seq_len  # blocks: the clean window read too
+    assert f"{flops:.2g} FLOPs" in training
+    assert "2.00" in speed and "64 at 10 steps" in speed  # 64 samples in 32 s
+
+
+def test_index_says_why_there_is_no_verdict(three_families):
+    fake_report(three_families, "broken", GAUSSIAN, created="2026-01-04T00:00:00", status="failed")
+    fake_report(three_families, "old_masked", {"model": "masked"}, created="2025-12-01T00:00:00")  # no not_available
+    fake_report(three_families, "unjudged", GAUSSIAN, created="2025-12-02T00:00:00")  # no verdict.json
+    rows = index_rows(workbook.write_index(three_families).read_text())
+    assert cells(rows["gauss"])[-1] == "not collapsed"
+    assert ("no verdict: the collapse analysis page is not available for the 'masked' family"
+            in cells(rows["masked_b4"])[-1])
+    assert "no verdict: the collapse analysis page is not available" in cells(rows["old_masked"])[-1]
+    assert "no verdict: the report failed before its collapse analysis" in cells(rows["broken"])[-1]
+    assert "no verdict: the collapse analysis page is not available for the 'ar' family" in cells(rows["ar"])[-1]
+    assert "no verdict: its collapse analysis wrote none" in cells(rows["unjudged"])[-1]
+
+
+def test_index_reads_an_old_report_json_from_its_run_folder(tmp_path):
+    reports = tmp_path / "reports"
+    # written before families, kinds and quality were recorded: only the numbers the old index showed
+    fake_report(reports, "old", MASKED_BLOCKS, bound=4.5, recorded={"steps": 910, "nll_bound": 4.5, "nll_bound_se": 0.24})
+    (reports / "bare").mkdir()
+    (reports / "bare" / "report.json").write_text(json.dumps({"name": "bare", "params": "p.yaml", "status": "complete",
+                                                               "pages": {}, "numbers": {"steps": 3}}))
+    rows = index_rows(workbook.write_index(reports).read_text())
+    assert "masked diffusion" in cells(rows["old"])[1] and "NELBO" in cells(rows["old"])[2]
+    assert "150.0" in cells(rows["old"])[3] and "866 s" in cells(rows["old"])[5]
+    bare = cells(rows["bare"])
+    assert all("not recorded" in bare[i] for i in (1, 2, 3, 4, 5, 6)), bare
+
+
+def test_index_table_scrolls_in_its_own_box_and_plots_quality_against_compute(three_families):
+    index = workbook.write_index(three_families).read_text()
+    assert re.search(r'<div class="table-box"><table>.*</table></div>', index, re.S)
+    assert re.search(r"\.table-box\s*{[^}]*overflow-x:\s*auto", index)
+    assert index.count('<img class="plot"') == 1 and 'src="data:image/png;base64,' in index  # gauss and ar: 2 points
+    assert workbook.external_references(index) == [] and "<script" not in index
+    one = three_families.parent / "one"
+    fake_report(one, "scored", GAUSSIAN)
+    fake_report(one, "unscored", GAUSSIAN, teacher="", perplexity=None)
+    assert '<img class="plot"' not in workbook.write_index(one).read_text()  # one point is no plot
+
+
+@pytest.mark.slow
+def test_index_fits_1200_pixels_in_chromium(three_families):
+    """The committed index and one with long failures fit the window at 1,200 x 900: the page is
+    never wider, and a table wider than its box scrolls inside it; nothing loads from the network."""
+    from tests.test_notebooks import CHROMIUM, CHROMIUM_ARGS, browser_or_skip
+
+    sync_api = browser_or_skip()
+    fake_report(three_families, "failed_" + "x" * 60, GAUSSIAN, created="2026-01-05T00:00:00", status="failed")
+    pages = [ROOT / "reports" / "index.html", workbook.write_index(three_families)]
+    requests = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            for path in pages:
+                page.goto(path.as_uri())
+                assert page.evaluate("document.documentElement.scrollWidth") <= 1200, path
+                box = page.locator(".table-box").bounding_box()
+                assert box["x"] >= 0 and box["x"] + box["width"] <= 1200, (path, box)
+                overflow = page.locator(".table-box").evaluate(
+                    "b => [b.scrollWidth, b.clientWidth, getComputedStyle(b).overflowX]")
+                assert overflow[0] <= overflow[1] or overflow[2] == "auto", overflow
+                assert page.get_by_text("held-out text").first.is_visible()  # on the first screen
+        finally:
+            browser.close()
+    assert requests and all(url.startswith(("file:", "data:")) for url in requests)

@@ -1,6 +1,13 @@
 """Model families. Each family is one module that supplies, under the same names:
 
 - NAME: the Config `model` value that selects it (the key of its line in FAMILIES);
+- TITLE and DESCRIPTION: its name for a reader ("masked diffusion") and one line on what it does
+  (the report index's family column);
+- likelihood_kind(config): what its likelihood number is, "exact NLL" (with "likelihood_exact"),
+  "NELBO" or "bound" (with "likelihood_bound"), followed by ", ..." where the run's config decides
+  which bound (the Gaussian bound is of the chain toward the sampler's x0);
+- recipe(config): the run's family-specific choices in words (["blocks of 4", "clipped mask rate
+  0.3-0.8", ...]), what tells one run of the family from another in the report index;
 - SUPPORTS: what the workbench may ask of it, a set of: "likelihood_exact" (per-token NLL: it can
   be the teacher), "likelihood_bound" (a variational bound: `dlm evaluate --nll`), "infill",
   "prefix", "length" (classifier-free control), "guidance" (classifier guidance of its chain),

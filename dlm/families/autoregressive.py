@@ -102,6 +102,8 @@ class NextTokenObjective:
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
 NAME = "ar"
+TITLE = "autoregressive"
+DESCRIPTION = "the baseline and the teacher: a causal transformer that predicts each next word"
 SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
 # No chain: one network call per token, so no steps, spacing, clamping, eta, x0, decoder or trajectory.
 SAMPLE_OPTIONS = frozenset({"temperature", "unk", "seed", "batch_size", "num_samples"})
@@ -111,6 +113,16 @@ ROUNDS_FIXED_WORDS = False  # the prefix is given to the model as it is
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): how its
 # tokens are drawn.
 CONFIG_KEYS = frozenset({"decode_temperature", "decode_unk"})
+
+
+def likelihood_kind(config: Config) -> str:
+    """Its validation loss is the NLL itself, by the chain rule."""
+    return "exact NLL"
+
+
+def recipe(config: Config) -> list[str]:
+    """Nothing of its own to tell one AR run from another: the shared keys say it."""
+    return []
 
 
 def check_config(config: Config) -> None:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from dlm.runs.sample import SampleOptions
 
 NAME = "diffusion"
+TITLE = "Gaussian diffusion"
+DESCRIPTION = ("Diffusion-LM: Gaussian noise on word embeddings, removed step by step by a transformer, "
+               "the result rounded back to words")
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "guidance", "latent", "temperature",
                       "geometry"})
 SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
@@ -36,6 +39,33 @@ ROUNDS_FIXED_WORDS = True
 # diffusion key but the masked family's mask rates, every sampling key, and its embedding table's shape.
 CONFIG_KEYS = frozenset({*section_keys("diffusion"), *section_keys("sampling"), "embedding_norm", "embedding_scale",
                          "use_learned_embeddings", "rounding"}) - {"mask_rate_min", "mask_rate_max"}
+
+ROUNDING_TARGETS = {"clean": "rounding on clean embeddings", "noisy": "rounding on q(x0|w)",
+                    "predicted": "rounding on the predicted x0"}
+
+
+def likelihood_kind(config: Config) -> str:
+    """Diffusion-LM's variational bound, of the reverse chain that steps toward the sampler's x0."""
+    return f"bound, {config.sample_x0} x0"
+
+
+def recipe(config: Config) -> list[str]:
+    """The run's Gaussian recipe in words, the choices that tell one such run from another."""
+    words = []
+    blocks = config.block_size is not None and config.block_size < config.seq_len
+    if blocks:
+        words.append(f"blocks of {config.block_size}" + ("" if config.trains_every_block else " (one per training window)"))
+    words += [f"{config.predict} prediction", f"{config.schedule} schedule (T {config.diffusion_steps})",
+              ROUNDING_TARGETS.get(config.rounding_target, f"rounding on {config.rounding_target}"),
+              f"embeddings d {config.embed_dim}" + ("" if config.embedding_norm == "none" else f" {config.embedding_norm}")
+              + ("" if config.use_learned_embeddings else " fixed")]
+    if config.self_condition > 0:
+        words.append(f"self-conditioning {config.self_condition:g}")
+    if config.left_to_right > 0:
+        words.append(f"left-to-right lag {config.left_to_right:g}")
+    words.append(f"sampled toward the {config.sample_x0} x0" + (", clamped," if config.clamp else "")
+                 + f" in {config.sample_steps} steps" + (" a block" if blocks else ""))
+    return words
 
 
 def check_config(config: Config) -> None:

@@ -326,6 +326,9 @@ def window_bound(run: LoadedRun, ids: torch.Tensor, draws: int, generator: torch
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
 NAME = "masked"
+TITLE = "masked diffusion"
+DESCRIPTION = ("MDLM's absorbing-state diffusion (BD3-LM's in blocks): words masked at random, "
+               "unmasked step by step by a bidirectional transformer")
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature"})
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are never masked: fill gives them back as given, with nothing to round
@@ -335,6 +338,24 @@ ROUNDS_FIXED_WORDS = False
 # the training mask-rate range, and the sampling keys of its sampler.
 CONFIG_KEYS = frozenset({"block_size", "block_training", "mask_rate_min", "mask_rate_max", "sample_steps",
                          "decode_temperature", "decode_unk"})
+
+
+def likelihood_kind(config: Config) -> str:
+    """The continuous-time NELBO, an upper bound on the NLL."""
+    return "NELBO"
+
+
+def recipe(config: Config) -> list[str]:
+    """The run's masked recipe in words, the choices that tell one such run from another."""
+    words = []
+    blocks = config.block_size is not None and config.block_size < config.seq_len
+    if blocks:
+        words.append(f"blocks of {config.block_size}")
+    default = Config()
+    if (config.mask_rate_min, config.mask_rate_max) != (default.mask_rate_min, default.mask_rate_max):
+        words.append(f"clipped mask rate {config.mask_rate_min:g}-{config.mask_rate_max:g}")
+    words.append(f"sampled in {config.sample_steps} steps" + (" a block" if blocks else ""))
+    return words
 
 
 def check_config(config: Config) -> None:

@@ -356,3 +356,38 @@ def quality_vs_steps(curve: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3)
     _legend(axes[0][0], fontsize=8)
     return figure
+
+
+def quality_against_compute(points: pd.DataFrame, heldout_perplexity: float | None = None) -> Figure:
+    """The report index's figure: each report's teacher perplexity (log) against its training
+    compute (FLOPs, log), and against its samples per second where at least two reports measured
+    them. `points`: one row per report with name, family, train_flops, teacher_perplexity, matched
+    (its samples at held-out entropy) and samples_per_s. A hollow marker is a report whose samples
+    are not at held-out entropy: its perplexity says as much about that entropy as about the model.
+    Held-out text's perplexity (by the same teacher) is the dashed line."""
+    speed = points[points["samples_per_s"].notna()] if "samples_per_s" in points else points.iloc[0:0]
+    panels = [("train_flops", "training compute (FLOPs, about 6 x parameters x tokens)", points)]
+    if len(speed) >= 2:
+        panels.append(("samples_per_s", "samples per second (the sample page's curve)", speed))
+    figure, axes = _figure(1, len(panels), 5.2 * len(panels), 3.6)
+    families = list(dict.fromkeys(points["family"]))
+    for ax, (column, label, rows) in zip(axes[0], panels):
+        for _, row in rows.iterrows():
+            color = f"C{families.index(row['family'])}"
+            ax.plot(row[column], row["teacher_perplexity"], "o", markersize=8, color=color,
+                    markerfacecolor=color if row["matched"] else "none")
+            ax.annotate(str(row["name"]), (row[column], row["teacher_perplexity"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=8)
+        if heldout_perplexity is not None:
+            ax.axhline(heldout_perplexity, label="held-out text", **HELDOUT_STYLE)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("teacher perplexity of samples", fontsize=9)
+        ax.margins(x=0.25, y=0.15)
+        ax.grid(alpha=0.3, which="both")
+    for index, name in enumerate(families):  # one legend entry per family, filled: the colour is what it says
+        axes[0][0].plot([], [], "o", color=f"C{index}", label=name)
+    axes[0][0].plot([], [], "o", color="0.4", markerfacecolor="none", label="not at held-out entropy")
+    _legend(axes[0][0], fontsize=8)
+    return figure

@@ -18,11 +18,13 @@ figures are embedded PNGs, and `external_references` checks the result.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import html
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -422,19 +424,61 @@ def trained_line(result, run_dir: str | Path) -> str:
     return f"trained {result.step} steps ({result.epoch} epochs) in {spent} -> {run_dir}"
 
 
-def run_numbers(run_dir: str | Path) -> dict:
-    """The numbers the index shows, from what the notebooks left in the run folder."""
+def notebook_parameters(executed: str | Path) -> dict[str, Any]:
+    """The parameters an executed notebook ran with: the literal values its parameters cell assigns,
+    then those papermill injected after it (what -p and --param gave). {} when it is not there."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(executed, as_version=4)
+    except (OSError, ValueError):
+        return {}
+    values: dict[str, Any] = {}
+    for cell in nb.cells:  # the injected cell follows the parameters cell: its values win
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if cell.get("cell_type") != "code" or not tags & {"parameters", "injected-parameters"}:
+            continue
+        try:
+            body = ast.parse(cell.source).body
+        except SyntaxError:
+            continue
+        for node in body:
+            if not isinstance(node, (ast.Assign, ast.AnnAssign)) or node.value is None:
+                continue
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    values[target.id] = value
+    return values
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+
+
+def run_numbers(run_dir: str | Path, report_dir: str | Path | None = None) -> dict:
+    """The numbers the index shows, from what the notebooks left in the run folder and the settings
+    they ran with (the teacher, how many windows and samples), read from their executed copies in
+    `report_dir` (default: the run folder's parent, where dlm report keeps them)."""
     import pandas as pd
 
     run = RunDir(run_dir)
+    report_dir = Path(report_dir) if report_dir is not None else run.path.parent
     numbers: dict[str, Any] = {}
-    if run.metrics.is_file():
-        metrics = pd.read_csv(run.metrics)
+    metrics = _read_csv(run.metrics)
+    if metrics is not None and len(metrics):
         train = metrics[metrics["total"].notna()]
-        val = metrics[metrics["val_total"].notna()]
-        if len(metrics):
-            numbers.update(steps=int(metrics["step"].max()), epochs=int(metrics["epoch"].max()),
-                           train_s=training_seconds(metrics, read_provenance(run.provenance)))
+        val = metrics[metrics["val_total"].notna()] if "val_total" in metrics else metrics.iloc[0:0]
+        numbers.update(steps=int(metrics["step"].max()), epochs=int(metrics["epoch"].max()),
+                       train_s=training_seconds(metrics, read_provenance(run.provenance)))
         if len(train):
             numbers.update(train_loss=float(train["total"].iloc[-1]), embedding_norm=float(train["embedding_norm"].iloc[-1]),
                            nn_distance=float(train["nn_distance"].iloc[-1]))
@@ -451,22 +495,151 @@ def run_numbers(run_dir: str | Path) -> dict:
             for key in ("punctuation_share", "unigram_entropy", "types", "top10_share"):
                 if key in stats:
                     numbers[f"{side}_{key}"] = stats[key]
-    if run.nll_bound.is_file():  # the last checkpoint's bound, written by train.ipynb
-        bounds = pd.read_csv(run.nll_bound)
-        if len(bounds):
-            numbers.update(nll_bound=float(bounds["nll_bound"].iloc[-1]), nll_bound_se=float(bounds["nll_bound_se"].iloc[-1]))
+    bounds = _read_csv(run.nll_bound)  # the bound at a few checkpoints, written by train.ipynb
+    if bounds is not None and len(bounds):
+        numbers.update(nll_bound=float(bounds["nll_bound"].iloc[-1]), nll_bound_se=float(bounds["nll_bound_se"].iloc[-1]),
+                       nll_bound_step=int(bounds["step"].iloc[-1]))
     verdict = _read_json(run.verdict)
     if verdict:
         numbers.update(collapsed=verdict.get("collapsed"), collapse_began_epoch=verdict.get("began_epoch"),
                        collapse_signals=verdict.get("signals", ""), collapse_warnings=verdict.get("warnings", ""))
+    config, vocab_size = _run_config(run)
+    if config is not None:
+        numbers.update(_family_numbers(config, numbers.get("steps")))
+        numbers.update(_likelihood_numbers(config, vocab_size, numbers, notebook_parameters(report_dir / "train.ipynb")))
+        numbers.update(_compute_numbers(config, vocab_size, numbers.get("steps"), read_provenance(run.provenance)))
+    numbers.update(_quality_numbers(run, summary or {}, notebook_parameters(report_dir / "sample.ipynb")))
     return numbers
+
+
+def _run_config(run: RunDir) -> tuple[Any, int | None]:
+    """The run's Config (None when its config.yaml is missing or no longer loads) and vocabulary size."""
+    from dlm.core.data import saved_tokenizer
+
+    try:
+        config = load_config(run.config)
+        families.family(config.model)
+    except (OSError, ValueError):  # a UserError is a ValueError
+        return None, None
+    try:
+        vocab_size = len(saved_tokenizer(json.loads(run.vocab.read_text()), run.path))
+    except (OSError, ValueError, KeyError):
+        vocab_size = None
+    return config, vocab_size
+
+
+def _family_numbers(config, steps: int | None) -> dict[str, Any]:
+    """The family (dlm.families) and the recipe in words: the family's own choices, then the shared ones."""
+    module = families.family(config.model)
+    shared = [f"{config.positions} positions"]
+    if config.tokenizer != "word":
+        shared.append(f"{config.tokenizer} tokens")
+    if config.max_train_tokens:
+        shared.append(f"the first {config.max_train_tokens:,} training tokens")
+    if steps:
+        shared.append(f"{steps:,} steps")
+    return {"family": config.model, "family_title": module.TITLE,
+            "recipe": ", ".join([*module.recipe(config), *shared])}
+
+
+def _likelihood_numbers(config, vocab_size: int | None, numbers: Mapping[str, Any],
+                        train_parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's likelihood in nats per token and what kind of number it is: an AR run's exact NLL
+    is its validation loss; a diffusion run's is the bound train.ipynb wrote (analysis/nll_bound.csv),
+    on its nll_windows held-out windows. uniform_nats: ln V, a uniform guess's NLL."""
+    out: dict[str, Any] = {"likelihood_kind": families.family(config.model).likelihood_kind(config)}
+    if vocab_size:
+        out["uniform_nats"] = math.log(vocab_size)
+    if families.supports(config.model, "likelihood_exact"):
+        if "val_loss" in numbers:
+            out.update(likelihood=numbers["val_loss"], likelihood_se=None, likelihood_on="the validation loss")
+    elif "nll_bound" in numbers:
+        windows, draws = train_parameters.get("nll_windows"), train_parameters.get("nll_draws")
+        on = f"{windows} windows x {draws} draws, " if windows and draws else ""
+        out.update(likelihood=numbers["nll_bound"], likelihood_se=numbers.get("nll_bound_se"),
+                   likelihood_on=f"{on}step {numbers.get('nll_bound_step', '?')}")
+    return out
+
+
+def train_setting(invocations: list[dict], steps: int | None = None) -> str:
+    """Device, precision and threads of the invocations that trained (provenance.json's entries; a
+    resume that started at the last step, to draw a report's pages, trained nothing)."""
+    said = []
+    for invocation in invocations:
+        if steps is not None and invocation.get("mode") == "resume" and int(invocation.get("from_step") or 0) >= steps:
+            continue
+        threads = (invocation.get("config") or {}).get("threads")
+        text = " ".join(str(v) for v in (invocation.get("device"), invocation.get("precision")) if v)
+        text += f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+        if text and text not in said:
+            said.append(text)
+    return "; ".join(said)
+
+
+def _compute_numbers(config, vocab_size: int | None, steps: int | None, invocations: list[dict]) -> dict[str, Any]:
+    """Training compute, about 6 FLOPs per parameter per token the network read (forward 2,
+    backward 4; a self-conditioned batch one forward more), and how the run was trained."""
+    out: dict[str, Any] = {}
+    setting = train_setting(invocations, steps)
+    if setting:
+        out["train_setting"] = setting
+    if not steps or not vocab_size:
+        return out
+    import torch
+
+    try:
+        with torch.device("meta"):  # the shapes alone: nothing is allocated or initialised
+            model = families.family(config.model).new_model(config, vocab_size)
+    except Exception:  # a family whose constructor needs real tensors: no count rather than no index
+        return out
+    parameters = sum(p.numel() for p in model.parameters())
+    positions = config.seq_len * (2 if config.trains_every_block else 1)  # BD3-LM reads the clean window too
+    tokens = steps * config.batch_size * positions
+    out.update(parameters=parameters, train_tokens=tokens,
+               train_flops=float((6 + 2 * config.self_condition) * parameters * tokens))
+    return out
+
+
+def _quality_numbers(run: RunDir, summary: Mapping[str, Any], sample_parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Sample quality from the sample page's quality curve (samples/quality_vs_steps.csv) at the
+    samples' own step count (else its longest chain): the AR teacher's perplexity and the unigram
+    entropy of the same samples, held-out text's from its row, and samples per second from the
+    curve's clock (curve_samples samples)."""
+    import pandas as pd
+
+    options = summary.get("options", {})
+    out: dict[str, Any] = {}
+    if "temperature" in options:
+        out["sample_temperature"] = options["temperature"]
+    curve = _read_csv(run.quality_vs_steps)
+    if curve is None or "steps" not in curve:
+        return out
+    chains, heldout = curve[curve["steps"].notna()], curve[curve["steps"].isna()]
+    if not len(chains):
+        return out
+    at_steps = chains[chains["steps"] == options.get("steps")]
+    row = at_steps.iloc[-1] if len(at_steps) else chains.loc[chains["steps"].idxmax()]
+    teacher = sample_parameters.get("teacher_dir")
+    out.update(quality_steps=int(row["steps"]), quality_entropy=float(row["unigram_entropy"]),
+               teacher=teacher if teacher is not None else "not recorded")
+    if pd.notna(row.get("teacher_perplexity")):
+        out["teacher_perplexity"] = float(row["teacher_perplexity"])
+    count = sample_parameters.get("curve_samples")
+    if count and row.get("seconds", 0) > 0:
+        out.update(quality_samples=int(count), samples_per_s=float(count / row["seconds"]))
+    if len(heldout):
+        held = heldout.iloc[-1]
+        out["heldout_quality_entropy"] = float(held["unigram_entropy"])
+        if pd.notna(held.get("teacher_perplexity")):
+            out["heldout_teacher_perplexity"] = float(held["teacher_perplexity"])
+    return out
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or value == "":
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
 
 
@@ -480,72 +653,244 @@ def _verdict_text(numbers: Mapping[str, Any]) -> str:
     return "not collapsed" + (f" (warnings: {warnings})" if warnings else "")
 
 
+ENTROPY_TOLERANCE = 0.01  # samples within 1% of held-out text's entropy count as matched (dlm calibrate's default)
+NOT_RECORDED = '<span class="muted">not recorded</span>'
+
 INDEX_CSS = """
-body {font-family: system-ui, sans-serif; margin: 2em; color: #222;}
-table {border-collapse: collapse; font-size: 0.92em;}
-th, td {border-bottom: 1px solid #ddd; padding: 0.4em 0.7em; text-align: left; vertical-align: top;}
+body {font-family: system-ui, sans-serif; margin: 1.5em; color: #222;}
+p.intro {max-width: 75em; line-height: 1.4; margin: 0.4em 0 0.8em;}
+.table-box {overflow-x: auto; max-width: 100%;}
+table {border-collapse: collapse; font-size: 0.85em;}
+th, td {border-bottom: 1px solid #ddd; padding: 0.35em 0.5em; text-align: left; vertical-align: top;}
 th {background: #f4f4f4;}
-td.num {text-align: right; font-variant-numeric: tabular-nums;}
+td.words {min-width: 12em; max-width: 18em;}
+td.num {text-align: right; font-variant-numeric: tabular-nums; max-width: 11em;}
+td.verdict {min-width: 8em; max-width: 14em;}
+.value {white-space: nowrap;}
+tr.heldout td {background: #fafaf2;}
 .failed {color: #b00020;}
-.muted {color: #777;}
+.muted {color: #777; font-size: 0.92em;}
+img.plot {max-width: 100%; height: auto;}
 """
 
 
+def _muted(text: str) -> str:
+    return f'<br><span class="muted">{html.escape(text)}</span>' if text else ""
+
+
+def _value(text: str) -> str:
+    return f'<span class="value">{html.escape(text)}</span>'
+
+
+def _report_cell(name: str, report: Mapping[str, Any]) -> str:
+    links = " · ".join(
+        f'<a href="{html.escape(name)}/{html.escape(page)}">{html.escape(TITLES.get(nb, nb))}</a>'
+        for nb, page in report.get("pages", {}).items()
+    ) or '<span class="muted">no pages</span>'
+    status = report.get("status", "?")
+    if status == "failed":
+        failure = report.get("failure", {})
+        said = (f'<br><span class="failed">failed in {html.escape(str(failure.get("notebook", "?")))}.ipynb '
+                f'cell {html.escape(str(failure.get("cell", "?")))}: '
+                f'{html.escape(str(failure.get("error", ""))[:200])}</span>')
+    else:
+        said = "" if status == "complete" else _muted(status)
+    return (f"<td><b>{html.escape(name)}</b><br>{links}{said}"
+            f"{_muted(str(report.get('params', '')))}{_muted(str(report.get('created', '')))}</td>")
+
+
+def _family_cell(numbers: Mapping[str, Any]) -> str:
+    family = numbers.get("family")
+    if family not in families.FAMILIES:
+        return f"<td class=\"words\">{NOT_RECORDED}</td>"
+    module = families.family(family)
+    return (f'<td class="words"><b title="{html.escape(module.DESCRIPTION)}">{html.escape(module.TITLE)}</b>'
+            f'{_muted(str(numbers.get("recipe", "")))}</td>')
+
+
+def _likelihood_cell(numbers: Mapping[str, Any]) -> str:
+    value = numbers.get("likelihood", numbers.get("nll_bound"))
+    if value is None:
+        return f'<td class="num">{NOT_RECORDED}</td>'
+    se = numbers.get("likelihood_se", numbers.get("nll_bound_se"))
+    text = f"{value:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+    kind = numbers.get("likelihood_kind", "kind not recorded")
+    uniform = numbers.get("uniform_nats")
+    loose = (f"above ln V = {uniform:.2f}, a uniform guess's: a loose bound" if uniform is not None and value > uniform
+             else "")
+    return (f'<td class="num">{_value(text)}{_muted(kind)}{_muted(numbers.get("likelihood_on", ""))}'
+            f'{_muted(loose)}</td>')
+
+
+def _entropy_note(numbers: Mapping[str, Any]) -> str:
+    mine, held = numbers.get("quality_entropy"), numbers.get("heldout_quality_entropy")
+    if mine is None or not held:
+        return ""
+    off = mine / held - 1
+    return "at held-out entropy" if abs(off) <= ENTROPY_TOLERANCE else f"not at held-out entropy ({off:+.0%})"
+
+
+def _quality_cells(numbers: Mapping[str, Any]) -> str:
+    """Teacher perplexity (x held-out text's) and the entropy it was measured at, beside held-out's."""
+    if numbers.get("quality_entropy") is None:
+        family = numbers.get("family")
+        why = (families.not_available(family, "The quality-against-steps curve")
+               if family in families.FAMILIES and "steps" not in families.family(family).SAMPLE_OPTIONS
+               else "not recorded (no quality curve in samples/quality_vs_steps.csv)")
+        mine, held = numbers.get("samples_unigram_entropy"), numbers.get("heldout_unigram_entropy")
+        entropy = (f'{_value(_fmt(mine, 2) + " / " + _fmt(held, 2))}{_muted("summary.json, no teacher score")}'
+                   if mine is not None else NOT_RECORDED)
+        return f'<td class="num"><span class="muted">{html.escape(why)}</span></td><td class="num">{entropy}</td>'
+    perplexity, held = numbers.get("teacher_perplexity"), numbers.get("heldout_teacher_perplexity")
+    teacher = numbers.get("teacher")
+    if perplexity is None:
+        quality = "no teacher" if teacher == "" else "not scored"
+        quality = f'<span class="muted">{quality}</span>{_muted("sample.ipynb ran without teacher_dir" if teacher == "" else "")}'
+    else:
+        ratio = f"{perplexity / held:.2f}x held-out" if held else ""
+        quality = f"{_value(_fmt(perplexity, 1))}{_muted(ratio)}{_muted(f'teacher {teacher}')}"
+    temperature = numbers.get("sample_temperature")
+    how = ", ".join(part for part in (
+        f"temperature {temperature:g}" if temperature is not None else "",
+        f"{numbers['quality_steps']} steps",
+        f"{numbers['quality_samples']} samples" if numbers.get("quality_samples") else "") if part)
+    entropy = (f'{_value(_fmt(numbers["quality_entropy"], 2) + " / " + _fmt(numbers.get("heldout_quality_entropy"), 2))}'
+               f'{_muted(_entropy_note(numbers))}{_muted(how)}')
+    return f'<td class="num">{quality}</td><td class="num">{entropy}</td>'
+
+
+def _training_cells(numbers: Mapping[str, Any]) -> str:
+    seconds, flops = numbers.get("train_s"), numbers.get("train_flops")
+    time_text = _value(f"{seconds:,.0f} s") if seconds is not None else NOT_RECORDED
+    compute = f"{flops:.2g} FLOPs" if flops else ""
+    training = f'<td class="num">{time_text}{_muted(numbers.get("train_setting", ""))}{_muted(compute)}</td>'
+    rate = numbers.get("samples_per_s")
+    measured = f"{numbers.get('quality_samples')} at {numbers.get('quality_steps')} steps"
+    speed = f"{_value(f'{rate:.2f}')}{_muted(measured)}" if rate is not None else NOT_RECORDED
+    return training + f'<td class="num">{speed}</td>'
+
+
+def _verdict_cell(report: Mapping[str, Any], numbers: Mapping[str, Any]) -> str:
+    """The collapse verdict, or why the report has none."""
+    if numbers.get("collapsed") is not None:
+        return f'<td class="verdict">{html.escape(_verdict_text(numbers))}</td>'
+    family, status = numbers.get("family"), report.get("status")
+    if "collapse_analysis" in report.get("not_available", {}):
+        why = report["not_available"]["collapse_analysis"]
+    elif family in families.FAMILIES and not families.supports(family, PAGE_NEEDS["collapse_analysis"]):
+        why = families.not_available(family, "The collapse analysis page")
+    elif status == "failed":
+        why = "the report failed before its collapse analysis wrote one."
+    elif status != "complete":
+        why = f"not yet ({status})."
+    else:
+        why = "its collapse analysis wrote none (no run/analysis/verdict.json)."
+    return f'<td class="verdict"><span class="muted">no verdict: {html.escape(why[:1].lower() + why[1:])}</span></td>'
+
+
+def _heldout_row(entries: list[tuple[str, dict, dict]]) -> str:
+    """Held-out text's own row: the teacher's perplexity of held-out windows and their entropy, as
+    each report's quality curve measured them (a range where their windows or teachers differ)."""
+    def spread(key: str, digits: int, why: str) -> str:
+        values = sorted({round(n[key], digits) for _, _, n in entries if n.get(key) is not None})
+        if not values:
+            return "–"
+        low, high = _fmt(float(values[0]), digits), _fmt(float(values[-1]), digits)
+        return low if low == high else f"{_value(f'{low}–{high}')}{_muted(f'by report: {why}')}"
+
+    return ('<tr class="heldout"><td><b>held-out text</b><span class="muted"><br>the corpus\'s validation '
+            'split</span></td><td class="words"><span class="muted">windows of the samples\' shape</span></td>'
+            '<td class="num">–</td>'
+            f'<td class="num">{spread("heldout_teacher_perplexity", 1, "their windows and teachers")}</td>'
+            f'<td class="num">{spread("heldout_quality_entropy", 2, "as many windows as samples")}</td>'
+            '<td class="num">–</td><td class="num">–</td><td class="verdict">–</td></tr>')
+
+
+def _quality_plot(entries: list[tuple[str, dict, dict]]) -> str:
+    """The figure of quality against training compute, an embedded PNG, where at least two reports
+    have both; else ''."""
+    import base64
+    import io
+
+    import pandas as pd
+
+    from dlm.workbench import plots
+
+    rows = [{"name": name, "family": numbers.get("family_title", numbers.get("family", "?")),
+             "train_flops": numbers["train_flops"], "teacher_perplexity": numbers["teacher_perplexity"],
+             "matched": _entropy_note(numbers) == "at held-out entropy", "samples_per_s": numbers.get("samples_per_s")}
+            for name, _, numbers in entries if numbers.get("train_flops") and numbers.get("teacher_perplexity")]
+    if len(rows) < 2:
+        return ""
+    helds = [n["heldout_teacher_perplexity"] for _, _, n in entries if n.get("heldout_teacher_perplexity")]
+    figure = plots.quality_against_compute(pd.DataFrame(rows), float(pd.Series(helds).median()) if helds else None)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return ('<h2>Sample quality against training compute</h2><p class="intro">Each report with a teacher\'s score '
+            'and a training-compute estimate. Lower reads more like text to the teacher; a hollow marker is a report '
+            'whose samples are not at held-out entropy (the table says how far), which moves perplexity by itself.</p>'
+            f'<img class="plot" alt="teacher perplexity of samples against training compute" '
+            f'src="data:image/png;base64,{data}">')
+
+
+INTRO = ('<p class="intro">The reports side by side, newest first, each made by <code>dlm report PARAMS.yaml --name '
+         'NAME</code>; held-out text\'s own row first. How to read each column is under the table.</p>')
+
+
+def reading_notes() -> str:
+    """What the index's columns are; which families have which pages, from dlm.families."""
+    without = [families.family(f).TITLE for f in families.FAMILIES if not families.supports(f, PAGE_NEEDS["collapse_analysis"])]
+    return (
+        '<h2>Reading the columns</h2><p class="intro">Each report ran notebooks/train.ipynb and sample.ipynb on its '
+        "preset, then the pages its family has: the collapse analysis (which gives the verdict; not for the "
+        f"{' and '.join(without)} families), and control where the preset names control tasks. "
+        "<b>Likelihood</b>: nats per token on held-out windows; <i>exact NLL</i> is the chain rule's, "
+        "<i>NELBO</i> and <i>bound</i> are upper bounds on it (lower is better; a Gaussian bound is of the chain "
+        "toward the sampler's x0, and the predicted x0's is loose). <b>Teacher perplexity</b>: the AR teacher's "
+        "perplexity of the samples (lower reads more like text to it), beside held-out text's; it compares only at "
+        "equal unigram entropy, given next to it (<code>dlm calibrate</code> finds the temperature that puts a run's "
+        "samples at held-out entropy). <b>Training</b>: the run's own training time (metrics.csv), not the time the "
+        "notebooks took, and its compute, about 6 FLOPs per parameter per token read. <b>Samples/s</b>: the sample "
+        "page's quality curve at the samples' step count, timed on the machine and under the load that made the "
+        "report.</p>"
+    )
+
+
 def write_index(reports_dir: str | Path) -> Path:
-    """reports/index.html: every report folder with a report.json, newest first, with its key
-    numbers and links to its pages. Plain HTML and CSS: nothing to load."""
+    """reports/index.html: the reports side by side, newest first: family and recipe, likelihood
+    and its kind, sample quality at its entropy beside held-out text's, training time and compute,
+    sampling speed and the verdict (or why there is none), with links to each report's pages and a
+    figure of quality against compute. Numbers a report.json lacks (one written before they were
+    recorded) are read from its run folder. Plain HTML, CSS and embedded PNG: nothing to load."""
     reports_dir = Path(reports_dir)
     entries = []
     for path in sorted(reports_dir.glob("*/report.json")):
         report = _read_json(path)
         if report is not None:
-            entries.append((path.parent.name, report))
+            found = run_numbers(path.parent / "run", path.parent) if (path.parent / "run").is_dir() else {}
+            numbers = {**found, **report.get("numbers", {})}
+            invocations = (report.get("provenance") or {}).get("run")
+            if "train_setting" not in numbers and isinstance(invocations, list):  # a run folder without provenance.json
+                numbers["train_setting"] = train_setting(invocations, numbers.get("steps"))
+            entries.append((path.parent.name, report, numbers))
     entries.sort(key=lambda e: e[1].get("created", ""), reverse=True)
-    rows = []
-    for name, report in entries:
-        numbers = report.get("numbers", {})
-        status = report.get("status", "?")
-        if status == "failed":
-            failure = report.get("failure", {})
-            status_html = (f'<span class="failed">failed in {html.escape(str(failure.get("notebook", "?")))}.ipynb '
-                           f'cell {html.escape(str(failure.get("cell", "?")))}: '
-                           f'{html.escape(str(failure.get("error", ""))[:200])}</span>')
-        else:
-            status_html = html.escape(status)
-        links = " · ".join(
-            f'<a href="{html.escape(name)}/{html.escape(page)}">{html.escape(TITLES.get(nb, nb))}</a>'
-            for nb, page in report.get("pages", {}).items()
-        ) or '<span class="muted">no pages</span>'
-        punct = f'{_fmt(numbers.get("samples_punctuation_share"))} / {_fmt(numbers.get("heldout_punctuation_share"))}'
-        entropy = f'{_fmt(numbers.get("samples_unigram_entropy"), 2)} / {_fmt(numbers.get("heldout_unigram_entropy"), 2)}'
-        types = f'{_fmt(numbers.get("samples_types"))} / {_fmt(numbers.get("heldout_types"))}'
-        cells = [
-            f"<td><b>{html.escape(name)}</b><br>{links}</td>",
-            f"<td>{html.escape(_verdict_text(numbers))}</td>",
-            f"<td>{status_html}<br><span class=\"muted\">{html.escape(report.get('created', ''))}</span></td>",
-            f"<td>{html.escape(str(report.get('params', '')))}</td>",
-            f'<td class="num">{_fmt(numbers.get("steps"))} / {_fmt(numbers.get("epochs"))}</td>',
-            f'<td class="num">{_fmt(report.get("wall_s"), 0)}<br><span class="muted">'
-            f'{html.escape(" / ".join(_fmt(report.get("notebook_s", {}).get(nb), 0) for nb in NOTEBOOKS))}</span></td>',
-            f'<td class="num">{_fmt(numbers.get("train_loss"))} / {_fmt(numbers.get("val_loss"))}</td>',
-            f'<td class="num">{_fmt(numbers.get("nll_bound"), 2)}<br><span class="muted">+- '
-            f'{_fmt(numbers.get("nll_bound_se"), 2)}</span></td>',
-            f'<td class="num">{punct}</td>', f'<td class="num">{entropy}</td>', f'<td class="num">{types}</td>',
-        ]
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    header = ("<tr><th>report</th><th>verdict</th><th>status</th><th>preset</th><th>steps / epochs</th>"
-              "<th>wall time (s)<br><span class='muted'>train / sample / analysis / control</span></th>"
-              "<th>loss: train / val</th><th>NLL bound<br><span class='muted'>nats/token</span></th>"
-              "<th>punctuation: samples / held-out</th>"
-              "<th>entropy (bits): samples / held-out</th><th>types: samples / held-out</th></tr>")
-    body = "\n".join(rows) if rows else '<tr><td colspan="11" class="muted">No reports yet.</td></tr>'
+    rows = [("<tr>" + _report_cell(name, report) + _family_cell(numbers) + _likelihood_cell(numbers)
+             + _quality_cells(numbers) + _training_cells(numbers) + _verdict_cell(report, numbers) + "</tr>")
+            for name, report, numbers in entries]
+    header = ("<tr><th>report</th><th>family and recipe</th><th>likelihood<br><span class='muted'>nats/token, its "
+              "kind</span></th><th>teacher perplexity<br><span class='muted'>of samples</span></th>"
+              "<th>unigram entropy<br><span class='muted'>bits: samples / held-out</span></th>"
+              "<th>training<br><span class='muted'>its own time, compute</span></th><th>samples/s</th>"
+              "<th>verdict</th></tr>")
+    body = (_heldout_row(entries) + "\n" + "\n".join(rows) if rows
+            else '<tr><td colspan="8" class="muted">No reports yet.</td></tr>')
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dlm reports</title>'
-        f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>"
-        "<p>Each report ran notebooks/train.ipynb, sample.ipynb and collapse_analysis.ipynb on one preset "
-        "(<code>dlm report PARAMS.yaml --name NAME</code>). Samples and held-out text are compared at the same "
-        "shape; the verdict thresholds are in dlm/evaluation/collapse.py.</p>"
-        f"<table>\n{header}\n{body}\n</table></body></html>\n"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>{INTRO}"
+        f'<div class="table-box"><table>\n{header}\n{body}\n</table></div>{reading_notes()}{_quality_plot(entries)}'
+        "</body></html>\n"
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
     index = reports_dir / "index.html"
