@@ -263,6 +263,9 @@ def window_bound(run: LoadedRun, ids: torch.Tensor, draws: int, generator: torch
 # --- the family interface (see dlm.families) ---------------------------------------------------
 
 NAME = "uniform"
+TITLE = "uniform-state diffusion"
+DESCRIPTION = ("UDLM's uniform-state discrete diffusion: words replaced by uniformly drawn words, "
+               "restored step by step by a bidirectional transformer that may revise any word")
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature"})
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are held as given at every step: fill gives them back, with nothing to round
@@ -270,6 +273,16 @@ ROUNDS_FIXED_WORDS = False
 
 # The family-specific Config keys it reads: its sampler's (steps, the per-step temperature, <unk>).
 CONFIG_KEYS = frozenset({"sample_steps", "decode_temperature", "decode_unk"})
+
+
+def likelihood_kind(config: Config) -> str:
+    """The continuous-time NELBO, an upper bound on the NLL."""
+    return "NELBO"
+
+
+def recipe(config: Config) -> list[str]:
+    """The run's uniform-state recipe in words."""
+    return [f"sampled in {config.sample_steps} steps"]
 
 
 def check_config(config: Config) -> None:
