@@ -18,7 +18,7 @@ from dlm.core.config import ConfigError, coerce, describe_type, field_types, loa
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
 from dlm.core.errors import UserError
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
-from dlm.core.schedule import SPACINGS, sampling_timesteps
+from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.families import FAMILIES, check_sample_options
 from dlm.runs.build import load_run
@@ -470,19 +470,19 @@ def run_matched(args: argparse.Namespace) -> None:
 
 
 def run_nll(args: argparse.Namespace) -> None:
-    from dlm.evaluation.likelihood import check_counts, compare_with_ar
+    from dlm.evaluation.likelihood import bound_chain, check_counts, check_has_bound, compare_with_ar
 
     if args.run_dir is None:
         raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint)
-    check_sample_options(run.config.model, dict(x0=args.x0))
+    check_has_bound(run)  # before its options: an AR run is told where its exact NLL goes
+    check_sample_options(run.config.model, dict(x0=args.x0, spacing=args.spacing))
+    # with --steps, the bound of the chain the sampler runs at that many steps
+    chain = bound_chain(run, args.steps, args.spacing)
+    spacing = args.spacing or run.config.sample_spacing
     ar = load_run(args.ar_run) if args.ar_run else None
     x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
-    chain = None
-    if args.steps is not None:  # the bound of the chain the sampler runs at that many steps
-        spacing = args.spacing or run.config.sample_spacing
-        chain = sampling_timesteps(run.objective.schedule, args.steps, spacing)
     result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0, chain)
     bound = result.bound
     scored = (f"every step of the {args.steps}-step {spacing} chain" if chain is not None

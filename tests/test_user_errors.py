@@ -299,6 +299,8 @@ def toy_runs(tmp_path_factory):
     toy_run_dir(root / "ar", model="ar")
     toy_run_dir(root / "masked", model="masked")
     toy_run_dir(root / "one_line", text="To be, or not to be: that is the question.")
+    toy_run_dir(root / "blocks", block_size=4, block_training="all")  # a Gaussian block run, prefix cached
+    toy_run_dir(root / "blocks_one", block_size=4)  # trained one block per window: its prefix run every step
     return root
 
 
@@ -339,6 +341,65 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
                  "--num_samples", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["fixed_positions"] for r in records] == [[], []]
+
+
+@pytest.mark.parametrize("run", ["blocks", "blocks_one"])
+@pytest.mark.parametrize("extra", [["--template", "__ __ be __ __ __ __ __ __ question"], ["--prefix", "To be"],
+                                   ["--length", "3"]])
+def test_every_control_works_on_a_gaussian_block_run(toy_runs, tmp_path, capsys, run, extra):
+    out = tmp_path / "infill.jsonl"
+    assert main(["infill", "--run_dir", str(toy_runs / run), "--steps", "3", "--num_samples", "2",
+                 "--out", str(out), *extra]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for record in records:
+        fixed = dict(zip(record["fixed_positions"], record["fixed_ids"]))
+        window = record.get("window_ids", record["ids"])
+        assert len(window) == 16 and all(window[i] == word for i, word in fixed.items())
+
+
+def test_a_block_chain_reads_the_fixed_words_of_its_finished_blocks(toy_runs, monkeypatch):
+    """A fixed word the rounding would never give (it is banned from the draws) is still what the
+    later blocks read as their context."""
+    from dlm.families import gaussian_sampling
+    from dlm.runs.build import load_run
+
+    run = load_run(toy_runs / "blocks")
+    word = run.tokenizer.stoi["question"]
+    ids = torch.full((2, 16), run.tokenizer.pad_id)
+    ids[:, 1] = word
+    known = torch.zeros(2, 16, dtype=torch.bool)
+    known[:, 1] = True
+    fixed = gaussian_sampling.known_positions_hook(run.model, ids, known)
+    contexts = []  # the words before and in each block, as each block's chain fixes them
+
+    def spy(model, words, positions):
+        contexts.append(words.clone())
+        return fixed_hook(model, words, positions)
+
+    fixed_hook = gaussian_sampling.known_positions_hook
+    monkeypatch.setattr(gaussian_sampling, "known_positions_hook", spy)
+    options = SampleOptions.from_config(run.config, steps=2)
+    states = list(gaussian_sampling.sample_chain(run.model, run.objective, options, (2, 16),
+                                                 torch.Generator().manual_seed(0), hooks=[fixed], banned=(word,)))
+    assert (states[-1].words[:, 1] != word).all()  # what the rounding made of it, as decoded
+    assert [c.shape[1] for c in contexts] == [4, 8, 12, 16]
+    assert all((c[:, 1] == word).all() for c in contexts[1:])
+
+
+@pytest.mark.parametrize("run, extra, message", [
+    ("masked", ["--steps", "5"], "--steps scores a shortened Gaussian chain; the 'masked' family's bound has no "
+                                 "such chain: drop --steps."),
+    ("masked", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain; the 'masked'"),
+    ("ar", ["--steps", "5"], "A likelihood bound is not available for the 'ar' family"),
+    ("ar", ["--x0", "expected"], "Its NLL is exact: give it as --ar_run."),
+    ("diffusion", ["--steps", "0"], "--steps must be between 1 and the run's diffusion_steps (50), got 0."),
+    ("diffusion", ["--steps", "51"], "--steps must be between 1 and the run's diffusion_steps (50), got 51."),
+    ("diffusion", ["--spacing", "uniform"], "--spacing places the steps of a shortened chain: give --steps N too"),
+])
+def test_the_bound_of_a_chain_is_asked_of_a_gaussian_run_only(toy_runs, tmp_path, capsys, run, extra, message):
+    refused(capsys, "evaluate", ["evaluate", "--nll", "--run_dir", str(toy_runs / run), "--windows", "2",
+                                 "--json", str(tmp_path / "e.json"), *extra], message, tmp_path, toy_runs)
+    assert not list(tmp_path.iterdir())
 
 
 # A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.

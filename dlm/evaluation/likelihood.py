@@ -48,7 +48,7 @@ from tqdm import tqdm  # a text bar on a terminal; off where stderr is not one (
 from dlm.core.config import machine_memory_bytes
 from dlm.core.errors import UserError
 from dlm.core.runtime import autocast
-from dlm.core.schedule import q_sample
+from dlm.core.schedule import q_sample, sampling_timesteps
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, validation_windows
 from dlm.families import not_available, supports
@@ -279,15 +279,43 @@ def check_windows_fit(windows: int, seq_len: int) -> None:
                         f"GiB; this machine has {have / 2**30:.0f} GiB: use at most {int(have / 2 / per_window)}.")
 
 
+def check_has_bound(run: LoadedRun) -> None:
+    """A run whose family has a likelihood bound; else one line (an exact family: where its NLL goes)."""
+    if not supports(run.config.model, "likelihood_bound"):
+        exact = " Its NLL is exact: give it as --ar_run." if supports(run.config.model, "likelihood_exact") else ""
+        raise UserError(not_available(run.config.model, "A likelihood bound") + exact)
+
+
+def no_chain_bound(run: LoadedRun) -> str:
+    return (f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound has no such chain: "
+            f"drop --steps.")
+
+
+def bound_chain(run: LoadedRun, steps: int | None, spacing: str | None = None) -> list[int] | None:
+    """The timesteps of the chain whose bound `dlm evaluate --nll --steps N` asks for (None: the
+    bound over all T timesteps), checked before any window is scored: a family with a bound, a
+    Gaussian chain (the other families' bounds have none), N within the run's diffusion_steps."""
+    check_has_bound(run)
+    if steps is None:
+        if spacing is not None:
+            raise UserError("--spacing places the steps of a shortened chain: give --steps N too (without it the "
+                            "bound is over all of the run's timesteps).")
+        return None
+    if hasattr(run.family, "window_bound"):
+        raise UserError(no_chain_bound(run))
+    total = run.objective.steps
+    if not 1 <= steps <= total:
+        raise UserError(f"--steps must be between 1 and the run's diffusion_steps ({total}), got {steps}.")
+    return sampling_timesteps(run.objective.schedule, steps, spacing or run.config.sample_spacing)
+
+
 def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4, seed: int = 0,
               batch_size: int = 64, proposal: str = "importance", x0: str | None = None,
               chain: Sequence[int] | None = None) -> Bound:
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
     given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each;
     chain: of the shortened chain through those timesteps instead, every step of it (`window_terms`)."""
-    if not supports(run.config.model, "likelihood_bound"):
-        exact = " Its NLL is exact: give it as --ar_run." if supports(run.config.model, "likelihood_exact") else ""
-        raise UserError(not_available(run.config.model, "A likelihood bound") + exact)
+    check_has_bound(run)
     ids = validation_windows(run, windows, seed) if isinstance(windows, int) else windows
     check_counts(len(ids), draws)
     device = next(run.model.parameters()).device
@@ -297,8 +325,7 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
         batch = ids[start: start + batch_size].to(device)
         if hasattr(run.family, "window_bound"):  # the family's own bound (the masked NELBO)
             if chain is not None:
-                raise UserError(f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound "
-                                f"has no such chain: drop --steps.")
+                raise UserError(no_chain_bound(run))
             terms = run.family.window_bound(run, batch, draws, generator)
         else:  # the Gaussian bound of this module
             terms = window_terms(run.model, run.objective, batch, draws, generator, precision=run.config.precision,
