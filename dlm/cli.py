@@ -16,7 +16,7 @@ import torch
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
-from dlm.core.errors import UserError
+from dlm.core.errors import UserError, is_disk_full
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
@@ -582,7 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: train has logged where the run stands and how to resume
         print(f"dlm {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as error:
+        if is_disk_full(error):  # a write no code path names (DiskFullError where one does)
+            where = f" writing '{error.filename}'" if error.filename else ""
+            print(f"dlm {args.command}: error: the disk is full ({error.strerror}{where}): free space on it (df -h "
+                  f"shows what is left) and run the command again.", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"dlm {args.command}: internal error: {REPORT_A_BUG}.", file=sys.stderr)
         return 1

@@ -200,6 +200,66 @@ def test_leftover_temp_files_are_removed_on_resume(exact, tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------
+# A full disk: one line saying what to free and how to go on; nothing cut short
+
+
+def tree(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_at_an_epoch_checkpoint_is_one_line_and_the_resume_writes_it(
+        exact, tmp_path, corpus, capsys, caplog, small_disk):
+    reference = RunDir(tmp_path / "reference")
+    train(exact, reference.path)
+    run = RunDir(tmp_path / "run")
+    small_disk.full_for = "epoch_0002.pt"  # last.pt of step 20 fits, the epoch checkpoint beside it does not
+    assert main(cli_args(corpus, run.path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "bug in dlm" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("dlm train: error: The disk holding") and "'epoch_0002.pt' could not be written" in line
+    assert "checkpoints/last.pt holds step 20; continue with 'dlm train PARAMS --run_dir" in line
+    assert "The resume first writes the missing epoch_0002.pt from last.pt." in line
+    assert not run.epoch_checkpoint(2).exists() and not run.leftover_temp_files()
+    assert load_checkpoint(run.last_checkpoint)["step"] == 20
+    small_disk.full_for = None  # space freed
+    caplog.set_level(logging.INFO, logger="dlm")
+    assert main(cli_args(corpus, run.path, "--resume")) == 0
+    assert "checkpoints/epoch_0002.pt was missing (its write failed or was cut short): written from" in caplog.text
+    for path in (run.epoch_checkpoint(2), run.last_checkpoint):  # as an uninterrupted run's
+        kept, expected = load_checkpoint(path), load_checkpoint(reference.path / path.relative_to(run.path))
+        assert kept["step"] == expected["step"]
+        assert all(torch.equal(kept["model"][k], expected["model"][k]) for k in expected["model"])
+    assert losses(read_rows(run.metrics)) == losses(read_rows(reference.metrics))
+
+
+def test_a_full_disk_at_last_pt_keeps_the_previous_one(exact, tmp_path, corpus, capsys, small_disk):
+    run = RunDir(tmp_path / "run")
+    train(exact.replace(max_steps=10), run.path)  # last.pt of step 10
+    before = tree(run.path)
+    small_disk.full_for = "last.pt"
+    assert main(cli_args(corpus, run.path, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "'last.pt' could not be written (0." in line and "checkpoints/last.pt holds step 10; continue" in line
+    assert run.last_checkpoint.read_bytes() == before[run.last_checkpoint] and not run.leftover_temp_files()
+
+
+def test_a_full_disk_never_leaves_a_cut_metrics_row(tmp_path, small_disk):
+    from dlm.core.errors import DiskFullError
+    from dlm.runs.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "metrics.csv", terms=("total",))
+    writer.write({"step": 1, "epoch": 1, "total": 0.5})
+    before = (tmp_path / "metrics.csv").read_bytes()
+    small_disk.full_for = "metrics.csv"
+    with pytest.raises(DiskFullError, match="'metrics.csv' could not be written. Free space on that disk"):
+        writer.write({"step": 2, "epoch": 1, "total": 0.25})
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
 # One writer per run folder
 
 

@@ -609,6 +609,32 @@ def test_ctrl_c_while_sampling_keeps_the_finished_batches(toy_runs, tmp_path, ca
     assert len(out.read_text().splitlines()) == 4 and len(out.with_suffix(".txt").read_text().splitlines()) == 4
 
 
+@pytest.mark.parametrize("full_for", ["s.jsonl", "s.txt"])
+def test_a_full_disk_while_sampling_keeps_whole_lines_of_both_files(toy_runs, tmp_path, capsys, monkeypatch,
+                                                                    small_disk, full_for):
+    from dlm.runs.sample import SampleWriter
+
+    real_add = SampleWriter.add
+
+    def disk_fills_after_the_first_batch(writer, batch):
+        if writer.count:
+            small_disk.full_for = full_for  # half of this batch's lines fit
+        real_add(writer, batch)
+
+    monkeypatch.setattr(SampleWriter, "add", disk_fills_after_the_first_batch)
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "6",
+                 "--batch_size", "2", "--record_every", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = one_error_line_from(err, "sample")
+    assert f"The disk holding '{tmp_path}' is full: 's.jsonl' could not be written. 2 samples are kept in it" in line
+    assert "Free space on that disk (df -h shows what is left) and sample again." in line
+    assert [json.loads(row)["index"] for row in out.read_text().splitlines()] == [0, 1]  # every line whole
+    assert out.read_bytes().endswith(b"\n") and len(out.with_suffix(".txt").read_text().splitlines()) == 2
+    assert not out.with_suffix(".trajectory.json").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--num_samples", str(10**9), "--record_every", "1", "--steps", "2", "--out", "OUT"],
      "GiB of trajectory; this machine has"),

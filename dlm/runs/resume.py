@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dlm.core.checkpoint import CheckpointError
+from dlm.core.checkpoint import CheckpointError, save_checkpoint
 from dlm.core.config import Config, from_dict, section_keys
 from dlm.core.data import Tokenizer
 from dlm.runs.rundir import RunDir, RunExistsError
@@ -27,6 +27,22 @@ def kept_payload(state: TrainState, tokenizer: Tokenizer) -> dict:
     return {"model": state.model.state_dict(),
             "ema": state.ema.module.state_dict() if state.ema is not None else None,
             "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch}
+
+
+KEPT_KEYS = ("model", "ema", "config", "vocab", "step", "epoch")  # what kept_payload writes
+
+
+def write_missing_kept_checkpoint(run: RunDir, payload: dict, due: bool) -> Path | None:
+    """The epoch checkpoint of last.pt's epoch, when it was `due` and is missing (its write found the
+    disk full, or a kill came between the two writes), written from last.pt, which holds the same
+    weights: the path written, named in the log, else None."""
+    path = run.epoch_checkpoint(payload["epoch"])
+    if not due or path.exists():
+        return None
+    save_checkpoint(path, {key: payload[key] for key in KEPT_KEYS})
+    logger.info("%s was missing (its write failed or was cut short): written from checkpoints/last.pt, which holds "
+                "the same step %d", path.relative_to(run.path), payload["step"])
+    return path
 
 
 def resume_payload(state: TrainState, tokenizer: Tokenizer) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -13,8 +12,8 @@ from pathlib import Path
 import torch
 
 from dlm.core.config import Config, machine_memory_bytes
-from dlm.core.data import atomic_write_bytes, check_destination
-from dlm.core.errors import UserError
+from dlm.core.data import append_together, atomic_write_bytes, check_destination
+from dlm.core.errors import DiskFullError, UserError, is_disk_full
 from dlm.core.schedule import SPACINGS
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
@@ -154,19 +153,26 @@ class SampleWriter:
                      "model": run.config.model, "vocab": run.tokenizer.fingerprint(), **asdict(options)}
         self.itos = run.tokenizer.itos
         self.count, self.handles, self.frames = 0, None, []
+        self.full = False  # the disk filled: the trajectory, which would not fit either, is not written
 
     def add(self, batch: SampleBatch) -> None:
         if self.handles is None:
             for path in self.files.values():
                 path.parent.mkdir(parents=True, exist_ok=True)
-            self.handles = [open(self.files[kind], "w", encoding="utf-8") for kind in ("jsonl", "txt")]
+            self.handles = [open(self.files[kind], "wb", buffering=0) for kind in ("jsonl", "txt")]
         lines = [json.dumps({"index": self.count + i, "text": text, "ids": row.tolist(), **self.meta},
                             ensure_ascii=False) for i, (text, row) in enumerate(zip(batch.texts, batch.ids))]
         plain = [text.replace("\n", " / ") for text in batch.texts]
-        for handle, rows in zip(self.handles, (lines, plain)):
-            handle.write("".join(row + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:  # a batch is written whole or not at all: never a cut last line
+            append_together([(handle, "".join(row + "\n" for row in rows).encode("utf-8"))
+                             for handle, rows in zip(self.handles, (lines, plain))])
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            self.full = True
+            kept = f"{self.count} samples are kept in it, each a whole line" if self.count else "No sample was kept"
+            raise DiskFullError(self.files["jsonl"], what=f"{kept}. Free space on that disk (df -h shows what is "
+                                                          f"left) and sample again.") from None
         self._record(batch.trajectory)
         self.count += len(batch.texts)
 
@@ -181,7 +187,7 @@ class SampleWriter:
     def close(self) -> None:
         for handle in self.handles or ():
             handle.close()
-        if self.frames:
+        if self.frames and not self.full:
             atomic_write_bytes(self.files["trajectory"],
                                json.dumps({"itos": self.itos, "frames": self.frames}).encode())
 

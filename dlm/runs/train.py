@@ -34,6 +34,7 @@ from dlm.core.data import (
     windows_per_epoch,
 )
 from dlm.core.embeddings import nearest_neighbour_distances
+from dlm.core.errors import DiskFullError
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import (
     Ranks,
@@ -53,11 +54,15 @@ from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, build_model, build_objective
 from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
-from dlm.runs.resume import kept_payload, restore, resume_payload, resumed_config
+from dlm.runs.resume import kept_payload, restore, resume_payload, resumed_config, write_missing_kept_checkpoint
 from dlm.runs.rundir import RunDir, RunExistsError, RunLock
 from dlm.runs.sample import SampleOptions, generate
 
 logger = logging.getLogger("dlm")
+
+# What a checkpoint write that found the disk full asks of the user.
+FREE_CHECKPOINT_SPACE = "Free space on that disk (df -h shows what is left; older checkpoints/epoch_*.pt can go)."
+
 
 class DivergedError(RuntimeError):
     """A loss term or the weights became NaN or inf; the last good checkpoint is kept."""
@@ -370,11 +375,20 @@ class RunHooks:
         # last.pt first: a kill between the two writes then leaves a resumable run (the other way
         # round it left a kept checkpoint without last.pt: not resumable, and not a fresh folder either)
         interval = {"interval": self.interval.state_dict()} if self.interval is not None else {}
-        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval,
-                                                   "metrics": self.metrics.record()})
+        try:
+            save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer), **interval,
+                                                       "metrics": self.metrics.record()})
+        except DiskFullError as full:
+            raise DiskFullError(full.path, full.size,
+                                f"{FREE_CHECKPOINT_SPACE} {where_it_stands(self.run, self)}") from None
         self.saved_step = state.step
         if keep:
-            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept_payload(state, self.tokenizer))
+            epoch_checkpoint = self.run.epoch_checkpoint(state.epoch)
+            try:
+                save_checkpoint(epoch_checkpoint, kept_payload(state, self.tokenizer))
+            except DiskFullError as full:
+                raise DiskFullError(full.path, full.size, f"{FREE_CHECKPOINT_SPACE} {where_it_stands(self.run, self)} "
+                                    f"The resume first writes the missing {epoch_checkpoint.name} from last.pt.") from None
             if self.curves is not None:  # after the checkpoints: drawing samples never delays them
                 self.curves.log_table(state.step, state.model.table())
                 self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
@@ -625,6 +639,9 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state.ranks = ranks
     if payload:
         restore(state, payload, run.last_checkpoint)
+        if ranks.is_main:  # a kept checkpoint is due at every checkpoint_every-th epoch and at the run's end
+            write_missing_kept_checkpoint(run, payload, state.epoch % config.checkpoint_every == 0
+                                          or state.step >= total_steps)
     elif ranks.is_main:
         save_config(config, run.config)
         data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
