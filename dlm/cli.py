@@ -27,6 +27,7 @@ from dlm.runs.sample import (
     SampleOptions,
     SampleWriter,
     check_memory,
+    check_options,
     check_sample_destination,
     generate_batches,
 )
@@ -361,14 +362,16 @@ def run_sample(args: argparse.Namespace) -> None:
         steps=args.steps, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
         x0=args.x0, temperature=args.temperature, unk=args.unk,
         decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
-    options.validate(getattr(run.objective, "steps", None))
+    check_options(run, options)  # before the chain's cost is printed
     check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
     if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        size = run.objective.block_size_for(run.config.seq_len)
-        blocks = 1 if size is None else run.config.seq_len // size
+        size = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
+        blocks = run.config.seq_len // size
+        calls = getattr(run.family, "denoiser_calls", lambda steps, positions: steps)(options.steps, size)
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
-              f"{blocks * options.steps} denoiser calls per batch of up to {options.batch_size} samples", flush=True)
+              f"{'' if calls == options.steps else 'at most '}{blocks * calls} denoiser calls per batch of up to "
+              f"{options.batch_size} samples", flush=True)
     writer = SampleWriter(args.out, run, options)
     try:
         with tqdm(total=options.num_samples, unit="sample", desc="sampling", disable=None) as bar:

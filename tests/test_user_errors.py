@@ -322,6 +322,8 @@ BAD_INFILL = [
     ("ar", ["--length", "4"], "--length is not available for the 'ar' family"),
     ("masked", ["--template", "To be zorgle __"], "not in the run's vocabulary: 'zorgle'"),
     ("masked", ["--template", "__", "--steps", "0"], "steps must be at least 1, got 0"),
+    ("masked", ["--template", "__", "--steps", "12801"], "steps must be at most 12,800 for this run, got 12,801: a "
+                                                           "masked chain unmasks each of a window's 16 positions"),
     ("one_line", ["--length", "4"], "--length needs the blank line that ends a speech, but this run's vocabulary "
                                     "has no newline token"),
 ]
@@ -400,6 +402,42 @@ def test_the_bound_of_a_chain_is_asked_of_a_gaussian_run_only(toy_runs, tmp_path
     refused(capsys, "evaluate", ["evaluate", "--nll", "--run_dir", str(toy_runs / run), "--windows", "2",
                                  "--json", str(tmp_path / "e.json"), *extra], message, tmp_path, toy_runs)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, steps, message", [
+    ("sample", "0", "steps must be at least 1, got 0."),
+    ("sample", "12801", "steps must be at most 12,800 for this run, got 12,801"),
+    ("sample", str(10**6), "from 50 x 16^2 = 12,800 steps on, fewer than 1 sample in 100 has two positions unmasked"),
+    ("evaluate", str(10**6), "steps must be at most 12,800 for this run, got 1,000,000"),
+])
+def test_masked_steps_are_bounded_before_anything_runs(toy_runs, tmp_path, capsys, command, steps, message):
+    destination = (["--out", str(tmp_path / "s.jsonl")] if command == "sample" else
+                   ["--matched", "--teacher", str(toy_runs / "ar"), "--json", str(tmp_path / "e.json")])
+    before = snapshot(tmp_path, toy_runs)
+    assert main([command, "--run_dir", str(toy_runs / "masked"), "--steps", steps, *destination]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # not even the chain's cost: nothing runs
+    assert message in one_error_line_from(captured.err, command)
+    assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
+
+
+def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():
+    """The bound's claim, drawn: at 50 n^2 steps fewer than 1 window in 100 has two of its n
+    positions unmasked at the same step (an oracle apart from the bound's arithmetic)."""
+    from dlm.families.masked import most_steps, unmask_chain
+
+    positions, windows = 4, 4000
+    z = torch.full((windows, positions), 9)
+    shared = torch.zeros(windows, dtype=torch.bool)
+    predict = lambda ids: torch.zeros(*ids.shape, 9)  # noqa: E731 -- any words: only the timing counts
+    for state in unmask_chain(predict, z, 9, most_steps(positions), torch.Generator().manual_seed(0)):
+        shared |= state.unmasked.sum(1) > 1
+    assert shared.float().mean() < 0.01
+    z_few = torch.full((windows, positions), 9)
+    few = torch.zeros(windows, dtype=torch.bool)
+    for state in unmask_chain(predict, z_few, 9, positions * 2, torch.Generator().manual_seed(0)):
+        few |= state.unmasked.sum(1) > 1
+    assert few.float().mean() > 0.1  # with few steps it is common: the bound is where it stops mattering
 
 
 # A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.

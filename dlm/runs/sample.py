@@ -81,6 +81,15 @@ class SampleOptions:
             raise UserError("clamp_fraction must be between 0 and 1.")
 
 
+def check_options(run: LoadedRun, options: SampleOptions) -> None:
+    """Every sampling option against the run, before any draw: the options' own ranges and the steps
+    the run's chain can take (the Gaussian family's diffusion_steps, or the family's `check_steps`)."""
+    options.validate(getattr(run.objective, "steps", None))
+    check_steps = getattr(run.family, "check_steps", None)
+    if check_steps is not None:
+        check_steps(options, run)
+
+
 @dataclass
 class SampleBatch:
     ids: torch.Tensor  # (N, L)
