@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -559,40 +560,48 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str],
+                argv: list[str] | None) -> int | None:
+    if args.command in ("train", "train-ar") and args.nproc is not None:
+        # a bad override or batch size fails here, once, not in every process
+        config = load_config(args.params, **parse_overrides(extra, args))
+        if not args.resume:
+            check_global_batch(config.batch_size, args.nproc)
+        return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
+    if args.command in ("train", "train-ar"):
+        return run_train(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"infill": run_infill, "sample": run_sample, "stats": run_stats, "evaluate": run_evaluate,
+                "report": run_report, "train-classifier": run_train_classifier, "control-table": run_control_table}
+    return commands[args.command](args)
+
+
+def handled(name: str, work: Callable[[], int | None]) -> int:
+    """Run `work` for the command `name` (dlm CMD, or a script that shares the CLI's checks, such as
+    benchmarks/scaling.py) and say how it ended: what the user can fix is one line `NAME: error: ...`
+    and status 2, Ctrl-C `NAME: interrupted` and 130, anything else a bug: its traceback and 1."""
     try:
-        if args.command in ("train", "train-ar") and args.nproc is not None:
-            # a bad override or batch size fails here, once, not in every process
-            config = load_config(args.params, **parse_overrides(extra, args))
-            if not args.resume:
-                check_global_batch(config.batch_size, args.nproc)
-            return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
-        if args.command in ("train", "train-ar"):
-            run_train(args, extra)
-        else:
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            commands = {"infill": run_infill, "sample": run_sample, "stats": run_stats, "evaluate": run_evaluate,
-                        "report": run_report, "train-classifier": run_train_classifier,
-                        "control-table": run_control_table}
-            return commands[args.command](args) or 0
+        return work() or 0
     except USER_ERRORS as error:
-        print(f"dlm {args.command}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: train has logged where the run stands and how to resume
-        print(f"dlm {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if is_disk_full(error):  # a write no code path names (DiskFullError where one does)
             where = f" writing '{error.filename}'" if error.filename else ""
-            print(f"dlm {args.command}: error: the disk is full ({error.strerror}{where}): free space on it (df -h "
-                  f"shows what is left) and run the command again.", file=sys.stderr)
+            print(f"{name}: error: the disk is full ({error.strerror}{where}): free space on it (df -h shows what "
+                  f"is left) and run the command again.", file=sys.stderr)
             return 2
         traceback.print_exc()
-        print(f"dlm {args.command}: internal error: {REPORT_A_BUG}.", file=sys.stderr)
+        print(f"{name}: internal error: {REPORT_A_BUG}.", file=sys.stderr)
         return 1
-    return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    return handled(f"dlm {args.command}", lambda: run_command(parser, args, extra, argv))

@@ -16,7 +16,7 @@ from dlm.core.config import ConfigError, field_types, load_config, load_yaml, ma
 from dlm.core.data import check_destination, check_run_folder
 from dlm.core.runtime import pick_device
 from dlm.runs.sample import SampleOptions
-from tests.conftest import ROOT, make_corpus
+from tests.conftest import ROOT, make_corpus, toy_run_dir
 
 SMOKE = str(ROOT / "params" / "smoke.yaml")
 QUICK = ["--max_steps", "2", "--precision", "fp32", "--device", "cpu", "--min_count", "1",
@@ -770,6 +770,72 @@ def test_known_params_of_every_notebook_pass_the_check():
 
     check_notebook_parameters({"train": {"lr": 0.1, "nll_windows": 2}, "sample": {"num_samples": 2},
                                "collapse_analysis": {"steps": 5}, "control": {"task": "infill"}}, notebooks_dir())
+
+
+# --- the benchmark scripts users run: the CLI's checks and its one line, before any work ------------
+
+def benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("scaling", ["x=HERE/nowhere", "--teacher", "AR"], "Run folder 'HERE/nowhere' does not exist"),
+    ("scaling", ["x=DIFF", "--teacher", "DIFF"], "The teacher must be an autoregressive run"),
+    ("scaling", ["x=AR", "--teacher", "AR"], "row 'x': an autoregressive run is the --teacher's row"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--seeds", "0"], "--seeds must be at least 1, got 0."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--samples", "0"], "--samples must be at least 1, got 0."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--windows", "1"], "--windows must be at least 2"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--draws", "0"], "--draws must be a positive number of timesteps"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--steps", "0"], "row 'x': steps must be between 1 and the run's "
+                                                              "diffusion_steps (50), got 0."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--steps", "5000"], "diffusion_steps (50), got 5000."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--speed_steps", "500"], "--speed_steps: steps must be between 1"),
+    ("scaling", ["x=MASKED", "--teacher", "AR", "--steps", "100000"], "steps must be at most 12,800 for this run"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--out", "HERE/afile"], "--out 'HERE/afile/scaling.csv' lies under"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--entropy", "-1"], "--entropy is a unigram entropy in bits, a "
+                                                                  "positive number, got -1.0."),
+    ("scaling", ["x=DIFF", "--teacher", "OTHER_VOCAB"], "--teacher was trained with another vocabulary than"),
+    ("spacing", ["HERE/nowhere", "AR"], "Run folder 'HERE/nowhere' does not exist"),
+    ("spacing", ["DIFF", "MASKED"], "The teacher must be an autoregressive run"),
+    ("spacing", ["MASKED", "AR"], "is of model 'masked': spacing.py compares the timestep spacings of the Gaussian"),
+    ("spacing", ["AR", "AR"], "is of model 'ar': spacing.py compares"),
+    ("spacing", ["DIFF", "AR", "--samples", "0"], "--samples must be at least 1, got 0."),
+    ("spacing", ["DIFF", "AR", "--windows", "1"], "--windows must be at least 2"),
+    ("spacing", ["DIFF", "AR", "--steps", "0"], "steps must be between 1 and the run's diffusion_steps (50), got 0."),
+    ("spacing", ["DIFF", "AR", "--steps", "5", "5000"], "diffusion_steps (50), got 5000."),
+    ("spacing", ["DIFF", "AR", "--out", "HERE/afile"], "--out 'HERE/afile/spacing.csv' lies under"),
+    ("spacing", ["DIFF", "AR", "--entropy", "-1"], "--entropy is a unigram entropy in bits, a positive number"),
+])
+def test_benchmark_scripts_refuse_bad_input_in_one_line_before_any_work(toy_runs, tmp_path, capsys, monkeypatch,
+                                                                         script, argv, message):
+    from dlm.evaluation import likelihood, matched
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a bound or a sample was computed before the inputs were checked")
+
+    for module, name in ((matched, "temperature_sampler"), (likelihood, "nll_bound"), (likelihood, "compare_with_ar")):
+        monkeypatch.setattr(module, name, no_work)
+    (tmp_path / "afile").write_text("keep me")
+    toy_run_dir(tmp_path / "one_line_ar", model="ar", text="To be, or not to be: that is the question.")
+    names = {"OTHER_VOCAB": tmp_path / "one_line_ar", "DIFF": toy_runs / "diffusion", "AR": toy_runs / "ar",
+             "MASKED": toy_runs / "masked", "HERE": tmp_path}
+    for name, path in names.items():
+        argv = [a.replace(name, str(path)) for a in argv]
+        message = message.replace(name, str(path))
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = snapshot(tmp_path, toy_runs)
+    assert benchmark(script).main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and message in lines[0], lines
+    assert snapshot(tmp_path, toy_runs) == before and not (tmp_path / "out").exists()
 
 
 # --- presets, corpora, resuming, pretrained vectors ------------------------------------------------

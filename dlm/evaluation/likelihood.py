@@ -344,13 +344,15 @@ def summarise(parts: dict[str, torch.Tensor], tokens: int, draws: int) -> Bound:
     return Bound(float(per_window.mean()), se, terms, count, draws, tokens, per_window)
 
 
-def check_ar_run(run: LoadedRun, ar: LoadedRun) -> None:
+def check_ar_run(run: LoadedRun, ar: LoadedRun, flag: str = "--ar_run") -> None:
+    """The AR run whose exact NLL the bound is compared with (given as `flag`): AR, same vocabulary."""
     if not supports(ar.config.model, "likelihood_exact"):
-        raise UserError(f"--ar_run '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
+        raise UserError(f"{flag} '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
                          f"train one with dlm train-ar params/ar.yaml.")
     if ar.tokenizer.fingerprint() != run.tokenizer.fingerprint():
-        raise UserError("--ar_run was trained with another vocabulary than the diffusion run, so their "
-                         "nats per token do not compare: train the AR run on the same corpus and tokenizer settings.")
+        raise UserError(f"{flag} was trained with another vocabulary than the run '{run.checkpoint.parent.parent}', "
+                        f"so their nats per token do not compare: train the AR run on the same corpus and tokenizer "
+                        f"settings.")
 
 
 def ar_nll(ar: LoadedRun, ids: torch.Tensor) -> float:
