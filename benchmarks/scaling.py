@@ -105,10 +105,10 @@ def check_row(run, teacher, args: argparse.Namespace) -> None:
                         "LABEL=PATH row: give diffusion or masked runs as rows.")
     check_has_bound(run)
     check_ar_run(run, teacher, "--teacher")
-    check_options(run, SampleOptions.from_config(run.config, num_samples=args.samples, steps=args.steps,
+    check_options(run.config, SampleOptions.from_config(run.config, num_samples=args.samples, steps=args.steps,
                                                  x0=x0_of(run, args.x0)))
     try:
-        check_options(run, speed_options(run, args.samples, args.speed_steps))
+        check_options(run.config, speed_options(run, args.samples, args.speed_steps))
     except UserError as error:
         raise UserError(f"--speed_steps: {error}") from None
 

@@ -78,7 +78,7 @@ def check_runs(run, teacher, steps: list[int], spacings: list[str], samples: int
     check_teacher(teacher)
     check_ar_run(run, teacher, "TEACHER")
     for count in steps:
-        check_options(run, SampleOptions.from_config(run.config, num_samples=samples, steps=count, x0=x0))
+        check_options(run.config, SampleOptions.from_config(run.config, num_samples=samples, steps=count, x0=x0))
     return {(count, spacing): bound_chain(run, count, spacing) for count in steps for spacing in spacings}
 
 

@@ -363,7 +363,7 @@ def run_sample(args: argparse.Namespace) -> None:
         steps=args.steps, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
         x0=args.x0, temperature=args.temperature, unk=args.unk,
         decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
-    check_options(run, options)  # before the chain's cost is printed
+    check_options(run.config, options)  # before the chain's cost is printed
     check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
     if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
         # block diffusion runs the whole chain once per block: the cost a user trades for order
@@ -544,7 +544,7 @@ def notebook_parameters(items: list[str]) -> dict[str, dict]:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dlm.workbench.workbook import ReportError, build_report, report_size
+    from dlm.workbench.workbook import ChainFailed, ReportError, build_report, report_size
 
     logging.getLogger("papermill").setLevel(logging.WARNING)
     check_run_folder(args.reports_dir, "--reports_dir")  # a file, read-only, or a folder that cannot exist
@@ -552,9 +552,9 @@ def run_report(args: argparse.Namespace) -> int:
         report_dir = build_report(args.params, args.name, args.reports_dir, show_code=args.show_code,
                                   overwrite=args.overwrite, parameters=notebook_parameters(args.param),
                                   from_run=args.from_run)
-    except ReportError as error:
+    except ReportError as error:  # what the user can fix exits 2, as every command's; a failed notebook 1
         print(f"dlm report: error: {error}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(error, ChainFailed) else 2
     size = report_size(report_dir) / 1e6
     print(f"report -> {report_dir} ({size:.1f} MB); index: {Path(args.reports_dir) / 'index.html'}")
     return 0

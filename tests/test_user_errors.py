@@ -759,10 +759,51 @@ def test_report_destination_and_params_are_checked_before_any_notebook(tmp_path,
     argv = [a.replace("HERE", str(tmp_path)) for a in argv]
     reports = [] if "--reports_dir" in argv else ["--reports_dir", str(tmp_path / "reports")]
     before = snapshot(tmp_path)
-    assert main(["report", SMOKE, "--name", "r", *reports, *argv]) in (1, 2)
+    assert main(["report", SMOKE, "--name", "r", *reports, *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and message.replace("HERE", str(tmp_path)) in one_error_line_from(err, "report")
     assert snapshot(tmp_path) == before and not (tmp_path / "reports").exists()
+
+
+MASKED_SMOKE = str(ROOT / "params" / "masked_smoke.yaml")
+
+
+@pytest.mark.parametrize("preset, argv, message", [
+    (MASKED_SMOKE, ["--param", "train.predict=logits"], "'predict' (logits) is a Gaussian-diffusion option; the "
+                                                        "masked family has none"),
+    (SMOKE, ["--param", "train.block_size=4", "--param", "train.block_training=all", "--param",
+             "train.self_condition=0.5"], "'block_training: all' feeds the window twice"),
+    (SMOKE, ["--from_run", "MASKED"], "--from_run 'MASKED' holds a run of model 'masked', but the preset (with its "
+                                      "--param train.* keys) trains model 'diffusion'"),
+    (MASKED_SMOKE, ["--from_run", "DIFF"], "holds a run of model 'diffusion', but the preset"),
+    (SMOKE, ["--param", "sample.teacher_dir=HERE/nowhere"], "--param sample.teacher_dir: 'HERE/nowhere' was not found"),
+    (SMOKE, ["--param", "sample.teacher_dir=DIFF"], "--param sample.teacher_dir 'DIFF' is a 'diffusion' run, not an "
+                                                    "autoregressive one"),
+    (SMOKE, ["--param", "control.ar_run=MASKED"], "--param control.ar_run 'MASKED' is a 'masked' run"),
+    (SMOKE, ["--param", "sample.steps=0"], "--param sample.steps: steps must be between 1 and the run's "
+                                           "diffusion_steps (100), got 0."),
+    (SMOKE, ["--param", "sample.steps=101"], "diffusion_steps (100), got 101."),
+    (SMOKE, ["--param", "train.preview_steps=0"], "--param train.preview_steps: steps must be between 1"),
+    (SMOKE, ["--param", "collapse_analysis.steps=500"], "--param collapse_analysis.steps: steps must be between 1"),
+    (SMOKE, ["--param", "sample.steps=ten"], "--param sample.steps takes a number of steps (-1: the run's "
+                                             "sample_steps), got 'ten'."),
+    (MASKED_SMOKE, ["--param", "sample.steps=100000"], "--param sample.steps: steps must be at most 12,800"),
+    (MASKED_SMOKE, ["--param", "sample.curve_steps=10,100000"], "--param sample.curve_steps: steps must be at most"),
+])
+def test_report_values_are_checked_before_the_first_notebook(toy_runs, tmp_path, capsys, monkeypatch, preset, argv,
+                                                             message):
+    from dlm.workbench import workbook
+
+    monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: pytest.fail("a notebook ran"))
+    names = {"MASKED": toy_runs / "masked", "DIFF": toy_runs / "diffusion", "HERE": tmp_path}
+    for name, path in names.items():
+        argv = [a.replace(name, str(path)) for a in argv]
+        message = message.replace(name, str(path))
+    before = snapshot(tmp_path, toy_runs)
+    assert main(["report", preset, "--name", "r", "--reports_dir", str(tmp_path / "reports"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in one_error_line_from(err, "report")
+    assert snapshot(tmp_path, toy_runs) == before and not (tmp_path / "reports").exists()
 
 
 def test_known_params_of_every_notebook_pass_the_check():

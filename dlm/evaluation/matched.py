@@ -46,7 +46,7 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
 
     if not supports(run.config.model, "temperature"):
         raise UserError(not_available(run.config.model, "Sampling at a temperature (matched entropy)"))
-    check_options(run, options)  # before anything is drawn, also where the draws come later
+    check_options(run.config, options)  # before anything is drawn, also where the draws come later
     # Only the Gaussian whole-window chain keeps its temperature to the final decode: its chain is
     # run once and decoded again; any other sampler (blocks, masked, AR) is drawn afresh.
     if not supports(run.config.model, "guidance") or run.objective.block_size_for(run.config.seq_len) is not None:

@@ -377,13 +377,13 @@ def denoiser_calls(steps: int, positions: int) -> int:
     return min(steps, positions)
 
 
-def check_steps(options: SampleOptions, run: LoadedRun) -> None:
-    positions = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
+def check_steps(options: SampleOptions, config: Config) -> None:
+    positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
     most = most_steps(positions)
     if options.steps < 1:
         raise UserError(f"steps must be at least 1, got {options.steps}.")
     if options.steps > most:
-        where = "block" if positions < run.config.seq_len else "window"
+        where = "block" if positions < config.seq_len else "window"
         raise UserError(f"steps must be at most {most:,} for this run, got {options.steps:,}: a masked chain unmasks "
                         f"each of a {where}'s {positions} positions at one of its steps, and from "
                         f"{STEPS_PER_SQUARED_POSITION} x {positions}^2 = {most:,} steps on, fewer than 1 sample in "
@@ -396,7 +396,7 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
     options.temperature; frames of the window every options.record_every steps ([MASK] shown as
     <pad>, t in thousandths: the frames' t is an integer timestep in the other families)."""
     options.validate()
-    check_steps(options, run)
+    check_steps(options, run.config)
     length = run.config.seq_len
     banned = options.banned_ids(run.tokenizer)
     total = options.steps * (length // (run.objective.block_size_for(length) or length))
@@ -424,7 +424,7 @@ def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: Sample
     """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
     scores (N, L, V) each position was drawn from (for the length constraint)."""
     options.validate()
-    check_steps(options, run)
+    check_steps(options, run.config)
     out, scores = [], []
     for first in range(0, len(ids), options.batch_size):
         batch = ids[first: first + options.batch_size].to(device)

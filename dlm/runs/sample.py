@@ -15,6 +15,7 @@ from dlm.core.config import Config, machine_memory_bytes
 from dlm.core.data import append_together, atomic_write_bytes, check_destination
 from dlm.core.errors import DiskFullError, UserError, is_disk_full
 from dlm.core.schedule import SPACINGS
+from dlm.families import family
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
@@ -81,13 +82,15 @@ class SampleOptions:
             raise UserError("clamp_fraction must be between 0 and 1.")
 
 
-def check_options(run: LoadedRun, options: SampleOptions) -> None:
-    """Every sampling option against the run, before any draw: the options' own ranges and the steps
-    the run's chain can take (the Gaussian family's diffusion_steps, or the family's `check_steps`)."""
-    options.validate(getattr(run.objective, "steps", None))
-    check_steps = getattr(run.family, "check_steps", None)
+def check_options(config: Config, options: SampleOptions) -> None:
+    """Every sampling option against a run's config, before any draw (before the run is loaded,
+    too): the options' own ranges and the steps its chain can take (the Gaussian family's
+    diffusion_steps, or the family's own `check_steps`)."""
+    chain = family(config.model)
+    options.validate(getattr(chain.objective(config), "steps", None))
+    check_steps = getattr(chain, "check_steps", None)
     if check_steps is not None:
-        check_steps(options, run)
+        check_steps(options, config)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Any
 from dlm import families
 from dlm.core.config import did_you_mean, field_types, load_config
 from dlm.core.data import atomic_write_bytes
+from dlm.core.errors import UserError
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
@@ -112,7 +113,11 @@ def report_lock(report_dir: Path):
         lock.__exit__()
 
 
-class NotebookFailed(ReportError):
+class ChainFailed(ReportError):
+    """A notebook of the chain failed or could not run (not a bad input of the command line)."""
+
+
+class NotebookFailed(ChainFailed):
     """A notebook of the chain raised; `error` is papermill's PapermillExecutionError."""
 
     def __init__(self, notebook: str, error: Exception, executed: Path, page: Path | None, report_dir: Path):
@@ -181,6 +186,62 @@ def check_notebook_parameters(parameters: Mapping[str, Mapping[str, Any]], sourc
             if key not in allowed:
                 raise ReportError(f"--param {notebook}.{key}: {notebook}.ipynb has no parameter '{key}'."
                                   f"{did_you_mean(key, allowed)} Its parameters: {', '.join(declared)}.")
+
+
+STEP_PARAMETERS = {("train", "preview_steps"), ("sample", "steps"), ("collapse_analysis", "steps"),
+                   ("control", "steps")}  # -1: the run's sample_steps
+AR_PARAMETERS = {("sample", "teacher_dir"), ("control", "ar_run")}  # "": none
+
+
+def model_of_run(path: str | Path, what: str) -> str:
+    """The model family of the run folder `path` (its config.yaml, else its last.pt's config)."""
+    import yaml
+
+    run = RunDir(path)
+    if run.config.is_file():
+        return (yaml.safe_load(run.config.read_text()) or {}).get("model", "diffusion")
+    if run.last_checkpoint.is_file():
+        from dlm.core.checkpoint import load_checkpoint
+
+        return load_checkpoint(run.last_checkpoint)["config"].get("model", "diffusion")
+    raise ReportError(f"{what} '{path}' holds no trained run (no config.yaml, no checkpoints/last.pt).")
+
+
+def check_report_values(config, parameters: Mapping[str, Mapping[str, Any]], from_run: str | Path | None) -> None:
+    """What a notebook would refuse only once it runs, checked before the first one starts (a
+    report stopped after training blocks its name): the run's keys against its family, a --from_run
+    of the preset's family, every sampling step count, an AR run wherever one is asked for."""
+    from dlm.runs.sample import SampleOptions, check_options
+    from dlm.workbench.notebook import resolve_input, step_counts
+
+    families.family(config.model).check_config(config)
+    if from_run is not None and model_of_run(from_run, "--from_run") != config.model:
+        raise ReportError(f"--from_run '{from_run}' holds a run of model '{model_of_run(from_run, '--from_run')}', "
+                          f"but the preset (with its --param train.* keys) trains model '{config.model}': give the "
+                          f"preset that run was trained with, or leave out --from_run.")
+    asked = [(f"--param {notebook}.{key}", value) for (notebook, key) in sorted(STEP_PARAMETERS)
+             if (value := parameters.get(notebook, {}).get(key, -1)) != -1]
+    curve = parameters.get("sample", {}).get("curve_steps", "")
+    if curve and "steps" in families.family(config.model).SAMPLE_OPTIONS:
+        total = getattr(families.family(config.model).objective(config), "steps", None)
+        asked += [("--param sample.curve_steps", count) for count in step_counts(curve, total, "curve_steps")]
+    for flag, value in asked:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ReportError(f"{flag} takes a number of steps (-1: the run's sample_steps), got {value!r}.")
+        try:
+            check_options(config, SampleOptions.from_config(config, steps=value))
+        except UserError as error:
+            raise ReportError(f"{flag}: {error}") from None
+    for notebook, key in sorted(AR_PARAMETERS):
+        teacher = parameters.get(notebook, {}).get(key, "")
+        if teacher:
+            try:
+                model = model_of_run(resolve_input(teacher), f"--param {notebook}.{key}")
+            except FileNotFoundError as missing:
+                raise ReportError(f"--param {notebook}.{key}: {missing}") from None
+            if not families.supports(model, "likelihood_exact"):
+                raise ReportError(f"--param {notebook}.{key} '{teacher}' is a '{model}' run, not an autoregressive "
+                                  f"one: train one with dlm train-ar params/ar.yaml.")
 
 
 # --- running and exporting one notebook ---------------------------------------------------------
@@ -606,6 +667,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
             if value is not None and value != unset:
                 families.check_sample_options(config.model, {option: value},
                                               flag=lambda _, given=f"--param {notebook}.{key}": given)
+    check_report_values(config, extra, from_run)
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
@@ -658,7 +720,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                     failure = NotebookFailed(notebook, error, executed, page, report_dir)
                     summary = failure.summary()
                 else:  # the kernel died or could not start, a cell timed out, ...
-                    failure = ReportError(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
+                    failure = ChainFailed(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
                                           f"What earlier steps wrote is kept in {report_dir}.")
                     summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
                 report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
