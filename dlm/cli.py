@@ -260,6 +260,7 @@ def previous_accuracy(path: Path) -> float | None:
 def run_control_table(args: argparse.Namespace) -> None:
     from dlm.evaluation.control import control_table, markdown
     from dlm.runs.classifier import attribute, load_classifier
+    from dlm.runs.guidance import check_guidance
     from dlm.runs.rundir import RunDir
 
     try:
@@ -271,6 +272,7 @@ def run_control_table(args: argparse.Namespace) -> None:
     out_dir = check_destination(Path(args.out_dir) / "control.csv", "--out_dir").parent
     device = pick_device(args.device)
     run = load_run(args.run_dir, device=device)
+    check_guidance(run)  # before it asks for classifiers that could not guide it
     for name in args.attribute:  # an unknown attribute fails before anything is loaded or drawn
         attribute(name, run.tokenizer)
     folder = RunDir(args.run_dir).classifiers if args.classifiers is None else Path(args.classifiers)

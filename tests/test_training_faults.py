@@ -259,6 +259,36 @@ def test_a_full_disk_never_leaves_a_cut_metrics_row(tmp_path, small_disk):
     assert (tmp_path / "metrics.csv").read_bytes() == before
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("no sampler state", "holds no state of the timestep sampler its run trains with (time_warp: True, "
+                         "timestep_sampling: uniform): it was written without one"),
+    ("missing", "No checkpoint at 'RUN/checkpoints/last.pt'. dlm train resumes from last.pt alone (the kept "
+                "epoch_*.pt hold no optimizer state): restore it from a copy, or train the run again"),
+    ("cut short", "is corrupt or not a dlm checkpoint (RuntimeError). dlm train resumes from last.pt alone"),
+])
+def test_a_last_pt_that_cannot_resume_says_what_train_can_do(exact, tmp_path, corpus, capsys, damage, message):
+    from dlm.core.checkpoint import save_checkpoint
+
+    run = RunDir(tmp_path / "run")
+    train(exact.replace(max_steps=10, time_warp=True), run.path)
+    if damage == "no sampler state":  # as an older dlm, or a hand-edited file, wrote it
+        payload = load_checkpoint(run.last_checkpoint)
+        del payload["timestep_sampler"]
+        save_checkpoint(run.last_checkpoint, payload)
+    elif damage == "missing":
+        run.last_checkpoint.unlink()
+    else:
+        run.last_checkpoint.write_bytes(run.last_checkpoint.read_bytes()[:1000])
+    before = tree(run.path)
+    assert main(cli_args(corpus, run.path, "--time_warp", "--resume")) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("dlm train: error: ")
+    assert message.replace("RUN", str(run.path)) in line and "--checkpoint FILE" not in line.replace(
+        "dlm sample --checkpoint FILE", "")  # dlm train has no --checkpoint
+    assert tree(run.path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # One writer per run folder
 

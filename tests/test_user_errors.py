@@ -527,6 +527,21 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("run, message", [
+    ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family "
+               "(dlm.families.masked). Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one"),
+    ("ar", "is not available for the 'ar' family"),
+    ("blocks", "Classifier guidance steers one chain over the whole window; this run samples in blocks (block_size 4)"),
+])
+def test_control_table_refuses_a_run_guidance_cannot_steer_before_asking_for_classifiers(toy_runs, tmp_path, capsys,
+                                                                                         run, message):
+    line = refused(capsys, "control-table", ["control-table", "--run_dir", str(toy_runs / run), "--ar_run",
+                                             str(toy_runs / "ar"), "--attribute", "question", "--out_dir",
+                                             str(tmp_path / "table")],
+                   message.replace("RUN", str(toy_runs / run)), tmp_path, toy_runs)
+    assert "train-classifier" not in line and not (tmp_path / "table").exists()
+
+
 # --- destinations: one check (dlm.core.data.check_destination), before any work, for every writer --
 
 def snapshot(*roots) -> dict:

@@ -77,6 +77,13 @@ def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Co
 
 def restore(state: TrainState, payload: dict, path: Path) -> None:
     """last.pt's weights, optimizer, schedule, EMA, timestep sampler, RNG and counters into `state`."""
+    sampler_state = payload.get("timestep_sampler") or payload.get("time_warp")  # "time_warp": before two kinds
+    if state.timestep_sampler is not None and sampler_state is None:
+        raise CheckpointError(
+            f"'{path}' holds no state of the timestep sampler its run trains with (time_warp: "
+            f"{state.config.time_warp}, timestep_sampling: {state.config.timestep_sampling}): it was written "
+            f"without one (by an older dlm, or edited), so it cannot be resumed exactly. Sample or evaluate "
+            f"it as it is, or train the run again in a new folder.")
     try:
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
@@ -84,8 +91,8 @@ def restore(state: TrainState, payload: dict, path: Path) -> None:
         if state.ema is not None:
             state.ema.module.load_state_dict(payload["ema"])
             state.ema.n_averaged.fill_(payload["ema_n_averaged"])
-        if state.timestep_sampler is not None:  # saved as "time_warp" before there were two kinds
-            state.timestep_sampler.load_state_dict(payload.get("timestep_sampler") or payload["time_warp"])
+        if state.timestep_sampler is not None:
+            state.timestep_sampler.load_state_dict(sampler_state)
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"'{path}' does not match this run: {error}") from None
     torch.set_rng_state(payload["rng"])

@@ -610,7 +610,9 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
                     "metrics.csv rewritten", run.path)
         mode = "restarted"
     elif resume:
-        payload = load_checkpoint(run.last_checkpoint)
+        payload = load_checkpoint(run.last_checkpoint, instead=(
+            "dlm train resumes from last.pt alone (the kept epoch_*.pt hold no optimizer state): restore it from a "
+            "copy, or train the run again in a new folder; dlm sample --checkpoint FILE still samples a kept one."))
         config = resumed_config(config, payload["config"], run)
         mode = "resume"
     elif run.has_run():
