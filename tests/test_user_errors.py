@@ -182,6 +182,31 @@ def test_check_run_folder_leaves_nothing_behind(tmp_path):
             check_run_folder(readonly / "run")
 
 
+@pytest.mark.parametrize("in_the_way, message", [
+    ("file", "--tensorboard writes its event files to 'RUN/tensorboard', which is a file: move that file away, or "
+             "train without --tensorboard."),
+    ("dangling link", "--tensorboard's folder 'RUN/tensorboard' cannot be created: File exists. Choose another run "
+                      "folder, or train without --tensorboard."),
+])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_tensorboard_folder_that_cannot_be_made_is_refused_before_the_run_folder(runs, tmp_path, capsys, in_the_way,
+                                                                                    message, resume):
+    run = tmp_path / "run"
+    if resume:
+        shutil.copytree(runs / "diffusion", run)
+    else:
+        run.mkdir()
+    if in_the_way == "file":
+        (run / "tensorboard").write_text("keep me")
+    else:
+        (run / "tensorboard").symlink_to(tmp_path / "nowhere" / "tb")
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(run), "--corpus", str(corpus), *QUICK, "--tensorboard",
+                              *(["--resume"] if resume else [])], message.replace("RUN", str(run)), tmp_path)
+    if not resume:  # nothing of a run was made beside what was in the way
+        assert [p.name for p in run.iterdir()] == ["tensorboard"]
+
+
 def test_train_function_checks_the_run_folder(tmp_path, smoke_config):
     from dlm.runs.train import train
 

@@ -581,6 +581,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
+        tensorboard_curves.check_folder(run_dir)
     family(config.model).check_config(config)  # a key that means nothing to the family: before anything is written
     run = RunDir(run_dir)
     created = not run.path.exists()
