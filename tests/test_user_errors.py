@@ -846,6 +846,48 @@ def test_report_values_are_checked_before_the_first_notebook(toy_runs, tmp_path,
     assert snapshot(tmp_path, toy_runs) == before and not (tmp_path / "reports").exists()
 
 
+def test_ctrl_c_during_a_report_says_interrupted_and_stops_its_kernel(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+    import types
+
+    from dlm.workbench import workbook
+
+    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a kernel, busy training
+    cleaned = []
+
+    class Manager:  # what stop_kernels reads of a jupyter_client kernel manager
+        provisioner = types.SimpleNamespace(process=kernel)
+
+        def cleanup_connection_file(self):
+            cleaned.append("connection file")
+
+        def cleanup_ipc_files(self):
+            cleaned.append("ipc sockets")
+
+    manager = Manager()
+
+    def training(notebook, output, parameters, **kwargs):  # Ctrl-C while the train notebook runs
+        workbook.STARTED_KERNELS.add(manager)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workbook, "execute", training)
+    try:
+        assert main(["report", SMOKE, "--name", "r", "--reports_dir", str(tmp_path / "reports")]) == 130
+    finally:
+        kernel.kill()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ZMQError" not in err
+    assert err.strip().splitlines() == [f"dlm report: interrupted in train.ipynb: what the report wrote is kept in "
+                                        f"{tmp_path / 'reports' / 'r'} (report.json says 'interrupted'); --overwrite "
+                                        f"starts it again."]
+    report = json.loads((tmp_path / "reports" / "r" / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["interrupted"] == "train"
+    assert "interrupted" in (tmp_path / "reports" / "index.html").read_text()
+    assert kernel.poll() is not None and kernel.returncode != 0  # stopped, not left to train on
+    assert cleaned == ["connection file", "ipc sockets"] and manager not in workbook.STARTED_KERNELS
+
+
 def test_known_params_of_every_notebook_pass_the_check():
     from dlm.workbench.workbook import check_notebook_parameters, notebooks_dir
 

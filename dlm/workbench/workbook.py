@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def report_lock(report_dir: Path):
 
 class ChainFailed(ReportError):
     """A notebook of the chain failed or could not run (not a bad input of the command line)."""
+
+
+class ReportInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a notebook ran: its kernel is stopped and report.json says "interrupted"."""
 
 
 class NotebookFailed(ChainFailed):
@@ -267,21 +272,40 @@ class Echo:
         self.stream.flush()
 
 
+STARTED_KERNELS: weakref.WeakSet = weakref.WeakSet()  # the kernel managers of this process's notebooks
+
+
 def kernel_manager_class():
     """nbclient's kernel manager, talking to the kernel over local IPC sockets rather than TCP
     (ipykernel warns on every TCP start that its traffic is unencrypted, and `dlm report` would echo
-    that warning once per notebook). Windows has no IPC transport: TCP there."""
+    that warning once per notebook). Windows has no IPC transport: TCP there. Every manager is
+    kept in STARTED_KERNELS, so that a Ctrl-C can stop its kernel (`stop_kernels`)."""
     from jupyter_client.manager import AsyncKernelManager
-
-    if os.name == "nt":
-        return AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.transport = "ipc"
+            if os.name != "nt":
+                self.transport = "ipc"
+            STARTED_KERNELS.add(self)
 
     return IPCKernelManager
+
+
+def stop_kernels() -> None:
+    """After a Ctrl-C: kill every notebook kernel still running (it runs in a session of its own, so
+    the terminal's interrupt never reached it) and remove its connection file and IPC sockets,
+    quietly: the interrupted chain's own clean-up never ran."""
+    for manager in list(STARTED_KERNELS):
+        process = getattr(getattr(manager, "provisioner", None), "process", None)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.kill()
+                process.wait(timeout=10)
+        for cleanup in (manager.cleanup_connection_file, manager.cleanup_ipc_files):
+            with contextlib.suppress(Exception):
+                cleanup()
+        STARTED_KERNELS.discard(manager)
 
 
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
@@ -619,6 +643,16 @@ def _write_report_json(report_dir: Path, report: dict) -> None:
     atomic_write_bytes(report_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
 
 
+def _record_interrupt(report: dict, report_dir: Path, notebook: str, started: float, began: float) -> None:
+    """report.json and the index after a Ctrl-C in `notebook`: status interrupted, with what was done."""
+    report.update(status="interrupted", interrupted=notebook, wall_s=round(time.perf_counter() - started, 1),
+                  numbers=run_numbers(report_dir / "run"))
+    report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+    report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
+    _write_report_json(report_dir, report)
+    write_index(reports_dir=report_dir.parent)
+
+
 def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
     """Checkpoints (hundreds of MB) are hard-linked where the file system allows: they are only
     ever replaced atomically (a new inode), never written in place. Everything else (metrics.csv
@@ -709,6 +743,12 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                 execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
                         {**chain[notebook], **extra.get(notebook, {})},
                         cwd=cwd, kernel_name=kernel_name, echo=echo)
+            except KeyboardInterrupt:
+                stop_kernels()
+                _record_interrupt(report, report_dir, notebook, started, began)
+                raise ReportInterrupted(f"interrupted in {notebook}.ipynb: what the report wrote is kept in "
+                                        f"{report_dir} (report.json says 'interrupted'); --overwrite starts it "
+                                        f"again.") from None
             except Exception as error:
                 from papermill.exceptions import PapermillExecutionError
 
