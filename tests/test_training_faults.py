@@ -306,6 +306,49 @@ def test_a_second_writer_stops_with_one_line(exact, tmp_path, corpus, capsys):
     assert main(cli_args(corpus, run.path, "--resume")) == 0  # released when the holder ends
 
 
+@pytest.mark.parametrize("first_makes_the_folder", [True, False])
+def test_two_trainers_starting_on_one_new_folder_the_loser_removes_nothing(tmp_path, corpus, capsys, monkeypatch,
+                                                                           first_makes_the_folder):
+    """The other trainer starts while this one is still choosing its device (a slow CUDA or torchrun
+    start): it makes the folder (or this one does) and takes the lock first. This one then stops with
+    one line and leaves the other's folder and lock alone."""
+    from dlm.core.lockfile import FolderLock
+
+    run = RunDir(tmp_path / "new" / "run")
+    other = FolderLock(run.lock)
+    real_pick, real_lock = train_module.pick_device, train_module.RunLock
+
+    def slow_device_choice(name):
+        if first_makes_the_folder:
+            other.__enter__()  # makes the folder and its lock
+        return real_pick(name)
+
+    def lock_taken_first(folder):
+        if not first_makes_the_folder:  # this process made the folder; the other locks it first
+            other.__enter__()
+        return real_lock(folder)
+
+    monkeypatch.setattr(train_module, "pick_device", slow_device_choice)
+    monkeypatch.setattr(train_module, "RunLock", lock_taken_first)
+    try:
+        assert main(cli_args(corpus, run.path)) == 2
+        err = capsys.readouterr().err
+        assert "is being trained right now by pid" in err and "Traceback" not in err
+        assert run.lock.is_file() and [p.name for p in run.path.iterdir()] == [".train.lock"]
+    finally:
+        other.__exit__()
+
+
+def test_a_failed_start_removes_the_folders_it_made_and_only_those(tmp_path, corpus, capsys):
+    (tmp_path / "kept").mkdir()
+    vectors = tmp_path / "kept" / "vectors.txt"
+    vectors.write_text("speak 0.5 oops\n")
+    run = tmp_path / "kept" / "made" / "also made" / "run"
+    assert main(cli_args(corpus, run, "--init_from_pretrained", str(vectors))) == 2
+    assert "is not 'word v1 v2 ...' text" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["vectors.txt"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Divergence
 

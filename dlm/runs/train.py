@@ -6,9 +6,9 @@ lock in dlm.runs.rundir."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -584,7 +584,6 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
         tensorboard_curves.check_folder(run_dir)
     family(config.model).check_config(config)  # a key that means nothing to the family: before anything is written
     run = RunDir(run_dir)
-    created = not run.path.exists()
     if resume and not run.has_run():
         raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
                               f"Drop --resume to start one there.")
@@ -593,13 +592,42 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
             return _train(config, run, resume, device, ranks, rebuild_metrics)
+        made = make_folders(run.path)  # what this process makes, not another one starting on the same folder
         with RunLock(run):
-            remove_leftovers(run)
-            return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics)
+            try:
+                remove_leftovers(run)
+                return _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics)
+            except BaseException:
+                remove_if_unused(run, made)  # under the lock: no other trainer is using the folder
+                raise
     finally:
         destroy_distributed()
-        if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
-            shutil.rmtree(run.path)  # failed before writing anything (a bad init_from_pretrained, ...)
+
+
+def make_folders(path: Path) -> list[Path]:
+    """Make `path` and its missing parents; the folders this process made, deepest first. mkdir is
+    atomic: a folder another process makes at the same moment is not counted as this one's."""
+    made = []
+    for folder in reversed([path, *path.parents]):
+        if not folder.exists():
+            try:
+                folder.mkdir()
+                made.append(folder)
+            except FileExistsError:
+                pass
+    return made[::-1]
+
+
+def remove_if_unused(run: RunDir, made: list[Path]) -> None:
+    """A start that failed before writing anything (a bad init_from_pretrained, ...) leaves nothing:
+    the run folder is removed when this process made it and it holds only the lock, and with it the
+    parents this process made (each only when empty)."""
+    if not made or made[0] != run.path or [p.name for p in run.path.iterdir()] != [run.lock.name]:
+        return
+    run.lock.unlink()
+    for folder in made:
+        with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+            folder.rmdir()
 
 
 def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
