@@ -589,7 +589,7 @@ def handled(name: str, work: Callable[[], int | None]) -> int:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stopped:  # Ctrl-C: train has logged where the run stands and how to resume
-        print(f"{name}: {stopped or 'interrupted'}", file=sys.stderr)  # or the interrupt says what it kept
+        print(f"{name}: {str(stopped) or 'interrupted'}", file=sys.stderr)  # or the interrupt says what it kept
         return 130
     except Exception as error:
         if is_disk_full(error):  # a write no code path names (DiskFullError where one does)
