@@ -30,8 +30,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dlm.cli import handled
+from dlm.core.data import check_destination
 from dlm.core.errors import UserError
-from dlm.evaluation.likelihood import compare_with_ar
+from dlm.evaluation.likelihood import check_ar_run, check_counts, check_has_bound, compare_with_ar
 from dlm.evaluation.matched import (
     check_entropy,
     check_teacher,
@@ -40,9 +42,10 @@ from dlm.evaluation.matched import (
     score_at_entropy,
     temperature_sampler,
 )
+from dlm.families import supports
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir, run_and_checkpoint
-from dlm.runs.sample import X0_CHOICES, SampleOptions, generate
+from dlm.runs.sample import X0_CHOICES, SampleOptions, check_options, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +81,36 @@ def split_label(text: str) -> tuple[str, Path | None, Path | None]:
     """'LABEL=PATH' as (label, run folder, checkpoint or None)."""
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
-        raise ValueError(f"'{text}' is not LABEL=PATH (e.g. default=runs/default).")
+        raise UserError(f"'{text}' is not LABEL=PATH (e.g. default=runs/default).")
     return label, *run_and_checkpoint(path)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The counts and bits asked, before any run is loaded (the CLI's own checks where it has them)."""
+    check_entropy(args.entropy)
+    if not 0 < args.tolerance < 1:
+        raise UserError(f"--tolerance is a fraction of the target entropy between 0 and 1, got {args.tolerance}.")
+    for flag, value in (("--seeds", args.seeds), ("--samples", args.samples), ("--speed_steps", args.speed_steps)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}.")
+    check_counts(args.windows, args.draws)
+    check_destination(Path(args.out) / "scaling.csv", "--out")
+
+
+def check_row(run, teacher, args: argparse.Namespace) -> None:
+    """A row's run against what it is asked, before anything is sampled: a likelihood bound to compare
+    with the teacher's (same vocabulary), the --steps its sampler can take."""
+    if supports(run.config.model, "likelihood_exact"):
+        raise UserError("an autoregressive run is the --teacher's row (scored by itself, unless --no_ar), not a "
+                        "LABEL=PATH row: give diffusion or masked runs as rows.")
+    check_has_bound(run)
+    check_ar_run(run, teacher, "--teacher")
+    check_options(run.config, SampleOptions.from_config(run.config, num_samples=args.samples, steps=args.steps,
+                                                 x0=x0_of(run, args.x0)))
+    try:
+        check_options(run.config, speed_options(run, args.samples, args.speed_steps))
+    except UserError as error:
+        raise UserError(f"--speed_steps: {error}") from None
 
 
 def training_seconds(run_dir: Path, step: int) -> float:
@@ -98,12 +129,17 @@ def x0_of(run, asked: str | None) -> str | None:
     return (asked or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
 
 
+def speed_options(run, samples: int, steps: int, x0: str | None = None) -> SampleOptions:
+    """One batch of `samples` at `steps` reverse steps (a block run: its own steps per block)."""
+    chain_steps = None if run.config.block_size is not None and run.config.block_size < run.config.seq_len else steps
+    return SampleOptions.from_config(run.config, num_samples=samples, batch_size=samples, steps=chain_steps, seed=0,
+                                     x0=x0)
+
+
 def sampling_speed(run, samples: int, steps: int, x0: str | None = None) -> dict:
     """Samples per wall second and per process CPU second (the VM's clock drifts: both are given) for
     one batch of `samples`, at `steps` reverse steps (a block run: its own steps per block)."""
-    chain_steps = None if run.config.block_size is not None and run.config.block_size < run.config.seq_len else steps
-    options = SampleOptions.from_config(run.config, num_samples=samples, batch_size=samples, steps=chain_steps, seed=0,
-                                        x0=x0)
+    options = speed_options(run, samples, steps, x0)
     wall, cpu = time.perf_counter(), time.process_time()
     generate(run, options)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -163,24 +199,27 @@ def target_text(entropy: float | None, heldout: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return handled("scaling.py", lambda: scaling_table(args))
+
+
+def scaling_table(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        specs = [split_label(text) for text in args.runs]
-        check_entropy(args.entropy)
-        if not 0 < args.tolerance < 1:
-            raise ValueError(f"--tolerance is a fraction of the target entropy between 0 and 1, got {args.tolerance}.")
-    except (ValueError, UserError) as error:
-        print(error, file=sys.stderr)
-        return 2
+    specs = [split_label(text) for text in args.runs]
+    check_numbers(args)
     teacher = load_run(args.teacher)
     check_teacher(teacher)
+    loaded = [(label, run_dir, load_run(run_dir, checkpoint)) for label, run_dir, checkpoint in specs]
+    for label, _, run in loaded:  # every row, before the first one samples
+        try:
+            check_row(run, teacher, args)
+        except UserError as error:
+            raise UserError(f"row '{label}': {error}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, samplers, ar_nll = [], [], float("nan")
     start = time.perf_counter()
-    for label, run_dir, checkpoint in specs:
-        run = load_run(run_dir, checkpoint)
+    for label, run_dir, run in loaded:
         began = time.process_time()
         x0 = x0_of(run, args.x0)
         comparison = compare_with_ar(run, teacher, args.windows, args.draws, x0=x0)
@@ -227,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "scaling.md").write_text(markdown, encoding="utf-8")
     print(markdown)
     print(f"wrote {out / 'scaling.csv'} and {out / 'scaling.md'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,28 +21,31 @@ from pathlib import Path
 
 import pandas as pd
 
-from dlm.core.schedule import SPACINGS, sampling_timesteps
-from dlm.evaluation.likelihood import nll_bound
-from dlm.evaluation.matched import match_entropy
+from dlm.cli import handled
+from dlm.core.data import check_destination
+from dlm.core.errors import UserError
+from dlm.core.schedule import SPACINGS
+from dlm.evaluation.likelihood import bound_chain, check_ar_run, check_counts, nll_bound
+from dlm.evaluation.matched import check_entropy, check_teacher, match_entropy
 from dlm.evaluation.rundata import validation_windows
-from dlm.runs.build import load_run
-from dlm.runs.sample import X0_CHOICES, SampleOptions
+from dlm.runs.build import LoadedRun, load_run
+from dlm.runs.sample import X0_CHOICES, SampleOptions, check_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str], seeds: list[int],
+def measure(run: LoadedRun, teacher: LoadedRun, steps: list[int], spacings: list[str], seeds: list[int],
             samples: int, windows: int, written=lambda table: None, tolerance: float = 0.01, x0: str | None = None,
             entropy: float | None = None) -> pd.DataFrame:
     """The table; `written(table so far)` after every row, so a long run stopped early keeps its rows.
     x0: the x0 the steps move toward (None: the run's sample_x0); entropy: the bits the samples are
     scored at (None: held-out text's)."""
-    run, teacher = load_run(run_dir), load_run(teacher_dir)
+    chains = check_runs(run, teacher, steps, spacings, samples, x0)
     ids = validation_windows(run, windows, seeds[0])
     rows = []
     for count in steps:
         for spacing in spacings:
-            chain = sampling_timesteps(run.objective.schedule, count, spacing)
+            chain = chains[count, spacing]
             start = time.perf_counter()
             bound = nll_bound(run, ids, seed=seeds[0], chain=chain, x0=x0)
             bound_s = time.perf_counter() - start
@@ -61,6 +64,22 @@ def measure(run_dir: str, teacher_dir: str, steps: list[int], spacings: list[str
                 print(rows[-1], flush=True)
                 written(pd.DataFrame(rows))
     return pd.DataFrame(rows)
+
+
+def check_runs(run, teacher, steps: list[int], spacings: list[str], samples: int,
+               x0: str | None) -> dict[tuple[int, str], list[int]]:
+    """The run and teacher against what is asked, before any bound or sample: a Gaussian run (the
+    spacings are its chain's), an AR teacher on its vocabulary, every step count within the run's
+    diffusion_steps. Returns each (steps, spacing)'s chain."""
+    if "spacing" not in run.family.SAMPLE_OPTIONS:
+        raise UserError(f"RUN_DIR '{run.checkpoint.parent.parent}' is of model '{run.config.model}': spacing.py "
+                        f"compares the timestep spacings of the Gaussian diffusion chain, and its sampler has no such "
+                        f"chain; give a run of model: diffusion.")
+    check_teacher(teacher)
+    check_ar_run(run, teacher, "TEACHER")
+    for count in steps:
+        check_options(run.config, SampleOptions.from_config(run.config, num_samples=samples, steps=count, x0=x0))
+    return {(count, spacing): bound_chain(run, count, spacing) for count in steps for spacing in spacings}
 
 
 def markdown(table: pd.DataFrame, command: str) -> str:
@@ -119,7 +138,18 @@ def main(argv=None) -> int:
         parser.error("give RUN_DIR TEACHER (a diffusion run and an AR run on its vocabulary), or --quick")
     if not 0 < args.tolerance < 1:
         parser.error(f"--tolerance is a fraction of held-out entropy between 0 and 1, got {args.tolerance}")
+    return handled("spacing.py", lambda: spacing_table(args, argv))
+
+
+def spacing_table(args: argparse.Namespace, argv: list[str] | None) -> None:
+    check_entropy(args.entropy)
+    if args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}.")
+    check_counts(args.windows, 1)
     out = Path(args.out or ROOT / "benchmarks" / "results")
+    check_destination(out / "spacing.csv", "--out")
+    run, teacher = load_run(args.run_dir), load_run(args.teacher)
+    check_runs(run, teacher, args.steps, args.spacings, args.samples, args.x0)  # before the folder is made
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/spacing.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -127,10 +157,9 @@ def main(argv=None) -> int:
         table.to_csv(out / "spacing.csv", index=False)
         (out / "spacing.md").write_text(markdown(table, command))
 
-    table = measure(args.run_dir, args.teacher, args.steps, args.spacings, args.seeds, args.samples, args.windows, write,
+    table = measure(run, teacher, args.steps, args.spacings, args.seeds, args.samples, args.windows, write,
                     args.tolerance, args.x0, args.entropy)
     print(markdown(table, command))
-    return 0
 
 
 if __name__ == "__main__":

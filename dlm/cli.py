@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,9 +18,9 @@ from dlm import families
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import ConfigError, coerce, describe_type, field_types, load_config, unknown_key_error
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
-from dlm.core.errors import UserError
+from dlm.core.errors import UserError, is_disk_full
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
-from dlm.core.schedule import SPACINGS, sampling_timesteps
+from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.families import FAMILIES, check_sample_options
 from dlm.runs.build import load_run
@@ -28,6 +29,7 @@ from dlm.runs.sample import (
     SampleOptions,
     SampleWriter,
     check_memory,
+    check_options,
     check_sample_destination,
     generate_batches,
 )
@@ -301,6 +303,7 @@ def previous_accuracy(path: Path) -> float | None:
 def run_control_table(args: argparse.Namespace) -> None:
     from dlm.evaluation.control import control_table, markdown
     from dlm.runs.classifier import attribute, load_classifier
+    from dlm.runs.guidance import check_guidance
     from dlm.runs.rundir import RunDir
 
     try:
@@ -312,6 +315,7 @@ def run_control_table(args: argparse.Namespace) -> None:
     out_dir = check_destination(Path(args.out_dir) / "control.csv", "--out_dir").parent
     device = pick_device(args.device)
     run = load_run(args.run_dir, device=device, accept_corpus_change=args.accept_corpus_change)
+    check_guidance(run)  # before it asks for classifiers that could not guide it
     for name in args.attribute:  # an unknown attribute fails before anything is loaded or drawn
         attribute(name, run.tokenizer)
     folder = RunDir(args.run_dir).classifiers if args.classifiers is None else Path(args.classifiers)
@@ -438,14 +442,16 @@ def run_sample(args: argparse.Namespace) -> None:
         steps=args.steps, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
         x0=args.x0, temperature=args.temperature, unk=args.unk,
         decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
-    options.validate(getattr(run.objective, "steps", None))
+    check_options(run.config, options)  # before the chain's cost is printed
     check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
     if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        size = run.objective.block_size_for(run.config.seq_len)
-        blocks = 1 if size is None else run.config.seq_len // size
+        size = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
+        blocks = run.config.seq_len // size
+        calls = getattr(run.family, "denoiser_calls", lambda steps, positions: steps)(options.steps, size)
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
-              f"{blocks * options.steps} denoiser calls per batch of up to {options.batch_size} samples", flush=True)
+              f"{'' if calls == options.steps else 'at most '}{blocks * calls} denoiser calls per batch of up to "
+              f"{options.batch_size} samples", flush=True)
     writer = SampleWriter(args.out, run, options)
     try:
         with tqdm(total=options.num_samples, unit="sample", desc="sampling", disable=None) as bar:
@@ -548,20 +554,19 @@ def run_matched(args: argparse.Namespace) -> None:
 
 
 def run_nll(args: argparse.Namespace) -> None:
-    from dlm.evaluation.likelihood import check_counts, check_no_chain, compare_with_ar
+    from dlm.evaluation.likelihood import bound_chain, check_counts, check_has_bound, compare_with_ar
 
     if args.run_dir is None:
         raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint, accept_corpus_change=args.accept_corpus_change)
-    check_sample_options(run.config.model, dict(x0=args.x0))
+    check_has_bound(run)  # before its options: an AR run is told where its exact NLL goes
+    check_sample_options(run.config.model, dict(x0=args.x0, spacing=args.spacing))
+    # with --steps, the bound of the chain the sampler runs at that many steps
+    chain = bound_chain(run, args.steps, args.spacing)
+    spacing = args.spacing or run.config.sample_spacing
     ar = load_run(args.ar_run, accept_corpus_change=args.accept_corpus_change) if args.ar_run else None
     x0 = (args.x0 or run.config.sample_x0) if "x0" in run.family.SAMPLE_OPTIONS else None
-    chain = None
-    if args.steps is not None:  # the bound of the chain the sampler runs at that many steps
-        check_no_chain(run)
-        spacing = args.spacing or run.config.sample_spacing
-        chain = sampling_timesteps(run.objective.schedule, args.steps, spacing)
     result = compare_with_ar(run, ar, args.windows, args.draws, args.seed, x0, chain)
     bound = result.bound
     scored = (f"every step of the {args.steps}-step {spacing} chain" if chain is not None
@@ -619,7 +624,7 @@ def notebook_parameters(items: list[str]) -> dict[str, dict]:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dlm.workbench.workbook import ReportError, build_report, report_size
+    from dlm.workbench.workbook import ChainFailed, ReportError, build_report, report_size
 
     logging.getLogger("papermill").setLevel(logging.WARNING)
     check_run_folder(args.reports_dir, "--reports_dir")  # a file, read-only, or a folder that cannot exist
@@ -627,46 +632,59 @@ def run_report(args: argparse.Namespace) -> int:
         report_dir = build_report(args.params, args.name, args.reports_dir, show_code=args.show_code,
                                   overwrite=args.overwrite, parameters=notebook_parameters(args.param),
                                   from_run=args.from_run)
-    except ReportError as error:
+    except ReportError as error:  # what the user can fix exits 2, as every command's; a failed notebook 1
         print(f"dlm report: error: {error}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(error, ChainFailed) else 2
     size = report_size(report_dir) / 1e6
     print(f"report -> {report_dir} ({size:.1f} MB); index: {Path(args.reports_dir) / 'index.html'}")
     return 0
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str],
+                argv: list[str] | None) -> int | None:
+    if args.command in ("train", "train-ar") and args.nproc is not None:
+        # a bad override or batch size fails here, once, not in every process
+        config = load_config(args.params, **parse_overrides(extra, args))
+        if not args.resume:
+            check_global_batch(config.batch_size, args.nproc)
+        return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
+    if args.command in ("train", "train-ar"):
+        return run_train(args, extra)
+    if args.command == "cooldown":
+        return run_cooldown(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"infill": run_infill, "sample": run_sample, "calibrate": run_calibrate, "stats": run_stats,
+                "evaluate": run_evaluate, "report": run_report, "train-classifier": run_train_classifier,
+                "control-table": run_control_table}
+    return commands[args.command](args)
+
+
+def handled(name: str, work: Callable[[], int | None]) -> int:
+    """Run `work` for the command `name` (dlm CMD, or a script that shares the CLI's checks, such as
+    benchmarks/scaling.py) and say how it ended: what the user can fix is one line `NAME: error: ...`
+    and status 2, Ctrl-C `NAME: interrupted` and 130, anything else a bug: its traceback and 1."""
+    try:
+        return work() or 0
+    except USER_ERRORS as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stopped:  # Ctrl-C: train has logged where the run stands and how to resume
+        print(f"{name}: {str(stopped) or 'interrupted'}", file=sys.stderr)  # or the interrupt says what it kept
+        return 130
+    except Exception as error:
+        if is_disk_full(error):  # a write no code path names (DiskFullError where one does)
+            where = f" writing '{error.filename}'" if error.filename else ""
+            print(f"{name}: error: the disk is full ({error.strerror}{where}): free space on it (df -h shows what "
+                  f"is left) and run the command again.", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"{name}: internal error: {REPORT_A_BUG}.", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    try:
-        if args.command in ("train", "train-ar") and args.nproc is not None:
-            # a bad override or batch size fails here, once, not in every process
-            config = load_config(args.params, **parse_overrides(extra, args))
-            if not args.resume:
-                check_global_batch(config.batch_size, args.nproc)
-            return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else list(argv))
-        if args.command in ("train", "train-ar"):
-            run_train(args, extra)
-        elif args.command == "cooldown":
-            run_cooldown(args, extra)
-        else:
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            commands = {"infill": run_infill, "sample": run_sample, "calibrate": run_calibrate, "stats": run_stats,
-                        "evaluate": run_evaluate,
-                        "report": run_report, "train-classifier": run_train_classifier,
-                        "control-table": run_control_table}
-            return commands[args.command](args) or 0
-    except USER_ERRORS as error:
-        print(f"dlm {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: train has logged where the run stands and how to resume
-        print(f"dlm {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        print(f"dlm {args.command}: internal error: {REPORT_A_BUG}.", file=sys.stderr)
-        return 1
-    return 0
-
+    return handled(f"dlm {args.command}", lambda: run_command(parser, args, extra, argv))

@@ -65,3 +65,75 @@ def toy_run_dir(path: Path, model: str = "diffusion", text: str | None = None, *
     save_checkpoint(Path(path) / "checkpoints" / "last.pt",
                     {"config": config.to_dict(), "vocab": tokenizer.to_dict(), "model": weights, "step": 0, "epoch": 0})
     return Path(path)
+
+
+class SmallDisk:
+    """A disk that is full for dlm's writes (atomic writes, samples, metrics rows) to the files whose
+    path contains `full_for`, or once `free` bytes are spent: what fits is written, then OSError
+    ENOSPC, as a real full disk does (a buffered write raises after writing what fitted)."""
+
+    def __init__(self, full_for: str | None = None, free: int | None = None):
+        self.full_for, self.free = full_for, free
+
+    def file(self, raw, path: str):
+        return LimitedFile(raw, self, path)
+
+
+class LimitedFile:
+    def __init__(self, raw, disk: SmallDisk, path: str):
+        self.raw, self.disk, self.path = raw, disk, path
+
+    def write(self, data) -> int:
+        import errno
+
+        data = memoryview(data).cast("B")
+        room = len(data) if self.disk.free is None else min(len(data), self.disk.free)
+        if self.disk.full_for is not None and self.disk.full_for in self.path:
+            room = min(room, len(data) // 2)  # half of it fits
+        written = 0
+        while written < room:
+            written += self.raw.write(data[written:room])
+        if self.disk.free is not None:
+            self.disk.free -= written
+        if written < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return written
+
+    def __getattr__(self, name):  # fileno, close, flush, ...
+        return getattr(self.raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+
+@pytest.fixture
+def small_disk(monkeypatch) -> SmallDisk:
+    """Every file dlm writes goes through a SmallDisk (unlimited until the test sets full_for or free)."""
+    import builtins
+    import os
+    import types
+
+    from dlm.core import data
+    from dlm.runs import metrics, sample
+
+    disk = SmallDisk()
+    real_fdopen, real_open = os.fdopen, builtins.open
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_fdopen(fd, mode, *args, **kwargs)
+        return disk.file(real_fdopen(fd, mode, buffering=0), os.readlink(f"/proc/self/fd/{fd}"))
+
+    def open_for_writing(path, mode="r", *args, **kwargs):
+        if "b" not in mode or not {"w", "a"} & set(mode):
+            return real_open(path, mode, *args, **kwargs)
+        return disk.file(real_open(path, mode, buffering=0), str(path))
+
+    # dlm.core.data's os (atomic_write_bytes writes through os.fdopen), not everyone's
+    monkeypatch.setattr(data, "os", types.SimpleNamespace(**{**vars(os), "fdopen": fdopen}))
+    for module in (sample, metrics):
+        monkeypatch.setattr(module, "open", open_for_writing, raising=False)
+    return disk

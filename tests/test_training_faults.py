@@ -224,6 +224,96 @@ def test_leftover_temp_files_are_removed_on_resume(exact, tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------
+# A full disk: one line saying what to free and how to go on; nothing cut short
+
+
+def tree(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_at_an_epoch_checkpoint_is_one_line_and_the_resume_writes_it(
+        exact, tmp_path, corpus, capsys, caplog, small_disk):
+    reference = RunDir(tmp_path / "reference")
+    train(exact, reference.path)
+    run = RunDir(tmp_path / "run")
+    small_disk.full_for = "epoch_0002.pt"  # last.pt of step 20 fits, the epoch checkpoint beside it does not
+    assert main(cli_args(corpus, run.path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "bug in dlm" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("dlm train: error: The disk holding") and "'epoch_0002.pt' could not be written" in line
+    assert "checkpoints/last.pt holds step 20; continue with 'dlm train PARAMS --run_dir" in line
+    assert "The resume first writes the missing epoch_0002.pt from last.pt." in line
+    assert not run.epoch_checkpoint(2).exists() and not run.leftover_temp_files()
+    assert load_checkpoint(run.last_checkpoint)["step"] == 20
+    small_disk.full_for = None  # space freed
+    caplog.set_level(logging.INFO, logger="dlm")
+    assert main(cli_args(corpus, run.path, "--resume")) == 0
+    assert "checkpoints/epoch_0002.pt was missing (its write failed or was cut short): written from" in caplog.text
+    for path in (run.epoch_checkpoint(2), run.last_checkpoint):  # as an uninterrupted run's
+        kept, expected = load_checkpoint(path), load_checkpoint(reference.path / path.relative_to(run.path))
+        assert kept["step"] == expected["step"]
+        assert all(torch.equal(kept["model"][k], expected["model"][k]) for k in expected["model"])
+    assert losses(read_rows(run.metrics)) == losses(read_rows(reference.metrics))
+
+
+def test_a_full_disk_at_last_pt_keeps_the_previous_one(exact, tmp_path, corpus, capsys, small_disk):
+    run = RunDir(tmp_path / "run")
+    train(exact.replace(max_steps=10), run.path)  # last.pt of step 10
+    before = tree(run.path)
+    small_disk.full_for = "last.pt"
+    assert main(cli_args(corpus, run.path, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "'last.pt' could not be written (0." in line and "checkpoints/last.pt holds step 10; continue" in line
+    assert run.last_checkpoint.read_bytes() == before[run.last_checkpoint] and not run.leftover_temp_files()
+
+
+def test_a_full_disk_never_leaves_a_cut_metrics_row(tmp_path, small_disk):
+    from dlm.core.errors import DiskFullError
+    from dlm.runs.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "metrics.csv", terms=("total",))
+    writer.write({"step": 1, "epoch": 1, "total": 0.5})
+    before = (tmp_path / "metrics.csv").read_bytes()
+    small_disk.full_for = "metrics.csv"
+    with pytest.raises(DiskFullError, match="'metrics.csv' could not be written. Free space on that disk"):
+        writer.write({"step": 2, "epoch": 1, "total": 0.25})
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no sampler state", "holds no state of the timestep sampler its run trains with (time_warp: True, "
+                         "timestep_sampling: uniform): it was written without one"),
+    ("missing", "No checkpoint at 'RUN/checkpoints/last.pt'. dlm train resumes from last.pt alone (the kept "
+                "epoch_*.pt hold no optimizer state): restore it from a copy, or train the run again"),
+    ("cut short", "is corrupt or not a dlm checkpoint (RuntimeError). dlm train resumes from last.pt alone"),
+])
+def test_a_last_pt_that_cannot_resume_says_what_train_can_do(exact, tmp_path, corpus, capsys, damage, message):
+    from dlm.core.checkpoint import save_checkpoint
+
+    run = RunDir(tmp_path / "run")
+    train(exact.replace(max_steps=10, time_warp=True), run.path)
+    if damage == "no sampler state":  # as an older dlm, or a hand-edited file, wrote it
+        payload = load_checkpoint(run.last_checkpoint)
+        del payload["timestep_sampler"]
+        save_checkpoint(run.last_checkpoint, payload)
+    elif damage == "missing":
+        run.last_checkpoint.unlink()
+    else:
+        run.last_checkpoint.write_bytes(run.last_checkpoint.read_bytes()[:1000])
+    before = tree(run.path)
+    assert main(cli_args(corpus, run.path, "--time_warp", "--resume")) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("dlm train: error: ")
+    assert message.replace("RUN", str(run.path)) in line and "--checkpoint FILE" not in line.replace(
+        "dlm sample --checkpoint FILE", "")  # dlm train has no --checkpoint
+    assert tree(run.path) == before
+
+
+# ---------------------------------------------------------------------------------------------
 # One writer per run folder
 
 
@@ -238,6 +328,49 @@ def test_a_second_writer_stops_with_one_line(exact, tmp_path, corpus, capsys):
             assert err.count("\n") == 1 and "is being trained right now by pid" in err and "Traceback" not in err
     assert run.last_checkpoint.read_bytes() == before  # the refused writer wrote nothing
     assert main(cli_args(corpus, run.path, "--resume")) == 0  # released when the holder ends
+
+
+@pytest.mark.parametrize("first_makes_the_folder", [True, False])
+def test_two_trainers_starting_on_one_new_folder_the_loser_removes_nothing(tmp_path, corpus, capsys, monkeypatch,
+                                                                           first_makes_the_folder):
+    """The other trainer starts while this one is still choosing its device (a slow CUDA or torchrun
+    start): it makes the folder (or this one does) and takes the lock first. This one then stops with
+    one line and leaves the other's folder and lock alone."""
+    from dlm.core.lockfile import FolderLock
+
+    run = RunDir(tmp_path / "new" / "run")
+    other = FolderLock(run.lock)
+    real_pick, real_lock = train_module.pick_device, train_module.RunLock
+
+    def slow_device_choice(name):
+        if first_makes_the_folder:
+            other.__enter__()  # makes the folder and its lock
+        return real_pick(name)
+
+    def lock_taken_first(folder):
+        if not first_makes_the_folder:  # this process made the folder; the other locks it first
+            other.__enter__()
+        return real_lock(folder)
+
+    monkeypatch.setattr(train_module, "pick_device", slow_device_choice)
+    monkeypatch.setattr(train_module, "RunLock", lock_taken_first)
+    try:
+        assert main(cli_args(corpus, run.path)) == 2
+        err = capsys.readouterr().err
+        assert "is being trained right now by pid" in err and "Traceback" not in err
+        assert run.lock.is_file() and [p.name for p in run.path.iterdir()] == [".train.lock"]
+    finally:
+        other.__exit__()
+
+
+def test_a_failed_start_removes_the_folders_it_made_and_only_those(tmp_path, corpus, capsys):
+    (tmp_path / "kept").mkdir()
+    vectors = tmp_path / "kept" / "vectors.txt"
+    vectors.write_text("speak 0.5 oops\n")
+    run = tmp_path / "kept" / "made" / "also made" / "run"
+    assert main(cli_args(corpus, run, "--init_from_pretrained", str(vectors))) == 2
+    assert "is not 'word v1 v2 ...' text" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["vectors.txt"]
 
 
 # ---------------------------------------------------------------------------------------------

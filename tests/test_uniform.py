@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dlm.core.config import load_config
+from dlm.core.errors import UserError
 from dlm.core.noise import WindowKeys
 from dlm.families import uniform
 from tests.conftest import ROOT
@@ -293,3 +294,13 @@ def test_a_bound_of_a_shortened_chain_is_refused_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "dlm evaluate: error: --steps scores a shortened Gaussian chain; the 'uniform' family's bound has no such "
         "chain: drop --steps."]
+
+
+@pytest.mark.parametrize("steps, message", [(0, "steps must be at least 1, got 0."),
+                                            (100_001, "steps must be at most 100,000, got 100,001")])
+def test_the_uniform_chain_checks_its_step_count(steps, message):
+    from dlm.runs.sample import SampleOptions
+
+    config = load_config(None, model="uniform")
+    with pytest.raises(UserError, match=message):
+        uniform.check_steps(SampleOptions.from_config(config, steps=steps), config)

@@ -17,7 +17,7 @@ from dlm.core.config import ConfigError, field_types, load_config, load_yaml, ma
 from dlm.core.data import check_destination, check_run_folder
 from dlm.core.runtime import pick_device
 from dlm.runs.sample import SampleOptions
-from tests.conftest import ROOT, make_corpus
+from tests.conftest import ROOT, make_corpus, toy_run_dir
 
 SMOKE = str(ROOT / "params" / "smoke.yaml")
 QUICK = ["--max_steps", "2", "--precision", "fp32", "--device", "cpu", "--min_count", "1",
@@ -205,6 +205,31 @@ def test_check_run_folder_leaves_nothing_behind(tmp_path):
             check_run_folder(readonly / "run")
 
 
+@pytest.mark.parametrize("in_the_way, message", [
+    ("file", "--tensorboard writes its event files to 'RUN/tensorboard', which is a file: move that file away, or "
+             "train without --tensorboard."),
+    ("dangling link", "--tensorboard's folder 'RUN/tensorboard' cannot be created: File exists. Choose another run "
+                      "folder, or train without --tensorboard."),
+])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_tensorboard_folder_that_cannot_be_made_is_refused_before_the_run_folder(runs, tmp_path, capsys, in_the_way,
+                                                                                    message, resume):
+    run = tmp_path / "run"
+    if resume:
+        shutil.copytree(runs / "diffusion", run)
+    else:
+        run.mkdir()
+    if in_the_way == "file":
+        (run / "tensorboard").write_text("keep me")
+    else:
+        (run / "tensorboard").symlink_to(tmp_path / "nowhere" / "tb")
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    refused(capsys, "train", ["train", SMOKE, "--run_dir", str(run), "--corpus", str(corpus), *QUICK, "--tensorboard",
+                              *(["--resume"] if resume else [])], message.replace("RUN", str(run)), tmp_path)
+    if not resume:  # nothing of a run was made beside what was in the way
+        assert [p.name for p in run.iterdir()] == ["tensorboard"]
+
+
 def test_train_function_checks_the_run_folder(tmp_path, smoke_config):
     from dlm.runs.train import train
 
@@ -322,6 +347,8 @@ def toy_runs(tmp_path_factory):
     toy_run_dir(root / "ar", model="ar")
     toy_run_dir(root / "masked", model="masked")
     toy_run_dir(root / "one_line", text="To be, or not to be: that is the question.")
+    toy_run_dir(root / "blocks", block_size=4, block_training="all")  # a Gaussian block run, prefix cached
+    toy_run_dir(root / "blocks_one", block_size=4)  # trained one block per window: its prefix run every step
     return root
 
 
@@ -343,6 +370,8 @@ BAD_INFILL = [
     ("ar", ["--length", "4"], "--length is not available for the 'ar' family"),
     ("masked", ["--template", "To be zorgle __"], "not in the run's vocabulary: 'zorgle'"),
     ("masked", ["--template", "__", "--steps", "0"], "steps must be at least 1, got 0"),
+    ("masked", ["--template", "__", "--steps", "12801"], "steps must be at most 12,800 for this run, got 12,801: a "
+                                                           "masked chain unmasks each of a window's 16 positions"),
     ("one_line", ["--length", "4"], "--length needs the blank line that ends a speech, but this run's vocabulary "
                                     "has no newline token"),
 ]
@@ -390,6 +419,101 @@ def test_sample_and_infill_records_list_what_the_sampler_read(toy_runs, tmp_path
     assert set(record) & OPTION_FIELDS == READ_BY[model]
     # only the Gaussian chain rounds the fixed words too; the others give them back as given
     assert ("kept_by_rounding" in record) == (model == "diffusion")
+
+
+@pytest.mark.parametrize("run", ["blocks", "blocks_one"])
+@pytest.mark.parametrize("extra", [["--template", "__ __ be __ __ __ __ __ __ question"], ["--prefix", "To be"],
+                                   ["--length", "3"]])
+def test_every_control_works_on_a_gaussian_block_run(toy_runs, tmp_path, capsys, run, extra):
+    out = tmp_path / "infill.jsonl"
+    assert main(["infill", "--run_dir", str(toy_runs / run), "--steps", "3", "--num_samples", "2",
+                 "--out", str(out), *extra]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for record in records:
+        fixed = dict(zip(record["fixed_positions"], record["fixed_ids"]))
+        window = record.get("window_ids", record["ids"])
+        assert len(window) == 16 and all(window[i] == word for i, word in fixed.items())
+
+
+def test_a_block_chain_reads_the_fixed_words_of_its_finished_blocks(toy_runs, monkeypatch):
+    """A fixed word the rounding would never give (it is banned from the draws) is still what the
+    later blocks read as their context."""
+    from dlm.families import gaussian_sampling
+    from dlm.runs.build import load_run
+
+    run = load_run(toy_runs / "blocks")
+    word = run.tokenizer.stoi["question"]
+    ids = torch.full((2, 16), run.tokenizer.pad_id)
+    ids[:, 1] = word
+    known = torch.zeros(2, 16, dtype=torch.bool)
+    known[:, 1] = True
+    fixed = gaussian_sampling.known_positions_hook(run.model, ids, known)
+    contexts = []  # the words before and in each block, as each block's chain fixes them
+
+    def spy(model, words, positions):
+        contexts.append(words.clone())
+        return fixed_hook(model, words, positions)
+
+    fixed_hook = gaussian_sampling.known_positions_hook
+    monkeypatch.setattr(gaussian_sampling, "known_positions_hook", spy)
+    options = SampleOptions.from_config(run.config, steps=2)
+    states = list(gaussian_sampling.sample_chain(run.model, run.objective, options, (2, 16),
+                                                 torch.Generator().manual_seed(0), hooks=[fixed], banned=(word,)))
+    assert (states[-1].words[:, 1] != word).all()  # what the rounding made of it, as decoded
+    assert [c.shape[1] for c in contexts] == [4, 8, 12, 16]
+    assert all((c[:, 1] == word).all() for c in contexts[1:])
+
+
+@pytest.mark.parametrize("run, extra, message", [
+    ("masked", ["--steps", "5"], "--steps scores a shortened Gaussian chain; the 'masked' family's bound has no "
+                                 "such chain: drop --steps."),
+    ("masked", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain; the 'masked'"),
+    ("ar", ["--steps", "5"], "A likelihood bound is not available for the 'ar' family"),
+    ("ar", ["--x0", "expected"], "Its NLL is exact: give it as --ar_run."),
+    ("diffusion", ["--steps", "0"], "--steps must be between 1 and the run's diffusion_steps (50), got 0."),
+    ("diffusion", ["--steps", "51"], "--steps must be between 1 and the run's diffusion_steps (50), got 51."),
+    ("diffusion", ["--spacing", "uniform"], "--spacing places the steps of a shortened chain: give --steps N too"),
+])
+def test_the_bound_of_a_chain_is_asked_of_a_gaussian_run_only(toy_runs, tmp_path, capsys, run, extra, message):
+    refused(capsys, "evaluate", ["evaluate", "--nll", "--run_dir", str(toy_runs / run), "--windows", "2",
+                                 "--json", str(tmp_path / "e.json"), *extra], message, tmp_path, toy_runs)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, steps, message", [
+    ("sample", "0", "steps must be at least 1, got 0."),
+    ("sample", "12801", "steps must be at most 12,800 for this run, got 12,801"),
+    ("sample", str(10**6), "from 50 x 16^2 = 12,800 steps on, fewer than 1 sample in 100 has two positions unmasked"),
+    ("evaluate", str(10**6), "steps must be at most 12,800 for this run, got 1,000,000"),
+])
+def test_masked_steps_are_bounded_before_anything_runs(toy_runs, tmp_path, capsys, command, steps, message):
+    destination = (["--out", str(tmp_path / "s.jsonl")] if command == "sample" else
+                   ["--matched", "--teacher", str(toy_runs / "ar"), "--json", str(tmp_path / "e.json")])
+    before = snapshot(tmp_path, toy_runs)
+    assert main([command, "--run_dir", str(toy_runs / "masked"), "--steps", steps, *destination]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # not even the chain's cost: nothing runs
+    assert message in one_error_line_from(captured.err, command)
+    assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
+
+
+def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():
+    """The bound's claim, drawn: at 50 n^2 steps fewer than 1 window in 100 has two of its n
+    positions unmasked at the same step (an oracle apart from the bound's arithmetic)."""
+    from dlm.families.masked import most_steps, unmask_chain
+
+    positions, windows = 4, 4000
+    z = torch.full((windows, positions), 9)
+    shared = torch.zeros(windows, dtype=torch.bool)
+    predict = lambda ids: torch.zeros(*ids.shape, 9)  # noqa: E731 -- any words: only the timing counts
+    for state in unmask_chain(predict, z, 9, most_steps(positions), torch.Generator().manual_seed(0)):
+        shared |= state.unmasked.sum(1) > 1
+    assert shared.float().mean() < 0.01
+    z_few = torch.full((windows, positions), 9)
+    few = torch.zeros(windows, dtype=torch.bool)
+    for state in unmask_chain(predict, z_few, 9, positions * 2, torch.Generator().manual_seed(0)):
+        few |= state.unmasked.sum(1) > 1
+    assert few.float().mean() > 0.1  # with few steps it is common: the bound is where it stops mattering
 
 
 # A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.
@@ -478,6 +602,21 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
     assert main([command, "--run_dir", str(runs / "diffusion"), *destination, *extra]) == 2
     assert message in one_error_line(capsys, command)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("run, message", [
+    ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family "
+               "(dlm.families.masked). Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one"),
+    ("ar", "is not available for the 'ar' family"),
+    ("blocks", "Classifier guidance steers one chain over the whole window; this run samples in blocks (block_size 4)"),
+])
+def test_control_table_refuses_a_run_guidance_cannot_steer_before_asking_for_classifiers(toy_runs, tmp_path, capsys,
+                                                                                         run, message):
+    line = refused(capsys, "control-table", ["control-table", "--run_dir", str(toy_runs / run), "--ar_run",
+                                             str(toy_runs / "ar"), "--attribute", "question", "--out_dir",
+                                             str(tmp_path / "table")],
+                   message.replace("RUN", str(toy_runs / run)), tmp_path, toy_runs)
+    assert "train-classifier" not in line and not (tmp_path / "table").exists()
 
 
 # --- destinations: one check (dlm.core.data.check_destination), before any work, for every writer --
@@ -653,8 +792,36 @@ def test_ctrl_c_while_sampling_keeps_the_finished_batches(toy_runs, tmp_path, ca
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "10",
                  "--batch_size", "2", "--out", str(out)]) == 130
-    assert "interrupted after 4 of 10 samples: 4 samples kept in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted after 4 of 10 samples: 4 samples kept in" in err
+    assert err.strip().splitlines()[-1] == "dlm sample: interrupted" and "Traceback" not in err
     assert len(out.read_text().splitlines()) == 4 and len(out.with_suffix(".txt").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("full_for", ["s.jsonl", "s.txt"])
+def test_a_full_disk_while_sampling_keeps_whole_lines_of_both_files(toy_runs, tmp_path, capsys, monkeypatch,
+                                                                    small_disk, full_for):
+    from dlm.runs.sample import SampleWriter
+
+    real_add = SampleWriter.add
+
+    def disk_fills_after_the_first_batch(writer, batch):
+        if writer.count:
+            small_disk.full_for = full_for  # half of this batch's lines fit
+        real_add(writer, batch)
+
+    monkeypatch.setattr(SampleWriter, "add", disk_fills_after_the_first_batch)
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "6",
+                 "--batch_size", "2", "--record_every", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = one_error_line_from(err, "sample")
+    assert f"The disk holding '{tmp_path}' is full: 's.jsonl' could not be written. 2 samples are kept in it" in line
+    assert "Free space on that disk (df -h shows what is left) and sample again." in line
+    assert [json.loads(row)["index"] for row in out.read_text().splitlines()] == [0, 1]  # every line whole
+    assert out.read_bytes().endswith(b"\n") and len(out.with_suffix(".txt").read_text().splitlines()) == 2
+    assert not out.with_suffix(".trajectory.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -743,10 +910,93 @@ def test_report_destination_and_params_are_checked_before_any_notebook(tmp_path,
     argv = [a.replace("HERE", str(tmp_path)) for a in argv]
     reports = [] if "--reports_dir" in argv else ["--reports_dir", str(tmp_path / "reports")]
     before = snapshot(tmp_path)
-    assert main(["report", SMOKE, "--name", "r", *reports, *argv]) in (1, 2)
+    assert main(["report", SMOKE, "--name", "r", *reports, *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and message.replace("HERE", str(tmp_path)) in one_error_line_from(err, "report")
     assert snapshot(tmp_path) == before and not (tmp_path / "reports").exists()
+
+
+MASKED_SMOKE = str(ROOT / "params" / "masked_smoke.yaml")
+
+
+@pytest.mark.parametrize("preset, argv, message", [
+    (MASKED_SMOKE, ["--param", "train.predict=logits"], "'predict' (logits) is a Gaussian-diffusion option; the "
+                                                        "'masked' family does not read it"),
+    (SMOKE, ["--param", "train.block_size=4", "--param", "train.block_training=all", "--param",
+             "train.self_condition=0.5"], "'block_training: all' feeds the window twice"),
+    (SMOKE, ["--from_run", "MASKED"], "--from_run 'MASKED' holds a run of model 'masked', but the preset (with its "
+                                      "--param train.* keys) trains model 'diffusion'"),
+    (MASKED_SMOKE, ["--from_run", "DIFF"], "holds a run of model 'diffusion', but the preset"),
+    (SMOKE, ["--param", "sample.teacher_dir=HERE/nowhere"], "--param sample.teacher_dir: 'HERE/nowhere' was not found"),
+    (SMOKE, ["--param", "sample.teacher_dir=DIFF"], "--param sample.teacher_dir 'DIFF' is a 'diffusion' run, not an "
+                                                    "autoregressive one"),
+    (SMOKE, ["--param", "control.ar_run=MASKED"], "--param control.ar_run 'MASKED' is a 'masked' run"),
+    (SMOKE, ["--param", "sample.steps=0"], "--param sample.steps: steps must be between 1 and the run's "
+                                           "diffusion_steps (100), got 0."),
+    (SMOKE, ["--param", "sample.steps=101"], "diffusion_steps (100), got 101."),
+    (SMOKE, ["--param", "train.preview_steps=0"], "--param train.preview_steps: steps must be between 1"),
+    (SMOKE, ["--param", "collapse_analysis.steps=500"], "--param collapse_analysis.steps: steps must be between 1"),
+    (SMOKE, ["--param", "sample.steps=ten"], "--param sample.steps takes a number of steps (-1: the run's "
+                                             "sample_steps), got 'ten'."),
+    (MASKED_SMOKE, ["--param", "sample.steps=100000"], "--param sample.steps: steps must be at most 12,800"),
+    (MASKED_SMOKE, ["--param", "sample.curve_steps=10,100000"], "--param sample.curve_steps: steps must be at most"),
+])
+def test_report_values_are_checked_before_the_first_notebook(toy_runs, tmp_path, capsys, monkeypatch, preset, argv,
+                                                             message):
+    from dlm.workbench import workbook
+
+    monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: pytest.fail("a notebook ran"))
+    names = {"MASKED": toy_runs / "masked", "DIFF": toy_runs / "diffusion", "HERE": tmp_path}
+    for name, path in names.items():
+        argv = [a.replace(name, str(path)) for a in argv]
+        message = message.replace(name, str(path))
+    before = snapshot(tmp_path, toy_runs)
+    assert main(["report", preset, "--name", "r", "--reports_dir", str(tmp_path / "reports"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in one_error_line_from(err, "report")
+    assert snapshot(tmp_path, toy_runs) == before and not (tmp_path / "reports").exists()
+
+
+def test_ctrl_c_during_a_report_says_interrupted_and_stops_its_kernel(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+    import types
+
+    from dlm.workbench import workbook
+
+    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a kernel, busy training
+    cleaned = []
+
+    class Manager:  # what stop_kernels reads of a jupyter_client kernel manager
+        provisioner = types.SimpleNamespace(process=kernel)
+
+        def cleanup_connection_file(self):
+            cleaned.append("connection file")
+
+        def cleanup_ipc_files(self):
+            cleaned.append("ipc sockets")
+
+    manager = Manager()
+
+    def training(notebook, output, parameters, **kwargs):  # Ctrl-C while the train notebook runs
+        workbook.STARTED_KERNELS.add(manager)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workbook, "execute", training)
+    try:
+        assert main(["report", SMOKE, "--name", "r", "--reports_dir", str(tmp_path / "reports")]) == 130
+    finally:
+        kernel.kill()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ZMQError" not in err
+    assert err.strip().splitlines() == [f"dlm report: interrupted in train.ipynb: what the report wrote is kept in "
+                                        f"{tmp_path / 'reports' / 'r'} (report.json says 'interrupted'); --overwrite "
+                                        f"starts it again."]
+    report = json.loads((tmp_path / "reports" / "r" / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["interrupted"] == "train"
+    assert "interrupted" in (tmp_path / "reports" / "index.html").read_text()
+    assert kernel.poll() is not None and kernel.returncode != 0  # stopped, not left to train on
+    assert cleaned == ["connection file", "ipc sockets"] and manager not in workbook.STARTED_KERNELS
 
 
 def test_known_params_of_every_notebook_pass_the_check():
@@ -754,6 +1004,72 @@ def test_known_params_of_every_notebook_pass_the_check():
 
     check_notebook_parameters({"train": {"lr": 0.1, "nll_windows": 2}, "sample": {"num_samples": 2},
                                "collapse_analysis": {"steps": 5}, "control": {"task": "infill"}}, notebooks_dir())
+
+
+# --- the benchmark scripts users run: the CLI's checks and its one line, before any work ------------
+
+def benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("scaling", ["x=HERE/nowhere", "--teacher", "AR"], "Run folder 'HERE/nowhere' does not exist"),
+    ("scaling", ["x=DIFF", "--teacher", "DIFF"], "The teacher must be an autoregressive run"),
+    ("scaling", ["x=AR", "--teacher", "AR"], "row 'x': an autoregressive run is the --teacher's row"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--seeds", "0"], "--seeds must be at least 1, got 0."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--samples", "0"], "--samples must be at least 1, got 0."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--windows", "1"], "--windows must be at least 2"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--draws", "0"], "--draws must be a positive number of timesteps"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--steps", "0"], "row 'x': steps must be between 1 and the run's "
+                                                              "diffusion_steps (50), got 0."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--steps", "5000"], "diffusion_steps (50), got 5000."),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--speed_steps", "500"], "--speed_steps: steps must be between 1"),
+    ("scaling", ["x=MASKED", "--teacher", "AR", "--steps", "100000"], "steps must be at most 12,800 for this run"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--out", "HERE/afile"], "--out 'HERE/afile/scaling.csv' lies under"),
+    ("scaling", ["x=DIFF", "--teacher", "AR", "--entropy", "-1"], "--entropy is a unigram entropy in bits, a "
+                                                                  "positive number, got -1.0."),
+    ("scaling", ["x=DIFF", "--teacher", "OTHER_VOCAB"], "--teacher was trained with another vocabulary than"),
+    ("spacing", ["HERE/nowhere", "AR"], "Run folder 'HERE/nowhere' does not exist"),
+    ("spacing", ["DIFF", "MASKED"], "The teacher must be an autoregressive run"),
+    ("spacing", ["MASKED", "AR"], "is of model 'masked': spacing.py compares the timestep spacings of the Gaussian"),
+    ("spacing", ["AR", "AR"], "is of model 'ar': spacing.py compares"),
+    ("spacing", ["DIFF", "AR", "--samples", "0"], "--samples must be at least 1, got 0."),
+    ("spacing", ["DIFF", "AR", "--windows", "1"], "--windows must be at least 2"),
+    ("spacing", ["DIFF", "AR", "--steps", "0"], "steps must be between 1 and the run's diffusion_steps (50), got 0."),
+    ("spacing", ["DIFF", "AR", "--steps", "5", "5000"], "diffusion_steps (50), got 5000."),
+    ("spacing", ["DIFF", "AR", "--out", "HERE/afile"], "--out 'HERE/afile/spacing.csv' lies under"),
+    ("spacing", ["DIFF", "AR", "--entropy", "-1"], "--entropy is a unigram entropy in bits, a positive number"),
+])
+def test_benchmark_scripts_refuse_bad_input_in_one_line_before_any_work(toy_runs, tmp_path, capsys, monkeypatch,
+                                                                         script, argv, message):
+    from dlm.evaluation import likelihood, matched
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a bound or a sample was computed before the inputs were checked")
+
+    for module, name in ((matched, "temperature_sampler"), (likelihood, "nll_bound"), (likelihood, "compare_with_ar")):
+        monkeypatch.setattr(module, name, no_work)
+    (tmp_path / "afile").write_text("keep me")
+    toy_run_dir(tmp_path / "one_line_ar", model="ar", text="To be, or not to be: that is the question.")
+    names = {"OTHER_VOCAB": tmp_path / "one_line_ar", "DIFF": toy_runs / "diffusion", "AR": toy_runs / "ar",
+             "MASKED": toy_runs / "masked", "HERE": tmp_path}
+    for name, path in names.items():
+        argv = [a.replace(name, str(path)) for a in argv]
+        message = message.replace(name, str(path))
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = snapshot(tmp_path, toy_runs)
+    assert benchmark(script).main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and message in lines[0], lines
+    assert snapshot(tmp_path, toy_runs) == before and not (tmp_path / "out").exists()
 
 
 # --- presets, corpora, resuming, pretrained vectors ------------------------------------------------

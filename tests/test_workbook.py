@@ -181,7 +181,7 @@ def test_report_command_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "p.yaml").write_text("epochs: 1\n")
     (tmp_path / "reports" / "mine").mkdir(parents=True)
     (tmp_path / "reports" / "mine" / "x").write_text("")
-    assert main(["report", "p.yaml", "--name", "mine"]) != 0
+    assert main(["report", "p.yaml", "--name", "mine"]) == 2
     assert "is not a report (no report.json of dlm report; it holds x)" in capsys.readouterr().err
 
 

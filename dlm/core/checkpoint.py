@@ -63,14 +63,15 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", require: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", require: tuple[str, ...] = (),
+                    instead: str | None = None) -> dict[str, Any]:
     """The payload of a dlm checkpoint, checked: dlm's format and version, the tensor checksum, and the
-    `require`d keys present; anything else is a CheckpointError that says what to do."""
+    `require`d keys present; anything else is a CheckpointError that says what to do (`instead`: what
+    the caller can do about a missing or damaged file, in place of naming another checkpoint)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"No checkpoint at '{path}'. Train first (dlm train ... --run_dir DIR) or pass --checkpoint FILE."
-        )
+        raise CheckpointError(f"No checkpoint at '{path}'. "
+                              + (instead or "Train first (dlm train ... --run_dir DIR) or pass --checkpoint FILE."))
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
@@ -78,7 +79,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         # the weights-only unpickler raises any of these on random bytes
         raise CheckpointError(
             f"'{path}' is corrupt or not a dlm checkpoint ({type(error).__name__}). "
-            f"Pick another file from the run's checkpoints/ folder, or retrain."
+            + (instead or "Pick another file from the run's checkpoints/ folder, or retrain.")
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is a PyTorch file but not a dlm checkpoint.")
@@ -98,7 +99,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if damaged:
         raise CheckpointError(
             f"'{path}' failed its checksum: it changed after it was written (a damaged disk or copy). "
-            f"Pick another file from the run's checkpoints/ folder, or retrain."
+            + (instead or "Pick another file from the run's checkpoints/ folder, or retrain.")
         )
     missing = [key for key in require if key not in payload]
     if missing:

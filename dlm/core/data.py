@@ -6,6 +6,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dlm.core.errors import UserError
+from dlm.core.errors import DiskFullError, UserError, is_disk_full
 
 TINY_SHAKESPEARE = "tiny_shakespeare"
 TINY_SHAKESPEARE_URL = (
@@ -119,8 +120,27 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             handle.write(payload)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):  # the file that was there is untouched
+            raise DiskFullError(path, len(payload)) from None
+        raise
+
+
+def append_together(files: list[tuple[io.RawIOBase, bytes]]) -> None:
+    """Append each text (whole lines) to its unbuffered binary file and sync them to disk, all or
+    none: when the disk fills, every file is cut back to where it ended, so each still ends with
+    its last whole line and they still hold the same records. The OSError is raised again."""
+    ends = [os.lseek(handle.fileno(), 0, os.SEEK_END) for handle, _ in files]
+    try:
+        for handle, data in files:
+            view = memoryview(data)
+            while view:
+                view = view[handle.write(view):]
+            os.fsync(handle.fileno())
+    except OSError:
+        for (handle, _), end in zip(files, ends):
+            os.ftruncate(handle.fileno(), end)
         raise
 
 

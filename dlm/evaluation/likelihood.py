@@ -48,7 +48,7 @@ from tqdm import tqdm  # a text bar on a terminal; off where stderr is not one (
 from dlm.core.config import machine_memory_bytes
 from dlm.core.errors import UserError
 from dlm.core.runtime import autocast
-from dlm.core.schedule import q_sample
+from dlm.core.schedule import q_sample, sampling_timesteps
 from dlm.evaluation.evaluate import teacher_nll
 from dlm.evaluation.rundata import run_checkpoints, validation_windows
 from dlm.families import not_available, supports
@@ -279,11 +279,34 @@ def check_windows_fit(windows: int, seq_len: int) -> None:
                         f"GiB; this machine has {have / 2**30:.0f} GiB: use at most {int(have / 2 / per_window)}.")
 
 
-def check_no_chain(run: LoadedRun) -> None:
-    """--steps scores a shortened Gaussian chain: refused for a family with a bound of its own."""
+def check_has_bound(run: LoadedRun) -> None:
+    """A run whose family has a likelihood bound; else one line (an exact family: where its NLL goes)."""
+    if not supports(run.config.model, "likelihood_bound"):
+        exact = " Its NLL is exact: give it as --ar_run." if supports(run.config.model, "likelihood_exact") else ""
+        raise UserError(not_available(run.config.model, "A likelihood bound") + exact)
+
+
+def no_chain_bound(run: LoadedRun) -> str:
+    return (f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound has no such chain: "
+            f"drop --steps.")
+
+
+def bound_chain(run: LoadedRun, steps: int | None, spacing: str | None = None) -> list[int] | None:
+    """The timesteps of the chain whose bound `dlm evaluate --nll --steps N` asks for (None: the
+    bound over all T timesteps), checked before any window is scored: a family with a bound, a
+    Gaussian chain (the other families' bounds have none), N within the run's diffusion_steps."""
+    check_has_bound(run)
+    if steps is None:
+        if spacing is not None:
+            raise UserError("--spacing places the steps of a shortened chain: give --steps N too (without it the "
+                            "bound is over all of the run's timesteps).")
+        return None
     if hasattr(run.family, "window_bound"):
-        raise UserError(f"--steps scores a shortened Gaussian chain; the '{run.config.model}' family's bound "
-                        f"has no such chain: drop --steps.")
+        raise UserError(no_chain_bound(run))
+    total = run.objective.steps
+    if not 1 <= steps <= total:
+        raise UserError(f"--steps must be between 1 and the run's diffusion_steps ({total}), got {steps}.")
+    return sampling_timesteps(run.objective.schedule, steps, spacing or run.config.sample_spacing)
 
 
 def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4, seed: int = 0,
@@ -292,13 +315,11 @@ def nll_bound(run: LoadedRun, windows: int | torch.Tensor = 256, draws: int = 4,
     """The bound on the run's validation split, nats per token: `windows` held-out windows (or the
     given ids), x0 'predicted' or 'expected' (see `_denoise_x0`; None: the run's sample_x0), `draws` uniform timesteps each;
     chain: of the shortened chain through those timesteps instead, every step of it (`window_terms`)."""
-    if not supports(run.config.model, "likelihood_bound"):
-        exact = " Its NLL is exact: give it as --ar_run." if supports(run.config.model, "likelihood_exact") else ""
-        raise UserError(not_available(run.config.model, "A likelihood bound") + exact)
+    check_has_bound(run)
     ids = validation_windows(run, windows, seed) if isinstance(windows, int) else windows
     check_counts(len(ids), draws)
-    if chain is not None:
-        check_no_chain(run)
+    if chain is not None and hasattr(run.family, "window_bound"):
+        raise UserError(no_chain_bound(run))  # before any window is scored
     device = next(run.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -323,13 +344,15 @@ def summarise(parts: dict[str, torch.Tensor], tokens: int, draws: int) -> Bound:
     return Bound(float(per_window.mean()), se, terms, count, draws, tokens, per_window)
 
 
-def check_ar_run(run: LoadedRun, ar: LoadedRun) -> None:
+def check_ar_run(run: LoadedRun, ar: LoadedRun, flag: str = "--ar_run") -> None:
+    """The AR run whose exact NLL the bound is compared with (given as `flag`): AR, same vocabulary."""
     if not supports(ar.config.model, "likelihood_exact"):
-        raise UserError(f"--ar_run '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
+        raise UserError(f"{flag} '{ar.checkpoint.parent.parent}' is not an autoregressive run: "
                          f"train one with dlm train-ar params/ar.yaml.")
     if ar.tokenizer.fingerprint() != run.tokenizer.fingerprint():
-        raise UserError("--ar_run was trained with another vocabulary than the diffusion run, so their "
-                         "nats per token do not compare: train the AR run on the same corpus and tokenizer settings.")
+        raise UserError(f"{flag} was trained with another vocabulary than the run '{run.checkpoint.parent.parent}', "
+                        f"so their nats per token do not compare: train the AR run on the same corpus and tokenizer "
+                        f"settings.")
 
 
 def ar_nll(ar: LoadedRun, ids: torch.Tensor) -> float:

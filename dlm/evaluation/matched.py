@@ -26,7 +26,7 @@ from dlm.evaluation.rundata import validation_windows
 from dlm.evaluation.tokens import ids_to_words
 from dlm.families import not_available, supports
 from dlm.runs.build import LoadedRun
-from dlm.runs.sample import SampleOptions, generate
+from dlm.runs.sample import SampleOptions, check_options, generate
 
 # What the issue asks of samples at held-out entropy: (metric, ratio to held-out, bound).
 TARGETS = (("teacher_perplexity", "at most", 10.0), ("punctuation_share", "within", 0.15),
@@ -46,6 +46,7 @@ def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | to
 
     if not supports(run.config.model, "temperature"):
         raise UserError(not_available(run.config.model, "Sampling at a temperature (matched entropy)"))
+    check_options(run.config, options)  # before anything is drawn, also where the draws come later
     # Only the Gaussian whole-window chain keeps its temperature to the final decode: its chain is
     # run once and decoded again; any other sampler (blocks, masked, AR) is drawn afresh.
     if not supports(run.config.model, "guidance") or run.objective.block_size_for(run.config.seq_len) is not None:

@@ -132,8 +132,10 @@ def known_positions_hook(model: DiffusionLM, ids: torch.Tensor, known: torch.Ten
         nonlocal clean
         if clean is None:  # once per chain, inside the chain's autocast like the steps
             clean = model.embed(ids.to(pred_x0.device)).to(pred_x0.dtype)
-        return torch.where(known.to(pred_x0.device)[..., None], clean, pred_x0)
+        width = pred_x0.shape[1]  # a block chain's x covers the window's positions up to its block's end
+        return torch.where(known[:, :width].to(pred_x0.device)[..., None], clean[:, :width], pred_x0)
 
+    keep.fixed_words = (ids, known)  # what a block chain's later blocks read there (_block_chain)
     return keep
 
 
@@ -285,6 +287,17 @@ def plain_scheduler(diffusion: GaussianDiffusion, steps: int, length: int, eta: 
     return scheduler
 
 
+def with_fixed_words(block: torch.Tensor, hooks: Sequence[Hook], first: int, end: int) -> torch.Tensor:
+    """A finished block's decoded words (B, end - first) with the words a hook fixes there in place
+    (`known_positions_hook`): what the later blocks read, whatever the rounding made of them."""
+    for hook in hooks:
+        fixed = getattr(hook, "fixed_words", None)
+        if fixed is not None:
+            ids, known = (tensor[:, first:end].to(block.device) for tensor in fixed)
+            block = torch.where(known, ids, block)
+    return block
+
+
 def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], block_size: int,
                  steps: int, eta: float, clamp: bool, clamp_fraction: float, spacing: str,
                  generator: torch.Generator | None, device: torch.device | str, start: torch.Tensor | None,
@@ -310,7 +323,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
     position_x0 = None if x0 == "predicted" else X0_HOOKS[x0](model, diffusion)
     noise = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     initial = noise if start is None else start.to(device)
-    words = torch.zeros(batch, length, dtype=torch.long, device=device)
+    decoded = torch.zeros(batch, length, dtype=torch.long, device=device)  # what the rounding made of each block
+    words = decoded.clone()  # what the later blocks read: the decoded words, a hook's fixed words in place
     offset = 0
     for first in range(0, length, block_size):
         end = first + block_size
@@ -339,9 +353,10 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
             if state.index == len(scheduler) - 1:
                 # decoded as the caller decodes a plain chain's x: in float32, outside the autocast
                 with torch.autocast(state.x.device.type, enabled=False):
-                    words[:, first:end] = decode(model, state.x[:, first:end].float(), decoder, temperature,
-                                                     generator, banned)
-                finished = words.clone()
+                    decoded[:, first:end] = decode(model, state.x[:, first:end].float(), decoder, temperature,
+                                                   generator, banned)
+                words[:, first:end] = with_fixed_words(decoded[:, first:end], hooks, first, end)
+                finished = decoded.clone()
             yield SampleState(offset + state.index, state.t, torch.cat([state.x, rest], dim=1),
                               torch.cat([state.pred_x0, rest], dim=1), finished)
         offset += len(scheduler)

@@ -377,9 +377,34 @@ def trunk(model: MaskedDiffusionLM) -> nn.Module:
     return model.transformer
 
 
-def check_steps(options: SampleOptions) -> None:
+# A chain of S steps unmasks each position at a step drawn uniformly from S: the expected number of
+# the n positions of a block that share a step with another is n (n - 1) / (2 S). From S = 50 n^2
+# on that is below 1 in 100 samples, so the chain is the continuous-time sampler to that precision;
+# more steps change nothing but the time (the network still runs at most n times per block).
+STEPS_PER_SQUARED_POSITION = 50
+
+
+def most_steps(positions: int) -> int:
+    """The most sampling steps that can still change a block of `positions` positions' samples."""
+    return STEPS_PER_SQUARED_POSITION * positions ** 2
+
+
+def denoiser_calls(steps: int, positions: int) -> int:
+    """The most network calls of a block's chain: a step where nothing unmasked reuses the last output."""
+    return min(steps, positions)
+
+
+def check_steps(options: SampleOptions, config: Config) -> None:
+    positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
+    most = most_steps(positions)
     if options.steps < 1:
         raise UserError(f"steps must be at least 1, got {options.steps}.")
+    if options.steps > most:
+        where = "block" if positions < config.seq_len else "window"
+        raise UserError(f"steps must be at most {most:,} for this run, got {options.steps:,}: a masked chain unmasks "
+                        f"each of a {where}'s {positions} positions at one of its steps, and from "
+                        f"{STEPS_PER_SQUARED_POSITION} x {positions}^2 = {most:,} steps on, fewer than 1 sample in "
+                        f"100 has two positions unmasked at the same step: more steps change nothing but the time.")
 
 
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
@@ -388,7 +413,7 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
     options.temperature; frames of the window every options.record_every steps ([MASK] shown as
     <pad>, t in thousandths: the frames' t is an integer timestep in the other families)."""
     options.validate()
-    check_steps(options)
+    check_steps(options, run.config)
     length = run.config.seq_len
     banned = options.banned_ids(run.tokenizer)
     total = options.steps * (length // (run.objective.block_size_for(length) or length))
@@ -416,7 +441,7 @@ def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: Sample
     """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
     scores (N, L, V) each position was drawn from (for the length constraint)."""
     options.validate()
-    check_steps(options)
+    check_steps(options, run.config)
     out, scores = [], []
     for first in range(0, len(ids), options.batch_size):
         batch = ids[first: first + options.batch_size].to(device)

@@ -35,10 +35,11 @@ from torch import nn
 
 from dlm.core.config import Config
 from dlm.core.embeddings import LearnedEmbedding
+from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import autocast
-from dlm.families.masked import MaskedDiffusion, categorical, check_steps
+from dlm.families.masked import MaskedDiffusion, categorical
 
 if TYPE_CHECKING:
     from dlm.runs.build import LoadedRun
@@ -301,13 +302,25 @@ def trunk(model: UniformDiffusionLM) -> nn.Module:
     return model.transformer
 
 
+MOST_STEPS = 100_000  # a guard against a typo that would run for hours, not a limit of the chain
+
+
+def check_steps(options: SampleOptions, config: Config) -> None:
+    """The ancestral chain's step count (dlm.runs.sample calls it before any sampling)."""
+    if options.steps < 1:
+        raise UserError(f"steps must be at least 1, got {options.steps}.")
+    if options.steps > MOST_STEPS:
+        raise UserError(f"steps must be at most {MOST_STEPS:,}, got {options.steps:,}: each step is a network call "
+                        f"per batch, and the chain is already close to its continuous-time limit long before.")
+
+
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """One batch (dlm.runs.sample.generate_batches hands each family one) of options.num_samples
     windows by the ancestral chain of options.steps steps at options.temperature; frames of the
     window every options.record_every steps (t in thousandths, as the masked family's)."""
     options.validate()
-    check_steps(options)
+    check_steps(options, run.config)
     length, count, total = run.config.seq_len, options.num_samples, options.steps
     trajectory = []
 
@@ -326,7 +339,7 @@ def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: Sample
     """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
     scores (N, L, V) each position's last word was drawn from (for the length constraint)."""
     options.validate()
-    check_steps(options)
+    check_steps(options, run.config)
     out, scores = [], []
     for first in range(0, len(ids), options.batch_size):
         batch = ids[first: first + options.batch_size].to(device)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from dlm.core.config import ConfigError
+from dlm.core.data import try_writing_in
 from dlm.core.embeddings import nearest_neighbour_distances
+from dlm.core.errors import UserError
 from dlm.runs.rundir import RunDir
 
 SAMPLES_SHOWN = 4  # decoded samples written at each kept checkpoint
@@ -35,6 +37,18 @@ def check_available() -> None:
     if not available():
         raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or pip install -e '.[tensorboard]'), or train without --tensorboard.")
+
+
+def check_folder(run_dir: str | Path) -> None:
+    """Before any work (before the run folder is made): RUN/tensorboard can be made and written."""
+    folder = RunDir(run_dir).tensorboard
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--tensorboard writes its event files to '{folder}', which is a file: move that file "
+                          f"away, or train without --tensorboard.")
+    try:
+        try_writing_in(folder, "events.out.tfevents", folder, "--tensorboard's folder", "run folder")
+    except UserError as error:
+        raise ConfigError(f"{str(error).removesuffix('.')}, or train without --tensorboard.") from None
 
 
 class Curves:

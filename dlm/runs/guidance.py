@@ -50,15 +50,22 @@ FLUENCY = 0.01
 
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
     """The scheduler sample_chain builds for `options` (gaussian_sampling.plain_scheduler, the same one)."""
+    check_guidance(run)
+    return plain_scheduler(run.objective, options.steps, run.config.seq_len, options.eta, options.spacing)
+
+
+def check_guidance(run: LoadedRun) -> None:
+    """A run whose chain classifier guidance can steer: a Gaussian family's, one timestep per step
+    for every position, over the whole window."""
     if not supports(run.config.model, "guidance"):
-        raise UserError(not_available(run.config.model, "Classifier guidance") + f" ('{run.checkpoint}')")
+        raise UserError(not_available(run.config.model, f"Classifier guidance of '{run.checkpoint}'") + " Guide a "
+                        "Gaussian diffusion run (model: diffusion); dlm infill controls this one without a classifier.")
     if run.objective.settings.left_to_right > 0:
         raise UserError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")
     if chain_blocks(run.objective, run.config.seq_len) > 1:
         raise UserError("Classifier guidance steers one chain over the whole window; this run samples in blocks "
                          f"(block_size {run.config.block_size}): guide a run trained without block_size.")
-    return plain_scheduler(run.objective, options.steps, run.config.seq_len, options.eta, options.spacing)
 
 
 def guidance_hook(classifier: Classifier, scheduler: DiffusionScheduler, strength: float, fluency: float = FLUENCY,

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import re
 from pathlib import Path
 
 from dlm.core.checkpoint import CheckpointError
-from dlm.core.data import atomic_write_bytes
+from dlm.core.data import append_together, atomic_write_bytes
+from dlm.core.errors import DiskFullError, is_disk_full
 
 logger = logging.getLogger("dlm")
 
@@ -23,6 +25,11 @@ RUN_COLUMNS = ("embedding_norm", "nn_distance", "lr", "tokens_per_s", "elapsed_s
 
 def metric_columns(terms: tuple[str, ...]) -> tuple[str, ...]:
     return ("step", "epoch", *terms, *(f"val_{term}" for term in terms), *RUN_COLUMNS)
+
+
+# A training write that found the disk full: the run stands at its last checkpoint.
+WHEN_FULL = ("Free space on that disk (df -h shows what is left; older checkpoints/epoch_*.pt can go) and continue "
+             "the run with --resume: it goes on from checkpoints/last.pt.")
 
 
 class MetricsError(CheckpointError):
@@ -132,10 +139,16 @@ class MetricsWriter:
         if unknown:  # a term the objective did not declare would be lost: say so instead
             raise ValueError(f"metrics.csv has no column for {', '.join(sorted(unknown))}; "
                              f"the objective's `terms` must name every loss it returns.")
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.columns).writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
+        line = io.StringIO(newline="")
+        csv.DictWriter(line, self.columns).writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                                     for k, v in row.items()})
+        with open(self.path, "ab", buffering=0) as handle:
+            try:  # a row is written whole or not at all: a cut last row would block the resume
+                append_together([(handle, line.getvalue().encode("utf-8"))])
+            except OSError as error:
+                if not is_disk_full(error):
+                    raise
+                raise DiskFullError(self.path, what=WHEN_FULL) from None
 
     def record(self) -> dict:
         return metrics_record(self.path)

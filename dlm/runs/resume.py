@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dlm.core.checkpoint import CheckpointError
+from dlm.core.checkpoint import CheckpointError, save_checkpoint
 from dlm.core.config import Config, from_dict, section_keys
 from dlm.core.data import Tokenizer
 from dlm.runs.rundir import RunDir, RunExistsError
@@ -33,6 +33,19 @@ def kept_payload(state: TrainState, tokenizer: Tokenizer, corpus_sha256: str | N
             "ema": state.ema.module.state_dict() if state.ema is not None else None,
             "config": state.config.to_dict(), "vocab": tokenizer.to_dict(), "step": state.step, "epoch": state.epoch,
             "corpus_sha256": corpus_sha256}
+
+
+def write_missing_kept_checkpoint(run: RunDir, payload: dict, due: bool) -> Path | None:
+    """The epoch checkpoint of last.pt's epoch, when it was `due` and is missing (its write found the
+    disk full, or a kill came between the two writes), written from last.pt, which holds the same
+    weights: the path written, named in the log, else None."""
+    path = run.epoch_checkpoint(payload["epoch"])
+    if not due or path.exists():
+        return None
+    save_checkpoint(path, {key: payload[key] for key in KEPT_KEYS})
+    logger.info("%s was missing (its write failed or was cut short): written from checkpoints/last.pt, which holds "
+                "the same step %d", path.relative_to(run.path), payload["step"])
+    return path
 
 
 def resume_payload(state: TrainState, tokenizer: Tokenizer, corpus_sha256: str | None = None) -> dict:
@@ -74,6 +87,13 @@ def resumed_config(config: Config, saved: dict, run: RunDir | None = None) -> Co
 
 def restore(state: TrainState, payload: dict, path: Path) -> None:
     """last.pt's weights, optimizer, schedule, EMA, timestep sampler, RNG and counters into `state`."""
+    sampler_state = payload.get("timestep_sampler") or payload.get("time_warp")  # "time_warp": before two kinds
+    if state.timestep_sampler is not None and sampler_state is None:
+        raise CheckpointError(
+            f"'{path}' holds no state of the timestep sampler its run trains with (time_warp: "
+            f"{state.config.time_warp}, timestep_sampling: {state.config.timestep_sampling}): it was written "
+            f"without one (by an older dlm, or edited), so it cannot be resumed exactly. Sample or evaluate "
+            f"it as it is, or train the run again in a new folder.")
     try:
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
@@ -81,8 +101,8 @@ def restore(state: TrainState, payload: dict, path: Path) -> None:
         if state.ema is not None:
             state.ema.module.load_state_dict(payload["ema"])
             state.ema.n_averaged.fill_(payload["ema_n_averaged"])
-        if state.timestep_sampler is not None:  # saved as "time_warp" before there were two kinds
-            state.timestep_sampler.load_state_dict(payload.get("timestep_sampler") or payload["time_warp"])
+        if state.timestep_sampler is not None:
+            state.timestep_sampler.load_state_dict(sampler_state)
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"'{path}' does not match this run: {error}") from None
     torch.set_rng_state(payload["rng"])

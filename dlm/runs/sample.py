@@ -3,6 +3,7 @@ writing samples (JSONL plus a plain .txt) and, on request, the trajectory of dec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,9 +16,9 @@ import torch
 
 from dlm.core.config import Config, machine_memory_bytes
 from dlm.core.data import atomic_write_bytes, check_destination, current_umask
-from dlm.core.errors import UserError
+from dlm.core.errors import DiskFullError, UserError, is_disk_full
 from dlm.core.schedule import SPACINGS
-from dlm.families import sample_settings
+from dlm.families import family, sample_settings
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
@@ -82,6 +83,17 @@ class SampleOptions:
             raise UserError("temperature must be 0 (argmax) or positive.")
         if not 0 <= self.clamp_fraction <= 1:
             raise UserError("clamp_fraction must be between 0 and 1.")
+
+
+def check_options(config: Config, options: SampleOptions) -> None:
+    """Every sampling option against a run's config, before any draw (before the run is loaded,
+    too): the options' own ranges and the steps its chain can take (the Gaussian family's
+    diffusion_steps, or the family's own `check_steps`)."""
+    chain = family(config.model)
+    options.validate(getattr(chain.objective(config), "steps", None))
+    check_steps = getattr(chain, "check_steps", None)
+    if check_steps is not None:
+        check_steps(options, config)
 
 
 @dataclass
@@ -168,6 +180,7 @@ class SampleWriter:
         self.count, self.handles, self.frames = 0, None, []
         self.temps: dict[str, Path] = {}
         self.whole: dict[str, int] = {"jsonl": 0, "txt": 0}  # bytes up to the end of the last whole batch
+        self.full = False  # the disk filled: the trajectory, which would not fit either, is not written
 
     def add(self, batch: SampleBatch) -> None:
         if self.handles is None:
@@ -176,15 +189,25 @@ class SampleWriter:
                 path = self.files[kind]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                self.temps[kind], self.handles[kind] = Path(temp), os.fdopen(fd, "wb")
+                os.close(fd)
+                self.temps[kind], self.handles[kind] = Path(temp), open(temp, "wb", buffering=0)  # noqa: SIM115
         lines = [json.dumps({"index": self.count + i, "text": text, "ids": row.tolist(), **self.meta},
                             ensure_ascii=False) for i, (text, row) in enumerate(zip(batch.texts, batch.ids))]
         plain = [text.replace("\n", " / ") for text in batch.texts]
-        for kind, rows in (("jsonl", lines), ("txt", plain)):
-            handle = self.handles[kind]
-            handle.write("".join(row + "\n" for row in rows).encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            for kind, rows in (("jsonl", lines), ("txt", plain)):
+                handle = self.handles[kind]
+                handle.write("".join(row + "\n" for row in rows).encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            self.full = True  # close() cuts both files back to the last whole batch
+            kept = (f"{self.count} samples are kept in it, each a whole line" if self.count
+                    else "No sample was kept (an earlier file of that name is left as it was)")
+            raise DiskFullError(self.files["jsonl"], what=f"{kept}. Free space on that disk (df -h shows what is "
+                                                          f"left) and sample again.") from None
         for kind in self.whole:
             self.whole[kind] = self.handles[kind].tell()
         self._record(batch.trajectory)
@@ -202,10 +225,11 @@ class SampleWriter:
         try:
             for kind, handle in (self.handles or {}).items():
                 if not handle.closed:
-                    handle.close()
+                    with contextlib.suppress(OSError):  # a full disk: what did not fit is cut off below
+                        handle.close()
                 os.truncate(self.temps[kind], self.whole[kind])  # a batch cut short (full disk, interrupt) is dropped
             if self.count:
-                if self.frames:
+                if self.frames and not self.full:
                     atomic_write_bytes(self.files["trajectory"],
                                        json.dumps({"itos": self.itos, "frames": self.frames}).encode())
                 else:

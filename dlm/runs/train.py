@@ -6,9 +6,9 @@ lock in dlm.runs.rundir."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from dlm.core.data import (
     windows_per_epoch,
 )
 from dlm.core.embeddings import nearest_neighbour_distances
+from dlm.core.errors import DiskFullError
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import (
     Ranks,
@@ -55,11 +56,23 @@ from dlm.runs import curves as tensorboard_curves
 from dlm.runs.build import LoadedRun, build_model, build_objective
 from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
-from dlm.runs.resume import KEPT_KEYS, at_stable_lr, kept_payload, restore, resume_payload, resumed_config
+from dlm.runs.resume import (
+    KEPT_KEYS,
+    at_stable_lr,
+    kept_payload,
+    restore,
+    resume_payload,
+    resumed_config,
+    write_missing_kept_checkpoint,
+)
 from dlm.runs.rundir import RunDir, RunExistsError, RunLock
 from dlm.runs.sample import SampleOptions, generate
 
 logger = logging.getLogger("dlm")
+
+# What a checkpoint write that found the disk full asks of the user.
+FREE_CHECKPOINT_SPACE = "Free space on that disk (df -h shows what is left; older checkpoints/epoch_*.pt can go)."
+
 
 class DivergedError(RuntimeError):
     """A loss term or the weights became NaN or inf; the last good checkpoint is kept."""
@@ -392,8 +405,12 @@ class RunHooks:
         if improved:
             self.best = {"step": state.step, "val_total": self.val_total}
         self.val_total = None
-        save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer, self.corpus_sha256),
-                                                   **interval, "metrics": self.metrics.record(), "best": self.best})
+        try:
+            save_checkpoint(self.run.last_checkpoint, {**resume_payload(state, self.tokenizer, self.corpus_sha256),
+                                                       **interval, "metrics": self.metrics.record(), "best": self.best})
+        except DiskFullError as full:
+            raise DiskFullError(full.path, full.size,
+                                f"{FREE_CHECKPOINT_SPACE} {where_it_stands(self.run, self)}") from None
         self.saved_step = state.step
         if improved:  # after last.pt, which records it: a kill between the two is mended on resume (keep_best_whole)
             save_checkpoint(self.run.best_checkpoint, {**kept_payload(state, self.tokenizer, self.corpus_sha256), **self.best})
@@ -401,7 +418,12 @@ class RunHooks:
             # a wsd run's stable phase keeps what a resume needs: dlm cooldown starts new runs from it
             kept = ({**resume_payload(state, self.tokenizer, self.corpus_sha256), **interval} if at_stable_lr(state)
                     else kept_payload(state, self.tokenizer, self.corpus_sha256))
-            save_checkpoint(self.run.epoch_checkpoint(state.epoch), kept)
+            epoch_checkpoint = self.run.epoch_checkpoint(state.epoch)
+            try:
+                save_checkpoint(epoch_checkpoint, kept)
+            except DiskFullError as full:
+                raise DiskFullError(full.path, full.size, f"{FREE_CHECKPOINT_SPACE} {where_it_stands(self.run, self)} "
+                                    f"The resume first writes the missing {epoch_checkpoint.name} from last.pt.") from None
             if self.curves is not None:  # after the checkpoints: drawing samples never delays them
                 self.curves.log_table(state.step, state.model.table())
                 self.curves.log_samples(state.step, training_samples(state, self.tokenizer))
@@ -626,9 +648,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     dlm_data.check_run_folder(run_dir)  # before any work: a usable folder, not "" (the working directory)
     if config.tensorboard:
         tensorboard_curves.check_available()
+        tensorboard_curves.check_folder(run_dir)
     families.check_config(config)  # a key that means nothing to the family: before anything is written
     run = RunDir(run_dir)
-    created = not run.path.exists()
     if resume and not run.has_run():
         raise CheckpointError(f"No run to resume in '{run.path}' (no checkpoints, no metrics.csv). "
                               f"Drop --resume to start one there.")
@@ -639,17 +661,46 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
             return _train(config, run, resume, device, ranks, rebuild_metrics, None, accept_corpus_change, start)
+        made = make_folders(run.path)  # what this process makes, not another one starting on the same folder
         with RunLock(run):
-            remove_leftovers(run)
-            result = _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics, accept_corpus_change,
-                            start)
+            try:
+                remove_leftovers(run)
+                result = _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics,
+                                accept_corpus_change, start)
+            except BaseException:
+                remove_if_unused(run, made)  # under the lock: no other trainer is using the folder
+                raise
             if config.calibrate_temperature:
                 calibrate_after_training(run, device)
             return result
     finally:
         destroy_distributed()
-        if created and ranks.is_main and run.path.is_dir() and [p.name for p in run.path.iterdir()] == [run.lock.name]:
-            shutil.rmtree(run.path)  # failed before writing anything (a bad init_from_pretrained, ...)
+
+
+def make_folders(path: Path) -> list[Path]:
+    """Make `path` and its missing parents; the folders this process made, deepest first. mkdir is
+    atomic: a folder another process makes at the same moment is not counted as this one's."""
+    made = []
+    for folder in reversed([path, *path.parents]):
+        if not folder.exists():
+            try:
+                folder.mkdir()
+                made.append(folder)
+            except FileExistsError:
+                pass
+    return made[::-1]
+
+
+def remove_if_unused(run: RunDir, made: list[Path]) -> None:
+    """A start that failed before writing anything (a bad init_from_pretrained, ...) leaves nothing:
+    the run folder is removed when this process made it and it holds only the lock, and with it the
+    parents this process made (each only when empty)."""
+    if not made or made[0] != run.path or [p.name for p in run.path.iterdir()] != [run.lock.name]:
+        return
+    run.lock.unlink()
+    for folder in made:
+        with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+            folder.rmdir()
 
 
 def starting_point(config: Config, run: RunDir, resume: bool, start: Start | None) -> tuple[dict | None, str, Config]:
@@ -668,7 +719,9 @@ def starting_point(config: Config, run: RunDir, resume: bool, start: Start | Non
                     "metrics.csv rewritten", run.path)
         return None, "restarted", config
     if resume and run.has_checkpoint():
-        payload = load_checkpoint(run.last_checkpoint)
+        payload = load_checkpoint(run.last_checkpoint, instead=(
+            "dlm train resumes from last.pt alone (the kept epoch_*.pt hold no optimizer state): restore it from a "
+            "copy, or train the run again in a new folder; dlm sample --checkpoint FILE still samples a kept one."))
         return payload, "resume", resumed_config(config, payload["config"], run)
     if run.has_checkpoint():
         raise RunExistsError(
@@ -708,6 +761,9 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
     state.ranks = ranks
     if payload:
         restore(state, payload, start.checkpoint if start else run.last_checkpoint)
+    if mode == "resume" and ranks.is_main:  # a kept checkpoint is due at every checkpoint_every-th epoch and at the end
+        write_missing_kept_checkpoint(run, payload, state.epoch % config.checkpoint_every == 0
+                                      or state.step >= total_steps)
     if mode != "resume" and ranks.is_main:
         save_config(config, run.config)
         data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))

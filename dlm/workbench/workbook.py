@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 from dlm import families
 from dlm.core.config import did_you_mean, field_types, load_config
 from dlm.core.data import atomic_write_bytes
+from dlm.core.errors import UserError
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
 from dlm.runs.rundir import RunDir
@@ -115,7 +117,15 @@ def report_lock(report_dir: Path):
         lock.__exit__()
 
 
-class NotebookFailed(ReportError):
+class ChainFailed(ReportError):
+    """A notebook of the chain failed or could not run (not a bad input of the command line)."""
+
+
+class ReportInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a notebook ran: its kernel is stopped and report.json says "interrupted"."""
+
+
+class NotebookFailed(ChainFailed):
     """A notebook of the chain raised; `error` is papermill's PapermillExecutionError."""
 
     def __init__(self, notebook: str, error: Exception, executed: Path, page: Path | None, report_dir: Path):
@@ -186,6 +196,62 @@ def check_notebook_parameters(parameters: Mapping[str, Mapping[str, Any]], sourc
                                   f"{did_you_mean(key, allowed)} Its parameters: {', '.join(declared)}.")
 
 
+STEP_PARAMETERS = {("train", "preview_steps"), ("sample", "steps"), ("collapse_analysis", "steps"),
+                   ("control", "steps")}  # -1: the run's sample_steps
+AR_PARAMETERS = {("sample", "teacher_dir"), ("control", "ar_run")}  # "": none
+
+
+def model_of_run(path: str | Path, what: str) -> str:
+    """The model family of the run folder `path` (its config.yaml, else its last.pt's config)."""
+    import yaml
+
+    run = RunDir(path)
+    if run.config.is_file():
+        return (yaml.safe_load(run.config.read_text()) or {}).get("model", "diffusion")
+    if run.last_checkpoint.is_file():
+        from dlm.core.checkpoint import load_checkpoint
+
+        return load_checkpoint(run.last_checkpoint)["config"].get("model", "diffusion")
+    raise ReportError(f"{what} '{path}' holds no trained run (no config.yaml, no checkpoints/last.pt).")
+
+
+def check_report_values(config, parameters: Mapping[str, Mapping[str, Any]], from_run: str | Path | None) -> None:
+    """What a notebook would refuse only once it runs, checked before the first one starts (a
+    report stopped after training blocks its name): the run's keys against its family, a --from_run
+    of the preset's family, every sampling step count, an AR run wherever one is asked for."""
+    from dlm.runs.sample import SampleOptions, check_options
+    from dlm.workbench.notebook import resolve_input, step_counts
+
+    families.family(config.model).check_config(config)
+    if from_run is not None and model_of_run(from_run, "--from_run") != config.model:
+        raise ReportError(f"--from_run '{from_run}' holds a run of model '{model_of_run(from_run, '--from_run')}', "
+                          f"but the preset (with its --param train.* keys) trains model '{config.model}': give the "
+                          f"preset that run was trained with, or leave out --from_run.")
+    asked = [(f"--param {notebook}.{key}", value) for (notebook, key) in sorted(STEP_PARAMETERS)
+             if (value := parameters.get(notebook, {}).get(key, -1)) != -1]
+    curve = parameters.get("sample", {}).get("curve_steps", "")
+    if curve and "steps" in families.family(config.model).SAMPLE_OPTIONS:
+        total = getattr(families.family(config.model).objective(config), "steps", None)
+        asked += [("--param sample.curve_steps", count) for count in step_counts(curve, total, "curve_steps")]
+    for flag, value in asked:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ReportError(f"{flag} takes a number of steps (-1: the run's sample_steps), got {value!r}.")
+        try:
+            check_options(config, SampleOptions.from_config(config, steps=value))
+        except UserError as error:
+            raise ReportError(f"{flag}: {error}") from None
+    for notebook, key in sorted(AR_PARAMETERS):
+        teacher = parameters.get(notebook, {}).get(key, "")
+        if teacher:
+            try:
+                model = model_of_run(resolve_input(teacher), f"--param {notebook}.{key}")
+            except FileNotFoundError as missing:
+                raise ReportError(f"--param {notebook}.{key}: {missing}") from None
+            if not families.supports(model, "likelihood_exact"):
+                raise ReportError(f"--param {notebook}.{key} '{teacher}' is a '{model}' run, not an autoregressive "
+                                  f"one: train one with dlm train-ar params/ar.yaml.")
+
+
 # --- running and exporting one notebook ---------------------------------------------------------
 
 class Echo:
@@ -209,21 +275,40 @@ class Echo:
         self.stream.flush()
 
 
+STARTED_KERNELS: weakref.WeakSet = weakref.WeakSet()  # the kernel managers of this process's notebooks
+
+
 def kernel_manager_class():
     """nbclient's kernel manager, talking to the kernel over local IPC sockets rather than TCP
     (ipykernel warns on every TCP start that its traffic is unencrypted, and `dlm report` would echo
-    that warning once per notebook). Windows has no IPC transport: TCP there."""
+    that warning once per notebook). Windows has no IPC transport: TCP there. Every manager is
+    kept in STARTED_KERNELS, so that a Ctrl-C can stop its kernel (`stop_kernels`)."""
     from jupyter_client.manager import AsyncKernelManager
-
-    if os.name == "nt":
-        return AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.transport = "ipc"
+            if os.name != "nt":
+                self.transport = "ipc"
+            STARTED_KERNELS.add(self)
 
     return IPCKernelManager
+
+
+def stop_kernels() -> None:
+    """After a Ctrl-C: kill every notebook kernel still running (it runs in a session of its own, so
+    the terminal's interrupt never reached it) and remove its connection file and IPC sockets,
+    quietly: the interrupted chain's own clean-up never ran."""
+    for manager in list(STARTED_KERNELS):
+        process = getattr(getattr(manager, "provisioner", None), "process", None)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.kill()
+                process.wait(timeout=10)
+        for cleanup in (manager.cleanup_connection_file, manager.cleanup_ipc_files):
+            with contextlib.suppress(Exception):
+                cleanup()
+        STARTED_KERNELS.discard(manager)
 
 
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any] | None = None,
@@ -940,6 +1025,16 @@ def check_report_destination(report_dir: Path, overwrite: bool, from_run: str | 
     return True
 
 
+def _record_interrupt(report: dict, report_dir: Path, notebook: str, started: float, began: float) -> None:
+    """report.json and the index after a Ctrl-C in `notebook`: status interrupted, with what was done."""
+    report.update(status="interrupted", interrupted=notebook, wall_s=round(time.perf_counter() - started, 1),
+                  numbers=run_numbers(report_dir / "run"))
+    report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+    report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
+    _write_report_json(report_dir, report)
+    write_index(reports_dir=report_dir.parent)
+
+
 def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
     """Checkpoints (hundreds of MB) are hard-linked where the file system allows: they are only
     ever replaced atomically (a new inode), never written in place. Everything else (metrics.csv
@@ -996,6 +1091,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
             if value is not None and value != unset:
                 families.check_sample_options(config.model, {option: value},
                                               flag=lambda _, given=f"--param {notebook}.{key}": given)
+    check_report_values(config, extra, from_run)
     reports_dir = Path(reports_dir)
     report_dir = reports_dir / name
     check_report_destination(report_dir, overwrite, from_run)  # refused before even the lock file is made
@@ -1039,6 +1135,12 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                 execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
                         {**chain[notebook], **extra.get(notebook, {})},
                         cwd=cwd, kernel_name=kernel_name, echo=echo)
+            except KeyboardInterrupt:
+                stop_kernels()
+                _record_interrupt(report, report_dir, notebook, started, began)
+                raise ReportInterrupted(f"interrupted in {notebook}.ipynb: what the report wrote is kept in "
+                                        f"{report_dir} (report.json says 'interrupted'); --overwrite starts it "
+                                        f"again.") from None
             except Exception as error:
                 from papermill.exceptions import PapermillExecutionError
 
@@ -1050,7 +1152,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                     failure = NotebookFailed(notebook, error, executed, page, report_dir)
                     summary = failure.summary()
                 else:  # the kernel died or could not start, a cell timed out, ...
-                    failure = ReportError(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
+                    failure = ChainFailed(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
                                           f"What earlier steps wrote is kept in {report_dir}.")
                     summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
                 report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
