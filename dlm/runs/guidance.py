@@ -51,7 +51,7 @@ FLUENCY = 0.01
 def chain_scheduler(run: LoadedRun, options) -> DiffusionScheduler:
     """The scheduler sample_chain builds for `options` (gaussian_sampling.plain_scheduler, the same one)."""
     if not supports(run.config.model, "guidance"):
-        raise UserError(not_available(run.config.model, "Classifier guidance") + f" ('{run.checkpoint}')")
+        raise UserError(not_available(run.config.model, "Classifier guidance", "guidance") + f" ('{run.checkpoint}')")
     if run.objective.settings.left_to_right > 0:
         raise UserError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")
