@@ -167,3 +167,26 @@ def test_live_loss_curves_redraw_one_figure_in_place(tmp_path):
     assert all(isinstance(figure, Figure) and metadata == {"dlm_live": True} for _, figure, metadata in shown)
     points = [len(figure.axes[0].lines[0].get_xdata()) for _, figure, _ in shown]  # train rows drawn
     assert points == sorted(points) and points[0] < points[-1]  # each redraw reads the run so far
+
+
+def test_the_first_live_frame_draws_its_one_point_and_waits_while_there_is_none(tmp_path):
+    """train.ipynb's first frame came after one log line: one point, drawn as a line, is nothing."""
+    path = tmp_path / "metrics.csv"
+    shown = []
+
+    def show(figure, display_id=False, metadata=None):
+        shown.append(figure)
+        return FakeHandle([])
+
+    live = plots.LiveLossCurves(path, show=show)
+    metrics = metrics_frame()
+    metrics.iloc[:0].to_csv(path, index=False)  # the header alone
+    live()
+    assert shown == []  # no empty axes: it waits for a value
+    metrics.iloc[:1].to_csv(path, index=False)  # the first log line
+    live(metrics.iloc[0].to_dict())
+    assert len(shown) == 1
+    for ax in shown[0].axes:
+        (train,) = ax.lines
+        assert len(train.get_xdata()) == 1 and train.get_marker() not in (None, "None", "", " ")
+    assert png_bytes(shown[0]) > 1000
