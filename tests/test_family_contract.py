@@ -116,6 +116,27 @@ def test_the_module_says_what_it_is_and_what_its_likelihood_is(name):
         assert "blocks of 4" in blocks and "blocks of 4" not in words
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_module_speaks_of_itself_in_its_own_terms(name):
+    """TERMS names what the pages caption; WHY_NOT says why, for everything the family lacks (every
+    capability it does not declare, every sampling option its sampler does not read), so a page's
+    "not available" line always has its reason."""
+    module = family(name)
+    terms = module.TERMS
+    assert isinstance(terms, families.Terms) and terms.name and terms.losses and terms.table
+    assert (terms.likelihood is not None) == supports(name, "likelihood_bound")
+    assert (terms.trajectory is not None) == ("record_every" in module.SAMPLE_OPTIONS)
+    assert (terms.blocks is not None) == ("block_size" in module.CONFIG_KEYS)
+    lacked = (CAPABILITIES - set(module.SUPPORTS)) | (set(SampleOptions.__dataclass_fields__) - set(module.SAMPLE_OPTIONS))
+    assert set(module.WHY_NOT) == lacked, set(module.WHY_NOT) ^ lacked
+    for lacks, why in module.WHY_NOT.items():
+        line = families.not_available(name, "It", lacks)
+        assert why and line.startswith(f"It is not available for the '{name}' family: {why} (dlm.families.")
+    others = [other for other in FAMILIES if other != name]
+    for other in others:  # no family's caption is another's (a masked page once spoke of sigma0)
+        assert family(other).TERMS.losses != terms.losses and family(other).TERMS.name != terms.name
+
+
 def test_losses_and_metric_columns(trained):
     name, run_dir = trained
     run = load_run(run_dir)
@@ -283,6 +304,38 @@ def test_notebooks_run_for_every_family(name, tmp_path):
     expected = {nb for nb in workbook.NOTEBOOKS if nb != "control" or tasks} - set(info["not_available"])
     assert set(info["pages"]) == expected
     assert all("not available for" in line for line in info["not_available"].values())
+    pages_speak_of_their_family(name, report_dir, set(info["pages"]))
+
+
+def pages_speak_of_their_family(name, report_dir, pages):
+    """A report's pages in its family's own terms: its name under each title, its loss caption, no
+    Gaussian word on another family's page, a section it lacks as one line saying why; and, with
+    Chromium, every page passes the 1,200 x 900 checks (tests/test_notebooks.py)."""
+    import html
+    import os
+
+    from dlm.workbench import captions
+    from tests.test_notebooks import CHROMIUM, PAGE_CHECKS, measure_pages, page_check
+
+    train = html.unescape((report_dir / "train.html").read_text())
+    assert "Train a run" in train and family(name).TERMS.name in train and family(name).TERMS.losses in train
+    if not supports(name, "geometry"):
+        assert "collapse-analysis page" not in train.replace("no collapse-analysis page", "")
+        for word in ("sigma0", "Diffusion-LM", "rounding (cross-entropy)", "Diffusion (MSE)"):
+            assert word not in train, word
+    for section in ("likelihood", "trajectory", "cosine", "curve"):
+        line = captions.lacks(name, section)
+        page = html.unescape((report_dir / ("train.html" if section == "likelihood" else "sample.html")).read_text())
+        assert line is None or line in page, (section, line)
+    if "control" in pages:
+        control = html.unescape((report_dir / "control.html").read_text())
+        for task in ("infill", "prefix", "length", "guidance"):
+            assert captions.lacks(name, task) is None or captions.lacks(name, task) in control, task
+        assert "rounding kept" not in control or family(name).ROUNDS_FIXED_WORDS
+    if os.path.exists(CHROMIUM):
+        facts = measure_pages([report_dir / f"{page}.html" for page in sorted(pages)])
+        assert {(path.name, check): page_check(found, check) for path, found in facts.items()
+                for check in PAGE_CHECKS if page_check(found, check)} == {}
 
 
 def test_what_a_family_lacks_is_refused_in_one_line(trained):

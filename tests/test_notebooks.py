@@ -175,6 +175,28 @@ def test_papermill_command_line_p_wins_over_f(tmp_path):
     assert error_outputs(tmp_path / "out.ipynb") == []
 
 
+def test_train_notebook_started_in_notebooks_says_how_long_its_run_trained(tmp_path):
+    """JupyterLab starts the kernel in notebooks/: the relative run_dir resolves against the project
+    root, and the line that ends the training reads that run's metrics.csv (it once looked under
+    notebooks/ and said "in an unrecorded time" while the result table said 26.6 s)."""
+    project = tmp_path / "project"
+    (project / "dlm").mkdir(parents=True)
+    (project / "dlm" / "__init__.py").write_text("")  # a checkout's marks: dlm/ and params/
+    (project / "params").mkdir()
+    (project / "notebooks").mkdir()
+    tiny_preset(project / "params")
+    papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"params": "params/tiny.yaml", "run_dir": "runs/lab", "epochs": 1,
+                                           "samples_per_checkpoint": 1, "nll_draws": 0},
+                               progress_bar=False, cwd=str(project / "notebooks"))
+    metrics = pd.read_csv(project / "runs" / "lab" / "metrics.csv")  # the run is in the project, not in notebooks/
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
+                      if o.output_type == "stream")
+    assert f"in {metrics['elapsed_s'].max():.1f}s of training" in printed and "unrecorded" not in printed, printed[-800:]
+    assert "Not computed here (nll_draws is 0)" in printed  # its section says why it is empty
+
+
 def test_bad_parameter_names_the_cell(tmp_path):
     with pytest.raises(PapermillExecutionError) as caught:
         papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"),
@@ -352,6 +374,184 @@ def test_a_wide_table_scrolls_inside_its_box_and_the_page_keeps_the_window_width
                 assert table.evaluate("t => t.closest('.jp-OutputArea-output').scrollLeft") > 0, width
                 assert page.evaluate("window.scrollX") == 0
                 page.close()
+        finally:
+            browser.close()
+
+
+# --- every page at 1,200 x 900: nothing past the window's edge, no empty section, sliders in range ----
+
+# What a reader sees of a page, measured in the browser: how wide the document is; each element that
+# reaches past the window's left or right edge without a box of its own that scrolls it (overflow-x
+# auto or scroll, itself inside the window); each heading whose section (up to the next heading of
+# the same or a higher level) shows nothing (on a notebook page: no output of a code cell, so a
+# caption alone does not count; the folded "About this page" block belongs to no section); each
+# slider frame's label; and each range input's width and number of positions.
+PAGE_FACTS = r"""
+() => {
+  const width = window.innerWidth;
+  const shown = e => e.getClientRects().length > 0;
+  const scrolls = e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX);
+  const outside = [];
+  for (const e of document.body.querySelectorAll('*')) {
+    const box = e.getBoundingClientRect();
+    if (!shown(e) || (box.right <= width + 0.5 && box.left >= -0.5)) continue;
+    let holder = e.parentElement;
+    while (holder && !scrolls(holder)) holder = holder.parentElement;
+    const held = holder && holder !== document.documentElement && holder !== document.body
+      && holder.getBoundingClientRect().right <= width + 0.5 && holder.getBoundingClientRect().left >= -0.5;
+    if (!held && outside.length < 5)
+      outside.push(`${e.tagName.toLowerCase()}.${e.className} ${Math.round(box.left)}..${Math.round(box.right)}px`);
+  }
+  const notebook = !!document.querySelector('.jp-Notebook');
+  const headings = [...document.querySelectorAll('h1, h2, h3, h4, h5, h6')];
+  const all = [...document.body.querySelectorAll('*')];
+  const content = e => {
+    if (e.closest('h1, h2, h3, h4, h5, h6, .dlm-about, style, script') || !shown(e)) return false;
+    if (notebook && !e.closest('.jp-OutputArea-output')) return false;
+    if (['IMG', 'INPUT', 'TABLE', 'SVG', 'CANVAS'].includes(e.tagName)) return true;
+    return [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+  };
+  const empty = headings.filter((h, i) => {
+    const level = +h.tagName[1];
+    const end = headings.slice(i + 1).find(next => +next.tagName[1] <= level);
+    return !all.some(e => (h.compareDocumentPosition(e) & Node.DOCUMENT_POSITION_FOLLOWING) && !h.contains(e)
+      && (!end || (e.compareDocumentPosition(end) & Node.DOCUMENT_POSITION_FOLLOWING)) && content(e));
+  }).map(h => h.textContent.replace('\u00b6', '').trim());
+  return {scrollWidth: document.documentElement.scrollWidth, outside, empty,
+          labels: [...document.querySelectorAll('.dlm-frame')].map(f => f.getAttribute('data-label')),
+          ranges: [...document.querySelectorAll('input[type=range]')].map(
+            r => ({name: r.getAttribute('aria-label'), positions: +r.max, px: r.getBoundingClientRect().width}))};
+}
+"""
+MIN_PX_PER_POSITION = 2  # a slider position narrower than this cannot be picked with a mouse
+
+
+def slider_problems(facts: dict) -> list[str]:
+    """Labels past their range ('step 640 of 10', 'block 5 of 4') and sliders too crowded to use."""
+    problems = [f"slider '{slider['name']}': {slider['positions'] + 1} positions on {slider['px']:.0f} px"
+                for slider in facts["ranges"]
+                if slider["positions"] and slider["px"] / slider["positions"] < MIN_PX_PER_POSITION]
+    for label in facts["labels"]:
+        for what, (at, of) in ((w, m.groups()) for w in ("block", "step")
+                               for m in re.finditer(rf"\b{w} (\d+) of (\d+)", label)):
+            if not 1 <= int(at) <= int(of):
+                problems.append(f"{what} label out of range: '{label}'")
+    return problems[:5]
+
+
+def page_check(facts: dict, check: str, width: int = 1200) -> list[str]:
+    """What fails one check of a page's facts (PAGE_FACTS): [] when it passes."""
+    if check == "width":
+        wide = [f"document {facts['scrollWidth']} px wide"] if facts["scrollWidth"] > width else []
+        return wide + [f"past the edge: {e}" for e in facts["outside"]]
+    if check == "headings":
+        return [f"empty section: '{heading}'" for heading in facts["empty"]]
+    return slider_problems(facts)
+
+
+def measure_pages(pages, viewport=FIRST_SCREEN) -> dict:
+    """PAGE_FACTS of each page (a path), opened from the file system with the network blocked."""
+    sync_api = browser_or_skip()
+    facts = {}
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=viewport)
+            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:"))
+                          else route.abort())
+            page = context.new_page()
+            for path in pages:
+                page.goto(path.as_uri())
+                facts[path] = page.evaluate(PAGE_FACTS)
+        finally:
+            browser.close()
+    return facts
+
+
+COMMITTED_PAGES = sorted((ROOT / "reports").glob("*/*.html")) + [ROOT / "reports" / "index.html"]
+PAGE_CHECKS = ("width", "headings", "slider")
+# The committed pages drawn before these checks, and the check each fails until it is redrawn with
+# the commands of reports/README.md (the runs' checkpoints are not committed: a redraw trains again,
+# or takes --from_run of a run kept elsewhere).
+DRAWN_BEFORE = {
+    ("index.html", "width"): "1,227 px wide at 1,200 (its types column); every `dlm report` rewrites it (write_index)",
+    ("masked/control.html", "headings"): (
+        "its 'Classifier guidance' sections are empty (drawn before a section said why it is not shown); redraw: "
+        "dlm train params/masked.yaml --run_dir runs/masked_rope && dlm report params/masked.yaml --name masked "
+        "--overwrite --from_run runs/masked_rope"),
+    ("blocks1/sample.html", "slider"): (
+        "'step 640 of 10' on one slider of 640 positions (drawn before the block slider); redraw: dlm report "
+        "params/blocks1.yaml --name blocks1 --overwrite --param sample.teacher_dir=runs/ar --param "
+        "sample.curve_samples=64 --param sample.curve_steps=2,5,10,20,50 --param train.nll_windows=64"),
+}
+
+
+@pytest.fixture(scope="module")
+def committed_facts():
+    return measure_pages(COMMITTED_PAGES)
+
+
+@pytest.mark.parametrize("check", PAGE_CHECKS)
+@pytest.mark.parametrize("path", COMMITTED_PAGES, ids=lambda path: path.relative_to(ROOT / "reports").as_posix())
+def test_committed_pages_at_1200_by_900(committed_facts, path, check, request):
+    """Every committed page and the index, as a reader opens them at 1,200 x 900."""
+    known = DRAWN_BEFORE.get((path.relative_to(ROOT / "reports").as_posix(), check))
+    if known:
+        request.applymarker(pytest.mark.xfail(reason=known, strict=False))
+    assert page_check(committed_facts[path], check) == []
+
+
+def test_a_fresh_report_s_pages_pass_every_page_check(report):
+    facts = measure_pages([report / f"{name}.html" for name in workbook.NOTEBOOKS])
+    assert {(path.name, check): page_check(found, check) for path, found in facts.items()
+            for check in PAGE_CHECKS if page_check(found, check)} == {}
+
+
+@pytest.mark.xfail(reason="write_index's table is wider than 1,200 px (its types column) until the index is "
+                          "remade as the families' comparison (issue 33)", strict=False)
+def test_a_fresh_index_fits_the_window(report):
+    (facts,) = measure_pages([report.parent / "index.html"]).values()
+    assert [problem for check in PAGE_CHECKS for problem in page_check(facts, check)] == []
+
+
+def test_the_block_slider_moves_to_a_block_then_over_its_steps(tmp_path):
+    """A block run's slider in Chromium: 'block b of B, step s of S' always within range, the block
+    slider picks the block, the step slider the steps of that block, and t runs down within each."""
+    from dlm.workbench import views
+
+    itos = ["<pad>", "<unk>", "a", "b", "c"]
+    blocks, steps = 8, 10
+    frames = [{"index": b * steps + s, "t": 1999 - s * 222, "ids": [[2 + (b + s) % 3] * 4]}
+              for b in range(blocks) for s in range(steps)]
+    page_path = tmp_path / "slider.html"
+    page_path.write_text(f"<!DOCTYPE html><html><body>{views.slider_html(frames, itos, total_steps=steps)}</body></html>")
+    (facts,) = measure_pages([page_path]).values()
+    assert slider_problems(facts) == [] and len(facts["ranges"]) == 2
+    sync_api = browser_or_skip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=FIRST_SCREEN)
+            page.goto(page_path.as_uri())
+            label = page.locator(".dlm-step-label")
+            block, step = page.locator("input.dlm-block"), page.locator("input.dlm-step")
+            assert label.inner_text() == f"block {blocks} of {blocks}, step {steps} of {steps} (t = 1)"
+            block.focus()
+            page.keyboard.press("Home")
+            assert label.inner_text() == f"block 1 of {blocks}, step {steps} of {steps} (t = 1)"
+            step.focus()
+            page.keyboard.press("Home")
+            assert label.inner_text() == f"block 1 of {blocks}, step 1 of {steps} (t = 1999)"
+            seen = set()
+            for _ in range(steps - 1):
+                page.keyboard.press("ArrowRight")
+                seen.add(label.inner_text())
+            assert len(seen) == steps - 1 and all(text.startswith("block 1 of") for text in seen)
+            block.focus()
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")
+            assert label.inner_text() == f"block 3 of {blocks}, step {steps} of {steps} (t = 1)"
+            assert page.locator(".dlm-frame:not([hidden])").count() == 1
         finally:
             browser.close()
 

@@ -188,3 +188,26 @@ def test_quality_against_compute_marks_samples_off_held_out_entropy_hollow():
     points.loc[1, "samples_per_s"] = 0.5
     assert len(plots.quality_against_compute(points).axes) == 2  # and against speed, once two measured it
     assert png_bytes(figure) > 0
+
+
+def test_the_first_live_frame_draws_its_one_point_and_waits_while_there_is_none(tmp_path):
+    """train.ipynb's first frame came after one log line: one point, drawn as a line, is nothing."""
+    path = tmp_path / "metrics.csv"
+    shown = []
+
+    def show(figure, display_id=False, metadata=None):
+        shown.append(figure)
+        return FakeHandle([])
+
+    live = plots.LiveLossCurves(path, show=show)
+    metrics = metrics_frame()
+    metrics.iloc[:0].to_csv(path, index=False)  # the header alone
+    live()
+    assert shown == []  # no empty axes: it waits for a value
+    metrics.iloc[:1].to_csv(path, index=False)  # the first log line
+    live(metrics.iloc[0].to_dict())
+    assert len(shown) == 1
+    for ax in shown[0].axes:
+        (train,) = ax.lines
+        assert len(train.get_xdata()) == 1 and train.get_marker() not in (None, "None", "", " ")
+    assert png_bytes(shown[0]) > 1000

@@ -605,8 +605,9 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
 
 
 @pytest.mark.parametrize("run, message", [
-    ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family "
-               "(dlm.families.masked). Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one"),
+    ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family: its chain "
+               "moves between discrete words"),
+    ("masked", "(dlm.families.masked). Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one"),
     ("ar", "is not available for the 'ar' family"),
     ("blocks", "Classifier guidance steers one chain over the whole window; this run samples in blocks (block_size 4)"),
 ])

@@ -128,3 +128,41 @@ def test_bpe_pieces_are_shown_as_the_tokenizer_decodes_them():
     assert f'<li value="1">{html.escape(expected)}</li>' in page
     fixed = views.fixed_words_html([ids], [[]], bpe.itos, joined_as_is=bpe.joined_as_is)
     assert f"<li>{html.escape(expected)}</li>" in fixed
+
+
+# A block run: 3 blocks of a 4-step chain, every other step recorded (and each block's last step).
+BLOCK_FRAMES = [{"index": block * 4 + step, "t": 1999 - step * 666, "ids": [[6 + (block + step) % 2, 7, 6]]}
+                for block in range(3) for step in (0, 2, 3)]
+
+
+def test_a_block_run_s_frames_are_labelled_by_block_and_by_step_within_it():
+    labels = [views.frame_label(frame, 4, 3) for frame in BLOCK_FRAMES]
+    assert labels[:3] == ["block 1 of 3, step 1 of 4 (t = 1999)", "block 1 of 3, step 3 of 4 (t = 667)",
+                          "block 1 of 3, step 4 of 4 (t = 1)"]
+    assert labels[-1] == "block 3 of 3, step 4 of 4 (t = 1)"
+    assert views.chain_blocks(BLOCK_FRAMES, 4) == 3  # counted from the indices when not given
+    assert views.frame_label(FRAMES[-1], 10) == "step 10 of 10 (t = 0)"  # a whole-window chain: no block
+
+
+def test_a_block_run_s_slider_moves_over_the_blocks_then_the_steps():
+    page = views.slider_html(BLOCK_FRAMES, ITOS, total_steps=4)
+    assert 'max="2" step="1" value="2" class="dlm-block" aria-label="block"' in page  # the blocks
+    assert 'max="2" step="1" value="2" class="dlm-step"' in page  # the recorded steps of one block
+    assert [page.count(f'data-block="{b}"') for b in range(3)] == [3, 3, 3]
+    assert "step 12 of" not in page and "of 4 (t" in page
+    viewer = views.StepViewer(BLOCK_FRAMES, ITOS, total_steps=4)
+    assert viewer.label.value == "block 3 of 3, step 4 of 4 (t = 1)"
+    viewer.block.value = 0
+    assert viewer.label.value == "block 1 of 3, step 4 of 4 (t = 1)"  # the step slider keeps its place
+    viewer.slider.value = 0
+    assert viewer.label.value == "block 1 of 3, step 1 of 4 (t = 1999)"
+    assert viewer.text.value == views.render_frames(BLOCK_FRAMES, ITOS, [0])[0]
+
+
+def test_frames_are_recorded_per_block_chain():
+    from dlm.runs.sample import SampleOptions
+
+    options = SampleOptions(steps=4, record_every=2)
+    assert [i for i in range(12) if options.records(i)] == [0, 2, 3, 4, 6, 7, 8, 10, 11]
+    assert [i for i in range(10) if SampleOptions(steps=10, record_every=4).records(i)] == [0, 4, 8, 9]
+    assert not any(SampleOptions(steps=4, record_every=0).records(i) for i in range(8))

@@ -54,7 +54,7 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
     paths = run_checkpoints(run_dir, max_checkpoints)
     model = load_run(run_dir, paths[-1]).config.model if paths else None
     if model is not None and not supports(model, "geometry"):
-        raise UserError(not_available(model, "The collapse and embedding-geometry analysis"))
+        raise UserError(not_available(model, "The collapse and embedding-geometry analysis", "geometry"))
     analysis = None
     rows = []
     counts = None

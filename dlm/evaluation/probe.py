@@ -35,7 +35,7 @@ def heldout_ids(run: LoadedRun, count: int) -> torch.Tensor:
     """`count` validation windows spread over the whole split, (count, seq_len): the denoising
     probes' inputs (their x_t, chains and rounding are the Gaussian family's)."""
     if not supports(run.config.model, "geometry"):
-        raise UserError(not_available(run.config.model, "The denoising probe"))
+        raise UserError(not_available(run.config.model, "The denoising probe", "geometry"))
     return spread_heldout_windows(run, count)
 
 

@@ -33,7 +33,12 @@
   (N, L) generated where `known` is False, and the scores (N, L, V) each position was drawn from
   (None where there are none);
 - window_bound(run, ids, draws, generator, ...) and BOUND_TERMS (with "likelihood_bound", unless
-  the Gaussian bound of dlm.evaluation.likelihood applies): each window's bound terms, (B,) each.
+  the Gaussian bound of dlm.evaluation.likelihood applies): each window's bound terms, (B,) each;
+- TERMS: a Terms, the words the workbench's pages use for it (what it is, what its losses, its
+  embedding table, its likelihood and its sampling trajectory are), so that no page speaks of one
+  family in another's terms;
+- WHY_NOT: for each capability it lacks and each SampleOptions field its sampler does not read, why
+  (one clause): the "not available" line a page or a command shows says it.
 
 A new family is one new module plus one line in FAMILIES; tests/test_family_contract.py checks it.
 """
@@ -103,14 +108,37 @@ def without_other_families_keys(config: Config, given: set[str]) -> tuple[Config
     return config.replace(**{key: getattr(defaults, key) for key in dropped}), dropped
 
 
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """How the workbench's pages speak of a family (its module's TERMS). Each text is a sentence or
+    two in Markdown; None where the family has no such thing (a caption it never needs)."""
+
+    name: str  # what it is, e.g. "Gaussian diffusion (Diffusion-LM)"
+    losses: str  # the loss curves: what each metrics.csv term is
+    table: str  # the embedding table's geometry over training: what it means for this family
+    blocks: str | None = None  # what it is when it generates in blocks (block_size below the window)
+    likelihood: str | None = None  # its likelihood over training (with "likelihood_bound")
+    trajectory: str | None = None  # a frame of its sampling trajectory, and what the frame's t is
+
+
+def describe(config: Config) -> str:
+    """The run's family in its own words: its TERMS name, or its block name with the block size."""
+    terms, size = family(config.model).TERMS, config.block_size
+    if size is not None and size < config.seq_len and terms.blocks:
+        return f"{terms.blocks}, blocks of {size} token{'s' if size > 1 else ''} generated left to right"
+    return terms.name
+
+
 def supports(name: str, capability: str) -> bool:
     """Whether the family `name` declares `capability` (see SUPPORTS above)."""
     return capability in family(name).SUPPORTS
 
 
-def not_available(name: str, what: str) -> str:
-    """The one line the workbench shows for something a family does not support."""
-    return f"{what} is not available for the '{name}' family (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."
+def not_available(name: str, what: str, lacks: str | None = None) -> str:
+    """The one line the workbench shows for something a family does not support; `lacks` (a
+    capability or a SampleOptions field the family does not have) adds why, from its WHY_NOT."""
+    why = f": {family(name).WHY_NOT[lacks]}" if lacks is not None else ""
+    return f"{what} is not available for the '{name}' family{why} (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."
 
 
 def sample_settings(name: str, options) -> dict:

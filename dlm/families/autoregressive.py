@@ -14,6 +14,7 @@ from torch import nn
 from dlm.core.config import Config
 from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
 from dlm.core.nets import TinyTransformer
+from dlm.families import Terms
 
 if TYPE_CHECKING:
     from dlm.runs.build import LoadedRun
@@ -108,6 +109,25 @@ SUPPORTS = frozenset({"likelihood_exact", "prefix", "temperature"})
 # No chain: one network call per token, so no steps, spacing, clamping, eta, x0, decoder or trajectory.
 SAMPLE_OPTIONS = frozenset({"temperature", "unk", "seed", "batch_size", "num_samples"})
 ROUNDS_FIXED_WORDS = False  # the prefix is given to the model as it is
+TERMS = Terms(
+    name="the autoregressive baseline (the same transformer blocks, causal)",
+    losses="The next-token cross-entropy: the exact NLL of the held-out words in nats per token, on training batches "
+           "and on fixed validation windows.",
+    table="Mean row norm and mean nearest-neighbour distance of the token embedding table (tied to the output head), "
+          "the learning rate schedule and training throughput.",
+)
+_NO_CHAIN = "it has no reverse chain: it draws one token after another, left to right"
+WHY_NOT = {
+    "likelihood_bound": "its NLL is exact: its validation loss is it (dlm evaluate --nll)",
+    "infill": "it writes left to right: it continues a prefix but cannot fill blanks before given words",
+    "length": "it writes left to right: it cannot fit a speech of exactly N tokens before a fixed blank line",
+    "guidance": f"{_NO_CHAIN}, so there are no latents for a classifier's gradient to move",
+    "latent": f"{_NO_CHAIN}, so there are no noised latents for a classifier to read",
+    "geometry": "it has no Gaussian q(x0|w) (no sigma0) and no rounding decoder, so the Gaussian family's collapse and "
+                "geometry signals do not apply; its samples are judged against held-out text on the samples page",
+    **{option: _NO_CHAIN for option in ("steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "decoder",
+                                        "record_every")},
+}
 
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): how its

@@ -15,9 +15,10 @@ from torch import nn
 from dlm.core.config import Config, ConfigError, section_keys
 from dlm.core.runtime import autocast
 from dlm.core.schedule import NoiseSchedule
+from dlm.families import Terms
 from dlm.families.gaussian_model import DiffusionLM, decode, rounding_logits
 from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings
-from dlm.families.gaussian_sampling import Hook, SampleState, chain_blocks, known_positions_hook, sample_chain
+from dlm.families.gaussian_sampling import Hook, SampleState, known_positions_hook, sample_chain
 
 if TYPE_CHECKING:
     from dlm.runs.build import LoadedRun
@@ -33,6 +34,22 @@ SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta"
                             "decoder", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are diffused and rounded with the rest; after it they are set again
 ROUNDS_FIXED_WORDS = True
+TERMS = Terms(
+    name="Gaussian diffusion in embedding space (Diffusion-LM)",
+    blocks="Gaussian block diffusion (SSD-LM, BD3-LM)",
+    losses="The diffusion loss (MSE of the predicted x0 against the clean embeddings), the rounding loss (the "
+           "cross-entropy of the words under the rounding decoder) and their total, on training batches and on fixed "
+           "validation windows. A low rounding loss alone says nothing about whether samples decode: look at the "
+           "samples.",
+    table="Mean row norm and mean nearest-neighbour distance of the embedding table, against the noise scale sigma0 "
+          "of q(x0|w) (rows closer than a few sigma0 blur together under that noise: a table that shrinks or whose "
+          "rows merge is on the road to collapse), the learning rate schedule and training throughput.",
+    likelihood="Diffusion-LM's variational bound on -log p(w) (its diffusion, rounding and prior terms) in nats per "
+               "token",
+    trajectory="The rounding decoder's reading of the predicted x0 at each recorded step; t is the chain's timestep "
+               "(from T, pure noise, down to 0).",
+)
+WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)"}
 
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): every
@@ -126,12 +143,10 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
     model = run.model
     options.validate(run.objective.steps)
     all_ids, trajectory = [], []
-    total = options.steps * chain_blocks(run.objective, run.config.seq_len)
     banned = options.banned_ids(run.tokenizer)  # the slider's frames too
     for first, states in batch_chains(run, options, options.num_samples, generator, device):
         for state in states:
-            last = state.index == total - 1
-            if options.record_every and (state.index % options.record_every == 0 or last):
+            if options.records(state.index):
                 _record(trajectory, first, state.index, state.t,
                         decode(model, state.pred_x0, options.decoder, banned=banned).cpu())
         all_ids.append(final_words(run, state, options, generator))

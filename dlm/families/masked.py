@@ -32,6 +32,7 @@ from dlm.core.errors import UserError
 from dlm.core.nets import PrefixCache, TinyTransformer
 from dlm.core.noise import WindowKeys, per_window
 from dlm.core.runtime import autocast
+from dlm.families import Terms
 from dlm.families.blocks import block_causal_mask, every_block_mask
 
 if TYPE_CHECKING:
@@ -333,6 +334,33 @@ SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "tempera
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are never masked: fill gives them back as given, with nothing to round
 ROUNDS_FIXED_WORDS = False
+TERMS = Terms(
+    name="masked (absorbing-state) diffusion (MDLM)",
+    blocks="masked block diffusion (BD3-LM)",
+    losses="The NELBO (the cross-entropy at masked positions weighted by 1/t, over all positions: a bound on "
+           "-log p(w) in nats per token, and the total it minimises) and the plain cross-entropy at masked positions, "
+           "on training batches and on fixed validation windows.",
+    table="Mean row norm and mean nearest-neighbour distance of the embedding table's word rows (this family masks "
+          "words and never noises the table, so there is no noise scale to hold the distances against), the "
+          "learning rate schedule and training throughput.",
+    likelihood="The NELBO, MDLM's bound on -log p(w), in nats per token",
+    trajectory="The window at each recorded step: the words unmasked so far (positions still masked are left out); "
+               "t is the mask rate in thousandths (1000: every position masked).",
+)
+_GAUSSIAN_CHAIN = ("an option of the Gaussian chain (its timestep spacing, clamping, eta and x0 estimate); the masked "
+                   "chain unmasks words at evenly spaced mask rates")
+WHY_NOT = {
+    "likelihood_exact": "its likelihood is a bound, the NELBO (dlm evaluate --nll)",
+    "guidance": "its chain moves between discrete words, so there are no continuous latents for a classifier's "
+                "gradient to move",
+    "latent": "it noises words by masking them, not by adding noise to vectors: there are no noised latents for a "
+              "classifier to read",
+    "geometry": "its embedding rows are never noised (no q(x0|w), no sigma0) and it has no rounding decoder, so the "
+                "Gaussian family's collapse and geometry signals do not apply; its samples are judged against "
+                "held-out text on the samples page",
+    "decoder": "it has no rounding step: its chain draws words, so there are no vectors for a cosine decoder to read",
+    **{option: _GAUSSIAN_CHAIN for option in ("spacing", "clamp", "clamp_fraction", "eta", "x0")},
+}
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): blocks,
 # the training mask-rate range, and the sampling keys of its sampler.
@@ -416,14 +444,13 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
     check_steps(options, run.config)
     length = run.config.seq_len
     banned = options.banned_ids(run.tokenizer)
-    total = options.steps * (length // (run.objective.block_size_for(length) or length))
     rows, trajectory = [], []
     for first in range(0, options.num_samples, options.batch_size):
         count = min(options.batch_size, options.num_samples - first)
         blank = torch.zeros(count, length, dtype=torch.long, device=device)
 
         def record(index: int, t: float, window: torch.Tensor, first=first) -> None:
-            if options.record_every and (index % options.record_every == 0 or index == total - 1):
+            if options.records(index):
                 shown = torch.where(window == run.model.mask_id, run.tokenizer.pad_id, window).cpu().tolist()
                 if first == 0:
                     trajectory.append({"index": index, "t": round(t * 1000), "ids": shown})

@@ -39,6 +39,7 @@ from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import autocast
+from dlm.families import Terms
 from dlm.families.masked import MaskedDiffusion, categorical
 
 if TYPE_CHECKING:
@@ -271,6 +272,33 @@ SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "tempera
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are held as given at every step: fill gives them back, with nothing to round
 ROUNDS_FIXED_WORDS = False
+
+TERMS = Terms(
+    name="uniform-state discrete diffusion (UDLM)",
+    losses="The NELBO (UDLM's continuous-time bound on -log p(w) over every position, in nats per token, and the "
+           "total it minimises) and x0_ce, the denoiser's plain cross-entropy against the clean words at every "
+           "position, on training batches and on fixed validation windows.",
+    table="Mean row norm and mean nearest-neighbour distance of the embedding table's word rows (this family "
+          "replaces words by uniformly drawn ones and never noises the table, so there is no noise scale to hold "
+          "the distances against), the learning rate schedule and training throughput.",
+    likelihood="The NELBO, UDLM's bound on -log p(w), in nats per token",
+    trajectory="The window at each recorded step, every position holding a word (noise words early on, any of them "
+               "revisable later); t is the noise level in thousandths (1000: every word drawn uniformly).",
+)
+_GAUSSIAN_CHAIN = ("an option of the Gaussian chain (its timestep spacing, clamping, eta and x0 estimate); the "
+                   "uniform chain draws words at evenly spaced noise levels")
+WHY_NOT = {
+    "likelihood_exact": "its likelihood is a bound, the NELBO (dlm evaluate --nll)",
+    "guidance": "its chain moves between discrete words, so there are no continuous latents for a classifier's "
+                "gradient to move",
+    "latent": "it noises words by replacing them, not by adding noise to vectors: there are no noised latents for a "
+              "classifier to read",
+    "geometry": "its embedding rows are never noised (no q(x0|w), no sigma0) and it has no rounding decoder, so the "
+                "Gaussian family's collapse and geometry signals do not apply; its samples are judged against "
+                "held-out text on the samples page",
+    "decoder": "it has no rounding step: its chain draws words, so there are no vectors for a cosine decoder to read",
+    **{option: _GAUSSIAN_CHAIN for option in ("spacing", "clamp", "clamp_fraction", "eta", "x0")},
+}
 
 # The family-specific Config keys it reads: its sampler's (steps, the per-step temperature, <unk>).
 CONFIG_KEYS = frozenset({"sample_steps", "decode_temperature", "decode_unk"})

@@ -174,7 +174,7 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
     if kind == "latent" and not supports(run.config.model, "latent"):
-        raise UserError(not_available(run.config.model, "A latent classifier (noised latents for guidance)")
+        raise UserError(not_available(run.config.model, "A latent classifier (noised latents for guidance)", "latent")
                         + " Train the judge (--kind judge) on it, or give a Gaussian diffusion run.")
     check_classifier_options(steps, batch_size, width, depth)
     target = attribute(attribute_name, run.tokenizer)

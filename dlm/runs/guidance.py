@@ -58,8 +58,9 @@ def check_guidance(run: LoadedRun) -> None:
     """A run whose chain classifier guidance can steer: a Gaussian family's, one timestep per step
     for every position, over the whole window."""
     if not supports(run.config.model, "guidance"):
-        raise UserError(not_available(run.config.model, f"Classifier guidance of '{run.checkpoint}'") + " Guide a "
-                        "Gaussian diffusion run (model: diffusion); dlm infill controls this one without a classifier.")
+        raise UserError(not_available(run.config.model, f"Classifier guidance of '{run.checkpoint}'", "guidance")
+                        + " Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one without a "
+                          "classifier.")
     if run.objective.settings.left_to_right > 0:
         raise UserError("Classifier guidance needs one timestep per step for every position; this run samples "
                          "left to right (left_to_right > 0).")

@@ -45,13 +45,20 @@ class SampleOptions:
     decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
     seed: int = 0
     batch_size: int = 64
-    record_every: int = 0  # keep the decoded tokens every N steps (0: not recorded)
+    record_every: int = 0  # keep the decoded tokens every N steps of each (block's) chain (0: not recorded)
 
     @classmethod
     def from_config(cls, config: Config, **overrides) -> SampleOptions:
         """The run's own sampling recipe, with explicit overrides (None means: keep the recipe's)."""
         recipe_values = {f.name: getattr(config, f.metadata["config"]) for f in fields(cls) if "config" in f.metadata}
         return cls(**{**recipe_values, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def records(self, index: int) -> bool:
+        """Whether the chain's step `index` is kept in the trajectory: every record_every steps of
+        each chain and each chain's last step (a block run's index counts on over its blocks, each
+        running a chain of `steps`: every block is recorded alike, and its finished state shown)."""
+        step = index % self.steps
+        return bool(self.record_every) and (step % self.record_every == 0 or step == self.steps - 1)
 
     def banned_ids(self, tokenizer) -> tuple[int, ...]:
         """The token ids a final draw never gives: the tokenizer's <unk> unless `unk`."""

@@ -149,12 +149,17 @@ def trained_config(run_dir: str | Path) -> Config:
 
 
 def configuration_table(run_config: Config, asked: Config) -> tuple[Any, str | None]:
-    """The run's own configuration, one row per key ('value'), and one line naming each key asked
-    for (`asked`: the preset and the notebook's parameters) that the run did not apply, with both
-    values (None when it applied every one); the table then says the asked value beside the run's."""
+    """The run's own configuration, one row per key its family reads ('value'; the keys only other
+    families read are left out), and one line naming each key asked for (`asked`: the preset and the
+    notebook's parameters) that the run did not apply, with both values (None when it applied every
+    one); the table then says the asked value beside the run's."""
     import pandas as pd
 
-    values, wanted = run_config.to_dict(), asked.to_dict()
+    from dlm.families import family, family_keys
+
+    others = family_keys() - family(run_config.model).CONFIG_KEYS  # other families' keys: unread, at their defaults
+    values = {key: value for key, value in run_config.to_dict().items() if key not in others}
+    wanted = asked.to_dict()
     ignored = {key: wanted[key] for key in values if wanted[key] != values[key]}
     table = pd.Series(values, name="value").to_frame()
     if not ignored:
@@ -237,21 +242,27 @@ def check_parameters(also_allowed: set[str] | frozenset = frozenset(), notebook:
     unknown_parameters(assigned_names(history[last - 1]), assigned_names(history[last]), also_allowed, notebook)
 
 
-# What each control task of control.ipynb asks of the run's family (dlm.families SUPPORTS).
-TASK_NEEDS = {"infill": "infill", "prefix": "prefix", "length": "length", "guidance": "guidance"}
+CONTROL_TASKS = ("infill", "prefix", "length", "guidance")  # control.ipynb's sections, in order
 
 
-def available_tasks(model: str, tasks: list[str]) -> list[str]:
-    """The tasks the family `model` supports; for each other one a "not available" line is printed."""
-    from dlm.families import not_available, supports
+def control_tasks(value: str | list | tuple | None) -> list[str]:
+    """control.ipynb's `task` parameter as a list; an unknown task is one line naming the known ones."""
+    tasks = split_list(value)
+    unknown = sorted(set(tasks) - set(CONTROL_TASKS))
+    if unknown:
+        raise UserError(f"Unknown task(s) {', '.join(unknown)}: use {', '.join(CONTROL_TASKS)}.")
+    return tasks
 
-    kept = []
-    for task in tasks:
-        if task in TASK_NEEDS and not supports(model, TASK_NEEDS[task]):
-            print(not_available(model, f"The control task '{task}'"))
-        else:
-            kept.append(task)
-    return kept
+
+def shows_task(model: str, task: str, asked: list[str]) -> bool:
+    """Whether control.ipynb's section `task` runs (its caption shown): the family `model` has it and
+    `task` asked for it. Else its one line says why (so a section is never an empty heading): the
+    family's "not available: why", or that it was not asked for."""
+    from dlm.workbench.captions import section
+
+    return section(model, task, None if task in asked else
+                   f"Not asked for: the task parameter ('{','.join(asked)}') leaves out {task} "
+                   f"(the preset's control_tasks, or -p task).")
 
 
 def sigma0(config) -> float | None:

@@ -90,8 +90,9 @@ def loss_curves(metrics: pd.DataFrame) -> Figure:
     val = metrics[metrics["val_total"].notna()] if "val_total" in metrics else metrics.iloc[0:0]
     for ax, term in zip(axes[0], terms):
         title = TERM_TITLES.get(term, term)
-        if len(train):
-            ax.plot(train["step"], train[term], label="train", color="C0")
+        if len(train):  # a lone point (the first log line) gets a marker: a line through one point draws nothing
+            ax.plot(train["step"], train[term], label="train", color="C0", marker="o" if len(train) == 1 else None,
+                    markersize=4)
         if len(val):
             ax.plot(val["step"], val[f"val_{term}"], "o-", label="validation", color="C1", markersize=3)
         _log_if_positive(ax, [*train.get(term, []), *val.get(f"val_{term}", [])])
@@ -100,6 +101,12 @@ def loss_curves(metrics: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3)
         _legend(ax, fontsize=8)
     return figure
+
+
+def has_a_point(metrics: pd.DataFrame) -> bool:
+    """Whether loss_curves would draw anything: a finite training or validation total."""
+    columns = [c for c in ("total", "val_total") if c in metrics]
+    return bool(len(metrics)) and any(np.isfinite(metrics[c].astype(float)).any() for c in columns)
 
 
 class LiveLossCurves:
@@ -114,7 +121,10 @@ class LiveLossCurves:
         self.redraws = 0
 
     def __call__(self, row: dict | None = None) -> None:
-        figure = loss_curves(pd.read_csv(self.metrics_path))  # the whole run so far, resumed rows too
+        metrics = pd.read_csv(self.metrics_path)  # the whole run so far, resumed rows too
+        if not has_a_point(metrics):
+            return  # the first frame waits for a value to draw: empty axes would read as a broken plot
+        figure = loss_curves(metrics)
         metadata = {LIVE_MARK: True}
         if self.handle is None:
             if self.show is None:

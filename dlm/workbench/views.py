@@ -38,8 +38,9 @@ def unknown_html(escaped: str) -> str:
 
 SLIDER_CSS = """
 .dlm-steps {font-family: var(--jp-content-font-family, sans-serif); margin: 0.5em 0;}
-.dlm-steps .dlm-controls {display: flex; align-items: center; gap: 0.8em; margin-bottom: 0.4em;}
-.dlm-steps input[type=range] {width: 24em;}
+.dlm-steps .dlm-controls {display: flex; flex-wrap: wrap; align-items: center; gap: 0.8em; margin-bottom: 0.4em;}
+.dlm-steps input[type=range] {width: 24em; max-width: 100%; vertical-align: middle;}
+.dlm-steps label input.dlm-step {width: 12em;}
 .dlm-steps .dlm-step-label {font-variant-numeric: tabular-nums;}
 .dlm-steps ol {margin: 0; padding-left: 1.6em;}
 .dlm-steps li {margin: 0.25em 0; line-height: 1.5; font-family: var(--jp-code-font-family, monospace);}
@@ -76,12 +77,34 @@ def changed_positions(before: Sequence[int] | None, after: Sequence[int]) -> lis
 
 
 def default_record_every(steps: int, frames: int = 40) -> int:
-    """Record every N steps so the slider has about `frames` positions (the last step is always kept)."""
+    """Record every N steps so the slider has about `frames` positions per chain (a block run's
+    blocks each run a chain of `steps`; each chain's last step is always kept)."""
     return max(1, steps // frames)
 
 
-def frame_label(frame: dict, total_steps: int) -> str:
-    return f"step {frame['index'] + 1} of {total_steps} (t = {frame['t']})"
+def chain_blocks(frames: Sequence[dict], total_steps: int, blocks: int | None = None) -> int:
+    """How many chains of `total_steps` steps the frames run through one after the other: `blocks`
+    when given, else what their indices (counted over the blocks; each block's last step is
+    always recorded) say."""
+    if blocks:
+        return blocks
+    return max(1, -(-(frames[-1]["index"] + 1) // total_steps)) if frames else 1
+
+
+def frame_label(frame: dict, total_steps: int, blocks: int = 1) -> str:
+    """'step s of S (t = ...)', and for a block run 'block b of B, step s of S (t = ...)': a frame's
+    index counts on over the blocks, each block running its own chain of `total_steps` steps."""
+    block, step = divmod(frame["index"], total_steps)
+    where = f"block {block + 1} of {blocks}, " if blocks > 1 else ""
+    return f"{where}step {step + 1} of {total_steps} (t = {frame['t']})"
+
+
+def block_groups(frames: Sequence[dict], total_steps: int, blocks: int) -> list[list[int]]:
+    """The positions in `frames` of each block's frames, for the blocks that have any, in order."""
+    groups = [[] for _ in range(blocks)]
+    for position, frame in enumerate(frames):
+        groups[min(frame["index"] // total_steps, blocks - 1)].append(position)
+    return [group for group in groups if group]
 
 
 def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int],
@@ -102,91 +125,135 @@ def render_frames(frames: Sequence[dict], itos: Sequence[str], samples: Sequence
 
 
 STEP_NOTE = "Decoded prediction of x0 at each recorded step; <mark>marked</mark> tokens changed since the previous recorded step."
+CHANGED_NOTE = "<mark>Marked</mark> tokens changed since the previous recorded step."
+
+# One slider: the frames in order. A block run's two: the block, then the recorded steps of that block
+# (the step slider keeps its place, within the block's frames, when the block changes).
+SLIDER_SCRIPT = (
+    "(function(){var root=document.getElementById(%s);if(!root)return;"
+    "var label=root.querySelector('.dlm-step-label');var frames=root.querySelectorAll('.dlm-frame');"
+    "var block=root.querySelector('input.dlm-block');var step=root.querySelector('input.dlm-step');"
+    "function current(){if(!block)return frames[parseInt(step.value,10)];"
+    "var b=block.value,inBlock=[];for(var j=0;j<frames.length;j++){"
+    "if(frames[j].getAttribute('data-block')===b)inBlock.push(frames[j]);}"
+    "step.max=inBlock.length-1;if(parseInt(step.value,10)>inBlock.length-1)step.value=inBlock.length-1;"
+    "return inBlock[parseInt(step.value,10)];}"
+    "function show(){var shown=current();for(var j=0;j<frames.length;j++){frames[j].hidden=(frames[j]!==shown);}"
+    "label.textContent=shown.getAttribute('data-label');}"
+    "step.addEventListener('input',show);if(block)block.addEventListener('input',show);show();})();"
+)
+
+
+def _range(css_class: str, last: int, name: str) -> str:
+    return (f'<input type="range" min="0" max="{last}" step="1" value="{last}" class="{css_class}" '
+            f'aria-label="{html.escape(name, quote=True)}">')
 
 
 def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
                 total_steps: int | None = None, joined_as_is: bool = False, labels: Sequence[str] | None = None,
-                note: str = STEP_NOTE, name: str = "sampling step") -> str:
+                note: str = STEP_NOTE, name: str = "sampling step", blocks: int | None = None) -> str:
     """The offline slider: an <input type=range> over pre-rendered frames, shown by a few lines of
     inline JavaScript; the last frame (the final text) shows first, and without JavaScript too.
     `labels` (one per frame) replace the step labels when the frames are not steps (e.g. guidance
-    strengths); `note` (HTML) is the caption, `name` what the slider moves over."""
+    strengths); `note` (HTML) is the caption, `name` what the slider moves over. A block run
+    (`blocks` chains of `total_steps`, or as many as the frames' indices say) gets two sliders: the
+    block, then the step within it."""
     if not frames:
         raise ValueError("No recorded steps to show: sample with record_every > 0.")
     total_steps = total_steps or frames[-1]["index"] + 1
-    labels = list(labels) if labels is not None else [frame_label(frame, total_steps) for frame in frames]
+    blocks = 1 if labels is not None else chain_blocks(frames, total_steps, blocks)
+    labels = list(labels) if labels is not None else [frame_label(frame, total_steps, blocks) for frame in frames]
     uid = f"dlm-steps-{uuid.uuid4().hex[:12]}"  # unique even with several notebooks in one page
     last = len(frames) - 1
-    blocks = render_frames(frames, itos, samples, joined_as_is)
+    block_of = {}
+    if blocks > 1:
+        groups = block_groups(frames, total_steps, blocks)
+        block_of = {position: b for b, group in enumerate(groups) for position in group}
+        controls = (f'<label class="dlm-block-label">block {_range("dlm-block", len(groups) - 1, "block")}</label>'
+                    f'<label>step {_range("dlm-step", len(groups[-1]) - 1, name + " within the block")}</label>')
+    else:
+        controls = _range("dlm-step", last, name)
     divs = "".join(
         f'<div class="dlm-frame" data-label="{html.escape(label, quote=True)}"'
-        f'{"" if i == last else " hidden"}>{block}</div>'
-        for i, (label, block) in enumerate(zip(labels, blocks))
-    )
-    script = (
-        "(function(){var root=document.getElementById(" + json.dumps(uid) + ");if(!root)return;"
-        "var input=root.querySelector('input[type=range]');var label=root.querySelector('.dlm-step-label');"
-        "var frames=root.querySelectorAll('.dlm-frame');"
-        "function show(i){for(var j=0;j<frames.length;j++){frames[j].hidden=(j!==i);}"
-        "label.textContent=frames[i].getAttribute('data-label');}"
-        "input.addEventListener('input',function(){show(parseInt(input.value,10));});"
-        "show(parseInt(input.value,10));})();"
+        + (f' data-block="{block_of[i]}"' if block_of else "") + ("" if i == last else " hidden") + f">{block}</div>"
+        for i, (label, block) in enumerate(zip(labels, render_frames(frames, itos, samples, joined_as_is)))
     )
     return (
         f'<div class="dlm-steps" id="{uid}"><style>{SLIDER_CSS}</style>'
-        f'<div class="dlm-controls"><input type="range" min="0" max="{last}" step="1" value="{last}" '
-        f'aria-label="{html.escape(name, quote=True)}">'
-        f'<span class="dlm-step-label">{html.escape(labels[-1])}</span></div>'
+        f'<div class="dlm-controls">{controls}<span class="dlm-step-label">{html.escape(labels[-1])}</span></div>'
         f'{divs}<div class="dlm-note">{note}</div></div>'
-        f"<script>{script}</script>"
+        f"<script>{SLIDER_SCRIPT % json.dumps(uid)}</script>"
     )
 
 
 class StepViewer:
     """The live slider: an ipywidgets IntSlider over the recorded steps and an HTML widget showing
-    the same pre-rendered frames. A plain observer, so it needs no `interact` machinery."""
+    the same pre-rendered frames (a block run: a block slider, then a step slider over that block's
+    frames). A plain observer, so it needs no `interact` machinery."""
 
     def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
                  total_steps: int | None = None, joined_as_is: bool = False, labels: Sequence[str] | None = None,
-                 name: str = "step"):
+                 name: str = "step", blocks: int | None = None):
         import ipywidgets as widgets
 
         if not frames:
             raise ValueError("No recorded steps to show: sample with record_every > 0.")
         self.frames = list(frames)
         self.total_steps = total_steps or self.frames[-1]["index"] + 1
+        self.blocks = 1 if labels is not None else chain_blocks(self.frames, self.total_steps, blocks)
         self.labels = (list(labels) if labels is not None
-                       else [frame_label(frame, self.total_steps) for frame in self.frames])
-        self.blocks = render_frames(self.frames, itos, samples, joined_as_is)
-        last = len(self.frames) - 1
+                       else [frame_label(frame, self.total_steps, self.blocks) for frame in self.frames])
+        self.rendered = render_frames(self.frames, itos, samples, joined_as_is)
+        self.groups = (block_groups(self.frames, self.total_steps, self.blocks) if self.blocks > 1
+                       else [list(range(len(self.frames)))])
+        last = len(self.groups[-1]) - 1
         self.slider = widgets.IntSlider(value=last, min=0, max=last, step=1, description=name,
                                         readout=False, continuous_update=True,
-                                        layout=widgets.Layout(width="32em"))
-        self.label = widgets.Label(self.labels[last])
-        self.text = widgets.HTML(self.blocks[last])
-        self.widget = widgets.VBox([widgets.HBox([self.slider, self.label]), self.text,
+                                        layout=widgets.Layout(width="24em" if self.blocks > 1 else "32em"))
+        self.block = None
+        controls = [self.slider]
+        if self.blocks > 1:
+            self.block = widgets.IntSlider(value=len(self.groups) - 1, min=0, max=len(self.groups) - 1, step=1,
+                                           description="block", readout=False, continuous_update=True,
+                                           layout=widgets.Layout(width="24em"))
+            self.block.observe(self._on_block, names="value")
+            controls = [self.block, self.slider]
+        self.label = widgets.Label(self.labels[-1])
+        self.text = widgets.HTML(self.rendered[-1])
+        self.widget = widgets.VBox([widgets.HBox([*controls, self.label]), self.text,
                                     widgets.HTML(f"<style>{SLIDER_CSS}</style>")])
         self.widget.add_class("dlm-steps")
         self.slider.observe(self._on_change, names="value")
+
+    def _on_block(self, change: dict) -> None:
+        group = self.groups[change["new"]]
+        if self.slider.value > len(group) - 1:
+            self.slider.value = len(group) - 1  # shows it, through _on_change
+        self.slider.max = len(group) - 1
+        self.show(self.slider.value)
 
     def _on_change(self, change: dict) -> None:
         self.show(change["new"])
 
     def show(self, position: int) -> None:
-        self.label.value = self.labels[position]
-        self.text.value = self.blocks[position]
+        """Show the frame at `position` of the current block (of all frames, without blocks)."""
+        group = self.groups[self.block.value if self.block is not None else 0]
+        frame = group[min(position, len(group) - 1)]
+        self.label.value = self.labels[frame]
+        self.text.value = self.rendered[frame]
 
 
 def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
                        total_steps: int | None = None, live: bool = True, joined_as_is: bool = False,
-                       labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step") -> dict:
+                       labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step",
+                       blocks: int | None = None) -> dict:
     """A display bundle with the offline slider as text/html and, when `live`, the ipywidgets
     slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML.
-    labels, note, name: see `slider_html` (frames that are not sampling steps)."""
-    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, joined_as_is, labels, note, name),
+    labels, note, name: see `slider_html` (frames that are not sampling steps); blocks: a block run's."""
+    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, joined_as_is, labels, note, name, blocks),
               "text/plain": f"<slider over {len(frames)} frames ({name})>"}
     if live:
-        viewer = StepViewer(frames, itos, samples, total_steps, joined_as_is, labels, name)
+        viewer = StepViewer(frames, itos, samples, total_steps, joined_as_is, labels, name, blocks)
         widget_bundle = viewer.widget._repr_mimebundle_()
         bundle.update({k: v for k, v in widget_bundle.items() if k != "text/plain"})
         bundle["_viewer"] = viewer  # kept alive by the caller; removed before display
@@ -195,13 +262,16 @@ def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Seq
 
 def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
                 total_steps: int | None = None, live: bool = True, joined_as_is: bool = False,
-                labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step"):
+                labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step",
+                blocks: int | None = None):
     """Display the slider over sampling steps (see the module docstring); returns the live viewer.
-    `joined_as_is`: the run's tokenizer joins its pieces as they are (bpe, char; Tokenizer.joined_as_is).
-    labels, note, name: frames that are not sampling steps (the control notebook's strengths)."""
+    `total_steps`: the steps of one chain (a block run's: of each block's chain; its blocks are
+    counted from the frames' indices, or given as `blocks`). `joined_as_is`: the run's tokenizer
+    joins its pieces as they are (bpe, char; Tokenizer.joined_as_is). labels, note, name: frames
+    that are not sampling steps (the control notebook's strengths)."""
     from IPython.display import display
 
-    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, joined_as_is, labels, note, name)
+    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, joined_as_is, labels, note, name, blocks)
     viewer = bundle.pop("_viewer", None)
     display(bundle, raw=True)
     return viewer

@@ -1114,7 +1114,7 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
         }
         notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
         # a page whose analyses the run's family lacks is left out, and the report says so
-        not_available = {nb: families.not_available(config.model, f"The {TITLES[nb]} page") for nb in notebooks
+        not_available = {nb: families.not_available(config.model, f"The {TITLES[nb]} page", PAGE_NEEDS[nb]) for nb in notebooks
                          if nb in PAGE_NEEDS and not families.supports(config.model, PAGE_NEEDS[nb])}
         notebooks = [nb for nb in notebooks if nb not in not_available]
         report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
