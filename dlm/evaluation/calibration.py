@@ -12,14 +12,17 @@ entropy at the recipe's own temperature too, so the temperature-1 numbers stay r
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 
 from dlm.core.data import atomic_write_bytes
 from dlm.evaluation.matched import entropy_of, find_temperature, heldout_entropy, temperature_sampler
-from dlm.runs.build import LoadedRun, recipe_config
+from dlm.runs.build import LoadedRun, load_run, recipe_config
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions
+
+logger = logging.getLogger("dlm")
 
 
 def calibrate(run: LoadedRun, num_samples: int = 64, seed: int = 0, tolerance: float = 0.01,
@@ -45,6 +48,19 @@ def write_calibration(run_dir, record: dict, command: str) -> None:
     """RUN/calibration.json: the record and the command that made it."""
     record = {**record, "command": command}
     atomic_write_bytes(RunDir(run_dir).calibration, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def calibrate_trained_run(run_dir, device: str | torch.device = "cpu") -> dict | None:
+    """The end of `dlm train` and train.ipynb: a run whose config asks calibrate_temperature gets its
+    last.pt calibrated (RUN/calibration.json) and logged; None for a run that does not ask. (Not in
+    dlm.runs.train itself: the runs layer does not reach up into the evaluations.)"""
+    run = load_run(run_dir, device=device)
+    if not run.config.calibrate_temperature:
+        return None
+    record = calibrate(run, device=device)
+    write_calibration(run_dir, record, f"dlm calibrate --run_dir {run_dir} (at the end of training)")
+    logger.info("calibrated: %s -> %s", describe(record), RunDir(run_dir).calibration)
+    return record
 
 
 def describe(record: dict) -> str:

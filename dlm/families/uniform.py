@@ -40,6 +40,7 @@ from dlm.core.nets import TinyTransformer
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import autocast
 from dlm.families import Terms
+from dlm.families.masked import WHY_NOT as MASKED_WHY_NOT
 from dlm.families.masked import MaskedDiffusion, categorical
 
 if TYPE_CHECKING:
@@ -287,16 +288,10 @@ TERMS = Terms(
 )
 _GAUSSIAN_CHAIN = ("an option of the Gaussian chain (its timestep spacing, clamping, eta and x0 estimate); the "
                    "uniform chain draws words at evenly spaced noise levels")
-WHY_NOT = {
-    "likelihood_exact": "its likelihood is a bound, the NELBO (dlm evaluate --nll)",
-    "guidance": "its chain moves between discrete words, so there are no continuous latents for a classifier's "
-                "gradient to move",
+WHY_NOT = {  # a discrete family's reasons, as the masked family gives them, in this family's words where they differ
+    **MASKED_WHY_NOT,
     "latent": "it noises words by replacing them, not by adding noise to vectors: there are no noised latents for a "
               "classifier to read",
-    "geometry": "its embedding rows are never noised (no q(x0|w), no sigma0) and it has no rounding decoder, so the "
-                "Gaussian family's collapse and geometry signals do not apply; its samples are judged against "
-                "held-out text on the samples page",
-    "decoder": "it has no rounding step: its chain draws words, so there are no vectors for a cosine decoder to read",
     **{option: _GAUSSIAN_CHAIN for option in ("spacing", "clamp", "clamp_fraction", "eta", "x0")},
 }
 

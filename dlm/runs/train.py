@@ -670,8 +670,6 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
             except BaseException:
                 remove_if_unused(run, made)  # under the lock: no other trainer is using the folder
                 raise
-            if config.calibrate_temperature:
-                calibrate_after_training(run, device)
             return result
     finally:
         destroy_distributed()
@@ -816,18 +814,6 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         if hooks.curves is not None:
             hooks.curves.close()
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
-
-
-def calibrate_after_training(run: RunDir, device: torch.device) -> None:
-    """calibrate_temperature: the temperature at held-out entropy for the run's last.pt (the default
-    of its samplers from now on; dlm.evaluation.calibration)."""
-    from dlm.evaluation.calibration import calibrate, describe, write_calibration
-    from dlm.runs.build import load_run
-
-    loaded = load_run(run.path, device=device)
-    record = calibrate(loaded, device=device)
-    write_calibration(run.path, record, command=f"dlm calibrate --run_dir {run.path} (at the end of training)")
-    logger.info("calibrated: %s -> %s", describe(record), run.calibration)
 
 
 def not_a_run_message(run: RunDir) -> str:
