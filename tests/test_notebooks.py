@@ -250,11 +250,12 @@ def test_failing_notebook_stops_the_chain_and_keeps_earlier_steps(tmp_path):
     preset = tiny_preset(tmp_path)
     reports = tmp_path / "reports"
     with pytest.raises(workbook.NotebookFailed) as caught:
+        # a value only the sample notebook can find wrong (the report checks what it can before training)
         workbook.build_report(preset, name="broken", reports_dir=reports,
-                              parameters={"sample": {**SAMPLE, "steps": 100000}})
+                              parameters={"sample": {**SAMPLE, "checkpoint": "missing.pt"}})
     failure = caught.value
     assert isinstance(failure.__cause__, PapermillExecutionError)
-    assert failure.notebook == "sample" and failure.ename == "UserError" and "steps must be between" in failure.evalue
+    assert failure.notebook == "sample" and failure.ename == "FileNotFoundError" and "missing.pt" in failure.evalue
     assert "sample.ipynb failed in cell In [" in str(failure)
     report = reports / "broken"
     assert (report / "train.html").is_file() and (report / "run" / "checkpoints" / "last.pt").is_file()
