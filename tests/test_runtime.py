@@ -111,3 +111,13 @@ def test_a_cache_written_before_loads_were_recorded_counts_as_quiet(probes):
     runtime.probe_cache().write_text(json.dumps({runtime.machine_key(): {"fp32_s": 2.0, "bf16_s": 1.0}}))
     probes(1.0, 4.0)
     assert resolved_precision("auto", "cpu") == "bf16" and probes.calls == []
+
+
+def test_log_lines_show_the_cache_under_the_home_folder_as_a_tilde(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dlm.core import runtime
+
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path / "someone"))
+    assert runtime.shown(tmp_path / "someone" / ".cache" / "dlm" / "precision.json") == "~/.cache/dlm/precision.json"
+    assert runtime.shown(tmp_path / "elsewhere" / "precision.json") == str(tmp_path / "elsewhere" / "precision.json")

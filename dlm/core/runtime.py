@@ -143,6 +143,15 @@ def probe_cache() -> Path:
     return cache_dir() / "precision.json"
 
 
+def shown(path: Path) -> str:
+    """A path as a log line shows it: under the home folder as ~/..., so no page or log that is
+    shared names the machine's user folders."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
 _measured: dict[str, PrecisionProbe] = {}  # this process's answers, by machine_key()
 
 
@@ -161,13 +170,14 @@ def cpu_precision_probe() -> PrecisionProbe:
     probe = None
     if isinstance(entry, dict) and {"fp32_s", "bf16_s"} <= set(entry):
         probe = PrecisionProbe(key, float(entry["fp32_s"]), float(entry["bf16_s"]), float(entry.get("load", 0.0)))
-        where = f"cached in {path}"
+        where = f"cached in {shown(path)}"
     load = load_per_core()
     # A probe timed on a busy machine is provisional: measured again whenever the machine is quieter.
     if probe is None or (probe.busy and load < probe.load):
         again = probe is not None
         probe = PrecisionProbe(key, *time_probe(), load)
-        where = f"{'measured again (the cached probe ran on a busy machine)' if again else 'measured now'}, cached in {path}"
+        where = (f"{'measured again (the cached probe ran on a busy machine)' if again else 'measured now'}, "
+                 f"cached in {shown(path)}")
         cached = cached if isinstance(cached, dict) else {}
         cached[key] = {k: v for k, v in asdict(probe).items() if k != "machine"}
         path.parent.mkdir(parents=True, exist_ok=True)
