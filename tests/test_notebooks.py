@@ -475,7 +475,6 @@ PAGE_CHECKS = ("width", "headings", "slider")
 # the commands of reports/README.md (the runs' checkpoints are not committed: a redraw trains again,
 # or takes --from_run of a run kept elsewhere).
 DRAWN_BEFORE = {
-    ("index.html", "width"): "1,227 px wide at 1,200 (its types column); every `dlm report` rewrites it (write_index)",
     ("masked/control.html", "headings"): (
         "its 'Classifier guidance' sections are empty (drawn before a section said why it is not shown); redraw: "
         "dlm train params/masked.yaml --run_dir runs/masked_rope && dlm report params/masked.yaml --name masked "
@@ -508,8 +507,6 @@ def test_a_fresh_report_s_pages_pass_every_page_check(report):
             for check in PAGE_CHECKS if page_check(found, check)} == {}
 
 
-@pytest.mark.xfail(reason="write_index's table is wider than 1,200 px (its types column) until the index is "
-                          "remade as the families' comparison (issue 33)", strict=False)
 def test_a_fresh_index_fits_the_window(report):
     (facts,) = measure_pages([report.parent / "index.html"]).values()
     assert [problem for check in PAGE_CHECKS for problem in page_check(facts, check)] == []
