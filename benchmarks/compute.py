@@ -1,7 +1,7 @@
 """What compute buys each family: one long warmup-stable-decay run per family, cooled down from its
 kept checkpoints into the smaller budgets, each budget scored as the families table is.
 
-    python benchmarks/compute.py train FAMILY [--threads 1]          # resumable: run it again to go on
+    python benchmarks/compute.py [--threads 1] train FAMILY          # resumable: run it again to go on
     python benchmarks/compute.py status                               # what is trained, what is left
     python benchmarks/compute.py score --teacher runs/ar [FAMILY ...] [--seeds 2]
     python benchmarks/compute.py plot                                 # reports/compute/index.html
