@@ -15,6 +15,16 @@ def run_and_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return (path.parent.parent, path) if path.is_file() else (path, None)
 
 
+def listing(names: list[str], most: int = 6) -> str:
+    """What a folder holds, as a message names it: the first `most` names, then how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def folder_entries(folder: Path) -> list[str]:
+    """A folder's entries by name, folders marked with a trailing '/'."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+
+
 class RunDir:
     """Where one run keeps everything:
 
@@ -83,8 +93,8 @@ class RunDir:
         is new or empty for a fresh run when this is empty)."""
         if not self.path.is_dir():
             return []
-        return sorted(p.name + ("/" if p.is_dir() else "") for p in self.path.iterdir()
-                      if p.name != self.lock.name and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        return [name for name in folder_entries(self.path)
+                if name != self.lock.name and not (name.startswith(".") and name.endswith(".tmp"))]
 
     def started_without_checkpoint(self) -> bool:
         """A run dlm started that stopped before its first checkpoint: its provenance.json is

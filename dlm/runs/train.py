@@ -65,7 +65,7 @@ from dlm.runs.resume import (
     resumed_config,
     write_missing_kept_checkpoint,
 )
-from dlm.runs.rundir import RunDir, RunExistsError, RunLock
+from dlm.runs.rundir import RunDir, RunExistsError, RunLock, listing
 from dlm.runs.sample import SampleOptions, generate
 
 logger = logging.getLogger("dlm")
@@ -817,9 +817,7 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
 
 
 def not_a_run_message(run: RunDir) -> str:
-    held = run.entries()
-    listing = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
-    return (f"'{run.path}' holds {listing} but no run of dlm's to continue: a new run starts only in an empty or "
+    return (f"'{run.path}' holds {listing(run.entries())} but no run of dlm's to continue: a new run starts only in an empty or "
             f"new folder, so nothing there is overwritten. Choose another --run_dir, or move those files away.")
 
 

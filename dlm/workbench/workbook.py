@@ -41,7 +41,7 @@ from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
 from dlm.core.lockfile import FolderLock, FolderLocked
 from dlm.runs.provenance import environment, read_provenance
-from dlm.runs.rundir import RunDir
+from dlm.runs.rundir import RunDir, folder_entries, listing
 from dlm.workbench.notebook import LIVE_MARK, assigned_names, config_overrides, package_root, project_root
 from dlm.workbench.shipped import EditedNotebook, check_as_shipped, digest
 
@@ -1015,9 +1015,8 @@ def check_report_destination(report_dir: Path, overwrite: bool, from_run: str | 
     if not report_dir.exists() or not any(report_dir.iterdir()):
         return False
     if not is_report(report_dir):
-        held = sorted(p.name + ("/" if p.is_dir() else "") for p in report_dir.iterdir())
-        listing = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
-        raise ReportError(f"'{report_dir}' is not a report (no report.json of dlm report; it holds {listing}): dlm "
+        raise ReportError(f"'{report_dir}' is not a report (no report.json of dlm report; it holds "
+                          f"{listing(folder_entries(report_dir))}): dlm "
                           f"report never deletes it, --overwrite or not. Choose another --name or --reports_dir.")
     if not overwrite:
         raise ReportExistsError(f"'{report_dir}' already holds a report. Pass --overwrite to replace it, "
