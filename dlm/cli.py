@@ -391,9 +391,10 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
                    accept_corpus_change=args.accept_corpus_change)
     if ranks_from_env().is_main:
         print(f"trained {result.step} steps ({result.epoch} epochs) in {result.wall_s:.1f}s -> {result.run_dir}")
-        from dlm.evaluation.calibration import calibrate_trained_run
+        if config.calibrate_temperature:  # the run's own flag too (a resume takes this key from the command)
+            from dlm.evaluation.calibration import calibrate_trained_run
 
-        calibrate_trained_run(result.run_dir, pick_device(config.device))  # when the run's config asks for it
+            calibrate_trained_run(result.run_dir, pick_device(config.device))
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
