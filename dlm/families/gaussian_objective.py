@@ -20,7 +20,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossSettings:
     """The loss's switches: each field is the Config key of the same name (section 'diffusion')."""
     predict: str = "x0"  # what the network outputs: x0, epsilon, or logits (through the rounding head)
@@ -288,138 +288,209 @@ class GaussianDiffusion:
         (`denoise_every_block`); every term is taken over every position.
         """
         cfg, s = self.settings, self.schedule
-        device = ids.device
+        draws = BatchDraws(ids, generator, keys)
         emb = model.embedding(ids)  # (B, L, d)
-        batch = ids.shape[0]
-
-        windows = keys.generators() if keys is not None else None
-
-        def randn_like(x):
-            if windows is not None:
-                return per_window(windows, lambda g: torch.randn(x.shape[1:], generator=g)).to(device)
-            return torch.randn(x.shape, generator=generator, device="cpu").to(device) if generator else torch.randn_like(x)
-
-        def draw(sample):  # sample(count, generator) -> (count,): (batch,) of them, per window when keyed
-            if windows is not None:
-                return per_window(windows, lambda g: sample(1, g)[0])
-            return sample(batch, generator)
-
         if cfg.rounding_target == "clean":
             x0 = emb  # the seed: diffuse the clean embeddings themselves
         else:
-            x0 = emb + s.sigma0 * randn_like(emb)  # x0 ~ q(x0 | w)
+            x0 = emb + s.sigma0 * draws.randn_like(emb)  # x0 ~ q(x0 | w)
+        importance = self.importance if not uniform_t else None
+        batch = self._noised_batch(ids, emb, x0, draws, importance, uniform_t)
+        output = self._denoise(model, batch, draws)
+        last = torch.full_like(batch.t, s.steps - 1)
+        prior = mean_flat(batch.pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
+        terms = (self._logits_terms if cfg.predict == "logits" else self._regression_terms)(model, batch, output)
+        if importance is not None:  # reads the losses on the CPU: one sync per step on CUDA
+            importance.update(batch.drawn_t.flatten(), terms.unit_loss)
+        if self.time_warp is not None and not uniform_t:
+            # reads the losses on the CPU: one sync per step on CUDA
+            self.time_warp.update(batch.t, self.word_loss_per_sequence(model, terms.decoded, ids))
+        total = terms.total + prior if cfg.prior_loss else terms.total
+        return {"total": total, "mse": terms.mse, "rounding": terms.rounding, "prior": prior}
+
+    def _noised_batch(self, ids: torch.Tensor, emb: torch.Tensor, x0: torch.Tensor, draws: BatchDraws,
+                      importance: LossSecondMoment | None, uniform_t: bool) -> NoisedBatch:
+        """The batch's timesteps (and a block run's layout), and x0 noised to them."""
         length = ids.shape[1]
         block_size = self.block_size_for(length)
-        every_block = block_size is not None and cfg.block_training == "all"
-        one_block = block_size is not None and not every_block  # SSD-LM: one block per window
-        importance = self.importance if not uniform_t else None
-        if cfg.left_to_right > 0:
-            progress = draw(lambda n, g: torch.rand((n,), generator=g))
-            t = position_timesteps(s, progress, ids.shape[1], cfg.left_to_right).to(device)  # (B, L)
-        elif every_block:  # BD3-LM: each block at its own timestep
-            blocks = length // block_size
-            if importance is not None:
-                t = draw(lambda n, g: importance.sample(n * blocks, g).view(n, blocks)).to(device)
-            else:
-                t = draw(lambda n, g: torch.randint(0, s.steps, (n, blocks), generator=g)).to(device)
-        elif self.timestep_sampler is not None and not uniform_t:
-            t = draw(self.timestep_sampler.sample).to(device)
-        else:
-            t = draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
+        every_block = block_size is not None and self.settings.block_training == "all"
+        drawn_t = self._draw_timesteps(draws, length, block_size if every_block else None, importance, uniform_t)
         # the drawn timesteps, one per window (B,) or per block (B, blocks), each a unit of the
         # second moment's measurements and weights, 1 / (T p(t))
-        drawn_t = t
-        weights = importance.weights(t) if importance is not None else None
+        batch = NoisedBatch(ids, emb, x0, t=drawn_t, drawn_t=drawn_t, block_size=block_size,
+                            weights=importance.weights(drawn_t) if importance is not None else None)
         if every_block:
-            t = t.repeat_interleave(block_size, dim=1)  # (B, L)
-        attend = None
-        pick = _identity  # the positions the loss is taken over: all of them, or the current block's
-        if one_block:
-            current = draw(lambda n, g: torch.randint(0, length // block_size, (n,), generator=g)).to(device)
-            block_of = torch.arange(length, device=device) // block_size
-            earlier = block_of[None] < current[:, None]  # (B, L)
-            in_block = block_of[None] == current[:, None]
-            attend = block_of[None] <= current[:, None]  # SSD-LM: context and block, bidirectionally
-            t = torch.where(earlier, 0, torch.where(in_block, t[:, None], s.steps - 1))
+            batch.every_block = True
+            batch.t = drawn_t.repeat_interleave(block_size, dim=1)  # (B, L)
+        elif block_size is not None:  # SSD-LM: one block per window
+            self._draw_one_block(batch, draws)
+        batch.noise = draws.randn_like(x0)
+        batch.x_t = q_sample(self.schedule, x0, batch.t, batch.noise)
+        if batch.earlier is not None:
+            batch.x_t = torch.where(batch.earlier[..., None], emb, batch.x_t)  # the finished blocks: clean, not noised
+        return batch
 
-            def pick(z):  # (B, L, ...) -> (B, block_size, ...)
-                return z[in_block].view(batch, block_size, *z.shape[2:])
-        noise = randn_like(x0)
-        x_t = q_sample(s, x0, t, noise)
-        if one_block:
-            x_t = torch.where(earlier[..., None], emb, x_t)  # the finished blocks: clean, not noised
+    def _draw_timesteps(self, draws: BatchDraws, length: int, every_block_size: int | None,
+                        importance: LossSecondMoment | None, uniform_t: bool) -> torch.Tensor:
+        """Each window's timestep (B,); AR-Diffusion's, one per position (B, L); with every block
+        trained at once (`every_block_size`), one per block (B, blocks)."""
+        s, device = self.schedule, draws.device
+        if self.settings.left_to_right > 0:
+            progress = draws.draw(lambda n, g: torch.rand((n,), generator=g))
+            return position_timesteps(s, progress, length, self.settings.left_to_right).to(device)  # (B, L)
+        if every_block_size is not None:  # BD3-LM: each block at its own timestep
+            blocks = length // every_block_size
+            if importance is not None:
+                return draws.draw(lambda n, g: importance.sample(n * blocks, g).view(n, blocks)).to(device)
+            return draws.draw(lambda n, g: torch.randint(0, s.steps, (n, blocks), generator=g)).to(device)
+        if self.timestep_sampler is not None and not uniform_t:
+            return draws.draw(self.timestep_sampler.sample).to(device)
+        return draws.draw(lambda n, g: torch.randint(0, s.steps, (n,), generator=g)).to(device)
 
+    def _draw_one_block(self, batch: NoisedBatch, draws: BatchDraws) -> None:
+        """SSD-LM: each window's block b. Earlier blocks enter clean (t = 0), later ones are masked
+        out of attention (at T - 1); the loss reads block b's positions."""
+        length = batch.ids.shape[1]
+        current = draws.draw(lambda n, g: torch.randint(0, length // batch.block_size, (n,), generator=g)).to(draws.device)
+        block_of = torch.arange(length, device=draws.device) // batch.block_size
+        batch.earlier = block_of[None] < current[:, None]  # (B, L)
+        batch.in_block = block_of[None] == current[:, None]
+        batch.attend = block_of[None] <= current[:, None]  # SSD-LM: context and block, bidirectionally
+        batch.t = torch.where(batch.earlier, 0, torch.where(batch.in_block, batch.t[:, None], self.schedule.steps - 1))
+
+    def _denoise(self, model, batch: NoisedBatch, draws: BatchDraws) -> torch.Tensor:
+        """The denoiser's output on x_t (every block at once: `denoise_every_block`)."""
         x0_estimate = None
-        if cfg.self_condition > 0:
+        if self.settings.self_condition > 0:
             # Self-conditioning (Analog Bits): on a share of batches, first predict x0 without
             # gradient and feed that estimate back in as an extra input. One coin per step.
-            coin = keys.step_generator() if keys is not None else generator
-            use = torch.rand((), generator=coin).item() < cfg.self_condition
+            use = torch.rand((), generator=draws.coin()).item() < self.settings.self_condition
             if use:
                 with torch.no_grad():
-                    x0_estimate = self.x0_from_output(model, model.denoise(x_t, t, None, attend), x_t, t).detach()
-        if every_block:
-            output = denoise_every_block(model, x_t, t, emb, block_size)
+                    first = model.denoise(batch.x_t, batch.t, None, batch.attend)
+                    x0_estimate = self.x0_from_output(model, first, batch.x_t, batch.t).detach()
+        if batch.every_block:
+            return denoise_every_block(model, batch.x_t, batch.t, batch.emb, batch.block_size)
+        return model.denoise(batch.x_t, batch.t, x0_estimate, batch.attend)
+
+    def _rounding_loss(self, model, batch: NoisedBatch, x: torch.Tensor,
+                       weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean CE over the loss's positions, and each position's (weighted only). The same
+        value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits."""
+        if weights is None:
+            return model.rounding.loss(batch.pick(x), batch.pick(batch.ids)), None
+        return model.rounding.weighted_loss(batch.pick(x), batch.pick(batch.ids), weights)
+
+    def _logits_terms(self, model, batch: NoisedBatch, output: torch.Tensor) -> LossTerms:
+        """predict logits, CDCD's categorical reparameterisation: the denoiser classifies every
+        position and is trained by cross-entropy alone; its x0 is the softmax-weighted embedding.
+        The MSE of that x0 is reported, not trained (it needs the (B, L, V) logits)."""
+        weights = batch.position_weights()
+        rounding, rounding_each = self._rounding_loss(model, batch, output, weights)
+        with torch.no_grad():
+            error = batch.pick(self.x0_from_output(model, output, batch.x_t, batch.t) - batch.x0) ** 2
+            mse = mean_flat(error).mean() if weights is None else (error.mean(-1) * weights).mean()
+        unit_loss = batch.per_unit(rounding_each) if weights is not None else None
+        return LossTerms(total=rounding, mse=mse, rounding=rounding, decoded=output, unit_loss=unit_loss)
+
+    def _regression_terms(self, model, batch: NoisedBatch, output: torch.Tensor) -> LossTerms:
+        """predict x0, epsilon or preconditioned: the output regressed onto its target, plus the
+        rounding CE on the configured x0."""
+        cfg = self.settings
+        weights = batch.position_weights()
+        pred_x0 = self.x0_from_output(model, output, batch.x_t, batch.t)
+        if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
+            skip, out = self.preconditioning(batch.t, batch.x0.ndim)
+            target = (batch.x0 - skip * batch.x_t) / out
         else:
-            output = model.denoise(x_t, t, x0_estimate, attend)
-        last = torch.full_like(t, s.steps - 1)
-        prior = mean_flat(pick(s.at(s.sqrt_alphas_cumprod, last, x0.ndim) * x0) ** 2).mean()
-
-        if weights is not None:  # (B, positions the loss is taken over): each its window's or block's weight
-            units = weights.view(batch, -1)
-            position_weights = units.repeat_interleave(pick(ids).shape[1] // units.shape[1], dim=1)
-
-        def per_unit(each):  # (B, positions) -> the mean over each window or block, (B * units,)
-            return each.reshape(*units.shape, -1).mean(-1).flatten()
-
-        def rounding_loss(x):  # the mean CE over `pick`'s positions, and each position's (weighted only)
-            if weights is None:
-                return model.rounding.loss(pick(x), pick(ids)), None
-            return model.rounding.weighted_loss(pick(x), pick(ids), position_weights)
-
-        if cfg.predict == "logits":
-            # CDCD's categorical reparameterisation: the denoiser classifies every position and is
-            # trained by cross-entropy alone; its x0 is the softmax-weighted embedding. The MSE of
-            # that x0 is reported, not trained (it needs the (B, L, V) logits).
-            rounding, rounding_each = rounding_loss(output)
-            with torch.no_grad():
-                error = pick(self.x0_from_output(model, output, x_t, t) - x0) ** 2
-                mse = mean_flat(error).mean() if weights is None else (error.mean(-1) * position_weights).mean()
-            total = rounding
-            unit_loss = per_unit(rounding_each) if weights is not None else None
-        else:
-            pred_x0 = self.x0_from_output(model, output, x_t, t)
-            if cfg.predict == "preconditioned":  # EDM's loss weight 1 / c_out^2 makes F's target unit-scale
-                skip, out = self.preconditioning(t, x0.ndim)
-                target = (x0 - skip * x_t) / out
-            else:
-                target = x0 if cfg.predict == "x0" else noise
-            # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
-            # scored against EMB(w) itself.
-            t_per_position = t if t.ndim == 2 else t[:, None]
-            mse_per_position = pick(torch.where(t_per_position == 0, ((pred_x0 - emb) ** 2).mean(-1),
-                                                ((output - target) ** 2).mean(-1)))
-            mse = (mse_per_position if weights is None else mse_per_position * position_weights).mean()
-            rounding_input = {"clean": emb, "noisy": x0, "predicted": pred_x0}[cfg.rounding_target]
-            # The same value as F.cross_entropy(model.rounding(x), ids), without the (B, L, V) logits.
-            rounding, rounding_each = rounding_loss(rounding_input)
-            total = mse + cfg.rounding_weight * rounding
-            if weights is not None:
-                unit_loss = per_unit(mse_per_position.detach() + cfg.rounding_weight * rounding_each)
-        if importance is not None:  # reads the losses on the CPU: one sync per step on CUDA
-            importance.update(drawn_t.flatten(), unit_loss)
-        if self.time_warp is not None and not uniform_t:
-            decoded = output if cfg.predict == "logits" else pred_x0
-            # reads the losses on the CPU: one sync per step on CUDA
-            self.time_warp.update(t, self.word_loss_per_sequence(model, decoded, ids))
-        if cfg.prior_loss:
-            total = total + prior
-        return {"total": total, "mse": mse, "rounding": rounding, "prior": prior}
+            target = batch.x0 if cfg.predict == "x0" else batch.noise
+        # Per position, so that t may differ along the sequence; at t = 0 the predicted x0 is
+        # scored against EMB(w) itself.
+        t_per_position = batch.t if batch.t.ndim == 2 else batch.t[:, None]
+        mse_per_position = batch.pick(torch.where(t_per_position == 0, ((pred_x0 - batch.emb) ** 2).mean(-1),
+                                                  ((output - target) ** 2).mean(-1)))
+        mse = (mse_per_position if weights is None else mse_per_position * weights).mean()
+        rounding_input = {"clean": batch.emb, "noisy": batch.x0, "predicted": pred_x0}[cfg.rounding_target]
+        rounding, rounding_each = self._rounding_loss(model, batch, rounding_input, weights)
+        unit_loss = (None if weights is None
+                     else batch.per_unit(mse_per_position.detach() + cfg.rounding_weight * rounding_each))
+        return LossTerms(total=mse + cfg.rounding_weight * rounding, mse=mse, rounding=rounding, decoded=pred_x0,
+                         unit_loss=unit_loss)
 
 
-def _identity(z: torch.Tensor) -> torch.Tensor:
-    return z
+class BatchDraws:
+    """Where one batch's random draws come from: each window's own generator when keyed (see
+    dlm.core.noise), else `generator`, else torch's global RNG."""
 
+    def __init__(self, ids: torch.Tensor, generator: torch.Generator | None, keys: WindowKeys | None):
+        self.windows = keys.generators() if keys is not None else None
+        self.generator, self.keys = generator, keys
+        self.batch, self.device = ids.shape[0], ids.device
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if self.windows is not None:
+            return per_window(self.windows, lambda g: torch.randn(x.shape[1:], generator=g)).to(self.device)
+        if self.generator:
+            return torch.randn(x.shape, generator=self.generator, device="cpu").to(self.device)
+        return torch.randn_like(x)
+
+    def draw(self, sample) -> torch.Tensor:
+        """sample(count, generator) -> (count, ...): (batch, ...) of them, per window when keyed."""
+        if self.windows is not None:
+            return per_window(self.windows, lambda g: sample(1, g)[0])
+        return sample(self.batch, self.generator)
+
+    def coin(self) -> torch.Generator | None:
+        """The generator of a draw made once per step (self-conditioning's coin)."""
+        return self.keys.step_generator() if self.keys is not None else self.generator
+
+
+@dataclass
+class NoisedBatch:
+    """A batch as the loss sees it: the embeddings, x0 and x_t, the timesteps the denoiser reads
+    (t) and those drawn (one per window or per block: the second moment's units, with their
+    weights 1 / (T p(t)) under importance sampling), and a block run's layout."""
+    ids: torch.Tensor
+    emb: torch.Tensor
+    x0: torch.Tensor
+    t: torch.Tensor
+    drawn_t: torch.Tensor
+    weights: torch.Tensor | None
+    block_size: int | None
+    every_block: bool = False  # BD3-LM: every block noised at its own timestep
+    attend: torch.Tensor | None = None  # one block (SSD-LM): what each position may read
+    earlier: torch.Tensor | None = None  # one block: the finished blocks' positions (entered clean)
+    in_block: torch.Tensor | None = None  # one block: the positions the loss is taken over
+    noise: torch.Tensor | None = None
+    x_t: torch.Tensor | None = None
+
+    def pick(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> the positions the loss is taken over: all of them, or (B, block_size, ...)."""
+        if self.in_block is None:
+            return z
+        return z[self.in_block].view(z.shape[0], self.block_size, *z.shape[2:])
+
+    def position_weights(self) -> torch.Tensor | None:
+        """(B, positions the loss is taken over): each its window's or block's weight."""
+        if self.weights is None:
+            return None
+        units = self.weights.view(self.ids.shape[0], -1)
+        return units.repeat_interleave(self.pick(self.ids).shape[1] // units.shape[1], dim=1)
+
+    def per_unit(self, each: torch.Tensor) -> torch.Tensor:
+        """(B, positions) -> the mean over each window or block, (B * units,)."""
+        units = self.weights.view(self.ids.shape[0], -1)
+        return each.reshape(*units.shape, -1).mean(-1).flatten()
+
+
+@dataclass
+class LossTerms:
+    """What one prediction's terms give the loss (before the prior)."""
+    total: torch.Tensor
+    mse: torch.Tensor
+    rounding: torch.Tensor
+    decoded: torch.Tensor  # what the time warp decodes: the logits, or the predicted x0
+    unit_loss: torch.Tensor | None  # each window's or block's loss (importance sampling's measurement)
 
 
 def denoise_every_block(model, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, block_size: int) -> torch.Tensor:
