@@ -26,7 +26,7 @@ from dlm.core.config import load_config  # noqa: E402
 from dlm.core.data import epoch_windows, prepare_data  # noqa: E402
 from dlm.runs.build import build_objective, load_run, new_model  # noqa: E402
 from dlm.runs.sample import SampleOptions, generate  # noqa: E402
-from dlm.runs.train import build_optimizer, train_step  # noqa: E402
+from dlm.runs.state import build_optimizer, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ choice). What it measures, top to bottom:
 
 - ceiling: the best fp32 matmul GFLOP/s over several square sizes (best of repeats). This is
   what "100% MFU" means here. The bf16 ceiling is measured the same way, for precision: bf16.
-- train: tokens/s of the optimizer step of a state built by `dlm.runs.train.build_state` (the state
+- train: tokens/s of the optimizer step of a state built by `dlm.runs.state.build_state` (the state
   and step the training loop runs: loss, backward, clipping, AdamW, lr schedule, EMA) on real
   corpus windows and the real vocabulary, for params/default.yaml and params/seed.yaml, after
   warm-up steps; each preset in its own subprocess so its peak resident memory is its own (data,
@@ -70,7 +70,7 @@ from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import sample_chain
 from dlm.runs.build import build_diffusion
 from dlm.runs.sample import SampleOptions
-from dlm.runs.train import build_state
+from dlm.runs.state import build_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"

@@ -9,7 +9,8 @@ from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
 from dlm.core.runtime import autocast, pick_device, resolved_precision
 from dlm.runs.build import build_objective, load_run, new_model
 from dlm.runs.sample import SampleOptions, generate
-from dlm.runs.train import build_optimizer, train, train_step
+from dlm.runs.state import build_optimizer, train_step
+from dlm.runs.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 

@@ -20,7 +20,8 @@ from dlm.families.gaussian_model import DiffusionLM
 from dlm.runs.build import build_diffusion, load_run
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions, generate
-from dlm.runs.train import Interval, _train, build_state, steps_per_epoch, train
+from dlm.runs.state import build_state
+from dlm.runs.train import Interval, _train, steps_per_epoch, train
 
 from .conftest import ROOT
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dlm.runs.state as state_module
 import dlm.runs.train as train_module
 from dlm.cli import main
 from dlm.core.checkpoint import load_checkpoint
@@ -58,7 +59,7 @@ def cli_args(corpus, run, *extra):
 
 def interrupt_at(monkeypatch, step):
     """Ctrl-C as optimizer step `step` begins."""
-    real = train_module.train_step
+    real = state_module.train_step
 
     def stepping(*args, **kwargs):
         stepping.count += 1
@@ -67,7 +68,7 @@ def interrupt_at(monkeypatch, step):
         return real(*args, **kwargs)
 
     stepping.count = 0
-    monkeypatch.setattr(train_module, "train_step", stepping)
+    monkeypatch.setattr(state_module, "train_step", stepping)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,12 +381,12 @@ def test_a_failed_start_removes_the_folders_it_made_and_only_those(tmp_path, cor
 def poison(monkeypatch, step, what):
     """At optimizer step `step`: a NaN mse term (backpropagated, so the weights go NaN too), an inf
     prior term, or NaN weights behind finite losses."""
-    real = train_module.train_step
+    real = state_module.train_step
 
-    def stepping(model, diffusion, optimizer, ids, config, *args, **kwargs):
+    def stepping(model, objective, optimizer, ids, config, *args, **kwargs):
         stepping.count += 1
         if stepping.count == step and what in ("nan", "inf"):
-            real_losses = diffusion.training_losses
+            real_losses = objective.training_losses
 
             def broken(*a, **k):
                 result = real_losses(*a, **k)
@@ -394,19 +395,19 @@ def poison(monkeypatch, step, what):
                 result["total"] = result["total"] + result[term]
                 return result
 
-            diffusion.training_losses = broken
+            objective.training_losses = broken
             try:
-                return real(model, diffusion, optimizer, ids, config, *args, **kwargs)
+                return real(model, objective, optimizer, ids, config, *args, **kwargs)
             finally:
-                del diffusion.training_losses
-        result = real(model, diffusion, optimizer, ids, config, *args, **kwargs)
+                del objective.training_losses
+        result = real(model, objective, optimizer, ids, config, *args, **kwargs)
         if stepping.count == step:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return result
 
     stepping.count = 0
-    monkeypatch.setattr(train_module, "train_step", stepping)
+    monkeypatch.setattr(state_module, "train_step", stepping)
 
 
 @pytest.mark.parametrize("step, what, said", [

@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
-import dlm.runs.train as train_module
+import dlm.runs.state as state_module
 from dlm.cli import main
 from dlm.core.checkpoint import load_checkpoint
 from dlm.core.config import ConfigError
 from dlm.runs.cooldown import cooldown
 from dlm.runs.rundir import RunDir
-from dlm.runs.train import lr_factor, train
+from dlm.runs.state import lr_factor
+from dlm.runs.train import train
 
 TIMING = ("tokens_per_s", "elapsed_s")  # the only columns that differ between identical runs
 RESUME_KEYS = {"optimizer", "scheduler", "ema_n_averaged", "rng", "timestep_sampler", "interval"}
@@ -127,7 +128,7 @@ def test_a_cooldown_is_the_fresh_wsd_run_of_its_total(exact, tmp_path, sampling)
 def test_an_interrupted_cooldown_resumes_with_its_own_config(exact, long_run, tmp_path, monkeypatch, caplog):
     run, config = long_run
     fresh = train(config.replace(max_steps=35, lr_cooldown_steps=15), tmp_path / "fresh")
-    real = train_module.train_step
+    real = state_module.train_step
 
     def stepping(*args, **kwargs):  # Ctrl-C as the 4th step after the start (step 24) begins
         stepping.count += 1
@@ -136,7 +137,7 @@ def test_an_interrupted_cooldown_resumes_with_its_own_config(exact, long_run, tm
         return real(*args, **kwargs)
 
     stepping.count = 0
-    monkeypatch.setattr(train_module, "train_step", stepping)
+    monkeypatch.setattr(state_module, "train_step", stepping)
     caplog.set_level(logging.INFO, logger="dlm")
     with pytest.raises(KeyboardInterrupt):
         cooldown(run.epoch_checkpoint(2), tmp_path / "cooled", 15)
@@ -145,7 +146,7 @@ def test_an_interrupted_cooldown_resumes_with_its_own_config(exact, long_run, tm
 
     # once it kept a checkpoint, the folder is a run like any other: resumed with its own config.yaml
     stepping.count = -10  # the 14th step after the start (step 34), after the checkpoint at step 30
-    monkeypatch.setattr(train_module, "train_step", stepping)
+    monkeypatch.setattr(state_module, "train_step", stepping)
     cooled = RunDir(tmp_path / "cooled2")
     with pytest.raises(KeyboardInterrupt):
         cooldown(run.epoch_checkpoint(2), cooled.path, 15)

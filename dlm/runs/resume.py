@@ -1,12 +1,11 @@
 """Resuming a run exactly: what the checkpoints save of the training state (kept_payload for
 epoch_NNNN.pt, resume_payload for last.pt), which config keys a resume may change, and restoring
-last.pt into a freshly built state (dlm.runs.train.build_state)."""
+last.pt into a freshly built state (dlm.runs.state.build_state)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,9 +13,7 @@ from dlm.core.checkpoint import CheckpointError, save_checkpoint
 from dlm.core.config import Config, from_dict, section_keys
 from dlm.core.data import Tokenizer
 from dlm.runs.rundir import RunDir, RunExistsError
-
-if TYPE_CHECKING:
-    from dlm.runs.train import TrainState
+from dlm.runs.state import TrainState
 
 logger = logging.getLogger("dlm")
 

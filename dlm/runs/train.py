@@ -1,5 +1,5 @@
-"""Training in three stages: build the state (model, objective, AdamW with explicit parameter
-groups, warm-up + decay, EMA), resume it from last.pt, and the loop (clipping, metrics.csv,
+"""Training in three stages: build the state (dlm.runs.state: model, objective, AdamW with explicit
+parameter groups, warm-up + decay, EMA), resume it from last.pt, and the loop (clipping, metrics.csv,
 validation, scheduled atomic checkpoints) with its hooks. Resume is exact. What the checkpoints
 save and the resume itself are in dlm.runs.resume, metrics.csv in dlm.runs.metrics, the run folder's
 lock in dlm.runs.rundir."""
@@ -11,14 +11,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm  # a widget bar in JupyterLab, a text bar in a terminal
 
 from dlm import families
@@ -26,6 +22,7 @@ from dlm.core import data as dlm_data
 from dlm.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dlm.core.config import Config, save_config
 from dlm.core.data import (
+    CorpusData,
     Tokenizer,
     check_corpus,
     epoch_windows,
@@ -43,7 +40,6 @@ from dlm.core.runtime import (
     all_reduce_sum,
     autocast,
     barrier,
-    broadcast_float,
     check_global_batch,
     current_ranks,
     destroy_distributed,
@@ -51,9 +47,8 @@ from dlm.core.runtime import (
     pick_device,
     resolved_precision,
 )
-from dlm.families import family
 from dlm.runs import curves as tensorboard_curves
-from dlm.runs.build import LoadedRun, build_model, build_objective
+from dlm.runs.build import LoadedRun, build_model
 from dlm.runs.metrics import MetricsWriter
 from dlm.runs.provenance import invocation, record_invocation
 from dlm.runs.resume import (
@@ -67,6 +62,7 @@ from dlm.runs.resume import (
 )
 from dlm.runs.rundir import RunDir, RunExistsError, RunLock, listing
 from dlm.runs.sample import SampleOptions, generate
+from dlm.runs.state import TrainState, build_state
 
 logger = logging.getLogger("dlm")
 
@@ -85,94 +81,6 @@ class Diverged(Exception):
     def __init__(self, step: int, term: str, value: float):
         super().__init__(f"step {step}: {term} {value}")
         self.step, self.term, self.value = step, term, value
-
-
-def parameter_groups(model, config: Config) -> list[dict]:
-    """AdamW groups. By default weight decay only touches weight matrices: decaying the embedding
-    table pulls every row toward 0, one road to collapse; norms and biases should not shrink."""
-    table = model.embedding.weight
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad or param is table:
-            continue
-        is_matrix = param.ndim == 2 and name.endswith(".weight")
-        (decay if is_matrix or config.weight_decay_scope == "all" else no_decay).append(param)
-    table_decay = config.weight_decay if config.weight_decay_scope != "matrices" else 0.0
-    groups = [
-        {"name": "matrices", "params": decay, "weight_decay": config.weight_decay},
-        {"name": "norms+biases", "params": no_decay, "weight_decay": 0.0},
-    ]
-    if table.requires_grad:
-        groups.append({"name": "embedding", "params": [table], "weight_decay": table_decay,
-                       "lr": config.lr * config.embedding_lr_scale})
-    for group in groups:
-        group.setdefault("lr", config.lr)
-    return [g for g in groups if g["params"]]
-
-
-def cooldown_steps(config: Config, total_steps: int) -> int:
-    """The steps a wsd run's lr decays over: lr_cooldown_steps, else its fraction of the run (at least one)."""
-    if config.lr_cooldown_steps is not None:
-        return config.lr_cooldown_steps
-    return max(1, round(config.lr_cooldown_fraction * total_steps))
-
-
-def lr_factor(step: int, config: Config, total_steps: int) -> float:
-    """Linear warm-up, then linear / cosine decay to 10% (or constant); wsd: constant, then linear
-    to 0 over the cooldown's last steps (the warm-up wins where the two overlap)."""
-    if config.lr_decay == "wsd":
-        warm = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
-        return min(warm, max(0.0, (total_steps - step) / cooldown_steps(config, total_steps)))
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.lr_decay == "constant" or total_steps <= config.warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / (total_steps - config.warmup_steps))
-    if config.lr_decay == "cosine":
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - 0.9 * progress
-
-
-def build_optimizer(model, config: Config) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`, betas (0.9, 0.98)."""
-    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=(0.9, 0.98))
-
-
-class ObjectiveModule(nn.Module):
-    """The model and its objective as one module whose forward is the loss: what a distributed
-    run wraps in DistributedDataParallel (the objective calls the model's parts, not its forward)."""
-
-    def __init__(self, model: nn.Module, objective):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, ids: torch.Tensor, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
-        return self.objective.training_losses(self.model, ids, keys=keys)
-
-
-def train_step(model, diffusion, optimizer, ids: torch.Tensor, config: Config,
-               scheduler=None, ema=None, keys: WindowKeys | None = None, loss_module: nn.Module | None = None,
-               loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """One optimizer step on a batch of token ids: the loss, backward, clipping, AdamW, the lr
-    schedule and the EMA. Returns the loss terms (detached scalars). The training loop and
-    benchmarks/speed.py both call this, so the benchmark times exactly what training runs.
-
-    `keys` seed the batch's draws (see dlm.core.noise); `loss_module` is the distributed run's
-    DistributedDataParallel(ObjectiveModule), which averages the gradients over the processes;
-    `loss_scale` weighs a process's shard when the shards of a batch differ in size."""
-    with autocast(config.precision, ids.device):
-        losses = (loss_module(ids, keys) if loss_module is not None
-                  else diffusion.training_losses(model, ids, keys=keys))
-    optimizer.zero_grad(set_to_none=True)
-    (losses["total"] if loss_scale == 1.0 else losses["total"] * loss_scale).backward()
-    if config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    if ema is not None:
-        ema.update_parameters(model)
-    return {term: value.detach() for term, value in losses.items()}
 
 
 @torch.no_grad()
@@ -233,113 +141,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: the state. What one optimizer step needs and changes (what last.pt saves of it:
-# dlm.runs.resume).
-
-
-@dataclass
-class Pace:
-    """How long training runs: `total_steps`, or with a time budget as long as the clock allows.
-    The lr schedule decays towards `planned_steps`, which under a budget is re-estimated every step."""
-    total_steps: int
-    budget_s: float | None = None
-    first_step: int = 0  # where this invocation started (a resumed run starts later)
-    start: float = field(default_factory=time.perf_counter)
-    shared_elapsed: float | None = None  # a distributed run's clock: rank 0's, read at each step
-
-    def restart(self, step: int) -> None:
-        self.first_step, self.start = step, time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.shared_elapsed if self.shared_elapsed is not None else time.perf_counter() - self.start
-
-    def share_clock(self) -> None:
-        """Every process takes rank 0's elapsed time, so that under a time budget all of them plan
-        the same lr schedule and stop at the same step."""
-        self.shared_elapsed = broadcast_float(time.perf_counter() - self.start)
-
-    def out_of_time(self) -> bool:
-        return self.budget_s is not None and self.elapsed() >= self.budget_s
-
-    def seconds_left(self, current: int) -> float:
-        """What the budget leaves, or the remaining steps at this invocation's pace so far (the ETA)."""
-        if self.budget_s is not None:
-            return self.budget_s - self.elapsed()
-        return (self.total_steps - current) * self.elapsed() / max(1, current - self.first_step)
-
-    def planned_steps(self, current: int) -> int:
-        """The last step, or under a time budget the step the budget will reach at this
-        invocation's pace so far."""
-        if self.budget_s is None or current <= self.first_step:
-            return self.total_steps
-        elapsed = max(self.elapsed(), 1e-9)
-        return max(current + 1, self.first_step + round((current - self.first_step) * self.budget_s / elapsed))
-
-
-@dataclass
-class TrainState:
-    config: Config
-    model: nn.Module
-    objective: Any  # the family's loss: GaussianDiffusion, or next-token CE for model: ar
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    ema: AveragedModel | None
-    pace: Pace
-    step: int = 0
-    epoch: int = 0
-    ranks: Ranks = field(default_factory=Ranks)
-    loss_module: nn.Module | None = None  # a distributed run's DistributedDataParallel(ObjectiveModule)
-
-    @property
-    def timestep_sampler(self):
-        """The objective's measured timestep density (time_warp, timestep_sampling), checkpointed
-        with the run."""
-        return getattr(self.objective, "timestep_sampler", None)
-
-    @property
-    def eval_model(self) -> nn.Module:
-        """The EMA weights when there are any: what validation and sampling use."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def train_on(self, ids: torch.Tensor, first: int = 0, batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """One optimizer step (train_step), counted, on a batch or, in a distributed run, on this
-        process's shard of it: the windows first .. first + len(ids) of a global batch of `batch_size`."""
-        batch_size = batch_size or len(ids)
-        keys = WindowKeys.batch(self.config.seed, self.step, len(ids), first)
-        losses = train_step(self.model, self.objective, self.optimizer, ids, self.config, self.scheduler, self.ema,
-                            keys=keys, loss_module=self.loss_module,
-                            loss_scale=len(ids) * self.ranks.world_size / batch_size)
-        self.step += 1
-        return losses
-
-    def distribute(self, device: torch.device) -> None:
-        """Wrap the model and objective in DistributedDataParallel (after a resume has loaded the
-        weights; it starts every process from rank 0's). The state's model stays the plain one:
-        checkpoints hold its state_dict, without DDP's `module.` prefixes."""
-        if self.ranks.distributed:
-            self.loss_module = DistributedDataParallel(
-                ObjectiveModule(self.model, self.objective),
-                device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def build_state(config: Config, model: nn.Module, total_steps: int) -> TrainState:
-    """Around a model (already on its device): the family's objective, AdamW over the parameter
-    groups, the lr schedule, the EMA copy, torch.compile when asked. train() and
-    benchmarks/speed.py both build their state here."""
-    objective = build_objective(config)
-    optimizer = build_optimizer(model, config)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
-           if config.ema_decay > 0 else None)
-    if config.compile:
-        family(config.model).trunk(model).compile()  # in place: parameter names and checkpoints stay the same
-    pace = Pace(total_steps, config.max_train_seconds)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, pace.planned_steps(s)))
-    return TrainState(config, model, objective, optimizer, scheduler, ema, pace)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 2, resume: dlm.runs.resume (resumed_config, restore).
-# Stage 3: the loop, and what it calls besides the optimizer step.
+# Stage 1, the state: dlm.runs.state (build_state). Stage 2, resume: dlm.runs.resume (resumed_config,
+# restore). Stage 3: the loop, and what it calls besides the optimizer step.
 
 
 class RunHooks:
@@ -347,7 +150,7 @@ class RunHooks:
     validation at each epoch end, the kept checkpoints, last.pt and best.pt (the state of the
     lowest validation loss), and TensorBoard's curves when the run asks for them."""
 
-    def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter,
+    def __init__(self, run: RunDir, tokenizer: Tokenizer, val_windows: torch.Tensor, metrics: MetricsWriter, *,
                  saved: dict | None = None, curves: tensorboard_curves.Curves | None = None,
                  on_metrics: Callable[[dict], None] | None = None, corpus_sha256: str | None = None):
         self.run, self.tokenizer, self.val_windows, self.metrics = run, tokenizer, val_windows, metrics
@@ -660,13 +463,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, rebuild_met
     ranks, device = init_distributed(device)  # torchrun's processes: join the group (waits for all)
     try:
         if not ranks.is_main:  # rank 0 writes the run folder and holds its lock for all of them
-            return _train(config, run, resume, device, ranks, rebuild_metrics, None, accept_corpus_change, start)
+            return _train(config, run, resume, device, ranks, rebuild_metrics=rebuild_metrics,
+                          accept_corpus_change=accept_corpus_change, start=start)
         made = make_folders(run.path)  # what this process makes, not another one starting on the same folder
         with RunLock(run):
             try:
                 remove_leftovers(run)
-                result = _train(config, run, resume, device, ranks, rebuild_metrics, on_metrics,
-                                accept_corpus_change, start)
+                result = _train(config, run, resume, device, ranks, rebuild_metrics=rebuild_metrics,
+                                on_metrics=on_metrics, accept_corpus_change=accept_corpus_change, start=start)
             except BaseException:
                 remove_if_unused(run, made)  # under the lock: no other trainer is using the folder
                 raise
@@ -701,26 +505,48 @@ def remove_if_unused(run: RunDir, made: list[Path]) -> None:
             folder.rmdir()
 
 
-def starting_point(config: Config, run: RunDir, resume: bool, start: Start | None) -> tuple[dict | None, str, Config]:
-    """What a run folder trains from: (checkpoint payload or None, mode, config). The mode is fresh
-    (a new or empty folder), restarted (a run dlm started that stopped before its first checkpoint),
-    resume (its last.pt, under the saved recipe) or cooldown (another run's checkpoint, `start`, into
-    a new or empty folder). Anything else in the folder is never overwritten: RunExistsError."""
+@dataclass
+class Origin:
+    """What a run folder trains from (starting_point): its mode, the config it trains under, and
+    the checkpoint payload it starts from (none when fresh or restarted)."""
+    mode: str  # fresh, restarted, resume or cooldown
+    config: Config
+    payload: dict | None = None
+    start: Start | None = None  # cooldown: the other run's checkpoint
+
+    @property
+    def resumed(self) -> bool:
+        return self.mode == "resume"
+
+    def checkpoint(self, run: RunDir) -> Path:
+        """Where the payload was read."""
+        return self.start.checkpoint if self.start is not None else run.last_checkpoint
+
+    def tokenizer_folder(self, run: RunDir) -> Path:
+        """The run folder whose tokenizer the payload's vocabulary names."""
+        return self.start.run_path if self.start is not None else run.path
+
+
+def starting_point(config: Config, run: RunDir, resume: bool, start: Start | None) -> Origin:
+    """What a run folder trains from. The mode is fresh (a new or empty folder), restarted (a run
+    dlm started that stopped before its first checkpoint), resume (its last.pt, under the saved
+    recipe) or cooldown (another run's checkpoint, `start`, into a new or empty folder). Anything
+    else in the folder is never overwritten: RunExistsError."""
     if start is not None:
         if run.entries():
             raise RunExistsError(f"'{run.path}' is not empty: choose a new run folder to start from "
                                  f"'{start.checkpoint}'.")
-        return start.payload, "cooldown", config
+        return Origin("cooldown", config, start.payload, start)
     if run.started_without_checkpoint():
         # killed (or --epochs 0) before its first checkpoint: nothing to resume, nothing to keep
         logger.info("'%s' holds no checkpoint (its run stopped before the first epoch end): starting it afresh, "
                     "metrics.csv rewritten", run.path)
-        return None, "restarted", config
+        return Origin("restarted", config)
     if resume and run.has_checkpoint():
         payload = load_checkpoint(run.last_checkpoint, instead=(
             "dlm train resumes from last.pt alone (the kept epoch_*.pt hold no optimizer state): restore it from a "
             "copy, or train the run again in a new folder; dlm sample --checkpoint FILE still samples a kept one."))
-        return payload, "resume", resumed_config(config, payload["config"], run)
+        return Origin("resume", resumed_config(config, payload["config"], run), payload)
     if run.has_checkpoint():
         raise RunExistsError(
             f"'{run.path}' already holds a run. Continue it (--resume on the command line, resume=True in "
@@ -728,13 +554,14 @@ def starting_point(config: Config, run: RunDir, resume: bool, start: Start | Non
         )
     if run.entries():
         raise RunExistsError(not_a_run_message(run))
-    return None, "fresh", config
+    return Origin("fresh", config)
 
 
-def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks,
+def _train(config: Config, run: RunDir, resume: bool, device: torch.device, ranks: Ranks, *,
            rebuild_metrics: bool = False, on_metrics: Callable[[dict], None] | None = None,
            accept_corpus_change: bool = False, start: Start | None = None) -> TrainResult:
-    payload, mode, config = starting_point(config, run, resume, start)
+    origin = starting_point(config, run, resume, start)
+    config = origin.config
     check_global_batch(config.batch_size, ranks.world_size)
     if not ranks.is_main:
         logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
@@ -745,63 +572,18 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
-    # a resumed run reads its tokenizer back (a BPE run's tokenizer.json is never trained again)
-    data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
-                        saved_tokenizer(payload["vocab"], start.run_path if start else run.path) if payload else None,
-                        config.max_train_tokens,
-                        config.bpe_vocab_size)
-    if payload:  # before anything is written: a resume trains on the text the run was trained on
-        check_corpus(data, config.corpus, payload.get("corpus_sha256"), run.path, accept_corpus_change)
+    data = training_data(origin, run, accept_corpus_change)
     epoch_size = windows_per_epoch(len(data.train_ids), config.seq_len)
     epoch_steps = steps_per_epoch(epoch_size, config.batch_size, ranks.world_size)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
-    state = build_state(config, build_model(config, data.tokenizer).to(device), total_steps)
-    state.ranks = ranks
-    if payload:
-        restore(state, payload, start.checkpoint if start else run.last_checkpoint)
-    if mode == "resume" and ranks.is_main:  # a kept checkpoint is due at every checkpoint_every-th epoch and at the end
-        write_missing_kept_checkpoint(run, payload, state.epoch % config.checkpoint_every == 0
-                                      or state.step >= total_steps)
-    if mode != "resume" and ranks.is_main:
-        save_config(config, run.config)
-        data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
-    state.distribute(device)
+    state = starting_state(origin, run, data, device, ranks, total_steps)
     val_windows = fixed_windows(data.val_ids, config.seq_len)
     if ranks.is_main:
-        terms = tuple(state.objective.terms)
-        metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
-                                 rebuild=rebuild_metrics, terms=terms) if mode == "resume"
-                   else MetricsWriter(run.metrics, fresh=mode == "restarted", terms=terms))
-        # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
-        curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
-        hooks = RunHooks(run, data.tokenizer, val_windows, metrics, payload if mode == "resume" else None, curves,
-                         on_metrics, data.sha256)
-        if mode == "resume":
-            hooks.keep_best_whole(payload)
-        if start is not None:  # the log interval goes on from the start (the checkpoints and best are this folder's)
-            hooks.saved_interval = payload.get("interval")
-        record_invocation(run.provenance, invocation(
-            config.to_dict(), mode=mode, step=state.step, device=str(device),
-            precision=resolved_precision(config.precision, device), processes=ranks.world_size,
-            corpus={"path": str(data.path), "sha256": data.sha256},
-            start=None if start is None else {"checkpoint": str(start.checkpoint), "step": start.payload["step"],
-                                              "changed": start.changed}),
-            keep_earlier=mode == "resume")
+        hooks = run_hooks(state, origin, run, data, val_windows, device, rebuild_metrics=rebuild_metrics,
+                          on_metrics=on_metrics)
     else:
         hooks = WorkerHooks(val_windows)
-
-    n_params = sum(p.numel() for p in state.model.parameters())
-    if ranks.distributed:
-        logger.info("distributed: %d processes (%s), %d windows of each batch of %d on each", ranks.world_size,
-                    torch.distributed.get_backend(), config.batch_size // ranks.world_size, config.batch_size)
-    logger.info("device %s (%s) | vocab %d | %d train windows/epoch | %d steps/epoch | %s | %.2fM params",
-                device, resolved_precision(config.precision, device), len(data.tokenizer), epoch_size, epoch_steps,
-                f"{total_steps} steps total" if config.max_train_seconds is None
-                else f"{config.max_train_seconds:g} s of training", n_params / 1e6)
-    for group in state.optimizer.param_groups:
-        logger.info("  param group %-12s %8d params, weight_decay %g, peak lr %g", group["name"],
-                    sum(p.numel() for p in group["params"]), group["weight_decay"], group["initial_lr"])
-
+    log_start(state, data, device, epoch_size, epoch_steps)
     try:
         row = run_loop(state, data.train_ids, hooks)
     except Diverged as blew_up:
@@ -814,6 +596,83 @@ def _train(config: Config, run: RunDir, resume: bool, device: torch.device, rank
         if hooks.curves is not None:
             hooks.curves.close()
     return TrainResult(run.path, state.step, state.epoch, row, state.pace.elapsed())
+
+
+def training_data(origin: Origin, run: RunDir, accept_corpus_change: bool) -> CorpusData:
+    """The corpus, split and tokenized. A run that goes on from a checkpoint reads its tokenizer back
+    (a BPE run's tokenizer.json is never trained again), and is refused a corpus that is not the text
+    it was trained on, before anything is written (unless `accept_corpus_change`)."""
+    config, payload = origin.config, origin.payload
+    data = prepare_data(config.corpus, config.tokenizer, config.min_count, config.lowercase,
+                        saved_tokenizer(payload["vocab"], origin.tokenizer_folder(run)) if payload else None,
+                        config.max_train_tokens,
+                        config.bpe_vocab_size)
+    if payload:
+        check_corpus(data, config.corpus, payload.get("corpus_sha256"), run.path, accept_corpus_change)
+    return data
+
+
+def starting_state(origin: Origin, run: RunDir, data: CorpusData, device: torch.device, ranks: Ranks,
+                   total_steps: int) -> TrainState:
+    """The state built on the device and restored from the origin's checkpoint; rank 0 writes what
+    the run folder lacks (a resumed run's due kept checkpoint, a new run's config and tokenizer)."""
+    config, payload = origin.config, origin.payload
+    state = build_state(config, build_model(config, data.tokenizer).to(device), total_steps)
+    state.ranks = ranks
+    if payload:
+        restore(state, payload, origin.checkpoint(run))
+    if origin.resumed and ranks.is_main:  # a kept checkpoint is due at every checkpoint_every-th epoch and at the end
+        write_missing_kept_checkpoint(run, payload, state.epoch % config.checkpoint_every == 0
+                                      or state.step >= total_steps)
+    if not origin.resumed and ranks.is_main:
+        save_config(config, run.config)
+        data.tokenizer.save(run.path / tokenizer_file_name(data.tokenizer))
+    state.distribute(device)
+    return state
+
+
+def run_hooks(state: TrainState, origin: Origin, run: RunDir, data: CorpusData, val_windows: torch.Tensor,
+              device: torch.device, *, rebuild_metrics: bool = False,
+              on_metrics: Callable[[dict], None] | None = None) -> RunHooks:
+    """Rank 0's hooks: metrics.csv (a resume keeps the rows last.pt recorded), TensorBoard's curves
+    when asked, and this invocation recorded in provenance.json."""
+    config, payload, start = origin.config, origin.payload, origin.start
+    terms = tuple(state.objective.terms)
+    metrics = (MetricsWriter(run.metrics, keep_until_step=state.step, recorded=payload.get("metrics"),
+                             rebuild=rebuild_metrics, terms=terms) if origin.resumed
+               else MetricsWriter(run.metrics, fresh=origin.mode == "restarted", terms=terms))
+    # purge_step: TensorBoard drops an earlier invocation's points from here on (trained again now)
+    curves = tensorboard_curves.Curves(run.path, purge_step=state.step) if config.tensorboard else None
+    hooks = RunHooks(run, data.tokenizer, val_windows, metrics, saved=payload if origin.resumed else None,
+                     curves=curves, on_metrics=on_metrics, corpus_sha256=data.sha256)
+    if origin.resumed:
+        hooks.keep_best_whole(payload)
+    if start is not None:  # the log interval goes on from the start (the checkpoints and best are this folder's)
+        hooks.saved_interval = payload.get("interval")
+    record_invocation(run.provenance, invocation(
+        config.to_dict(), mode=origin.mode, step=state.step, device=str(device),
+        precision=resolved_precision(config.precision, device), processes=state.ranks.world_size,
+        corpus={"path": str(data.path), "sha256": data.sha256},
+        start=None if start is None else {"checkpoint": str(start.checkpoint), "step": start.payload["step"],
+                                          "changed": start.changed}),
+        keep_earlier=origin.resumed)
+    return hooks
+
+
+def log_start(state: TrainState, data: CorpusData, device: torch.device, epoch_size: int, epoch_steps: int) -> None:
+    """The run's opening log lines: processes, device, sizes, budget, parameter groups."""
+    config, ranks = state.config, state.ranks
+    n_params = sum(p.numel() for p in state.model.parameters())
+    if ranks.distributed:
+        logger.info("distributed: %d processes (%s), %d windows of each batch of %d on each", ranks.world_size,
+                    torch.distributed.get_backend(), config.batch_size // ranks.world_size, config.batch_size)
+    logger.info("device %s (%s) | vocab %d | %d train windows/epoch | %d steps/epoch | %s | %.2fM params",
+                device, resolved_precision(config.precision, device), len(data.tokenizer), epoch_size, epoch_steps,
+                f"{state.pace.total_steps} steps total" if config.max_train_seconds is None
+                else f"{config.max_train_seconds:g} s of training", n_params / 1e6)
+    for group in state.optimizer.param_groups:
+        logger.info("  param group %-12s %8d params, weight_decay %g, peak lr %g", group["name"],
+                    sum(p.numel() for p in group["params"]), group["weight_decay"], group["initial_lr"])
 
 
 def not_a_run_message(run: RunDir) -> str:
