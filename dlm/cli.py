@@ -64,7 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Diffusion-LM workbench on tiny_shakespeare.",
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
+    add_train_parsers(commands)
+    add_cooldown_parser(commands)
+    add_evaluate_parser(commands)
+    add_calibrate_parser(commands)
+    add_sample_parser(commands)
+    add_stats_parser(commands)
+    add_report_parser(commands)
+    add_infill_parser(commands)
+    add_control_commands(commands)
+    return parser
 
+
+def add_train_parsers(commands) -> None:
+    """dlm train and dlm train-ar: the same options, the preset says the family."""
     for name, help_text in (("train", "train a run from a YAML preset"),
                             ("train-ar", "train the autoregressive baseline (model: ar) from a YAML preset")):
         train_parser = commands.add_parser(name, help=help_text, allow_abbrev=False)
@@ -80,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_corpus_change_option(train_parser)
         add_config_options(train_parser)
 
+
+def add_cooldown_parser(commands) -> None:
     cooldown_parser = commands.add_parser(
         "cooldown", allow_abbrev=False,
         help="cool a kept checkpoint of a wsd run (--lr_decay wsd) down into a new run folder: K more steps, the lr "
@@ -91,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="steps trained from the checkpoint while the lr decays to 0")
     add_config_options(cooldown_parser)  # only what a run records and how it executes (dlm.runs.cooldown)
 
+
+def add_evaluate_parser(commands) -> None:
     evaluate_parser = commands.add_parser(
         "evaluate", help="score samples against held-out text and an AR teacher, or (--nll) a run's likelihood bound",
         allow_abbrev=False)
@@ -127,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "whose argmax is above held-out entropy with one at its entropy")
     add_corpus_change_option(evaluate_parser)
 
+
+def add_calibrate_parser(commands) -> None:
     calibrate_parser = commands.add_parser(
         "calibrate", allow_abbrev=False,
         help="find the final-token temperature that puts a run's samples at held-out text's unigram entropy; "
@@ -142,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="use the EMA weights when the checkpoint has them")
     calibrate_parser.add_argument("--device", default="auto")
 
+
+def add_sample_parser(commands) -> None:
     sample_parser = commands.add_parser("sample", help="sample text from a trained run", allow_abbrev=False)
     sample_parser.add_argument("--run_dir", required=True)
     sample_parser.add_argument("--checkpoint", help="a checkpoint file, or 'best' (checkpoints/best.pt: the lowest "
@@ -178,12 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--device", default="auto")
     sample_parser.add_argument("--out", required=True, help="FILE.jsonl (a .txt is written beside it)")
 
+
+def add_stats_parser(commands) -> None:
     stats_parser = commands.add_parser("stats", help="token-distribution stats of samples vs held-out text")
     stats_parser.add_argument("--samples", required=True, help="a .jsonl written by dlm sample")
     stats_parser.add_argument("--run_dir", required=True, help="the run whose corpus and vocabulary to compare with")
     stats_parser.add_argument("--json", help="also write the numbers to this file")
     add_corpus_change_option(stats_parser)
 
+
+def add_report_parser(commands) -> None:
     report_parser = commands.add_parser(
         "report", help="run the train, sample and collapse-analysis notebooks into reports/NAME/ with HTML pages",
         allow_abbrev=False)
@@ -196,9 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("--param", action="append", default=[], metavar="NOTEBOOK.KEY=VALUE",
                                help="a notebook parameter, e.g. sample.num_samples=200 or collapse_analysis.steps=200 "
                                     "(repeatable; the value is read as YAML)")
-    add_infill_parser(commands)
-    add_control_commands(commands)
-    return parser
 
 
 def add_infill_parser(commands) -> None:
