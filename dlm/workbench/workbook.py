@@ -32,6 +32,7 @@ import sys
 import time
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -1047,20 +1048,34 @@ def _link_checkpoints_copy_the_rest(source: str, target: str) -> None:
     shutil.copy2(source, target)
 
 
-def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports",
-                 show_code: bool = False, overwrite: bool = False,
-                 parameters: Mapping[str, Mapping[str, Any]] | None = None,
-                 kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
-    """Run the notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them: train,
-    sample, collapse_analysis, and control when the preset, or a --param train.control_tasks over it,
-    names control tasks.
+@dataclass
+class ReportPlan:
+    """A report checked before anything is written: the preset and the config its train notebook
+    trains (with --param train.KEY overrides), the notebook parameters given, and the shipped code
+    each notebook runs (its digest, recorded in report.json)."""
+    params: Path
+    name: str
+    config: Any  # dlm.core.config.Config
+    extra: dict[str, dict[str, Any]]
+    ran: dict[str, str]
+    from_run: str | Path | None = None
 
-    `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
-    `from_run` starts the report from a run already trained on that preset (it is linked into
-    NAME/run and the train notebook resumes it: nothing left to train, only its pages to draw).
-    `echo` streams what each notebook prints (training log lines with ETA) to the terminal.
-    Returns the report folder; raises NotebookFailed when a notebook fails.
-    """
+    def pages(self) -> tuple[list[str], dict[str, str]]:
+        """The notebooks the report runs, and for each page the run's family cannot show, the
+        line saying so (the report leaves it out)."""
+        config = self.config
+        notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
+        not_available = {nb: families.not_available(config.model, f"The {TITLES[nb]} page", PAGE_NEEDS[nb])
+                         for nb in notebooks if nb in PAGE_NEEDS and not families.supports(config.model, PAGE_NEEDS[nb])}
+        return [nb for nb in notebooks if nb not in not_available], not_available
+
+
+def plan_report(params: str | Path, name: str | None = None,
+                parameters: Mapping[str, Mapping[str, Any]] | None = None,
+                from_run: str | Path | None = None) -> ReportPlan:
+    """Every check a report makes before it writes anything (ReportError): the run to start from,
+    the preset, the name, the notebook parameters, the notebooks as shipped, the family's keys and
+    sampler options."""
     params = Path(params)
     if from_run is not None and not RunDir(from_run).last_checkpoint.is_file():
         raise ReportError(f"--from_run '{from_run}' holds no trained run (no checkpoints/last.pt); train it with dlm train.")
@@ -1091,88 +1106,140 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                 families.check_sample_options(config.model, {option: value},
                                               flag=lambda _, given=f"--param {notebook}.{key}": given)
     check_report_values(config, extra, from_run)
+    return ReportPlan(params, name, config, extra, ran, from_run)
+
+
+def build_report(params: str | Path, name: str | None = None, reports_dir: str | Path = "reports", *,
+                 show_code: bool = False, overwrite: bool = False,
+                 parameters: Mapping[str, Mapping[str, Any]] | None = None,
+                 kernel_name: str | None = None, from_run: str | Path | None = None, echo: bool = True) -> Path:
+    """Run the notebooks on the preset `params` into REPORTS_DIR/NAME/ and export them: train,
+    sample, collapse_analysis, and control when the preset, or a --param train.control_tasks over it,
+    names control tasks.
+
+    `parameters` adds notebook parameters per notebook, e.g. {"sample": {"num_samples": 8}}.
+    `from_run` starts the report from a run already trained on that preset (it is linked into
+    NAME/run and the train notebook resumes it: nothing left to train, only its pages to draw).
+    `echo` streams what each notebook prints (training log lines with ETA) to the terminal.
+    Returns the report folder; raises NotebookFailed when a notebook fails.
+    """
+    plan = plan_report(params, name, parameters, from_run)
     reports_dir = Path(reports_dir)
-    report_dir = reports_dir / name
+    report_dir = reports_dir / plan.name
     check_report_destination(report_dir, overwrite, from_run)  # refused before even the lock file is made
     with report_lock(report_dir):  # before --overwrite deletes anything: one writer per report
         if check_report_destination(report_dir, overwrite, from_run):
             shutil.rmtree(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         # marked as a report at once: a later --overwrite may replace it even if the copy below fails
-        _write_report_json(report_dir, {"name": name, "params": str(params), "status": "starting", "pages": {},
-                                        "created": datetime.datetime.now().isoformat(timespec="seconds")})
+        _write_report_json(report_dir, {"name": plan.name, "params": str(plan.params), "status": "starting",
+                                        "pages": {}, "created": datetime.datetime.now().isoformat(timespec="seconds")})
         if from_run is not None:
             shutil.copytree(from_run, report_dir / "run", copy_function=_link_checkpoints_copy_the_rest)
-        cwd = Path.cwd()  # the kernels start here, so relative paths inside the preset mean what they do for dlm train
-        run_dir = path_for_kernel(report_dir / "run", cwd)
+        chain = ReportChain(plan, report_dir, show_code=show_code, kernel_name=kernel_name, echo=echo)
+        return chain.run()
+
+
+@dataclass
+class ReportChain:
+    """One report's notebooks run in turn into its folder, report.json kept up to date as they go."""
+    plan: ReportPlan
+    report_dir: Path
+    show_code: bool = False
+    kernel_name: str | None = None
+    echo: bool = True
+    # the kernels start here, so relative paths inside the preset mean what they do for dlm train
+    cwd: Path = field(default_factory=Path.cwd)
+    report: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+
+    def parameters(self, notebook: str) -> dict[str, Any]:
+        """What the chain gives `notebook` (the report's own copy of the run), then its --param."""
+        plan = self.plan
+        run_dir = path_for_kernel(self.report_dir / "run", self.cwd)
         chain = {
-            "train": {"params": path_for_kernel(params, cwd), "run_dir": run_dir, **({"resume": True} if from_run else {})},
+            "train": {"params": path_for_kernel(plan.params, self.cwd), "run_dir": run_dir,
+                      **({"resume": True} if plan.from_run else {})},
             "sample": {"run_dir": run_dir, "overwrite": True},  # the report's own copy of the run
             "collapse_analysis": {"run_dir": run_dir},
-            "control": {"run_dir": run_dir, "task": config.control_tasks},
+            "control": {"run_dir": run_dir, "task": plan.config.control_tasks},
         }
-        notebooks = [nb for nb in NOTEBOOKS if nb != "control" or config.control_tasks]
+        return {**chain[notebook], **plan.extra.get(notebook, {})}
+
+    def run(self) -> Path:
+        """Every page in turn; the report folder, or NotebookFailed, ChainFailed, ReportInterrupted."""
+        plan = self.plan
         # a page whose analyses the run's family lacks is left out, and the report says so
-        not_available = {nb: families.not_available(config.model, f"The {TITLES[nb]} page", PAGE_NEEDS[nb]) for nb in notebooks
-                         if nb in PAGE_NEEDS and not families.supports(config.model, PAGE_NEEDS[nb])}
-        notebooks = [nb for nb in notebooks if nb not in not_available]
-        report: dict[str, Any] = {"name": name, "params": str(params), "status": "running",
-                                  "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                                  "pages": {}, "notebook_s": {}, "numbers": {}, "not_available": not_available,
-                                  "notebooks": ran,
-                                  "provenance": {**environment(), "run": []}}
+        notebooks, not_available = plan.pages()
+        self.report = {"name": plan.name, "params": str(plan.params), "status": "running",
+                       "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                       "pages": {}, "notebook_s": {}, "numbers": {}, "not_available": not_available,
+                       "notebooks": plan.ran,
+                       "provenance": {**environment(), "run": []}}
         for line in not_available.values():
             logger.info("%s", line)
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         for notebook in notebooks:
-            executed = report_dir / f"{notebook}.ipynb"
-            report["status"] = f"running {notebook}"
-            _write_report_json(report_dir, report)
-            logger.info("%s.ipynb: running -> %s", notebook, executed)
-            began = time.perf_counter()
-            try:
-                execute(path_for_kernel(source / f"{notebook}.ipynb", cwd), executed,
-                        {**chain[notebook], **extra.get(notebook, {})},
-                        cwd=cwd, kernel_name=kernel_name, echo=echo)
-            except KeyboardInterrupt:
-                stop_kernels()
-                _record_interrupt(report, report_dir, notebook, started, began)
-                raise ReportInterrupted(f"interrupted in {notebook}.ipynb: what the report wrote is kept in "
-                                        f"{report_dir} (report.json says 'interrupted'); --overwrite starts it "
-                                        f"again.") from None
-            except Exception as error:
-                from papermill.exceptions import PapermillExecutionError
-
-                page = None
-                if isinstance(error, PapermillExecutionError) and executed.is_file():
-                    page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]} (failed)")
-                    report["pages"][notebook] = page.name
-                if isinstance(error, PapermillExecutionError):
-                    failure = NotebookFailed(notebook, error, executed, page, report_dir)
-                    summary = failure.summary()
-                else:  # the kernel died or could not start, a cell timed out, ...
-                    failure = ChainFailed(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
-                                          f"What earlier steps wrote is kept in {report_dir}.")
-                    summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
-                report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - started, 1),
-                              numbers=run_numbers(report_dir / "run"))
-                report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
-                report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
-                _write_report_json(report_dir, report)
-                write_index(reports_dir)
-                raise failure from error
-            page = export_html(executed, show_code=show_code, title=f"{name}: {TITLES[notebook]}")
-            report["pages"][notebook] = page.name
-            report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
-            logger.info("%s.ipynb: done in %.0fs -> %s", notebook, report["notebook_s"][notebook], page)
-        report.update(status="complete", wall_s=round(time.perf_counter() - started, 1),
-                      numbers=run_numbers(report_dir / "run"))
+            self.run_notebook(notebook)
+        report = self.report
+        report.update(status="complete", wall_s=round(time.perf_counter() - self.started, 1),
+                      numbers=run_numbers(self.report_dir / "run"))
         # where the code came from (at report start) and each training invocation's resolved settings
-        report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
+        report["provenance"]["run"] = read_provenance(RunDir(self.report_dir / "run").provenance)
+        _write_report_json(self.report_dir, report)
+        index = write_index(self.report_dir.parent)
+        logger.info("report %s complete in %.0fs -> %s (index: %s)", plan.name, report["wall_s"], self.report_dir, index)
+        return self.report_dir
+
+    def run_notebook(self, notebook: str) -> None:
+        """Execute one notebook into the report folder and export its page."""
+        report, report_dir = self.report, self.report_dir
+        executed = report_dir / f"{notebook}.ipynb"
+        report["status"] = f"running {notebook}"
         _write_report_json(report_dir, report)
-        index = write_index(reports_dir)
-        logger.info("report %s complete in %.0fs -> %s (index: %s)", name, report["wall_s"], report_dir, index)
-        return report_dir
+        logger.info("%s.ipynb: running -> %s", notebook, executed)
+        began = time.perf_counter()
+        try:
+            execute(path_for_kernel(notebooks_dir() / f"{notebook}.ipynb", self.cwd), executed,
+                    self.parameters(notebook), cwd=self.cwd, kernel_name=self.kernel_name, echo=self.echo)
+        except KeyboardInterrupt:
+            stop_kernels()
+            _record_interrupt(report, report_dir, notebook, self.started, began)
+            raise ReportInterrupted(f"interrupted in {notebook}.ipynb: what the report wrote is kept in "
+                                    f"{report_dir} (report.json says 'interrupted'); --overwrite starts it "
+                                    f"again.") from None
+        except Exception as error:
+            raise self.failed(notebook, error, began) from error
+        page = export_html(executed, show_code=self.show_code, title=f"{self.plan.name}: {TITLES[notebook]}")
+        report["pages"][notebook] = page.name
+        report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+        logger.info("%s.ipynb: done in %.0fs -> %s", notebook, report["notebook_s"][notebook], page)
+
+    def failed(self, notebook: str, error: Exception, began: float) -> ChainFailed:
+        """report.json and the index after `notebook` failed (its page exported when papermill ran
+        it), and the error to raise."""
+        from papermill.exceptions import PapermillExecutionError
+
+        report, report_dir = self.report, self.report_dir
+        executed = report_dir / f"{notebook}.ipynb"
+        page = None
+        if isinstance(error, PapermillExecutionError) and executed.is_file():
+            page = export_html(executed, show_code=self.show_code, title=f"{self.plan.name}: {TITLES[notebook]} (failed)")
+            report["pages"][notebook] = page.name
+        if isinstance(error, PapermillExecutionError):
+            failure = NotebookFailed(notebook, error, executed, page, report_dir)
+            summary = failure.summary()
+        else:  # the kernel died or could not start, a cell timed out, ...
+            failure = ChainFailed(f"{notebook}.ipynb could not run: {type(error).__name__}: {error}. "
+                                  f"What earlier steps wrote is kept in {report_dir}.")
+            summary = {"notebook": notebook, "cell": None, "error": f"{type(error).__name__}: {error}"}
+        report.update(status="failed", failure=summary, wall_s=round(time.perf_counter() - self.started, 1),
+                      numbers=run_numbers(report_dir / "run"))
+        report["provenance"]["run"] = read_provenance(RunDir(report_dir / "run").provenance)
+        report["notebook_s"][notebook] = round(time.perf_counter() - began, 1)
+        _write_report_json(report_dir, report)
+        write_index(report_dir.parent)
+        return failure
 
 
 def report_size(report_dir: str | Path, include_checkpoints: bool = True) -> int:
