@@ -149,7 +149,7 @@ def _range(css_class: str, last: int, name: str) -> str:
             f'aria-label="{html.escape(name, quote=True)}">')
 
 
-def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+def slider_html(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,), *,
                 total_steps: int | None = None, joined_as_is: bool = False, labels: Sequence[str] | None = None,
                 note: str = STEP_NOTE, name: str = "sampling step", blocks: int | None = None) -> str:
     """The offline slider: an <input type=range> over pre-rendered frames, shown by a few lines of
@@ -191,7 +191,7 @@ class StepViewer:
     the same pre-rendered frames (a block run: a block slider, then a step slider over that block's
     frames). A plain observer, so it needs no `interact` machinery."""
 
-    def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+    def __init__(self, frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,), *,
                  total_steps: int | None = None, joined_as_is: bool = False, labels: Sequence[str] | None = None,
                  name: str = "step", blocks: int | None = None):
         import ipywidgets as widgets
@@ -243,24 +243,25 @@ class StepViewer:
         self.text.value = self.rendered[frame]
 
 
-def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+def step_slider_bundle(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,), *,
                        total_steps: int | None = None, live: bool = True, joined_as_is: bool = False,
                        labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step",
                        blocks: int | None = None) -> dict:
     """A display bundle with the offline slider as text/html and, when `live`, the ipywidgets
     slider's view: JupyterLab prefers the widget, an exported report falls back to the HTML.
     labels, note, name: see `slider_html` (frames that are not sampling steps); blocks: a block run's."""
-    bundle = {"text/html": slider_html(frames, itos, samples, total_steps, joined_as_is, labels, note, name, blocks),
+    shown = {"total_steps": total_steps, "joined_as_is": joined_as_is, "labels": labels, "name": name, "blocks": blocks}
+    bundle = {"text/html": slider_html(frames, itos, samples, note=note, **shown),
               "text/plain": f"<slider over {len(frames)} frames ({name})>"}
     if live:
-        viewer = StepViewer(frames, itos, samples, total_steps, joined_as_is, labels, name, blocks)
+        viewer = StepViewer(frames, itos, samples, **shown)
         widget_bundle = viewer.widget._repr_mimebundle_()
         bundle.update({k: v for k, v in widget_bundle.items() if k != "text/plain"})
         bundle["_viewer"] = viewer  # kept alive by the caller; removed before display
     return bundle
 
 
-def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,),
+def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[int] = (0,), *,
                 total_steps: int | None = None, live: bool = True, joined_as_is: bool = False,
                 labels: Sequence[str] | None = None, note: str = STEP_NOTE, name: str = "step",
                 blocks: int | None = None):
@@ -271,7 +272,8 @@ def step_slider(frames: Sequence[dict], itos: Sequence[str], samples: Sequence[i
     that are not sampling steps (the control notebook's strengths)."""
     from IPython.display import display
 
-    bundle = step_slider_bundle(frames, itos, samples, total_steps, live, joined_as_is, labels, note, name, blocks)
+    bundle = step_slider_bundle(frames, itos, samples, total_steps=total_steps, live=live, joined_as_is=joined_as_is,
+                                labels=labels, note=note, name=name, blocks=blocks)
     viewer = bundle.pop("_viewer", None)
     display(bundle, raw=True)
     return viewer
@@ -372,4 +374,5 @@ def strength_slider(samples_by_strength: dict[float, Sequence[Sequence[int]]], i
               for i, s in enumerate(strengths)]
     labels = [f"strength {s:g}" + (" (unguided)" if s == 0 else "") for s in strengths]
     note = "The same seed at each guidance strength; <mark>marked</mark> words changed since the previous strength."
-    return step_slider(frames, itos, samples, len(frames), live, joined_as_is, labels, note, "strength")
+    return step_slider(frames, itos, samples, total_steps=len(frames), live=live, joined_as_is=joined_as_is,
+                       labels=labels, note=note, name="strength")
