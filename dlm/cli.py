@@ -323,7 +323,7 @@ def previous_accuracy(path: Path) -> float | None:
 
 
 def run_control_table(args: argparse.Namespace) -> None:
-    from dlm.evaluation.control import control_table, markdown
+    from dlm.evaluation.control import ArBaseline, GuidanceSettings, control_table, markdown
     from dlm.runs.classifier import attribute, load_classifier
     from dlm.runs.guidance import check_guidance
     from dlm.runs.rundir import RunDir
@@ -345,8 +345,8 @@ def run_control_table(args: argparse.Namespace) -> None:
                                for kind in ("latent", "judge")) for name in args.attribute}
     ar_run = load_run(args.ar_run, device=device, accept_corpus_change=args.accept_corpus_change)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed)
-    table = control_table(run, ar_run, classifiers, options, strengths, args.fluency, args.inner_steps, ar_run,
-                          args.ar_candidates, device)
+    table = control_table(run, classifiers, options, GuidanceSettings(strengths, args.fluency, args.inner_steps),
+                          ArBaseline(ar_run, args.ar_candidates), device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "control.csv", table.to_csv(index=False).encode())
     atomic_write_bytes(out_dir / "control.md", markdown(table).encode())

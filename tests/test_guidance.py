@@ -11,7 +11,7 @@ from dlm.cli import main
 from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import load_config
 from dlm.core.data import Tokenizer
-from dlm.evaluation.control import COLUMNS, control_table, markdown, rejection_pick
+from dlm.evaluation.control import COLUMNS, ArBaseline, GuidanceSettings, control_table, markdown, rejection_pick
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import sample_chain
 from dlm.runs.build import build_diffusion, load_run
@@ -145,7 +145,7 @@ def test_control_table_rows_and_cli(runs, tmp_path, capsys):
     folder = RunDir(runs / "diffusion")
     classifiers = {"question": tuple(load_classifier(folder.classifier(k, "question"), run, k) for k in ("latent", "judge"))}
     options = SampleOptions.from_config(run.config, num_samples=4, steps=5)
-    table = control_table(run, ar, classifiers, options, [0.1], ar_run=ar, ar_candidates=2)
+    table = control_table(run, classifiers, options, GuidanceSettings([0.1]), ArBaseline(ar, candidates=2))
     assert list(table.columns) == list(COLUMNS)
     assert table["method"].tolist() == ["diffusion", "diffusion + guidance", "AR", "AR + rejection (best of 2)",
                                         "held-out text"]

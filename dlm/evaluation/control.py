@@ -10,7 +10,8 @@ embeddings at t = 0; teacher ppl: perplexity under the AR teacher (lm-score).
 The AR baseline does the task by rejection sampling with the SAME guide the diffusion run uses:
 k candidates per sample, the first that the guide (reading the candidate's embeddings in the
 diffusion run's table at t = 0) calls positive, else the one it scores highest. So both methods
-use one classifier, and the judge grades both.
+use one classifier, and the judge grades both. The AR run is also the teacher that scores every
+row's fluency (`ArBaseline`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -36,6 +38,23 @@ from dlm.runs.sample import SampleOptions, generate
 
 COLUMNS = ("attribute", "method", "strength", "samples", "success_judge", "success_rule", "guide_p",
            "teacher_ppl", "seconds")
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """How the guided rows are drawn (dlm.runs.guidance): at each of `strengths` (strength 0,
+    unguided, is always a row), with the hook's fluency weight and inner steps."""
+    strengths: Sequence[float]
+    fluency: float = FLUENCY
+    inner_steps: int = 3
+
+
+@dataclass(frozen=True)
+class ArBaseline:
+    """The autoregressive run the table compares with: the teacher that scores every row's fluency,
+    and the sampler of the AR rows, `candidates` per sample for its rejection-sampled row."""
+    run: LoadedRun
+    candidates: int = 4
 
 
 def in_vocabulary(ids: torch.Tensor, source: Tokenizer, target: Tokenizer, length: int) -> torch.Tensor:
@@ -88,15 +107,16 @@ def ar_candidates_drawn(run: LoadedRun, ar_run: LoadedRun, options: SampleOption
     return drawn, time.perf_counter() - start
 
 
-def control_rows(run: LoadedRun, teacher: LoadedRun | None, attribute_name: str, guide: Classifier, judge: Classifier,
-                 options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
-                 ar_run: LoadedRun | None = None, ar_candidates: int = 4, unguided: torch.Tensor | None = None,
+def control_rows(run: LoadedRun, attribute_name: str, guide: Classifier, judge: Classifier, options: SampleOptions,
+                 guidance: GuidanceSettings, ar: ArBaseline | None = None, *, unguided: torch.Tensor | None = None,
                  ar_drawn: tuple[torch.Tensor, float] | None = None, device: torch.device | str = "cpu",
                  samples_out: dict | None = None) -> list[dict]:
-    """Every row of one attribute's table (see the module docstring). `unguided` and `ar_drawn`:
-    the unguided samples and the AR's candidates when already drawn (the same for every attribute).
-    `samples_out`: filled with {strength: ids} (the control notebook's slider)."""
+    """Every row of one attribute's table (see the module docstring); without `ar`, no AR rows and
+    no perplexity. `unguided` and `ar_drawn`: the unguided samples and the AR's candidates when
+    already drawn (the same for every attribute). `samples_out`: filled with {strength: ids} (the
+    control notebook's slider)."""
     target = attribute(attribute_name, run.tokenizer)
+    teacher = ar.run if ar is not None else None
     guide.to(device)
     rows = []
 
@@ -104,45 +124,43 @@ def control_rows(run: LoadedRun, teacher: LoadedRun | None, attribute_name: str,
         rows.append({"attribute": attribute_name, "method": method, "strength": strength,
                      **score(run, teacher, target, guide, judge, ids), "seconds": seconds})
 
-    for strength in (0.0, *strengths):
+    for strength in (0.0, *guidance.strengths):
         start = time.perf_counter()
         if strength == 0 and unguided is not None:
             ids = unguided
         else:
-            ids = guided_ids(run, options, guide, strength, fluency, inner_steps, device=device)
+            ids = guided_ids(run, options, guide, strength, guidance.fluency, guidance.inner_steps, device=device)
         add("diffusion" if strength == 0 else "diffusion + guidance", strength, ids, time.perf_counter() - start)
         if samples_out is not None:
             samples_out[strength] = ids
-    if ar_run is not None:
+    if ar is not None:
         if ar_drawn is None:
-            ar_drawn = ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
+            ar_drawn = ar_candidates_drawn(run, ar.run, options, ar.candidates, device)
         drawn, seconds = ar_drawn
-        add("AR", float("nan"), drawn[: options.num_samples], seconds / ar_candidates)
-        kept = drawn[rejection_pick(guide_prob(run, guide, drawn), ar_candidates)]
-        add(f"AR + rejection (best of {ar_candidates})", float("nan"), kept, seconds)
+        add("AR", float("nan"), drawn[: options.num_samples], seconds / ar.candidates)
+        kept = drawn[rejection_pick(guide_prob(run, guide, drawn), ar.candidates)]
+        add(f"AR + rejection (best of {ar.candidates})", float("nan"), kept, seconds)
     heldout = heldout_windows(run_data(run).val_ids, run.config.seq_len, options.num_samples, options.seed)
     add("held-out text", float("nan"), torch.as_tensor(heldout), 0.0)
     return rows
 
 
-def control_table(run: LoadedRun, teacher: LoadedRun | None, classifiers: dict[str, tuple[Classifier, Classifier]],
-                  options: SampleOptions, strengths: Sequence[float], fluency: float = FLUENCY, inner_steps: int = 3,
-                  ar_run: LoadedRun | None = None, ar_candidates: int = 4,
+def control_table(run: LoadedRun, classifiers: dict[str, tuple[Classifier, Classifier]], options: SampleOptions,
+                  guidance: GuidanceSettings, ar: ArBaseline | None = None, *,
                   device: torch.device | str = "cpu", samples_out: dict | None = None) -> pd.DataFrame:
-    """control_rows for every attribute ({name: (guide, judge)}); the unguided samples drawn once.
-    `samples_out`: filled with {attribute: {strength: ids}}."""
-    if teacher is not None and not supports(teacher.config.model, "likelihood_exact"):
+    """control_rows for every attribute ({name: (guide, judge)}); the unguided samples (and the AR's
+    candidates) drawn once. `samples_out`: filled with {attribute: {strength: ids}}."""
+    if ar is not None and not supports(ar.run.config.model, "likelihood_exact"):
         raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
     options = dataclasses.replace(options, record_every=0)
     start = time.perf_counter()
     unguided = guided_ids(run, options, device=device)
     seconds = time.perf_counter() - start
-    ar_drawn = None if ar_run is None else ar_candidates_drawn(run, ar_run, options, ar_candidates, device)
+    ar_drawn = None if ar is None else ar_candidates_drawn(run, ar.run, options, ar.candidates, device)
     rows = []
     for name, (guide, judge) in classifiers.items():
-        part = control_rows(run, teacher, name, guide, judge, options, strengths, fluency, inner_steps, ar_run,
-                            ar_candidates, unguided, ar_drawn, device,
-                            None if samples_out is None else samples_out.setdefault(name, {}))
+        part = control_rows(run, name, guide, judge, options, guidance, ar, unguided=unguided, ar_drawn=ar_drawn,
+                            device=device, samples_out=None if samples_out is None else samples_out.setdefault(name, {}))
         part[0]["seconds"] = seconds
         rows.extend(part)
     return pd.DataFrame(rows, columns=list(COLUMNS))
