@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             train(teacher_config, teacher)
 
     start = time.perf_counter()
-    table = run_ablation(base, arms, teacher, work, args.budget_s, args.samples, ar_preset,
+    table = run_ablation(base, arms, teacher, work, args.budget_s, num_samples=args.samples, ar_preset=ar_preset,
                          log=lambda line: print(line, flush=True), matched=args.matched)
     wall = time.perf_counter() - start
 

@@ -150,7 +150,7 @@ class TinyTransformer(nn.Module):
     """
 
     def __init__(self, embed_dim: int, width: int, depth: int, heads: int, seq_len: int,
-                 dropout: float = 0.1, causal: bool = False, time_conditioned: bool = True,
+                 dropout: float = 0.1, *, causal: bool = False, time_conditioned: bool = True,
                  in_dim: int | None = None, out_dim: int | None = None, positions: str = "learned"):
         super().__init__()
         if positions not in ("learned", "rotary"):

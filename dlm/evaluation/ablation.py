@@ -139,7 +139,7 @@ def heldout_row(result: dict) -> dict:
             "types_count": result["types_count"]}
 
 
-def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir: str | Path, budget_s: float,
+def run_ablation(base: Config, arms: list[Arm], teacher_dir: str | Path, out_dir: str | Path, budget_s: float, *,
                  num_samples: int = 64, ar_preset: Config | None = None, log=print,
                  matched: bool = False) -> pd.DataFrame:
     """Train (or reuse) one run per distinct training recipe, sample every arm, score every sample
