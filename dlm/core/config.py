@@ -47,7 +47,7 @@ def _in(section: str) -> Any:
 _data, _model, _diffusion, _sampling, _training, _bookkeeping, _runtime = map(_in, SECTIONS)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     """Every knob, flat: presets, `dlm train --KEY value` and `papermill -p KEY value` name keys,
     not sections. Each key declares its section; `config.section("sampling")` reads one."""

@@ -317,7 +317,7 @@ class GaussianDiffusion:
         drawn_t = self._draw_timesteps(draws, length, block_size if every_block else None, importance, uniform_t)
         # the drawn timesteps, one per window (B,) or per block (B, blocks), each a unit of the
         # second moment's measurements and weights, 1 / (T p(t))
-        batch = NoisedBatch(ids, emb, x0, t=drawn_t, drawn_t=drawn_t, block_size=block_size,
+        batch = NoisedBatch(ids=ids, emb=emb, x0=x0, t=drawn_t, drawn_t=drawn_t, block_size=block_size,
                             weights=importance.weights(drawn_t) if importance is not None else None)
         if every_block:
             batch.every_block = True
@@ -445,7 +445,7 @@ class BatchDraws:
         return self.keys.step_generator() if self.keys is not None else self.generator
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NoisedBatch:
     """A batch as the loss sees it: the embeddings, x0 and x_t, the timesteps the denoiser reads
     (t) and those drawn (one per window or per block: the second moment's units, with their

@@ -321,7 +321,8 @@ def training_samples(state: TrainState, tokenizer: Tokenizer) -> list[str]:
     (a resumed run then trains exactly as an uninterrupted one)."""
     config, model = state.config, state.eval_model
     device = next(model.parameters()).device
-    run = LoadedRun(config, tokenizer, model, state.objective, Path(), state.step, state.epoch, state.ema is not None)
+    run = LoadedRun(config=config, tokenizer=tokenizer, model=model, objective=state.objective, checkpoint=Path(),
+                    step=state.step, epoch=state.epoch, used_ema=state.ema is not None)
     options = SampleOptions.from_config(config, num_samples=tensorboard_curves.SAMPLES_SHOWN, seed=0,
                                         steps=min(tensorboard_curves.SAMPLE_STEPS, config.sample_steps))
     was_training = model.training

@@ -1136,11 +1136,11 @@ def build_report(params: str | Path, name: str | None = None, reports_dir: str |
                                         "pages": {}, "created": datetime.datetime.now().isoformat(timespec="seconds")})
         if from_run is not None:
             shutil.copytree(from_run, report_dir / "run", copy_function=_link_checkpoints_copy_the_rest)
-        chain = ReportChain(plan, report_dir, show_code=show_code, kernel_name=kernel_name, echo=echo)
+        chain = ReportChain(plan=plan, report_dir=report_dir, show_code=show_code, kernel_name=kernel_name, echo=echo)
         return chain.run()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReportChain:
     """One report's notebooks run in turn into its folder, report.json kept up to date as they go."""
     plan: ReportPlan
@@ -1150,8 +1150,8 @@ class ReportChain:
     echo: bool = True
     # the kernels start here, so relative paths inside the preset mean what they do for dlm train
     cwd: Path = field(default_factory=Path.cwd)
-    report: dict[str, Any] = field(default_factory=dict)
-    started: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict, init=False)  # report.json as it stands
+    started: float = field(default=0.0, init=False)  # when the first notebook started
 
     def parameters(self, notebook: str) -> dict[str, Any]:
         """What the chain gives `notebook` (the report's own copy of the run), then its --param."""
