@@ -57,7 +57,7 @@ class Config:
     tokenizer: Literal["word", "bpe", "char"] = _data("word")  # word (rare words <unk>), bpe or char (no <unk>)
     min_count: int = _data(2)  # word tokenizer: rarer words become <unk>
     bpe_vocab_size: int = _data(4000)  # bpe tokenizer: pieces in its vocabulary (2000 to 8000)
-    lowercase: bool = _data(False)
+    lowercase: bool = _data(False)  # lowercase the corpus before tokenizing
     seq_len: int = _data(64)  # tokens per training window
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
@@ -65,11 +65,11 @@ class Config:
     # the model family, a name in dlm.families.FAMILIES: diffusion (Diffusion-LM, Gaussian), masked
     # (MDLM's absorbing-state diffusion), ar (the autoregressive baseline: same blocks, causal mask)
     model: str = _model("diffusion")
-    embed_dim: int = _model(64)
+    embed_dim: int = _model(64)  # embedding dimension d
     use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
     init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
     embedding_norm: Literal["none", "l2", "layernorm"] = _model("none")  # l2: rows scaled to norm sqrt(d)
-    embedding_init_std: float = _model(1.0)
+    embedding_init_std: float = _model(1.0)  # std of the table's random init
     # with embedding_norm l2/layernorm: rows get norm embedding_scale * sqrt(d). Below 1 the same
     # noise schedule destroys the signal sooner (Difformer's noise rescaling, seen from the table)
     embedding_scale: float = _model(1.0)
@@ -78,20 +78,20 @@ class Config:
     # where the denoiser learns word order: learned (a position table added to the input) or rotary
     # (RoPE in attention, MDLM's and BD3-LM's; see dlm.core.nets.TinyTransformer)
     positions: Literal["learned", "rotary"] = _model("learned")
-    width: int = _model(256)
-    depth: int = _model(4)
-    heads: int = _model(4)
-    dropout: float = _model(0.1)
+    width: int = _model(256)  # the transformer's width
+    depth: int = _model(4)  # the transformer's blocks
+    heads: int = _model(4)  # attention heads
+    dropout: float = _model(0.1)  # the transformer's dropout
 
     # --- diffusion ---
-    schedule: Literal["sqrt", "linear", "cosine"] = _diffusion("sqrt")
-    diffusion_steps: int = _diffusion(2000)
+    schedule: Literal["sqrt", "linear", "cosine"] = _diffusion("sqrt")  # the noise schedule (sqrt: Diffusion-LM's)
+    diffusion_steps: int = _diffusion(2000)  # T, the diffusion timesteps
     # x0 or epsilon: regress the vector (Diffusion-LM); logits: classify each position through the
     # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD);
     # preconditioned: x0 = c_skip x_t + c_out F, EDM's, the identity at low noise for free
     # (GaussianDiffusion.preconditioning)
     predict: Literal["x0", "epsilon", "logits", "preconditioned"] = _diffusion("x0")
-    rounding_weight: float = _diffusion(1.0)
+    rounding_weight: float = _diffusion(1.0)  # weight of the rounding cross-entropy in the loss
     # clean: CE on EMB(w) and diffusion on clean x0 (the seed); noisy: x0 ~ q(x0|w) (Diffusion-LM);
     # predicted: CE on the denoiser's predicted x0 (Difformer's anchor loss), x0 ~ q(x0|w)
     rounding_target: Literal["clean", "noisy", "predicted"] = _diffusion("noisy")
@@ -140,18 +140,18 @@ class Config:
     decode_unk: bool = _sampling(True)
 
     # --- training: optimisation, and how long ---
-    batch_size: int = _training(64)
-    epochs: int = _training(10)
+    batch_size: int = _training(64)  # windows per optimizer step (a distributed run's global batch)
+    epochs: int = _training(10)  # passes over the training windows
     max_steps: Optional[int] = _training(None)  # stop after this many optimizer steps (overrides epochs)
     # stop once the training loop has run this many wall-clock seconds (in this invocation), and
     # decay the lr over that time rather than over the steps: equal-time comparisons
     max_train_seconds: Optional[float] = _training(None)
-    lr: float = _training(3e-4)
-    weight_decay: float = _training(0.0)
+    lr: float = _training(3e-4)  # peak learning rate
+    weight_decay: float = _training(0.0)  # AdamW weight decay
     # which parameters weight decay touches: matrices only (nanoGPT), matrices and the embedding
     # table, or everything (the earlier attempt)
     weight_decay_scope: Literal["matrices", "matrices+embeddings", "all"] = _training("matrices")
-    warmup_steps: int = _training(100)
+    warmup_steps: int = _training(100)  # linear warm-up steps
     # after warm-up: linear or cosine to 10% of lr, constant, or wsd (warmup-stable-decay, Hagele
     # et al. 2024): constant at lr, then linear to 0 over the run's last lr_cooldown_fraction of
     # steps (its last lr_cooldown_steps when set). A kept checkpoint of a wsd run's stable phase can
@@ -161,7 +161,7 @@ class Config:
     lr_cooldown_steps: Optional[int] = _training(None)  # wsd: the steps the lr decays over (overrides the fraction)
     grad_clip: float = _training(1.0)  # 0 disables clipping
     ema_decay: float = _training(0.999)  # 0 disables the EMA copy
-    seed: int = _training(0)
+    seed: int = _training(0)  # training seed: the initial weights, the windows' order, the noise
 
     # --- bookkeeping: what a run records ---
     log_every: int = _bookkeeping(20)  # optimizer steps between log lines / metrics.csv rows
@@ -179,13 +179,13 @@ class Config:
     calibrate_temperature: bool = _bookkeeping(False)
 
     # --- runtime: how a run executes on this machine (measured in benchmarks/speed.py; README, "Speed") ---
-    device: Literal["auto", "cpu", "cuda"] = _runtime("auto")
+    device: Literal["auto", "cpu", "cuda"] = _runtime("auto")  # auto: CUDA when there is one
     threads: Optional[int] = _runtime(None)  # torch intra-op threads; None (or 0) keeps torch's choice
     # bf16: autocast the network's matmuls to bfloat16 (the rounding loss stays float32); auto: bf16
     # on CUDA, and on a CPU where a short timed probe finds bf16 at least 1.3x faster (dlm.core.runtime)
     precision: Literal["auto", "fp32", "bf16"] = _runtime("auto")
     compile: bool = _runtime(False)  # torch.compile the denoiser: slower first steps, then faster ones
-    progress: bool = _runtime(True)  # tqdm bar (text) on stderr
+    progress: bool = _runtime(True)  # a live progress bar with ETA: text on stderr, a widget in JupyterLab
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,6 +262,22 @@ def notebook_parameter(key: Key) -> str:
         a for a in (*typing.get_args(tp), tp) if a is not type(None) and isinstance(a, type)).__name__
     choices = f" ({key.type})" if key.type.startswith("one of") else ""
     return f"{key.name}: Optional[{inner}] = None  # {key.comment or key.name.replace('_', ' ')}{choices}"
+
+
+# The first line of train.ipynb's Config parameters: the lines from it to the end of the parameters
+# cell are notebook_parameters(), written by `python -m dlm.workbench.shipped --update`.
+NOTEBOOK_OVERRIDES = "# Config overrides: None keeps the value of the preset named by `params`."
+
+
+def notebook_parameters() -> str:
+    """Every key as a notebook parameter (`notebook_parameter`), section by section in declaration
+    order under a `# --- section ---` line, after NOTEBOOK_OVERRIDES: train.ipynb's Config
+    parameters, whose comments are then Config's own."""
+    lines = [NOTEBOOK_OVERRIDES]
+    for section in SECTIONS:
+        lines.append(f"# --- {section} ---")
+        lines.extend(notebook_parameter(key) for key in keys() if key.section == section)
+    return "\n".join(lines)
 
 
 @functools.cache

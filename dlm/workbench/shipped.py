@@ -3,10 +3,13 @@ made to notebooks/*.ipynb in JupyterLab (which autosaves). SHIPPED (shipped_note
 this file) holds the SHA-256 of each code cell's source of every notebook in notebooks/; dlm report
 refuses a notebook whose code differs from it, naming the cell, and records the digests it ran.
 
-After changing a notebook on purpose, refresh the record (tests/test_shipped_notebooks.py fails
-until then):
+After changing a notebook on purpose, or a Config key or its comment, refresh the record
+(tests/test_shipped_notebooks.py fails until then):
 
     python -m dlm.workbench.shipped --update
+
+which first writes train.ipynb's Config parameters from Config (dlm.core.config.notebook_parameters:
+one typed, commented parameter per key; tests/test_notebook_parameters.py checks them).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from dlm.core.config import NOTEBOOK_OVERRIDES, notebook_parameters
 from dlm.core.data import atomic_write_bytes
 
 SHIPPED = Path(__file__).with_name("shipped_notebooks.json")
+CONFIG_NOTEBOOK = "train.ipynb"  # the notebook whose parameters cell takes every Config key
 
 
 class EditedNotebook(ValueError):
@@ -66,20 +71,44 @@ def check_as_shipped(notebook: Path) -> None:
                              f"the edited notebook with papermill yourself.")
 
 
+def write_config_parameters(notebook: Path) -> bool:
+    """Write the Config parameters of `notebook`'s parameters cell (from the NOTEBOOK_OVERRIDES line
+    to the end of the cell) from Config; the lines above it are the notebook's own. True when they
+    changed."""
+    import nbformat
+
+    content = nbformat.read(notebook, as_version=4)
+    (cell,) = [c for c in content.cells if "parameters" in c.metadata.get("tags", [])]
+    own, found, _ = cell.source.partition(NOTEBOOK_OVERRIDES)
+    if not found:
+        raise ValueError(f"{notebook}'s parameters cell has no line '{NOTEBOOK_OVERRIDES}' to write Config's keys after.")
+    source = own + notebook_parameters()
+    if source == cell.source:
+        return False
+    cell.source = source
+    atomic_write_bytes(notebook, (nbformat.writes(content) + "\n").encode())
+    return True
+
+
 def record(folder: Path) -> dict[str, list[str]]:
     return {path.name: digests(path) for path in sorted(folder.glob("*.ipynb"))}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check or refresh the record of the shipped notebooks' code.")
-    parser.add_argument("--update", action="store_true", help="write the record from notebooks/ as it is now")
+    parser.add_argument("--update", action="store_true",
+                        help=f"write {CONFIG_NOTEBOOK}'s Config parameters from Config, then the record from notebooks/ "
+                             f"as it is now")
     args = parser.parse_args(argv)
     folder = Path(__file__).resolve().parents[2] / "notebooks"
-    now = record(folder)
     if args.update:
+        if write_config_parameters(folder / CONFIG_NOTEBOOK):
+            print(f"wrote the Config parameters of {CONFIG_NOTEBOOK} from dlm.core.config.Config")
+        now = record(folder)
         atomic_write_bytes(SHIPPED, (json.dumps(now, indent=1, sort_keys=True) + "\n").encode())
         print(f"recorded {len(now)} notebooks -> {SHIPPED.name}")
         return 0
+    now = record(folder)
     stale = sorted(name for name in now.keys() | shipped().keys() if now.get(name) != shipped().get(name))
     print("the record matches notebooks/" if not stale else f"differs from the record: {', '.join(stale)}")
     return 1 if stale else 0
