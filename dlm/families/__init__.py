@@ -52,6 +52,7 @@ from types import ModuleType
 
 from dlm.core.config import Config, ConfigError
 from dlm.core.errors import UserError
+from dlm.families.contract import Terms  # noqa: F401  (a family module's TERMS)
 
 FAMILIES = {
     "diffusion": "dlm.families.gaussian",
@@ -106,19 +107,6 @@ def without_other_families_keys(config: Config, given: set[str]) -> tuple[Config
     dropped = [key for key in sorted(family_keys() - module.CONFIG_KEYS)
                if key not in given and getattr(config, key) != getattr(defaults, key)]
     return config.replace(**{key: getattr(defaults, key) for key in dropped}), dropped
-
-
-@dataclasses.dataclass(frozen=True)
-class Terms:
-    """How the workbench's pages speak of a family (its module's TERMS). Each text is a sentence or
-    two in Markdown; None where the family has no such thing (a caption it never needs)."""
-
-    name: str  # what it is, e.g. "Gaussian diffusion (Diffusion-LM)"
-    losses: str  # the loss curves: what each metrics.csv term is
-    table: str  # the embedding table's geometry over training: what it means for this family
-    blocks: str | None = None  # what it is when it generates in blocks (block_size below the window)
-    likelihood: str | None = None  # its likelihood over training (with "likelihood_bound")
-    trajectory: str | None = None  # a frame of its sampling trajectory, and what the frame's t is
 
 
 def describe(config: Config) -> str:

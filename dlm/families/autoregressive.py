@@ -5,7 +5,6 @@ scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +14,7 @@ from dlm.core.config import Config
 from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
 from dlm.core.nets import TinyTransformer
 from dlm.families import Terms
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
+from dlm.families.contract import LoadedRun, SampleOptions
 
 
 class AutoregressiveLM(nn.Module):

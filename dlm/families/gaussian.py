@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,13 +15,10 @@ from dlm.core.config import Config, ConfigError, section_keys
 from dlm.core.runtime import autocast
 from dlm.core.schedule import NoiseSchedule
 from dlm.families import Terms
+from dlm.families.contract import LoadedRun, SampleOptions
 from dlm.families.gaussian_model import DiffusionLM, decode, rounding_logits
 from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings
 from dlm.families.gaussian_sampling import Hook, SampleState, known_positions_hook, sample_chain
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
 
 NAME = "diffusion"
 TITLE = "Gaussian diffusion"

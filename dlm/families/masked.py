@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +33,7 @@ from dlm.core.noise import WindowKeys, per_window
 from dlm.core.runtime import autocast
 from dlm.families import Terms
 from dlm.families.blocks import block_causal_mask, every_block_mask
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
+from dlm.families.contract import LoadedRun, SampleOptions
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # the additive recurrence u + i * GOLDEN (mod 1) is low-discrepancy
 

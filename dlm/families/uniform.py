@@ -27,7 +27,6 @@ prior term (alpha_1 = 0: q(z_1 | x) is the prior) and no reconstruction term (al
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +39,9 @@ from dlm.core.nets import TinyTransformer
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import autocast
 from dlm.families import Terms
+from dlm.families.contract import LoadedRun, SampleOptions
 from dlm.families.masked import WHY_NOT as MASKED_WHY_NOT
 from dlm.families.masked import MaskedDiffusion, categorical
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
 
 TIME_SCALE = 1000  # the network reads t as 1000 t: the range of the Gaussian chain's integer timesteps
 TRAIN_TIMES = (1e-3, 1.0)  # UDLM's training range of t (its sampling_eps); the bound uses all of (0, 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from dlm.core.config import Config, ConfigError, from_dict
 from dlm.core.data import CorpusData, Tokenizer, check_corpus, prepare_data, saved_tokenizer
 from dlm.core.embeddings import pretrained_table, read_word_vectors
 from dlm.families import family
+from dlm.families.contract import LoadedRun  # noqa: F401  (re-exported: the contract's type)
 from dlm.families.gaussian_objective import GaussianDiffusion
 from dlm.runs.rundir import RunDir
 
@@ -64,28 +64,6 @@ def build_model(config: Config, tokenizer: Tokenizer) -> nn.Module:
         logger.info("pretrained embeddings: %d of %d vocabulary words covered (%.1f%%) by %s",
                     covered, len(tokenizer), 100 * covered / len(tokenizer), config.init_from_pretrained)
     return new_model(config, len(tokenizer), pretrained)
-
-
-@dataclass
-class LoadedRun:
-    config: Config
-    tokenizer: Tokenizer
-    model: nn.Module  # EMA weights when present and asked for
-    objective: object  # the run's training objective, from its family (GaussianDiffusion for diffusion runs)
-    checkpoint: Path
-    step: int
-    epoch: int
-    used_ema: bool
-    corpus_sha256: str | None = None  # what the checkpoint's training read (None: trained before it was recorded)
-    accept_corpus_change: bool = False  # read the corpus even when its SHA-256 is another (--accept_corpus_change)
-    # RUN/calibration.json when it was made for this checkpoint: config.decode_temperature is then
-    # its temperature (dlm.evaluation.calibration), the preset's own is recipe_config(run)'s
-    calibration: dict | None = None
-
-    @property
-    def family(self):
-        """The module of the run's model family (dlm.families)."""
-        return family(self.config.model)
 
 
 def corpus_data(run: LoadedRun) -> CorpusData:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,79 +16,10 @@ import torch
 from dlm.core.config import Config, machine_memory_bytes
 from dlm.core.data import atomic_write_bytes, check_destination, current_umask
 from dlm.core.errors import DiskFullError, UserError, is_disk_full
-from dlm.core.schedule import SPACINGS
 from dlm.families import family, sample_settings
+from dlm.families.contract import X0_CHOICES, SampleOptions  # noqa: F401  (re-exported: the contract's types)
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
-
-X0_CHOICES = ("predicted", "expected", "posterior")
-
-
-def recipe(key: str):
-    """A sampling option that a run's config sets: Config key `key` (section 'sampling') gives
-    its default and, in SampleOptions.from_config, its value."""
-    return field(default=Config.__dataclass_fields__[key].default, metadata={"config": key})
-
-
-@dataclass
-class SampleOptions:
-    num_samples: int = 16
-    steps: int = recipe("sample_steps")  # reverse steps
-    spacing: str = recipe("sample_spacing")  # which timesteps: one of SPACINGS (sampling_timesteps)
-    clamp: bool = recipe("clamp")  # Diffusion-LM's clamping trick
-    clamp_fraction: float = recipe("clamp_fraction")  # clamp only during the last share of steps
-    eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM
-    x0: str = recipe("sample_x0")  # predicted (the denoiser's), expected or posterior (under its rounding softmax)
-    temperature: float = recipe("decode_temperature")  # final tokens: 0 argmax, >0 drawn from softmax/T
-    unk: bool = recipe("decode_unk")  # a final token may be <unk> (False: its score masked)
-    decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
-    seed: int = 0
-    batch_size: int = 64
-    record_every: int = 0  # keep the decoded tokens every N steps of each (block's) chain (0: not recorded)
-
-    @classmethod
-    def from_config(cls, config: Config, **overrides) -> SampleOptions:
-        """The run's own sampling recipe, with explicit overrides (None means: keep the recipe's)."""
-        recipe_values = {f.name: getattr(config, f.metadata["config"]) for f in fields(cls) if "config" in f.metadata}
-        return cls(**{**recipe_values, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def records(self, index: int) -> bool:
-        """Whether the chain's step `index` is kept in the trajectory: every record_every steps of
-        each chain and each chain's last step (a block run's index counts on over its blocks, each
-        running a chain of `steps`: every block is recorded alike, and its finished state shown)."""
-        step = index % self.steps
-        return bool(self.record_every) and (step % self.record_every == 0 or step == self.steps - 1)
-
-    def banned_ids(self, tokenizer) -> tuple[int, ...]:
-        """The token ids a final draw never gives: the tokenizer's <unk> unless `unk`."""
-        return () if self.unk or tokenizer.unk_id is None else (tokenizer.unk_id,)
-
-    def validate(self, total_steps: int | None = None) -> None:
-        """Every option a user can give, checked before sampling; `total_steps` is the run's
-        diffusion_steps (None for a family without a chain: steps are not checked)."""
-        for name in ("eta", "temperature", "clamp_fraction"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}.")
-        if self.x0 not in X0_CHOICES:
-            raise UserError(f"x0 must be one of {', '.join(X0_CHOICES)}, got '{self.x0}'.")
-        if self.decoder not in ("learned", "cosine"):
-            raise UserError(f"decoder must be 'learned' or 'cosine', got '{self.decoder}'.")
-        if self.num_samples < 1:
-            raise UserError(f"num_samples must be at least 1, got {self.num_samples}.")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size (samples drawn at once) must be at least 1, got {self.batch_size}.")
-        if self.record_every < 0:
-            raise UserError(f"record_every must be 0 (no trajectory) or a number of steps, got {self.record_every}.")
-        if not 0 <= self.eta <= 1:
-            raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {self.eta}.")
-        if total_steps is not None and not 1 <= self.steps <= total_steps:
-            raise UserError(f"steps must be between 1 and the run's diffusion_steps ({total_steps}), got {self.steps}.")
-        if self.spacing not in SPACINGS:
-            raise UserError(f"spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
-        if self.temperature < 0:
-            raise UserError("temperature must be 0 (argmax) or positive.")
-        if not 0 <= self.clamp_fraction <= 1:
-            raise UserError("clamp_fraction must be between 0 and 1.")
 
 
 def check_options(config: Config, options: SampleOptions) -> None:
