@@ -16,7 +16,17 @@ import torch
 
 from dlm import families
 from dlm.core.checkpoint import CheckpointError
-from dlm.core.config import Config, ConfigError, coerce, describe_type, field_types, load_config, load_yaml, unknown_key_error
+from dlm.core.config import (
+    Config,
+    ConfigError,
+    coerce,
+    current_model,
+    describe_type,
+    field_types,
+    load_config,
+    load_yaml,
+    unknown_key_error,
+)
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
 from dlm.core.errors import UserError, is_disk_full
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
@@ -381,6 +391,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
     overrides = parse_overrides(extra, args)
     if args.command == "train-ar":
         overrides["model"] = "ar"
+    if "model" in overrides:
+        overrides["model"] = current_model(overrides["model"])  # a family's former name, said once
     config = load_config(args.params, **overrides)
     if "model" in overrides and overrides["model"] != load_yaml(args.params).get("model", Config.model):
         config, dropped = families.without_other_families_keys(config, set(overrides))

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import re
+import sys
 import textwrap
 import tokenize
 import types
@@ -62,9 +63,10 @@ class Config:
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
     # --- model: the family, its embeddings and rounding, the denoiser (TinyTransformer) ---
-    # the model family, a name in dlm.families.FAMILIES: diffusion (Diffusion-LM, Gaussian), masked
-    # (MDLM's absorbing-state diffusion), ar (the autoregressive baseline: same blocks, causal mask)
-    model: str = _model("diffusion")
+    # the model family, a name in dlm.families.FAMILIES: gaussian (Diffusion-LM's Gaussian diffusion),
+    # masked (MDLM's absorbing-state diffusion), uniform (UDLM's uniform-state diffusion), ar (the
+    # autoregressive baseline: same blocks, causal mask)
+    model: str = _model("gaussian")
     embed_dim: int = _model(64)
     use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
     init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
@@ -349,7 +351,26 @@ def _coerce(tp: Any, value: Any, from_text: bool) -> Any:
     return value
 
 
+# A family's former `model` value -> its name now: presets and checkpoints that say the old one still
+# load, as the new one, with one line on stderr (once per process).
+RENAMED_MODELS = {"diffusion": "gaussian"}
+_told_renamed: set[str] = set()
+
+
+def current_model(name: Any) -> Any:
+    """A `model` value by the family's current name (RENAMED_MODELS), saying so the first time."""
+    new = RENAMED_MODELS.get(name) if isinstance(name, str) else None
+    if new is None:
+        return name
+    if name not in _told_renamed:
+        _told_renamed.add(name)
+        print(f"model: {name} is now called {new}; loading it as {new}", file=sys.stderr, flush=True)
+    return new
+
+
 def from_dict(values: dict[str, Any], from_text: bool = False) -> Config:
+    if "model" in values:
+        values = {**values, "model": current_model(values["model"])}
     checked = {key: coerce(key, value, from_text) for key, value in values.items()}
     config = Config(**checked)
     validate(config)
@@ -539,6 +560,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for key in values:
         if key not in field_types():
             raise unknown_key_error(str(key), where=f" in {path}")
+    if "model" in values:
+        values["model"] = current_model(values["model"])
     return values
 
 

@@ -55,7 +55,7 @@ from dlm.core.errors import UserError
 from dlm.families.contract import Terms  # noqa: F401  (a family module's TERMS)
 
 FAMILIES = {
-    "diffusion": "dlm.families.gaussian",
+    "gaussian": "dlm.families.gaussian",
     "masked": "dlm.families.masked",
     "ar": "dlm.families.autoregressive",
     "uniform": "dlm.families.uniform",
@@ -93,8 +93,8 @@ def check_config(config: Config) -> None:
         value, default = getattr(config, key), getattr(defaults, key)
         if value != default:
             owners = readers(key)
-            owner = "Gaussian-diffusion" if owners == ["diffusion"] else listed(owners)
-            raise ConfigError(f"'{key}' ({value}) is a {owner} option; the '{config.model}' family does not read "
+            raise ConfigError(f"'{key}' ({value}) is an option of the {listed(owners)} famil"
+                              f"{'y' if len(owners) == 1 else 'ies'}; the '{config.model}' family does not read "
                               f"it: leave it at its default ({default}) or use model: {owners[0]}.")
     module.check_config(config)
 
@@ -145,7 +145,7 @@ def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[
     for option, value in given.items():
         if value is not None and option not in family(name).SAMPLE_OPTIONS:
             readers = [other for other in FAMILIES if option in family(other).SAMPLE_OPTIONS]
-            owner = ("the Gaussian diffusion chain" if readers == ["diffusion"]
+            owner = (f"the {readers[0]} family's sampler" if len(readers) == 1
                      else f"the {listed(readers)} families' samplers")
             raise UserError(f"{flag(option)} is an option of {owner}; the '{name}' family has none: "
                             f"drop {flag(option)}.")

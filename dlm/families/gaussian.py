@@ -20,7 +20,7 @@ from dlm.families.gaussian_model import DiffusionLM, decode, rounding_logits
 from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings
 from dlm.families.gaussian_sampling import Hook, SampleState, known_positions_hook, sample_chain
 
-NAME = "diffusion"
+NAME = "gaussian"
 TITLE = "Gaussian diffusion"
 DESCRIPTION = ("Diffusion-LM: Gaussian noise on word embeddings, removed step by step by a transformer, "
                "the result rounded back to words")

@@ -15,15 +15,9 @@ from dlm.core.data import CorpusData, Tokenizer, check_corpus, prepare_data, sav
 from dlm.core.embeddings import pretrained_table, read_word_vectors
 from dlm.families import family
 from dlm.families.contract import LoadedRun  # noqa: F401  (re-exported: the contract's type)
-from dlm.families.gaussian_objective import GaussianDiffusion
 from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
-
-
-def build_diffusion(config: Config) -> GaussianDiffusion:
-    """The Gaussian diffusion objective of a config (the train notebook reads its schedule)."""
-    return family("diffusion").objective(config)
 
 
 def build_objective(config: Config):

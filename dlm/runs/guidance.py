@@ -59,7 +59,7 @@ def check_guidance(run: LoadedRun) -> None:
     for every position, over the whole window."""
     if not supports(run.config.model, "guidance"):
         raise UserError(not_available(run.config.model, f"Classifier guidance of '{run.checkpoint}'", "guidance")
-                        + " Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one without a "
+                        + " Guide a Gaussian diffusion run (model: gaussian); dlm infill controls this one without a "
                           "classifier.")
     if run.objective.settings.left_to_right > 0:
         raise UserError("Classifier guidance needs one timestep per step for every position; this run samples "

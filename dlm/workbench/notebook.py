@@ -269,6 +269,6 @@ def sigma0(config) -> float | None:
     """The spread of the Gaussian family's q(x0 | w) (the training notebook's distance scale), or
     None for a family without one."""
     from dlm.families import supports
-    from dlm.runs.build import build_diffusion
+    from dlm.runs.build import build_objective
 
-    return build_diffusion(config).schedule.sigma0 if supports(config.model, "geometry") else None
+    return build_objective(config).schedule.sigma0 if supports(config.model, "geometry") else None

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm import families
-from dlm.core.config import did_you_mean, field_types, load_config
+from dlm.core.config import Config, current_model, did_you_mean, field_types, load_config
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
 from dlm.core.lockfile import FolderLock, FolderLocked
@@ -207,11 +207,11 @@ def model_of_run(path: str | Path, what: str) -> str:
 
     run = RunDir(path)
     if run.config.is_file():
-        return (yaml.safe_load(run.config.read_text()) or {}).get("model", "diffusion")
+        return current_model((yaml.safe_load(run.config.read_text()) or {}).get("model", Config.model))
     if run.last_checkpoint.is_file():
         from dlm.core.checkpoint import load_checkpoint
 
-        return load_checkpoint(run.last_checkpoint)["config"].get("model", "diffusion")
+        return current_model(load_checkpoint(run.last_checkpoint)["config"].get("model", Config.model))
     raise ReportError(f"{what} '{path}' holds no trained run (no config.yaml, no checkpoints/last.pt).")
 
 
