@@ -459,12 +459,11 @@ def run_sample(args: argparse.Namespace) -> None:
         x0=args.x0, temperature=args.temperature, unk=args.unk,
         decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
     check_options(run.config, options)  # before the chain's cost is printed
-    check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
-    if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
+    chain = run.family.chain(run.config)
+    check_memory(options, run.config.seq_len, chain)
+    if chain is not None:
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        size = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
-        blocks = run.config.seq_len // size
-        calls = getattr(run.family, "denoiser_calls", lambda steps, positions: steps)(options.steps, size)
+        blocks, calls = chain.blocks, chain.calls(options.steps)
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
               f"{'' if calls == options.steps else 'at most '}{blocks * calls} denoiser calls per batch of up to "
               f"{options.batch_size} samples", flush=True)
@@ -592,7 +591,7 @@ def run_nll(args: argparse.Namespace) -> None:
     print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
     numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
                "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint),
-               "chain": chain}
+               "chain": None if chain is None else vars(chain)}
     if result.ar_nll is not None:
         print(f"AR NLL    {result.ar_nll:.4f} nats/token (exact, the same windows; {ar.checkpoint}); "
               f"bound / AR = {result.ratio:.3f}")

@@ -13,7 +13,7 @@ import torch
 
 from dlm import families
 from dlm.core.config import Config, field_types, load_config, section_keys
-from dlm.families import FAMILIES, family, supports
+from dlm.families import FAMILIES, contract, family, supports
 from dlm.runs import train as train_module
 from dlm.runs.build import load_run
 from dlm.runs.metrics import metric_columns
@@ -21,8 +21,7 @@ from dlm.runs.sample import SampleOptions, generate
 from dlm.runs.train import train
 from tests.conftest import ROOT, make_corpus
 
-CAPABILITIES = {"likelihood_exact", "likelihood_bound", "infill", "prefix", "length", "guidance", "latent",
-                "temperature", "geometry"}
+CAPABILITIES = set(contract.CAPABILITIES)
 CONTROLS = {"infill": "template", "prefix": "prefix", "length": "length"}
 
 
@@ -90,10 +89,11 @@ def test_the_module_declares_the_interface(name):
     assert set(module.SUPPORTS) <= CAPABILITIES, set(module.SUPPORTS) - CAPABILITIES
     assert not {"likelihood_exact", "likelihood_bound"} <= set(module.SUPPORTS)  # one kind of likelihood
     assert set(module.SAMPLE_OPTIONS) <= {f for f in SampleOptions.__dataclass_fields__}
-    for function in ("check_config", "new_model", "objective", "trunk", "generate"):
-        assert callable(getattr(module, function)), function
+    assert contract.missing(module) == []  # FamilyModule's names and those of each capability it declares
     if set(module.SUPPORTS) & set(CONTROLS):
-        assert callable(module.fill) and isinstance(module.ROUNDS_FIXED_WORDS, bool)
+        assert isinstance(module.ROUNDS_FIXED_WORDS, bool)
+    if "likelihood_bound" in module.SUPPORTS:
+        assert set(module.BOUND_OPTIONS) <= {"x0", "steps", "spacing"} and module.BOUND_TERMS
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -344,13 +344,12 @@ def test_what_a_family_lacks_is_refused_in_one_line(trained):
     from dlm.evaluation.analysis import analyse_run
     from dlm.evaluation.probe import heldout_ids
     from dlm.runs.classifier import train_classifier
-    from dlm.runs.guidance import chain_scheduler
+    from dlm.runs.guidance import check_guidance
 
     name, run_dir = trained
     run = load_run(run_dir)
-    options = SampleOptions.from_config(run.config, num_samples=2, steps=2)
-    entry = {"geometry": lambda: heldout_ids(run, 2),
-             "guidance": lambda: chain_scheduler(run, options),
+    entry = {"probe": lambda: heldout_ids(run, 2),
+             "guidance": lambda: check_guidance(run),
              "latent": lambda: train_classifier(run, "question", "latent", steps=1)}
     for capability, call in entry.items():
         if supports(name, capability):

@@ -12,11 +12,12 @@ from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import load_config
 from dlm.core.data import Tokenizer
 from dlm.evaluation.control import COLUMNS, control_table, markdown, rejection_pick
+from dlm.families.gaussian_guidance import chain_scheduler, guidance_hook
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import sample_chain
 from dlm.runs.build import build_objective, load_run
 from dlm.runs.classifier import attribute, load_classifier, save_classifier, train_classifier
-from dlm.runs.guidance import chain_scheduler, guidance_hook, guided_ids
+from dlm.runs.guidance import guided_ids
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions, generate
 from tests.conftest import ROOT, make_corpus

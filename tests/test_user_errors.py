@@ -466,7 +466,7 @@ def test_a_block_chain_reads_the_fixed_words_of_its_finished_blocks(toy_runs, mo
 
 
 @pytest.mark.parametrize("run, extra, message", [
-    ("masked", ["--steps", "5"], "--steps scores a shortened Gaussian chain; the 'masked' family's bound has no "
+    ("masked", ["--steps", "5"], "--steps scores the bound of a shortened chain; the 'masked' family's bound has no "
                                  "such chain: drop --steps."),
     ("masked", ["--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler; the 'masked'"),
     ("ar", ["--steps", "5"], "A likelihood bound is not available for the 'ar' family"),
@@ -770,9 +770,11 @@ def test_sample_writes_batch_by_batch_the_draws_of_one_call(toy_runs, tmp_path, 
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--run_dir", str(toy_runs / "gaussian"), "--steps", "2", "--num_samples", "5",
                  "--batch_size", "2", "--seed", "3", "--out", str(out)]) == 0
+    from dlm.runs.sample import generate
+
     run = load_run(toy_runs / "gaussian")
     options = SampleOptions.from_config(run.config, num_samples=5, steps=2, batch_size=2, seed=3)
-    ids, _ = run.family.generate(run, options, torch.Generator().manual_seed(3), "cpu")  # one call, every batch
+    ids = generate(run, options).ids  # one call, every batch (one batch of 5 draws otherwise)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["ids"] for r in records] == ids.tolist() and [r["index"] for r in records] == list(range(5))
     assert len(out.with_suffix(".txt").read_text().splitlines()) == 5
@@ -1226,11 +1228,12 @@ def test_a_classifier_is_replaced_only_by_a_better_one(runs, tmp_path, capsys):
 def test_memory_guards_directly():
     from dlm.core.errors import UserError
     from dlm.evaluation.likelihood import check_windows_fit
+    from dlm.families.contract import Chain
     from dlm.runs.sample import check_memory
 
     check_windows_fit(256, 64)
-    check_memory(SampleOptions(num_samples=64, record_every=10), 64, 2000)
+    check_memory(SampleOptions(num_samples=64, record_every=10), 64, Chain(blocks=1, timesteps=2000))
     with pytest.raises(UserError, match="held-out windows need about"):
         check_windows_fit(10**10, 64)
     with pytest.raises(UserError, match="GiB of trajectory"):
-        check_memory(SampleOptions(num_samples=10**9, record_every=1), 64, 2000)
+        check_memory(SampleOptions(num_samples=10**9, record_every=1), 64, Chain(blocks=1, timesteps=2000))

@@ -17,20 +17,16 @@ from dlm.core.config import Config, machine_memory_bytes
 from dlm.core.data import atomic_write_bytes, check_destination, current_umask
 from dlm.core.errors import DiskFullError, UserError, is_disk_full
 from dlm.families import family, sample_settings
-from dlm.families.contract import X0_CHOICES, SampleOptions  # noqa: F401  (re-exported: the contract's types)
+from dlm.families.contract import X0_CHOICES, Chain, SampleOptions, batches, merge_frames  # noqa: F401  (re-exported: the contract's types)
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
 
 
 def check_options(config: Config, options: SampleOptions) -> None:
     """Every sampling option against a run's config, before any draw (before the run is loaded,
-    too): the options' own ranges and the steps its chain can take (the Gaussian family's
-    diffusion_steps, or the family's own `check_steps`)."""
-    chain = family(config.model)
-    options.validate(getattr(chain.objective(config), "steps", None))
-    check_steps = getattr(chain, "check_steps", None)
-    if check_steps is not None:
-        check_steps(options, config)
+    too): the options' own ranges and the steps its family's sampler can take (its check_steps)."""
+    options.validate()
+    family(config.model).check_steps(options, config)
 
 
 @dataclass
@@ -44,28 +40,29 @@ def generate_batches(run: LoadedRun, options: SampleOptions,
                      device: str | torch.device = "cpu") -> Iterator[SampleBatch]:
     """The samples one batch of options.batch_size at a time: one generator runs through the batches
     in order, so they are the draws one call for all of them makes."""
-    options.validate()  # what does not depend on the family (it checks the steps), before any draw
+    check_options(run.config, options)  # before any draw
     generator = torch.Generator().manual_seed(options.seed)
-    for first in range(0, options.num_samples, options.batch_size):
-        part = replace(options, num_samples=min(options.batch_size, options.num_samples - first))
-        ids, trajectory = run.family.generate(run, part, generator, device)
+    for _, size in batches(options.num_samples, options.batch_size):
+        ids, trajectory = run.family.generate(run, replace(options, num_samples=size), generator, device)
         yield SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], trajectory)
 
 
 def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device = "cpu") -> SampleBatch:
     """Samples of the run's family (the reverse chain, or left to right for the AR baseline)."""
-    batches = list(generate_batches(run, options, device))
-    trajectory = [dict(frame, ids=[row for batch in batches for row in batch.trajectory[i]["ids"]])
-                  for i, frame in enumerate(batches[0].trajectory)]
-    return SampleBatch(torch.cat([b.ids for b in batches]), [t for b in batches for t in b.texts], trajectory)
+    parts, trajectory = [], []
+    for batch in generate_batches(run, options, device):
+        parts.append(batch)
+        trajectory = merge_frames(trajectory, batch.trajectory)
+    return SampleBatch(torch.cat([b.ids for b in parts]), [t for b in parts for t in b.texts], trajectory)
 
 
-def check_memory(options: SampleOptions, seq_len: int, total_steps: int | None) -> None:
+def check_memory(options: SampleOptions, seq_len: int, chain: Chain | None) -> None:
     """Refuse up front what cannot fit: a recorded trajectory keeps every sample's tokens at every
-    recorded step (the samples themselves are written batch by batch and not kept)."""
-    if not options.record_every:
+    recorded step of every block's chain (the samples themselves are written batch by batch and not
+    kept). `chain`: the run's (its family's chain(config)); None, no chain: nothing is recorded."""
+    if not options.record_every or chain is None:
         return
-    frames = (total_steps or options.steps) // options.record_every + 2
+    frames = chain.blocks * (options.steps // options.record_every + 2)
     need = frames * options.num_samples * seq_len * 40  # a Python int in a list: about 40 bytes
     have = machine_memory_bytes()
     if have is not None and need > have / 2:
@@ -147,16 +144,8 @@ class SampleWriter:
                                                           f"left) and sample again.") from None
         for kind in self.whole:
             self.whole[kind] = self.handles[kind].tell()
-        self._record(batch.trajectory)
+        self.frames = merge_frames(self.frames, batch.trajectory)  # each batch's rows on the frames of the same steps
         self.count += len(batch.texts)
-
-    def _record(self, frames: list[dict]) -> None:
-        """Frames are per step; each batch adds its rows to the frames of the same steps."""
-        if not self.frames:
-            self.frames = [{"index": f["index"], "t": f["t"], "ids": list(f["ids"])} for f in frames]
-        else:
-            for mine, theirs in zip(self.frames, frames):
-                mine["ids"].extend(theirs["ids"])
 
     def close(self) -> None:
         try:

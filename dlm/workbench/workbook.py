@@ -220,7 +220,7 @@ def check_report_values(config, parameters: Mapping[str, Mapping[str, Any]], fro
     report stopped after training blocks its name): the run's keys against its family, a --from_run
     of the preset's family, every sampling step count, an AR run wherever one is asked for."""
     from dlm.runs.sample import SampleOptions, check_options
-    from dlm.workbench.notebook import resolve_input, step_counts
+    from dlm.workbench.notebook import chain_timesteps, resolve_input, step_counts
 
     families.family(config.model).check_config(config)
     if from_run is not None and model_of_run(from_run, "--from_run") != config.model:
@@ -231,7 +231,7 @@ def check_report_values(config, parameters: Mapping[str, Mapping[str, Any]], fro
              if (value := parameters.get(notebook, {}).get(key, -1)) != -1]
     curve = parameters.get("sample", {}).get("curve_steps", "")
     if curve and "steps" in families.family(config.model).SAMPLE_OPTIONS:
-        total = getattr(families.family(config.model).objective(config), "steps", None)
+        total = chain_timesteps(config)
         asked += [("--param sample.curve_steps", count) for count in step_counts(curve, total, "curve_steps")]
     for flag, value in asked:
         if not isinstance(value, int) or isinstance(value, bool):
