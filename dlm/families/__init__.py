@@ -97,7 +97,7 @@ def not_available(name: str, what: str, lacks: str | None = None) -> str:
     """The one line the workbench shows for something a family does not support; `lacks` (a
     capability or a SampleOptions field the family does not have) adds why, from its WHY_NOT."""
     why = f": {family(name).WHY_NOT[lacks]}" if lacks is not None else ""
-    return f"{what} is not available for the '{name}' family{why} (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."
+    return f"{what} is not available for the '{name}' family{why} ({FAMILIES[name]})."
 
 
 def sample_settings(name: str, options) -> dict:

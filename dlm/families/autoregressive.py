@@ -88,6 +88,7 @@ class NextTokenObjective:
     """The AR model's training objective, shaped like GaussianDiffusion for the training loop."""
 
     terms = ("total", "nll")
+    timestep_sampler = None  # no timesteps
 
     def training_losses(self, model: AutoregressiveLM, ids: torch.Tensor,
                         generator: torch.Generator | None = None, uniform_t: bool = False,

@@ -233,6 +233,9 @@ class Objective(Protocol):
     """What the training loop minimises (the module's objective(config))."""
 
     terms: tuple[str, ...]  # the metric columns, "total" first
+    # what it learns while training besides the model (state_dict / load_state_dict, kept in last.pt for
+    # an exact resume): the Gaussian objective's measured timestep density; None where there is none
+    timestep_sampler: object | None
 
     def training_losses(self, model: nn.Module, ids: torch.Tensor, generator: torch.Generator | None = None,
                         uniform_t: bool = False, keys=None) -> dict[str, torch.Tensor]:

@@ -83,6 +83,7 @@ class MaskedDiffusion:
     """The continuous-time NELBO of masked diffusion, shaped like the other objectives."""
 
     terms = ("total", "nelbo", "masked_ce")  # masked_ce: the plain CE at masked positions (unweighted)
+    timestep_sampler = None  # its mask rates are drawn as they are, nothing measured
 
     def __init__(self, block_size: int | None = None, rate_range: tuple[float, float] = (1e-3, 1.0),
                  eval_min_rate: float = 1e-3):

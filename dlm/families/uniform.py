@@ -126,6 +126,7 @@ class UniformDiffusion:
     """UDLM's continuous-time NELBO, shaped like the other objectives."""
 
     terms = ("total", "nelbo", "x0_ce")  # x0_ce: the denoiser's plain CE against the clean words, all positions
+    timestep_sampler = None  # its times are drawn as they are, nothing measured
 
     def __init__(self):
         self.times = MaskedDiffusion(None, TRAIN_TIMES)  # its low-discrepancy draws of t over a batch
