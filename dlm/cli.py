@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "what dlm sample draws from)")
 
     matched = evaluate_parser.add_argument_group(
-        "matched entropy (--matched)", "samples of --run_dir drawn at the final-token temperature that gives "
+        "matched entropy (--matched)", "samples of --run_dir drawn at the sampling temperature that gives "
         "held-out text's unigram entropy, scored by --teacher: perplexity compared at equal entropy")
     matched.add_argument("--matched", action="store_true", help="score --run_dir's samples at held-out entropy")
     matched.add_argument("--checkpoint", help="a checkpoint of --run_dir, or best or last (default: its last; --nll too)")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate_parser = commands.add_parser(
         "calibrate", allow_abbrev=False,
-        help="find the final-token temperature that puts a run's samples at held-out text's unigram entropy; "
+        help="find the sampling temperature that puts a run's samples at held-out text's unigram entropy; "
              "the run samples at it by default from then on (RUN/calibration.json)")
     calibrate_parser.add_argument("--run_dir", required=True)
     calibrate_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "expected one plus x_t's share of x_0's own noise; default: the run's "
                                     "sample_x0)")
     sample_parser.add_argument("--temperature", type=float,
-                               help="0: argmax of the rounding logits; >0: draw final tokens from softmax/T")
+                               help="0: argmax; >0: draw words from softmax/T (the Gaussian chain's final rounding, "
+                                    "each step of a masked or uniform chain, each AR token)")
     sample_parser.add_argument("--unk", action=argparse.BooleanOptionalAction,
                                help="a final token may be <unk>; --no-unk masks it, so that a capped vocabulary's "
                                     "samples hold words only (default: the run's decode_unk)")

@@ -136,7 +136,10 @@ class Config:
     # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/journal.md),
     # or the posterior mean E[x_0 | x_t] under that softmax (gaussian_sampling.posterior_x0_hook)
     sample_x0: Literal["predicted", "expected", "posterior"] = _sampling("predicted")
-    decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
+    # the sampler's temperature where its family draws words: the Gaussian chain's final rounding, every
+    # step of the masked and uniform chains (their per-step temperature), every token of the AR model;
+    # 0 argmax, >0 drawn from softmax(logits / T)
+    decode_temperature: float = _sampling(0.0)
     # whether a final token may be <unk>; False masks its score, so that a capped vocabulary's
     # samples (about 12% <unk> at 10+ occurrences) hold words only
     decode_unk: bool = _sampling(True)
@@ -175,7 +178,7 @@ class Config:
     # TensorBoard event files in run_dir/tensorboard/ (losses, lr, tokens/s, embedding geometry,
     # samples at kept checkpoints); needs the tensorboard package
     tensorboard: bool = _bookkeeping(False)
-    # at the end of training, find the final-token temperature that puts 64 samples at held-out
+    # at the end of training, find the sampling temperature that puts 64 samples at held-out
     # text's unigram entropy and sample at it by default from then on (RUN/calibration.json;
     # dlm.evaluation.calibration; the same as `dlm calibrate`)
     calibrate_temperature: bool = _bookkeeping(False)
