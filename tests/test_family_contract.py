@@ -193,6 +193,10 @@ def test_samples(trained):
     assert torch.equal(batch.ids, again.ids)
     for frame in batch.trajectory:  # frames, when the family records them, are whole windows of words
         assert len(frame["ids"]) == 3 and all(len(row) == run.config.seq_len for row in frame["ids"])
+    # a frame's t is one unit in every family: the noise level as a fraction, from near 1 down to 0
+    times = [frame["t"] for frame in batch.trajectory]
+    assert all(isinstance(t, float) and 0 <= t <= 1 for t in times) and times == sorted(times, reverse=True)
+    assert not times or (times[-1] == 0 and times[0] >= 0.5)
 
 
 # One sampling option each, changed from BASE: a sampler that reads the option gives other samples
