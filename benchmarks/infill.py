@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     run, teacher = load_run(args.run), load_run(args.teacher)
     ppl = lambda rows: math.exp(teacher_nll(teacher, [list(map(int, r)) for r in rows]))  # noqa: E731
 
-    prefix = prefix_comparison({"diffusion": run, "ar": teacher}, teacher, num_prefixes=args.samples, prefix_len=8,
+    prefix = prefix_comparison({run.config.model: run, "ar": teacher}, teacher, num_prefixes=args.samples, prefix_len=8,
                                samples_per_prefix=2, steps=args.steps)
 
     rows = []

@@ -1,21 +1,22 @@
-"""Where a run's samples go wrong: the denoiser's one-step accuracy by noise level, and how many
-held-out words the reverse chain keeps when started from them (dlm/probe.py).
+"""Where a run's samples go wrong: its family's probe of the denoiser on held-out windows (the
+family's `probe`, dlm.evaluation.probe). For a Gaussian run, the denoiser's one-step accuracy by
+noise level and how many held-out words the reverse chain keeps when started from them.
 
     python benchmarks/probe.py runs/default runs/default_10x      # prints and writes probe.md
-    python benchmarks/probe.py runs/default --windows 128 --start_t 400,1000
+    python benchmarks/probe.py runs/default --windows 128 --start_t 0.2,0.5
     python benchmarks/probe.py --one_step --windows 256 runs/default runs/x10/checkpoints/epoch_0028.pt
 
 A run is a run folder (its last checkpoint) or one of its checkpoint files. --one_step leaves out
 the chains (minutes per run) and adds one table across the runs: the denoiser's one-step
 cross-entropy and accuracy at each noise level, side by side (what more training teaches it where).
 
-Each chain table row is one sampler (SAMPLERS below): first_step_accuracy is the denoiser's one-step
-argmax, first_step_calibrated the share drawing each word once from its rounding softmax keeps,
-kept what the whole chain keeps.
+Each chain table row is one sampler (dlm.families.gaussian_probe.SAMPLERS): first_step_accuracy is the
+denoiser's one-step argmax, first_step_calibrated the share drawing each word once from its rounding
+softmax keeps, kept what the whole chain keeps.
 
-A masked-diffusion run gets its own table instead: the cross-entropy at masked positions of
-held-out windows by mask rate, beside the training unigram's on the same positions: whether the
-model reads its context at all (dlm.evaluation.probe.run_context_use).
+A masked-diffusion run's probe is its own table: the cross-entropy at masked positions of held-out
+windows by mask rate, beside the training unigram's on the same positions: whether the model reads
+its context at all. A family without a probe is one line saying so.
 
 Writes --out/probe.md (default benchmarks/results/) with one table of each kind per run
 (--one_step: probe_one_step.md).
@@ -30,23 +31,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from dlm.evaluation.probe import chain_retention, denoising_accuracy, heldout_ids, run_context_use
+from dlm.cli import handled
+from dlm.core.errors import UserError
+from dlm.evaluation.probe import probe_tables
 from dlm.runs.build import load_run
 from dlm.runs.rundir import run_and_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-# The chains compared from held-out x_t: the step noise (ancestral, DDIM), the x0 the step moves
-# toward (the denoiser's, or its rounding softmax's expected embedding) and clamping at every step.
-SAMPLERS = ({"eta": 1.0, "x0": "predicted"}, {"eta": 0.0, "x0": "predicted"}, {"eta": 1.0, "x0": "expected"},
-            {"eta": 0.0, "x0": "expected"}, {"eta": 1.0, "x0": "predicted", "clamp": True})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders or checkpoint files (diffusion runs)")
+    parser.add_argument("runs", nargs="+", help="run folders or checkpoint files (of a family with a probe)")
     parser.add_argument("--one_step", action="store_true", help="only the one-step tables, and one across the runs")
     parser.add_argument("--windows", type=int, default=64, help="held-out windows probed")
-    parser.add_argument("--start_t", default="400,1000,1400", help="timesteps the chain starts from")
+    parser.add_argument("--start_t", default="0.2,0.5,0.7",
+                        help="noise levels the chain starts from, fractions of the chain in (0, 1]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where probe.md goes")
     return parser.parse_args(argv)
 
@@ -57,34 +57,43 @@ def markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, floatfmt=formats)
 
 
+def noise_levels(text: str) -> list[float]:
+    """--start_t: comma-separated noise levels in (0, 1] (1: pure noise)."""
+    try:
+        levels = [float(part) for part in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or not all(0 < level <= 1 for level in levels):
+        raise UserError(f"--start_t takes noise levels in (0, 1] (fractions of the chain, 1 pure noise), e.g. "
+                        f"0.2,0.5; got '{text}'.")
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    return handled("probe.py", lambda: probe_runs(args))
+
+
+def probe_runs(args: argparse.Namespace) -> int:
+    levels = [] if args.one_step else noise_levels(args.start_t)
     sections, one_step = [], []
     for path in args.runs:
         run = load_run(*run_and_checkpoint(path))
-        if run.config.model == "masked":
-            section = f"## {path} (step {run.step})\n\n{markdown(run_context_use(run, args.windows))}\n"
-            sections.append(section)
-            print(section, flush=True)
-            continue
-        ids = heldout_ids(run, args.windows)
-        accuracy = denoising_accuracy(run, ids)
-        one_step.append(accuracy.assign(run=f"{path} (step {run.step})"))
-        section = (f"## {path} (step {run.step})\n\nOne denoiser step from x_t, {args.windows} held-out "
-                   f"windows:\n\n{markdown(accuracy)}\n")
-        if run.config.left_to_right == 0 and not args.one_step:  # a chain from x_t needs one timestep everywhere
-            rows = [{k: v for k, v in chain_retention(run, ids, int(t), **variant).items() if k != "final_ids"}
-                    for t in args.start_t.split(",") for variant in SAMPLERS]
-            section += (f"\nThe reverse chain ({run.config.sample_steps} steps, {run.config.sample_spacing}) "
-                        f"from held-out x_t:\n\n{markdown(pd.DataFrame(rows))}\n")
+        tables = probe_tables(run, args.windows, levels)
+        name = f"{path} (step {run.step})"
+        one_step.append(tables[0][1].assign(run=name))
+        section = f"## {name}\n\n" + "\n".join(f"{title}:\n\n{markdown(table)}\n" for title, table in tables)
         sections.append(section)
         print(section, flush=True)
     if args.one_step:
         table = pd.concat(one_step)
+        level = table.columns[0]  # the probe's noise level: a timestep, or a mask rate
         for column, what in (("cross_entropy", "cross-entropy (nats)"), ("accuracy", "accuracy")):
-            side_by_side = table.pivot(index="t", columns="run", values=column)[table["run"].unique()]
-            section = f"## One-step {what} by timestep, across the runs\n\n{markdown(side_by_side.reset_index())}\n"
+            if column not in table or table[column].isna().any():
+                continue
+            side_by_side = table.pivot(index=level, columns="run", values=column)[table["run"].unique()]
+            section = f"## One-step {what} by {level}, across the runs\n\n{markdown(side_by_side.reset_index())}\n"
             sections.insert(0, section)
             print(section, flush=True)
     out = Path(args.out)

@@ -74,7 +74,7 @@ def check_runs(run, teacher, steps: list[int], spacings: list[str], samples: int
     if "spacing" not in run.family.SAMPLE_OPTIONS:
         raise UserError(f"RUN_DIR '{run.checkpoint.parent.parent}' is of model '{run.config.model}': spacing.py "
                         f"compares the timestep spacings of the Gaussian diffusion chain, and its sampler has no such "
-                        f"chain; give a run of model: diffusion.")
+                        f"chain; give a run of model: gaussian.")
     check_teacher(teacher)
     check_ar_run(run, teacher, "TEACHER")
     for count in steps:

@@ -68,7 +68,7 @@ from dlm.core.runtime import autocast, destroy_distributed, init_distributed, re
 from dlm.core.schedule import q_sample
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import sample_chain
-from dlm.runs.build import build_diffusion
+from dlm.runs.build import build_objective
 from dlm.runs.sample import SampleOptions
 from dlm.runs.state import build_state
 
@@ -171,7 +171,7 @@ def reference_setup(config: Config, vocab_size: int):
     """The reference model, its schedule and an AdamW over every parameter; returns a step(ids)."""
     torch.manual_seed(config.seed)
     model = ReferenceDenoiser(config, vocab_size)
-    schedule = build_diffusion(config).schedule
+    schedule = build_objective(config).schedule
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     model.train()
 
@@ -334,7 +334,7 @@ def measure_sampling(config: Config, vocab_size: int, batch: int = 64, chains=(5
     `max_timed` steps are timed on their first `max_timed` steps and extrapolated."""
     torch.manual_seed(config.seed)
     model = DiffusionLM(config, vocab_size).eval()
-    diffusion = build_diffusion(config)
+    diffusion = build_objective(config)
     rows = []
 
     def run(steps: int, limit: int) -> float:
@@ -375,7 +375,7 @@ def measure_block_sampling(config: Config, vocab_size: int, batch: int = 16, blo
     def run(case: Config, steps: int, cached: bool) -> float:
         torch.manual_seed(case.seed)
         model = DiffusionLM(case, vocab_size).eval()
-        diffusion = build_diffusion(case)
+        diffusion = build_objective(case)
         best = math.inf
         for _ in range(repeats):
             chain = sample_chain(model, diffusion, SampleOptions.from_config(case, steps=steps),

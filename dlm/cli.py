@@ -16,7 +16,17 @@ import torch
 
 from dlm import families
 from dlm.core.checkpoint import CheckpointError
-from dlm.core.config import Config, ConfigError, coerce, describe_type, field_types, load_config, load_yaml, unknown_key_error
+from dlm.core.config import (
+    Config,
+    ConfigError,
+    coerce,
+    current_model,
+    describe_type,
+    field_types,
+    load_config,
+    load_yaml,
+    unknown_key_error,
+)
 from dlm.core.data import atomic_write_bytes, check_destination, check_run_folder
 from dlm.core.errors import UserError, is_disk_full
 from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
@@ -128,7 +138,7 @@ def add_evaluate_parser(commands) -> None:
                           "what dlm sample draws from)")
 
     matched = evaluate_parser.add_argument_group(
-        "matched entropy (--matched)", "samples of --run_dir drawn at the final-token temperature that gives "
+        "matched entropy (--matched)", "samples of --run_dir drawn at the sampling temperature that gives "
         "held-out text's unigram entropy, scored by --teacher: perplexity compared at equal entropy")
     matched.add_argument("--matched", action="store_true", help="score --run_dir's samples at held-out entropy")
     matched.add_argument("--checkpoint", help="a checkpoint of --run_dir, or best or last (default: its last; --nll too)")
@@ -148,7 +158,7 @@ def add_evaluate_parser(commands) -> None:
 def add_calibrate_parser(commands) -> None:
     calibrate_parser = commands.add_parser(
         "calibrate", allow_abbrev=False,
-        help="find the final-token temperature that puts a run's samples at held-out text's unigram entropy; "
+        help="find the sampling temperature that puts a run's samples at held-out text's unigram entropy; "
              "the run samples at it by default from then on (RUN/calibration.json)")
     calibrate_parser.add_argument("--run_dir", required=True)
     calibrate_parser.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
@@ -183,7 +193,8 @@ def add_sample_parser(commands) -> None:
                                     "expected one plus x_t's share of x_0's own noise; default: the run's "
                                     "sample_x0)")
     sample_parser.add_argument("--temperature", type=float,
-                               help="0: argmax of the rounding logits; >0: draw final tokens from softmax/T")
+                               help="0: argmax; >0: draw words from softmax/T (the Gaussian chain's final rounding, "
+                                    "each step of a masked or uniform chain, each AR token)")
     sample_parser.add_argument("--unk", action=argparse.BooleanOptionalAction,
                                help="a final token may be <unk>; --no-unk masks it, so that a capped vocabulary's "
                                     "samples hold words only (default: the run's decode_unk)")
@@ -403,6 +414,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
     overrides = parse_overrides(extra, args)
     if args.command == "train-ar":
         overrides["model"] = "ar"
+    if "model" in overrides:
+        overrides["model"] = current_model(overrides["model"])  # a family's former name, said once
     config = load_config(args.params, **overrides)
     if "model" in overrides and overrides["model"] != load_yaml(args.params).get("model", Config.model):
         config, dropped = families.without_other_families_keys(config, set(overrides))
@@ -469,12 +482,11 @@ def run_sample(args: argparse.Namespace) -> None:
         x0=args.x0, temperature=args.temperature, unk=args.unk,
         decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
     check_options(run.config, options)  # before the chain's cost is printed
-    check_memory(options, run.config.seq_len, getattr(run.objective, "steps", None))
-    if hasattr(run.objective, "block_size_for"):  # a diffusion family: it runs a chain
+    chain = run.family.chain(run.config)
+    check_memory(options, run.config.seq_len, chain)
+    if chain is not None:
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        size = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
-        blocks = run.config.seq_len // size
-        calls = getattr(run.family, "denoiser_calls", lambda steps, positions: steps)(options.steps, size)
+        blocks, calls = chain.blocks, chain.calls(options.steps)
         print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
               f"{'' if calls == options.steps else 'at most '}{blocks * calls} denoiser calls per batch of up to "
               f"{options.batch_size} samples", flush=True)
@@ -602,7 +614,7 @@ def run_nll(args: argparse.Namespace) -> None:
     print("  " + " | ".join(f"{name} {value:.4f}" for name, value in bound.terms.items()))
     numbers = {"nll_bound": bound.total, "nll_bound_se": bound.se, "terms": bound.terms, "windows": bound.windows,
                "draws": bound.draws, "x0": x0, "tokens_per_window": bound.tokens, "checkpoint": str(run.checkpoint),
-               "chain": chain}
+               "chain": None if chain is None else vars(chain)}
     if result.ar_nll is not None:
         print(f"AR NLL    {result.ar_nll:.4f} nats/token (exact, the same windows; {ar.checkpoint}); "
               f"bound / AR = {result.ratio:.3f}")

@@ -45,7 +45,7 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def toy_run_dir(path: Path, model: str = "diffusion", text: str | None = None, **overrides) -> Path:
+def toy_run_dir(path: Path, model: str = "gaussian", text: str | None = None, **overrides) -> Path:
     """An untrained run folder (config, vocab, checkpoints/last.pt) in milliseconds, no training:
     for commands that only need a loadable run. The vocabulary is the words of `text` (default: LINES
     as speeches, blank lines included)."""

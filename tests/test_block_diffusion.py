@@ -16,7 +16,7 @@ from dlm.families.gaussian import generate
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_objective import denoise_every_block
 from dlm.families.gaussian_sampling import chain_blocks, sample_progressive, x0_given_earlier_blocks
-from dlm.runs.build import build_diffusion
+from dlm.runs.build import build_objective
 from dlm.runs.sample import SampleOptions
 
 LENGTH, VOCAB, T = 8, 11, 50
@@ -26,7 +26,7 @@ def toy(block_size=None, **overrides):
     config = load_config(None, embed_dim=8, width=16, depth=1, heads=2, seq_len=LENGTH, diffusion_steps=T,
                          sample_steps=10, rounding_target="predicted", dropout=0.0, block_size=block_size, **overrides)
     torch.manual_seed(0)
-    return DiffusionLM(config, vocab_size=VOCAB), build_diffusion(config), config
+    return DiffusionLM(config, vocab_size=VOCAB), build_objective(config), config
 
 
 def spy(monkeypatch, model):

@@ -16,7 +16,7 @@ def text_of(markdown) -> str:
     return markdown.data
 
 
-@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "diffusion"])
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "gaussian"])
 def test_no_caption_of_another_family_uses_the_gaussian_family_s_words(name):
     shown = [text_of(captions.caption(name, "losses")), text_of(captions.caption(name, "table")),
              text_of(captions.family_line(Config(model=name))), text_of(captions.verdict_where(name))]
@@ -29,11 +29,11 @@ def test_no_caption_of_another_family_uses_the_gaussian_family_s_words(name):
 
 
 def test_the_gaussian_captions_explain_its_geometry_and_its_two_losses():
-    assert "sigma0" in text_of(captions.caption("diffusion", "table"))
-    losses = text_of(captions.caption("diffusion", "losses"))
+    assert "sigma0" in text_of(captions.caption("gaussian", "table"))
+    losses = text_of(captions.caption("gaussian", "losses"))
     assert "MSE" in losses and "rounding" in losses
-    assert "Diffusion-LM" in text_of(captions.likelihood("diffusion"))
-    assert "collapse-analysis page" in text_of(captions.verdict_where("diffusion"))
+    assert "Diffusion-LM" in text_of(captions.likelihood("gaussian"))
+    assert "collapse-analysis page" in text_of(captions.verdict_where("gaussian"))
 
 
 def test_the_masked_pages_say_what_the_masked_family_is():
@@ -49,7 +49,7 @@ def test_the_masked_pages_say_what_the_masked_family_is():
 
 
 def test_a_section_the_family_lacks_is_one_line_with_why():
-    assert captions.lacks("diffusion", "guidance") is None and captions.lacks("masked", "likelihood") is None
+    assert captions.lacks("gaussian", "guidance") is None and captions.lacks("masked", "likelihood") is None
     line = captions.lacks("masked", "guidance")
     assert line.startswith("Classifier guidance is not available for the 'masked' family: its chain moves between "
                            "discrete words") and line.endswith("(dlm.families.masked).")
@@ -64,7 +64,7 @@ def test_a_section_the_family_lacks_is_one_line_with_why():
 def test_a_section_opens_with_its_caption_or_is_one_line(capsys, monkeypatch):
     shown = []
     monkeypatch.setattr(captions, "display", shown.append)
-    assert captions.section("diffusion", "cosine") and capsys.readouterr().out == ""
+    assert captions.section("gaussian", "cosine") and capsys.readouterr().out == ""
     assert "cosine similarity" in text_of(shown.pop())
     assert captions.section("masked", "likelihood") and "NELBO" in text_of(shown.pop())  # the family's own caption
     assert not captions.section("masked", "cosine", skipped="not asked")  # the family's reason comes first
@@ -75,7 +75,7 @@ def test_a_section_opens_with_its_caption_or_is_one_line(capsys, monkeypatch):
 
 def test_a_control_section_says_why_it_is_not_shown(capsys, monkeypatch):
     monkeypatch.setattr(captions, "display", lambda shown: None)
-    assert notebook.shows_task("diffusion", "guidance", ["infill", "guidance"])
+    assert notebook.shows_task("gaussian", "guidance", ["infill", "guidance"])
     assert capsys.readouterr().out == ""
     assert not notebook.shows_task("masked", "guidance", ["infill", "prefix", "length"])  # not asked, and not available
     out = capsys.readouterr().out

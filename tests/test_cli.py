@@ -153,3 +153,50 @@ def test_ar_baseline_trains_samples_and_scores_diffusion_samples(corpus, tmp_pat
     assert own["samples"]["teacher_perplexity"] < own["heldout"]["teacher_perplexity"]
     assert main(["evaluate", "--samples", str(samples), "--teacher", str(student)]) == 2
     assert "must be an autoregressive run" in capsys.readouterr().err
+
+
+RENAMED = "model: diffusion is now called gaussian; loading it as gaussian"
+
+
+@pytest.fixture
+def fresh_rename_notice(monkeypatch):
+    """The rename notice is said once per process: each test starts as a fresh process would."""
+    from dlm.core import config
+
+    monkeypatch.setattr(config, "_told_renamed", set())
+
+
+def test_a_preset_that_says_model_diffusion_trains_as_gaussian_with_one_line(corpus, tmp_path, capsys,
+                                                                              fresh_rename_notice):
+    preset = tmp_path / "old.yaml"
+    preset.write_text((ROOT / "params" / "smoke.yaml").read_text() + "model: diffusion\n")
+    run_dir = tmp_path / "run"
+    assert main(["train", str(preset), "--run_dir", str(run_dir), "--corpus", str(corpus), "--min_count", "1",
+                 "--max_train_tokens", "none", "--max_steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("is now called") == 1 and RENAMED in err.splitlines()
+    assert "model: gaussian" in (run_dir / "config.yaml").read_text()
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["model"] == "gaussian"
+
+
+def test_a_checkpoint_of_model_diffusion_loads_as_gaussian_with_one_line(tmp_path, capsys, fresh_rename_notice):
+    """A run trained before the rename (its checkpoint's config and its config.yaml say diffusion)
+    samples as a Gaussian run; the rename is one line, however often the config is read."""
+    import yaml
+
+    from dlm.core.checkpoint import save_checkpoint
+    from dlm.runs.rundir import RunDir
+    from tests.conftest import toy_run_dir
+
+    run = RunDir(toy_run_dir(tmp_path / "old"))
+    payload = load_checkpoint(run.last_checkpoint)
+    payload["config"]["model"] = "diffusion"
+    save_checkpoint(run.last_checkpoint, payload)
+    run.config.write_text(yaml.safe_dump(payload["config"]))
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(run.path), "--num_samples", "2", "--steps", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("is now called") == 1 and RENAMED in err.splitlines()
+    assert all(json.loads(line)["model"] == "gaussian" for line in out.read_text().splitlines())
+    assert main(["evaluate", "--nll", "--run_dir", str(run.path), "--windows", "2", "--draws", "1"]) == 0
+    assert "is now called" not in capsys.readouterr().err  # once per process

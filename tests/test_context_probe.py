@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from dlm.evaluation.probe import masked_context_use
+from dlm.families.masked_probe import masked_context_use
 
 VOCAB = 10
 

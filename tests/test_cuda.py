@@ -34,7 +34,7 @@ def test_chunked_rounding_loss_on_cuda_matches_cross_entropy():
     assert torch.allclose(grad_plain, grad_chunked, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_kind", ["diffusion", "ar"])
+@pytest.mark.parametrize("model_kind", ["gaussian", "ar"])
 def test_a_fp32_training_step_on_cuda_matches_the_cpu_step(smoke_config, model_kind):
     """Same weights, same batch, same noise: the updated parameters agree to float tolerance."""
     config = smoke_config.replace(model=model_kind, precision="fp32", dropout=0.0, ema_decay=0.0)

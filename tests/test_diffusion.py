@@ -18,7 +18,7 @@ from dlm.core.scheduler import DiffusionScheduler
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_objective import GaussianDiffusion, LossSecondMoment, LossSettings, TimeWarp
 from dlm.families.gaussian_sampling import sample_progressive
-from dlm.runs.build import build_diffusion
+from dlm.runs.build import build_objective
 
 
 def sqrt_alpha_bar(s: float) -> float:
@@ -59,7 +59,7 @@ def toy(predict="x0", rounding_target="clean", **overrides):
     config = load_config(None, embed_dim=8, width=16, depth=1, heads=2, seq_len=6, diffusion_steps=50,
                          sample_steps=50, predict=predict, rounding_target=rounding_target, dropout=0.0, **overrides)
     torch.manual_seed(0)
-    return DiffusionLM(config, vocab_size=11), build_diffusion(config)
+    return DiffusionLM(config, vocab_size=11), build_objective(config)
 
 
 def test_loss_terms_on_a_toy_batch():

@@ -17,7 +17,7 @@ from dlm.core.config import ConfigError
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import Ranks, current_ranks
 from dlm.families.gaussian_model import DiffusionLM
-from dlm.runs.build import build_diffusion, load_run
+from dlm.runs.build import build_objective, load_run
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions, generate
 from dlm.runs.state import build_state
@@ -53,7 +53,7 @@ def test_a_split_batch_draws_and_learns_what_the_whole_batch_does(smoke_config, 
     def gradient(first: int, stop: int) -> torch.Tensor:
         model.zero_grad()
         keys = WindowKeys.batch(config.seed, 3, stop - first, first)
-        objective = build_diffusion(config)
+        objective = build_objective(config)
         if objective.importance is not None:  # measured and far from uniform: each window its own weight
             bins = objective.importance.bins
             objective.importance.load_state_dict({"square": torch.linspace(1, 100, bins, dtype=torch.float64),

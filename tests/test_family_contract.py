@@ -1,11 +1,15 @@
-"""The family contract (dlm/families/__init__.py), checked for every family in FAMILIES: a new family
+"""The family contract (dlm/families/contract.py), checked for every family in FAMILIES: a new family
 that passes these tests works with the whole workbench. Nothing here names a family: a fourth one
-is checked by adding its line to FAMILIES."""
+is checked by adding its line to FAMILIES. And the other way round: every command, notebook and
+report index row runs on each family seen through the contract alone (a bare family: the contract's
+names and nothing more), so that nothing outside dlm/families/ reads what the contract does not list."""
 
 import csv
 import dataclasses
 import json
+import sys
 import typing
+from types import ModuleType
 
 import pandas as pd
 import pytest
@@ -13,16 +17,15 @@ import torch
 
 from dlm import families
 from dlm.core.config import Config, field_types, load_config, section_keys
-from dlm.families import FAMILIES, family, supports
+from dlm.families import FAMILIES, contract, family, supports
 from dlm.runs import train as train_module
-from dlm.runs.build import load_run
+from dlm.runs.build import LoadedRun, load_run
 from dlm.runs.metrics import metric_columns
 from dlm.runs.sample import SampleOptions, generate
 from dlm.runs.train import train
 from tests.conftest import ROOT, make_corpus
 
-CAPABILITIES = {"likelihood_exact", "likelihood_bound", "infill", "prefix", "length", "guidance", "latent",
-                "temperature", "geometry"}
+CAPABILITIES = set(contract.CAPABILITIES)
 CONTROLS = {"infill": "template", "prefix": "prefix", "length": "length"}
 
 
@@ -90,10 +93,11 @@ def test_the_module_declares_the_interface(name):
     assert set(module.SUPPORTS) <= CAPABILITIES, set(module.SUPPORTS) - CAPABILITIES
     assert not {"likelihood_exact", "likelihood_bound"} <= set(module.SUPPORTS)  # one kind of likelihood
     assert set(module.SAMPLE_OPTIONS) <= {f for f in SampleOptions.__dataclass_fields__}
-    for function in ("check_config", "new_model", "objective", "trunk", "generate"):
-        assert callable(getattr(module, function)), function
+    assert contract.missing(module) == []  # FamilyModule's names and those of each capability it declares
     if set(module.SUPPORTS) & set(CONTROLS):
-        assert callable(module.fill) and isinstance(module.ROUNDS_FIXED_WORDS, bool)
+        assert isinstance(module.ROUNDS_FIXED_WORDS, bool)
+    if "likelihood_bound" in module.SUPPORTS:
+        assert set(module.BOUND_OPTIONS) <= {"x0", "steps", "spacing"} and module.BOUND_TERMS
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -189,6 +193,10 @@ def test_samples(trained):
     assert torch.equal(batch.ids, again.ids)
     for frame in batch.trajectory:  # frames, when the family records them, are whole windows of words
         assert len(frame["ids"]) == 3 and all(len(row) == run.config.seq_len for row in frame["ids"])
+    # a frame's t is one unit in every family: the noise level as a fraction, from near 1 down to 0
+    times = [frame["t"] for frame in batch.trajectory]
+    assert all(isinstance(t, float) and 0 <= t <= 1 for t in times) and times == sorted(times, reverse=True)
+    assert not times or (times[-1] == 0 and times[0] >= 0.5)
 
 
 # One sampling option each, changed from BASE: a sampler that reads the option gives other samples
@@ -344,13 +352,12 @@ def test_what_a_family_lacks_is_refused_in_one_line(trained):
     from dlm.evaluation.analysis import analyse_run
     from dlm.evaluation.probe import heldout_ids
     from dlm.runs.classifier import train_classifier
-    from dlm.runs.guidance import chain_scheduler
+    from dlm.runs.guidance import check_guidance
 
     name, run_dir = trained
     run = load_run(run_dir)
-    options = SampleOptions.from_config(run.config, num_samples=2, steps=2)
-    entry = {"geometry": lambda: heldout_ids(run, 2),
-             "guidance": lambda: chain_scheduler(run, options),
+    entry = {"probe": lambda: heldout_ids(run, 2),
+             "guidance": lambda: check_guidance(run),
              "latent": lambda: train_classifier(run, "question", "latent", steps=1)}
     for capability, call in entry.items():
         if supports(name, capability):
@@ -382,3 +389,237 @@ def test_an_older_metrics_file_keeps_its_columns(tmp_path):
     with pytest.raises(ValueError, match="no column for surprise"):  # an undeclared term is never dropped silently
         writer.write({"step": 20, "surprise": 1.0})
     plots.loss_curves(pd.read_csv(path))  # the old file still plots
+
+
+# --- a family that has the contract and nothing more ----------------------------------------------
+# Each real family seen only through dlm.families.contract: a module holding the contract's names
+# for what the family declares (each delegating to the real one), an objective with `terms` and
+# `training_losses` alone, a model with `embedding`, `table()` and nn.Module's API alone. Every
+# command and notebook that claims to support the family runs on it: a read of anything else outside
+# dlm/families/ (run.objective.steps, run.model.embed, a family function the contract does not list)
+# raises ContractLeak here, also where it is asked with hasattr or getattr and a default.
+
+
+class ContractLeak(Exception):
+    """A read outside the contract. Not an AttributeError: hasattr and getattr(..., default), which
+    would turn a leak into a silently different path, let it through."""
+
+
+def leaks(what: str):
+    """A __getattr__ for `what`: a dunder or private name missing is the usual AttributeError (Python
+    and torch probe those); any other name is a ContractLeak."""
+    def __getattr__(name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise ContractLeak(f"'{name}' of {what} read outside dlm/families/: the contract does not list it")
+    return __getattr__
+
+
+class BareModel(torch.nn.Module):
+    """contract.Model: `embedding` and `table()`, beside nn.Module's own API."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.embedding = inner.embedding
+
+    def table(self) -> torch.Tensor:
+        return self.inner.table()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # its parameters and submodules (inner, embedding)
+        except AttributeError:
+            return leaks("the family's model")(name)
+
+
+class BareObjective:
+    """contract.Objective: `terms` and `training_losses`."""
+
+    __slots__ = ("terms", "timestep_sampler", "_inner")
+
+    def __init__(self, inner):
+        self.terms, self.timestep_sampler, self._inner = tuple(inner.terms), inner.timestep_sampler, inner
+
+    def training_losses(self, model, ids, generator=None, uniform_t=False, keys=None):
+        return self._inner.training_losses(model.inner, ids, generator, uniform_t, keys)
+
+    __getattr__ = staticmethod(leaks("the family's objective"))
+
+
+def bare_family(real_name: str) -> ModuleType:
+    """The family `real_name` through its contract alone, as a module named bare_<real_name>."""
+    real = family(real_name)
+
+    def inward(value):  # what the outside hands the bare family, as the real family knows it
+        if isinstance(value, LoadedRun):
+            return dataclasses.replace(value, model=inward(value.model), objective=value.objective._inner,
+                                       config=inward(value.config))
+        if isinstance(value, Config):
+            return dataclasses.replace(value, model=real_name)
+        return value.inner if isinstance(value, BareModel) else value
+
+    def delegate(name: str, function):
+        wrap = {"new_model": BareModel, "objective": BareObjective}.get(name, lambda result: result)
+
+        def call(*args, **kwargs):
+            return wrap(function(*map(inward, args), **{key: inward(value) for key, value in kwargs.items()}))
+        return call
+
+    module = ModuleType(f"tests_bare_{real_name}", f"The {real_name} family through the contract alone.")
+    for name in contract.module_members(real.SUPPORTS):
+        value = getattr(real, name)
+        setattr(module, name, delegate(name, value) if callable(value) and not name.isupper() else value)
+    module.NAME, module.TITLE = f"bare_{real_name}", f"bare {real.TITLE}"
+    module.__getattr__ = leaks(f"the family module {module.NAME}")
+    return module
+
+
+def register_bare(real_name: str, monkeypatch) -> ModuleType:
+    module = bare_family(real_name)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(FAMILIES, module.NAME, module.__name__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def teacher(corpus, tmp_path_factory):
+    """An AR run on the same corpus and vocabulary: the teacher and the AR rows."""
+    run_dir = tmp_path_factory.mktemp("teacher") / "ar"
+    train(tiny_config(corpus, "ar"), run_dir)
+    return run_dir
+
+
+def test_a_bare_family_keeps_the_contract_and_has_nothing_else():
+    for name in FAMILIES:
+        module = bare_family(name)
+        assert contract.missing(module) == []
+        assert set(vars(module)) - {"__name__", "__doc__", "__package__", "__loader__", "__spec__", "__getattr__"} == set(
+            contract.module_members(module.SUPPORTS))
+        with pytest.raises(ContractLeak):
+            hasattr(module, "block_size_for")
+
+
+@pytest.mark.parametrize("real_name", list(FAMILIES))
+def test_every_command_runs_on_a_family_with_the_contract_alone(real_name, corpus, teacher, tmp_path, monkeypatch,
+                                                                capsys):
+    """dlm train, sample, stats, evaluate (--nll, --samples, --matched), calibrate, infill,
+    train-classifier and control-table on the bare family: each it declares runs, each it lacks is
+    one line naming the family."""
+    from dlm.cli import main
+
+    bare = register_bare(real_name, monkeypatch)
+    name, declared, options = bare.NAME, set(bare.SUPPORTS), set(bare.SAMPLE_OPTIONS)
+    run_dir, out = tmp_path / "run", tmp_path / "samples.jsonl"
+
+    def ran(*argv):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 0, err
+
+    def refused(*argv, says="not available for"):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0], "\n".join(err)
+
+    steps = ["--steps", "3"] if "steps" in options else []
+    ran("train", ROOT / "params" / "smoke.yaml", "--model", name, "--run_dir", run_dir, "--corpus", corpus,
+        "--min_count", "1", "--max_train_tokens", "none", "--epochs", "2", "--precision", "fp32", "--device", "cpu",
+        "--threads", "1", "--no-progress")
+    ran("sample", "--run_dir", run_dir, "--num_samples", "3", "--batch_size", "2", "--out", out, *steps,
+        *(["--record_every", "1"] if "record_every" in options else []))
+    assert len(out.read_text().splitlines()) == 3
+    ran("stats", "--samples", out, "--run_dir", run_dir)
+    ran("evaluate", "--samples", out, "--teacher", teacher)
+    nll = ["evaluate", "--nll", "--run_dir", run_dir, "--windows", "2", "--draws", "1"]
+    if "likelihood_bound" in declared:
+        ran(*nll, "--ar_run", teacher)
+        if "steps" in bare.BOUND_OPTIONS:
+            ran(*nll, "--steps", "2")
+        else:  # a bound without a shortened chain: one line, not an AttributeError
+            refused(*nll, "--steps", "5", says="has no such chain: drop --steps")
+    else:
+        refused(*nll)
+    if "likelihood_exact" in declared:
+        ran("evaluate", "--samples", out, "--teacher", run_dir)
+    matched = ["evaluate", "--matched", "--run_dir", run_dir, "--teacher", teacher, "--num_samples", "4"]
+    if "temperature" in declared:
+        ran(*matched)
+        ran("calibrate", "--run_dir", run_dir, "--num_samples", "4")
+    else:
+        refused(*matched)
+    words = [w for w in load_run(run_dir).tokenizer.itos if w.isalpha()][:2]
+    for task, argv in (("infill", ["--template", f"{words[0]} __ __ {words[1]}"]), ("prefix", ["--prefix", words[0]]),
+                       ("length", ["--length", "3"])):
+        infill = ["infill", "--run_dir", run_dir, "--num_samples", "3", *argv, *steps]
+        ran(*infill) if task in declared else refused(*infill)
+    classifier = ["train-classifier", "--run_dir", run_dir, "--attribute", "question", "--steps", "2", "--batch_size",
+                  "4", "--width", "16", "--depth", "1"]
+    ran(*classifier, "--kind", "judge")
+    table = ["control-table", "--run_dir", run_dir, "--ar_run", teacher, "--attribute", "question", "--strengths",
+             "0.1", "--num_samples", "2", "--ar_candidates", "2", "--out_dir", tmp_path / "control", *steps]
+    if "latent" in declared:
+        ran(*classifier, "--kind", "latent")
+    else:
+        refused(*classifier, "--kind", "latent")
+    ran(*table) if "guidance" in declared else refused(*table)
+
+
+def execute_here(notebook, output, parameters=None, cwd=None, kernel_name=None, echo=False):
+    """workbook.execute in this process (where the bare family is registered): the notebook's code
+    cells run in order in one namespace, `parameters` assigned right after its parameters cell, as
+    papermill injects them; the notebook is written to `output` as it is (no outputs)."""
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    namespace = {"__name__": "__main__", "display": lambda *objects, **options: None}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        exec(compile(cell.source, str(notebook), "exec"), namespace)
+        if "parameters" in cell.metadata.get("tags", []):
+            exec("\n".join(f"{key} = {value!r}" for key, value in (parameters or {}).items()), namespace)
+    nbformat.write(nb, str(output))
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("real_name", list(FAMILIES))
+def test_every_notebook_and_the_report_index_run_on_a_family_with_the_contract_alone(real_name, corpus, teacher,
+                                                                                      tmp_path, monkeypatch):
+    """dlm report's notebooks (train, sample, collapse analysis where it has the geometry, control
+    with the tasks it declares) run in this process on the bare family, and the report index gives
+    it its row."""
+    import yaml
+
+    from dlm.workbench import workbook
+
+    bare = register_bare(real_name, monkeypatch)
+    monkeypatch.setattr(workbook, "execute", execute_here)
+    name = bare.NAME
+    values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    tasks = ",".join(t for t in ("infill", "prefix", "length", "guidance") if supports(name, t))
+    values.update(model=name, corpus=str(corpus), min_count=1, max_train_tokens=None, threads=1, sample_steps=4,
+                  epochs=2, precision="fp32", device="cpu", control_tasks=tasks)
+    values = {key: value for key, value in values.items() if key not in families.family_keys() - bare.CONFIG_KEYS}
+    preset = tmp_path / f"{name}.yaml"
+    preset.write_text(yaml.safe_dump(values))
+    curve = {"curve_steps": "2,4", "curve_samples": 2} if "steps" in bare.SAMPLE_OPTIONS else {"curve_steps": ""}
+    parameters = {"train": {"nll_windows": 2, "nll_draws": 1, "nll_checkpoints": 1, "preview_checkpoints": 1,
+                            "samples_per_checkpoint": 1},
+                  "sample": {"num_samples": 4, "threads": 1, "table_rows": 3, "teacher_dir": str(teacher), **curve},
+                  "collapse_analysis": {"num_samples": 4, "threads": 1, "max_checkpoints": 2},
+                  "control": {"num_samples": 2, "threads": 1, "length": 4, "classifier_steps": 2, "strength": "0.1",
+                              "ar_run": str(teacher)}}
+    reports = tmp_path / "reports"
+    report_dir = workbook.build_report(preset, name=name, reports_dir=reports, parameters=parameters, echo=False)
+    info = json.loads((report_dir / "report.json").read_text())
+    assert info["status"] == "complete"
+    expected = {nb for nb in workbook.NOTEBOOKS if nb != "control" or tasks} - set(info["not_available"])
+    assert set(info["pages"]) == expected and ("collapse_analysis" in expected) == supports(name, "geometry")
+    numbers = info["numbers"]
+    assert numbers["family"] == name and numbers["family_title"] == bare.TITLE
+    assert numbers["likelihood_kind"] == bare.likelihood_kind(load_run(report_dir / "run").config)
+    assert "likelihood" in numbers  # the exact NLL (its validation loss) or the bound the train notebook wrote
+    index = (reports / "index.html").read_text()
+    assert f"<b>{name}</b>" in index and bare.TITLE in index

@@ -12,11 +12,12 @@ from dlm.core.checkpoint import CheckpointError
 from dlm.core.config import load_config
 from dlm.core.data import Tokenizer
 from dlm.evaluation.control import COLUMNS, ArBaseline, GuidanceSettings, control_table, markdown, rejection_pick
+from dlm.families.gaussian_guidance import chain_scheduler, guidance_hook
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import sample_chain
-from dlm.runs.build import build_diffusion, load_run
+from dlm.runs.build import build_objective, load_run
 from dlm.runs.classifier import attribute, load_classifier, save_classifier, train_classifier
-from dlm.runs.guidance import chain_scheduler, guidance_hook, guided_ids
+from dlm.runs.guidance import guided_ids
 from dlm.runs.rundir import RunDir
 from dlm.runs.sample import SampleOptions, generate
 from tests.conftest import ROOT, make_corpus
@@ -38,7 +39,7 @@ def bayes_toy():
     E[x0 | x_t] = sqrt(a_t) x_t: every push the guidance gives x survives to the end."""
     config = load_config(None, embed_dim=4, width=8, depth=1, heads=2, seq_len=6, diffusion_steps=100,
                          sample_steps=20, dropout=0.0, clamp=False)
-    model, diffusion = DiffusionLM(config, vocab_size=9).eval(), build_diffusion(config)
+    model, diffusion = DiffusionLM(config, vocab_size=9).eval(), build_objective(config)
     roots = diffusion.schedule.sqrt_alphas_cumprod
     model.denoise = lambda x_t, t, x0_estimate=None, attend=None: roots[t].view(-1, 1, 1) * x_t
     return SimpleNamespace(config=config, model=model, objective=diffusion, checkpoint="toy")
@@ -75,7 +76,7 @@ def test_guidance_hook_refuses_a_chain_it_was_not_built_for():
 def test_guidance_refuses_a_block_diffusion_run_with_one_clear_line():
     run = bayes_toy()
     run.config.block_size = 2
-    run.objective = build_diffusion(run.config)
+    run.objective = build_objective(run.config)
     with pytest.raises(ValueError, match="samples in blocks"):
         chain_scheduler(run, SampleOptions.from_config(run.config, num_samples=2))
 
@@ -102,17 +103,17 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("guided")
     corpus = make_corpus(root / "corpus.txt")
-    for name, command in (("diffusion", "train"), ("ar", "train-ar")):
+    for name, command in (("gaussian", "train"), ("ar", "train-ar")):
         assert main([command, SMOKE, "--run_dir", str(root / name), "--corpus", str(corpus), *QUICK]) == 0
-    run = load_run(root / "diffusion")
+    run = load_run(root / "gaussian")
     for kind in ("latent", "judge"):
         result = train_classifier(run, "question", kind, steps=5, batch_size=8, width=16, depth=1)
-        save_classifier(RunDir(root / "diffusion").classifier(kind, "question"), result, run)
+        save_classifier(RunDir(root / "gaussian").classifier(kind, "question"), result, run)
     return root
 
 
 def test_strength_zero_draws_what_dlm_sample_draws(runs):
-    run = load_run(runs / "diffusion")
+    run = load_run(runs / "gaussian")
     guide = load_classifier(RunDir(run.checkpoint.parents[1]).classifier("latent", "question"), run, "latent")
     options = SampleOptions.from_config(run.config, num_samples=5, steps=8, seed=3, batch_size=3, clamp=False)
     assert torch.equal(guided_ids(run, options, guide, strength=0.0), generate(run, options).ids)
@@ -120,7 +121,7 @@ def test_strength_zero_draws_what_dlm_sample_draws(runs):
 
 
 def test_classifier_checkpoint_round_trips_and_a_corrupt_one_is_a_clear_error(runs, tmp_path):
-    run = load_run(runs / "diffusion")
+    run = load_run(runs / "gaussian")
     result = train_classifier(run, "question", "latent", steps=3, batch_size=8, width=16, depth=1)
     assert set(result.metrics) >= {"train_positive_share", "heldout_balanced_accuracy_low_t"}
     path = save_classifier(tmp_path / "q.pt", result, run)
@@ -141,8 +142,8 @@ def test_classifier_checkpoint_round_trips_and_a_corrupt_one_is_a_clear_error(ru
 
 
 def test_control_table_rows_and_cli(runs, tmp_path, capsys):
-    run, ar = load_run(runs / "diffusion"), load_run(runs / "ar")
-    folder = RunDir(runs / "diffusion")
+    run, ar = load_run(runs / "gaussian"), load_run(runs / "ar")
+    folder = RunDir(runs / "gaussian")
     classifiers = {"question": tuple(load_classifier(folder.classifier(k, "question"), run, k) for k in ("latent", "judge"))}
     options = SampleOptions.from_config(run.config, num_samples=4, steps=5)
     table = control_table(run, classifiers, options, GuidanceSettings([0.1]), ArBaseline(ar, candidates=2))
@@ -152,7 +153,7 @@ def test_control_table_rows_and_cli(runs, tmp_path, capsys):
     assert table["success_rule"].between(0, 1).all() and (table["teacher_ppl"] > 1).all()
     assert markdown(table).count("\n") == 2 + len(table)
     out = tmp_path / "table"
-    assert main(["control-table", "--run_dir", str(runs / "diffusion"), "--ar_run", str(runs / "ar"), "--attribute",
+    assert main(["control-table", "--run_dir", str(runs / "gaussian"), "--ar_run", str(runs / "ar"), "--attribute",
                  "question", "--strengths", "0.1", "--num_samples", "2", "--steps", "4", "--ar_candidates", "2",
                  "--out_dir", str(out), "--device", "cpu"]) == 0
     assert (out / "control.csv").read_text().count("\n") == 6 and "| question | diffusion |" in (out / "control.md").read_text()

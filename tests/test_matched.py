@@ -70,7 +70,7 @@ def toy_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("matched")
     corpus = str(make_corpus(root / "corpus.txt"))
-    return (toy_run_dir(root / "diffusion", corpus=corpus), toy_run_dir(root / "ar", model="ar", corpus=corpus))
+    return (toy_run_dir(root / "gaussian", corpus=corpus), toy_run_dir(root / "ar", model="ar", corpus=corpus))
 
 
 def test_the_cached_chain_redraws_exactly_what_dlm_sample_draws(toy_runs):

@@ -85,7 +85,7 @@ def test_report_runs_every_notebook(report):
     assert ">tiny<" in index and 'href="tiny/sample.html"' in index
     assert "Gaussian diffusion" in index and "bound, predicted x0" in index  # the family and its likelihood's kind
     numbers = info["numbers"]  # recorded by the report itself, from its run folder and executed notebooks
-    assert numbers["family"] == "diffusion" and numbers["likelihood"] == numbers["nll_bound"]
+    assert numbers["family"] == "gaussian" and numbers["likelihood"] == numbers["nll_bound"]
     assert numbers["quality_steps"] == 8 and numbers["quality_samples"] == SAMPLE["curve_samples"]
     assert numbers["samples_per_s"] > 0 and numbers["train_flops"] > 0 and numbers["teacher"] == ""
 

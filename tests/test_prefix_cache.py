@@ -10,7 +10,7 @@ from dlm.core.nets import TinyTransformer
 from dlm.families.blocks import block_causal_mask
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import posterior_x0_hook, sample_progressive
-from dlm.runs.build import build_diffusion
+from dlm.runs.build import build_objective
 
 LENGTH, VOCAB, T = 32, 13, 50
 
@@ -54,7 +54,7 @@ def toy(block_size, block_training="all", **overrides):
     # an untrained denoiser's outputs are near zero; scale them so the prefix matters to each step
     with torch.no_grad():
         model.denoiser.out_proj.weight.mul_(20)
-    return model, build_diffusion(config)
+    return model, build_objective(config)
 
 
 def close(a, b):

@@ -3,7 +3,8 @@ import torch
 
 from dlm.core.embeddings import nearest_rows
 from dlm.core.schedule import sampling_timesteps
-from dlm.evaluation import probe
+from dlm.evaluation.probe import heldout_ids
+from dlm.families import gaussian_probe as probe
 from dlm.families.gaussian_sampling import sample_progressive
 from dlm.runs.build import load_run
 from dlm.runs.train import train
@@ -16,7 +17,7 @@ def run(smoke_config, tmp_path):
 
 
 def test_denoising_accuracy_falls_with_noise(run):
-    ids = probe.heldout_ids(run, 8)
+    ids = heldout_ids(run, 8)
     assert ids.shape == (8, run.config.seq_len)
     table = probe.denoising_accuracy(run, ids)
     assert list(table["t"]) == probe.probe_timesteps(100) and table["t"].iloc[-1] == 99
@@ -25,11 +26,11 @@ def test_denoising_accuracy_falls_with_noise(run):
     assert first["own_vector_accuracy"] == 1.0  # at t = 0 every vector is nearest its own row
     assert last["own_vector_accuracy"] < 0.5 and 0 <= last["accuracy"] <= 1 and last["cross_entropy"] > 0
     with pytest.raises(ValueError, match="windows"):
-        probe.heldout_ids(run, 10**6)
+        heldout_ids(run, 10**6)
 
 
 def test_chain_retention_runs_the_chain_from_the_start_timestep(run):
-    ids = probe.heldout_ids(run, 8)
+    ids = heldout_ids(run, 8)
     one = probe.chain_retention(run, ids, start_t=0)
     assert one["chain_steps"] == 1 and one["kept"] == one["first_step_accuracy"]
     middle = probe.chain_retention(run, ids, start_t=50, clamp=True)
@@ -42,11 +43,11 @@ def test_chain_retention_needs_a_shared_timestep(smoke_config, tmp_path):
     train(smoke_config.replace(epochs=1, threads=1, left_to_right=1.0), tmp_path / "l2r")
     l2r = load_run(tmp_path / "l2r")
     with pytest.raises(ValueError, match="left_to_right"):
-        probe.chain_retention(l2r, probe.heldout_ids(l2r, 2), start_t=10)
+        probe.chain_retention(l2r, heldout_ids(l2r, 2), start_t=10)
 
 
 def test_a_chain_started_at_t0_is_one_clamped_step(run):
-    ids = probe.heldout_ids(run, 2)
+    ids = heldout_ids(run, 2)
     emb = run.model.embed(ids).detach()
     start = emb + 0.3 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
     states = list(sample_progressive(run.model, run.objective, tuple(ids.shape), 20, clamp=True, start=start, start_t=0))
@@ -66,7 +67,7 @@ def test_probe_benchmark_writes_both_tables(run, tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     run_dir = str(run.checkpoint.parents[1])
-    assert module.main([run_dir, "--windows", "4", "--start_t", "20", "--out", str(tmp_path / "out")]) == 0
+    assert module.main([run_dir, "--windows", "4", "--start_t", "0.2", "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "probe.md").read_text()
     assert "own_vector_accuracy" in text and "first_step_accuracy" in text and f"## {run_dir}" in text
     assert "kept" in capsys.readouterr().out
@@ -94,7 +95,7 @@ def test_probe_benchmark_one_step_compares_checkpoints_side_by_side(run, tmp_pat
 def test_a_chain_whose_denoiser_knows_the_words_keeps_every_word(run, sampling, monkeypatch):
     """Fidelity on a toy: the denoiser answers EMB(w) of the held-out words whatever x_t it sees,
     so a faithful sampler ends on exactly those words, from any noise level."""
-    ids = probe.heldout_ids(run, 4)
+    ids = heldout_ids(run, 4)
     monkeypatch.setattr(run.model, "denoise", lambda x_t, t, x0_estimate=None, attend=None: run.model.embed(ids))
     for start_t in (40, 99):
         result = probe.chain_retention(run, ids, start_t=start_t, **sampling)
@@ -111,7 +112,7 @@ def test_a_block_run_is_probed_block_by_block(smoke_config, tmp_path, monkeypatc
     later blocks left out, as it was trained; the toy denoiser knows the words only when asked so."""
     train(smoke_config.replace(epochs=3, threads=1, embedding_norm="l2", block_size=4), tmp_path / "blocks")
     blocks = load_run(tmp_path / "blocks")
-    ids = probe.heldout_ids(blocks, 4)
+    ids = heldout_ids(blocks, 4)
     clean = blocks.model.embed(ids).detach()
 
     def denoise(x_t, t, x0_estimate=None, attend=None):

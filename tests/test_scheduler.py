@@ -10,7 +10,7 @@ from dlm.core.schedule import NoiseSchedule
 from dlm.core.scheduler import DiffusionScheduler
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_sampling import reverse_chain, sample_progressive
-from dlm.runs.build import build_diffusion
+from dlm.runs.build import build_objective
 
 
 def two_step_chain(eta: float) -> tuple[DiffusionScheduler, list[float]]:
@@ -82,7 +82,7 @@ def toy(predict="x0"):
     config = load_config(None, embed_dim=8, width=16, depth=1, heads=2, seq_len=6, diffusion_steps=50,
                          schedule="cosine", sample_steps=50, predict=predict, dropout=0.0)
     torch.manual_seed(0)
-    return DiffusionLM(config, vocab_size=11).eval(), build_diffusion(config)
+    return DiffusionLM(config, vocab_size=11).eval(), build_objective(config)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -151,7 +151,7 @@ def test_known_positions_hook_keeps_the_fixed_words_through_the_chain():
     config = load_config(None, seq_len=6, embed_dim=8, width=16, depth=1, heads=2, diffusion_steps=50,
                          sample_steps=10)
     torch.manual_seed(0)
-    model, diffusion = DiffusionLM(config, 12).eval(), build_diffusion(config)
+    model, diffusion = DiffusionLM(config, 12).eval(), build_objective(config)
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     known = torch.tensor([[True, False, False, True, False, True]])
     options = SampleOptions.from_config(config, steps=10, clamp=False)

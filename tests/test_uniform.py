@@ -284,15 +284,15 @@ def test_uniform_presets():
 
 
 def test_a_bound_of_a_shortened_chain_is_refused_in_one_line(tmp_path, capsys):
-    """`dlm evaluate --nll --steps N` scores the Gaussian family's shortened chain: for a family with
-    its own bound it is one line naming the fix, not a traceback from the Gaussian schedule."""
+    """`dlm evaluate --nll --steps N` scores a shortened chain's bound: for a family whose bound has
+    none (its BOUND_OPTIONS) it is one line naming the fix, not a traceback from another family's schedule."""
     from dlm.cli import main
     from tests.conftest import toy_run_dir
 
     run = toy_run_dir(tmp_path / "uniform", model="uniform", diffusion_steps=2000)
     assert main(["evaluate", "--nll", "--run_dir", str(run), "--windows", "2", "--steps", "5"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "dlm evaluate: error: --steps scores a shortened Gaussian chain; the 'uniform' family's bound has no such "
+        "dlm evaluate: error: --steps scores the bound of a shortened chain; the 'uniform' family's bound has no such "
         "chain: drop --steps."]
 
 

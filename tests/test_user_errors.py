@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     """A diffusion run and an AR run, two steps each (the module's only training)."""
     root = tmp_path_factory.mktemp("runs")
     corpus = make_corpus(root / "corpus.txt")
-    for name, command in (("diffusion", "train"), ("ar", "train-ar")):
+    for name, command in (("gaussian", "train"), ("ar", "train-ar")):
         assert main([command, SMOKE, "--run_dir", str(root / name), "--corpus", str(corpus), *QUICK]) == 0
     return root
 
@@ -53,7 +53,7 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
     assert saved["diffusion_steps"] == 2000 and saved["sample_steps"] == 200 and saved["width"] == 32
     refused(capsys, "train-ar", ["train-ar", SMOKE, "--run_dir", str(tmp_path / "ar2"), "--corpus", corpus,
                                  "--sample_steps", "7", *QUICK],
-            "'sample_steps' (7) is a diffusion, masked and uniform option", tmp_path)
+            "'sample_steps' (7) is an option of the gaussian, masked and uniform families", tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -71,24 +71,25 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
     (["--tokenizer", "bpe", "--bpe_vocab_size", "500"], "'bpe_vocab_size' must be in [2000, 8000]"),
     (["--tokenizer", "sentencepiece"], "one of: word, bpe, char"),
     # the registry names every family; a Gaussian-only key on a masked run names the key and the family
-    (["--model", "gpt"], "Unknown model family 'gpt': use one of diffusion, masked, ar, uniform."),
+    (["--model", "gpt"], "Unknown model family 'gpt': use one of gaussian, masked, ar, uniform."),
     (["--model", "masked", "--embedding_norm", "l2"],
-     "'embedding_norm' (l2) is a Gaussian-diffusion option; the 'masked' family does not read it"),
-    (["--model", "masked", "--no-use_learned_embeddings"], "'use_learned_embeddings' (False) is a Gaussian-diffusion"),
-    (["--model", "masked", "--predict", "epsilon"], "'predict' (epsilon) is a Gaussian-diffusion option"),
-    (["--model", "masked", "--self_condition", "0.5"], "'self_condition' (0.5) is a Gaussian-diffusion option"),
-    (["--model", "masked", "--sample_x0", "expected"], "'sample_x0' (expected) is a Gaussian-diffusion option"),
+     "'embedding_norm' (l2) is an option of the gaussian family; the 'masked' family does not read it"),
+    (["--model", "masked", "--no-use_learned_embeddings"],
+     "'use_learned_embeddings' (False) is an option of the gaussian family"),
+    (["--model", "masked", "--predict", "epsilon"], "'predict' (epsilon) is an option of the gaussian family"),
+    (["--model", "masked", "--self_condition", "0.5"], "'self_condition' (0.5) is an option of the gaussian family"),
+    (["--model", "masked", "--sample_x0", "expected"], "'sample_x0' (expected) is an option of the gaussian family"),
     (["--model", "masked", "--block_size", "4"], "A masked run with block_size trains every block at once"),
     (["--model", "masked", "--timestep_sampling", "loss_second_moment"],
-     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the 'masked' family does not"),
+     "'timestep_sampling' (loss_second_moment) is an option of the gaussian family; the 'masked' family does not"),
     (["--model", "ar", "--timestep_sampling", "loss_second_moment"],
-     "'timestep_sampling' (loss_second_moment) is a Gaussian-diffusion option; the 'ar' family does not read it"),
+     "'timestep_sampling' (loss_second_moment) is an option of the gaussian family; the 'ar' family does not read it"),
     # a key every other family ignores is refused by name, with the family that reads it (issue 32, item 7)
-    (["--mask_rate_min", "0.3"], "'mask_rate_min' (0.3) is a masked option; the 'diffusion' family does not read it: "
-                                 "leave it at its default (0.001) or use model: masked."),
-    (["--model", "ar", "--sample_x0", "posterior"], "'sample_x0' (posterior) is a Gaussian-diffusion option; the 'ar'"),
+    (["--mask_rate_min", "0.3"], "'mask_rate_min' (0.3) is an option of the masked family; the 'gaussian' family does "
+                                 "not read it: leave it at its default (0.001) or use model: masked."),
+    (["--model", "ar", "--sample_x0", "posterior"], "'sample_x0' (posterior) is an option of the gaussian family; the 'ar'"),
     (["--model", "ar", "--block_size", "4", "--block_training", "all"],
-     "'block_size' (4) is a diffusion and masked option; the 'ar' family does not read it"),
+     "'block_size' (4) is an option of the gaussian and masked families; the 'ar' family does not read it"),
     (["--block_training", "all"], "'block_training' (all) applies to block runs only: set block_size"),
     (["--sample_steps", "101"], "'sample_steps' (101) must be at most diffusion_steps (100)"),
     (["--timestep_sampling", "loss_second_moment", "--left_to_right", "1"],
@@ -216,7 +217,7 @@ def test_a_tensorboard_folder_that_cannot_be_made_is_refused_before_the_run_fold
                                                                                     message, resume):
     run = tmp_path / "run"
     if resume:
-        shutil.copytree(runs / "diffusion", run)
+        shutil.copytree(runs / "gaussian", run)
     else:
         run.mkdir()
     if in_the_way == "file":
@@ -262,7 +263,7 @@ OPTION_NAMES = {"--eta": "eta", "--temperature": "temperature", "--record_every"
                 "--batch_size": "batch_size", "--num_samples": "num_samples"}
 
 
-@pytest.mark.parametrize("total_steps", [2000, None], ids=["diffusion", "ar"])
+@pytest.mark.parametrize("total_steps", [2000, None], ids=["gaussian", "ar"])
 @pytest.mark.parametrize("extra, message", [case for case in BAD_SAMPLE_OPTIONS if case[0][0] in OPTION_NAMES])
 def test_bad_sample_options_fast(total_steps, extra, message):
     """The same checks as the CLI's, on SampleOptions (the diffusion chain and AR generate call it)."""
@@ -275,7 +276,7 @@ def test_bad_sample_options_fast(total_steps, extra, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["diffusion", "ar"])
+@pytest.mark.parametrize("model", ["gaussian", "ar"])
 @pytest.mark.parametrize("extra, message", BAD_SAMPLE_OPTIONS)
 def test_bad_sample_options(runs, tmp_path, capsys, model, extra, message):
     if model == "ar" and extra[0] in ("--eta", "--record_every"):  # options the AR sampler has none of
@@ -288,7 +289,7 @@ def test_bad_sample_options(runs, tmp_path, capsys, model, extra, message):
 
 @pytest.mark.slow
 def test_a_diverged_run_is_not_sampled_into_empty_text(runs, tmp_path, capsys):
-    checkpoint = runs / "diffusion" / "checkpoints" / "last.pt"
+    checkpoint = runs / "gaussian" / "checkpoints" / "last.pt"
     payload = load_checkpoint(checkpoint)
     for name in ("model", "ema"):
         if isinstance(payload.get(name), dict):
@@ -297,13 +298,13 @@ def test_a_diverged_run_is_not_sampled_into_empty_text(runs, tmp_path, capsys):
     bad = tmp_path / "diverged.pt"
     save_checkpoint(bad, payload)
     out = tmp_path / "s.jsonl"
-    assert main(["sample", "--run_dir", str(runs / "diffusion"), "--checkpoint", str(bad), "--out", str(out)]) == 2
+    assert main(["sample", "--run_dir", str(runs / "gaussian"), "--checkpoint", str(bad), "--out", str(out)]) == 2
     assert "holds nan or inf weights: the run diverged" in one_error_line(capsys, "sample")
     assert not out.exists()
     payload = load_checkpoint(checkpoint)  # a run trained with rounding_weight: nan before it was refused
     payload["config"]["rounding_weight"] = math.nan
     save_checkpoint(bad, payload)
-    assert main(["sample", "--run_dir", str(runs / "diffusion"), "--checkpoint", str(bad), "--out", str(out)]) == 2
+    assert main(["sample", "--run_dir", str(runs / "gaussian"), "--checkpoint", str(bad), "--out", str(out)]) == 2
     line = one_error_line(capsys, "sample")
     assert "trained with a setting that dlm refuses now" in line and "'rounding_weight' must be a finite" in line
     assert not out.exists()
@@ -311,7 +312,7 @@ def test_a_diverged_run_is_not_sampled_into_empty_text(runs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_good_sampling_still_works(runs, tmp_path, capsys):
-    for model, chain in (("diffusion", ["--steps", "5", "--eta", "0"]), ("ar", [])):
+    for model, chain in (("gaussian", ["--steps", "5", "--eta", "0"]), ("ar", [])):
         out = tmp_path / f"{model}.jsonl"
         assert main(["sample", "--run_dir", str(runs / model), "--out", str(out), "--num_samples", "3",
                      "--batch_size", "2", *chain]) == 0
@@ -343,7 +344,7 @@ def toy_runs(tmp_path_factory):
     from tests.conftest import toy_run_dir
 
     root = tmp_path_factory.mktemp("toy_runs")
-    toy_run_dir(root / "diffusion")
+    toy_run_dir(root / "gaussian")
     toy_run_dir(root / "ar", model="ar")
     toy_run_dir(root / "masked", model="masked")
     toy_run_dir(root / "one_line", text="To be, or not to be: that is the question.")
@@ -353,18 +354,18 @@ def toy_runs(tmp_path_factory):
 
 
 BAD_INFILL = [
-    ("diffusion", ["--template", ""], "The template is empty: write fixed words and __ blanks"),
-    ("diffusion", ["--template", "  "], "The template is empty"),
-    ("diffusion", ["--template", "__ " * 17], "The template is 17 tokens long, more than the run's seq_len (16)"),
-    ("diffusion", ["--template", "To be zorgle __ blorp"],
+    ("gaussian", ["--template", ""], "The template is empty: write fixed words and __ blanks"),
+    ("gaussian", ["--template", "  "], "The template is empty"),
+    ("gaussian", ["--template", "__ " * 17], "The template is 17 tokens long, more than the run's seq_len (16)"),
+    ("gaussian", ["--template", "To be zorgle __ blorp"],
      "not in the run's vocabulary: 'zorgle', 'blorp'. Use words from the run's vocabulary (its vocab.json)"),
-    ("diffusion", ["--prefix", ""], "The prefix is empty"),
-    ("diffusion", ["--prefix", "Hamlet"], "not in the run's vocabulary: 'Hamlet'"),
-    ("diffusion", ["--length", "0"], "--length must be between 1 and 12 (the run's seq_len 16 less"),
-    ("diffusion", ["--length", "13"], "--length must be between 1 and 12"),
-    ("diffusion", ["--template", "__", "--mbr", "0"], "--mbr must be at least 1"),
-    ("diffusion", ["--template", "__", "--steps", "51"], "steps must be between 1 and the run's diffusion_steps (50)"),
-    ("diffusion", ["--template", "__", "--num_samples", "0"], "num_samples must be at least 1"),
+    ("gaussian", ["--prefix", ""], "The prefix is empty"),
+    ("gaussian", ["--prefix", "Hamlet"], "not in the run's vocabulary: 'Hamlet'"),
+    ("gaussian", ["--length", "0"], "--length must be between 1 and 12 (the run's seq_len 16 less"),
+    ("gaussian", ["--length", "13"], "--length must be between 1 and 12"),
+    ("gaussian", ["--template", "__", "--mbr", "0"], "--mbr must be at least 1"),
+    ("gaussian", ["--template", "__", "--steps", "51"], "steps must be between 1 and the run's diffusion_steps (50)"),
+    ("gaussian", ["--template", "__", "--num_samples", "0"], "num_samples must be at least 1"),
     ("ar", ["--template", "To __ be"], "--template is not available for the 'ar' family (an autoregressive run "
                                        "writes left to right): use --prefix"),
     ("ar", ["--length", "4"], "--length is not available for the 'ar' family"),
@@ -387,7 +388,7 @@ def test_bad_infill_inputs(toy_runs, tmp_path, capsys, run, extra, message):
 
 def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys):
     out = tmp_path / "infill.jsonl"
-    assert main(["infill", "--run_dir", str(toy_runs / "diffusion"), "--template", "__ __", "--steps", "3",
+    assert main(["infill", "--run_dir", str(toy_runs / "gaussian"), "--template", "__ __", "--steps", "3",
                  "--num_samples", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["fixed_positions"] for r in records] == [[], []]
@@ -395,7 +396,7 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
 
 # What each family's sampler reads, written out here (not read from the families): a record lists these
 # options and no other, so a masked or AR record never claims a spacing, clamp or decoder it did not use.
-READ_BY = {"diffusion": {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta",
+READ_BY = {"gaussian": {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta",
                          "x0", "temperature", "unk", "decoder", "record_every"},
            "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every"},
            "ar": {"num_samples", "seed", "batch_size", "temperature", "unk"}}
@@ -418,7 +419,7 @@ def test_sample_and_infill_records_list_what_the_sampler_read(toy_runs, tmp_path
     record = json.loads(control.read_text().splitlines()[0])
     assert set(record) & OPTION_FIELDS == READ_BY[model]
     # only the Gaussian chain rounds the fixed words too; the others give them back as given
-    assert ("kept_by_rounding" in record) == (model == "diffusion")
+    assert ("kept_by_rounding" in record) == (model == "gaussian")
 
 
 @pytest.mark.parametrize("run", ["blocks", "blocks_one"])
@@ -465,14 +466,14 @@ def test_a_block_chain_reads_the_fixed_words_of_its_finished_blocks(toy_runs, mo
 
 
 @pytest.mark.parametrize("run, extra, message", [
-    ("masked", ["--steps", "5"], "--steps scores a shortened Gaussian chain; the 'masked' family's bound has no "
+    ("masked", ["--steps", "5"], "--steps scores the bound of a shortened chain; the 'masked' family's bound has no "
                                  "such chain: drop --steps."),
-    ("masked", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain; the 'masked'"),
+    ("masked", ["--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler; the 'masked'"),
     ("ar", ["--steps", "5"], "A likelihood bound is not available for the 'ar' family"),
     ("ar", ["--x0", "expected"], "Its NLL is exact: give it as --ar_run."),
-    ("diffusion", ["--steps", "0"], "--steps must be between 1 and the run's diffusion_steps (50), got 0."),
-    ("diffusion", ["--steps", "51"], "--steps must be between 1 and the run's diffusion_steps (50), got 51."),
-    ("diffusion", ["--spacing", "uniform"], "--spacing places the steps of a shortened chain: give --steps N too"),
+    ("gaussian", ["--steps", "0"], "--steps must be between 1 and the run's diffusion_steps (50), got 0."),
+    ("gaussian", ["--steps", "51"], "--steps must be between 1 and the run's diffusion_steps (50), got 51."),
+    ("gaussian", ["--spacing", "uniform"], "--spacing places the steps of a shortened chain: give --steps N too"),
 ])
 def test_the_bound_of_a_chain_is_asked_of_a_gaussian_run_only(toy_runs, tmp_path, capsys, run, extra, message):
     refused(capsys, "evaluate", ["evaluate", "--nll", "--run_dir", str(toy_runs / run), "--windows", "2",
@@ -518,13 +519,13 @@ def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():
 
 # A Gaussian chain's option given for a masked run: one line naming the option and the family, nothing written.
 GAUSSIAN_ONLY = [
-    ("sample", ["--clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'masked' family has none"),
-    ("sample", ["--no-clamp"], "--clamp is an option of the Gaussian diffusion chain"),
-    ("sample", ["--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'masked' family"),
-    ("sample", ["--decoder", "cosine"], "--decoder is an option of the Gaussian diffusion chain; the 'masked'"),
-    ("sample", ["--eta", "0"], "--eta is an option of the Gaussian diffusion chain"),
-    ("sample", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain"),
-    ("evaluate", ["--nll", "--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'masked'"),
+    ("sample", ["--clamp"], "--clamp is an option of the gaussian family's sampler; the 'masked' family has none"),
+    ("sample", ["--no-clamp"], "--clamp is an option of the gaussian family's sampler"),
+    ("sample", ["--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'masked' family"),
+    ("sample", ["--decoder", "cosine"], "--decoder is an option of the gaussian family's sampler; the 'masked'"),
+    ("sample", ["--eta", "0"], "--eta is an option of the gaussian family's sampler"),
+    ("sample", ["--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler"),
+    ("evaluate", ["--nll", "--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'masked'"),
     ("train-classifier", ["--attribute", "question"],
      "A latent classifier (noised latents for guidance) is not available for the 'masked' family"),
 ]
@@ -543,22 +544,22 @@ def test_gaussian_options_on_a_masked_run(toy_runs, tmp_path, capsys, command, e
 # A sampling option the AR sampler does not read (it has no chain), given for an AR run: one line naming
 # the option and the family, nothing written; the options it reads, and every default, still sample.
 UNREAD_BY_AR = [
-    ("sample", ["--clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'ar' family has none: drop --clamp"),
-    ("sample", ["--no-clamp"], "--clamp is an option of the Gaussian diffusion chain; the 'ar' family has none"),
-    ("sample", ["--clamp_fraction", "0.5"], "--clamp_fraction is an option of the Gaussian diffusion chain; the 'ar'"),
-    ("sample", ["--eta", "0"], "--eta is an option of the Gaussian diffusion chain; the 'ar' family has none"),
-    ("sample", ["--eta", "nan"], "--eta is an option of the Gaussian diffusion chain; the 'ar' family has none"),
-    ("sample", ["--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'ar' family has none"),
-    ("sample", ["--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain; the 'ar' family"),
-    ("sample", ["--decoder", "cosine"], "--decoder is an option of the Gaussian diffusion chain; the 'ar' family"),
-    ("sample", ["--steps", "5"], "--steps is an option of the diffusion, masked and uniform families' samplers; "
+    ("sample", ["--clamp"], "--clamp is an option of the gaussian family's sampler; the 'ar' family has none: drop --clamp"),
+    ("sample", ["--no-clamp"], "--clamp is an option of the gaussian family's sampler; the 'ar' family has none"),
+    ("sample", ["--clamp_fraction", "0.5"], "--clamp_fraction is an option of the gaussian family's sampler; the 'ar'"),
+    ("sample", ["--eta", "0"], "--eta is an option of the gaussian family's sampler; the 'ar' family has none"),
+    ("sample", ["--eta", "nan"], "--eta is an option of the gaussian family's sampler; the 'ar' family has none"),
+    ("sample", ["--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'ar' family has none"),
+    ("sample", ["--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler; the 'ar' family"),
+    ("sample", ["--decoder", "cosine"], "--decoder is an option of the gaussian family's sampler; the 'ar' family"),
+    ("sample", ["--steps", "5"], "--steps is an option of the gaussian, masked and uniform families' samplers; "
                                  "the 'ar' family has none: drop --steps"),
-    ("sample", ["--record_every", "2"], "--record_every is an option of the diffusion, masked and uniform families' "
+    ("sample", ["--record_every", "2"], "--record_every is an option of the gaussian, masked and uniform families' "
                                         "samplers; the 'ar' family has none"),
-    ("infill", ["--prefix", "To be", "--steps", "3"], "--steps is an option of the diffusion, masked and uniform"),
-    ("evaluate", ["--matched", "--steps", "5"], "--steps is an option of the diffusion, masked and uniform"),
-    ("evaluate", ["--matched", "--spacing", "uniform"], "--spacing is an option of the Gaussian diffusion chain"),
-    ("evaluate", ["--matched", "--x0", "expected"], "--x0 is an option of the Gaussian diffusion chain; the 'ar'"),
+    ("infill", ["--prefix", "To be", "--steps", "3"], "--steps is an option of the gaussian, masked and uniform"),
+    ("evaluate", ["--matched", "--steps", "5"], "--steps is an option of the gaussian, masked and uniform"),
+    ("evaluate", ["--matched", "--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler"),
+    ("evaluate", ["--matched", "--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'ar'"),
 ]
 
 
@@ -599,7 +600,7 @@ def test_the_options_the_ar_sampler_reads_and_every_default_still_sample(toy_run
 def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
     destination = ["--out", str(tmp_path / "c.pt")] if command == "train-classifier" else [
         "--ar_run", str(runs / "ar"), "--out_dir", str(tmp_path / "table")]
-    assert main([command, "--run_dir", str(runs / "diffusion"), *destination, *extra]) == 2
+    assert main([command, "--run_dir", str(runs / "gaussian"), *destination, *extra]) == 2
     assert message in one_error_line(capsys, command)
     assert not list(tmp_path.iterdir())
 
@@ -607,7 +608,7 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
 @pytest.mark.parametrize("run, message", [
     ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family: its chain "
                "moves between discrete words"),
-    ("masked", "(dlm.families.masked). Guide a Gaussian diffusion run (model: diffusion); dlm infill controls this one"),
+    ("masked", "(dlm.families.masked). Guide a Gaussian diffusion run (model: gaussian); dlm infill controls this one"),
     ("ar", "is not available for the 'ar' family"),
     ("blocks", "Classifier guidance steers one chain over the whole window; this run samples in blocks (block_size 4)"),
 ])
@@ -660,7 +661,7 @@ LONG_NAME = "x" * 300
 ])
 def test_sample_out_is_refused_before_sampling(toy_runs, tmp_path, capsys, out, message):
     run = tmp_path / "run"
-    shutil.copytree(toy_runs / "diffusion", run)
+    shutil.copytree(toy_runs / "gaussian", run)
     (tmp_path / "taken.txt").mkdir()
     (tmp_path / "afile").write_text("keep me")
     out = out.replace("RUN", str(run)).replace("HERE", str(tmp_path))
@@ -680,17 +681,17 @@ def sample_argv(run, out, *extra):
 def test_sample_never_replaces_samples_unless_asked(toy_runs, tmp_path, capsys, existing):
     for name in existing:
         (tmp_path / name).write_text("earlier samples\n")
-    line = refused(capsys, "sample", sample_argv(toy_runs / "diffusion", tmp_path / "s.jsonl"),
+    line = refused(capsys, "sample", sample_argv(toy_runs / "gaussian", tmp_path / "s.jsonl"),
                    f"already holds {', '.join(existing)}: pass --overwrite to replace that set of samples", tmp_path)
     assert str(tmp_path) in line
 
 
 def test_sample_overwrite_replaces_the_whole_set(toy_runs, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
-    assert main(sample_argv(toy_runs / "diffusion", out, "--record_every", "1")) == 0
+    assert main(sample_argv(toy_runs / "gaussian", out, "--record_every", "1")) == 0
     assert out.with_suffix(".trajectory.json").is_file()
     (tmp_path / "s.txt").write_text("an unrelated file that happens to share the name\n")
-    assert main(sample_argv(toy_runs / "diffusion", out, "--overwrite", "--seed", "1")) == 0
+    assert main(sample_argv(toy_runs / "gaussian", out, "--overwrite", "--seed", "1")) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["seed"] for r in records] == [1, 1]
     assert len((tmp_path / "s.txt").read_text().splitlines()) == 2
@@ -715,7 +716,7 @@ def test_samples_cut_short_keep_whole_batches_only(toy_runs, tmp_path, monkeypat
         real_fsync(fd)
 
     monkeypatch.setattr(sample.os, "fsync", full_disk)
-    assert main(sample_argv(toy_runs / "diffusion", out, "--overwrite")) != 0
+    assert main(sample_argv(toy_runs / "gaussian", out, "--overwrite")) != 0
     capsys.readouterr()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in records] == [0] and len(out.with_suffix(".txt").read_text().splitlines()) == 1
@@ -724,7 +725,7 @@ def test_samples_cut_short_keep_whole_batches_only(toy_runs, tmp_path, monkeypat
     out.write_text("earlier samples\n")
     out.with_suffix(".txt").unlink()
     monkeypatch.setattr(sample.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    assert main(sample_argv(toy_runs / "diffusion", out, "--overwrite")) != 0
+    assert main(sample_argv(toy_runs / "gaussian", out, "--overwrite")) != 0
     assert out.read_text() == "earlier samples\n" and sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
 
 
@@ -736,7 +737,7 @@ def test_samples_cut_short_keep_whole_batches_only(toy_runs, tmp_path, monkeypat
 ])
 def test_every_writer_checks_its_destination_first(toy_runs, tmp_path, capsys, command, where, message):
     (tmp_path / "afile").write_text("keep me")
-    diffusion, ar = str(toy_runs / "diffusion"), str(toy_runs / "ar")
+    diffusion, ar = str(toy_runs / "gaussian"), str(toy_runs / "ar")
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"text": "To be"}) + "\n")
     destination = where.replace("HERE", str(tmp_path))
@@ -767,11 +768,13 @@ def test_sample_writes_batch_by_batch_the_draws_of_one_call(toy_runs, tmp_path, 
     from dlm.runs.build import load_run
 
     out = tmp_path / "s.jsonl"
-    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "5",
+    assert main(["sample", "--run_dir", str(toy_runs / "gaussian"), "--steps", "2", "--num_samples", "5",
                  "--batch_size", "2", "--seed", "3", "--out", str(out)]) == 0
-    run = load_run(toy_runs / "diffusion")
+    from dlm.runs.sample import generate
+
+    run = load_run(toy_runs / "gaussian")
     options = SampleOptions.from_config(run.config, num_samples=5, steps=2, batch_size=2, seed=3)
-    ids, _ = run.family.generate(run, options, torch.Generator().manual_seed(3), "cpu")  # one call, every batch
+    ids = generate(run, options).ids  # one call, every batch (one batch of 5 draws otherwise)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["ids"] for r in records] == ids.tolist() and [r["index"] for r in records] == list(range(5))
     assert len(out.with_suffix(".txt").read_text().splitlines()) == 5
@@ -791,7 +794,7 @@ def test_ctrl_c_while_sampling_keeps_the_finished_batches(toy_runs, tmp_path, ca
     real = gaussian.generate
     monkeypatch.setattr(gaussian, "generate", interrupted_on_the_third_batch)
     out = tmp_path / "s.jsonl"
-    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "10",
+    assert main(["sample", "--run_dir", str(toy_runs / "gaussian"), "--steps", "2", "--num_samples", "10",
                  "--batch_size", "2", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted after 4 of 10 samples: 4 samples kept in" in err
@@ -813,7 +816,7 @@ def test_a_full_disk_while_sampling_keeps_whole_lines_of_both_files(toy_runs, tm
 
     monkeypatch.setattr(SampleWriter, "add", disk_fills_after_the_first_batch)
     out = tmp_path / "s.jsonl"
-    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "6",
+    assert main(["sample", "--run_dir", str(toy_runs / "gaussian"), "--steps", "2", "--num_samples", "6",
                  "--batch_size", "2", "--record_every", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -831,7 +834,7 @@ def test_a_full_disk_while_sampling_keeps_whole_lines_of_both_files(toy_runs, tm
     (["evaluate", "--nll", "--windows", str(10**10)], "held-out windows need about"),  # not run with the guard off: 80 GB
 ])
 def test_what_cannot_fit_in_memory_is_refused_up_front(toy_runs, tmp_path, capsys, argv, message):
-    argv = [a.replace("OUT", str(tmp_path / "s.jsonl")) for a in argv] + ["--run_dir", str(toy_runs / "diffusion")]
+    argv = [a.replace("OUT", str(tmp_path / "s.jsonl")) for a in argv] + ["--run_dir", str(toy_runs / "gaussian")]
     refused(capsys, argv[0], argv, message, tmp_path)
 
 
@@ -842,7 +845,7 @@ def test_a_bug_inside_dlm_shows_its_traceback_and_asks_to_report_it(toy_runs, tm
         raise ValueError("an internal slip")
 
     monkeypatch.setattr(sample.SampleWriter, "add", broken)
-    assert main(["sample", "--run_dir", str(toy_runs / "diffusion"), "--steps", "2", "--num_samples", "2",
+    assert main(["sample", "--run_dir", str(toy_runs / "gaussian"), "--steps", "2", "--num_samples", "2",
                  "--out", str(tmp_path / "s.jsonl")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError: an internal slip" in err
@@ -886,7 +889,7 @@ def test_evaluations_that_would_be_ignored_are_refused(toy_runs, tmp_path, capsy
     (tmp_path / "s.jsonl").write_text(json.dumps({"text": "To be"}) + "\n")
     argv = [a.replace("S", str(tmp_path / "s.jsonl")).replace("AR", str(toy_runs / "ar")) if len(a) <= 2 else a
             for a in argv]
-    refused(capsys, "evaluate", ["evaluate", "--run_dir", str(toy_runs / "diffusion"), *argv], message, tmp_path)
+    refused(capsys, "evaluate", ["evaluate", "--run_dir", str(toy_runs / "gaussian"), *argv], message, tmp_path)
 
 
 # --- dlm report: its folder and every --param, before the first notebook starts -------------------
@@ -921,15 +924,15 @@ MASKED_SMOKE = str(ROOT / "params" / "masked_smoke.yaml")
 
 
 @pytest.mark.parametrize("preset, argv, message", [
-    (MASKED_SMOKE, ["--param", "train.predict=logits"], "'predict' (logits) is a Gaussian-diffusion option; the "
+    (MASKED_SMOKE, ["--param", "train.predict=logits"], "'predict' (logits) is an option of the gaussian family; the "
                                                         "'masked' family does not read it"),
     (SMOKE, ["--param", "train.block_size=4", "--param", "train.block_training=all", "--param",
              "train.self_condition=0.5"], "'block_training: all' feeds the window twice"),
     (SMOKE, ["--from_run", "MASKED"], "--from_run 'MASKED' holds a run of model 'masked', but the preset (with its "
-                                      "--param train.* keys) trains model 'diffusion'"),
-    (MASKED_SMOKE, ["--from_run", "DIFF"], "holds a run of model 'diffusion', but the preset"),
+                                      "--param train.* keys) trains model 'gaussian'"),
+    (MASKED_SMOKE, ["--from_run", "DIFF"], "holds a run of model 'gaussian', but the preset"),
     (SMOKE, ["--param", "sample.teacher_dir=HERE/nowhere"], "--param sample.teacher_dir: 'HERE/nowhere' was not found"),
-    (SMOKE, ["--param", "sample.teacher_dir=DIFF"], "--param sample.teacher_dir 'DIFF' is a 'diffusion' run, not an "
+    (SMOKE, ["--param", "sample.teacher_dir=DIFF"], "--param sample.teacher_dir 'DIFF' is a 'gaussian' run, not an "
                                                     "autoregressive one"),
     (SMOKE, ["--param", "control.ar_run=MASKED"], "--param control.ar_run 'MASKED' is a 'masked' run"),
     (SMOKE, ["--param", "sample.steps=0"], "--param sample.steps: steps must be between 1 and the run's "
@@ -947,7 +950,7 @@ def test_report_values_are_checked_before_the_first_notebook(toy_runs, tmp_path,
     from dlm.workbench import workbook
 
     monkeypatch.setattr(workbook, "execute", lambda *args, **kwargs: pytest.fail("a notebook ran"))
-    names = {"MASKED": toy_runs / "masked", "DIFF": toy_runs / "diffusion", "HERE": tmp_path}
+    names = {"MASKED": toy_runs / "masked", "DIFF": toy_runs / "gaussian", "HERE": tmp_path}
     for name, path in names.items():
         argv = [a.replace(name, str(path)) for a in argv]
         message = message.replace(name, str(path))
@@ -1057,7 +1060,7 @@ def test_benchmark_scripts_refuse_bad_input_in_one_line_before_any_work(toy_runs
         monkeypatch.setattr(module, name, no_work)
     (tmp_path / "afile").write_text("keep me")
     toy_run_dir(tmp_path / "one_line_ar", model="ar", text="To be, or not to be: that is the question.")
-    names = {"OTHER_VOCAB": tmp_path / "one_line_ar", "DIFF": toy_runs / "diffusion", "AR": toy_runs / "ar",
+    names = {"OTHER_VOCAB": tmp_path / "one_line_ar", "DIFF": toy_runs / "gaussian", "AR": toy_runs / "ar",
              "MASKED": toy_runs / "masked", "HERE": tmp_path}
     for name, path in names.items():
         argv = [a.replace(name, str(path)) for a in argv]
@@ -1176,8 +1179,8 @@ def test_a_run_that_recorded_no_corpus_hash_still_works_and_says_so_once(tmp_pat
 
 
 @pytest.mark.parametrize("command, folder, message", [
-    ("train-ar", "diffusion", "holds a run of model 'diffusion', not 'ar': resume it with dlm train and its own preset"),
-    ("train", "ar", "holds a run of model 'ar', not 'diffusion': resume it with dlm train-ar and its own preset"),
+    ("train-ar", "gaussian", "holds a run of model 'gaussian', not 'ar': resume it with dlm train and its own preset"),
+    ("train", "ar", "holds a run of model 'ar', not 'gaussian': resume it with dlm train-ar and its own preset"),
 ])
 def test_resuming_with_another_family_is_refused(runs, tmp_path, capsys, command, folder, message):
     run = tmp_path / folder
@@ -1198,14 +1201,14 @@ def test_resuming_with_another_family_is_refused(runs, tmp_path, capsys, command
     (["--depth", "0"], "depth must be at least 1"),
 ])
 def test_bad_classifier_options(toy_runs, tmp_path, capsys, extra, message):
-    refused(capsys, "train-classifier", ["train-classifier", "--run_dir", str(toy_runs / "diffusion"), "--attribute",
+    refused(capsys, "train-classifier", ["train-classifier", "--run_dir", str(toy_runs / "gaussian"), "--attribute",
                                          "question", "--out", str(tmp_path / "c.pt"), *extra], message, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
 def test_a_classifier_is_replaced_only_by_a_better_one(runs, tmp_path, capsys):
     out = tmp_path / "c.pt"
-    argv = ["train-classifier", "--run_dir", str(runs / "diffusion"), "--attribute", "question", "--kind", "judge",
+    argv = ["train-classifier", "--run_dir", str(runs / "gaussian"), "--attribute", "question", "--kind", "judge",
             "--steps", "2", "--batch_size", "4", "--width", "8", "--depth", "1", "--out", str(out)]
     assert main(argv) == 0
     payload = load_checkpoint(out)
@@ -1225,11 +1228,12 @@ def test_a_classifier_is_replaced_only_by_a_better_one(runs, tmp_path, capsys):
 def test_memory_guards_directly():
     from dlm.core.errors import UserError
     from dlm.evaluation.likelihood import check_windows_fit
+    from dlm.families.contract import Chain
     from dlm.runs.sample import check_memory
 
     check_windows_fit(256, 64)
-    check_memory(SampleOptions(num_samples=64, record_every=10), 64, 2000)
+    check_memory(SampleOptions(num_samples=64, record_every=10), 64, Chain(blocks=1, timesteps=2000))
     with pytest.raises(UserError, match="held-out windows need about"):
         check_windows_fit(10**10, 64)
     with pytest.raises(UserError, match="GiB of trajectory"):
-        check_memory(SampleOptions(num_samples=10**9, record_every=1), 64, 2000)
+        check_memory(SampleOptions(num_samples=10**9, record_every=1), 64, Chain(blocks=1, timesteps=2000))

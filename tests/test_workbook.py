@@ -430,12 +430,12 @@ def test_the_control_page_follows_the_train_parameters_over_the_preset(tmp_path,
 
 
 @pytest.mark.parametrize("notebook, key, value, flag", [
-    ("sample", "clamp", True, "--param sample.clamp is an option of the Gaussian diffusion chain; the 'ar' family"),
-    ("sample", "steps", 10, "--param sample.steps is an option of the diffusion, masked and uniform families'"),
-    ("sample", "curve_steps", "10,20", "--param sample.curve_steps is an option of the diffusion, masked and uniform"),
-    ("sample", "spacing", "uniform", "--param sample.spacing is an option of the Gaussian diffusion chain"),
-    ("control", "steps", 10, "--param control.steps is an option of the diffusion, masked and uniform families'"),
-    ("train", "preview_steps", 10, "--param train.preview_steps is an option of the diffusion, masked and uniform"),
+    ("sample", "clamp", True, "--param sample.clamp is an option of the gaussian family's sampler; the 'ar' family"),
+    ("sample", "steps", 10, "--param sample.steps is an option of the gaussian, masked and uniform families'"),
+    ("sample", "curve_steps", "10,20", "--param sample.curve_steps is an option of the gaussian, masked and uniform"),
+    ("sample", "spacing", "uniform", "--param sample.spacing is an option of the gaussian family's sampler"),
+    ("control", "steps", 10, "--param control.steps is an option of the gaussian, masked and uniform families'"),
+    ("train", "preview_steps", 10, "--param train.preview_steps is an option of the gaussian, masked and uniform"),
 ])
 def test_a_sampler_option_the_family_does_not_read_is_refused_before_the_report(tmp_path, monkeypatch, capsys,
                                                                                 notebook, key, value, flag):
@@ -518,7 +518,7 @@ def cells(row: str) -> list[str]:
 
 MASKED_BLOCKS = {"model": "masked", "positions": "rotary", "block_size": 4, "block_training": "all",
                  "mask_rate_min": 0.3, "mask_rate_max": 0.8}
-GAUSSIAN = {"model": "diffusion", "embed_dim": 32, "embedding_norm": "l2", "sample_x0": "predicted"}
+GAUSSIAN = {"model": "gaussian", "embed_dim": 32, "embedding_norm": "l2", "sample_x0": "predicted"}
 
 
 @pytest.fixture

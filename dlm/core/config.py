@@ -14,6 +14,7 @@ import io
 import math
 import os
 import re
+import sys
 import textwrap
 import tokenize
 import types
@@ -62,9 +63,10 @@ class Config:
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
     # --- model: the family, its embeddings and rounding, the denoiser (TinyTransformer) ---
-    # the model family, a name in dlm.families.FAMILIES: diffusion (Diffusion-LM, Gaussian), masked
-    # (MDLM's absorbing-state diffusion), ar (the autoregressive baseline: same blocks, causal mask)
-    model: str = _model("diffusion")
+    # the model family, a name in dlm.families.FAMILIES: gaussian (Diffusion-LM's Gaussian diffusion),
+    # masked (MDLM's absorbing-state diffusion), uniform (UDLM's uniform-state diffusion), ar (the
+    # autoregressive baseline: same blocks, causal mask)
+    model: str = _model("gaussian")
     embed_dim: int = _model(64)  # embedding dimension d
     use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
     init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
@@ -134,7 +136,10 @@ class Config:
     # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/journal.md),
     # or the posterior mean E[x_0 | x_t] under that softmax (gaussian_sampling.posterior_x0_hook)
     sample_x0: Literal["predicted", "expected", "posterior"] = _sampling("predicted")
-    decode_temperature: float = _sampling(0.0)  # final tokens: 0 argmax of the rounding logits, >0 drawn at T
+    # the sampler's temperature where its family draws words: the Gaussian chain's final rounding, every
+    # step of the masked and uniform chains (their per-step temperature), every token of the AR model;
+    # 0 argmax, >0 drawn from softmax(logits / T)
+    decode_temperature: float = _sampling(0.0)
     # whether a final token may be <unk>; False masks its score, so that a capped vocabulary's
     # samples (about 12% <unk> at 10+ occurrences) hold words only
     decode_unk: bool = _sampling(True)
@@ -173,7 +178,7 @@ class Config:
     # TensorBoard event files in run_dir/tensorboard/ (losses, lr, tokens/s, embedding geometry,
     # samples at kept checkpoints); needs the tensorboard package
     tensorboard: bool = _bookkeeping(False)
-    # at the end of training, find the final-token temperature that puts 64 samples at held-out
+    # at the end of training, find the sampling temperature that puts 64 samples at held-out
     # text's unigram entropy and sample at it by default from then on (RUN/calibration.json;
     # dlm.evaluation.calibration; the same as `dlm calibrate`)
     calibrate_temperature: bool = _bookkeeping(False)
@@ -365,7 +370,26 @@ def _coerce(tp: Any, value: Any, from_text: bool) -> Any:
     return value
 
 
+# A family's former `model` value -> its name now: presets and checkpoints that say the old one still
+# load, as the new one, with one line on stderr (once per process).
+RENAMED_MODELS = {"diffusion": "gaussian"}
+_told_renamed: set[str] = set()
+
+
+def current_model(name: Any) -> Any:
+    """A `model` value by the family's current name (RENAMED_MODELS), saying so the first time."""
+    new = RENAMED_MODELS.get(name) if isinstance(name, str) else None
+    if new is None:
+        return name
+    if name not in _told_renamed:
+        _told_renamed.add(name)
+        print(f"model: {name} is now called {new}; loading it as {new}", file=sys.stderr, flush=True)
+    return new
+
+
 def from_dict(values: dict[str, Any], from_text: bool = False) -> Config:
+    if "model" in values:
+        values = {**values, "model": current_model(values["model"])}
     checked = {key: coerce(key, value, from_text) for key, value in values.items()}
     config = Config(**checked)
     validate(config)
@@ -555,6 +579,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for key in values:
         if key not in field_types():
             raise unknown_key_error(str(key), where=f" in {path}")
+    if "model" in values:
+        values["model"] = current_model(values["model"])
     return values
 
 

@@ -74,7 +74,7 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
         geometry = embedding_geometry(run, counts)
         stats = sample_stats(tokens)
         rows.append({"run": analysis.name, "checkpoint": path.name, "epoch": run.epoch, "step": run.step,
-                     **stats, **geometry_summary(geometry, run.objective.schedule.sigma0)})
+                     **stats, **geometry_summary(geometry, run.family.noise_scale(run.config))})
         analysis.geometry[run.epoch] = geometry
         analysis.projection[run.epoch] = projection_2d(run)
         analysis.sample_tokens[run.epoch] = tokens

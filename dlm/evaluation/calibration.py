@@ -1,4 +1,4 @@
-"""A run's sampling temperature, chosen by a property of the text: the final-token temperature at
+"""A run's sampling temperature, chosen by a property of the text: the temperature (decode_temperature) at
 which its samples' unigram entropy equals held-out text's. A sampler that runs hotter than text
 (more rare words, fewer of the bigrams text uses) reads worse than it could; the temperature that
 brings its entropy down to the text's is set by the text, never by a score of the samples.

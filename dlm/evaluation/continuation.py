@@ -25,8 +25,7 @@ def continuation_nll(teacher: LoadedRun, rows: torch.Tensor, start: int) -> floa
     if rows.shape[1] > teacher.config.seq_len:
         raise UserError(f"rows of {rows.shape[1]} tokens are longer than the teacher's seq_len "
                          f"({teacher.config.seq_len}).")
-    device = next(teacher.model.parameters()).device
-    nll = teacher.model.token_nll(rows.to(device)).cpu()  # (B, L-1): token i+1 given tokens <= i
+    nll = teacher.family.token_nll(teacher, rows)  # (B, L-1): token i+1 given tokens <= i
     return nll[:, start - 1:].mean().item()
 
 

@@ -70,9 +70,9 @@ def in_vocabulary(ids: torch.Tensor, source: Tokenizer, target: Tokenizer, lengt
 
 
 def guide_prob(run: LoadedRun, guide: Classifier, ids: torch.Tensor) -> torch.Tensor:
-    """The guide's p(A) for clean windows (N, L): their embeddings in the run's table, at t = 0."""
+    """The guide's p(A) for clean windows (N, L): their latents (the family's clean_latents), at t = 0."""
     with torch.no_grad():
-        return guide.prob(run.model.embed(ids).float(), torch.zeros(len(ids), dtype=torch.long))
+        return guide.prob(run.family.clean_latents(run, ids), torch.zeros(len(ids), dtype=torch.long))
 
 
 def score(run: LoadedRun, teacher: LoadedRun | None, target: Attribute, guide: Classifier, judge: Classifier,

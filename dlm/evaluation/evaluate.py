@@ -145,9 +145,16 @@ def sample_ids(records: list[dict], tokenizer: Tokenizer) -> list[list[int]]:
     return [tokenizer.encode(r["text"]) for r in records]
 
 
+def check_teacher(teacher: LoadedRun) -> None:
+    """A teacher is a run whose family has an exact likelihood (its token_nll scores the words)."""
+    if not supports(teacher.config.model, "likelihood_exact"):
+        raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+
+
 def teacher_nll(teacher: LoadedRun, rows: list[list[int]], batch_size: int = 64) -> float:
     """Mean per-token NLL (nats) of the rows under the AR teacher; each row is scored in windows of
     the teacher's length (the first token of a window has no context and is not scored)."""
+    check_teacher(teacher)
     length = teacher.config.seq_len
     windows = [row[i: i + length] for row in rows for i in range(0, max(1, len(row) - 1), length - 1)]
     windows = [w for w in windows if len(w) > 1]
@@ -160,7 +167,7 @@ def teacher_nll(teacher: LoadedRun, rows: list[list[int]], batch_size: int = 64)
         for i, w in enumerate(batch):
             ids[i, : len(w)] = torch.tensor(w)
             mask[i, : len(w) - 1] = True
-        nll = teacher.model.token_nll(ids.to(next(teacher.model.parameters()).device)).cpu()
+        nll = teacher.family.token_nll(teacher, ids)
         total += nll[mask].sum().item()
         count += int(mask.sum())
     return total / max(1, count)
@@ -171,8 +178,7 @@ def evaluate_samples(records: list[dict], teacher: LoadedRun, heldout_records: l
     for as many held-out windows of the samples' length; or, given `heldout_records` (held-out
     windows in the samples' own tokenizer), for those, read by the teacher as the samples are: a
     run of another tokenizer is then compared with the same held-out text, read the same way."""
-    if not supports(teacher.config.model, "likelihood_exact"):
-        raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
+    check_teacher(teacher)
     rows = sample_ids(records, teacher.tokenizer)
     heldout = sample_ids(heldout_records, teacher.tokenizer) if heldout_records is not None else None
     result, heldout_rows = compare_with_heldout(teacher, rows, heldout_rows=heldout)

@@ -34,7 +34,7 @@ def embedding_geometry(run: LoadedRun, counts: torch.Tensor) -> pd.DataFrame:
         "rank": rank.tolist(),
         "norm": table.norm(dim=-1).tolist(),
         "nn_distance": nearest_neighbour_distances(table).tolist(),
-        "bias": run.model.rounding_bias().detach().float().cpu().tolist(),
+        "bias": run.family.rounding_bias(run).detach().float().cpu().tolist(),
         "punctuation": [is_punctuation(t) for t in itos],
     })
 

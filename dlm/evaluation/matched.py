@@ -2,9 +2,9 @@
 entropy, so that a model is not credited for fluency it bought by repeating common words.
 
 Perplexity under a teacher falls as samples concentrate on frequent tokens, and two models (or two
-checkpoints) seldom sample at the same entropy. The final-token temperature is the knob that sets
-it: the chain (or the AR model's left-to-right pass) is the same, only the last draw from the
-rounding softmax is sharpened or flattened. `match_entropy` finds the temperature at which the
+checkpoints) seldom sample at the same entropy. The sampler's temperature is the knob that sets it
+(where the family draws words: the Gaussian chain's final rounding, a discrete chain's every step,
+the AR model's every token). `match_entropy` finds the temperature at which the
 samples' unigram entropy equals held-out text's (to `tolerance`), and scores the samples drawn there.
 Entropy cannot fall below the argmax's: a sampler that is above held-out entropy at temperature 0 is
 scored there and flagged unmatched.
@@ -21,7 +21,7 @@ import torch
 
 from dlm.core.errors import UserError
 from dlm.core.textstats import sample_stats
-from dlm.evaluation.evaluate import evaluate_samples, records_from_ids, sample_ids
+from dlm.evaluation.evaluate import check_teacher, evaluate_samples, records_from_ids, sample_ids
 from dlm.evaluation.rundata import validation_windows
 from dlm.evaluation.tokens import ids_to_words
 from dlm.families import not_available, supports
@@ -36,35 +36,20 @@ MAX_TEMPERATURE = 8.0
 
 def temperature_sampler(run: LoadedRun, options: SampleOptions, device: str | torch.device = "cpu"
                         ) -> Callable[[float], torch.Tensor]:
-    """draw(temperature) -> ids (N, L): the run's samples with the final tokens drawn at that
-    temperature, the same seed each time. A whole-window diffusion chain runs once and only its
-    last state is decoded again; block chains (each block's words condition the next) and the AR
-    model are sampled afresh. Each temperature is drawn once: the search, the scoring and the argmax
-    entropy ask for the same ones again, and for the AR model a draw is a whole generation."""
-    from dlm.families.gaussian import batch_chains, last_state
-    from dlm.families.gaussian_model import decode
-
+    """draw(temperature) -> ids (N, L): the run's samples with the words drawn at that temperature,
+    the same seed each time. Where the temperature enters only the final draw (the family's
+    decode_again: a whole-window Gaussian chain) the chains run once and only their last state is
+    decoded again; any other sampler (blocks, masked, uniform, AR) is drawn afresh. Each
+    temperature is drawn once: the search, the scoring and the argmax entropy ask for the same ones
+    again, and a fresh draw is a whole generation."""
     if not supports(run.config.model, "temperature"):
         raise UserError(not_available(run.config.model, "Sampling at a temperature (matched entropy)"))
     check_options(run.config, options)  # before anything is drawn, also where the draws come later
-    # Only the Gaussian whole-window chain keeps its temperature to the final decode: its chain is
-    # run once and decoded again; any other sampler (blocks, masked, AR) is drawn afresh.
-    if not supports(run.config.model, "guidance") or run.objective.block_size_for(run.config.seq_len) is not None:
-        return functools.cache(
-            lambda temperature: generate(run, dataclasses.replace(options, temperature=temperature), device).ids)
-    options.validate(run.objective.steps)
-    generator = torch.Generator().manual_seed(options.seed)
-    finals = [last_state(states).x for _, states in batch_chains(run, options, options.num_samples, generator, device)]
-    final_x, after_chains = torch.cat(finals), generator.get_state()
-
-    @functools.cache
-    def draw(temperature: float) -> torch.Tensor:
-        # From the generator's state after the chains: with one batch, exactly dlm sample's draw.
-        decode_generator = torch.Generator()
-        decode_generator.set_state(after_chains)
-        return decode(run.model, final_x, options.decoder, temperature, decode_generator,
-                      options.banned_ids(run.tokenizer)).cpu()
-    return draw
+    again = run.family.decode_again(run, options, device)
+    if again is not None:
+        return functools.cache(again)
+    return functools.cache(
+        lambda temperature: generate(run, dataclasses.replace(options, temperature=temperature), device).ids)
 
 
 def scoring_rows(run: LoadedRun, ids: torch.Tensor, teacher: LoadedRun | None = None) -> tuple[list[list[int]], object]:
@@ -159,11 +144,6 @@ def score_at_entropy(run: LoadedRun, teacher: LoadedRun, draw: Callable[[float],
     return {**result, "temperature": temperature, "target_entropy": target,
             "matched": abs(entropy / target - 1) <= 0.05, "ratios": ratios,
             "targets": target_checks(samples, heldout, types_key)}
-
-
-def check_teacher(teacher: LoadedRun) -> None:
-    if not supports(teacher.config.model, "likelihood_exact"):
-        raise UserError("The teacher must be an autoregressive run: train one with dlm train-ar params/ar.yaml.")
 
 
 def check_entropy(bits: float | None) -> None:

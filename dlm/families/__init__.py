@@ -1,46 +1,17 @@
-"""Model families. Each family is one module that supplies, under the same names:
+"""Model families. Each family is one module, registered by one line in FAMILIES (its Config
+`model` value -> the module). What a family module supplies, and all that the rest of the package
+and the benchmarks may read of it, of its objective and of its model, is the contract written as
+code in dlm.families.contract: FamilyModule (every family), one protocol per capability it declares
+in SUPPORTS (contract.CAPABILITIES: "likelihood_exact", "likelihood_bound", "infill", "prefix",
+"length", "guidance", "latent", "temperature", "geometry", "probe"), Objective and Model; the types
+it receives and returns (LoadedRun, SampleOptions, Frames, Chain, Terms) live there too.
 
-- NAME: the Config `model` value that selects it (the key of its line in FAMILIES);
-- TITLE and DESCRIPTION: its name for a reader ("masked diffusion") and one line on what it does
-  (the report index's family column);
-- likelihood_kind(config): what its likelihood number is, "exact NLL" (with "likelihood_exact"),
-  "NELBO" or "bound" (with "likelihood_bound"), followed by ", ..." where the run's config decides
-  which bound (the Gaussian bound is of the chain toward the sampler's x0);
-- recipe(config): the run's family-specific choices in words (["blocks of 4", "clipped mask rate
-  0.3-0.8", ...]), what tells one run of the family from another in the report index;
-- SUPPORTS: what the workbench may ask of it, a set of: "likelihood_exact" (per-token NLL: it can
-  be the teacher), "likelihood_bound" (a variational bound: `dlm evaluate --nll`), "infill",
-  "prefix", "length" (classifier-free control), "guidance" (classifier guidance of its chain),
-  "latent" (noised latents for a latent classifier), "temperature" (samples drawn at a
-  temperature: matched entropy), "geometry" (the collapse and embedding-geometry analyses);
-- SAMPLE_OPTIONS: the SampleOptions fields its sampler reads (a user giving another is told so, and
-  a samples or control record lists these alone: sample_settings);
-- ROUNDS_FIXED_WORDS (with "infill", "prefix" or "length"): whether fill's fixed words go through the
-  chain and its rounding too (the Gaussian chain), so a control record can say how often the
-  rounding kept them (kept_by_rounding); False where fill gives them back as given;
-- CONFIG_KEYS: the family-specific Config keys it reads (every other key is shared: data, training,
-  bookkeeping, runtime and the denoiser's size); dlm.families.check_config refuses another family's
-  key set away from its default, naming the families that read it;
-- check_config(config): raise ConfigError for values the family cannot train (after the key check);
-- new_model(config, vocab_size, pretrained=None): a freshly initialised nn.Module with an
-  `embedding` (its `.weight` the table AdamW groups apart) and `table()` (the training log's geometry);
-- objective(config): what the training loop minimises: `terms` (the metric columns, "total"
-  first) and `training_losses(model, ids, generator=None, uniform_t=False, keys=None)`;
-- trunk(model): the network torch.compile wraps (parameter names stay the same);
-- generate(run, options, generator, device): sampled ids (N, L) and the trajectory frames
-  ([{"index", "t", "ids"}], empty when options.record_every is 0 or the family records none);
-- fill(run, ids, known, options, generator, device) (with "infill", "prefix" or "length"): windows
-  (N, L) generated where `known` is False, and the scores (N, L, V) each position was drawn from
-  (None where there are none);
-- window_bound(run, ids, draws, generator, ...) and BOUND_TERMS (with "likelihood_bound", unless
-  the Gaussian bound of dlm.evaluation.likelihood applies): each window's bound terms, (B,) each;
-- TERMS: a Terms, the words the workbench's pages use for it (what it is, what its losses, its
-  embedding table, its likelihood and its sampling trajectory are), so that no page speaks of one
-  family in another's terms;
-- WHY_NOT: for each capability it lacks and each SampleOptions field its sampler does not read, why
-  (one clause): the "not available" line a page or a command shows says it.
-
-A new family is one new module plus one line in FAMILIES; tests/test_family_contract.py checks it.
+Here: the registry and what the layers above ask of it by name: family(name), supports(name,
+capability), the key check of a Config against its family (check_config: each family-specific key
+belongs to the families whose CONFIG_KEYS list it), the "not available" line, a run's family in its
+own words (describe) and the sampling options a family's sampler reads (sample_settings,
+check_sample_options). A new family is one new module plus one line in FAMILIES;
+tests/test_family_contract.py checks it.
 """
 
 from __future__ import annotations
@@ -52,9 +23,10 @@ from types import ModuleType
 
 from dlm.core.config import Config, ConfigError
 from dlm.core.errors import UserError
+from dlm.families.contract import Terms  # noqa: F401  (a family module's TERMS)
 
 FAMILIES = {
-    "diffusion": "dlm.families.gaussian",
+    "gaussian": "dlm.families.gaussian",
     "masked": "dlm.families.masked",
     "ar": "dlm.families.autoregressive",
     "uniform": "dlm.families.uniform",
@@ -92,8 +64,8 @@ def check_config(config: Config) -> None:
         value, default = getattr(config, key), getattr(defaults, key)
         if value != default:
             owners = readers(key)
-            owner = "Gaussian-diffusion" if owners == ["diffusion"] else listed(owners)
-            raise ConfigError(f"'{key}' ({value}) is a {owner} option; the '{config.model}' family does not read "
+            raise ConfigError(f"'{key}' ({value}) is an option of the {listed(owners)} famil"
+                              f"{'y' if len(owners) == 1 else 'ies'}; the '{config.model}' family does not read "
                               f"it: leave it at its default ({default}) or use model: {owners[0]}.")
     module.check_config(config)
 
@@ -106,19 +78,6 @@ def without_other_families_keys(config: Config, given: set[str]) -> tuple[Config
     dropped = [key for key in sorted(family_keys() - module.CONFIG_KEYS)
                if key not in given and getattr(config, key) != getattr(defaults, key)]
     return config.replace(**{key: getattr(defaults, key) for key in dropped}), dropped
-
-
-@dataclasses.dataclass(frozen=True)
-class Terms:
-    """How the workbench's pages speak of a family (its module's TERMS). Each text is a sentence or
-    two in Markdown; None where the family has no such thing (a caption it never needs)."""
-
-    name: str  # what it is, e.g. "Gaussian diffusion (Diffusion-LM)"
-    losses: str  # the loss curves: what each metrics.csv term is
-    table: str  # the embedding table's geometry over training: what it means for this family
-    blocks: str | None = None  # what it is when it generates in blocks (block_size below the window)
-    likelihood: str | None = None  # its likelihood over training (with "likelihood_bound")
-    trajectory: str | None = None  # a frame of its sampling trajectory, and what the frame's t is
 
 
 def describe(config: Config) -> str:
@@ -138,7 +97,7 @@ def not_available(name: str, what: str, lacks: str | None = None) -> str:
     """The one line the workbench shows for something a family does not support; `lacks` (a
     capability or a SampleOptions field the family does not have) adds why, from its WHY_NOT."""
     why = f": {family(name).WHY_NOT[lacks]}" if lacks is not None else ""
-    return f"{what} is not available for the '{name}' family{why} (dlm.families.{FAMILIES[name].rsplit('.', 1)[1]})."
+    return f"{what} is not available for the '{name}' family{why} ({FAMILIES[name]})."
 
 
 def sample_settings(name: str, options) -> dict:
@@ -157,7 +116,7 @@ def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[
     for option, value in given.items():
         if value is not None and option not in family(name).SAMPLE_OPTIONS:
             readers = [other for other in FAMILIES if option in family(other).SAMPLE_OPTIONS]
-            owner = ("the Gaussian diffusion chain" if readers == ["diffusion"]
+            owner = (f"the {readers[0]} family's sampler" if len(readers) == 1
                      else f"the {listed(readers)} families' samplers")
             raise UserError(f"{flag(option)} is an option of {owner}; the '{name}' family has none: "
                             f"drop {flag(option)}.")

@@ -5,7 +5,6 @@ scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +14,7 @@ from dlm.core.config import Config
 from dlm.core.embeddings import LearnedEmbedding, LearnedRounding
 from dlm.core.nets import TinyTransformer
 from dlm.families import Terms
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
+from dlm.families.contract import LoadedRun, SampleOptions
 
 
 class AutoregressiveLM(nn.Module):
@@ -92,6 +88,7 @@ class NextTokenObjective:
     """The AR model's training objective, shaped like GaussianDiffusion for the training loop."""
 
     terms = ("total", "nll")
+    timestep_sampler = None  # no timesteps
 
     def training_losses(self, model: AutoregressiveLM, ids: torch.Tensor,
                         generator: torch.Generator | None = None, uniform_t: bool = False,
@@ -115,6 +112,7 @@ TERMS = Terms(
            "and on fixed validation windows.",
     table="Mean row norm and mean nearest-neighbour distance of the token embedding table (tied to the output head), "
           "the learning rate schedule and training throughput.",
+    titles={"nll": "next-token NLL"},
 )
 _NO_CHAIN = "it has no reverse chain: it draws one token after another, left to right"
 WHY_NOT = {
@@ -125,6 +123,7 @@ WHY_NOT = {
     "latent": f"{_NO_CHAIN}, so there are no noised latents for a classifier to read",
     "geometry": "it has no Gaussian q(x0|w) (no sigma0) and no rounding decoder, so the Gaussian family's collapse and "
                 "geometry signals do not apply; its samples are judged against held-out text on the samples page",
+    "probe": "it has no noise for a denoiser to remove: its exact NLL says how well it predicts held-out words",
     **{option: _NO_CHAIN for option in ("steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "decoder",
                                         "record_every")},
 }
@@ -161,26 +160,42 @@ def trunk(model: AutoregressiveLM) -> nn.Module:
     return model.transformer
 
 
+def chain(config: Config) -> None:
+    """No reverse chain: one network call per token."""
+    return None
+
+
+def check_steps(options: SampleOptions, config: Config) -> None:
+    """The options' own ranges; with no chain, its steps are not checked."""
+    options.validate()
+
+
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
-    """`run` (model, tokenizer, config) sampled left to right at options.temperature (0: greedy),
-    each sample starting after a newline, the way the corpus's lines start. No trajectory."""
-    options.validate()  # no chain: its steps are not checked
+    """One batch of `run` (model, tokenizer, config) sampled left to right at options.temperature
+    (0: greedy), each sample starting after a newline, the way the corpus's lines start. No trajectory."""
+    check_steps(options, run.config)
     start_id = run.tokenizer.stoi.get("\n", run.tokenizer.pad_id)
-    batches = [run.model.generate(min(options.batch_size, options.num_samples - first), run.config.seq_len,
-                                  start_id, options.temperature, generator,
-                                  banned=options.banned_ids(run.tokenizer)).cpu()
-               for first in range(0, options.num_samples, options.batch_size)]
-    return torch.cat(batches), []
+    ids = run.model.generate(options.num_samples, run.config.seq_len, start_id, options.temperature, generator,
+                             banned=options.banned_ids(run.tokenizer))
+    return ids.cpu(), []
 
 
 def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: SampleOptions, generator: torch.Generator,
          device: torch.device | str = "cpu") -> tuple[torch.Tensor, None]:
-    """Control (prefix only): the first k = known.sum() tokens of each window of ids (N, L) given,
-    the rest generated left to right. No scores."""
-    k, count = int(known.sum()), len(ids)
-    rows = [run.model.generate(min(options.batch_size, count - first), run.config.seq_len - k, run.tokenizer.pad_id,
-                               options.temperature, generator, prompt=ids[first: first + options.batch_size, :k],
-                               banned=options.banned_ids(run.tokenizer)).cpu()
-            for first in range(0, count, options.batch_size)]
-    return torch.cat([ids[:, :k], torch.cat(rows)], dim=1), None
+    """Control (prefix only), one batch: the first k = known.sum() tokens of each window of ids (N, L)
+    given, the rest generated left to right. No scores."""
+    k = int(known.sum())
+    rest = run.model.generate(len(ids), run.config.seq_len - k, run.tokenizer.pad_id, options.temperature, generator,
+                              prompt=ids[:, :k], banned=options.banned_ids(run.tokenizer))
+    return torch.cat([ids[:, :k], rest.cpu()], dim=1), None
+
+
+def token_nll(run: LoadedRun, ids: torch.Tensor) -> torch.Tensor:
+    """-log p of each token after the first given what precedes it (nats), (B, L-1): the teacher's score."""
+    return run.model.token_nll(ids.to(next(run.model.parameters()).device)).cpu()
+
+
+def decode_again(run: LoadedRun, options: SampleOptions, device: torch.device | str = "cpu") -> None:
+    """The temperature enters every token's draw: each temperature is sampled afresh."""
+    return None

@@ -5,31 +5,35 @@ block layout it shares with the masked family in blocks."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from dlm.core.config import Config, ConfigError, section_keys
 from dlm.core.runtime import autocast
-from dlm.core.schedule import NoiseSchedule
+from dlm.core.schedule import NoiseSchedule, q_sample
 from dlm.families import Terms
+from dlm.families.contract import Chain, Frames, Guide, LoadedRun, SampleOptions, batches
+from dlm.families.gaussian_bound import BOUND_OPTIONS, BOUND_TERMS, window_bound  # noqa: F401  (its likelihood)
+from dlm.families.gaussian_guidance import (
+    chain_scheduler,
+    check_guidance,  # noqa: F401  (its guidance check)
+    guidance_hook,
+)
 from dlm.families.gaussian_model import DiffusionLM, decode, rounding_logits
 from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings
-from dlm.families.gaussian_sampling import Hook, SampleState, known_positions_hook, sample_chain
+from dlm.families.gaussian_probe import probe  # noqa: F401  (its probe)
+from dlm.families.gaussian_sampling import Hook, SampleState, chain_blocks, known_positions_hook, sample_chain
 
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
-
-NAME = "diffusion"
+NAME = "gaussian"
 TITLE = "Gaussian diffusion"
 DESCRIPTION = ("Diffusion-LM: Gaussian noise on word embeddings, removed step by step by a transformer, "
                "the result rounded back to words")
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "guidance", "latent", "temperature",
-                      "geometry"})
+                      "geometry", "probe"})
 SAMPLE_OPTIONS = frozenset({"steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "temperature", "unk",
                             "decoder", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are diffused and rounded with the rest; after it they are set again
@@ -46,8 +50,9 @@ TERMS = Terms(
           "rows merge is on the road to collapse), the learning rate schedule and training throughput.",
     likelihood="Diffusion-LM's variational bound on -log p(w) (its diffusion, rounding and prior terms) in nats per "
                "token",
-    trajectory="The rounding decoder's reading of the predicted x0 at each recorded step; t is the chain's timestep "
-               "(from T, pure noise, down to 0).",
+    titles={"mse": "diffusion loss (MSE)", "rounding": "rounding loss (CE)", "prior": "prior loss (KL)"},
+    trajectory="The rounding decoder's reading of the predicted x0 at each recorded step; t is the noise level the "
+               "denoiser read, the chain's timestep as a fraction of its T (1: pure noise, down to 0).",
 )
 WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)"}
 
@@ -106,19 +111,23 @@ def trunk(model: DiffusionLM) -> nn.Module:
     return model.denoiser
 
 
-def batch_chains(run: LoadedRun, options: SampleOptions, count: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu", hooks_for: Callable[[int, int], Sequence[Hook]] | None = None
-                 ) -> Iterator[tuple[int, Iterator[SampleState]]]:
-    """`count` samples of `run` as options describe them, in batches of options.batch_size:
-    (index of the batch's first sample, its chain's states advanced under the run's autocast).
-    hooks_for(first, size): the hooks of that batch's chain. Each chain is built (its noise drawn)
-    only when the previous batch is done, so what the caller draws in between keeps its order."""
-    for first in range(0, count, options.batch_size):
-        size = min(options.batch_size, count - first)
-        hooks = hooks_for(first, size) if hooks_for is not None else ()
-        states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator, device,
-                              hooks=hooks, banned=options.banned_ids(run.tokenizer))
-        yield first, _under_autocast(states, run.config.precision, device)
+def chain(config: Config) -> Chain:
+    """T timesteps; a block run runs a chain per block, one block after the other."""
+    return Chain(blocks=chain_blocks(objective(config), config.seq_len), timesteps=config.diffusion_steps)
+
+
+def check_steps(options: SampleOptions, config: Config) -> None:
+    """The chain's steps are some of its diffusion_steps timesteps (and the options' own ranges)."""
+    options.validate(config.diffusion_steps)
+
+
+def chain_states(run: LoadedRun, options: SampleOptions, size: int, generator: torch.Generator,
+                 device: torch.device | str = "cpu", hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
+    """The reverse chain of `size` samples of `run` as options describe it, its states advanced
+    under the run's autocast (its noise is drawn when the first state is asked for)."""
+    states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator, device,
+                          hooks=hooks, banned=options.banned_ids(run.tokenizer))
+    return _under_autocast(states, run.config.precision, device)
 
 
 def last_state(states: Iterator[SampleState]) -> SampleState:
@@ -135,22 +144,23 @@ def final_words(run: LoadedRun, state: SampleState, options: SampleOptions, gene
                   options.banned_ids(run.tokenizer)).cpu()
 
 
+def noise_level(run: LoadedRun, t: int) -> float:
+    """A frame's t: the timestep the denoiser read as a fraction of the chain (1: x_T, 0: the last step)."""
+    return t / max(run.objective.steps - 1, 1)
+
+
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
-    """`run` (model, objective, config) sampled: options.num_samples samples (N, L) in batches of
-    options.batch_size, and the trajectory of decoded states every options.record_every steps
-    (frames [{"index", "t", "ids"}])."""
-    model = run.model
-    options.validate(run.objective.steps)
-    all_ids, trajectory = [], []
+    """One batch of options.num_samples samples (N, L) of `run` (model, objective, config), and
+    the trajectory of decoded states every options.record_every steps."""
+    check_steps(options, run.config)
+    frames = Frames(options)
     banned = options.banned_ids(run.tokenizer)  # the slider's frames too
-    for first, states in batch_chains(run, options, options.num_samples, generator, device):
-        for state in states:
-            if options.records(state.index):
-                _record(trajectory, first, state.index, state.t,
-                        decode(model, state.pred_x0, options.decoder, banned=banned).cpu())
-        all_ids.append(final_words(run, state, options, generator))
-    return torch.cat(all_ids), trajectory
+    for state in chain_states(run, options, options.num_samples, generator, device):
+        if frames.wants(state.index):
+            frames.add(state.index, noise_level(run, state.t),
+                       decode(run.model, state.pred_x0, options.decoder, banned=banned))
+    return final_words(run, state, options, generator), frames.frames
 
 
 def _under_autocast(states, precision: str, device):
@@ -164,26 +174,79 @@ def _under_autocast(states, precision: str, device):
         yield state
 
 
-def _record(trajectory: list[dict], first: int, index: int, t: int, ids: torch.Tensor) -> None:
-    """Frames are per step; later batches append their rows to the frame of the same step."""
-    if first == 0:
-        trajectory.append({"index": index, "t": t, "ids": ids.tolist()})
-    else:
-        frame = next(f for f in trajectory if f["index"] == index)
-        frame["ids"].extend(ids.tolist())
-
-
 def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: SampleOptions, generator: torch.Generator,
          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Control: windows ids (N, L) generated where `known` (L,) is False, through the reverse
-    chain with `known_positions_hook` (Diffusion-LM's replacement method), in batches; the words
-    and the final rounding scores (N, L, V) (for constraints applied after the chain)."""
-    def hooks_for(first: int, size: int) -> list:
-        return [known_positions_hook(run.model, ids[first: first + size].to(device), known.expand(size, -1).to(device))]
+    """Control, one batch: windows ids (N, L) generated where `known` (L,) is False, through the
+    reverse chain with `known_positions_hook` (Diffusion-LM's replacement method); the words and
+    the final rounding scores (N, L, V) (for constraints applied after the chain)."""
+    hooks = [known_positions_hook(run.model, ids.to(device), known.expand(len(ids), -1).to(device))]
+    state = last_state(chain_states(run, options, len(ids), generator, device, hooks))
+    scores = rounding_logits(run.model, state.x, options.decoder, options.banned_ids(run.tokenizer)).cpu()
+    return final_words(run, state, options, generator), scores
 
-    words, scores = [], []
-    for _, states in batch_chains(run, options, len(ids), generator, device, hooks_for):
-        state = last_state(states)
-        words.append(final_words(run, state, options, generator))
-        scores.append(rounding_logits(run.model, state.x, options.decoder, options.banned_ids(run.tokenizer)).cpu())
-    return torch.cat(words), torch.cat(scores)
+
+def decode_again(run: LoadedRun, options: SampleOptions,
+                 device: torch.device | str = "cpu") -> Callable[[float], torch.Tensor] | None:
+    """The temperature enters only the final rounding: a whole-window chain runs once and its last
+    state is decoded again at each temperature (from the generator's state after the chains: with
+    one batch, exactly dlm sample's draw). A block run decodes each block as it finishes: None."""
+    if chain_blocks(run.objective, run.config.seq_len) > 1:
+        return None
+    check_steps(options, run.config)
+    generator = torch.Generator().manual_seed(options.seed)
+    finals = [last_state(chain_states(run, dataclasses.replace(options, num_samples=size), size, generator, device)).x
+              for _, size in batches(options.num_samples, options.batch_size)]
+    final_x, after_chains = torch.cat(finals), generator.get_state()
+
+    def draw(temperature: float) -> torch.Tensor:
+        decode_generator = torch.Generator()
+        decode_generator.set_state(after_chains)
+        return decode(run.model, final_x, options.decoder, temperature, decode_generator,
+                      options.banned_ids(run.tokenizer)).cpu()
+    return draw
+
+
+def guided_sample(run: LoadedRun, options: SampleOptions, guide: Guide | None, generator: torch.Generator,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """One batch guided by `guide` (dlm.families.gaussian_guidance.guidance_hook at each step)."""
+    hooks = [] if guide is None else [guidance_hook(guide.classifier, chain_scheduler(run, options), guide.strength,
+                                                    guide.fluency, guide.inner_steps, guide.target)]
+    return final_words(run, last_state(chain_states(run, options, options.num_samples, generator, device, hooks)),
+                       options, generator)
+
+
+# --- its latents (a latent classifier's inputs) and its geometry --------------------------------
+
+
+def latent_dim(run: LoadedRun) -> int:
+    return run.model.embed_dim
+
+
+def latent_timesteps(run: LoadedRun) -> int:
+    return run.objective.steps
+
+
+def clean_latents(run: LoadedRun, ids: torch.Tensor) -> torch.Tensor:
+    """EMB(w): the words' embeddings (B, L, d), the latents at t = 0."""
+    with torch.no_grad():
+        return run.model.embed(ids).float()
+
+
+def noised_latents(run: LoadedRun, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x_t of windows `ids` at timesteps t, as the run's training draws them (x0 = EMB(w) + sigma0
+    noise unless the run diffuses the clean embeddings)."""
+    schedule = run.objective.schedule
+    with torch.no_grad():
+        x0 = clean_latents(run, ids)
+        if run.config.rounding_target != "clean":
+            x0 = x0 + schedule.sigma0 * torch.randn(x0.shape, generator=generator)
+        return q_sample(schedule, x0, t, torch.randn(x0.shape, generator=generator))
+
+
+def noise_scale(config: Config) -> float:
+    """sigma0, the spread of q(x0 | w): rows closer than a few sigma0 blur together under it."""
+    return NoiseSchedule(config.schedule, config.diffusion_steps).sigma0
+
+
+def rounding_bias(run: LoadedRun) -> torch.Tensor:
+    return run.model.rounding_bias()

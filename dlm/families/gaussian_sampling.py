@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,11 +14,9 @@ from dlm.core.embeddings import nearest_rows
 from dlm.core.nets import PrefixCache
 from dlm.core.scheduler import DiffusionScheduler
 from dlm.families.blocks import block_causal_mask
+from dlm.families.contract import SampleOptions
 from dlm.families.gaussian_model import DiffusionLM, decode
 from dlm.families.gaussian_objective import GaussianDiffusion, denoise_every_block
-
-if TYPE_CHECKING:
-    from dlm.runs.sample import SampleOptions
 
 
 def x0_given_earlier_blocks(model, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor,

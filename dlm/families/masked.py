@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +33,8 @@ from dlm.core.noise import WindowKeys, per_window
 from dlm.core.runtime import autocast
 from dlm.families import Terms
 from dlm.families.blocks import block_causal_mask, every_block_mask
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
+from dlm.families.contract import Chain, Frames, LoadedRun, SampleOptions
+from dlm.families.masked_probe import probe  # noqa: F401  (its probe)
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # the additive recurrence u + i * GOLDEN (mod 1) is low-discrepancy
 
@@ -86,6 +83,7 @@ class MaskedDiffusion:
     """The continuous-time NELBO of masked diffusion, shaped like the other objectives."""
 
     terms = ("total", "nelbo", "masked_ce")  # masked_ce: the plain CE at masked positions (unweighted)
+    timestep_sampler = None  # its mask rates are drawn as they are, nothing measured
 
     def __init__(self, block_size: int | None = None, rate_range: tuple[float, float] = (1e-3, 1.0),
                  eval_min_rate: float = 1e-3):
@@ -297,6 +295,7 @@ def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.
 # --- the likelihood bound ----------------------------------------------------------------------
 
 BOUND_TERMS = ("nelbo",)
+BOUND_OPTIONS = frozenset()  # its NELBO has no x0 to choose and no shortened chain
 
 
 @torch.inference_mode()
@@ -330,7 +329,7 @@ NAME = "masked"
 TITLE = "masked diffusion"
 DESCRIPTION = ("MDLM's absorbing-state diffusion (BD3-LM's in blocks): words masked at random, "
                "unmasked step by step by a bidirectional transformer")
-SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature"})
+SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature", "probe"})
 SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
 # fixed words are never masked: fill gives them back as given, with nothing to round
 ROUNDS_FIXED_WORDS = False
@@ -344,8 +343,9 @@ TERMS = Terms(
           "words and never noises the table, so there is no noise scale to hold the distances against), the "
           "learning rate schedule and training throughput.",
     likelihood="The NELBO, MDLM's bound on -log p(w), in nats per token",
+    titles={"nelbo": "NELBO (nats/token)", "masked_ce": "CE at masked positions"},
     trajectory="The window at each recorded step: the words unmasked so far (positions still masked are left out); "
-               "t is the mask rate in thousandths (1000: every position masked).",
+               "t is the mask rate (1: every position masked, down to 0).",
 )
 _GAUSSIAN_CHAIN = ("an option of the Gaussian chain (its timestep spacing, clamping, eta and x0 estimate); the masked "
                    "chain unmasks words at evenly spaced mask rates")
@@ -417,12 +417,16 @@ def most_steps(positions: int) -> int:
     return STEPS_PER_SQUARED_POSITION * positions ** 2
 
 
-def denoiser_calls(steps: int, positions: int) -> int:
-    """The most network calls of a block's chain: a step where nothing unmasked reuses the last output."""
-    return min(steps, positions)
+def chain(config: Config) -> Chain:
+    """A chain per block (or the window), in continuous time; a step where nothing unmasked reuses
+    the last output, so a block's chain calls the network at most once per position."""
+    positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
+    return Chain(blocks=config.seq_len // positions, timesteps=None, most_calls=positions)
 
 
 def check_steps(options: SampleOptions, config: Config) -> None:
+    """The options' own ranges, and the steps a chain can take that still change its samples."""
+    options.validate()
     positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
     most = most_steps(positions)
     if options.steps < 1:
@@ -437,45 +441,33 @@ def check_steps(options: SampleOptions, config: Config) -> None:
 
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
-    """`run` sampled by the ancestral chain of options.steps steps (per block), at
+    """One batch of `run` sampled by the ancestral chain of options.steps steps (per block), at
     options.temperature; frames of the window every options.record_every steps ([MASK] shown as
-    <pad>, t in thousandths: the frames' t is an integer timestep in the other families)."""
-    options.validate()
+    <pad>, t the mask rate)."""
     check_steps(options, run.config)
-    length = run.config.seq_len
-    banned = options.banned_ids(run.tokenizer)
-    rows, trajectory = [], []
-    for first in range(0, options.num_samples, options.batch_size):
-        count = min(options.batch_size, options.num_samples - first)
-        blank = torch.zeros(count, length, dtype=torch.long, device=device)
+    frames = Frames(options)
 
-        def record(index: int, t: float, window: torch.Tensor, first=first) -> None:
-            if options.records(index):
-                shown = torch.where(window == run.model.mask_id, run.tokenizer.pad_id, window).cpu().tolist()
-                if first == 0:
-                    trajectory.append({"index": index, "t": round(t * 1000), "ids": shown})
-                else:
-                    next(f for f in trajectory if f["index"] == index)["ids"].extend(shown)
+    def record(index: int, t: float, window: torch.Tensor) -> None:
+        if frames.wants(index):
+            frames.add(index, t, torch.where(window == run.model.mask_id, run.tokenizer.pad_id, window))
 
-        ids, _ = sample_ids(run.model, run.objective, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps,
-                            generator, options.temperature, banned, run.config.precision, record)
-        rows.append(ids.cpu())
-    return torch.cat(rows), trajectory
+    blank = torch.zeros(options.num_samples, run.config.seq_len, dtype=torch.long, device=device)
+    ids, _ = sample_ids(run.model, run.objective, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps,
+                        generator, options.temperature, options.banned_ids(run.tokenizer), run.config.precision, record)
+    return ids.cpu(), frames.frames
 
 
 def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: SampleOptions, generator: torch.Generator,
          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
+    """Control, one batch: windows ids (N, L) generated where `known` is False; the ids and the
     scores (N, L, V) each position was drawn from (for the length constraint)."""
-    options.validate()
     check_steps(options, run.config)
-    out, scores = [], []
-    for first in range(0, len(ids), options.batch_size):
-        batch = ids[first: first + options.batch_size].to(device)
-        mask = known.expand(len(ids), -1)[first: first + options.batch_size].to(device)
-        got, drawn_from = sample_ids(run.model, run.objective, batch, mask, options.steps, generator,
-                                     options.temperature, options.banned_ids(run.tokenizer), run.config.precision,
-                                     keep_scores=True)
-        out.append(got.cpu())
-        scores.append(drawn_from)
-    return torch.cat(out), torch.cat(scores)
+    got, drawn_from = sample_ids(run.model, run.objective, ids.to(device), known.expand(len(ids), -1).to(device),
+                                 options.steps, generator, options.temperature, options.banned_ids(run.tokenizer),
+                                 run.config.precision, keep_scores=True)
+    return got.cpu(), drawn_from
+
+
+def decode_again(run: LoadedRun, options: SampleOptions, device: torch.device | str = "cpu") -> None:
+    """The temperature enters every step's draw: each temperature is sampled afresh."""
+    return None

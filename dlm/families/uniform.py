@@ -27,7 +27,6 @@ prior term (alpha_1 = 0: q(z_1 | x) is the prior) and no reconstruction term (al
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +39,9 @@ from dlm.core.nets import TinyTransformer
 from dlm.core.noise import WindowKeys
 from dlm.core.runtime import autocast
 from dlm.families import Terms
+from dlm.families.contract import Chain, Frames, LoadedRun, SampleOptions
 from dlm.families.masked import WHY_NOT as MASKED_WHY_NOT
 from dlm.families.masked import MaskedDiffusion, categorical
-
-if TYPE_CHECKING:
-    from dlm.runs.build import LoadedRun
-    from dlm.runs.sample import SampleOptions
 
 TIME_SCALE = 1000  # the network reads t as 1000 t: the range of the Gaussian chain's integer timesteps
 TRAIN_TIMES = (1e-3, 1.0)  # UDLM's training range of t (its sampling_eps); the bound uses all of (0, 1)
@@ -130,13 +126,10 @@ class UniformDiffusion:
     """UDLM's continuous-time NELBO, shaped like the other objectives."""
 
     terms = ("total", "nelbo", "x0_ce")  # x0_ce: the denoiser's plain CE against the clean words, all positions
+    timestep_sampler = None  # its times are drawn as they are, nothing measured
 
     def __init__(self):
         self.times = MaskedDiffusion(None, TRAIN_TIMES)  # its low-discrepancy draws of t over a batch
-
-    def block_size_for(self, length: int) -> None:
-        """The whole window is one chain (no blocks)."""
-        return None
 
     def training_losses(self, model: UniformDiffusionLM, ids: torch.Tensor, generator: torch.Generator | None = None,
                         uniform_t: bool = False, keys: WindowKeys | None = None) -> dict[str, torch.Tensor]:
@@ -240,6 +233,7 @@ def sample_ids(model: UniformDiffusionLM, ids: torch.Tensor, known: torch.Tensor
 # --- the likelihood bound ----------------------------------------------------------------------
 
 BOUND_TERMS = ("nelbo",)
+BOUND_OPTIONS = frozenset()  # its NELBO has no x0 to choose and no shortened chain
 
 
 @torch.inference_mode()
@@ -283,8 +277,9 @@ TERMS = Terms(
           "replaces words by uniformly drawn ones and never noises the table, so there is no noise scale to hold "
           "the distances against), the learning rate schedule and training throughput.",
     likelihood="The NELBO, UDLM's bound on -log p(w), in nats per token",
+    titles={"nelbo": "NELBO (nats/token)", "x0_ce": "CE of the denoiser's words (all positions)"},
     trajectory="The window at each recorded step, every position holding a word (noise words early on, any of them "
-               "revisable later); t is the noise level in thousandths (1000: every word drawn uniformly).",
+               "revisable later); t is the noise level (1: every word drawn uniformly, down to 0).",
 )
 _GAUSSIAN_CHAIN = ("an option of the Gaussian chain (its timestep spacing, clamping, eta and x0 estimate); the "
                    "uniform chain draws words at evenly spaced noise levels")
@@ -292,6 +287,7 @@ WHY_NOT = {  # a discrete family's reasons, as the masked family gives them, in 
     **MASKED_WHY_NOT,
     "latent": "it noises words by replacing them, not by adding noise to vectors: there are no noised latents for a "
               "classifier to read",
+    "probe": "no probe of its denoiser is written yet (benchmarks/probe.py has the Gaussian and masked families')",
     **{option: _GAUSSIAN_CHAIN for option in ("spacing", "clamp", "clamp_fraction", "eta", "x0")},
 }
 
@@ -328,8 +324,14 @@ def trunk(model: UniformDiffusionLM) -> nn.Module:
 MOST_STEPS = 100_000  # a guard against a typo that would run for hours, not a limit of the chain
 
 
+def chain(config: Config) -> Chain:
+    """One chain over the whole window, in continuous time, a network call a step."""
+    return Chain(blocks=1, timesteps=None)
+
+
 def check_steps(options: SampleOptions, config: Config) -> None:
-    """The ancestral chain's step count (dlm.runs.sample calls it before any sampling)."""
+    """The options' own ranges and the ancestral chain's step count (before any sampling)."""
+    options.validate()
     if options.steps < 1:
         raise UserError(f"steps must be at least 1, got {options.steps}.")
     if options.steps > MOST_STEPS:
@@ -339,36 +341,32 @@ def check_steps(options: SampleOptions, config: Config) -> None:
 
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
-    """One batch (dlm.runs.sample.generate_batches hands each family one) of options.num_samples
-    windows by the ancestral chain of options.steps steps at options.temperature; frames of the
-    window every options.record_every steps (t in thousandths, as the masked family's)."""
-    options.validate()
+    """One batch of options.num_samples windows by the ancestral chain of options.steps steps at
+    options.temperature; frames of the window every options.record_every steps (t the noise level)."""
     check_steps(options, run.config)
-    length, count, total = run.config.seq_len, options.num_samples, options.steps
-    trajectory = []
+    frames = Frames(options)
 
     def record(index: int, s: float, window: torch.Tensor) -> None:
-        if options.record_every and (index % options.record_every == 0 or index == total - 1):
-            trajectory.append({"index": index, "t": round(s * 1000), "ids": window.cpu().tolist()})
+        if frames.wants(index):
+            frames.add(index, s, window)
 
-    blank = torch.zeros(count, length, dtype=torch.long, device=device)
+    blank = torch.zeros(options.num_samples, run.config.seq_len, dtype=torch.long, device=device)
     ids, _ = sample_ids(run.model, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps, generator,
                         options.temperature, options.banned_ids(run.tokenizer), run.config.precision, record)
-    return ids.cpu(), trajectory
+    return ids.cpu(), frames.frames
 
 
 def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: SampleOptions, generator: torch.Generator,
          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Control: windows ids (N, L) generated where `known` is False, in batches; the ids and the
+    """Control, one batch: windows ids (N, L) generated where `known` is False; the ids and the
     scores (N, L, V) each position's last word was drawn from (for the length constraint)."""
-    options.validate()
     check_steps(options, run.config)
-    out, scores = [], []
-    for first in range(0, len(ids), options.batch_size):
-        batch = ids[first: first + options.batch_size].to(device)
-        mask = known.expand(len(ids), -1)[first: first + options.batch_size].to(device)
-        got, drawn_from = sample_ids(run.model, batch, mask, options.steps, generator, options.temperature,
-                                     options.banned_ids(run.tokenizer), run.config.precision, keep_scores=True)
-        out.append(got.cpu())
-        scores.append(drawn_from)
-    return torch.cat(out), torch.cat(scores)
+    got, drawn_from = sample_ids(run.model, ids.to(device), known.expand(len(ids), -1).to(device), options.steps,
+                                 generator, options.temperature, options.banned_ids(run.tokenizer),
+                                 run.config.precision, keep_scores=True)
+    return got.cpu(), drawn_from
+
+
+def decode_again(run: LoadedRun, options: SampleOptions, device: torch.device | str = "cpu") -> None:
+    """The temperature enters every step's draw: each temperature is sampled afresh."""
+    return None

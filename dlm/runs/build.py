@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,15 +14,10 @@ from dlm.core.config import Config, ConfigError, from_dict
 from dlm.core.data import CorpusData, Tokenizer, check_corpus, prepare_data, saved_tokenizer
 from dlm.core.embeddings import pretrained_table, read_word_vectors
 from dlm.families import family
-from dlm.families.gaussian_objective import GaussianDiffusion
+from dlm.families.contract import LoadedRun  # noqa: F401  (re-exported: the contract's type)
 from dlm.runs.rundir import RunDir
 
 logger = logging.getLogger("dlm")
-
-
-def build_diffusion(config: Config) -> GaussianDiffusion:
-    """The Gaussian diffusion objective of a config (the train notebook reads its schedule)."""
-    return family("diffusion").objective(config)
 
 
 def build_objective(config: Config):
@@ -66,28 +60,6 @@ def build_model(config: Config, tokenizer: Tokenizer) -> nn.Module:
     return new_model(config, len(tokenizer), pretrained)
 
 
-@dataclass
-class LoadedRun:
-    config: Config
-    tokenizer: Tokenizer
-    model: nn.Module  # EMA weights when present and asked for
-    objective: object  # the run's training objective, from its family (GaussianDiffusion for diffusion runs)
-    checkpoint: Path
-    step: int
-    epoch: int
-    used_ema: bool
-    corpus_sha256: str | None = None  # what the checkpoint's training read (None: trained before it was recorded)
-    accept_corpus_change: bool = False  # read the corpus even when its SHA-256 is another (--accept_corpus_change)
-    # RUN/calibration.json when it was made for this checkpoint: config.decode_temperature is then
-    # its temperature (dlm.evaluation.calibration), the preset's own is recipe_config(run)'s
-    calibration: dict | None = None
-
-    @property
-    def family(self):
-        """The module of the run's model family (dlm.families)."""
-        return family(self.config.model)
-
-
 def corpus_data(run: LoadedRun) -> CorpusData:
     """The run's corpus encoded with its vocabulary, its train split cut as it was trained: refused
     when the file is not the text the run was trained on (check_corpus), unless the run was loaded
@@ -127,8 +99,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema:
     calibration = calibration_for(run, path, payload["step"], used_ema)
     if calibration is not None:
         config = config.replace(decode_temperature=calibration["temperature"])
-    return LoadedRun(config, tokenizer, model, build_objective(config), path, payload["step"], payload["epoch"],
-                     used_ema, payload.get("corpus_sha256"), accept_corpus_change, calibration)
+    return LoadedRun(config=config, tokenizer=tokenizer, model=model, objective=build_objective(config), checkpoint=path,
+                     step=payload["step"], epoch=payload["epoch"], used_ema=used_ema, corpus_sha256=payload.get("corpus_sha256"),
+                     accept_corpus_change=accept_corpus_change, calibration=calibration)
 
 
 def calibration_for(run: RunDir, checkpoint: Path, step: int, used_ema: bool) -> dict | None:

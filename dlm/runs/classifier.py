@@ -4,9 +4,9 @@ An attribute is a yes/no property of a window of token ids that tiny_shakespeare
 (`attribute`): it is computed from the ids, so the same rule labels training windows and samples.
 Two classifiers per attribute, both a small TinyTransformer, mean-pooled, with a linear head:
 
-- the guide ("latent"): reads NOISED latents x_t = q_sample(EMB(w) (+ sigma0 noise), t) of one
-  diffusion run (its frozen embedding table) with the time embedding, t uniform; the sampler takes
-  gradients of it (dlm.runs.guidance);
+- the guide ("latent"): reads NOISED latents x_t of one run (its family's noised_latents: for the
+  Gaussian family q_sample(EMB(w) (+ sigma0 noise), t) in its frozen embedding table) with the time
+  embedding, t uniform; the sampler takes gradients of it (dlm.runs.guidance);
 - the judge ("judge"): reads clean token ids; it scores success in the control table, so the
   guide is never graded by itself.
 """
@@ -27,7 +27,6 @@ from dlm.core.config import did_you_mean
 from dlm.core.data import Tokenizer, fixed_windows
 from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
-from dlm.core.schedule import q_sample
 from dlm.families import not_available, supports
 from dlm.runs.build import LoadedRun, corpus_data
 from dlm.runs.rundir import RunDir
@@ -142,17 +141,6 @@ def balanced_batch(labels: torch.Tensor, size: int, generator: torch.Generator) 
     return torch.cat([pick(positive, half), pick(negative, size - half)])
 
 
-def noised_latents(run: LoadedRun, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """x_t of windows `ids` at timesteps t, as the run's training draws them (x0 = EMB(w) + sigma0
-    noise unless the run diffuses the clean embeddings)."""
-    diffusion, model = run.objective, run.model
-    with torch.no_grad():
-        x0 = model.embed(ids).float()
-        if run.config.rounding_target != "clean":
-            x0 = x0 + diffusion.schedule.sigma0 * torch.randn(x0.shape, generator=generator)
-        return q_sample(diffusion.schedule, x0, t, torch.randn(x0.shape, generator=generator))
-
-
 def check_classifier_options(steps: int, batch_size: int, width: int, depth: int, heads: int = 4) -> None:
     """train-classifier's options, checked before any run is loaded (as dlm train checks its config)."""
     if steps < 1:
@@ -185,12 +173,12 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
         raise UserError(f"Attribute '{attribute_name}' is {'never' if share == 0 else 'always'} true in the run's "
                          f"training windows: nothing to learn. Pick another attribute.")
     settings = ClassifierSettings(kind, attribute_name, run.config.seq_len,
-                                  run.model.embed_dim if kind == "latent" else len(run.tokenizer), width, depth)
+                                  run.family.latent_dim(run) if kind == "latent" else len(run.tokenizer), width, depth)
     torch.manual_seed(seed)
     classifier = Classifier(settings)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    steps_total = run.objective.steps if kind == "latent" else 0
+    steps_total = run.family.latent_timesteps(run) if kind == "latent" else 0
     start = time.perf_counter()
     classifier.train()
     for step in range(steps):
@@ -198,7 +186,7 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
         ids, y = train[index], labels[index]
         if kind == "latent":
             t = torch.randint(0, steps_total, (len(ids),), generator=generator)
-            logits = classifier(noised_latents(run, ids, t, generator), t)
+            logits = classifier(run.family.noised_latents(run, ids, t, generator), t)
         else:
             logits = classifier(ids)
         loss = F.cross_entropy(logits, y)
@@ -230,11 +218,11 @@ def heldout_accuracy(run: LoadedRun, classifier: Classifier, target: Attribute, 
     if classifier.settings.kind == "judge":
         return {"heldout_balanced_accuracy": balanced_accuracy(classifier.prob(heldout), labels)}
     generator = torch.Generator().manual_seed(seed + 1)
-    steps = run.objective.steps
+    steps = run.family.latent_timesteps(run)
     result = {}
     for key, top in (("heldout_balanced_accuracy", steps), ("heldout_balanced_accuracy_low_t", max(1, steps // 10))):
         t = torch.randint(0, top, (len(heldout),), generator=generator)
-        result[key] = balanced_accuracy(classifier.prob(noised_latents(run, heldout, t, generator), t), labels)
+        result[key] = balanced_accuracy(classifier.prob(run.family.noised_latents(run, heldout, t, generator), t), labels)
     return result
 
 

@@ -25,8 +25,9 @@ import torch
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
 from dlm.families import sample_settings, supports
+from dlm.families.contract import batches
 from dlm.runs.build import LoadedRun
-from dlm.runs.sample import SampleOptions
+from dlm.runs.sample import SampleOptions, check_options
 
 BLANK = "__"  # one blank position in a template
 MODES = ("template", "prefix", "length")
@@ -240,6 +241,16 @@ def _length_constraint(run: LoadedRun, ids: torch.Tensor, scores: torch.Tensor |
     return ids, masked
 
 
+def fill_in_batches(run: LoadedRun, targets: torch.Tensor, known: torch.Tensor, options: SampleOptions,
+                    generator: torch.Generator, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The family's fill of `targets` (N, L) in batches of options.batch_size, one generator through
+    them in order: the windows and the scores each position was drawn from (None: the family has none)."""
+    parts = [run.family.fill(run, targets[first: first + size], known, options, generator, device)
+             for first, size in batches(len(targets), options.batch_size)]
+    scores = [part[1] for part in parts]
+    return torch.cat([part[0] for part in parts]), None if scores[0] is None else torch.cat(scores)
+
+
 def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None = None, mbr: int = 1,
            mbr_distance: str = "ngram", device: str | torch.device = "cpu") -> ControlResult:
     """options.num_samples windows with the control's fixed words (a Control, or a template string),
@@ -248,7 +259,7 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
     if isinstance(control, str):
         control = make_control(run, template=control)
     options = options or SampleOptions.from_config(run.config)
-    options.validate(getattr(run.objective, "steps", None))
+    check_options(run.config, options)
     if mbr < 1:
         raise UserError(f"--mbr must be at least 1 (the number of candidates per sample), got {mbr}.")
     if mbr_distance not in DISTANCES:
@@ -258,7 +269,7 @@ def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None
     generator = torch.Generator().manual_seed(options.seed)
     # every sample's fixed words, once per MBR candidate
     targets = control.ids.expand(options.num_samples, -1).repeat_interleave(mbr, 0)
-    raw, scores = run.family.fill(run, targets, control.known, options, generator, device)
+    raw, scores = fill_in_batches(run, targets, control.known, options, generator, device)
     raw, masked = _length_constraint(run, raw, scores, control)  # masked: positions the constraint re-rounded
     known = control.known
     kept = None

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,90 +16,17 @@ import torch
 from dlm.core.config import Config, machine_memory_bytes
 from dlm.core.data import atomic_write_bytes, check_destination, current_umask
 from dlm.core.errors import DiskFullError, UserError, is_disk_full
-from dlm.core.schedule import SPACINGS
 from dlm.families import family, sample_settings
+from dlm.families.contract import X0_CHOICES, Chain, SampleOptions, batches, merge_frames  # noqa: F401  (re-exported: the contract's types)
 from dlm.runs.build import LoadedRun
 from dlm.runs.rundir import RunDir
-
-X0_CHOICES = ("predicted", "expected", "posterior")
-
-
-def recipe(key: str):
-    """A sampling option that a run's config sets: Config key `key` (section 'sampling') gives
-    its default and, in SampleOptions.from_config, its value."""
-    return field(default=Config.__dataclass_fields__[key].default, metadata={"config": key})
-
-
-@dataclass
-class SampleOptions:
-    num_samples: int = 16
-    steps: int = recipe("sample_steps")  # reverse steps
-    spacing: str = recipe("sample_spacing")  # which timesteps: one of SPACINGS (sampling_timesteps)
-    clamp: bool = recipe("clamp")  # Diffusion-LM's clamping trick
-    clamp_fraction: float = recipe("clamp_fraction")  # clamp only during the last share of steps
-    eta: float = recipe("sample_eta")  # 1 ancestral, 0 deterministic DDIM
-    x0: str = recipe("sample_x0")  # predicted (the denoiser's), expected or posterior (under its rounding softmax)
-    temperature: float = recipe("decode_temperature")  # final tokens: 0 argmax, >0 drawn from softmax/T
-    unk: bool = recipe("decode_unk")  # a final token may be <unk> (False: its score masked)
-    decoder: str = "learned"  # learned (the rounding softmax) or cosine (similarity + argmax)
-    seed: int = 0
-    batch_size: int = 64
-    record_every: int = 0  # keep the decoded tokens every N steps of each (block's) chain (0: not recorded)
-
-    @classmethod
-    def from_config(cls, config: Config, **overrides) -> SampleOptions:
-        """The run's own sampling recipe, with explicit overrides (None means: keep the recipe's)."""
-        recipe_values = {f.name: getattr(config, f.metadata["config"]) for f in fields(cls) if "config" in f.metadata}
-        return cls(**{**recipe_values, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def records(self, index: int) -> bool:
-        """Whether the chain's step `index` is kept in the trajectory: every record_every steps of
-        each chain and each chain's last step (a block run's index counts on over its blocks, each
-        running a chain of `steps`: every block is recorded alike, and its finished state shown)."""
-        step = index % self.steps
-        return bool(self.record_every) and (step % self.record_every == 0 or step == self.steps - 1)
-
-    def banned_ids(self, tokenizer) -> tuple[int, ...]:
-        """The token ids a final draw never gives: the tokenizer's <unk> unless `unk`."""
-        return () if self.unk or tokenizer.unk_id is None else (tokenizer.unk_id,)
-
-    def validate(self, total_steps: int | None = None) -> None:
-        """Every option a user can give, checked before sampling; `total_steps` is the run's
-        diffusion_steps (None for a family without a chain: steps are not checked)."""
-        for name in ("eta", "temperature", "clamp_fraction"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}.")
-        if self.x0 not in X0_CHOICES:
-            raise UserError(f"x0 must be one of {', '.join(X0_CHOICES)}, got '{self.x0}'.")
-        if self.decoder not in ("learned", "cosine"):
-            raise UserError(f"decoder must be 'learned' or 'cosine', got '{self.decoder}'.")
-        if self.num_samples < 1:
-            raise UserError(f"num_samples must be at least 1, got {self.num_samples}.")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size (samples drawn at once) must be at least 1, got {self.batch_size}.")
-        if self.record_every < 0:
-            raise UserError(f"record_every must be 0 (no trajectory) or a number of steps, got {self.record_every}.")
-        if not 0 <= self.eta <= 1:
-            raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {self.eta}.")
-        if total_steps is not None and not 1 <= self.steps <= total_steps:
-            raise UserError(f"steps must be between 1 and the run's diffusion_steps ({total_steps}), got {self.steps}.")
-        if self.spacing not in SPACINGS:
-            raise UserError(f"spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
-        if self.temperature < 0:
-            raise UserError("temperature must be 0 (argmax) or positive.")
-        if not 0 <= self.clamp_fraction <= 1:
-            raise UserError("clamp_fraction must be between 0 and 1.")
 
 
 def check_options(config: Config, options: SampleOptions) -> None:
     """Every sampling option against a run's config, before any draw (before the run is loaded,
-    too): the options' own ranges and the steps its chain can take (the Gaussian family's
-    diffusion_steps, or the family's own `check_steps`)."""
-    chain = family(config.model)
-    options.validate(getattr(chain.objective(config), "steps", None))
-    check_steps = getattr(chain, "check_steps", None)
-    if check_steps is not None:
-        check_steps(options, config)
+    too): the options' own ranges and the steps its family's sampler can take (its check_steps)."""
+    options.validate()
+    family(config.model).check_steps(options, config)
 
 
 @dataclass
@@ -114,28 +40,29 @@ def generate_batches(run: LoadedRun, options: SampleOptions,
                      device: str | torch.device = "cpu") -> Iterator[SampleBatch]:
     """The samples one batch of options.batch_size at a time: one generator runs through the batches
     in order, so they are the draws one call for all of them makes."""
-    options.validate()  # what does not depend on the family (it checks the steps), before any draw
+    check_options(run.config, options)  # before any draw
     generator = torch.Generator().manual_seed(options.seed)
-    for first in range(0, options.num_samples, options.batch_size):
-        part = replace(options, num_samples=min(options.batch_size, options.num_samples - first))
-        ids, trajectory = run.family.generate(run, part, generator, device)
+    for _, size in batches(options.num_samples, options.batch_size):
+        ids, trajectory = run.family.generate(run, replace(options, num_samples=size), generator, device)
         yield SampleBatch(ids, [run.tokenizer.decode(row) for row in ids], trajectory)
 
 
 def generate(run: LoadedRun, options: SampleOptions, device: str | torch.device = "cpu") -> SampleBatch:
     """Samples of the run's family (the reverse chain, or left to right for the AR baseline)."""
-    batches = list(generate_batches(run, options, device))
-    trajectory = [dict(frame, ids=[row for batch in batches for row in batch.trajectory[i]["ids"]])
-                  for i, frame in enumerate(batches[0].trajectory)]
-    return SampleBatch(torch.cat([b.ids for b in batches]), [t for b in batches for t in b.texts], trajectory)
+    parts, trajectory = [], []
+    for batch in generate_batches(run, options, device):
+        parts.append(batch)
+        trajectory = merge_frames(trajectory, batch.trajectory)
+    return SampleBatch(torch.cat([b.ids for b in parts]), [t for b in parts for t in b.texts], trajectory)
 
 
-def check_memory(options: SampleOptions, seq_len: int, total_steps: int | None) -> None:
+def check_memory(options: SampleOptions, seq_len: int, chain: Chain | None) -> None:
     """Refuse up front what cannot fit: a recorded trajectory keeps every sample's tokens at every
-    recorded step (the samples themselves are written batch by batch and not kept)."""
-    if not options.record_every:
+    recorded step of every block's chain (the samples themselves are written batch by batch and not
+    kept). `chain`: the run's (its family's chain(config)); None, no chain: nothing is recorded."""
+    if not options.record_every or chain is None:
         return
-    frames = (total_steps or options.steps) // options.record_every + 2
+    frames = chain.blocks * (options.steps // options.record_every + 2)
     need = frames * options.num_samples * seq_len * 40  # a Python int in a list: about 40 bytes
     have = machine_memory_bytes()
     if have is not None and need > have / 2:
@@ -217,16 +144,8 @@ class SampleWriter:
                                                           f"left) and sample again.") from None
         for kind in self.whole:
             self.whole[kind] = self.handles[kind].tell()
-        self._record(batch.trajectory)
+        self.frames = merge_frames(self.frames, batch.trajectory)  # each batch's rows on the frames of the same steps
         self.count += len(batch.texts)
-
-    def _record(self, frames: list[dict]) -> None:
-        """Frames are per step; each batch adds its rows to the frames of the same steps."""
-        if not self.frames:
-            self.frames = [{"index": f["index"], "t": f["t"], "ids": list(f["ids"])} for f in frames]
-        else:
-            for mine, theirs in zip(self.frames, frames):
-                mine["ids"].extend(theirs["ids"])
 
     def close(self) -> None:
         try:

@@ -168,7 +168,7 @@ class TrainState:
     def timestep_sampler(self):
         """The objective's measured timestep density (time_warp, timestep_sampling), checkpointed
         with the run."""
-        return getattr(self.objective, "timestep_sampler", None)
+        return self.objective.timestep_sampler
 
     @property
     def eval_model(self) -> nn.Module:

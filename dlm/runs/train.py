@@ -96,7 +96,7 @@ VALIDATION_SEED = 1234
 
 
 @torch.no_grad()
-def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, device,
+def validation_losses(model, objective, windows: torch.Tensor, config: Config, device,
                       ranks: Ranks | None = None) -> dict[str, float]:
     """Loss terms on fixed validation windows with fixed noise (keyed by VALIDATION_SEED and the
     window), so epochs are comparable. In a distributed run each process scores its share of
@@ -106,7 +106,7 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
     ranks = ranks or current_ranks()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(len(diffusion.terms), dtype=torch.float64)
+    sums = torch.zeros(len(objective.terms), dtype=torch.float64)
     batches = 0
     for first in range(0, min(len(windows), config.val_batches * config.batch_size), config.batch_size):
         size = min(config.batch_size, len(windows) - first)
@@ -115,13 +115,13 @@ def validation_losses(model, diffusion, windows: torch.Tensor, config: Config, d
             ids = windows[first + start: first + stop].to(device)
             keys = WindowKeys(VALIDATION_SEED, batches, torch.arange(start, stop))
             with autocast(config.precision, device):
-                losses = diffusion.training_losses(model, ids, uniform_t=True, keys=keys)
+                losses = objective.training_losses(model, ids, uniform_t=True, keys=keys)
             share = (stop - start) / size  # this process's share of the batch mean
-            sums += torch.tensor([losses[term].item() for term in diffusion.terms], dtype=torch.float64) * share
+            sums += torch.tensor([losses[term].item() for term in objective.terms], dtype=torch.float64) * share
         batches += 1
     all_reduce_sum(sums)
     model.train(was_training)
-    return {f"val_{term}": value / batches for term, value in zip(diffusion.terms, sums.tolist())}
+    return {f"val_{term}": value / batches for term, value in zip(objective.terms, sums.tolist())}
 
 
 def _terms_text(values: dict, names) -> str:

@@ -84,6 +84,11 @@ def caption(model: str, term: str) -> Markdown:
     return Markdown(text)
 
 
+def term_titles(model: str) -> dict[str, str]:
+    """The family's plot title for each of its loss terms (its TERMS.titles)."""
+    return dict(family(model).TERMS.titles)
+
+
 def trajectory_note(model: str) -> str:
     """The sample page's step slider caption (HTML): what one of the family's frames shows, what its
     t is, and the marking of changed tokens."""

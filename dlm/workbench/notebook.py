@@ -179,9 +179,19 @@ def split_list(value: str | list | tuple | None) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def chain_timesteps(config) -> int | None:
+    """The timesteps of the run's discrete-time chain (its sampling steps are some of them); None
+    for a continuous-time chain or none (its family's chain(config))."""
+    from dlm.families import family
+
+    chain = family(config.model).chain(config)
+    return None if chain is None else chain.timesteps
+
+
 def step_counts(value: str | list | tuple | None, total_steps: int | None, name: str = "curve_steps") -> list[int]:
-    """Sampling step counts from a list parameter, keeping those the run can take (<= its diffusion
-    steps; None: any, a continuous-time family); anything that is not a positive integer is an error naming the parameter."""
+    """Sampling step counts from a list parameter, keeping those the run can take (<= its chain's
+    timesteps, `chain_timesteps`; None: any, a continuous-time family); anything that is not a
+    positive integer is an error naming the parameter."""
     counts = []
     for part in split_list(value):
         try:
@@ -193,7 +203,7 @@ def step_counts(value: str | list | tuple | None, total_steps: int | None, name:
         counts.append(count)
     kept = sorted({c for c in counts if total_steps is None or c <= total_steps})
     if counts and not kept:
-        raise UserError(f"Every entry of '{name}' exceeds the run's diffusion_steps ({total_steps}).")
+        raise UserError(f"Every entry of '{name}' exceeds the run's chain's timesteps ({total_steps}).")
     return kept
 
 
@@ -266,9 +276,9 @@ def shows_task(model: str, task: str, asked: list[str]) -> bool:
 
 
 def sigma0(config) -> float | None:
-    """The spread of the Gaussian family's q(x0 | w) (the training notebook's distance scale), or
-    None for a family without one."""
-    from dlm.families import supports
-    from dlm.runs.build import build_diffusion
+    """The noise scale the embedding rows are held against (the training notebook's distance scale:
+    the family's noise_scale, the Gaussian family's sigma0 of q(x0 | w)), or None for a family
+    without the geometry."""
+    from dlm.families import family, supports
 
-    return build_diffusion(config).schedule.sigma0 if supports(config.model, "geometry") else None
+    return family(config.model).noise_scale(config) if supports(config.model, "geometry") else None

@@ -72,8 +72,6 @@ def _legend(ax, **options) -> None:
         ax.legend(**options)
 
 
-TERM_TITLES = {"total": "total loss", "mse": "diffusion loss (MSE)", "rounding": "rounding loss (CE)",
-               "nll": "next-token NLL", "nelbo": "NELBO (nats/token)", "masked_ce": "CE at masked positions"}
 
 
 def loss_terms(metrics: pd.DataFrame) -> list[str]:
@@ -81,15 +79,16 @@ def loss_terms(metrics: pd.DataFrame) -> list[str]:
     return [c for c in metrics.columns if f"val_{c}" in metrics.columns and metrics[c].notna().any()]
 
 
-def loss_curves(metrics: pd.DataFrame) -> Figure:
+def loss_curves(metrics: pd.DataFrame, titles: Mapping[str, str] | None = None) -> Figure:
     """The run's first three loss terms (for the Gaussian family total, diffusion MSE and rounding
-    CE), train and validation, against steps."""
+    CE), train and validation, against steps; `titles`: each term's plot title, the family's own
+    (dlm.workbench.captions.term_titles; a term without one is titled by its name)."""
     terms = loss_terms(metrics)[:3] or ["total"]
     figure, axes = _figure(1, len(terms), 13 * len(terms) / 3, 3.6)
     train = metrics[metrics["total"].notna()] if "total" in metrics else metrics.iloc[0:0]
     val = metrics[metrics["val_total"].notna()] if "val_total" in metrics else metrics.iloc[0:0]
     for ax, term in zip(axes[0], terms):
-        title = TERM_TITLES.get(term, term)
+        title = "total loss" if term == "total" else (titles or {}).get(term, term)
         if len(train):  # a lone point (the first log line) gets a marker: a line through one point draws nothing
             ax.plot(train["step"], train[term], label="train", color="C0", marker="o" if len(train) == 1 else None,
                     markersize=4)
@@ -112,11 +111,13 @@ def has_a_point(metrics: pd.DataFrame) -> bool:
 class LiveLossCurves:
     """The loss curves redrawn in place while a run trains: one figure in one output, updated (an
     IPython display handle) each time train() writes a metrics.csv row, i.e. every log_every steps
-    and at each validation. Pass it as train(..., on_metrics=...). `show` is IPython's display."""
+    and at each validation. Pass it as train(..., on_metrics=...). `show` is IPython's display;
+    `titles` the terms' plot titles (loss_curves)."""
 
-    def __init__(self, metrics_path: str | Path, show=None):
+    def __init__(self, metrics_path: str | Path, show=None, titles: Mapping[str, str] | None = None):
         self.metrics_path = Path(metrics_path)
         self.show = show
+        self.titles = titles
         self.handle = None
         self.redraws = 0
 
@@ -124,7 +125,7 @@ class LiveLossCurves:
         metrics = pd.read_csv(self.metrics_path)  # the whole run so far, resumed rows too
         if not has_a_point(metrics):
             return  # the first frame waits for a value to draw: empty axes would read as a broken plot
-        figure = loss_curves(metrics)
+        figure = loss_curves(metrics, self.titles)
         metadata = {LIVE_MARK: True}
         if self.handle is None:
             if self.show is None:

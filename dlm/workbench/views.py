@@ -96,7 +96,7 @@ def frame_label(frame: dict, total_steps: int, blocks: int = 1) -> str:
     index counts on over the blocks, each block running its own chain of `total_steps` steps."""
     block, step = divmod(frame["index"], total_steps)
     where = f"block {block + 1} of {blocks}, " if blocks > 1 else ""
-    return f"{where}step {step + 1} of {total_steps} (t = {frame['t']})"
+    return f"{where}step {step + 1} of {total_steps} (t = {frame['t']:g})"  # t: the noise level, 1 to 0
 
 
 def block_groups(frames: Sequence[dict], total_steps: int, blocks: int) -> list[list[int]]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm import families
-from dlm.core.config import did_you_mean, field_types, load_config
+from dlm.core.config import Config, current_model, did_you_mean, field_types, load_config
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
 from dlm.core.lockfile import FolderLock, FolderLocked
@@ -208,11 +208,11 @@ def model_of_run(path: str | Path, what: str) -> str:
 
     run = RunDir(path)
     if run.config.is_file():
-        return (yaml.safe_load(run.config.read_text()) or {}).get("model", "diffusion")
+        return current_model((yaml.safe_load(run.config.read_text()) or {}).get("model", Config.model))
     if run.last_checkpoint.is_file():
         from dlm.core.checkpoint import load_checkpoint
 
-        return load_checkpoint(run.last_checkpoint)["config"].get("model", "diffusion")
+        return current_model(load_checkpoint(run.last_checkpoint)["config"].get("model", Config.model))
     raise ReportError(f"{what} '{path}' holds no trained run (no config.yaml, no checkpoints/last.pt).")
 
 
@@ -221,7 +221,7 @@ def check_report_values(config, parameters: Mapping[str, Mapping[str, Any]], fro
     report stopped after training blocks its name): the run's keys against its family, a --from_run
     of the preset's family, every sampling step count, an AR run wherever one is asked for."""
     from dlm.runs.sample import SampleOptions, check_options
-    from dlm.workbench.notebook import resolve_input, step_counts
+    from dlm.workbench.notebook import chain_timesteps, resolve_input, step_counts
 
     families.family(config.model).check_config(config)
     if from_run is not None and model_of_run(from_run, "--from_run") != config.model:
@@ -232,7 +232,7 @@ def check_report_values(config, parameters: Mapping[str, Mapping[str, Any]], fro
              if (value := parameters.get(notebook, {}).get(key, -1)) != -1]
     curve = parameters.get("sample", {}).get("curve_steps", "")
     if curve and "steps" in families.family(config.model).SAMPLE_OPTIONS:
-        total = getattr(families.family(config.model).objective(config), "steps", None)
+        total = chain_timesteps(config)
         asked += [("--param sample.curve_steps", count) for count in step_counts(curve, total, "curve_steps")]
     for flag, value in asked:
         if not isinstance(value, int) or isinstance(value, bool):
