@@ -159,38 +159,42 @@ def test_report_pages_are_self_contained(report):
     assert collapse.count("data:image/png;base64,") >= 5
 
 
-def test_papermill_command_line_p_wins_over_f(tmp_path):
-    preset = tiny_preset(tmp_path)
-    (tmp_path / "more.yaml").write_text("epochs: 3\nseq_len: 12\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "papermill", str(NOTEBOOKS / "train.ipynb"), "out.ipynb", "-p", "params", str(preset),
-         "-f", "more.yaml", "-p", "epochs", "1", "-p", "run_dir", "run", "-p", "samples_per_checkpoint", "1",
-         "--no-progress-bar"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert config["epochs"] == 1  # -p beats -f
-    assert config["seq_len"] == 12  # -f beats the preset
-    assert config["embed_dim"] == 16 and config["progress"] is True  # the preset; a live bar in a notebook
-    assert error_outputs(tmp_path / "out.ipynb") == []
-
-
-def test_train_notebook_started_in_notebooks_says_how_long_its_run_trained(tmp_path):
-    """JupyterLab starts the kernel in notebooks/: the relative run_dir resolves against the project
-    root, and the line that ends the training reads that run's metrics.csv (it once looked under
-    notebooks/ and said "in an unrecorded time" while the result table said 26.6 s)."""
-    project = tmp_path / "project"
-    (project / "dlm").mkdir(parents=True)
+@pytest.fixture(scope="module")
+def lab_train(tmp_path_factory):
+    """One train.ipynb run through papermill's command line, started in a checkout's notebooks/ as
+    JupyterLab starts its kernel (one run serves the two tests below): the preset, a -f file over
+    it and -p values over both, with relative paths. Returns the project folder."""
+    project = tmp_path_factory.mktemp("project")
+    (project / "dlm").mkdir()
     (project / "dlm" / "__init__.py").write_text("")  # a checkout's marks: dlm/ and params/
     (project / "params").mkdir()
     (project / "notebooks").mkdir()
     tiny_preset(project / "params")
-    papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"),
-                               parameters={"params": "params/tiny.yaml", "run_dir": "runs/lab", "epochs": 1,
-                                           "samples_per_checkpoint": 1, "nll_draws": 0},
-                               progress_bar=False, cwd=str(project / "notebooks"))
-    metrics = pd.read_csv(project / "runs" / "lab" / "metrics.csv")  # the run is in the project, not in notebooks/
-    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    (project / "notebooks" / "more.yaml").write_text("epochs: 3\nseq_len: 12\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", str(NOTEBOOKS / "train.ipynb"), str(project / "out.ipynb"),
+         "-p", "params", "params/tiny.yaml", "-f", "more.yaml", "-p", "epochs", "1", "-p", "run_dir", "runs/lab",
+         "-p", "samples_per_checkpoint", "1", "-p", "nll_draws", "0", "--no-progress-bar"],
+        cwd=project / "notebooks", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return project
+
+
+def test_papermill_command_line_p_wins_over_f(lab_train):
+    config = yaml.safe_load((lab_train / "runs" / "lab" / "config.yaml").read_text())
+    assert config["epochs"] == 1  # -p beats -f
+    assert config["seq_len"] == 12  # -f beats the preset
+    assert config["embed_dim"] == 16 and config["progress"] is True  # the preset; a live bar in a notebook
+    assert error_outputs(lab_train / "out.ipynb") == []
+
+
+def test_train_notebook_started_in_notebooks_says_how_long_its_run_trained(lab_train):
+    """JupyterLab starts the kernel in notebooks/: the relative run_dir resolves against the project
+    root, and the line that ends the training reads that run's metrics.csv (it once looked under
+    notebooks/ and said "in an unrecorded time" while the result table said 26.6 s)."""
+    metrics = pd.read_csv(lab_train / "runs" / "lab" / "metrics.csv")  # the run is in the project, not in notebooks/
+    assert not (lab_train / "notebooks" / "runs").exists()
+    executed = nbformat.read(lab_train / "out.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
                       if o.output_type == "stream")
     assert f"in {metrics['elapsed_s'].max():.1f}s of training" in printed and "unrecorded" not in printed, printed[-800:]
@@ -501,14 +505,20 @@ def test_committed_pages_at_1200_by_900(committed_facts, path, check, request):
     assert page_check(committed_facts[path], check) == []
 
 
-def test_a_fresh_report_s_pages_pass_every_page_check(report):
-    facts = measure_pages([report / f"{name}.html" for name in workbook.NOTEBOOKS])
-    assert {(path.name, check): page_check(found, check) for path, found in facts.items()
-            for check in PAGE_CHECKS if page_check(found, check)} == {}
+@pytest.fixture(scope="module")
+def fresh_facts(report):
+    """PAGE_FACTS of the fresh report's pages and its index, measured in one browser."""
+    return measure_pages([report / f"{name}.html" for name in workbook.NOTEBOOKS] + [report.parent / "index.html"])
 
 
-def test_a_fresh_index_fits_the_window(report):
-    (facts,) = measure_pages([report.parent / "index.html"]).values()
+def test_a_fresh_report_s_pages_pass_every_page_check(report, fresh_facts):
+    pages = [report / f"{name}.html" for name in workbook.NOTEBOOKS]
+    assert {(path.name, check): page_check(fresh_facts[path], check) for path in pages
+            for check in PAGE_CHECKS if page_check(fresh_facts[path], check)} == {}
+
+
+def test_a_fresh_index_fits_the_window(report, fresh_facts):
+    facts = fresh_facts[report.parent / "index.html"]
     assert [problem for check in PAGE_CHECKS for problem in page_check(facts, check)] == []
 
 
