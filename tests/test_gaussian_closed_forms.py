@@ -16,7 +16,7 @@ import torch
 from dlm.core.config import load_config
 from dlm.core.schedule import NoiseSchedule, q_sample
 from dlm.core.scheduler import DiffusionScheduler
-from dlm.evaluation.likelihood import BoundTerms
+from dlm.families.gaussian_bound import BoundTerms
 from dlm.families.gaussian_model import DiffusionLM
 from dlm.families.gaussian_objective import GaussianDiffusion, LossSettings
 from dlm.families.gaussian_sampling import posterior_x0_hook, sample_progressive
