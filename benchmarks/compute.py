@@ -42,6 +42,7 @@ FAMILIES = {
     "masked_blocks4": ("train", "params/masked_blocks4.yaml"),
     "gaussian": ("train", "params/default.yaml"),
     "gaussian_blocks1": ("train", "params/blocks1.yaml"),
+    "uniform": ("train", "params/uniform.yaml"),
 }
 STEPS_1X, STEPS_PER_EPOCH = 910, 65
 LONG = {"steps": 4 * STEPS_1X, "cooldown": 4 * STEPS_1X // 7, "checkpoint_every": 3}
