@@ -148,7 +148,7 @@ def test_control_table_rows_and_cli(runs, tmp_path, capsys):
     options = SampleOptions.from_config(run.config, num_samples=4, steps=5)
     table = control_table(run, classifiers, options, GuidanceSettings([0.1]), ArBaseline(ar, candidates=2))
     assert list(table.columns) == list(COLUMNS)
-    assert table["method"].tolist() == ["diffusion", "diffusion + guidance", "AR", "AR + rejection (best of 2)",
+    assert table["method"].tolist() == ["gaussian", "gaussian + guidance", "AR", "AR + rejection (best of 2)",
                                         "held-out text"]
     assert table["success_rule"].between(0, 1).all() and (table["teacher_ppl"] > 1).all()
     assert markdown(table).count("\n") == 2 + len(table)
@@ -156,4 +156,4 @@ def test_control_table_rows_and_cli(runs, tmp_path, capsys):
     assert main(["control-table", "--run_dir", str(runs / "gaussian"), "--ar_run", str(runs / "ar"), "--attribute",
                  "question", "--strengths", "0.1", "--num_samples", "2", "--steps", "4", "--ar_candidates", "2",
                  "--out_dir", str(out), "--device", "cpu"]) == 0
-    assert (out / "control.csv").read_text().count("\n") == 6 and "| question | diffusion |" in (out / "control.md").read_text()
+    assert (out / "control.csv").read_text().count("\n") == 6 and "| question | gaussian |" in (out / "control.md").read_text()
