@@ -48,7 +48,7 @@ def bayes_toy():
 def final_log_prob(run, strength, fluency=1.0, seed=0):  # lambda 1: the exact Gaussian term
     options = SampleOptions.from_config(run.config, num_samples=16)
     hooks = [guidance_hook(MeanClassifier(), chain_scheduler(run, options), strength, fluency)]
-    states = list(sample_chain(run.model, run.objective, options, (16, 6), torch.Generator().manual_seed(seed),
+    states = list(sample_chain(run.model, run.objective, options, (16, 6), generator=torch.Generator().manual_seed(seed),
                                hooks=hooks))
     return torch.log_softmax(MeanClassifier()(states[-1].x, None), -1)[:, 1].mean().item()
 
@@ -70,7 +70,8 @@ def test_guidance_hook_refuses_a_chain_it_was_not_built_for():
     hook = guidance_hook(MeanClassifier(), chain_scheduler(run, options), 0.1)
     other = SampleOptions.from_config(run.config, num_samples=2, steps=10)
     with pytest.raises(RuntimeError, match="out of step with the chain"):
-        list(sample_chain(run.model, run.objective, other, (2, 6), torch.Generator().manual_seed(0), hooks=[hook]))
+        list(sample_chain(run.model, run.objective, other, (2, 6), generator=torch.Generator().manual_seed(0),
+                          hooks=[hook]))
 
 
 def test_guidance_refuses_a_block_diffusion_run_with_one_clear_line():

@@ -459,7 +459,8 @@ def test_a_block_chain_reads_the_fixed_words_of_its_finished_blocks(toy_runs, mo
     monkeypatch.setattr(gaussian_sampling, "known_positions_hook", spy)
     options = SampleOptions.from_config(run.config, steps=2)
     states = list(gaussian_sampling.sample_chain(run.model, run.objective, options, (2, 16),
-                                                 torch.Generator().manual_seed(0), hooks=[fixed], banned=(word,)))
+                                                 generator=torch.Generator().manual_seed(0), hooks=[fixed],
+                                                 banned=(word,)))
     assert (states[-1].words[:, 1] != word).all()  # what the rounding made of it, as decoded
     assert [c.shape[1] for c in contexts] == [4, 8, 12, 16]
     assert all((c[:, 1] == word).all() for c in contexts[1:])

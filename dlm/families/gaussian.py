@@ -124,8 +124,8 @@ def chain_states(run: LoadedRun, options: SampleOptions, size: int, generator: t
                  device: torch.device | str = "cpu", hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
     """The reverse chain of `size` samples of `run` as options describe it, its states advanced
     under the run's autocast (its noise is drawn when the first state is asked for)."""
-    states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator, device,
-                          hooks=hooks, banned=options.banned_ids(run.tokenizer))
+    states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator=generator,
+                          device=device, hooks=hooks, banned=options.banned_ids(run.tokenizer))
     return _under_autocast(states, run.config.precision, device)
 
 

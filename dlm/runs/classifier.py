@@ -154,7 +154,7 @@ def check_classifier_options(steps: int, batch_size: int, width: int, depth: int
         raise UserError(f"depth must be at least 1 (transformer blocks), got {depth}.")
 
 
-def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", steps: int = 300,
+def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", *, steps: int = 300,
                      batch_size: int = 64, lr: float = 1e-3, width: int = 128, depth: int = 2, seed: int = 0,
                      windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> ClassifierResult:
     """Train the guide (kind latent, on `run`'s frozen embeddings) or the judge (kind judge) for one
