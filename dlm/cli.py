@@ -127,7 +127,8 @@ def add_evaluate_parser(commands) -> None:
     nll = evaluate_parser.add_argument_group("likelihood (--nll)")
     nll.add_argument("--nll", action="store_true",
                      help="the variational bound on -log p(w), nats per token, on held-out windows of --run_dir")
-    nll.add_argument("--run_dir", help="the diffusion run to score (its last checkpoint, EMA weights)")
+    nll.add_argument("--run_dir", help="the run to score, of a family with a likelihood bound (its last checkpoint, "
+                                       "EMA weights)")
     nll.add_argument("--ar_run", help="an autoregressive run on the same vocabulary: its exact NLL on the same windows")
     nll.add_argument("--windows", type=int, default=256, help="held-out windows scored (default 256)")
     nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
@@ -260,9 +261,9 @@ def add_control_commands(commands) -> None:
 
     classifier_parser = commands.add_parser(
         "train-classifier", allow_abbrev=False,
-        help="train an attribute classifier for guidance (latent: on a diffusion run's noised latents) or judging "
-             "(judge: on clean token ids)")
-    classifier_parser.add_argument("--run_dir", required=True, help="a trained diffusion run")
+        help="train an attribute classifier for guidance (latent: on a run's noised latents, a family that has them "
+             "such as gaussian) or judging (judge: on clean token ids, a run of any family)")
+    classifier_parser.add_argument("--run_dir", required=True, help="a trained run (--kind latent: of a family with latents)")
     classifier_parser.add_argument("--attribute", required=True, help=ATTRIBUTE_HELP)
     classifier_parser.add_argument("--kind", choices=KINDS, default="latent")
     classifier_parser.add_argument("--steps", type=int, default=300, help="training steps (batches)")
@@ -276,7 +277,7 @@ def add_control_commands(commands) -> None:
     table_parser = commands.add_parser(
         "control-table", allow_abbrev=False,
         help="success (judge) and fluency (teacher perplexity) of unguided, guided and AR samples per attribute")
-    table_parser.add_argument("--run_dir", required=True, help="the diffusion run")
+    table_parser.add_argument("--run_dir", required=True, help="the run to guide (a family with classifier guidance)")
     table_parser.add_argument("--ar_run", required=True, help="the AR run: the teacher and the AR baseline")
     table_parser.add_argument("--attribute", action="append", required=True, help=f"repeatable; {ATTRIBUTE_HELP}")
     table_parser.add_argument("--classifiers", help="folder with latent/ and judge/ checkpoints "
@@ -285,7 +286,7 @@ def add_control_commands(commands) -> None:
                               help="guidance strengths (Adagrad step sizes), comma-separated")
     table_parser.add_argument("--fluency", type=float, default=0.01,
                               help="lambda, the weight of log p(x_{t-1} | x_t) (0.01, the reference code's)")
-    table_parser.add_argument("--inner_steps", type=int, default=3, help="Adagrad steps per diffusion step")
+    table_parser.add_argument("--inner_steps", type=int, default=3, help="Adagrad steps per sampling step")
     table_parser.add_argument("--num_samples", type=int, default=32)
     table_parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     table_parser.add_argument("--ar_candidates", type=int, default=4, help="AR rejection sampling: candidates per sample")
@@ -362,7 +363,7 @@ def run_control_table(args: argparse.Namespace) -> None:
     atomic_write_bytes(out_dir / "control.csv", table.to_csv(index=False).encode())
     atomic_write_bytes(out_dir / "control.md", markdown(table).encode())
     print(markdown(table), end="")
-    print(f"diffusion {run.checkpoint} (step {run.step}), teacher and AR {ar_run.checkpoint} (step {ar_run.step}) "
+    print(f"{run.config.model} {run.checkpoint} (step {run.step}), teacher and AR {ar_run.checkpoint} (step {ar_run.step}) "
           f"-> {out_dir / 'control.csv'}, {out_dir / 'control.md'}")
 
 
@@ -595,7 +596,7 @@ def run_nll(args: argparse.Namespace) -> None:
     from dlm.evaluation.likelihood import bound_chain, check_counts, check_has_bound, compare_with_ar
 
     if args.run_dir is None:
-        raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
+        raise UserError("--nll needs --run_dir RUN: the run whose likelihood bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint, accept_corpus_change=args.accept_corpus_change)
     check_has_bound(run)  # before its options: an AR run is told where its exact NLL goes

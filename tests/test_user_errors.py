@@ -368,7 +368,8 @@ BAD_INFILL = [
     ("gaussian", ["--template", "__", "--num_samples", "0"], "num_samples must be at least 1"),
     ("ar", ["--template", "To __ be"], "--template is not available for the 'ar' family (an autoregressive run "
                                        "writes left to right): use --prefix"),
-    ("ar", ["--length", "4"], "--length is not available for the 'ar' family"),
+    ("ar", ["--length", "4"], "--length is not available for the 'ar' family (an autoregressive run writes left to "
+                              "right): use --prefix, or a run of the gaussian, masked and uniform families for --length"),
     ("masked", ["--template", "To be zorgle __"], "not in the run's vocabulary: 'zorgle'"),
     ("masked", ["--template", "__", "--steps", "0"], "steps must be at least 1, got 0"),
     ("masked", ["--template", "__", "--steps", "12801"], "steps must be at most 12,800 for this run, got 12,801: a "
@@ -529,6 +530,8 @@ GAUSSIAN_ONLY = [
     ("evaluate", ["--nll", "--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'masked'"),
     ("train-classifier", ["--attribute", "question"],
      "A latent classifier (noised latents for guidance) is not available for the 'masked' family"),
+    ("train-classifier", ["--attribute", "question"], "Train the judge (--kind judge) on it, or give a run of the "
+                                                      "gaussian family."),
 ]
 
 
@@ -609,7 +612,7 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
 @pytest.mark.parametrize("run, message", [
     ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family: its chain "
                "moves between discrete words"),
-    ("masked", "(dlm.families.masked). Guide a Gaussian diffusion run (model: gaussian); dlm infill controls this one"),
+    ("masked", "(dlm.families.masked). Guide a run of the gaussian family; dlm infill controls this one"),
     ("ar", "is not available for the 'ar' family"),
     ("blocks", "Classifier guidance steers one chain over the whole window; this run samples in blocks (block_size 4)"),
 ])

@@ -24,7 +24,7 @@ import torch
 
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
-from dlm.families import sample_settings, supports
+from dlm.families import families_named, sample_settings, supports, with_capability
 from dlm.families.contract import batches
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, check_options
@@ -154,7 +154,8 @@ def make_control(run: LoadedRun, template: str | None = None, prefix: str | None
         left_to_right = supports(run.config.model, "likelihood_exact")  # exact per-token NLL: an AR factorisation
         raise UserError(f"--{given[0]} is not available for the '{run.config.model}' family"
                         f"{' (an autoregressive run writes left to right)' if left_to_right else ''}: "
-                        f"use {' or '.join(can) or 'another run'}, or a diffusion or masked run for --{given[0]}.")
+                        f"use {' or '.join(can) or 'another run'}, or a run of {families_named(with_capability(capability))} "
+                        f"for --{given[0]}.")
     if template is not None:
         return template_control(run, template)
     if prefix is not None:
