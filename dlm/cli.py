@@ -131,10 +131,10 @@ def add_evaluate_parser(commands) -> None:
                                        "EMA weights)")
     nll.add_argument("--ar_run", help="an autoregressive run on the same vocabulary: its exact NLL on the same windows")
     nll.add_argument("--windows", type=int, default=256, help="held-out windows scored (default 256)")
-    nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
+    nll.add_argument("--draws", type=int, default=4, help="noise levels drawn per window for the family's bound (default 4)")
     nll.add_argument("--seed", type=int, default=0, help="which windows and noise (default 0)")
     nll.add_argument("--x0", choices=X0_CHOICES,
-                     help="the reverse process scored: steps toward the denoiser's x0, its rounding softmax's "
+                     help="Gaussian chain: the reverse process scored: steps toward the denoiser's x0, its rounding softmax's "
                           "expected embedding, or the posterior mean of x_0 under it (default: the run's sample_x0, "
                           "what dlm sample draws from)")
 
@@ -147,7 +147,7 @@ def add_evaluate_parser(commands) -> None:
     matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps); with --nll: "
                          "the bound of the chain of that many steps (default: of all T)")
     matched.add_argument("--spacing", choices=SPACINGS,
-                         help="which timesteps those steps visit (default: the run's sample_spacing)")
+                         help="Gaussian chain: which timesteps those steps visit (default: the run's sample_spacing)")
     matched.add_argument("--unk", action=argparse.BooleanOptionalAction,
                          help="a final token may be <unk>; --no-unk masks it (default: the run's decode_unk)")
     matched.add_argument("--entropy", type=float,
@@ -180,16 +180,19 @@ def add_sample_parser(commands) -> None:
                                                     "validation loss) or 'last' (default: checkpoints/last.pt)")
     sample_parser.add_argument("--num_samples", type=int, default=16)
     sample_parser.add_argument("--steps", type=int,
-                               help="sampling steps (<= T, placed by --spacing; default: the run's sample_steps)")
+                               help="sampling steps (default: the run's sample_steps; a Gaussian chain's: <= T, placed "
+                                    "by --spacing)")
     sample_parser.add_argument("--spacing", choices=SPACINGS,
-                               help="which timesteps (default: the run's sample_spacing)")
-    sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned")
-    sample_parser.add_argument("--clamp", action=argparse.BooleanOptionalAction, help="default: the run's clamp")
+                               help="Gaussian chain: which timesteps (default: the run's sample_spacing)")
+    sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned",
+                               help="Gaussian chain: the final rounding, learned or by cosine similarity to the table")
+    sample_parser.add_argument("--clamp", action=argparse.BooleanOptionalAction,
+                               help="Gaussian chain: Diffusion-LM's clamping trick (default: the run's clamp)")
     sample_parser.add_argument("--clamp_fraction", type=float,
-                               help="clamp only during the last share of steps")
-    sample_parser.add_argument("--eta", type=float, help="1 ancestral, 0 deterministic DDIM")
+                               help="Gaussian chain: clamp only during the last share of steps")
+    sample_parser.add_argument("--eta", type=float, help="Gaussian chain: 1 ancestral, 0 deterministic DDIM")
     sample_parser.add_argument("--x0", choices=X0_CHOICES,
-                               help="the x0 each step moves toward: the denoiser's, the expected embedding "
+                               help="Gaussian chain: the x0 each step moves toward: the denoiser's, the expected embedding "
                                     "under its rounding softmax, or the posterior mean of x_0 under it (the "
                                     "expected one plus x_t's share of x_0's own noise; default: the run's "
                                     "sample_x0)")

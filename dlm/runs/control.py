@@ -1,13 +1,13 @@
 """Classifier-free control (Diffusion-LM sec. 7.2): infilling a template, prefix continuation and
-length control, all through the one reverse chain with `known_positions_hook`, plus minimum-Bayes-
-risk selection over candidates (`mbr_select`).
+length control, all through the run's family's `fill` (the fixed words given, the rest generated),
+plus minimum-Bayes-risk selection over candidates (`mbr_select`).
 
 Length control uses the corpus's own end marker. tiny_shakespeare separates speeches by a blank
 line, and both tokenizers keep newlines as tokens, so every speech boundary in the training stream
 already is the token pair NEWLINE NEWLINE (and a blank line occurs nowhere else). A speech of
 exactly N tokens is then: the pair fixed at positions 0-1 and at N+2 to N+3, and no blank line in
-between (the rounding may not put a newline next to a newline there, nor at the speech's first or
-last position). No new token, no retraining: it works on every run trained so far, the AR baseline
+between (the sampler's words may not put a newline next to a newline there, nor at the speech's
+first or last position). No new token, no retraining: it works on every run trained so far, the AR baseline
 included.
 """
 
@@ -255,8 +255,9 @@ def fill_in_batches(run: LoadedRun, targets: torch.Tensor, known: torch.Tensor, 
 def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None = None, mbr: int = 1,
            mbr_distance: str = "ngram", device: str | torch.device = "cpu") -> ControlResult:
     """options.num_samples windows with the control's fixed words (a Control, or a template string),
-    each the MBR pick of `mbr` candidates when mbr > 1. After the rounding, the fixed positions are
-    set to their words (a guarantee); how often the rounding alone had them is reported."""
+    each the MBR pick of `mbr` candidates when mbr > 1. After the family's fill, the fixed positions
+    are set to their words (a guarantee); for a family whose chain rounds them too
+    (ROUNDS_FIXED_WORDS), how often the rounding alone had them is reported."""
     if isinstance(control, str):
         control = make_control(run, template=control)
     options = options or SampleOptions.from_config(run.config)
