@@ -41,7 +41,7 @@ def timed(model: AutoregressiveLM, batch: int, cached: bool) -> tuple[float, flo
     """(wall, CPU) seconds of one batch of `batch` 64-token samples."""
     generator = torch.Generator().manual_seed(0)
     wall, cpu = time.perf_counter(), time.process_time()
-    model.generate(batch, model.transformer.seq_len, 0, 1.0, generator, cached=cached)
+    model.generate(batch, model.transformer.seq_len, 0, temperature=1.0, generator=generator, cached=cached)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

@@ -137,12 +137,12 @@ def main(argv=None) -> int:
     log = Path(args.out).with_suffix(".log")
     log.write_text("")
     py = [sys.executable, "-m", "dlm"]
-    diffusion_dir, teacher_dir = work / "default_2min", work / "ar"
-    for folder in (diffusion_dir, teacher_dir):
+    default_dir, teacher_dir = work / "default_2min", work / "ar"
+    for folder in (default_dir, teacher_dir):
         subprocess.run(["rm", "-rf", str(folder)], check=True)
-    wall = run([*py, "train", "params/default.yaml", "--run_dir", str(diffusion_dir), "--max_train_seconds",
+    wall = run([*py, "train", "params/default.yaml", "--run_dir", str(default_dir), "--max_train_seconds",
                 str(args.train_s), "--epochs", "1000", "--no-progress", "--no-calibrate_temperature"], log)
-    trained = load_run(diffusion_dir)
+    trained = load_run(default_dir)
     table.add(f"default.yaml trained {args.train_s:g} s on the clock", f"{trained.step:,} steps",
               f"{trained.step / args.train_s:.1f} steps/s ({wall:.0f} s with start-up)")
     run([*py, "train-ar", "params/ar.yaml", "--run_dir", str(teacher_dir), "--max_train_seconds", str(args.teacher_s),
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     teacher = load_run(teacher_dir)
     table.add(f"AR teacher trained {args.teacher_s:g} s", f"{teacher.step:,} steps", "")
 
-    run_gpu = load_run(diffusion_dir, device="cuda")
+    run_gpu = load_run(default_dir, device="cuda")
     for steps in (50, 200):
         options = SampleOptions.from_config(run_gpu.config, num_samples=64, steps=steps, batch_size=64)
         generate(run_gpu, SampleOptions.from_config(run_gpu.config, num_samples=8, steps=5), device="cuda")  # warm-up
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         table.add(f"sampling, batch 64, {steps} steps", f"{64 / seconds:,.1f} samples/s",
                   f"{seconds / steps * 1e3:.1f} ms/step")
     samples = work / "samples.jsonl"
-    run([*py, "sample", "--run_dir", str(diffusion_dir), "--num_samples", "64", "--out", str(samples),
+    run([*py, "sample", "--run_dir", str(default_dir), "--num_samples", "64", "--out", str(samples),
          "--device", "cuda"], log)
     scores = work / "scores.json"
     run([*py, "evaluate", "--samples", str(samples), "--teacher", str(teacher_dir), "--json", str(scores)], log)

@@ -1,7 +1,8 @@
-"""Classifier-free control measured on a trained diffusion run against the AR baseline (dlm/runs/control.py):
+"""Classifier-free control measured on a trained run (a family with infill, prefix and length) against the AR
+baseline (dlm/runs/control.py):
 
 - prefix continuation: the first 8 tokens of held-out windows fixed; teacher perplexity of the
-  continuations of the diffusion run, the AR run, and the held-out text's own;
+  continuations of the run, the AR run, and the held-out text's own;
 - infilling a template: how often the rounding alone keeps the fixed words (before the guarantee),
   teacher perplexity of the filled windows, one sample against the MBR pick of 4;
 - length control: speeches of exactly N tokens; how many newlines the constraint had to re-round,
@@ -40,7 +41,7 @@ def kept_share(result) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a diffusion run")
+    parser.add_argument("run", help="a run whose family has infill, prefix and length control")
     parser.add_argument("teacher", help="an AR run: the prefix-continuation baseline and the teacher")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     parser.add_argument("--samples", type=int, default=8, help="samples per measurement")

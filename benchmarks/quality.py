@@ -31,6 +31,7 @@ import torch
 
 from dlm.core.config import load_config
 from dlm.evaluation.ablation import AR_ARMS, ARMS, markdown_table, run_ablation
+from dlm.families import family, family_keys
 from dlm.runs.rundir import RunDir
 from dlm.runs.train import train
 
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         overrides["threads"] = args.threads
     base = load_config(args.base, **overrides)
-    diffusion_only = ("sample_steps", "diffusion_steps")
-    ar_preset = load_config(PARAMS / "ar.yaml", **{k: v for k, v in overrides.items() if k not in diffusion_only})
+    unread_by_ar = family_keys() - family("ar").CONFIG_KEYS  # keys the AR family refuses (dlm.families.check_config)
+    ar_preset = load_config(PARAMS / "ar.yaml", **{k: v for k, v in overrides.items() if k not in unread_by_ar})
 
     arms = ARMS + ([] if args.no_ar else AR_ARMS)
     wanted = args.arms.split(",") if args.arms else (QUICK_ARMS if args.quick else None)

@@ -42,7 +42,7 @@ from dlm.evaluation.matched import (
     score_at_entropy,
     temperature_sampler,
 )
-from dlm.families import supports
+from dlm.families import families_named, supports, with_capability
 from dlm.runs.build import load_run
 from dlm.runs.rundir import RunDir, run_and_checkpoint
 from dlm.runs.sample import X0_CHOICES, SampleOptions, check_options, generate
@@ -102,7 +102,7 @@ def check_row(run, teacher, args: argparse.Namespace) -> None:
     with the teacher's (same vocabulary), the --steps its sampler can take."""
     if supports(run.config.model, "likelihood_exact"):
         raise UserError("an autoregressive run is the --teacher's row (scored by itself, unless --no_ar), not a "
-                        "LABEL=PATH row: give diffusion or masked runs as rows.")
+                        f"LABEL=PATH row: give runs of {families_named(with_capability('likelihood_bound'))} as rows.")
     check_has_bound(run)
     check_ar_run(run, teacher, "--teacher")
     check_options(run.config, SampleOptions.from_config(run.config, num_samples=args.samples, steps=args.steps,

@@ -96,7 +96,7 @@ def markdown(table: pd.DataFrame, command: str) -> str:
 
 
 def quick_runs(folder: Path) -> tuple[str, str]:
-    """A 2-step diffusion run and a 2-step AR teacher on a made-up corpus (the smoke preset)."""
+    """A 2-step Gaussian run and a 2-step AR teacher on a made-up corpus (the smoke preset)."""
     from dlm.cli import main as cli
 
     corpus = folder / "corpus.txt"
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         args.steps, args.samples, args.windows = [3, 5], 4, 4
         args.out = args.out or str(folder)
     elif args.run_dir is None or args.teacher is None:
-        parser.error("give RUN_DIR TEACHER (a diffusion run and an AR run on its vocabulary), or --quick")
+        parser.error("give RUN_DIR TEACHER (a Gaussian run and an AR run on its vocabulary), or --quick")
     if not 0 < args.tolerance < 1:
         parser.error(f"--tolerance is a fraction of held-out entropy between 0 and 1, got {args.tolerance}")
     return handled("spacing.py", lambda: spacing_table(args, argv))

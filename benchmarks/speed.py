@@ -334,13 +334,13 @@ def measure_sampling(config: Config, vocab_size: int, batch: int = 64, chains=(5
     `max_timed` steps are timed on their first `max_timed` steps and extrapolated."""
     torch.manual_seed(config.seed)
     model = DiffusionLM(config, vocab_size).eval()
-    diffusion = build_objective(config)
+    objective = build_objective(config)
     rows = []
 
     def run(steps: int, limit: int) -> float:
         """Median seconds of the first `limit` reverse steps of a `steps`-step chain."""
-        chain = sample_chain(model, diffusion, SampleOptions.from_config(config, steps=steps), (batch, config.seq_len),
-                             torch.Generator().manual_seed(0))
+        chain = sample_chain(model, objective, SampleOptions.from_config(config, steps=steps), (batch, config.seq_len),
+                             generator=torch.Generator().manual_seed(0))
         times = []
         with autocast(config.precision, "cpu"):
             start = time.perf_counter()
@@ -375,11 +375,11 @@ def measure_block_sampling(config: Config, vocab_size: int, batch: int = 16, blo
     def run(case: Config, steps: int, cached: bool) -> float:
         torch.manual_seed(case.seed)
         model = DiffusionLM(case, vocab_size).eval()
-        diffusion = build_objective(case)
+        objective = build_objective(case)
         best = math.inf
         for _ in range(repeats):
-            chain = sample_chain(model, diffusion, SampleOptions.from_config(case, steps=steps),
-                                 (batch, case.seq_len), torch.Generator().manual_seed(0), prefix_cache=cached)
+            chain = sample_chain(model, objective, SampleOptions.from_config(case, steps=steps),
+                                 (batch, case.seq_len), generator=torch.Generator().manual_seed(0), prefix_cache=cached)
             with autocast(case.precision, "cpu"):
                 start = time.perf_counter()
                 for _ in chain:

@@ -127,13 +127,14 @@ def add_evaluate_parser(commands) -> None:
     nll = evaluate_parser.add_argument_group("likelihood (--nll)")
     nll.add_argument("--nll", action="store_true",
                      help="the variational bound on -log p(w), nats per token, on held-out windows of --run_dir")
-    nll.add_argument("--run_dir", help="the diffusion run to score (its last checkpoint, EMA weights)")
+    nll.add_argument("--run_dir", help="the run to score, of a family with a likelihood bound (its last checkpoint, "
+                                       "EMA weights)")
     nll.add_argument("--ar_run", help="an autoregressive run on the same vocabulary: its exact NLL on the same windows")
     nll.add_argument("--windows", type=int, default=256, help="held-out windows scored (default 256)")
-    nll.add_argument("--draws", type=int, default=4, help="importance-sampled timesteps per window (default 4)")
+    nll.add_argument("--draws", type=int, default=4, help="noise levels drawn per window for the family's bound (default 4)")
     nll.add_argument("--seed", type=int, default=0, help="which windows and noise (default 0)")
     nll.add_argument("--x0", choices=X0_CHOICES,
-                     help="the reverse process scored: steps toward the denoiser's x0, its rounding softmax's "
+                     help="Gaussian chain: the reverse process scored: steps toward the denoiser's x0, its rounding softmax's "
                           "expected embedding, or the posterior mean of x_0 under it (default: the run's sample_x0, "
                           "what dlm sample draws from)")
 
@@ -146,7 +147,7 @@ def add_evaluate_parser(commands) -> None:
     matched.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps); with --nll: "
                          "the bound of the chain of that many steps (default: of all T)")
     matched.add_argument("--spacing", choices=SPACINGS,
-                         help="which timesteps those steps visit (default: the run's sample_spacing)")
+                         help="Gaussian chain: which timesteps those steps visit (default: the run's sample_spacing)")
     matched.add_argument("--unk", action=argparse.BooleanOptionalAction,
                          help="a final token may be <unk>; --no-unk masks it (default: the run's decode_unk)")
     matched.add_argument("--entropy", type=float,
@@ -179,16 +180,19 @@ def add_sample_parser(commands) -> None:
                                                     "validation loss) or 'last' (default: checkpoints/last.pt)")
     sample_parser.add_argument("--num_samples", type=int, default=16)
     sample_parser.add_argument("--steps", type=int,
-                               help="sampling steps (<= T, placed by --spacing; default: the run's sample_steps)")
+                               help="sampling steps (default: the run's sample_steps; a Gaussian chain's: <= T, placed "
+                                    "by --spacing)")
     sample_parser.add_argument("--spacing", choices=SPACINGS,
-                               help="which timesteps (default: the run's sample_spacing)")
-    sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned")
-    sample_parser.add_argument("--clamp", action=argparse.BooleanOptionalAction, help="default: the run's clamp")
+                               help="Gaussian chain: which timesteps (default: the run's sample_spacing)")
+    sample_parser.add_argument("--decoder", choices=["learned", "cosine"], default="learned",
+                               help="Gaussian chain: the final rounding, learned or by cosine similarity to the table")
+    sample_parser.add_argument("--clamp", action=argparse.BooleanOptionalAction,
+                               help="Gaussian chain: Diffusion-LM's clamping trick (default: the run's clamp)")
     sample_parser.add_argument("--clamp_fraction", type=float,
-                               help="clamp only during the last share of steps")
-    sample_parser.add_argument("--eta", type=float, help="1 ancestral, 0 deterministic DDIM")
+                               help="Gaussian chain: clamp only during the last share of steps")
+    sample_parser.add_argument("--eta", type=float, help="Gaussian chain: 1 ancestral, 0 deterministic DDIM")
     sample_parser.add_argument("--x0", choices=X0_CHOICES,
-                               help="the x0 each step moves toward: the denoiser's, the expected embedding "
+                               help="Gaussian chain: the x0 each step moves toward: the denoiser's, the expected embedding "
                                     "under its rounding softmax, or the posterior mean of x_0 under it (the "
                                     "expected one plus x_t's share of x_0's own noise; default: the run's "
                                     "sample_x0)")
@@ -260,9 +264,9 @@ def add_control_commands(commands) -> None:
 
     classifier_parser = commands.add_parser(
         "train-classifier", allow_abbrev=False,
-        help="train an attribute classifier for guidance (latent: on a diffusion run's noised latents) or judging "
-             "(judge: on clean token ids)")
-    classifier_parser.add_argument("--run_dir", required=True, help="a trained diffusion run")
+        help="train an attribute classifier for guidance (latent: on a run's noised latents, a family that has them "
+             "such as gaussian) or judging (judge: on clean token ids, a run of any family)")
+    classifier_parser.add_argument("--run_dir", required=True, help="a trained run (--kind latent: of a family with latents)")
     classifier_parser.add_argument("--attribute", required=True, help=ATTRIBUTE_HELP)
     classifier_parser.add_argument("--kind", choices=KINDS, default="latent")
     classifier_parser.add_argument("--steps", type=int, default=300, help="training steps (batches)")
@@ -276,7 +280,7 @@ def add_control_commands(commands) -> None:
     table_parser = commands.add_parser(
         "control-table", allow_abbrev=False,
         help="success (judge) and fluency (teacher perplexity) of unguided, guided and AR samples per attribute")
-    table_parser.add_argument("--run_dir", required=True, help="the diffusion run")
+    table_parser.add_argument("--run_dir", required=True, help="the run to guide (a family with classifier guidance)")
     table_parser.add_argument("--ar_run", required=True, help="the AR run: the teacher and the AR baseline")
     table_parser.add_argument("--attribute", action="append", required=True, help=f"repeatable; {ATTRIBUTE_HELP}")
     table_parser.add_argument("--classifiers", help="folder with latent/ and judge/ checkpoints "
@@ -285,7 +289,7 @@ def add_control_commands(commands) -> None:
                               help="guidance strengths (Adagrad step sizes), comma-separated")
     table_parser.add_argument("--fluency", type=float, default=0.01,
                               help="lambda, the weight of log p(x_{t-1} | x_t) (0.01, the reference code's)")
-    table_parser.add_argument("--inner_steps", type=int, default=3, help="Adagrad steps per diffusion step")
+    table_parser.add_argument("--inner_steps", type=int, default=3, help="Adagrad steps per sampling step")
     table_parser.add_argument("--num_samples", type=int, default=32)
     table_parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     table_parser.add_argument("--ar_candidates", type=int, default=4, help="AR rejection sampling: candidates per sample")
@@ -362,7 +366,7 @@ def run_control_table(args: argparse.Namespace) -> None:
     atomic_write_bytes(out_dir / "control.csv", table.to_csv(index=False).encode())
     atomic_write_bytes(out_dir / "control.md", markdown(table).encode())
     print(markdown(table), end="")
-    print(f"diffusion {run.checkpoint} (step {run.step}), teacher and AR {ar_run.checkpoint} (step {ar_run.step}) "
+    print(f"{run.config.model} {run.checkpoint} (step {run.step}), teacher and AR {ar_run.checkpoint} (step {ar_run.step}) "
           f"-> {out_dir / 'control.csv'}, {out_dir / 'control.md'}")
 
 
@@ -595,7 +599,7 @@ def run_nll(args: argparse.Namespace) -> None:
     from dlm.evaluation.likelihood import bound_chain, check_counts, check_has_bound, compare_with_ar
 
     if args.run_dir is None:
-        raise UserError("--nll needs --run_dir RUN: the diffusion run whose bound to compute.")
+        raise UserError("--nll needs --run_dir RUN: the run whose likelihood bound to compute.")
     check_counts(args.windows, args.draws)  # before any run is loaded
     run = load_run(args.run_dir, args.checkpoint, accept_corpus_change=args.accept_corpus_change)
     check_has_bound(run)  # before its options: an AR run is told where its exact NLL goes

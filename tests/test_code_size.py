@@ -23,16 +23,8 @@ from tests.conftest import ROOT
 MAX_LINES = 80
 MAX_POSITIONAL = 8
 
-CONTRACT = "being fixed on branch contract (the family contract: typed sampler options)"
 ALLOWED = {
-    "dlm/families/gaussian_sampling.py::sample_chain": CONTRACT,
-    "dlm/families/gaussian_sampling.py::sample_progressive": CONTRACT,
-    "dlm/families/gaussian_sampling.py::_block_chain": CONTRACT,
-    "dlm/families/autoregressive.py::AutoregressiveLM.generate": CONTRACT,
-    "dlm/families/uniform.py::sample_ids": CONTRACT,
     "dlm/families/masked.py::sample_ids": "being fixed on branch masked (the new masked samplers)",
-    "dlm/runs/classifier.py::train_classifier": CONTRACT,
-    "dlm/evaluation/analysis.py::RunAnalysis.__init__": CONTRACT,
 }
 
 

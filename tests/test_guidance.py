@@ -48,7 +48,7 @@ def bayes_toy():
 def final_log_prob(run, strength, fluency=1.0, seed=0):  # lambda 1: the exact Gaussian term
     options = SampleOptions.from_config(run.config, num_samples=16)
     hooks = [guidance_hook(MeanClassifier(), chain_scheduler(run, options), strength, fluency)]
-    states = list(sample_chain(run.model, run.objective, options, (16, 6), torch.Generator().manual_seed(seed),
+    states = list(sample_chain(run.model, run.objective, options, (16, 6), generator=torch.Generator().manual_seed(seed),
                                hooks=hooks))
     return torch.log_softmax(MeanClassifier()(states[-1].x, None), -1)[:, 1].mean().item()
 
@@ -70,7 +70,8 @@ def test_guidance_hook_refuses_a_chain_it_was_not_built_for():
     hook = guidance_hook(MeanClassifier(), chain_scheduler(run, options), 0.1)
     other = SampleOptions.from_config(run.config, num_samples=2, steps=10)
     with pytest.raises(RuntimeError, match="out of step with the chain"):
-        list(sample_chain(run.model, run.objective, other, (2, 6), torch.Generator().manual_seed(0), hooks=[hook]))
+        list(sample_chain(run.model, run.objective, other, (2, 6), generator=torch.Generator().manual_seed(0),
+                          hooks=[hook]))
 
 
 def test_guidance_refuses_a_block_diffusion_run_with_one_clear_line():
@@ -148,7 +149,7 @@ def test_control_table_rows_and_cli(runs, tmp_path, capsys):
     options = SampleOptions.from_config(run.config, num_samples=4, steps=5)
     table = control_table(run, classifiers, options, GuidanceSettings([0.1]), ArBaseline(ar, candidates=2))
     assert list(table.columns) == list(COLUMNS)
-    assert table["method"].tolist() == ["diffusion", "diffusion + guidance", "AR", "AR + rejection (best of 2)",
+    assert table["method"].tolist() == ["gaussian", "gaussian + guidance", "AR", "AR + rejection (best of 2)",
                                         "held-out text"]
     assert table["success_rule"].between(0, 1).all() and (table["teacher_ppl"] > 1).all()
     assert markdown(table).count("\n") == 2 + len(table)
@@ -156,4 +157,4 @@ def test_control_table_rows_and_cli(runs, tmp_path, capsys):
     assert main(["control-table", "--run_dir", str(runs / "gaussian"), "--ar_run", str(runs / "ar"), "--attribute",
                  "question", "--strengths", "0.1", "--num_samples", "2", "--steps", "4", "--ar_candidates", "2",
                  "--out_dir", str(out), "--device", "cpu"]) == 0
-    assert (out / "control.csv").read_text().count("\n") == 6 and "| question | diffusion |" in (out / "control.md").read_text()
+    assert (out / "control.csv").read_text().count("\n") == 6 and "| question | gaussian |" in (out / "control.md").read_text()

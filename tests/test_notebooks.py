@@ -105,7 +105,7 @@ def test_report_control_page_marks_fixed_words_and_slides_over_strength(report):
     page = (report / "control.html").read_text()
     assert page.count("<mark>") >= 2  # the fixed words of the infilled and continued windows
     assert 'aria-label="strength"' in page and "strength 0.5" in page and "strength 0 (unguided)" in page
-    assert "diffusion + guidance" in page and "held-out text" in page  # the control table
+    assert "gaussian + guidance" in page and "held-out text" in page  # the control table
     classifiers = report / "run" / "classifiers"
     assert (classifiers / "latent" / "question.pt").is_file() and (classifiers / "judge" / "question.pt").is_file()
 

@@ -53,6 +53,15 @@ def test_scaling_refuses_a_row_without_a_label(capsys):
     assert "is not LABEL=PATH" in capsys.readouterr().err
 
 
+def test_an_ar_row_is_refused_naming_the_families_whose_runs_can_be_rows():
+    from types import SimpleNamespace
+
+    from dlm.core.errors import UserError
+
+    with pytest.raises(UserError, match="give runs of the gaussian, masked and uniform families as rows"):
+        load_scaling().check_row(SimpleNamespace(config=SimpleNamespace(model="ar")), None, None)
+
+
 def test_rows_above_heldout_entropy_meet_at_a_common_one(tmp_path):
     from dlm.runs.build import load_run
 

@@ -155,7 +155,7 @@ def test_known_positions_hook_keeps_the_fixed_words_through_the_chain():
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     known = torch.tensor([[True, False, False, True, False, True]])
     options = SampleOptions.from_config(config, steps=10, clamp=False)
-    states = list(sample_chain(model, diffusion, options, (1, 6), torch.Generator().manual_seed(0),
+    states = list(sample_chain(model, diffusion, options, (1, 6), generator=torch.Generator().manual_seed(0),
                                hooks=[known_positions_hook(model, ids, known)]))
     clean = model.embed(ids)
     for state in states:  # the step used the clean words ...

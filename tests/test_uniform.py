@@ -241,7 +241,7 @@ def test_fixed_words_are_held_and_scores_are_the_last_steps():
     known = torch.zeros(5, 8, dtype=torch.bool)
     known[:, [0, 3, 7]] = True
     frames = []
-    out, scores = uniform.sample_ids(model, ids, known, 6, torch.Generator().manual_seed(0), keep_scores=True,
+    out, scores = uniform.sample_ids(model, ids, known, 6, generator=torch.Generator().manual_seed(0), keep_scores=True,
                                      on_step=lambda i, s, z: frames.append((i, s, z.clone())))
     assert torch.equal(out[known], ids[known]) and int(out.max()) < 12
     assert [(i, round(s, 6)) for i, s, _ in frames] == [(i, round(1 - (i + 1) / 6, 6)) for i in range(6)]

@@ -368,7 +368,8 @@ BAD_INFILL = [
     ("gaussian", ["--template", "__", "--num_samples", "0"], "num_samples must be at least 1"),
     ("ar", ["--template", "To __ be"], "--template is not available for the 'ar' family (an autoregressive run "
                                        "writes left to right): use --prefix"),
-    ("ar", ["--length", "4"], "--length is not available for the 'ar' family"),
+    ("ar", ["--length", "4"], "--length is not available for the 'ar' family (an autoregressive run writes left to "
+                              "right): use --prefix, or a run of the gaussian, masked and uniform families for --length"),
     ("masked", ["--template", "To be zorgle __"], "not in the run's vocabulary: 'zorgle'"),
     ("masked", ["--template", "__", "--steps", "0"], "steps must be at least 1, got 0"),
     ("masked", ["--template", "__", "--steps", "12801"], "steps must be at most 12,800 for this run, got 12,801: a "
@@ -459,7 +460,8 @@ def test_a_block_chain_reads_the_fixed_words_of_its_finished_blocks(toy_runs, mo
     monkeypatch.setattr(gaussian_sampling, "known_positions_hook", spy)
     options = SampleOptions.from_config(run.config, steps=2)
     states = list(gaussian_sampling.sample_chain(run.model, run.objective, options, (2, 16),
-                                                 torch.Generator().manual_seed(0), hooks=[fixed], banned=(word,)))
+                                                 generator=torch.Generator().manual_seed(0), hooks=[fixed],
+                                                 banned=(word,)))
     assert (states[-1].words[:, 1] != word).all()  # what the rounding made of it, as decoded
     assert [c.shape[1] for c in contexts] == [4, 8, 12, 16]
     assert all((c[:, 1] == word).all() for c in contexts[1:])
@@ -528,6 +530,8 @@ GAUSSIAN_ONLY = [
     ("evaluate", ["--nll", "--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'masked'"),
     ("train-classifier", ["--attribute", "question"],
      "A latent classifier (noised latents for guidance) is not available for the 'masked' family"),
+    ("train-classifier", ["--attribute", "question"], "Train the judge (--kind judge) on it, or give a run of the "
+                                                      "gaussian family."),
 ]
 
 
@@ -608,7 +612,7 @@ def test_bad_control_inputs(runs, tmp_path, capsys, command, extra, message):
 @pytest.mark.parametrize("run, message", [
     ("masked", "Classifier guidance of 'RUN/checkpoints/last.pt' is not available for the 'masked' family: its chain "
                "moves between discrete words"),
-    ("masked", "(dlm.families.masked). Guide a Gaussian diffusion run (model: gaussian); dlm infill controls this one"),
+    ("masked", "(dlm.families.masked). Guide a run of the gaussian family; dlm infill controls this one"),
     ("ar", "is not available for the 'ar' family"),
     ("blocks", "Classifier guidance steers one chain over the whole window; this run samples in blocks (block_size 4)"),
 ])

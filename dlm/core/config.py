@@ -32,10 +32,13 @@ class ConfigError(UserError):
     """A preset or override that cannot become a Config."""
 
 
-# Every Config key belongs to one section; a section is what one part of the code reads (LossSettings
-# the diffusion keys, SampleOptions the sampling keys, a resumed run may change runtime/bookkeeping).
+# Every Config key belongs to one section, named for what its keys are for: the keys every family reads
+# (data, model, training, bookkeeping, runtime: a resumed run may change the last two), one family's own
+# keys (gaussian, masked: a section named after a family in dlm.families.FAMILIES), and those of the
+# families that generate in blocks (blocks) or sample by a chain (sampling, SampleOptions's keys).
+# dlm.families.check_config refuses a family-specific key given to a family that does not read it.
 CONTROL_TASKS = ("infill", "prefix", "length", "guidance")  # what notebooks/control.ipynb can show
-SECTIONS = ("data", "model", "diffusion", "sampling", "training", "bookkeeping", "runtime")
+SECTIONS = ("data", "model", "gaussian", "blocks", "masked", "sampling", "training", "bookkeeping", "runtime")
 
 
 def _in(section: str) -> Any:
@@ -45,7 +48,7 @@ def _in(section: str) -> Any:
     return make
 
 
-_data, _model, _diffusion, _sampling, _training, _bookkeeping, _runtime = map(_in, SECTIONS)
+_data, _model, _gaussian, _blocks, _masked, _sampling, _training, _bookkeeping, _runtime = map(_in, SECTIONS)
 
 
 @dataclass(kw_only=True)
@@ -62,21 +65,15 @@ class Config:
     seq_len: int = _data(64)  # tokens per training window
     max_train_tokens: Optional[int] = _data(None)  # train on the first N tokens of the train split only
 
-    # --- model: the family, its embeddings and rounding, the denoiser (TinyTransformer) ---
+    # --- model: the family and its denoiser (TinyTransformer), every family's ---
     # the model family, a name in dlm.families.FAMILIES: gaussian (Diffusion-LM's Gaussian diffusion),
     # masked (MDLM's absorbing-state diffusion), uniform (UDLM's uniform-state diffusion), ar (the
     # autoregressive baseline: same blocks, causal mask)
     model: str = _model("gaussian")
     embed_dim: int = _model(64)  # embedding dimension d
-    use_learned_embeddings: bool = _model(True)  # off: a fixed random or pretrained table (the seed's option)
     init_from_pretrained: Optional[str] = _model(None)  # word2vec/GloVe text file or a dlm checkpoint
-    embedding_norm: Literal["none", "l2", "layernorm"] = _model("none")  # l2: rows scaled to norm sqrt(d)
     embedding_init_std: float = _model(1.0)  # std of the table's random init
-    # with embedding_norm l2/layernorm: rows get norm embedding_scale * sqrt(d). Below 1 the same
-    # noise schedule destroys the signal sooner (Difformer's noise rescaling, seen from the table)
-    embedding_scale: float = _model(1.0)
     embedding_lr_scale: float = _model(1.0)  # the table's lr is lr * this
-    rounding: Literal["tied", "untied"] = _model("tied")  # tied: logits = x @ E^T + b (Diffusion-LM)
     # where the denoiser learns word order: learned (a position table added to the input) or rotary
     # (RoPE in attention, MDLM's and BD3-LM's; see dlm.core.nets.TinyTransformer)
     positions: Literal["learned", "rotary"] = _model("learned")
@@ -85,56 +82,67 @@ class Config:
     heads: int = _model(4)  # attention heads
     dropout: float = _model(0.1)  # the transformer's dropout
 
-    # --- diffusion ---
-    schedule: Literal["sqrt", "linear", "cosine"] = _diffusion("sqrt")  # the noise schedule (sqrt: Diffusion-LM's)
-    diffusion_steps: int = _diffusion(2000)  # T, the diffusion timesteps
+    # --- gaussian: the Gaussian family's own keys (model: gaussian): its embedding table, noise and loss ---
+    use_learned_embeddings: bool = _gaussian(True)  # off: a fixed random or pretrained table (the seed's option)
+    embedding_norm: Literal["none", "l2", "layernorm"] = _gaussian("none")  # l2: rows scaled to norm sqrt(d)
+    # with embedding_norm l2/layernorm: rows get norm embedding_scale * sqrt(d). Below 1 the same
+    # noise schedule destroys the signal sooner (Difformer's noise rescaling, seen from the table)
+    embedding_scale: float = _gaussian(1.0)
+    rounding: Literal["tied", "untied"] = _gaussian("tied")  # tied: logits = x @ E^T + b (Diffusion-LM)
+    schedule: Literal["sqrt", "linear", "cosine"] = _gaussian("sqrt")  # the noise schedule (sqrt: Diffusion-LM's)
+    diffusion_steps: int = _gaussian(2000)  # T, the diffusion timesteps
     # x0 or epsilon: regress the vector (Diffusion-LM); logits: classify each position through the
     # rounding head, train by cross-entropy, use the softmax-weighted embedding as x0 (CDCD);
     # preconditioned: x0 = c_skip x_t + c_out F, EDM's, the identity at low noise for free
     # (GaussianDiffusion.preconditioning)
-    predict: Literal["x0", "epsilon", "logits", "preconditioned"] = _diffusion("x0")
-    rounding_weight: float = _diffusion(1.0)  # weight of the rounding cross-entropy in the loss
+    predict: Literal["x0", "epsilon", "logits", "preconditioned"] = _gaussian("x0")
+    rounding_weight: float = _gaussian(1.0)  # weight of the rounding cross-entropy in the loss
     # clean: CE on EMB(w) and diffusion on clean x0 (the seed); noisy: x0 ~ q(x0|w) (Diffusion-LM);
     # predicted: CE on the denoiser's predicted x0 (Difformer's anchor loss), x0 ~ q(x0|w)
-    rounding_target: Literal["clean", "noisy", "predicted"] = _diffusion("noisy")
-    prior_loss: bool = _diffusion(True)  # the tT term that keeps embedding norms from growing
-    self_condition: float = _diffusion(0.0)  # share of batches trained with self-conditioning (0 = off)
+    rounding_target: Literal["clean", "noisy", "predicted"] = _gaussian("noisy")
+    prior_loss: bool = _gaussian(True)  # the tT term that keeps embedding norms from growing
+    self_condition: float = _gaussian(0.0)  # share of batches trained with self-conditioning (0 = off)
     # AR-Diffusion (Wu et al. 2023): position i runs the chain late by left_to_right * i / (L - 1)
     # of it, in training and sampling, so words are settled left to right. 0: Diffusion-LM
-    left_to_right: float = _diffusion(0.0)
+    left_to_right: float = _gaussian(0.0)
     # CDCD-style time warping: draw training timesteps with density following the rise of the
     # measured word cross-entropy over t (where words are being chosen), not uniformly
-    time_warp: bool = _diffusion(False)
+    time_warp: bool = _gaussian(False)
     # uniform, or loss_second_moment: importance sampling of the training timesteps with density
     # proportional to sqrt(E[loss^2]) at t, each sequence's loss weighted by 1 / (T p(t)) so the
     # objective is unchanged (improved-diffusion's LossSecondMomentResampler; uniform until measured)
-    timestep_sampling: Literal["uniform", "loss_second_moment"] = _diffusion("uniform")
+    timestep_sampling: Literal["uniform", "loss_second_moment"] = _gaussian("uniform")
+
+    # --- blocks: block diffusion, generation in blocks left to right (the gaussian and masked families) ---
     # semi-autoregressive block diffusion (SSD-LM, BD3-LM): the window is generated in blocks of
     # this many tokens, left to right, each by the diffusion chain with the earlier blocks given
     # clean; trained the same way. Must divide seq_len; null (or seq_len): the whole window at once
-    block_size: Optional[int] = _diffusion(None)
+    block_size: Optional[int] = _blocks(None)
     # how a block run trains: one (SSD-LM: each window draws one block, noised, after its earlier
     # blocks clean; the loss on that block only) or all (BD3-LM: every block noised at its own
     # timestep at once, beside the clean window, under a block-causal attention mask: every
     # position is a training target, at about twice the step's cost)
-    block_training: Literal["one", "all"] = _diffusion("one")
+    block_training: Literal["one", "all"] = _blocks("one")
+
+    # --- masked: the masked family's own keys (model: masked) ---
     # masked family: training draws the mask rate t from [mask_rate_min, mask_rate_max] (BD3-LM's
     # clipped range lowers the gradient's variance; validation and the bound use the whole range)
-    mask_rate_min: float = _diffusion(0.001)
-    mask_rate_max: float = _diffusion(1.0)  # masked family: the largest training mask rate (see mask_rate_min)
+    mask_rate_min: float = _masked(0.001)
+    mask_rate_max: float = _masked(1.0)  # masked family: the largest training mask rate (see mask_rate_min)
 
-    # --- sampling: how this recipe is meant to be sampled (dlm sample flags override) ---
-    sample_steps: int = _sampling(200)  # reverse steps (<= diffusion_steps)
-    # which timesteps those are: logsnr (evenly spaced in log signal-to-noise down to a floor),
-    # logsnr_full (over the whole range, crowded at pure noise), quadratic (the DDIM paper's) or
+    # --- sampling: how the recipe is meant to be sampled (dlm sample flags override); "Gaussian chain": gaussian's only ---
+    sample_steps: int = _sampling(200)  # the chain's steps (a Gaussian chain's: at most diffusion_steps)
+    # Gaussian chain: which timesteps those are: logsnr (evenly spaced in log signal-to-noise down to a
+    # floor), logsnr_full (over the whole range, crowded at pure noise), quadratic (the DDIM paper's) or
     # uniform (Diffusion-LM's even stride); see dlm.core.schedule.sampling_timesteps
     sample_spacing: Literal["logsnr", "logsnr_full", "quadratic", "uniform"] = _sampling("logsnr")
-    clamp: bool = _sampling(True)  # Diffusion-LM's clamping trick: snap the predicted x0 to its nearest row
-    clamp_fraction: float = _sampling(1.0)  # clamp only during the last share of the steps
-    sample_eta: float = _sampling(1.0)  # 1 ancestral (DDPM), 0 deterministic DDIM
-    # the x0 each step moves toward: the denoiser's prediction, the expected embedding under the
-    # rounding softmax of that prediction (keeps the words the denoiser knows; see docs/journal.md),
-    # or the posterior mean E[x_0 | x_t] under that softmax (gaussian_sampling.posterior_x0_hook)
+    # Gaussian chain: Diffusion-LM's clamping trick, the predicted x0 snapped to its nearest row
+    clamp: bool = _sampling(True)
+    clamp_fraction: float = _sampling(1.0)  # Gaussian chain: clamp only during the last share of the steps
+    sample_eta: float = _sampling(1.0)  # Gaussian chain: 1 ancestral (DDPM), 0 deterministic DDIM
+    # Gaussian chain: the x0 each step moves toward: the denoiser's prediction, the expected embedding
+    # under the rounding softmax of that prediction (keeps the words the denoiser knows; see
+    # docs/journal.md), or the posterior mean E[x_0 | x_t] under that softmax (gaussian_sampling.posterior_x0_hook)
     sample_x0: Literal["predicted", "expected", "posterior"] = _sampling("predicted")
     # the sampler's temperature where its family draws words: the Gaussian chain's final rounding, every
     # step of the masked and uniform chains (their per-step temperature), every token of the AR model;

@@ -14,11 +14,12 @@ from dlm.core.errors import UserError
 
 
 class LearnedEmbedding(nn.Module):
-    """EMB(w): a (vocab_size, embed_dim) table trained jointly with the denoiser (Diffusion-LM).
+    """EMB(w): a (vocab_size, embed_dim) table trained jointly with the network (Diffusion-LM's; every
+    family's token embeddings).
 
     `norm` fixes the table's geometry: 'l2' scales every row to norm sqrt(embed_dim) (CDCD),
     'layernorm' normalises each row without affine parameters (Difformer). Either stops the
-    diffusion MSE from shrinking the table, one road to collapse.
+    Gaussian family's MSE from shrinking the table, one road to collapse.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, pretrained_embeddings: torch.Tensor | None = None,
@@ -44,7 +45,7 @@ class LearnedEmbedding(nn.Module):
         return self.weight.shape[1]
 
     def table(self) -> torch.Tensor:
-        """The table as the diffusion sees it (after normalisation), (V, d)."""
+        """The table as the network sees it (after normalisation), (V, d)."""
         if self.norm == "l2":
             return F.normalize(self.weight, dim=-1) * (self.scale * math.sqrt(self.embed_dim))
         if self.norm == "layernorm":

@@ -29,7 +29,7 @@ from dlm.runs.rundir import RunDir
 logger = logging.getLogger("dlm")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunAnalysis:
     """Everything the collapse notebook shows for one run."""
 
@@ -63,8 +63,8 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
         if analysis is None:
             data = run_data(run)  # read and encode the corpus once per run
             heldout_tokens = heldout_sequences(run, num_samples, seed, data)
-            analysis = RunAnalysis(name or run_dir.name, run_dir, sample_stats(heldout_tokens), pd.DataFrame(),
-                                   heldout_tokens=heldout_tokens)
+            analysis = RunAnalysis(name=name or run_dir.name, run_dir=run_dir, heldout=sample_stats(heldout_tokens),
+                                   series=pd.DataFrame(), heldout_tokens=heldout_tokens)
             counts = train_token_counts(run, data)
         began = time.perf_counter()
         batch = sample_checkpoint(run, num_samples, steps, seed)

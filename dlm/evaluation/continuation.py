@@ -1,4 +1,4 @@
-"""Prefix continuation measured: the diffusion run (its chain with the prefix fixed) against the AR
+"""Prefix continuation measured: a run (its family's fill, the prefix fixed) against the AR
 baseline (left to right after the same prefix), each continuation scored by an AR teacher given the
 prefix, next to the held-out text's own continuation of it."""
 

@@ -1,15 +1,16 @@
 """The classifier-guided control table (Diffusion-LM's Table 2, at this budget): for each attribute,
-success and fluency of unguided samples, guided samples at a few strengths, the AR baseline's
-plain samples and its rejection-sampled ones, and held-out text for reference.
+success and fluency of unguided samples, guided samples at a few strengths (their method: the run's
+family, e.g. "gaussian" and "gaussian + guidance"), the AR baseline's plain samples and its
+rejection-sampled ones, and held-out text for reference.
 
 success (judge): share of samples that the JUDGE (a classifier on clean token ids, trained apart
 from the guide) calls positive; success (rule): share for which the attribute's own rule holds
 (exact, from the ids); guide p: the guiding classifier's mean p(A) on the samples' clean
 embeddings at t = 0; teacher ppl: perplexity under the AR teacher (lm-score).
 
-The AR baseline does the task by rejection sampling with the SAME guide the diffusion run uses:
-k candidates per sample, the first that the guide (reading the candidate's embeddings in the
-diffusion run's table at t = 0) calls positive, else the one it scores highest. So both methods
+The AR baseline does the task by rejection sampling with the SAME guide the guided run uses:
+k candidates per sample, the first that the guide (reading the candidate's latents in the guided
+run's family at t = 0) calls positive, else the one it scores highest. So both methods
 use one classifier, and the judge grades both. The AR run is also the teacher that scores every
 row's fluency (`ArBaseline`).
 """
@@ -98,7 +99,7 @@ def rejection_pick(probs: torch.Tensor, candidates: int) -> torch.Tensor:
 
 def ar_candidates_drawn(run: LoadedRun, ar_run: LoadedRun, options: SampleOptions, candidates: int,
                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """num_samples * candidates AR samples at the AR run's own temperature, in the diffusion run's
+    """num_samples * candidates AR samples at the AR run's own temperature, in the guided run's
     vocabulary and length, and the seconds they took."""
     start = time.perf_counter()
     ar_options = SampleOptions.from_config(ar_run.config, num_samples=options.num_samples * candidates,
@@ -117,6 +118,7 @@ def control_rows(run: LoadedRun, attribute_name: str, guide: Classifier, judge: 
     control notebook's slider)."""
     target = attribute(attribute_name, run.tokenizer)
     teacher = ar.run if ar is not None else None
+    family = run.config.model  # the method of the run's own rows: its family's name
     guide.to(device)
     rows = []
 
@@ -130,7 +132,7 @@ def control_rows(run: LoadedRun, attribute_name: str, guide: Classifier, judge: 
             ids = unguided
         else:
             ids = guided_ids(run, options, guide, strength, guidance.fluency, guidance.inner_steps, device=device)
-        add("diffusion" if strength == 0 else "diffusion + guidance", strength, ids, time.perf_counter() - start)
+        add(family if strength == 0 else f"{family} + guidance", strength, ids, time.perf_counter() - start)
         if samples_out is not None:
             samples_out[strength] = ids
     if ar is not None:

@@ -49,6 +49,16 @@ def readers(key: str) -> list[str]:
     return [name for name in FAMILIES if key in family(name).CONFIG_KEYS]
 
 
+def with_capability(capability: str) -> list[str]:
+    """The families that declare `capability`, in FAMILIES order: whose runs a "use ..." line names."""
+    return [name for name in FAMILIES if supports(name, capability)]
+
+
+def families_named(names: list[str]) -> str:
+    """'the gaussian family', 'the gaussian and masked families': families in a message."""
+    return f"the {listed(names)} famil{'y' if len(names) == 1 else 'ies'}"
+
+
 def listed(names: list[str]) -> str:
     """'a', 'a and b', 'a, b and c': family names in a message."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
@@ -64,9 +74,8 @@ def check_config(config: Config) -> None:
         value, default = getattr(config, key), getattr(defaults, key)
         if value != default:
             owners = readers(key)
-            raise ConfigError(f"'{key}' ({value}) is an option of the {listed(owners)} famil"
-                              f"{'y' if len(owners) == 1 else 'ies'}; the '{config.model}' family does not read "
-                              f"it: leave it at its default ({default}) or use model: {owners[0]}.")
+            raise ConfigError(f"'{key}' ({value}) is an option of {families_named(owners)}; the '{config.model}' "
+                              f"family does not read it: leave it at its default ({default}) or use model: {owners[0]}.")
     module.check_config(config)
 
 

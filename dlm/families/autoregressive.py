@@ -50,7 +50,7 @@ class AutoregressiveLM(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
     @torch.inference_mode()
-    def generate(self, count: int, length: int, start_id: int, temperature: float = 1.0,
+    def generate(self, count: int, length: int, start_id: int, *, temperature: float = 1.0,
                  generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
                  banned: Sequence[int] = (), cached: bool = True) -> torch.Tensor:
         """Sample `count` sequences of `length` tokens after a `start_id` token (a newline is a
@@ -176,8 +176,8 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
     (0: greedy), each sample starting after a newline, the way the corpus's lines start. No trajectory."""
     check_steps(options, run.config)
     start_id = run.tokenizer.stoi.get("\n", run.tokenizer.pad_id)
-    ids = run.model.generate(options.num_samples, run.config.seq_len, start_id, options.temperature, generator,
-                             banned=options.banned_ids(run.tokenizer))
+    ids = run.model.generate(options.num_samples, run.config.seq_len, start_id, temperature=options.temperature,
+                             generator=generator, banned=options.banned_ids(run.tokenizer))
     return ids.cpu(), []
 
 
@@ -186,8 +186,8 @@ def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: Sample
     """Control (prefix only), one batch: the first k = known.sum() tokens of each window of ids (N, L)
     given, the rest generated left to right. No scores."""
     k = int(known.sum())
-    rest = run.model.generate(len(ids), run.config.seq_len - k, run.tokenizer.pad_id, options.temperature, generator,
-                              prompt=ids[:, :k], banned=options.banned_ids(run.tokenizer))
+    rest = run.model.generate(len(ids), run.config.seq_len - k, run.tokenizer.pad_id, temperature=options.temperature,
+                              generator=generator, prompt=ids[:, :k], banned=options.banned_ids(run.tokenizer))
     return torch.cat([ids[:, :k], rest.cpu()], dim=1), None
 
 

@@ -57,10 +57,9 @@ TERMS = Terms(
 WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)"}
 
 
-# The family-specific Config keys it reads (dlm.families.check_config refuses the others'): every
-# diffusion key but the masked family's mask rates, every sampling key, and its embedding table's shape.
-CONFIG_KEYS = frozenset({*section_keys("diffusion"), *section_keys("sampling"), "embedding_norm", "embedding_scale",
-                         "use_learned_embeddings", "rounding"}) - {"mask_rate_min", "mask_rate_max"}
+# The family-specific Config keys it reads (dlm.families.check_config refuses the others'): its own
+# section's, the block keys and every sampling key.
+CONFIG_KEYS = frozenset({*section_keys("gaussian"), *section_keys("blocks"), *section_keys("sampling")})
 
 ROUNDING_TARGETS = {"clean": "rounding on clean embeddings", "noisy": "rounding on q(x0|w)",
                     "predicted": "rounding on the predicted x0"}
@@ -102,7 +101,7 @@ def new_model(config: Config, vocab_size: int, pretrained: torch.Tensor | None =
 
 
 def objective(config: Config) -> GaussianDiffusion:
-    # LossSettings' fields are diffusion keys of the Config, read by name
+    # LossSettings' fields are Config keys of the gaussian and blocks sections, read by name
     settings = LossSettings(**{f.name: getattr(config, f.name) for f in fields(LossSettings)})
     return GaussianDiffusion(NoiseSchedule(config.schedule, config.diffusion_steps), settings)
 
@@ -125,8 +124,8 @@ def chain_states(run: LoadedRun, options: SampleOptions, size: int, generator: t
                  device: torch.device | str = "cpu", hooks: Sequence[Hook] = ()) -> Iterator[SampleState]:
     """The reverse chain of `size` samples of `run` as options describe it, its states advanced
     under the run's autocast (its noise is drawn when the first state is asked for)."""
-    states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator, device,
-                          hooks=hooks, banned=options.banned_ids(run.tokenizer))
+    states = sample_chain(run.model, run.objective, options, (size, run.config.seq_len), generator=generator,
+                          device=device, hooks=hooks, banned=options.banned_ids(run.tokenizer))
     return _under_autocast(states, run.config.precision, device)
 
 

@@ -22,7 +22,8 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(kw_only=True)
 class LossSettings:
-    """The loss's switches: each field is the Config key of the same name (section 'diffusion')."""
+    """The loss's switches: each field is the Config key of the same name (sections 'gaussian' and
+    'blocks')."""
     predict: str = "x0"  # what the network outputs: x0, epsilon, or logits (through the rounding head)
     rounding_weight: float = 1.0
     rounding_target: str = "noisy"  # clean | noisy | predicted

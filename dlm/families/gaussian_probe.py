@@ -96,7 +96,8 @@ def chain_retention(run: LoadedRun, ids: torch.Tensor, start_t: int, steps: int 
     # the denoiser's own one-step prediction (the chain's first step, before any hook edits it;
     # for a block run every block's, each given the true words before it)
     first_logits = model.round(one_step_x0(run, ids, x_t, start_t)).float()
-    states = sample_chain(model, run.objective, options, tuple(ids.shape), generator, start=x_t, start_t=start_t)
+    states = sample_chain(model, run.objective, options, tuple(ids.shape), generator=generator, start=x_t,
+                          start_t=start_t)
     last = collections.deque(states, maxlen=1)[0]
     # a block chain's words as each block was decoded (the argmax of its x: the same at temperature 0)
     final_ids = last.words if last.words is not None else model.round(last.x).argmax(-1)

@@ -166,7 +166,7 @@ def reverse_chain(model: DiffusionLM, diffusion: GaussianDiffusion, scheduler: D
         yield SampleState(index, peaks[index], x, pred_x0)
 
 
-def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options: SampleOptions, shape: tuple[int, int],
+def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options: SampleOptions, shape: tuple[int, int], *,
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                  start: torch.Tensor | None = None, start_t: int | None = None,
                  hooks: Sequence[Hook] = (), banned: Sequence[int] = (), prefix_cache: bool = True
@@ -182,6 +182,28 @@ def sample_chain(model: DiffusionLM, diffusion: GaussianDiffusion, options: Samp
                               prefix_cache=prefix_cache, x0=options.x0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChainSettings:
+    """What one reverse chain is (`sample_progressive`'s keywords, travelling together): its steps
+    and how each moves, and for a block chain how a finished block becomes words and whether the
+    finished blocks are cached."""
+
+    steps: int
+    eta: float = 1.0  # 1 ancestral (DDPM), 0 deterministic DDIM
+    clamp: bool = True  # Diffusion-LM's clamping trick (clamp_hook), over the last clamp_fraction of the steps
+    clamp_fraction: float = 1.0
+    spacing: str = "logsnr"  # which timesteps (dlm.core.schedule.sampling_timesteps)
+    x0: str = "predicted"  # what each step moves toward: the prediction, or a kind of X0_HOOKS
+    decoder: str = "learned"  # a block chain's finished block: decoded so (gaussian_model.decode),
+    temperature: float = 0.0  # at this temperature,
+    banned: Sequence[int] = ()  # never to these ids
+    prefix_cache: bool = True  # see sample_progressive
+
+    def clamp_from(self, steps: int) -> int:
+        """The first step index clamping acts on, of a chain of `steps` steps."""
+        return steps - math.ceil(self.clamp_fraction * steps)
+
+
 # What each sample_x0 but 'predicted' puts in place of the denoiser's x0 (hook builders).
 X0_HOOKS = {"expected": lambda model, diffusion: expected_x0_hook(model), "posterior": posterior_x0_hook}
 
@@ -193,7 +215,7 @@ def chain_blocks(diffusion: GaussianDiffusion, length: int) -> int:
     return 1 if size is None else length // size
 
 
-def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int,
+def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], steps: int, *,
                        eta: float = 1.0, clamp: bool = True, clamp_fraction: float = 1.0,
                        spacing: str = "logsnr", generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", start: torch.Tensor | None = None,
@@ -219,19 +241,22 @@ def sample_progressive(model: DiffusionLM, diffusion: GaussianDiffusion, shape: 
     samples to float rounding; False runs the whole prefix at every step, the reference).
     """
     batch, length = shape
+    chain = ChainSettings(steps=steps, eta=eta, clamp=clamp, clamp_fraction=clamp_fraction, spacing=spacing, x0=x0,
+                          decoder=decoder, temperature=temperature, banned=banned, prefix_cache=prefix_cache)
     block_size = diffusion.block_size_for(length)
     if block_size is not None:
-        return _block_chain(model, diffusion, shape, block_size, steps, eta, clamp, clamp_fraction, spacing,
-                            generator, device, start, start_t, hooks, decoder, temperature, banned, prefix_cache, x0)
-    if x0 != "predicted":
-        hooks = (X0_HOOKS[x0](model, diffusion), *hooks)
-    scheduler = plain_scheduler(diffusion, steps, length, eta, spacing, None if start is None else start_t, device)
+        return _block_chain(model, diffusion, shape, block_size, chain, generator=generator, device=device,
+                            start=start, start_t=start_t, hooks=hooks)
+    if chain.x0 != "predicted":
+        hooks = (X0_HOOKS[chain.x0](model, diffusion), *hooks)
+    scheduler = plain_scheduler(diffusion, chain.steps, length, chain.eta, chain.spacing,
+                                None if start is None else start_t, device)
     # Drawn even when the chain starts from `start`, so that a seed's later draws do not move.
     x = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     if start is not None:
         x = start.to(device)
-    if clamp:
-        hooks = (*hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
+    if chain.clamp:
+        hooks = (*hooks, clamp_hook(model, chain.clamp_from(len(scheduler))))
     return reverse_chain(model, diffusion, scheduler, x, generator, hooks)
 
 
@@ -296,12 +321,10 @@ def with_fixed_words(block: torch.Tensor, hooks: Sequence[Hook], first: int, end
 
 
 def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[int, int], block_size: int,
-                 steps: int, eta: float, clamp: bool, clamp_fraction: float, spacing: str,
-                 generator: torch.Generator | None, device: torch.device | str, start: torch.Tensor | None,
-                 start_t: int | None, hooks: Sequence[Hook], decoder: str, temperature: float,
-                 banned: Sequence[int], prefix_cache: bool = True, x0: str = "predicted") -> Iterator[SampleState]:
+                 chain: ChainSettings, *, generator: torch.Generator | None, device: torch.device | str,
+                 start: torch.Tensor | None, start_t: int | None, hooks: Sequence[Hook]) -> Iterator[SampleState]:
     """Semi-autoregressive block diffusion (SSD-LM): block b runs the whole reverse chain of
-    `steps` steps over the positions 0 .. end of block b, as in training: the finished blocks
+    chain.steps steps over the positions 0 .. end of block b, as in training: the finished blocks
     are their words' clean embeddings at t = 0 (`known_positions_hook` keeps their x0, the
     scheduler keeps their x exactly), and the later blocks are left out of the denoiser's input,
     which is what training's attention mask makes of them (and half the cost). When its chain
@@ -313,11 +336,11 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
     computed once, when each block is finished (`DiffusionLM.cache_prefix`), and a step runs only
     the block's own positions (`cached_x0`). A run trained one block per window lets the context
     read the noised block, so its prefix changes with every step and is run every step. The x0
-    hook (`x0`) runs on the block's positions only: the finished blocks' x0 is their clean words."""
+    hook (chain.x0) runs on the block's positions only: the finished blocks' x0 is their clean words."""
     batch, length = shape
-    cached = prefix_cache and diffusion.settings.block_training == "all" and not model.self_conditioned
+    cached = chain.prefix_cache and diffusion.settings.block_training == "all" and not model.self_conditioned
     cache = None
-    position_x0 = None if x0 == "predicted" else X0_HOOKS[x0](model, diffusion)
+    position_x0 = None if chain.x0 == "predicted" else X0_HOOKS[chain.x0](model, diffusion)
     noise = torch.randn(batch, length, model.embed_dim, generator=generator).to(device)
     initial = noise if start is None else start.to(device)
     decoded = torch.zeros(batch, length, dtype=torch.long, device=device)  # what the rounding made of each block
@@ -325,8 +348,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
     offset = 0
     for first in range(0, length, block_size):
         end = first + block_size
-        scheduler = DiffusionScheduler(diffusion.schedule, eta)
-        scheduler.set_block_timesteps(steps, first, end, spacing, start_t=None if start is None else start_t,
+        scheduler = DiffusionScheduler(diffusion.schedule, chain.eta)
+        scheduler.set_block_timesteps(chain.steps, first, end, chain.spacing, start_t=None if start is None else start_t,
                                       device=device)
         known = torch.zeros(batch, end, dtype=torch.bool, device=device)
         known[:, :first] = True
@@ -334,8 +357,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
         block_hooks = (known_positions_hook(model, words[:, :end].clone(), known), *hooks)
         if position_x0 is not None:
             block_hooks = (from_position_hook(position_x0, first), *block_hooks)
-        if clamp:
-            block_hooks = (*block_hooks, clamp_hook(model, len(scheduler) - math.ceil(clamp_fraction * len(scheduler))))
+        if chain.clamp:
+            block_hooks = (*block_hooks, clamp_hook(model, chain.clamp_from(len(scheduler))))
         prefix = model.embed(context).to(initial.dtype)
         x = torch.cat([prefix, initial[:, first:end]], dim=1)
         rest = initial[:, end:]
@@ -350,8 +373,8 @@ def _block_chain(model: DiffusionLM, diffusion: GaussianDiffusion, shape: tuple[
             if state.index == len(scheduler) - 1:
                 # decoded as the caller decodes a plain chain's x: in float32, outside the autocast
                 with torch.autocast(state.x.device.type, enabled=False):
-                    decoded[:, first:end] = decode(model, state.x[:, first:end].float(), decoder, temperature,
-                                                   generator, banned)
+                    decoded[:, first:end] = decode(model, state.x[:, first:end].float(), chain.decoder,
+                                                   chain.temperature, generator, chain.banned)
                 words[:, first:end] = with_fixed_words(decoded[:, first:end], hooks, first, end)
                 finished = decoded.clone()
             yield SampleState(offset + state.index, state.t, torch.cat([state.x, rest], dim=1),

@@ -203,7 +203,7 @@ def reverse_step(log_x: torch.Tensor, z: torch.Tensor, t: float, s: float,
 
 
 @torch.inference_mode()
-def sample_ids(model: UniformDiffusionLM, ids: torch.Tensor, known: torch.Tensor, steps: int,
+def sample_ids(model: UniformDiffusionLM, ids: torch.Tensor, known: torch.Tensor, steps: int, *,
                generator: torch.Generator | None = None, temperature: float = 1.0, banned: Sequence[int] = (),
                precision: str = "fp32", on_step: Callable[[int, float, torch.Tensor], None] | None = None,
                keep_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -351,8 +351,9 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
             frames.add(index, s, window)
 
     blank = torch.zeros(options.num_samples, run.config.seq_len, dtype=torch.long, device=device)
-    ids, _ = sample_ids(run.model, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps, generator,
-                        options.temperature, options.banned_ids(run.tokenizer), run.config.precision, record)
+    ids, _ = sample_ids(run.model, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps, generator=generator,
+                        temperature=options.temperature, banned=options.banned_ids(run.tokenizer),
+                        precision=run.config.precision, on_step=record)
     return ids.cpu(), frames.frames
 
 
@@ -362,8 +363,9 @@ def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: Sample
     scores (N, L, V) each position's last word was drawn from (for the length constraint)."""
     check_steps(options, run.config)
     got, drawn_from = sample_ids(run.model, ids.to(device), known.expand(len(ids), -1).to(device), options.steps,
-                                 generator, options.temperature, options.banned_ids(run.tokenizer),
-                                 run.config.precision, keep_scores=True)
+                                 generator=generator, temperature=options.temperature,
+                                 banned=options.banned_ids(run.tokenizer), precision=run.config.precision,
+                                 keep_scores=True)
     return got.cpu(), drawn_from
 
 

@@ -27,7 +27,7 @@ from dlm.core.config import did_you_mean
 from dlm.core.data import Tokenizer, fixed_windows
 from dlm.core.errors import UserError
 from dlm.core.nets import TinyTransformer
-from dlm.families import not_available, supports
+from dlm.families import families_named, not_available, supports, with_capability
 from dlm.runs.build import LoadedRun, corpus_data
 from dlm.runs.rundir import RunDir
 
@@ -78,7 +78,7 @@ def attribute(name: str, tokenizer: Tokenizer) -> Attribute:
 
 @dataclass
 class ClassifierSettings:
-    kind: str  # latent (noised latents of one diffusion run, with t) or judge (clean token ids)
+    kind: str  # latent (one run's noised latents, with t: a family with "latent") or judge (clean token ids)
     attribute: str
     seq_len: int
     input_dim: int  # embed_dim of the run (latent) or the vocabulary size (judge)
@@ -154,7 +154,7 @@ def check_classifier_options(steps: int, batch_size: int, width: int, depth: int
         raise UserError(f"depth must be at least 1 (transformer blocks), got {depth}.")
 
 
-def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", steps: int = 300,
+def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", *, steps: int = 300,
                      batch_size: int = 64, lr: float = 1e-3, width: int = 128, depth: int = 2, seed: int = 0,
                      windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> ClassifierResult:
     """Train the guide (kind latent, on `run`'s frozen embeddings) or the judge (kind judge) for one
@@ -163,7 +163,7 @@ def train_classifier(run: LoadedRun, attribute_name: str, kind: str = "latent", 
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
     if kind == "latent" and not supports(run.config.model, "latent"):
         raise UserError(not_available(run.config.model, "A latent classifier (noised latents for guidance)", "latent")
-                        + " Train the judge (--kind judge) on it, or give a Gaussian diffusion run.")
+                        + f" Train the judge (--kind judge) on it, or give a run of {families_named(with_capability('latent'))}.")
     check_classifier_options(steps, batch_size, width, depth)
     target = attribute(attribute_name, run.tokenizer)
     train, heldout = windows if windows is not None else training_windows(run)

@@ -1,13 +1,13 @@
 """Classifier-free control (Diffusion-LM sec. 7.2): infilling a template, prefix continuation and
-length control, all through the one reverse chain with `known_positions_hook`, plus minimum-Bayes-
-risk selection over candidates (`mbr_select`).
+length control, all through the run's family's `fill` (the fixed words given, the rest generated),
+plus minimum-Bayes-risk selection over candidates (`mbr_select`).
 
 Length control uses the corpus's own end marker. tiny_shakespeare separates speeches by a blank
 line, and both tokenizers keep newlines as tokens, so every speech boundary in the training stream
 already is the token pair NEWLINE NEWLINE (and a blank line occurs nowhere else). A speech of
 exactly N tokens is then: the pair fixed at positions 0-1 and at N+2 to N+3, and no blank line in
-between (the rounding may not put a newline next to a newline there, nor at the speech's first or
-last position). No new token, no retraining: it works on every run trained so far, the AR baseline
+between (the sampler's words may not put a newline next to a newline there, nor at the speech's
+first or last position). No new token, no retraining: it works on every run trained so far, the AR baseline
 included.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from dlm.core.data import atomic_write_bytes
 from dlm.core.errors import UserError
-from dlm.families import sample_settings, supports
+from dlm.families import families_named, sample_settings, supports, with_capability
 from dlm.families.contract import batches
 from dlm.runs.build import LoadedRun
 from dlm.runs.sample import SampleOptions, check_options
@@ -154,7 +154,8 @@ def make_control(run: LoadedRun, template: str | None = None, prefix: str | None
         left_to_right = supports(run.config.model, "likelihood_exact")  # exact per-token NLL: an AR factorisation
         raise UserError(f"--{given[0]} is not available for the '{run.config.model}' family"
                         f"{' (an autoregressive run writes left to right)' if left_to_right else ''}: "
-                        f"use {' or '.join(can) or 'another run'}, or a diffusion or masked run for --{given[0]}.")
+                        f"use {' or '.join(can) or 'another run'}, or a run of {families_named(with_capability(capability))} "
+                        f"for --{given[0]}.")
     if template is not None:
         return template_control(run, template)
     if prefix is not None:
@@ -254,8 +255,9 @@ def fill_in_batches(run: LoadedRun, targets: torch.Tensor, known: torch.Tensor, 
 def infill(run: LoadedRun, control: Control | str, options: SampleOptions | None = None, mbr: int = 1,
            mbr_distance: str = "ngram", device: str | torch.device = "cpu") -> ControlResult:
     """options.num_samples windows with the control's fixed words (a Control, or a template string),
-    each the MBR pick of `mbr` candidates when mbr > 1. After the rounding, the fixed positions are
-    set to their words (a guarantee); how often the rounding alone had them is reported."""
+    each the MBR pick of `mbr` candidates when mbr > 1. After the family's fill, the fixed positions
+    are set to their words (a guarantee); for a family whose chain rounds them too
+    (ROUNDS_FIXED_WORDS), how often the rounding alone had them is reported."""
     if isinstance(control, str):
         control = make_control(run, template=control)
     options = options or SampleOptions.from_config(run.config)

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from dlm.core.errors import UserError
-from dlm.families import not_available, supports
+from dlm.families import families_named, not_available, supports, with_capability
 from dlm.families.contract import FLUENCY, Guide, batches
 from dlm.runs.build import LoadedRun
 from dlm.runs.classifier import Classifier
@@ -24,8 +24,8 @@ def check_guidance(run: LoadedRun) -> None:
     family's own check of this run (a block or left-to-right chain cannot be)."""
     if not supports(run.config.model, "guidance"):
         raise UserError(not_available(run.config.model, f"Classifier guidance of '{run.checkpoint}'", "guidance")
-                        + " Guide a Gaussian diffusion run (model: gaussian); dlm infill controls this one without a "
-                          "classifier.")
+                        + f" Guide a run of {families_named(with_capability('guidance'))}; dlm infill controls this one "
+                          "without a classifier.")
     run.family.check_guidance(run)
 
 

@@ -1,5 +1,5 @@
-"""Sampling from a trained run: the reverse chain, decoding with learned or cosine rounding, and
-writing samples (JSONL plus a plain .txt) and, on request, the trajectory of decoded states."""
+"""Sampling from a trained run: its family's sampler (`generate`, one batch at a time), and writing
+samples (JSONL plus a plain .txt) and, on request, the trajectory of decoded states."""
 
 from __future__ import annotations
 

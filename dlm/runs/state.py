@@ -154,7 +154,7 @@ class TrainState:
     """What one optimizer step needs and changes; what last.pt saves of it: dlm.runs.resume."""
     config: Config
     model: nn.Module
-    objective: Any  # the family's loss: GaussianDiffusion, or next-token CE for model: ar
+    objective: Any  # the family's objective (dlm.families.contract.Objective): its training losses
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: AveragedModel | None

@@ -630,9 +630,10 @@ def _family_numbers(config, steps: int | None) -> dict[str, Any]:
 
 def _likelihood_numbers(config, vocab_size: int | None, numbers: Mapping[str, Any],
                         train_parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's likelihood in nats per token and what kind of number it is: an AR run's exact NLL
-    is its validation loss; a diffusion run's is the bound train.ipynb wrote (analysis/nll_bound.csv),
-    on its nll_windows held-out windows. uniform_nats: ln V, a uniform guess's NLL."""
+    """The run's likelihood in nats per token and what kind of number it is: a family with an exact
+    likelihood (the AR baseline) has its NLL as its validation loss; one with a bound (NELBO or
+    bound), the bound train.ipynb wrote (analysis/nll_bound.csv) on its nll_windows held-out windows.
+    uniform_nats: ln V, a uniform guess's NLL."""
     out: dict[str, Any] = {"likelihood_kind": families.family(config.model).likelihood_kind(config)}
     if vocab_size:
         out["uniform_nats"] = math.log(vocab_size)
