@@ -397,10 +397,10 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
 # options and no other, so a masked or AR record never claims a spacing, clamp or decoder it did not use.
 READ_BY = {"diffusion": {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta",
                          "x0", "temperature", "unk", "decoder", "record_every"},
-           "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every"},
+           "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every", "sampler"},
            "ar": {"num_samples", "seed", "batch_size", "temperature", "unk"}}
 OPTION_FIELDS = {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta", "x0",
-                 "temperature", "unk", "decoder", "record_every"}
+                 "temperature", "unk", "decoder", "record_every", "sampler"}
 
 
 @pytest.mark.parametrize("model", list(READ_BY))
@@ -494,6 +494,22 @@ def test_masked_steps_are_bounded_before_anything_runs(toy_runs, tmp_path, capsy
     captured = capsys.readouterr()
     assert captured.out == ""  # not even the chain's cost: nothing runs
     assert message in one_error_line_from(captured.err, command)
+    assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("run, extra, message", [
+    ("masked", ["--sampler", "first_hitting", "--steps", "5"],
+     "--steps sets the steps of the grid and confidence samplers; first_hitting unmasks one position per denoiser "
+     "call and takes no steps: drop --steps."),
+    ("diffusion", ["--sampler", "confidence"], "--sampler is an option of the masked families' samplers; the "
+                                               "'diffusion' family has none: drop --sampler."),
+    ("ar", ["--sampler", "grid"], "--sampler is an option of the masked families' samplers; the 'ar' family has none"),
+])
+def test_a_masked_sampler_is_asked_of_a_masked_run_alone(toy_runs, tmp_path, capsys, run, extra, message):
+    before = snapshot(tmp_path, toy_runs)
+    assert main(["sample", "--run_dir", str(toy_runs / run), "--out", str(tmp_path / "s.jsonl"), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in one_error_line_from(captured.err, "sample")
     assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
 
 

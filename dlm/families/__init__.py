@@ -14,7 +14,8 @@
   "latent" (noised latents for a latent classifier), "temperature" (samples drawn at a
   temperature: matched entropy), "geometry" (the collapse and embedding-geometry analyses);
 - SAMPLE_OPTIONS: the SampleOptions fields its sampler reads (a user giving another is told so, and
-  a samples or control record lists these alone: sample_settings);
+  a samples or control record lists these alone: sample_settings); optionally
+  check_given_options(given, flag): raise UserError for options given together that it cannot take;
 - ROUNDS_FIXED_WORDS (with "infill", "prefix" or "length"): whether fill's fixed words go through the
   chain and its rounding too (the Gaussian chain), so a control record can say how often the
   rounding kept them (kept_by_rounding); False where fill gives them back as given;
@@ -161,3 +162,6 @@ def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[
                      else f"the {listed(readers)} families' samplers")
             raise UserError(f"{flag(option)} is an option of {owner}; the '{name}' family has none: "
                             f"drop {flag(option)}.")
+    check_together = getattr(family(name), "check_given_options", None)  # options its sampler cannot take together
+    if check_together is not None:
+        check_together(given, flag)

@@ -126,7 +126,7 @@ WHY_NOT = {
     "geometry": "it has no Gaussian q(x0|w) (no sigma0) and no rounding decoder, so the Gaussian family's collapse and "
                 "geometry signals do not apply; its samples are judged against held-out text on the samples page",
     **{option: _NO_CHAIN for option in ("steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "decoder",
-                                        "record_every")},
+                                        "record_every", "sampler")},
 }
 
 

@@ -49,7 +49,9 @@ TERMS = Terms(
     trajectory="The rounding decoder's reading of the predicted x0 at each recorded step; t is the chain's timestep "
                "(from T, pure noise, down to 0).",
 )
-WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)"}
+WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)",
+           "sampler": "its chain moves every position's vector at every step: there is no order of unmasking to "
+                      "choose (steps, spacing and eta shape it)"}
 
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): every

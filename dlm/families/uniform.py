@@ -293,6 +293,7 @@ WHY_NOT = {  # a discrete family's reasons, as the masked family gives them, in 
     "latent": "it noises words by replacing them, not by adding noise to vectors: there are no noised latents for a "
               "classifier to read",
     **{option: _GAUSSIAN_CHAIN for option in ("spacing", "clamp", "clamp_fraction", "eta", "x0")},
+    "sampler": "every position may change at every step of its chain, so there is no order of unmasking to choose",
 }
 
 # The family-specific Config keys it reads: its sampler's (steps, the per-step temperature, <unk>).

@@ -46,6 +46,7 @@ class SampleOptions:
     seed: int = 0
     batch_size: int = 64
     record_every: int = 0  # keep the decoded tokens every N steps of each (block's) chain (0: not recorded)
+    sampler: str = "grid"  # a masked chain's: grid, first_hitting or confidence (dlm.families.masked.SAMPLERS)
 
     @classmethod
     def from_config(cls, config: Config, **overrides) -> SampleOptions:
@@ -101,6 +102,15 @@ def check_options(config: Config, options: SampleOptions) -> None:
     check_steps = getattr(chain, "check_steps", None)
     if check_steps is not None:
         check_steps(options, config)
+
+
+def chain_steps(run: LoadedRun, options: SampleOptions) -> int:
+    """The steps of each (block's) chain the run's sampler takes: options.steps, or the family's own
+    count (`chain_steps` of the family: a masked first_hitting chain takes one per position)."""
+    own = getattr(run.family, "chain_steps", None)
+    if own is None:
+        return options.steps
+    return own(options, run.objective.block_size_for(run.config.seq_len) or run.config.seq_len)
 
 
 @dataclass
