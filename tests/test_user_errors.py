@@ -521,7 +521,7 @@ def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():
     positions, windows = 4, 4000
     z = torch.full((windows, positions), 9)
     shared = torch.zeros(windows, dtype=torch.bool)
-    predict = lambda ids: torch.zeros(*ids.shape, 9)  # noqa: E731 -- any words: only the timing counts
+    predict = lambda ids, rows: torch.zeros(*ids.shape, 9)  # noqa: E731 -- any words: only the timing counts
     for state in unmask_chain(predict, z, 9, most_steps(positions), torch.Generator().manual_seed(0)):
         shared |= state.unmasked.sum(1) > 1
     assert shared.float().mean() < 0.01

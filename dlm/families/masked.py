@@ -197,12 +197,14 @@ def word_probs(logits: torch.Tensor, temperature: float, banned: Sequence[int] =
     """The words' distribution (k, V) in float64 for logits (k, V) at `temperature` (0: the argmax),
     `banned` ids never drawn. float64 before the division: in float32 a temperature of 1e-39 makes
     every logit infinite, and every draw id 0."""
-    logits = logits.to(torch.float64, copy=bool(banned))
+    logits = logits.to(torch.float64, copy=True)  # its own copy, edited in place
     if banned:
         logits[..., list(banned)] = -torch.inf
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    return torch.softmax(logits / temperature, dim=-1)
+    if temperature != 1:
+        logits /= temperature
+    return torch.softmax(logits, dim=-1)
 
 
 @dataclass
@@ -222,34 +224,43 @@ def _logits(features: torch.Tensor, where: torch.Tensor, head) -> torch.Tensor:
     return features[where] if head is None else head(features[where])
 
 
+def _rows_output(predict, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The network's output for the rows of z (B, n) where `rows` (B,) is True: the rows alone,
+    which read nothing of each other (predict(z_rows, index) with their index in the batch), or
+    the whole batch in one call when every row is asked."""
+    if bool(rows.all()):
+        return predict(z, None)
+    index = rows.nonzero().flatten()
+    return predict(z[index], index)
+
+
 def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: torch.Generator | None = None,
                  temperature: float = 1.0, banned: Sequence[int] = (), head=None) -> Iterator[UnmaskState]:
-    """MDLM's ancestral sampler with caching, from z (B, n) (masks where to generate) over `steps`
-    steps of the log-linear schedule, t = 1 -> 0. predict(z) -> logits (B, n, V) float32. From t to
-    s a masked position unmasks with probability (t - s) / t and then takes a word drawn from the
-    network's distribution (at `temperature`; 0: the argmax); unmasked positions never change.
-    That is MDLM's one categorical over the words and [MASK] (probabilities p (t - s) / t and
-    s / t), drawn in two float64 stages so that the words are drawn only where a position unmasks.
-    The network runs only at a step where some position unmasks, on the window as the last change
-    left it: at batch 1 at most once per position, however many the steps; a batch unmasks
-    somewhere at nearly every step. With `head`, predict(z) returns features (B, n, d) and head
+    """MDLM's ancestral sampler, from z (B, n) (masks where to generate) over `steps` steps of the
+    log-linear schedule, t = 1 -> 0. predict(z_rows, index) -> logits (r, n, V) float32 for the rows
+    `index` of the batch (None: all of them). From t to s a masked position unmasks with
+    probability (t - s) / t and then takes a word drawn from the network's distribution (at
+    `temperature`; 0: the argmax); unmasked positions never change. That is MDLM's one categorical
+    over the words and [MASK] (probabilities p (t - s) / t and s / t), drawn in two float64 stages
+    so that the words are drawn only where a position unmasks. The network reads a row only at a
+    step where one of its positions unmasks (the window as its last change left it: a cached
+    output would be the same), so a row costs at most one pass per position, however many the
+    steps; the others' rows are not run. With `head`, predict returns features (r, n, d) and head
     maps the unmasking positions' features (k, d) to their logits (k, V): the vocabulary
     projection, which costs as much as the network at a word vocabulary, is paid for the k
     positions a step unmasks, not all B x n."""
-    features, calls = None, 0
+    calls = 0
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
         coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
         unmasked = (z == mask_id) & (coin < (t - s) / t)
-        probs = None
-        if unmasked.any():
-            if features is None:
-                features = predict(z)
-                calls += 1
-            probs = word_probs(_logits(features, unmasked, head), temperature, banned)
+        probs, rows = None, unmasked.any(1)
+        if rows.any():
+            features = _rows_output(predict, z, rows)
+            calls += 1
+            probs = word_probs(_logits(features, unmasked[rows], head), temperature, banned)
             z = z.clone()
             z[unmasked] = inverse_cdf(probs, generator).to(z.device)
-            features = None  # the window changed: the next step that unmasks asks the network again
         yield UnmaskState(index, s, z, unmasked, probs, calls)
 
 
@@ -263,15 +274,17 @@ def first_hitting_chain(predict, z: torch.Tensor, mask_id: int, steps: int | Non
     times change nothing that is drawn and are not drawn: each call unmasks one position per row,
     chosen uniformly among the row's masked ones, its word drawn from the network at
     `temperature`. A row with m masked positions takes m calls (a batch: as many as its most masked
-    row); `steps` is not read (the grid's chain comes to this one as its steps grow, `most_steps`)."""
+    row); `steps` is not read (the grid's chain comes to this one as its steps grow, `most_steps`).
+    predict and head as for `unmask_chain`: a row with nothing left to unmask is not run."""
     calls, masked = 0, z == mask_id
     while masked.any():
-        features = predict(z)
+        rows = masked.any(1)
+        features = _rows_output(predict, z, rows)
         calls += 1
         key = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
         pick = key.masked_fill(~masked, -1.0).argmax(1, keepdim=True)  # uniform among the row's masked positions
         unmasked = torch.zeros_like(masked).scatter_(1, pick, True) & masked
-        probs = word_probs(_logits(features, unmasked, head), temperature, banned)
+        probs = word_probs(_logits(features, unmasked[rows], head), temperature, banned)
         z = z.clone()
         z[unmasked] = inverse_cdf(probs, generator).to(z.device)
         masked = z == mask_id
@@ -294,17 +307,17 @@ def confidence_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generat
     gives the highest probability (its own distribution, temperature 1), masking the others again;
     k from `unmask_schedule`. It is NOT the chain's law: the chain unmasks positions in a uniformly
     random order, this one in the network's order of certainty, which favours the likely words and
-    so does not sample the model's distribution. A step where no row unmasks anything skips the
-    network."""
+    so does not sample the model's distribution. predict and head as for `unmask_chain`: a row
+    that unmasks nothing at a step is not run, and a step where no row does skips the network."""
     schedule = unmask_schedule((z == mask_id).sum(1), steps)
     calls = 0
     for index in range(steps):
         unmasked, probs, take = torch.zeros_like(z, dtype=torch.bool), None, schedule[:, index]
         if take.any():
-            masked = z == mask_id
-            features = predict(z)
+            rows, masked = take > 0, (z == mask_id) & (take > 0)[:, None]
+            features = _rows_output(predict, z, rows)
             calls += 1
-            logits = _logits(features, masked, head)  # every masked position: (m, V)
+            logits = _logits(features, masked[rows], head)  # every masked position of those rows: (m, V)
             drawn_from = word_probs(logits, temperature, banned)
             words = inverse_cdf(drawn_from, generator)
             own = drawn_from if temperature == 1 else word_probs(logits, 1.0, banned)
@@ -339,20 +352,23 @@ class Unmasking:
 
 def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str,
                     cache: PrefixCache | None = None):
-    """predict(z_block) -> hidden states (B, n, d) for the block after the clean `prefix` (B, first),
-    as training's layout reads it: the prefix block-causally, the block itself and everything before
-    it (`word_head` turns them into logits). With `cache` (the prefix's keys and values,
-    `extend_prefix_cache`), a call runs the block's own positions only; without it, the prefix is
-    recomputed each call (the reference path)."""
+    """predict(z_block, rows) -> hidden states (r, n, d) for the block after the clean `prefix`
+    (B, first) in the batch's rows `rows` (None: all B), as training's layout reads it: the prefix
+    block-causally, the block itself and everything before it (`word_head` turns them into logits).
+    With `cache` (the prefix's keys and values, `extend_prefix_cache`), a call runs the block's own
+    positions only; without it, the prefix is recomputed each call (the reference path)."""
     first = prefix.shape[1]
 
-    def predict(z_block: torch.Tensor) -> torch.Tensor:
+    def predict(z_block: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(precision, z_block.device):
             if cache is not None:
-                return model.transformer(model.embedding(z_block), None, cache=cache)
+                part = cache if rows is None else PrefixCache([(keys[rows], values[rows])
+                                                              for keys, values in cache.layers])
+                return model.transformer(model.embedding(z_block), None, cache=part)
             end = first + z_block.shape[1]
             attend = None if first == 0 else block_causal_mask(end, block_size, z_block.device)[None]
-            return model.hidden(torch.cat([prefix, z_block], dim=1), attend)[:, first:]
+            context = prefix if rows is None else prefix[rows]
+            return model.hidden(torch.cat([context, z_block], dim=1), attend)[:, first:]
 
     return predict
 
