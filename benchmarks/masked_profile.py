@@ -42,6 +42,12 @@ BATCH = 64
 CASES = [("masked", "grid", 200), ("masked", "grid", 50), ("masked", "first_hitting", None),
          ("masked", "confidence", 50), ("default", None, 50)]
 PARTS = ("trunk", "head", "softmax", "draws")
+COLUMNS = ("trunk: the TinyTransformer's forward passes; head: masked, the word logits at the positions drawn (a "
+           "confidence step: at every masked position), Gaussian, the rounding softmax's expected embedding its "
+           "posterior x0 takes at every position and step; softmax: the words' float64 softmax; draws: the word draws "
+           "(the inverse CDF, or the Gumbel-max draw of a tree before it); bookkeeping: the rest (float64 casts, "
+           "unmasking coins, masks, indexing, the loop). x_gaussian_50: samples per CPU second over the Gaussian "
+           "default's at 50 steps.")
 
 
 class Clock:
@@ -146,6 +152,13 @@ def rows_of_tree(commit: str, threads: int, cases) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def this_tree() -> str:
+    """The commit the timed package is at, '+' when dlm/ differs from it."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "dlm"], capture_output=True, text=True)
+    return (head.stdout.strip() or "this tree") + ("+" if changed.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         rounds.append([profile(*case) for case in CASES])
         print(rounds[-1], flush=True)
-    rows += [{"code": "this tree", **row} for row in medians(rounds)]
+    rows += [{"code": this_tree(), **row} for row in medians(rounds)]
     table = pd.DataFrame(rows)
     gaussian = table[table["preset"] == "default"]["samples_per_cpu_s"].iloc[0]
     table["x_gaussian_50"] = table["samples_per_cpu_s"] / gaussian
@@ -183,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "masked_profile.md").write_text(
         f"# Where a masked sampling batch spends its time\n\n`{command}`\n\n"
         f"{cpu['cpu']} ({cpu['cores']} cores, {' '.join(cpu['flags']) or 'no AVX'}), {args.threads} thread(s), "
-        f"torch {torch.__version__}; one batch of {BATCH} 64-token samples a run, process CPU seconds; this tree's "
-        f"rows: the run of median CPU time of {args.repeats}, the cases interleaved (cpu_s_min, cpu_s_max: the "
+        f"torch {torch.__version__}; one batch of {BATCH} 64-token samples a run, process CPU seconds; the "
+        f"current tree's rows: the run of median CPU time of {args.repeats}, the cases interleaved (cpu_s_min, cpu_s_max: the "
         f"others); trunk_passes_per_sample: the rows the trunk ran / {BATCH}. The table took "
-        f"{time.perf_counter() - start:.0f} s of wall time.\n\n"
+        f"{time.perf_counter() - start:.0f} s of wall time.\n\n{COLUMNS}\n\n"
         + table.round(3).to_markdown(index=False) + "\n")
     print(table.round(3).to_string(index=False))
     return 0

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from dlm.core.config import load_config
+from dlm.core.runtime import resolved_precision
 from dlm.families import masked
 from dlm.runs.provenance import machine
 
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", help="an AR run on the run's corpus: teacher perplexity of each row's samples "
                                           "(needs --run)")
     parser.add_argument("--repeats", type=int, default=3, help="batch-1 samples timed per row (median; default 3)")
-    parser.add_argument("--batch_repeats", type=int, default=1,
-                        help="batches of 64 timed per row (median; default 1: the table stays under ~8 minutes "
-                             "on a busy 2-core machine)")
+    parser.add_argument("--batch_repeats", type=int, default=3,
+                        help="batches of 64 timed per row (median; default 3, about 7 minutes on an idle core; 1 "
+                             "keeps a busy machine's table under ~8)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "masked_samplers.md").write_text(
         f"# Masked samplers: steps per block, block sizes, and calls\n\n`{command}`\n\n"
         f"{cpu['cpu']} ({cpu['cores']} cores, {' '.join(cpu['flags']) or 'no AVX'}), {args.threads} thread(s), "
-        f"torch {torch.__version__}, precision {run.config.precision}; "
+        f"torch {torch.__version__}, precision {run.config.precision} ({resolved_precision(run.config.precision, 'cpu')}"
+        f" here); "
         f"{'the run ' + args.run if args.run else 'masked.yaml size, untrained'}; 64-token windows. "
         f"The whole table took {time.perf_counter() - start:.0f} s of wall time.\n\n"
         f"samples_per_s, cpu_s_per_sample: a batch of {BATCH} (median of {args.batch_repeats}); calls_per_batch: its "
