@@ -541,7 +541,7 @@ def trunk(model: MaskedDiffusionLM) -> nn.Module:
 # A chain of S steps unmasks each position at a step drawn uniformly from S: the expected number of
 # the n positions of a block that share a step with another is n (n - 1) / (2 S). From S = 50 n^2
 # on that is below 1 in 100 samples, so the chain is the continuous-time sampler to that precision;
-# more steps change nothing but the time (at batch 1 the network still runs at most n times per block).
+# more steps change nothing but the time (the network still runs each row at most n times per block).
 STEPS_PER_SQUARED_POSITION = 50
 
 
@@ -563,10 +563,9 @@ def chain_steps(options: SampleOptions, positions: int) -> int:
 
 
 def denoiser_calls(options: SampleOptions, positions: int) -> int:
-    """The most network calls of a block's chain at options.batch_size: the grid's steps where some
-    row unmasks (a step where none does reuses the last output: one call per position at most at
-    batch 1, nearly every step in a batch), first-hitting's one per position, confidence's steps
-    that unmask something."""
+    """The most network calls of a block's chain at options.batch_size, each on the rows that unmask
+    something: the grid's steps where some row unmasks (at batch 1 at most one per position, in a
+    batch nearly every step), first-hitting's one per position, confidence's steps that unmask."""
     if options.sampler == "first_hitting":
         return positions
     if options.sampler == "confidence":
