@@ -33,6 +33,7 @@ from dlm.core.runtime import check_global_batch, pick_device, ranks_from_env
 from dlm.core.schedule import SPACINGS
 from dlm.core.textstats import sample_stats
 from dlm.families import FAMILIES, check_sample_options
+from dlm.families.masked import SAMPLERS
 from dlm.runs.build import load_run
 from dlm.runs.sample import (
     X0_CHOICES,
@@ -202,6 +203,11 @@ def add_sample_parser(commands) -> None:
     sample_parser.add_argument("--unk", action=argparse.BooleanOptionalAction,
                                help="a final token may be <unk>; --no-unk masks it, so that a capped vocabulary's "
                                     "samples hold words only (default: the run's decode_unk)")
+    sample_parser.add_argument("--sampler", choices=SAMPLERS,
+                               help="a masked run's chain: grid (default; MDLM's --steps steps), first_hitting (the "
+                                    "chain's own law exactly, one denoiser call per position unmasked; takes no "
+                                    "--steps) or confidence (the k most confident positions a step, MaskGIT/LLaDA: "
+                                    "NOT the chain's law, it favours likely words)")
     sample_parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                                help="use the EMA weights when the checkpoint has them")
     sample_parser.add_argument("--seed", type=int, default=0)
@@ -477,22 +483,24 @@ def run_sample(args: argparse.Namespace) -> None:
         run.config, num_samples=args.num_samples, steps=args.steps, spacing=args.spacing, decoder=args.decoder,
         clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta, x0=args.x0, temperature=args.temperature,
         unk=args.unk, seed=args.seed,
-        batch_size=args.batch_size, record_every=args.record_every,
+        batch_size=args.batch_size, record_every=args.record_every, sampler=args.sampler,
     )
     # what the user gave: None, or a default that means none (learned, 0), is not given; every family's
     # sampler reads num_samples, seed and batch_size
     check_sample_options(run.config.model, dict(
         steps=args.steps, spacing=args.spacing, clamp=args.clamp, clamp_fraction=args.clamp_fraction, eta=args.eta,
         x0=args.x0, temperature=args.temperature, unk=args.unk,
-        decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None))
+        decoder=None if args.decoder == "learned" else args.decoder, record_every=args.record_every or None,
+        sampler=args.sampler))
     check_options(run.config, options)  # before the chain's cost is printed
     chain = run.family.chain(run.config)
     check_memory(options, run.config.seq_len, chain)
     if chain is not None:
         # block diffusion runs the whole chain once per block: the cost a user trades for order
-        blocks, calls = chain.blocks, chain.calls(options.steps)
-        print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {options.steps} steps = "
-              f"{'' if calls == options.steps else 'at most '}{blocks * calls} denoiser calls per batch of up to "
+        blocks, steps = chain.blocks, chain.steps(options)
+        calls = chain.calls(steps)
+        print(f"chain: {blocks} block{'s' if blocks > 1 else ''} x {steps} steps = "
+              f"{'' if calls == steps else 'at most '}{blocks * calls} denoiser calls per batch of up to "
               f"{options.batch_size} samples", flush=True)
     writer = SampleWriter(args.out, run, options)
     try:

@@ -214,9 +214,10 @@ def test_samples(trained):
 # (or another trajectory) with the same seed. Each change is one that matters wherever it is read
 # (final draws at a high temperature: a banned <unk> then moves draws even after little training).
 BASE = dict(num_samples=4, batch_size=4, seed=0, steps=6, spacing="logsnr", clamp=True, clamp_fraction=1.0, eta=1.0,
-            x0="predicted", temperature=1.0, unk=True, decoder="learned", record_every=0)
+            x0="predicted", temperature=1.0, unk=True, decoder="learned", record_every=0, sampler="grid")
 CHANGED = dict(num_samples=3, batch_size=2, seed=1, steps=3, spacing="uniform", clamp=False, clamp_fraction=0.3,
-               eta=0.0, x0="expected", temperature=0.0, unk=False, decoder="cosine", record_every=2)
+               eta=0.0, x0="expected", temperature=0.0, unk=False, decoder="cosine", record_every=2,
+               sampler="first_hitting")
 
 
 def test_the_declared_sample_options_are_those_the_sampler_reads(trained):

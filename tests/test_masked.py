@@ -2,6 +2,7 @@
 caching and its float64 draws, carry-over of fixed words, and block size 1 as an autoregressive
 model in likelihood terms."""
 
+import itertools
 import math
 
 import pytest
@@ -74,35 +75,46 @@ def test_the_weight_one_over_t_makes_the_loss_unbiased():
 
 def naive_chain(predict, z, mask_id, steps, generator):
     """The ancestral sampler without caching: the network asked at every step (the oracle), the
-    same two-stage draws (unmask or not, then the word)."""
+    same two-stage draws (unmask or not, then the word, by the inverse CDF)."""
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
         probs = torch.softmax(predict(z).double(), -1)
         unmask = (z == mask_id) & (torch.rand(z.shape, generator=generator, dtype=torch.float64) < (t - s) / t)
         if unmask.any():
             z = z.clone()
-            z[unmask] = masked.categorical(probs[unmask], generator)
+            z[unmask] = masked.inverse_cdf(probs[unmask], generator)
     return z
 
 
-def test_caching_reuses_the_output_and_changes_no_draw():
+def test_the_network_reads_only_the_rows_that_unmask_and_changes_no_draw():
+    """The network runs at a step only on the rows where a position unmasks (on the window as the
+    row's last change left it), so no row is run more often than it has masked positions; the
+    draws are those of the chain that asks the network for every row at every step (the oracle)."""
     config, model, _ = model_and_objective()
     calls = []
 
-    def predict(z):
-        calls.append(z.clone())
+    def predict(z, rows):
+        calls.append((z.clone(), rows))
         return model(z)
 
     start = torch.full((4, 8), model.mask_id)
     start[:, 2] = 5  # a fixed word: never changed
     states = list(masked.unmask_chain(predict, start, model.mask_id, 100, torch.Generator().manual_seed(0)))
-    cached = states[-1].z
-    assert (cached != model.mask_id).all() and (cached[:, 2] == 5).all()
-    # a call per change of the window, not per step: at most one per position that was masked, plus the first
-    assert len(calls) <= 1 + 7 * 4 and len(calls) < 100
-    assert all(not torch.equal(a, b) for a, b in zip(calls, calls[1:]))
+    final = states[-1].z
+    assert (final != model.mask_id).all() and (final[:, 2] == 5).all()
+    steps_that_unmask = [state for state in states if state.unmasked.any()]
+    assert len(calls) == len(steps_that_unmask) < 100
+    before = start
+    for (z, rows), state in zip(calls, steps_that_unmask):
+        expected = state.unmasked.any(1).nonzero().flatten()
+        if len(expected) == len(start):
+            assert rows is None and torch.equal(z, before)
+        else:
+            assert torch.equal(rows, expected) and torch.equal(z, before[expected])
+        before = state.z
+    assert sum(len(z) for z, _ in calls) <= 7 * 4  # a row pass per masked position at most
     reference = naive_chain(model, start, model.mask_id, 100, torch.Generator().manual_seed(0))
-    assert torch.equal(cached, reference)
+    assert torch.equal(final, reference)
 
 
 def tail_distribution(tail=4000, top=0.9):
@@ -133,21 +145,22 @@ def test_draws_are_float64_low_precision_gumbel_noise_loses_the_tail():
 
     # the sampler itself: one step from all masks draws every position from the network's distribution
     log_p = tail_distribution().log().float()
-    states = list(masked.unmask_chain(lambda z: log_p.expand(*z.shape, -1), torch.full((1, 1000), 4001), 4001, 1,
+    states = list(masked.unmask_chain(lambda z, rows: log_p.expand(*z.shape, -1), torch.full((1, 1000), 4001), 4001, 1,
                                       torch.Generator().manual_seed(1)))
     drawn = states[-1].z
     assert abs(float((drawn > 0).double().mean()) - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 1000)
 
 
-def test_fixed_words_are_carried_over():
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+def test_fixed_words_are_carried_over(sampler):
     """SUBS: a position given unmasked is never masked again, so infilling keeps every fixed word
     without a correction afterwards."""
     config, model, objective = model_and_objective()
     ids = torch.randint(0, 12, (5, 8), generator=torch.Generator().manual_seed(3))
     known = torch.zeros(5, 8, dtype=torch.bool)
     known[:, [0, 3, 7]] = True
-    out, scores = masked.sample_ids(model, objective, ids, known, 6, torch.Generator().manual_seed(0),
-                                    keep_scores=True)
+    out, scores = masked.sample_ids(model, objective, ids, known, masked.Unmasking(sampler, steps=6),
+                                    torch.Generator().manual_seed(0), keep_scores=True)
     assert torch.equal(out[known], ids[known]) and (out != model.mask_id).all()
     assert scores.shape == (5, 8, 12)
     # each generated word was drawn from its scores (a distribution), the fixed ones have none
@@ -155,15 +168,18 @@ def test_fixed_words_are_carried_over():
     assert (scores[known] == 0).all()
 
 
-def test_blocks_are_generated_left_to_right():
+@pytest.mark.parametrize("sampler, steps", [("grid", 3), ("confidence", 3), ("first_hitting", 2)])
+def test_blocks_are_generated_left_to_right(sampler, steps):
+    """Each block's chain runs after the one before it: `steps` states a block (first_hitting: one
+    per position of the block, 2 here)."""
     config, model, objective = model_and_objective(block_size=2, block_training="all")
     frames = []
     ids = torch.zeros(3, 8, dtype=torch.long)
-    masked.sample_ids(model, objective, ids, torch.zeros_like(ids, dtype=torch.bool), 3,
+    masked.sample_ids(model, objective, ids, torch.zeros_like(ids, dtype=torch.bool), masked.Unmasking(sampler, 3),
                       torch.Generator().manual_seed(0), on_step=lambda i, t, z: frames.append((i, z.clone())))
-    assert [i for i, _ in frames] == list(range(12))  # 4 blocks x 3 steps
+    assert [i for i, _ in frames] == list(range(4 * steps))  # 4 blocks x their steps
     for index, window in frames:
-        block = index // 3
+        block = index // steps
         done = window != model.mask_id
         assert done[:, : 2 * block].all() and not done[:, 2 * (block + 1):].any()
 
@@ -211,7 +227,8 @@ def test_masked_config_keys_and_presets():
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_the_prefix_cache_gives_the_recomputed_logits_and_samples(block_size):
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+def test_the_prefix_cache_gives_the_recomputed_logits_and_samples(block_size, sampler):
     """A block reads the finished blocks through their cached keys and values: the same logits as
     running the whole prefix through the block-causal layout (the reference path), and so the same
     samples for the same seed, for blocks of 1, 4 and 16."""
@@ -225,8 +242,10 @@ def test_the_prefix_cache_gives_the_recomputed_logits_and_samples(block_size):
     recomputed = masked.block_predictor(model, prefix, block_size, "fp32")(block)
     assert torch.allclose(cached, recomputed, atol=1e-5)
     ids, known = torch.zeros(3, 32, dtype=torch.long), torch.zeros(3, 32, dtype=torch.bool)
-    with_cache, _ = masked.sample_ids(model, objective, ids, known, 4, torch.Generator().manual_seed(0))
-    without, _ = masked.sample_ids(model, objective, ids, known, 4, torch.Generator().manual_seed(0), prefix_cache=False)
+    unmasking = masked.Unmasking(sampler, steps=4)
+    with_cache, _ = masked.sample_ids(model, objective, ids, known, unmasking, torch.Generator().manual_seed(0))
+    without, _ = masked.sample_ids(model, objective, ids, known, unmasking, torch.Generator().manual_seed(0),
+                                   prefix_cache=False)
     assert torch.equal(with_cache, without)
 
 
@@ -243,9 +262,245 @@ def test_the_word_head_runs_only_where_a_position_unmasks_and_draws_the_same_sam
         return model.logits(hidden)
 
     with torch.no_grad():
-        full = list(masked.unmask_chain(lambda z: model(z), start, model.mask_id, 20, torch.Generator().manual_seed(3)))
-        split = list(masked.unmask_chain(model.hidden, start, model.mask_id, 20, torch.Generator().manual_seed(3),
+        full = list(masked.unmask_chain(lambda z, rows: model(z), start, model.mask_id, 20,
+                                        torch.Generator().manual_seed(3)))
+        split = list(masked.unmask_chain(lambda z, rows: model.hidden(z), start, model.mask_id, 20,
+                                         torch.Generator().manual_seed(3),
                                          head=head))
     assert torch.equal(full[-1].z, split[-1].z)
     assert not (split[-1].z == model.mask_id).any()
     assert sum(rows) == 3 * 32
+
+
+# --- the samplers against the chain's exact law -------------------------------------------------
+# A toy network over 3 words and 3 positions whose predictions depend on the words already
+# unmasked (each position leans toward the words next to it), so that the order and grouping of
+# the unmaskings change the law; the law of every sequence is enumerated.
+
+WORDS, POSITIONS, MASK = 3, 3, 3
+
+
+def toy_network(seed: int = 0):
+    """predict(z (B, 3)) -> logits (B, 3, 3): a fixed table per position, plus a pull of 1.5 toward
+    each word already unmasked elsewhere in the window and a fixed random term per (position,
+    other position, its word)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = 0.5 * torch.randn(POSITIONS, WORDS, generator=generator)
+    pair = 0.5 * torch.randn(POSITIONS, POSITIONS, WORDS + 1, WORDS, generator=generator)
+    pair[:, :, :WORDS] += 1.5 * torch.eye(WORDS)
+    pair[:, :, WORDS] = 0  # a masked neighbour says nothing
+    pair[torch.arange(POSITIONS), torch.arange(POSITIONS)] = 0  # nor does the position itself
+
+    def predict(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return base + torch.einsum("bjw,ijwv->biv", F.one_hot(z, WORDS + 1).float(), pair)
+
+    return predict
+
+
+def ordered_partitions(items: tuple[int, ...]):
+    """Every ordered partition of `items` into non-empty groups: which positions unmask together,
+    in which order."""
+    if not items:
+        yield []
+        return
+    for size in range(1, len(items) + 1):
+        for group in itertools.combinations(items, size):
+            rest = tuple(item for item in items if item not in group)
+            for tail in ordered_partitions(rest):
+                yield [group, *tail]
+
+
+def enumerated_law(predict, steps: int | None) -> torch.Tensor:
+    """The exact law (WORDS ** POSITIONS,) of the chain from an all-masked window. On a grid of
+    `steps` steps each position unmasks at a step drawn uniformly from them, independently, so an
+    ordered partition into k groups has probability C(steps, k) / steps^n, each group drawn from the
+    window the earlier groups left; steps None: the continuous-time chain, one position at a time
+    in a uniformly random order (n! orders)."""
+    law = torch.zeros(WORDS ** POSITIONS, dtype=torch.float64)
+    for code, words in enumerate(itertools.product(range(WORDS), repeat=POSITIONS)):
+        for partition in ordered_partitions(tuple(range(POSITIONS))):
+            if steps is None:
+                weight = 1 / math.factorial(POSITIONS) if len(partition) == POSITIONS else 0.0
+            else:
+                weight = math.comb(steps, len(partition)) / steps ** POSITIONS
+            z, chance = torch.full((1, POSITIONS), MASK), weight
+            for group in partition:
+                probs = torch.softmax(predict(z)[0].double(), -1)
+                for position in group:
+                    chance *= float(probs[position, words[position]])
+                z = z.clone()
+                z[0, list(group)] = torch.tensor([words[position] for position in group])
+            law[code] += chance
+    return law
+
+
+def drawn_law(chain, predict, draws: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, list]:
+    """The empirical law of `draws` windows drawn by `chain` (a batch of them), and its states."""
+    start = torch.full((draws, POSITIONS), MASK)
+    states = list(chain(predict, start, MASK, steps, torch.Generator().manual_seed(seed)))
+    z = states[-1].z
+    assert (z != MASK).all()
+    codes = (z * torch.tensor([WORDS ** 2, WORDS, 1])).sum(1)
+    return torch.bincount(codes, minlength=WORDS ** POSITIONS).double() / draws, states
+
+
+def chi_square(drawn: torch.Tensor, law: torch.Tensor, draws: int) -> float:
+    return float((draws * (drawn - law) ** 2 / law).sum())
+
+
+def chi_square_999(freedom: int) -> float:
+    """The 0.999 quantile of chi-square with `freedom` degrees (Wilson-Hilferty, ample at 26)."""
+    term = 2 / (9 * freedom)
+    return freedom * (1 - term + 3.09 * math.sqrt(term)) ** 3
+
+
+DRAWS = 40000
+
+
+def test_the_enumerated_laws_are_laws_and_the_grid_comes_to_the_continuous_chain():
+    predict = toy_network()
+    continuous = enumerated_law(predict, None)
+    assert continuous.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert enumerated_law(predict, 2).sum().item() == pytest.approx(1.0, abs=1e-12)
+    distance = [0.5 * float((enumerated_law(predict, steps) - continuous).abs().sum()) for steps in (2, 20, 2000)]
+    assert distance[0] > 0.03 and distance[0] > distance[1] > distance[2] and distance[2] < 1e-3, distance
+
+
+def test_the_grid_sampler_draws_its_enumerated_law():
+    """Two steps: positions often unmask together, which the law counts (the oracle the grid must meet)."""
+    predict = toy_network()
+    law = enumerated_law(predict, 2)
+    drawn, _ = drawn_law(masked.unmask_chain, predict, DRAWS, 2)
+    assert chi_square(drawn, law, DRAWS) < chi_square_999(law.numel() - 1)
+
+
+def test_first_hitting_draws_the_continuous_chain_at_one_call_per_position():
+    """First-hitting is the chain's own law (the grid's as its steps grow), not two steps' law;
+    each call unmasks one position per row, so its calls are the masked positions' number."""
+    predict = toy_network()
+    law, grid_law = enumerated_law(predict, None), enumerated_law(predict, 2)
+    drawn, states = drawn_law(masked.first_hitting_chain, predict, DRAWS, 2)
+    assert chi_square(drawn, law, DRAWS) < chi_square_999(law.numel() - 1)
+    assert chi_square(drawn, grid_law, DRAWS) > 10 * chi_square_999(law.numel() - 1)  # the test tells them apart
+    assert states[-1].calls == POSITIONS == len(states)
+    assert all(bool((state.unmasked.sum(1) == 1).all()) for state in states)
+
+
+def test_first_hitting_calls_at_most_once_per_masked_position():
+    """Rows with 3, 1 and 0 masked positions (the rest given): 3 calls, each unmasking one position
+    of each row that still has one, and running those rows alone; the given words are kept."""
+    calls = []
+
+    def predict(z, rows):
+        calls.append(len(z))
+        return toy_network()(z)
+
+    start = torch.tensor([[MASK, MASK, MASK], [2, MASK, 0], [1, 1, 1]])
+    states = list(masked.first_hitting_chain(predict, start, MASK, None, torch.Generator().manual_seed(0)))
+    assert calls == [2, 1, 1] and sum(calls) == int((start == MASK).sum())
+    assert [state.unmasked.sum(1).tolist() for state in states] == [[1, 1, 0], [1, 0, 0], [1, 0, 0]]
+    final = states[-1].z
+    assert (final != MASK).all() and final[1, 0] == 2 and final[1, 2] == 0 and final[2].tolist() == [1, 1, 1]
+
+
+# --- confidence-ordered unmasking ---------------------------------------------------------------
+
+
+def test_the_confidence_schedule_splits_each_rows_count_over_the_steps():
+    counts = torch.tensor([7, 4, 2, 0])
+    schedule = masked.unmask_schedule(counts, 3)
+    assert schedule.tolist() == [[3, 2, 2], [2, 1, 1], [1, 1, 0], [0, 0, 0]]
+    assert torch.equal(schedule.sum(1), counts)
+
+
+def test_confidence_unmasks_the_most_confident_positions_in_their_order():
+    """A network whose confidence at each masked position is known (its top word's probability,
+    made to depend on how many positions are still masked, so the order is read afresh each step):
+    at temperature 0 each step keeps the top word at the k most confident masked positions, k from
+    the schedule, per row (the second row has 3 positions given)."""
+    positions, vocab = 7, 5
+    generator = torch.Generator().manual_seed(0)
+    peaks = torch.rand(2, positions, generator=generator) * 4  # the top word's logit over the others' 0
+    top = torch.randint(1, vocab, (positions,), generator=generator)
+    mask_id = vocab
+
+    def predict(z, rows=None):  # a row's peaks reversed once fewer than 4 of its positions are masked: a new order
+        still, mine = (z == mask_id).sum(1, keepdim=True), peaks if rows is None else peaks[rows]
+        logits = torch.zeros(*z.shape, vocab)
+        logits.scatter_(2, top.expand(len(z), -1)[..., None], torch.where(still >= 4, mine, mine.flip(1))[..., None])
+        return logits
+
+    start = torch.full((2, positions), mask_id)
+    start[1, [0, 3, 5]] = 0
+    steps = 3
+    schedule = masked.unmask_schedule((start == mask_id).sum(1), steps)
+    states = list(masked.confidence_chain(predict, start, mask_id, steps, torch.Generator().manual_seed(1),
+                                          temperature=0.0))
+    z = start
+    for index, state in enumerate(states):
+        for row in range(2):
+            still = (z[row] == mask_id).nonzero().flatten()
+            confidence = torch.softmax(predict(z)[row].double(), -1).max(-1).values
+            order = still[confidence[still].argsort(descending=True)]
+            expected = set(order[: int(schedule[row, index])].tolist())
+            assert set(state.unmasked[row].nonzero().flatten().tolist()) == expected, (index, row)
+        z = state.z
+    assert (z != mask_id).all() and torch.equal(z[0], top) and torch.equal(z[1, [1, 2, 4, 6]], top[[1, 2, 4, 6]])
+    assert [state.unmasked.sum(1).tolist() for state in states] == schedule.T.tolist()
+
+
+def test_confidence_skips_the_network_on_steps_that_unmask_nothing():
+    calls = []
+
+    def predict(z, rows):
+        calls.append(1)
+        return toy_network()(z)
+
+    states = list(masked.confidence_chain(predict, torch.full((4, POSITIONS), MASK), MASK, 10,
+                                          torch.Generator().manual_seed(0)))
+    assert len(states) == 10 and len(calls) == POSITIONS == states[-1].calls
+    assert (states[-1].z != MASK).all()
+
+
+# --- what every sampler shares --------------------------------------------------------------------
+
+
+def test_an_inverse_cdf_draw_follows_its_probabilities_and_never_takes_a_zero():
+    """Oracle: the probabilities themselves, the zeros first and last too; weights that do not sum
+    to 1 are read as their shares."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0], dtype=torch.float64)
+    drawn = masked.inverse_cdf(3 * probs.expand(20000, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=6).double() / 20000
+    assert counts[[0, 2, 5]].sum() == 0 and drawn.max() < 6
+    for word, p in ((1, 0.5), (3, 0.3), (4, 0.2)):
+        assert abs(counts[word] - p) < 4 * math.sqrt(p * (1 - p) / 20000)
+
+
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+def test_the_softmax_runs_in_float64(sampler):
+    """At temperature 1e-39 the draw is the argmax: in float64 the logits over it stay finite; in
+    float32 every one is infinite and the draw would be id 0 (never the argmax here)."""
+    logits = torch.rand(6, 4, 9, generator=torch.Generator().manual_seed(0)) + 1
+    logits[..., 0] = 0  # id 0 is never the argmax
+    start = torch.full((6, 4), 9)
+    states = list(masked.CHAINS[sampler](lambda z, rows: logits if rows is None else logits[rows], start, 9, 4,
+                                         torch.Generator().manual_seed(1),
+                                         temperature=1e-39))
+    assert torch.equal(states[-1].z, logits.argmax(-1))
+    assert all(state.probs is None or state.probs.dtype == torch.float64 for state in states)
+
+
+@pytest.mark.parametrize("sampler", ["first_hitting", "confidence"])
+def test_dlm_sample_takes_the_sampler_and_records_it(sampler, tmp_path, capsys):
+    import json
+
+    from dlm.cli import main
+    from tests.conftest import toy_run_dir
+
+    run = toy_run_dir(tmp_path / "run", model="masked")
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--run_dir", str(run), "--num_samples", "3", "--sampler", sampler, "--out", str(out)]) == 0
+    steps = 16 if sampler == "first_hitting" else 5  # the window's positions; the run's sample_steps
+    assert f"chain: 1 block x {steps} steps = " in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and all(record["sampler"] == sampler for record in records)

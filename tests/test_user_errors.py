@@ -399,10 +399,10 @@ def test_infill_all_blanks_is_an_unconditional_sample(toy_runs, tmp_path, capsys
 # options and no other, so a masked or AR record never claims a spacing, clamp or decoder it did not use.
 READ_BY = {"gaussian": {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta",
                          "x0", "temperature", "unk", "decoder", "record_every"},
-           "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every"},
+           "masked": {"num_samples", "seed", "batch_size", "steps", "temperature", "unk", "record_every", "sampler"},
            "ar": {"num_samples", "seed", "batch_size", "temperature", "unk"}}
 OPTION_FIELDS = {"num_samples", "seed", "batch_size", "steps", "spacing", "clamp", "clamp_fraction", "eta", "x0",
-                 "temperature", "unk", "decoder", "record_every"}
+                 "temperature", "unk", "decoder", "record_every", "sampler"}
 
 
 @pytest.mark.parametrize("model", list(READ_BY))
@@ -500,6 +500,22 @@ def test_masked_steps_are_bounded_before_anything_runs(toy_runs, tmp_path, capsy
     assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("run, extra, message", [
+    ("masked", ["--sampler", "first_hitting", "--steps", "5"],
+     "--steps sets the steps of the grid and confidence samplers; first_hitting unmasks one position per denoiser "
+     "call and takes no steps: drop --steps."),
+    ("gaussian", ["--sampler", "confidence"], "--sampler is an option of the masked family's sampler; the "
+                                              "'gaussian' family has none: drop --sampler."),
+    ("ar", ["--sampler", "grid"], "--sampler is an option of the masked family's sampler; the 'ar' family has none"),
+])
+def test_a_masked_sampler_is_asked_of_a_masked_run_alone(toy_runs, tmp_path, capsys, run, extra, message):
+    before = snapshot(tmp_path, toy_runs)
+    assert main(["sample", "--run_dir", str(toy_runs / run), "--out", str(tmp_path / "s.jsonl"), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in one_error_line_from(captured.err, "sample")
+    assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
+
+
 def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():
     """The bound's claim, drawn: at 50 n^2 steps fewer than 1 window in 100 has two of its n
     positions unmasked at the same step (an oracle apart from the bound's arithmetic)."""
@@ -508,7 +524,7 @@ def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():
     positions, windows = 4, 4000
     z = torch.full((windows, positions), 9)
     shared = torch.zeros(windows, dtype=torch.bool)
-    predict = lambda ids: torch.zeros(*ids.shape, 9)  # noqa: E731 -- any words: only the timing counts
+    predict = lambda ids, rows: torch.zeros(*ids.shape, 9)  # noqa: E731 -- any words: only the timing counts
     for state in unmask_chain(predict, z, 9, most_steps(positions), torch.Generator().manual_seed(0)):
         shared |= state.unmasked.sum(1) > 1
     assert shared.float().mean() < 0.01

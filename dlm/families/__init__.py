@@ -10,7 +10,7 @@ Here: the registry and what the layers above ask of it by name: family(name), su
 capability), the key check of a Config against its family (check_config: each family-specific key
 belongs to the families whose CONFIG_KEYS list it), the "not available" line, a run's family in its
 own words (describe) and the sampling options a family's sampler reads (sample_settings,
-check_sample_options). A new family is one new module plus one line in FAMILIES;
+check_sample_options with the family's check_given_options). A new family is one new module plus one line in FAMILIES;
 tests/test_family_contract.py checks it.
 """
 
@@ -129,3 +129,4 @@ def check_sample_options(name: str, given: Mapping[str, object], flag: Callable[
                      else f"the {listed(readers)} families' samplers")
             raise UserError(f"{flag(option)} is an option of {owner}; the '{name}' family has none: "
                             f"drop {flag(option)}.")
+    family(name).check_given_options(given, flag)

@@ -4,7 +4,7 @@ scores samples (generative perplexity, as Diffusion-LM's lm-score does)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,7 @@ WHY_NOT = {
                 "geometry signals do not apply; its samples are judged against held-out text on the samples page",
     "probe": "it has no noise for a denoiser to remove: its exact NLL says how well it predicts held-out words",
     **{option: _NO_CHAIN for option in ("steps", "spacing", "clamp", "clamp_fraction", "eta", "x0", "decoder",
-                                        "record_every")},
+                                        "record_every", "sampler")},
 }
 
 
@@ -163,6 +163,10 @@ def trunk(model: AutoregressiveLM) -> nn.Module:
 def chain(config: Config) -> None:
     """No reverse chain: one network call per token."""
     return None
+
+
+def check_given_options(given: Mapping[str, object], flag: Callable[[str], str]) -> None:
+    """Its sampler takes any of its SAMPLE_OPTIONS together."""
 
 
 def check_steps(options: SampleOptions, config: Config) -> None:

@@ -93,6 +93,7 @@ class SampleOptions:
     seed: int = 0
     batch_size: int = 64
     record_every: int = 0  # keep the window every N steps of each (block's) chain (0: not recorded)
+    sampler: str = "grid"  # a masked chain's: grid, first_hitting or confidence (dlm.families.masked.SAMPLERS)
 
     @classmethod
     def from_config(cls, config: Config, **overrides) -> SampleOptions:
@@ -180,10 +181,16 @@ class Chain:
     blocks: int  # chains run one after another per window (1: the whole window at once)
     timesteps: int | None  # a discrete-time chain's timesteps (its steps are some of them); None: continuous time
     most_calls: int | None = None  # the most denoiser calls a block's chain makes, whatever its steps (None: one a step)
+    # a chain's steps where options.steps is not it (a masked first_hitting chain: one per position)
+    steps_for: Callable[[SampleOptions], int] | None = None
 
     def calls(self, steps: int) -> int:
         """Denoiser calls of one block's chain of `steps` steps (at most)."""
         return steps if self.most_calls is None else min(steps, self.most_calls)
+
+    def steps(self, options: SampleOptions) -> int:
+        """The steps of one block's chain that `options` ask for."""
+        return options.steps if self.steps_for is None else self.steps_for(options)
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,10 @@ class FamilyModule(Protocol):
 
     def chain(self, config: Config) -> Chain | None:
         """Its reverse chain as the config sets it up; None for a family without one."""
+
+    def check_given_options(self, given: Mapping[str, object], flag: Callable[[str], str]) -> None:
+        """Sampling options a user gave (None: not given) that its sampler cannot take together: one
+        UserError naming them, before any sampling (`flag` writes an option as the user gave it)."""
 
     def check_steps(self, options: SampleOptions, config: Config) -> None:
         """The steps its sampler can take, one UserError line otherwise (before any sampling)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 
 import torch
@@ -54,7 +54,9 @@ TERMS = Terms(
     trajectory="The rounding decoder's reading of the predicted x0 at each recorded step; t is the noise level the "
                "denoiser read, the chain's timestep as a fraction of its T (1: pure noise, down to 0).",
 )
-WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)"}
+WHY_NOT = {"likelihood_exact": "its likelihood is a variational bound (dlm evaluate --nll)",
+           "sampler": "its chain moves every position's vector at every step: there is no order of unmasking to "
+                      "choose (steps, spacing and eta shape it)"}
 
 
 # The family-specific Config keys it reads (dlm.families.check_config refuses the others'): its own
@@ -113,6 +115,10 @@ def trunk(model: DiffusionLM) -> nn.Module:
 def chain(config: Config) -> Chain:
     """T timesteps; a block run runs a chain per block, one block after the other."""
     return Chain(blocks=chain_blocks(objective(config), config.seq_len), timesteps=config.diffusion_steps)
+
+
+def check_given_options(given: Mapping[str, object], flag: Callable[[str], str]) -> None:
+    """Its sampler takes any of its SAMPLE_OPTIONS together."""
 
 
 def check_steps(options: SampleOptions, config: Config) -> None:

@@ -18,8 +18,8 @@ clean, itself masked.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,11 @@ def denoise_hidden(model: MaskedDiffusionLM, z: torch.Tensor, ids: torch.Tensor,
 
 # --- sampling ----------------------------------------------------------------------------------
 
+# How a chain chooses what to unmask (`dlm sample --sampler`): MDLM's fixed grid of steps; the
+# first-hitting sampler, the continuous-time chain itself at one network call per unmasked
+# position; confidence-ordered unmasking (MaskGIT, LLaDA), which is not the chain's law.
+SAMPLERS = ("grid", "first_hitting", "confidence")
+
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -171,71 +176,197 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
     return (torch.log(probs.to(dtype)) + gumbel.to(dtype)).argmax(-1)
 
 
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probs (..., K), in float64: the first word whose cumulative probability
+    passes a uniform draw scaled to the row's total. The law of the Gumbel-max draw (`categorical`)
+    to float64's resolution, for one uniform a row where that pays K uniforms and 2K logarithms (at
+    a word vocabulary, the masked chain's largest cost after the network). A word of probability 0
+    is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64).to(probs.device)
+    # strictly below the total, so the search stops at or before the last word of nonzero probability
+    point = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    # a word id in any case: a row of nan (a diverged network) must not draw [MASK] and stall a chain
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def word_probs(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
+    """The words' distribution (k, V) in float64 for logits (k, V) at `temperature` (0: the argmax),
+    `banned` ids never drawn. float64 before the division: in float32 a temperature of 1e-39 makes
+    every logit infinite, and every draw id 0."""
+    logits = logits.to(torch.float64, copy=True)  # its own copy, edited in place
+    if banned:
+        logits[..., list(banned)] = -torch.inf
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    if temperature != 1:
+        logits /= temperature
+    return torch.softmax(logits, dim=-1)
+
+
 @dataclass
 class UnmaskState:
-    """One step of the ancestral chain: the ids after it (masks where still masked), which
-    positions it unmasked (B, n), and the word probabilities they were drawn from (k, V), one row
-    per unmasked position in row-major order."""
+    """One step of a chain: the ids after it (masks where still masked), which positions it
+    unmasked (B, n), and the word probabilities they were drawn from (k, V), one row per unmasked
+    position in row-major order."""
     index: int
-    t: float
+    t: float  # the grid's time after the step; the other samplers: the share of positions still masked
     z: torch.Tensor
     unmasked: torch.Tensor
     probs: torch.Tensor | None  # None when the step unmasked nothing
-    calls: int  # network calls so far (a step where nothing changed reuses the last output)
+    calls: int  # network calls so far
+
+
+def _logits(features: torch.Tensor, where: torch.Tensor, head) -> torch.Tensor:
+    return features[where] if head is None else head(features[where])
+
+
+def _rows_output(predict, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The network's output for the rows of z (B, n) where `rows` (B,) is True: the rows alone,
+    which read nothing of each other (predict(z_rows, index) with their index in the batch), or
+    the whole batch in one call when every row is asked."""
+    if bool(rows.all()):
+        return predict(z, None)
+    index = rows.nonzero().flatten()
+    return predict(z[index], index)
 
 
 def unmask_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: torch.Generator | None = None,
                  temperature: float = 1.0, banned: Sequence[int] = (), head=None) -> Iterator[UnmaskState]:
-    """MDLM's ancestral sampler with caching, from z (B, n) (masks where to generate) over `steps`
-    steps of the log-linear schedule, t = 1 -> 0. predict(z) -> logits (B, n, V) float32. From t to
-    s a masked position unmasks with probability (t - s) / t and then takes a word drawn from the
-    network's distribution (at `temperature`; 0: the argmax); unmasked positions never change.
-    That is MDLM's one categorical over the words and [MASK] (probabilities p (t - s) / t and
-    s / t), drawn in two float64 stages so that the words are drawn only where a position unmasks.
-    The network runs again only when a position changed (in most steps none does when the steps
-    outnumber the positions). With `head`, predict(z) returns features (B, n, d) and head maps the
-    unmasking positions' features (k, d) to their logits (k, V): the vocabulary projection, which
-    costs as much as the network at a word vocabulary, is paid for the k positions a step unmasks,
-    not all B x n."""
-    features, calls = None, 0
+    """MDLM's ancestral sampler, from z (B, n) (masks where to generate) over `steps` steps of the
+    log-linear schedule, t = 1 -> 0. predict(z_rows, index) -> logits (r, n, V) float32 for the rows
+    `index` of the batch (None: all of them). From t to s a masked position unmasks with
+    probability (t - s) / t and then takes a word drawn from the network's distribution (at
+    `temperature`; 0: the argmax); unmasked positions never change. That is MDLM's one categorical
+    over the words and [MASK] (probabilities p (t - s) / t and s / t), drawn in two float64 stages
+    so that the words are drawn only where a position unmasks. The network reads a row only at a
+    step where one of its positions unmasks (the window as its last change left it: a cached
+    output would be the same), so a row costs at most one pass per position, however many the
+    steps; the others' rows are not run. With `head`, predict returns features (r, n, d) and head
+    maps the unmasking positions' features (k, d) to their logits (k, V): the vocabulary
+    projection, which costs as much as the network at a word vocabulary, is paid for the k
+    positions a step unmasks, not all B x n."""
+    calls = 0
     for index in range(steps):
         t, s = 1 - index / steps, 1 - (index + 1) / steps
-        if features is None:
-            features = predict(z)
-            calls += 1
         coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
         unmasked = (z == mask_id) & (coin < (t - s) / t)
-        probs = None
-        if unmasked.any():
-            # the words' distribution, in float64, only where a position unmasks
-            chosen = features[unmasked] if head is None else head(features[unmasked])
-            chosen = chosen.double()
-            if banned:
-                chosen[..., list(banned)] = -torch.inf
-            probs = (F.one_hot(chosen.argmax(-1), chosen.shape[-1]).double() if temperature == 0
-                     else torch.softmax(chosen / temperature, dim=-1))
+        probs, rows = None, unmasked.any(1)
+        if rows.any():
+            features = _rows_output(predict, z, rows)
+            calls += 1
+            probs = word_probs(_logits(features, unmasked[rows], head), temperature, banned)
             z = z.clone()
-            z[unmasked] = categorical(probs, generator).to(z.device)
-            features = None  # the window changed: the next step asks the network again
+            z[unmasked] = inverse_cdf(probs, generator).to(z.device)
         yield UnmaskState(index, s, z, unmasked, probs, calls)
+
+
+def first_hitting_chain(predict, z: torch.Tensor, mask_id: int, steps: int | None = None,
+                        generator: torch.Generator | None = None, temperature: float = 1.0,
+                        banned: Sequence[int] = (), head=None) -> Iterator[UnmaskState]:
+    """The first-hitting sampler (Zheng et al. 2024, BD3-LM's default): the continuous-time chain
+    exactly, at one network call per unmasking. In that chain each masked position unmasks at its
+    own time, uniform below the current one: the next time any of a row's m masked positions
+    unmasks is t u^(1/m), and which one is uniform among them. This network reads no time, so the
+    times change nothing that is drawn and are not drawn: each call unmasks one position per row,
+    chosen uniformly among the row's masked ones, its word drawn from the network at
+    `temperature`. A row with m masked positions takes m calls (a batch: as many as its most masked
+    row); `steps` is not read (the grid's chain comes to this one as its steps grow, `most_steps`).
+    predict and head as for `unmask_chain`: a row with nothing left to unmask is not run."""
+    calls, masked = 0, z == mask_id
+    while masked.any():
+        rows = masked.any(1)
+        features = _rows_output(predict, z, rows)
+        calls += 1
+        key = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
+        pick = key.masked_fill(~masked, -1.0).argmax(1, keepdim=True)  # uniform among the row's masked positions
+        unmasked = torch.zeros_like(masked).scatter_(1, pick, True) & masked
+        probs = word_probs(_logits(features, unmasked[rows], head), temperature, banned)
+        z = z.clone()
+        z[unmasked] = inverse_cdf(probs, generator).to(z.device)
+        masked = z == mask_id
+        yield UnmaskState(calls - 1, float(masked.double().mean()), z, unmasked, probs, calls)
+
+
+def unmask_schedule(counts: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many positions each step of a confidence chain unmasks, (B, steps) for each row's count
+    of masked positions (B,): the count split evenly over the steps, the remainder one more in the
+    first steps (LLaDA's linear schedule); past a row's count, its steps unmask nothing."""
+    first = torch.arange(steps, device=counts.device)[None] < (counts % steps)[:, None]
+    return (counts // steps)[:, None] + first.long()
+
+
+def confidence_chain(predict, z: torch.Tensor, mask_id: int, steps: int, generator: torch.Generator | None = None,
+                     temperature: float = 1.0, banned: Sequence[int] = (), head=None) -> Iterator[UnmaskState]:
+    """Confidence-ordered unmasking (MaskGIT, Chang et al. 2022; LLaDA's low-confidence remasking,
+    Nie et al. 2025): at each step the network reads the window, a word is drawn at every masked
+    position (at `temperature`; 0: the argmax), and a row keeps the k of them that the network
+    gives the highest probability (its own distribution, temperature 1), masking the others again;
+    k from `unmask_schedule`. It is NOT the chain's law: the chain unmasks positions in a uniformly
+    random order, this one in the network's order of certainty, which favours the likely words and
+    so does not sample the model's distribution. predict and head as for `unmask_chain`: a row
+    that unmasks nothing at a step is not run, and a step where no row does skips the network."""
+    schedule = unmask_schedule((z == mask_id).sum(1), steps)
+    calls = 0
+    for index in range(steps):
+        unmasked, probs, take = torch.zeros_like(z, dtype=torch.bool), None, schedule[:, index]
+        if take.any():
+            rows, masked = take > 0, (z == mask_id) & (take > 0)[:, None]
+            features = _rows_output(predict, z, rows)
+            calls += 1
+            logits = _logits(features, masked[rows], head)  # every masked position of those rows: (m, V)
+            drawn_from = word_probs(logits, temperature, banned)
+            words = inverse_cdf(drawn_from, generator)
+            own = drawn_from if temperature == 1 else word_probs(logits, 1.0, banned)
+            confidence = torch.full(z.shape, -1.0, dtype=torch.float64, device=z.device)  # unmasked rank last
+            confidence[masked] = own.gather(-1, words[:, None]).squeeze(-1).to(z.device)
+            rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+            unmasked = masked & (rank < take[:, None].to(z.device))
+            kept = unmasked[masked].to(words.device)
+            z = z.clone()
+            z[unmasked] = words[kept].to(z.device)
+            probs = drawn_from[kept]
+        yield UnmaskState(index, float((z == mask_id).double().mean()), z, unmasked, probs, calls)
+
+
+CHAINS = {"grid": unmask_chain, "first_hitting": first_hitting_chain, "confidence": confidence_chain}
+
+
+@dataclass(frozen=True)
+class Unmasking:
+    """How `sample_ids` unmasks: the sampler (SAMPLERS), its steps (a block's; first_hitting reads
+    none), the words' temperature, the ids never drawn and the precision the network runs at."""
+    sampler: str = "grid"
+    steps: int = 200
+    temperature: float = 1.0
+    banned: tuple[int, ...] = ()
+    precision: str = "fp32"
+
+    def chain_steps(self, positions: int) -> int:
+        """The states a chain over `positions` masked positions yields: first_hitting's one per position."""
+        return positions if self.sampler == "first_hitting" else self.steps
 
 
 def block_predictor(model: MaskedDiffusionLM, prefix: torch.Tensor, block_size: int, precision: str,
                     cache: PrefixCache | None = None):
-    """predict(z_block) -> hidden states (B, n, d) for the block after the clean `prefix` (B, first),
-    as training's layout reads it: the prefix block-causally, the block itself and everything before
-    it (`word_head` turns them into logits). With `cache` (the prefix's keys and values,
-    `extend_prefix_cache`), a call runs the block's own positions only; without it, the prefix is
-    recomputed each call (the reference path)."""
+    """predict(z_block, rows) -> hidden states (r, n, d) for the block after the clean `prefix`
+    (B, first) in the batch's rows `rows` (None: all B), as training's layout reads it: the prefix
+    block-causally, the block itself and everything before it (`word_head` turns them into logits).
+    With `cache` (the prefix's keys and values, `extend_prefix_cache`), a call runs the block's own
+    positions only; without it, the prefix is recomputed each call (the reference path)."""
     first = prefix.shape[1]
 
-    def predict(z_block: torch.Tensor) -> torch.Tensor:
+    def predict(z_block: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(precision, z_block.device):
             if cache is not None:
-                return model.transformer(model.embedding(z_block), None, cache=cache)
+                part = cache if rows is None else PrefixCache([(keys[rows], values[rows])
+                                                              for keys, values in cache.layers])
+                return model.transformer(model.embedding(z_block), None, cache=part)
             end = first + z_block.shape[1]
             attend = None if first == 0 else block_causal_mask(end, block_size, z_block.device)[None]
-            return model.hidden(torch.cat([prefix, z_block], dim=1), attend)[:, first:]
+            context = prefix if rows is None else prefix[rows]
+            return model.hidden(torch.cat([context, z_block], dim=1), attend)[:, first:]
 
     return predict
 
@@ -260,26 +391,27 @@ def extend_prefix_cache(model: MaskedDiffusionLM, cache: PrefixCache | None, blo
 
 @torch.inference_mode()
 def sample_ids(model: MaskedDiffusionLM, objective: MaskedDiffusion, ids: torch.Tensor, known: torch.Tensor,
-               steps: int, generator: torch.Generator | None = None, temperature: float = 1.0,
-               banned: Sequence[int] = (), precision: str = "fp32",
+               unmasking: Unmasking, generator: torch.Generator | None = None, *,
                on_step: Callable[[int, float, torch.Tensor], None] | None = None,
                keep_scores: bool = False, prefix_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Windows (B, L) with ids fixed where `known` (B, L) is True (infilling, a prefix: fixed
-    positions are never masked) and the rest generated; block by block, left to right, with
-    block_size. Returns the ids and, with keep_scores, the log-probabilities (B, L, V) each
-    generated position's word was drawn from (for constraints applied after the chain). on_step(index, t, window): each step's
-    window (masks included), the index counted over the blocks. prefix_cache: the finished blocks are
-    run once and cached (False: recomputed at every call, the reference the cache is tested against)."""
+    positions are never masked) and the rest generated by the chain `unmasking` describes; block by
+    block, left to right, with block_size. Returns the ids and, with keep_scores, the
+    log-probabilities (B, L, V) each generated position's word was drawn from (for constraints
+    applied after the chain). on_step(index, t, window): each state's window (masks included), the
+    index counted over the blocks. prefix_cache: the finished blocks are run once and cached (False:
+    recomputed at every call, the reference the cache is tested against)."""
     batch, length = ids.shape
     size = objective.block_size_for(length) or length
+    chain, steps, precision = CHAINS[unmasking.sampler], unmasking.chain_steps(size), unmasking.precision
     z = torch.where(known, ids, model.mask_id)
     scores = torch.zeros(batch, length, model.vocab_size) if keep_scores else None
     cache = None  # the finished blocks' keys and values: a step costs its block's tokens, not the window's
     for first in range(0, length, size):
         predict = block_predictor(model, z[:, :first], size, precision, cache if prefix_cache else None)
         block = z[:, first: first + size]
-        for state in unmask_chain(predict, block, model.mask_id, steps, generator, temperature, banned,
-                                  word_head(model, precision)):
+        for state in chain(predict, block, model.mask_id, unmasking.steps, generator, unmasking.temperature,
+                           unmasking.banned, word_head(model, precision)):
             block = state.z
             if keep_scores and state.unmasked.any():
                 scores[:, first: first + size][state.unmasked.cpu()] = state.probs.log().float().cpu()
@@ -330,7 +462,8 @@ TITLE = "masked diffusion"
 DESCRIPTION = ("MDLM's absorbing-state diffusion (BD3-LM's in blocks): words masked at random, "
                "unmasked step by step by a bidirectional transformer")
 SUPPORTS = frozenset({"likelihood_bound", "infill", "prefix", "length", "temperature", "probe"})
-SAMPLE_OPTIONS = frozenset({"steps", "temperature", "unk", "seed", "batch_size", "num_samples", "record_every"})
+SAMPLE_OPTIONS = frozenset({"sampler", "steps", "temperature", "unk", "seed", "batch_size", "num_samples",
+                            "record_every"})
 # fixed words are never masked: fill gives them back as given, with nothing to round
 ROUNDS_FIXED_WORDS = False
 TERMS = Terms(
@@ -408,7 +541,7 @@ def trunk(model: MaskedDiffusionLM) -> nn.Module:
 # A chain of S steps unmasks each position at a step drawn uniformly from S: the expected number of
 # the n positions of a block that share a step with another is n (n - 1) / (2 S). From S = 50 n^2
 # on that is below 1 in 100 samples, so the chain is the continuous-time sampler to that precision;
-# more steps change nothing but the time (the network still runs at most n times per block).
+# more steps change nothing but the time (the network still runs each row at most n times per block).
 STEPS_PER_SQUARED_POSITION = 50
 
 
@@ -418,15 +551,31 @@ def most_steps(positions: int) -> int:
 
 
 def chain(config: Config) -> Chain:
-    """A chain per block (or the window), in continuous time; a step where nothing unmasked reuses
-    the last output, so a block's chain calls the network at most once per position."""
+    """A chain per block (or the window), in continuous time: each step calls the network on the rows
+    where something unmasks, so a batch's chain calls it at most once a step; first_hitting's chain
+    takes one step per position (chain_steps)."""
     positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
-    return Chain(blocks=config.seq_len // positions, timesteps=None, most_calls=positions)
+    return Chain(blocks=config.seq_len // positions, timesteps=None,
+                 steps_for=lambda options: chain_steps(options, positions))
+
+
+def unmasking_for(run: LoadedRun, options: SampleOptions) -> Unmasking:
+    """The chain `options` ask of `run`: its sampler, steps and temperature, the run's <unk> ban
+    (unless options.unk) and precision."""
+    return Unmasking(options.sampler, options.steps, options.temperature, options.banned_ids(run.tokenizer),
+                     run.config.precision)
+
+
+def chain_steps(options: SampleOptions, positions: int) -> int:
+    """The steps of a block's chain: options.steps, or first_hitting's one per position."""
+    return Unmasking(options.sampler, options.steps).chain_steps(positions)
 
 
 def check_steps(options: SampleOptions, config: Config) -> None:
-    """The options' own ranges, and the steps a chain can take that still change its samples."""
+    """The options' own ranges, the sampler's name and the steps its chain can take, before any draw."""
     options.validate()
+    if options.sampler not in SAMPLERS:
+        raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got '{options.sampler}'.")
     positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
     most = most_steps(positions)
     if options.steps < 1:
@@ -439,21 +588,29 @@ def check_steps(options: SampleOptions, config: Config) -> None:
                         f"100 has two positions unmasked at the same step: more steps change nothing but the time.")
 
 
+def check_given_options(given: Mapping[str, object], flag: Callable[[str], str]) -> None:
+    """The options a user gave (None: not given) that the samplers cannot take together."""
+    if given.get("sampler") == "first_hitting" and given.get("steps") is not None:
+        raise UserError(f"{flag('steps')} sets the steps of the grid and confidence samplers; first_hitting unmasks "
+                        f"one position per denoiser call and takes no steps: drop {flag('steps')}.")
+
+
 def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
-    """One batch of `run` sampled by the ancestral chain of options.steps steps (per block), at
-    options.temperature; frames of the window every options.record_every steps ([MASK] shown as
-    <pad>, t the mask rate)."""
+    """One batch of `run` sampled by the chain of options.sampler (options.steps steps per block, but
+    for first_hitting: one per position), at options.temperature; frames of the window every
+    options.record_every of a chain's steps ([MASK] shown as <pad>, t the mask rate)."""
     check_steps(options, run.config)
-    frames = Frames(options)
+    positions = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
+    frames = Frames(replace(options, steps=chain_steps(options, positions)))  # first_hitting: a state per position
 
     def record(index: int, t: float, window: torch.Tensor) -> None:
         if frames.wants(index):
             frames.add(index, t, torch.where(window == run.model.mask_id, run.tokenizer.pad_id, window))
 
     blank = torch.zeros(options.num_samples, run.config.seq_len, dtype=torch.long, device=device)
-    ids, _ = sample_ids(run.model, run.objective, blank, torch.zeros_like(blank, dtype=torch.bool), options.steps,
-                        generator, options.temperature, options.banned_ids(run.tokenizer), run.config.precision, record)
+    ids, _ = sample_ids(run.model, run.objective, blank, torch.zeros_like(blank, dtype=torch.bool),
+                        unmasking_for(run, options), generator, on_step=record)
     return ids.cpu(), frames.frames
 
 
@@ -463,8 +620,7 @@ def fill(run: LoadedRun, ids: torch.Tensor, known: torch.Tensor, options: Sample
     scores (N, L, V) each position was drawn from (for the length constraint)."""
     check_steps(options, run.config)
     got, drawn_from = sample_ids(run.model, run.objective, ids.to(device), known.expand(len(ids), -1).to(device),
-                                 options.steps, generator, options.temperature, options.banned_ids(run.tokenizer),
-                                 run.config.precision, keep_scores=True)
+                                 unmasking_for(run, options), generator, keep_scores=True)
     return got.cpu(), drawn_from
 
 

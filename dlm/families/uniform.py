@@ -26,7 +26,7 @@ prior term (alpha_1 = 0: q(z_1 | x) is the prior) and no reconstruction term (al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -289,6 +289,7 @@ WHY_NOT = {  # a discrete family's reasons, as the masked family gives them, in 
               "classifier to read",
     "probe": "no probe of its denoiser is written yet (benchmarks/probe.py has the Gaussian and masked families')",
     **{option: _GAUSSIAN_CHAIN for option in ("spacing", "clamp", "clamp_fraction", "eta", "x0")},
+    "sampler": "every position may change at every step of its chain, so there is no order of unmasking to choose",
 }
 
 # The family-specific Config keys it reads: its sampler's (steps, the per-step temperature, <unk>).
@@ -327,6 +328,10 @@ MOST_STEPS = 100_000  # a guard against a typo that would run for hours, not a l
 def chain(config: Config) -> Chain:
     """One chain over the whole window, in continuous time, a network call a step."""
     return Chain(blocks=1, timesteps=None)
+
+
+def check_given_options(given: Mapping[str, object], flag: Callable[[str], str]) -> None:
+    """Its sampler takes any of its SAMPLE_OPTIONS together."""
 
 
 def check_steps(options: SampleOptions, config: Config) -> None:

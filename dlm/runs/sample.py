@@ -29,6 +29,13 @@ def check_options(config: Config, options: SampleOptions) -> None:
     family(config.model).check_steps(options, config)
 
 
+def chain_steps(run: LoadedRun, options: SampleOptions) -> int:
+    """The steps of each (block's) chain the run's sampler takes: options.steps, or its chain's own
+    count (Chain.steps: a masked first_hitting chain takes one per position)."""
+    chain = run.family.chain(run.config)
+    return options.steps if chain is None else chain.steps(options)
+
+
 @dataclass
 class SampleBatch:
     ids: torch.Tensor  # (N, L)

@@ -55,7 +55,7 @@ PAGE_NEEDS = {"collapse_analysis": "geometry"}  # what a page asks of the run's 
 SAMPLER_PARAMETERS = {
     "train": {"preview_steps": ("steps", -1)},
     "sample": {"steps": ("steps", -1), "curve_steps": ("steps", ""), "clamp": ("clamp", None),
-               "spacing": ("spacing", ""), "record_every": ("record_every", 0)},
+               "spacing": ("spacing", ""), "record_every": ("record_every", 0), "sampler": ("sampler", "")},
     "control": {"steps": ("steps", -1)},
 }
 TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
