@@ -1,3 +1,4 @@
+import logging
 import random
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def smoke_config(corpus):
 def isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's cache or the network from unit tests."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def restored_logging():
+    """The logging set-up a test leaves behind is undone: a notebook's setup() run in this process
+    (or the CLI's basicConfig under a capture) gives a logger a handler on the test's captured
+    stream, which later tests' log lines would hit once it is closed ('I/O operation on closed
+    file' in their stderr)."""
+    loggers = [logging.getLogger(), logging.getLogger("dlm")]
+    saved = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def toy_run_dir(path: Path, model: str = "gaussian", text: str | None = None, **overrides) -> Path:
