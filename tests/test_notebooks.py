@@ -479,10 +479,6 @@ PAGE_CHECKS = ("width", "headings", "slider")
 # the commands of reports/README.md (the runs' checkpoints are not committed: a redraw trains again,
 # or takes --from_run of a run kept elsewhere).
 DRAWN_BEFORE = {
-    ("masked/control.html", "headings"): (
-        "its 'Classifier guidance' sections are empty (drawn before a section said why it is not shown); redraw: "
-        "dlm train params/masked.yaml --run_dir runs/masked_rope && dlm report params/masked.yaml --name masked "
-        "--overwrite --from_run runs/masked_rope"),
     ("blocks1/sample.html", "slider"): (
         "'step 640 of 10' on one slider of 640 positions (drawn before the block slider); redraw: dlm report "
         "params/blocks1.yaml --name blocks1 --overwrite --param sample.teacher_dir=runs/ar --param "
