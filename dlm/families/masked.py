@@ -550,11 +550,16 @@ def most_steps(positions: int) -> int:
     return STEPS_PER_SQUARED_POSITION * positions ** 2
 
 
+def chain_positions(config: Config) -> int:
+    """The positions one chain unmasks: a block's, or the whole window's."""
+    return MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
+
+
 def chain(config: Config) -> Chain:
     """A chain per block (or the window), in continuous time: each step calls the network on the rows
     where something unmasks, so a batch's chain calls it at most once a step; first_hitting's chain
     takes one step per position (chain_steps)."""
-    positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
+    positions = chain_positions(config)
     return Chain(blocks=config.seq_len // positions, timesteps=None,
                  steps_for=lambda options: chain_steps(options, positions))
 
@@ -576,7 +581,7 @@ def check_steps(options: SampleOptions, config: Config) -> None:
     options.validate()
     if options.sampler not in SAMPLERS:
         raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got '{options.sampler}'.")
-    positions = MaskedDiffusion(config.block_size).block_size_for(config.seq_len) or config.seq_len
+    positions = chain_positions(config)
     most = most_steps(positions)
     if options.steps < 1:
         raise UserError(f"steps must be at least 1, got {options.steps}.")
@@ -601,7 +606,7 @@ def generate(run: LoadedRun, options: SampleOptions, generator: torch.Generator,
     for first_hitting: one per position), at options.temperature; frames of the window every
     options.record_every of a chain's steps ([MASK] shown as <pad>, t the mask rate)."""
     check_steps(options, run.config)
-    positions = run.objective.block_size_for(run.config.seq_len) or run.config.seq_len
+    positions = chain_positions(run.config)
     frames = Frames(replace(options, steps=chain_steps(options, positions)))  # first_hitting: a state per position
 
     def record(index: int, t: float, window: torch.Tensor) -> None:
