@@ -288,7 +288,8 @@ class FamilyModule(Protocol):
         UserError naming them, before any sampling (`flag` writes an option as the user gave it)."""
 
     def check_steps(self, options: SampleOptions, config: Config) -> None:
-        """The steps its sampler can take, one UserError line otherwise (before any sampling)."""
+        """The options' own ranges (options.validate) and the steps its sampler can take, one
+        UserError line otherwise (before any sampling)."""
 
     def generate(self, run: LoadedRun, options: SampleOptions, generator: torch.Generator,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:

@@ -24,8 +24,8 @@ from dlm.runs.rundir import RunDir
 
 def check_options(config: Config, options: SampleOptions) -> None:
     """Every sampling option against a run's config, before any draw (before the run is loaded,
-    too): the options' own ranges and the steps its family's sampler can take (its check_steps)."""
-    options.validate()
+    too): the options' own ranges and the steps its family's sampler can take (its check_steps
+    checks both)."""
     family(config.model).check_steps(options, config)
 
 
