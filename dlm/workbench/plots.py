@@ -402,3 +402,39 @@ def quality_against_compute(points: pd.DataFrame, heldout_perplexity: float | No
     axes[0][0].plot([], [], "o", color="0.4", markerfacecolor="none", label="not at held-out entropy")
     _legend(axes[0][0], fontsize=8)
     return figure
+
+
+def quality_against_speed(table: pd.DataFrame, heldout_perplexity: float | None = None) -> Figure:
+    """The Pareto figure of benchmarks/pareto.py: each row's teacher perplexity at held-out entropy
+    (log; its seeds' range as a bar) against its CPU seconds per sample in a batch and against the
+    wall seconds of one sample alone (log), a colour per family, each row's frontier joined by a
+    line. `table`: pareto.csv (row, family, setting, teacher_ppl, ppl_min, ppl_max,
+    cpu_s_per_sample, batch1_s). Held-out text's perplexity is the dashed line."""
+    panels = [("cpu_s_per_sample", "CPU seconds per sample (batch of 64)"),
+              ("batch1_s", "seconds for one sample alone (batch of 1)")]
+    figure, axes = _figure(1, len(panels), 6.0 * len(panels), 4.2)
+    families = list(dict.fromkeys(table["family"]))
+    for ax, (column, label) in zip(axes[0], panels):
+        for _, row in table.iterrows():
+            color = f"C{families.index(row['family'])}"
+            spread = [[row["teacher_ppl"] - row["ppl_min"]], [row["ppl_max"] - row["teacher_ppl"]]]
+            ax.errorbar(row[column], row["teacher_ppl"], yerr=spread, fmt="o", markersize=6, color=color, capsize=2)
+            ax.annotate(f"{row['row']}: {row['setting']}" if row["setting"] != "its own" else str(row["row"]),
+                        (row[column], row["teacher_ppl"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        front = table[table[f"frontier_{column}"].astype(bool)].sort_values(column) \
+            if f"frontier_{column}" in table else table.iloc[0:0]
+        if len(front) > 1:
+            ax.plot(front[column], front["teacher_ppl"], "-", color="0.6", linewidth=1, zorder=0,
+                    label="the frontier: nothing cheaper is better")
+        if heldout_perplexity is not None:
+            ax.axhline(heldout_perplexity, label="held-out text", **HELDOUT_STYLE)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("teacher perplexity at held-out entropy", fontsize=9)
+        ax.margins(x=0.2, y=0.15)
+        ax.grid(alpha=0.3, which="both")
+    for index, name in enumerate(families):
+        axes[0][0].plot([], [], "o", color=f"C{index}", label=name)
+    _legend(axes[0][0], fontsize=8)
+    return figure

@@ -893,12 +893,19 @@ def _heldout_row(entries: list[tuple[str, dict, dict]]) -> str:
             '<td class="num">–</td><td class="num">–</td><td class="verdict">–</td></tr>')
 
 
-def _quality_plot(entries: list[tuple[str, dict, dict]]) -> str:
-    """The figure of quality against training compute, an embedded PNG, where at least two reports
-    have both; else ''."""
+def _png(figure) -> str:
+    """A figure as an embedded PNG's base64 (the index loads nothing)."""
     import base64
     import io
 
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _quality_plot(entries: list[tuple[str, dict, dict]]) -> str:
+    """The figure of quality against training compute, an embedded PNG, where at least two reports
+    have both; else ''."""
     import pandas as pd
 
     from dlm.workbench import plots
@@ -911,14 +918,44 @@ def _quality_plot(entries: list[tuple[str, dict, dict]]) -> str:
         return ""
     helds = [n["heldout_teacher_perplexity"] for _, _, n in entries if n.get("heldout_teacher_perplexity")]
     figure = plots.quality_against_compute(pd.DataFrame(rows), float(pd.Series(helds).median()) if helds else None)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return ('<h2>Sample quality against training compute</h2><p class="intro">Each report with a teacher\'s score '
             'and a training-compute estimate. Lower reads more like text to the teacher; a hollow marker is a report '
             'whose samples are not at held-out entropy (the table says how far), which moves perplexity by itself.</p>'
             f'<img class="plot" alt="teacher perplexity of samples against training compute" '
-            f'src="data:image/png;base64,{data}">')
+            f'src="data:image/png;base64,{_png(figure)}">')
+
+
+
+def _speed_section(reports_dir: Path) -> str:
+    """Quality against sampling cost (benchmarks/pareto.py --index REPORTS put pareto.csv here): its
+    figure and table, the rows on a frontier in bold; '' without one (or with one that does not read)."""
+    import pandas as pd
+
+    from dlm.workbench import plots
+
+    path = reports_dir / "pareto.csv"
+    try:
+        table = pd.read_csv(path)
+        figure = plots.quality_against_speed(table, float(table["heldout_ppl"].iloc[0]))
+    except (OSError, ValueError, KeyError, IndexError, pd.errors.ParserError):
+        return ""
+    on_front = table[[c for c in table if c.startswith("frontier_")]].any(axis=1)
+    body = "".join(
+        f"<tr><td>{'<b>' if front else ''}{html.escape(str(r['row']))}{'</b>' if front else ''}</td>"
+        f"<td>{html.escape(str(r['setting']))}</td>"
+        f"<td class='num'>{r['teacher_ppl']:,.1f} <span class='muted'>({r['ppl_min']:,.1f}–{r['ppl_max']:,.1f})"
+        f"</span></td><td class='num'>{r['entropy']:.2f}</td><td class='num'>{r['cpu_s_per_sample']:.3f}</td>"
+        f"<td class='num'>{r['batch1_s']:.2f}</td></tr>" for (_, r), front in zip(table.iterrows(), on_front))
+    return ('<h2>Sample quality against sampling cost</h2><p class="intro">Each family and sampler setting '
+            '(benchmarks/pareto.py; results in benchmarks/results/pareto.md): the teacher\'s perplexity of its '
+            f'samples at held-out entropy (seeds\' range beside; held-out text: {table["heldout_ppl"].iloc[0]:.1f}), '
+            'against the CPU time of a sample in a batch of 64 and the wall time of one sample alone. Bold: on a '
+            'frontier (nothing cheaper is better). The AR row scores its own samples, a floor.</p>'
+            '<div class="table-box"><table><tr><th>row</th><th>sampler setting</th><th>teacher perplexity</th>'
+            '<th>entropy<br><span class="muted">bits</span></th><th>CPU s / sample<br><span class="muted">batch '
+            '64</span></th><th>s for one sample<br><span class="muted">batch 1</span></th></tr>'
+            f'{body}</table></div><img class="plot" alt="teacher perplexity against sampling cost" '
+            f'src="data:image/png;base64,{_png(figure)}">')
 
 
 INTRO = ('<p class="intro">The reports side by side, newest first, each made by <code>dlm report PARAMS.yaml --name '
@@ -977,6 +1014,7 @@ def write_index(reports_dir: str | Path) -> Path:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{INDEX_CSS}</style></head><body><h1>dlm reports</h1>{INTRO}"
         f'<div class="table-box"><table>\n{header}\n{body}\n</table></div>{reading_notes()}{_quality_plot(entries)}'
+        f'{_speed_section(reports_dir)}'
         "</body></html>\n"
     )
     reports_dir.mkdir(parents=True, exist_ok=True)
