@@ -602,3 +602,18 @@ def test_infill_keeps_the_fixed_words_and_draws_the_blanks_under_every_sampler(m
     assert ((got[:, free] >= 0) & (got[:, free] < len(tokenizer))).all()  # words; [MASK] is len(tokenizer)
     assert status == 0  # after the fill's own checks: a [MASK] left in would fail decoding first
 
+
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+def test_the_control_notebook_s_sampler_reaches_every_control(masked_runs, chains_run, monkeypatch, tmp_path, sampler):
+    """notebooks/control.ipynb's `sampler` parameter, run in this process: the infill, prefix and
+    length controls each run that chain."""
+    from dlm.runs import control
+    from tests.test_family_contract import execute_here
+
+    infills = []
+    real_infill = control.infill
+    monkeypatch.setattr(control, "infill", lambda *args, **kwargs: infills.append(1) or real_infill(*args, **kwargs))
+    execute_here(ROOT / "notebooks" / "control.ipynb", tmp_path / "out.ipynb",
+                 {"run_dir": str(masked_runs["whole"]), "task": "infill,prefix,length", "sampler": sampler,
+                  "num_samples": 2, "length": 4, "threads": 1})
+    assert len(infills) == 3 and chains_run and set(chains_run) == {sampler}
