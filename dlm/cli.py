@@ -71,6 +71,17 @@ def add_corpus_change_option(parser: argparse.ArgumentParser) -> None:
                              "SHA-256 differs from the one the run recorded): refused without it")
 
 
+def add_sampler_option(parser) -> None:
+    """--sampler, for every command that draws samples from a run (sample, infill, evaluate --matched):
+    a masked run's chain; given for a family whose sampler does not read it, check_sample_options
+    refuses it in one line."""
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="a masked run's chain: grid (default; MDLM's --steps steps), first_hitting (the chain's "
+                             "own law exactly, one denoiser call per position unmasked; takes no --steps) or "
+                             "confidence (the k most confident positions a step, MaskGIT/LLaDA: NOT the chain's law, "
+                             "it favours likely words)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Diffusion-LM workbench on tiny_shakespeare.",
                                      allow_abbrev=False)
@@ -154,6 +165,7 @@ def add_evaluate_parser(commands) -> None:
     matched.add_argument("--entropy", type=float,
                          help="score at this unigram entropy (bits) instead of held-out text's: compares a sampler "
                               "whose argmax is above held-out entropy with one at its entropy")
+    add_sampler_option(matched)
     add_corpus_change_option(evaluate_parser)
 
 
@@ -203,11 +215,7 @@ def add_sample_parser(commands) -> None:
     sample_parser.add_argument("--unk", action=argparse.BooleanOptionalAction,
                                help="a final token may be <unk>; --no-unk masks it, so that a capped vocabulary's "
                                     "samples hold words only (default: the run's decode_unk)")
-    sample_parser.add_argument("--sampler", choices=SAMPLERS,
-                               help="a masked run's chain: grid (default; MDLM's --steps steps), first_hitting (the "
-                                    "chain's own law exactly, one denoiser call per position unmasked; takes no "
-                                    "--steps) or confidence (the k most confident positions a step, MaskGIT/LLaDA: "
-                                    "NOT the chain's law, it favours likely words)")
+    add_sampler_option(sample_parser)
     sample_parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                                help="use the EMA weights when the checkpoint has them")
     sample_parser.add_argument("--seed", type=int, default=0)
@@ -257,6 +265,7 @@ def add_infill_parser(commands) -> None:
                                                                 "(between two blank lines)")
     infill_parser.add_argument("--num_samples", type=int, default=4)
     infill_parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
+    add_sampler_option(infill_parser)
     infill_parser.add_argument("--mbr", type=int, default=1, metavar="K",
                                help="draw K candidates per sample and keep the MBR pick (the medoid)")
     infill_parser.add_argument("--seed", type=int, default=0)
@@ -555,6 +564,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"{' and '.join(asked + (['--samples'] if args.samples else []))} are separate evaluations: "
                         f"{asked[0]} scores --run_dir's {'held-out windows' if asked[0] == '--nll' else 'own samples'}"
                         f"{', not a samples file' if args.samples else ''}. Run one dlm evaluate per kind.")
+    if args.sampler is not None and not args.matched:
+        raise UserError("--sampler chooses the chain --matched draws --run_dir's samples with; "
+                        f"{'--nll scores held-out windows' if args.nll else '--samples scores samples already drawn'} "
+                        "and draws none: drop --sampler (dlm sample --sampler draws a samples file with it).")
     if args.nll:
         return run_nll(args)
     if args.matched:
@@ -583,10 +596,12 @@ def run_matched(args: argparse.Namespace) -> None:
     check_entropy(args.entropy)  # before any run is loaded
     device = pick_device("auto")
     run = load_run(args.run_dir, args.checkpoint, device=device, accept_corpus_change=args.accept_corpus_change)
-    check_sample_options(run.config.model, dict(steps=args.steps, spacing=args.spacing, x0=args.x0, unk=args.unk))
+    check_sample_options(run.config.model, dict(steps=args.steps, spacing=args.spacing, x0=args.x0, unk=args.unk,
+                                                sampler=args.sampler))
     teacher = load_run(args.teacher, device=device, accept_corpus_change=args.accept_corpus_change)
     options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps,
-                                        x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing)
+                                        x0=args.x0, unk=args.unk, seed=args.seed, spacing=args.spacing,
+                                        sampler=args.sampler)
     result = match_entropy(run, teacher, options, device=device, entropy=args.entropy)
     table = pd.DataFrame({"samples": result["samples"], "held-out": result["heldout"]})
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
@@ -596,10 +611,13 @@ def run_matched(args: argparse.Namespace) -> None:
           f"{band} 5% of {'held-out' if args.entropy is None else 'the asked'} {result['target_entropy']:.3f} "
           f"({run.checkpoint}, step {run.step}; "
           f"{result['num_samples']} samples{f', x0 {options.x0}' if 'x0' in run.family.SAMPLE_OPTIONS else ''}"
+          f"{f', sampler {options.sampler}' if 'sampler' in run.family.SAMPLE_OPTIONS else ''}"
           f"{'' if options.unk else ', <unk> masked'})")
     print("ratios to held-out: " + " | ".join(f"{k} {v:.3g}" for k, v in result["ratios"].items()))
     print("targets met: " + " | ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["targets"].items()))
     if args.json:
+        if "sampler" in run.family.SAMPLE_OPTIONS:  # which chain drew them: the numbers differ by it
+            result["sampler"] = options.sampler
         atomic_write_bytes(Path(args.json), json.dumps(result, indent=2, default=str).encode())
 
 
@@ -643,8 +661,9 @@ def run_infill(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     run = load_run(args.run_dir, device=device)
     control = make_control(run, args.template, args.prefix, args.length)
-    check_sample_options(run.config.model, dict(steps=args.steps))
-    options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed)
+    check_sample_options(run.config.model, dict(steps=args.steps, sampler=args.sampler))
+    options = SampleOptions.from_config(run.config, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
+                                        sampler=args.sampler)
     result = infill(run, control, options, mbr=args.mbr, device=device)
     for text in result.texts:
         print(text.replace("\n", " / "))

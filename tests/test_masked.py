@@ -3,6 +3,7 @@ caching and its float64 draws, carry-over of fixed words, and block size 1 as an
 model in likelihood terms."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -504,3 +505,115 @@ def test_dlm_sample_takes_the_sampler_and_records_it(sampler, tmp_path, capsys):
     assert f"chain: 1 block x {steps} steps = " in capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and all(record["sampler"] == sampler for record in records)
+
+
+# --- --sampler at every command that samples a masked run -----------------------------------------
+
+@pytest.fixture(scope="module")
+def masked_runs(tmp_path_factory):
+    """Untrained masked runs (seq_len 16, the whole window and blocks of 4) and an AR teacher, on a
+    made-up corpus of the words their vocabulary holds."""
+    from tests.conftest import make_corpus, toy_run_dir
+
+    root = tmp_path_factory.mktemp("masked_runs")
+    corpus = str(make_corpus(root / "corpus.txt"))
+    return {"whole": toy_run_dir(root / "whole", model="masked", corpus=corpus),
+            "blocks": toy_run_dir(root / "blocks", model="masked", corpus=corpus, block_size=4, block_training="all"),
+            "ar": toy_run_dir(root / "ar", model="ar", corpus=corpus)}
+
+
+@pytest.fixture
+def chains_run(monkeypatch) -> list[str]:
+    """The names of the masked chains sample_ids runs, in order (each chain spied on, then run)."""
+    ran = []
+    for name, chain in list(masked.CHAINS.items()):
+        def spy(*args, name=name, chain=chain, **kwargs):
+            ran.append(name)
+            yield from chain(*args, **kwargs)
+
+        monkeypatch.setitem(masked.CHAINS, name, spy)
+    return ran
+
+
+# What each control fixes, as (argv, {position: word}): the oracle is the words typed here
+CONTROLS = {"infill": (["--template", "To be , __ __ __ not to be"], {0: "To", 1: "be", 2: ",", 6: "not", 7: "to",
+                                                                       8: "be"}),
+            "prefix": (["--prefix", "To be , or"], {0: "To", 1: "be", 2: ",", 3: "or"}),  # blocks of 4: one all fixed
+            "length": (["--length", "4"], {0: "\n", 1: "\n", 6: "\n", 7: "\n"})}
+
+
+def steps_for(sampler: str) -> list[str]:
+    return [] if sampler == "first_hitting" else ["--steps", "4"]  # first_hitting takes no steps
+
+
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+@pytest.mark.parametrize("command", ["infill", "prefix", "length", "matched"])
+def test_every_command_that_samples_a_masked_run_runs_the_sampler_asked(masked_runs, chains_run, tmp_path, capsys,
+                                                                        command, sampler):
+    from dlm.cli import main
+
+    run = str(masked_runs["whole"])
+    if command == "matched":
+        out = tmp_path / "m.json"
+        argv = ["evaluate", "--matched", "--run_dir", run, "--teacher", str(masked_runs["ar"]), "--num_samples", "4",
+                "--json", str(out)]
+    else:
+        out = tmp_path / "c.jsonl"
+        argv = ["infill", "--run_dir", run, *CONTROLS[command][0], "--num_samples", "2", "--out", str(out)]
+    assert main([*argv, "--sampler", sampler, *steps_for(sampler)]) == 0
+    assert chains_run and set(chains_run) == {sampler}
+    if command == "matched":
+        assert json.loads(out.read_text())["sampler"] == sampler
+        assert f"sampler {sampler}" in capsys.readouterr().out
+    else:
+        assert all(json.loads(line)["sampler"] == sampler for line in out.read_text().splitlines())
+
+
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+@pytest.mark.parametrize("mode", list(CONTROLS))
+@pytest.mark.parametrize("which", ["whole", "blocks"])
+def test_infill_keeps_the_fixed_words_and_draws_the_blanks_under_every_sampler(masked_runs, chains_run, monkeypatch,
+                                                                               tmp_path, which, mode, sampler):
+    """What the masked family's fill gives back, before dlm infill sets the fixed words again: every
+    fixed word at its position, every other position a drawn word (never [MASK])."""
+    from dlm.cli import main
+    from dlm.runs.build import load_run
+
+    filled = []
+    real_fill = masked.fill
+
+    def spy(run, ids, known, options, generator, device="cpu"):
+        got, scores = real_fill(run, ids, known, options, generator, device)
+        filled.append(got.clone())
+        return got, scores
+
+    monkeypatch.setattr(masked, "fill", spy)
+    argv, fixed = CONTROLS[mode]
+    status = main(["infill", "--run_dir", str(masked_runs[which]), *argv, "--num_samples", "3", "--sampler", sampler,
+                   *steps_for(sampler), "--out", str(tmp_path / "c.jsonl")])
+    assert set(chains_run) == {sampler}
+    tokenizer = load_run(masked_runs[which]).tokenizer
+    got = torch.cat(filled)
+    assert got.shape == (3, 16)
+    free = torch.ones(16, dtype=torch.bool)
+    for position, word in fixed.items():
+        assert (got[:, position] == tokenizer.stoi[word]).all(), (position, got[:, position])
+        free[position] = False
+    assert ((got[:, free] >= 0) & (got[:, free] < len(tokenizer))).all()  # words; [MASK] is len(tokenizer)
+    assert status == 0  # after the fill's own checks: a [MASK] left in would fail decoding first
+
+
+@pytest.mark.parametrize("sampler", masked.SAMPLERS)
+def test_the_control_notebook_s_sampler_reaches_every_control(masked_runs, chains_run, monkeypatch, tmp_path, sampler):
+    """notebooks/control.ipynb's `sampler` parameter, run in this process: the infill, prefix and
+    length controls each run that chain."""
+    from dlm.runs import control
+    from tests.test_family_contract import execute_here
+
+    infills = []
+    real_infill = control.infill
+    monkeypatch.setattr(control, "infill", lambda *args, **kwargs: infills.append(1) or real_infill(*args, **kwargs))
+    execute_here(ROOT / "notebooks" / "control.ipynb", tmp_path / "out.ipynb",
+                 {"run_dir": str(masked_runs["whole"]), "task": "infill,prefix,length", "sampler": sampler,
+                  "num_samples": 2, "length": 4, "threads": 1})
+    assert len(infills) == 3 and chains_run and set(chains_run) == {sampler}

@@ -500,6 +500,7 @@ def test_masked_steps_are_bounded_before_anything_runs(toy_runs, tmp_path, capsy
     assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["sample", "infill", "evaluate"])  # every command that draws a run's samples
 @pytest.mark.parametrize("run, extra, message", [
     ("masked", ["--sampler", "first_hitting", "--steps", "5"],
      "--steps sets the steps of the grid and confidence samplers; first_hitting unmasks one position per denoiser "
@@ -508,12 +509,27 @@ def test_masked_steps_are_bounded_before_anything_runs(toy_runs, tmp_path, capsy
                                               "'gaussian' family has none: drop --sampler."),
     ("ar", ["--sampler", "grid"], "--sampler is an option of the masked family's sampler; the 'ar' family has none"),
 ])
-def test_a_masked_sampler_is_asked_of_a_masked_run_alone(toy_runs, tmp_path, capsys, run, extra, message):
+def test_a_masked_sampler_is_asked_of_a_masked_run_alone(toy_runs, tmp_path, capsys, command, run, extra, message):
+    destination = {"sample": ["--out", str(tmp_path / "s.jsonl")],
+                   "infill": ["--prefix", "To be", "--out", str(tmp_path / "c.jsonl")],
+                   "evaluate": ["--matched", "--teacher", str(toy_runs / "ar"), "--json", str(tmp_path / "e.json")]}
     before = snapshot(tmp_path, toy_runs)
-    assert main(["sample", "--run_dir", str(toy_runs / run), "--out", str(tmp_path / "s.jsonl"), *extra]) == 2
+    assert main([command, "--run_dir", str(toy_runs / run), *destination[command], *extra]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and message in one_error_line_from(captured.err, "sample")
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert message in one_error_line_from(captured.err, command)
     assert snapshot(tmp_path, toy_runs) == before and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("evaluation, message", [
+    (["--nll", "--run_dir", "RUNS/masked"], "--nll scores held-out windows and draws none: drop --sampler"),
+    (["--samples", "TMP/s.jsonl", "--teacher", "RUNS/ar"], "--samples scores samples already drawn and draws none"),
+])
+def test_sampler_is_refused_by_an_evaluation_that_draws_no_samples(toy_runs, tmp_path, capsys, evaluation, message):
+    argv = [arg.replace("RUNS", str(toy_runs)).replace("TMP", str(tmp_path)) for arg in evaluation]
+    refused(capsys, "evaluate", ["evaluate", *argv, "--sampler", "confidence", "--json", str(tmp_path / "e.json")],
+            "--sampler chooses the chain --matched draws --run_dir's samples with; " + message, tmp_path, toy_runs)
+    assert not list(tmp_path.iterdir())
 
 
 def test_past_the_masked_bound_two_positions_rarely_unmask_at_one_step():

@@ -437,6 +437,8 @@ def test_the_control_page_follows_the_train_parameters_over_the_preset(tmp_path,
     ("sample", "sampler", "confidence", "--param sample.sampler is an option of the masked family's sampler; the 'ar' "
                                         "family"),
     ("control", "steps", 10, "--param control.steps is an option of the gaussian, masked and uniform families'"),
+    ("control", "sampler", "first_hitting", "--param control.sampler is an option of the masked family's sampler; the "
+                                            "'ar' family"),
     ("train", "preview_steps", 10, "--param train.preview_steps is an option of the gaussian, masked and uniform"),
 ])
 def test_a_sampler_option_the_family_does_not_read_is_refused_before_the_report(tmp_path, monkeypatch, capsys,
@@ -453,7 +455,7 @@ def test_a_sampler_option_the_family_does_not_read_is_refused_before_the_report(
 def test_sampler_parameters_left_to_the_run_build_an_ar_report(tmp_path, monkeypatch):
     defaults = {"sample": {"steps": -1, "curve_steps": "", "clamp": None, "spacing": "", "record_every": 0,
                            "sampler": "", "num_samples": 4, "seed": 1},
-                "control": {"steps": -1}, "train": {"preview_steps": -1}}
+                "control": {"steps": -1, "sampler": ""}, "train": {"preview_steps": -1}}
     ran = pages_run(tmp_path, monkeypatch, "model: ar\ncontrol_tasks: prefix\n", defaults)
     assert list(ran) == ["train", "sample", "control"]  # no collapse page for the AR family
 

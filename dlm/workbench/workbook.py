@@ -56,7 +56,7 @@ SAMPLER_PARAMETERS = {
     "train": {"preview_steps": ("steps", -1)},
     "sample": {"steps": ("steps", -1), "curve_steps": ("steps", ""), "clamp": ("clamp", None),
                "spacing": ("spacing", ""), "record_every": ("record_every", 0), "sampler": ("sampler", "")},
-    "control": {"steps": ("steps", -1)},
+    "control": {"steps": ("steps", -1), "sampler": ("sampler", "")},
 }
 TITLES = {"train": "training", "sample": "samples", "collapse_analysis": "collapse analysis", "control": "control"}
 WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
