@@ -61,6 +61,42 @@ def restored_logging():
         logger.propagate = propagate
 
 
+def _named(names: list[str], noun: str = "families") -> str:
+    joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"the {joined} {'family' if len(names) == 1 else noun}"
+
+
+def _declaring(declares) -> list[str]:
+    from dlm.families import FAMILIES, family
+
+    return [name for name in FAMILIES if declares(family(name))]
+
+
+# How a refusal names the families that read an option, worked out here from each registered family's
+# declarations (SAMPLE_OPTIONS, CONFIG_KEYS, SUPPORTS), not from the code that writes the message: a
+# family added to the registry changes no test's expected text.
+def option_readers(option: str) -> str:
+    """'the gaussian family's sampler', 'the gaussian, masked and uniform families' samplers'."""
+    names = _declaring(lambda module: option in module.SAMPLE_OPTIONS)
+    return f"{_named(names)}'s sampler" if len(names) == 1 else f"{_named(names)}' samplers"
+
+
+def key_readers(key: str) -> str:
+    """'the masked family', 'the gaussian and masked families': whose CONFIG_KEYS hold `key`."""
+    return _named(_declaring(lambda module: key in module.CONFIG_KEYS))
+
+
+def capable(capability: str) -> str:
+    """'the gaussian, masked and uniform families': those that declare `capability`."""
+    return _named(_declaring(lambda module: capability in module.SUPPORTS))
+
+
+def family_list() -> str:
+    from dlm.families import FAMILIES
+
+    return ", ".join(FAMILIES)
+
+
 def toy_run_dir(path: Path, model: str = "gaussian", text: str | None = None, **overrides) -> Path:
     """An untrained run folder (config, vocab, checkpoints/last.pt) in milliseconds, no training:
     for commands that only need a loadable run. The vocabulary is the words of `text` (default: LINES

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT, make_corpus, toy_run_dir
+from tests.conftest import ROOT, capable, make_corpus, toy_run_dir
 
 
 def load_scaling():
@@ -58,7 +58,7 @@ def test_an_ar_row_is_refused_naming_the_families_whose_runs_can_be_rows():
 
     from dlm.core.errors import UserError
 
-    with pytest.raises(UserError, match="give runs of the gaussian, masked and uniform families as rows"):
+    with pytest.raises(UserError, match=f"give runs of {capable('likelihood_bound')} as rows"):
         load_scaling().check_row(SimpleNamespace(config=SimpleNamespace(model="ar")), None, None)
 
 

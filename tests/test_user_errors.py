@@ -17,7 +17,7 @@ from dlm.core.config import ConfigError, field_types, load_config, load_yaml, ma
 from dlm.core.data import check_destination, check_run_folder
 from dlm.core.runtime import pick_device
 from dlm.runs.sample import SampleOptions
-from tests.conftest import ROOT, make_corpus, toy_run_dir
+from tests.conftest import ROOT, capable, family_list, key_readers, make_corpus, option_readers, toy_run_dir
 
 SMOKE = str(ROOT / "params" / "smoke.yaml")
 QUICK = ["--max_steps", "2", "--precision", "fp32", "--device", "cpu", "--min_count", "1",
@@ -53,7 +53,7 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
     assert saved["diffusion_steps"] == 2000 and saved["sample_steps"] == 200 and saved["width"] == 32
     refused(capsys, "train-ar", ["train-ar", SMOKE, "--run_dir", str(tmp_path / "ar2"), "--corpus", corpus,
                                  "--sample_steps", "7", *QUICK],
-            "'sample_steps' (7) is an option of the gaussian, masked and uniform families", tmp_path)
+            f"'sample_steps' (7) is an option of {key_readers('sample_steps')}", tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -71,7 +71,7 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
     (["--tokenizer", "bpe", "--bpe_vocab_size", "500"], "'bpe_vocab_size' must be in [2000, 8000]"),
     (["--tokenizer", "sentencepiece"], "one of: word, bpe, char"),
     # the registry names every family; a Gaussian-only key on a masked run names the key and the family
-    (["--model", "gpt"], "Unknown model family 'gpt': use one of gaussian, masked, ar, uniform."),
+    (["--model", "gpt"], f"Unknown model family 'gpt': use one of {family_list()}."),
     (["--model", "masked", "--embedding_norm", "l2"],
      "'embedding_norm' (l2) is an option of the gaussian family; the 'masked' family does not read it"),
     (["--model", "masked", "--no-use_learned_embeddings"],
@@ -89,7 +89,7 @@ def test_a_preset_run_as_another_family_names_the_keys_it_leaves_out(tmp_path, c
                                  "not read it: leave it at its default (0.001) or use model: masked."),
     (["--model", "ar", "--sample_x0", "posterior"], "'sample_x0' (posterior) is an option of the gaussian family; the 'ar'"),
     (["--model", "ar", "--block_size", "4", "--block_training", "all"],
-     "'block_size' (4) is an option of the gaussian and masked families; the 'ar' family does not read it"),
+     f"'block_size' (4) is an option of {key_readers('block_size')}; the 'ar' family does not read it"),
     (["--block_training", "all"], "'block_training' (all) applies to block runs only: set block_size"),
     (["--sample_steps", "101"], "'sample_steps' (101) must be at most diffusion_steps (100)"),
     (["--timestep_sampling", "loss_second_moment", "--left_to_right", "1"],
@@ -369,7 +369,7 @@ BAD_INFILL = [
     ("ar", ["--template", "To __ be"], "--template is not available for the 'ar' family (an autoregressive run "
                                        "writes left to right): use --prefix"),
     ("ar", ["--length", "4"], "--length is not available for the 'ar' family (an autoregressive run writes left to "
-                              "right): use --prefix, or a run of the gaussian, masked and uniform families for --length"),
+                              f"right): use --prefix, or a run of {capable('length')} for --length"),
     ("masked", ["--template", "To be zorgle __"], "not in the run's vocabulary: 'zorgle'"),
     ("masked", ["--template", "__", "--steps", "0"], "steps must be at least 1, got 0"),
     ("masked", ["--template", "__", "--steps", "12801"], "steps must be at most 12,800 for this run, got 12,801: a "
@@ -588,12 +588,12 @@ UNREAD_BY_AR = [
     ("sample", ["--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'ar' family has none"),
     ("sample", ["--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler; the 'ar' family"),
     ("sample", ["--decoder", "cosine"], "--decoder is an option of the gaussian family's sampler; the 'ar' family"),
-    ("sample", ["--steps", "5"], "--steps is an option of the gaussian, masked and uniform families' samplers; "
+    ("sample", ["--steps", "5"], f"--steps is an option of {option_readers('steps')}; "
                                  "the 'ar' family has none: drop --steps"),
-    ("sample", ["--record_every", "2"], "--record_every is an option of the gaussian, masked and uniform families' "
-                                        "samplers; the 'ar' family has none"),
-    ("infill", ["--prefix", "To be", "--steps", "3"], "--steps is an option of the gaussian, masked and uniform"),
-    ("evaluate", ["--matched", "--steps", "5"], "--steps is an option of the gaussian, masked and uniform"),
+    ("sample", ["--record_every", "2"], f"--record_every is an option of {option_readers('record_every')}; "
+                                        "the 'ar' family has none"),
+    ("infill", ["--prefix", "To be", "--steps", "3"], f"--steps is an option of {option_readers('steps')}"),
+    ("evaluate", ["--matched", "--steps", "5"], f"--steps is an option of {option_readers('steps')}"),
     ("evaluate", ["--matched", "--spacing", "uniform"], "--spacing is an option of the gaussian family's sampler"),
     ("evaluate", ["--matched", "--x0", "expected"], "--x0 is an option of the gaussian family's sampler; the 'ar'"),
 ]

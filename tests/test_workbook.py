@@ -19,7 +19,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 from dlm.cli import main
 from dlm.core.config import ConfigError
 from dlm.workbench import workbook
-from tests.conftest import ROOT
+from tests.conftest import ROOT, option_readers
 
 NOTEBOOKS = [ROOT / "notebooks" / f"{name}.ipynb" for name in workbook.NOTEBOOKS]
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -431,15 +431,15 @@ def test_the_control_page_follows_the_train_parameters_over_the_preset(tmp_path,
 
 @pytest.mark.parametrize("notebook, key, value, flag", [
     ("sample", "clamp", True, "--param sample.clamp is an option of the gaussian family's sampler; the 'ar' family"),
-    ("sample", "steps", 10, "--param sample.steps is an option of the gaussian, masked and uniform families'"),
-    ("sample", "curve_steps", "10,20", "--param sample.curve_steps is an option of the gaussian, masked and uniform"),
+    ("sample", "steps", 10, f"--param sample.steps is an option of {option_readers('steps')}"),
+    ("sample", "curve_steps", "10,20", f"--param sample.curve_steps is an option of {option_readers('steps')}"),
     ("sample", "spacing", "uniform", "--param sample.spacing is an option of the gaussian family's sampler"),
     ("sample", "sampler", "confidence", "--param sample.sampler is an option of the masked family's sampler; the 'ar' "
                                         "family"),
-    ("control", "steps", 10, "--param control.steps is an option of the gaussian, masked and uniform families'"),
+    ("control", "steps", 10, f"--param control.steps is an option of {option_readers('steps')}"),
     ("control", "sampler", "first_hitting", "--param control.sampler is an option of the masked family's sampler; the "
                                             "'ar' family"),
-    ("train", "preview_steps", 10, "--param train.preview_steps is an option of the gaussian, masked and uniform"),
+    ("train", "preview_steps", 10, f"--param train.preview_steps is an option of {option_readers('steps')}"),
 ])
 def test_a_sampler_option_the_family_does_not_read_is_refused_before_the_report(tmp_path, monkeypatch, capsys,
                                                                                 notebook, key, value, flag):
