@@ -641,11 +641,14 @@ def test_index_fits_1200_pixels_in_chromium(three_families):
             for path in pages:
                 page.goto(path.as_uri())
                 assert page.evaluate("document.documentElement.scrollWidth") <= 1200, path
-                box = page.locator(".table-box").bounding_box()
-                assert box["x"] >= 0 and box["x"] + box["width"] <= 1200, (path, box)
-                overflow = page.locator(".table-box").evaluate(
-                    "b => [b.scrollWidth, b.clientWidth, getComputedStyle(b).overflowX]")
-                assert overflow[0] <= overflow[1] or overflow[2] == "auto", overflow
+                boxes = page.locator(".table-box")  # the reports table, and the speed table where there is one
+                assert boxes.count() >= 1, path
+                for index in range(boxes.count()):
+                    box = boxes.nth(index).bounding_box()
+                    assert box["x"] >= 0 and box["x"] + box["width"] <= 1200, (path, box)
+                    overflow = boxes.nth(index).evaluate(
+                        "b => [b.scrollWidth, b.clientWidth, getComputedStyle(b).overflowX]")
+                    assert overflow[0] <= overflow[1] or overflow[2] == "auto", overflow
                 assert page.get_by_text("held-out text").first.is_visible()  # on the first screen
         finally:
             browser.close()
