@@ -391,17 +391,22 @@ def quality_against_compute(points: pd.DataFrame, heldout_perplexity: float | No
                         xytext=(6, 4), fontsize=8)
         if heldout_perplexity is not None:
             ax.axhline(heldout_perplexity, label="held-out text", **HELDOUT_STYLE)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(label, fontsize=9)
-        ax.set_ylabel("teacher perplexity of samples", fontsize=9)
-        ax.margins(x=0.25, y=0.15)
-        ax.grid(alpha=0.3, which="both")
+        _log_log(ax, label, "teacher perplexity of samples", x_margin=0.25)
     for index, name in enumerate(families):  # one legend entry per family, filled: the colour is what it says
         axes[0][0].plot([], [], "o", color=f"C{index}", label=name)
     axes[0][0].plot([], [], "o", color="0.4", markerfacecolor="none", label="not at held-out entropy")
     _legend(axes[0][0], fontsize=8)
     return figure
+
+
+def _log_log(ax, xlabel: str, ylabel: str, x_margin: float) -> None:
+    """Both axes logarithmic, labelled, with room for the points' labels and a grid."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.margins(x=x_margin, y=0.15)
+    ax.grid(alpha=0.3, which="both")
 
 
 def quality_against_speed(table: pd.DataFrame, heldout_perplexity: float | None = None) -> Figure:
@@ -428,12 +433,7 @@ def quality_against_speed(table: pd.DataFrame, heldout_perplexity: float | None 
                     label="the frontier: nothing cheaper is better")
         if heldout_perplexity is not None:
             ax.axhline(heldout_perplexity, label="held-out text", **HELDOUT_STYLE)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(label, fontsize=9)
-        ax.set_ylabel("teacher perplexity at held-out entropy", fontsize=9)
-        ax.margins(x=0.2, y=0.15)
-        ax.grid(alpha=0.3, which="both")
+        _log_log(ax, label, "teacher perplexity at held-out entropy", x_margin=0.2)
     for index, name in enumerate(families):
         axes[0][0].plot([], [], "o", color=f"C{index}", label=name)
     _legend(axes[0][0], fontsize=8)
