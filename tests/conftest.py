@@ -61,9 +61,9 @@ def restored_logging():
         logger.propagate = propagate
 
 
-def _named(names: list[str], noun: str = "families") -> str:
+def _named(names: list[str]) -> str:
     joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    return f"the {joined} {'family' if len(names) == 1 else noun}"
+    return f"the {joined} {'family' if len(names) == 1 else 'families'}"
 
 
 def _declaring(declares) -> list[str]:
