@@ -231,6 +231,21 @@ def test_the_per_step_softmax_is_float64():
     assert banned.exp()[0, 1] == 0 and torch.isclose(banned.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("temperature", [0.3, 0.9, 1.0, 2.0])
+def test_the_step_scores_are_x_theta_at_the_temperature(temperature):
+    """Oracle: torch's float64 log-softmax of logits / T. The step's log-weights less their
+    normaliser are it, at logits far from 0 (a row's shift must not change its law) and with a
+    banned word at -inf."""
+    logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(8)) * 8 + 300
+    oracle = torch.log_softmax(logits.double() / temperature, dim=-1)
+    weights, normaliser = uniform.word_scores(logits, temperature)
+    assert torch.allclose(weights.double() - normaliser[..., None], oracle, atol=1e-5)
+    banned = logits.double().clone()
+    banned[..., 4] = -torch.inf
+    assert torch.allclose(uniform.word_log_probs(logits, temperature, banned=[4]),
+                          torch.log_softmax(banned / temperature, dim=-1), atol=1e-5)
+
+
 # --- the chain ------------------------------------------------------------------------------------
 
 def test_fixed_words_are_held_and_scores_are_the_last_steps():

@@ -41,7 +41,7 @@ from dlm.core.runtime import autocast
 from dlm.families import Terms
 from dlm.families.contract import Chain, Frames, LoadedRun, SampleOptions
 from dlm.families.masked import WHY_NOT as MASKED_WHY_NOT
-from dlm.families.masked import MaskedDiffusion, categorical
+from dlm.families.masked import MaskedDiffusion, inverse_cdf
 
 TIME_SCALE = 1000  # the network reads t as 1000 t: the range of the Gaussian chain's integer timesteps
 TRAIN_TIMES = (1e-3, 1.0)  # UDLM's training range of t (its sampling_eps); the bound uses all of (0, 1)
@@ -175,30 +175,49 @@ def step_weights(x_z: torch.Tensor, vocab: int, t: float, s: float) -> tuple[tor
             (1 - alpha_ts) * (1 - alpha_s) / denominator)
 
 
-def word_log_probs(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
-    """log x_theta (..., V) in float64 at `temperature` (0: the argmax, one-hot), banned words at
-    probability 0. float64 before dividing: float32 logits / 1e-39 overflow to inf (and nan)."""
-    scaled = logits.double()
+def word_scores(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
+    """x_theta (..., V) at `temperature` as log-weights and their float64 log-normaliser (...,):
+    log x_theta = weights - normaliser. The weights are the logits less their row's largest, divided
+    by the temperature, so never above 0: no overflow at any temperature (float32 logits / 1e-39
+    overflowed to inf - inf = nan, and every draw became id 0 in the masked family). The normaliser is
+    summed in float32 (terms at most 1: its rounding moves a probability by about 1e-7 of itself) and
+    the step takes x_theta in float64 only at each position's own word and on the rows it draws from,
+    so no float64 copy of the (..., V) scores is made: that copy cost more than the network. Temperature
+    0: the argmax, one-hot; banned words at probability 0."""
+    scaled = logits.float()
     if banned:
+        scaled = scaled.clone()
         scaled[..., list(banned)] = -torch.inf
     if temperature == 0:
         best = F.one_hot(scaled.argmax(-1), scaled.shape[-1]).bool()
-        return torch.zeros_like(scaled).masked_fill(~best, -torch.inf)
-    return torch.log_softmax(scaled / temperature, dim=-1)
+        weights = torch.zeros_like(scaled).masked_fill(~best, -torch.inf)
+    else:
+        weights = (scaled - scaled.amax(-1, keepdim=True)).div_(temperature)
+    return weights, torch.logsumexp(weights, dim=-1).double()
+
+
+def word_log_probs(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
+    """log x_theta (..., V) in float64: `word_scores` normalised."""
+    weights, normaliser = word_scores(logits, temperature, banned)
+    return weights.double() - normaliser[..., None]
 
 
 def reverse_step(log_x: torch.Tensor, z: torch.Tensor, t: float, s: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, normaliser: torch.Tensor | None = None) -> torch.Tensor:
     """z_s (B, L) drawn from `reverse_probs` in two float64 stages: each position's part of the
-    mixture (a coin), then a word from x_theta only where that part is x_theta's."""
+    mixture (a coin), then a word from x_theta (by its inverse CDF) only where that part is
+    x_theta's. log_x: log x_theta, or log-weights with their `normaliser` (`word_scores`)."""
     vocab = log_x.shape[-1]
-    keep, _, from_uniform = step_weights(log_x.gather(-1, z[..., None])[..., 0].exp(), vocab, t, s)
+    if normaliser is None:
+        normaliser = torch.logsumexp(log_x.double(), dim=-1)
+    x_z = (log_x.gather(-1, z[..., None])[..., 0].double() - normaliser).exp()
+    keep, _, from_uniform = step_weights(x_z, vocab, t, s)
     coin = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
     uniform = torch.randint(vocab, z.shape, generator=generator).to(z.device)
     z_s = torch.where(coin < keep, z, uniform)
     pick = (coin >= keep) & (coin < 1 - from_uniform)  # x_theta's part: the rest
     if pick.any():
-        z_s[pick] = categorical(log_x[pick].exp(), generator).to(z.device)
+        z_s[pick] = inverse_cdf((log_x[pick].double() - normaliser[pick][:, None]).exp(), generator).to(z.device)
     return z_s
 
 
@@ -220,11 +239,11 @@ def sample_ids(model: UniformDiffusionLM, ids: torch.Tensor, known: torch.Tensor
         t, s = 1 - index / steps, 1 - (index + 1) / steps
         with autocast(precision, device):
             logits = model(z, torch.full((batch,), t, device=device))
-        log_x = word_log_probs(logits, temperature, banned)
+        weights, normaliser = word_scores(logits, temperature, banned)
         if keep_scores and index == steps - 1:
-            probs = reverse_probs(log_x.exp(), z, t, s)
+            probs = reverse_probs((weights.double() - normaliser[..., None]).exp(), z, t, s)
             scores = torch.where(known.cpu()[..., None], 0.0, probs.log().float().cpu())
-        z = torch.where(known, ids, reverse_step(log_x, z, t, s, generator))
+        z = torch.where(known, ids, reverse_step(weights, z, t, s, generator, normaliser))
         if on_step is not None:
             on_step(index, s, z)
     return z, scores
