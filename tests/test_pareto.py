@@ -90,6 +90,23 @@ def test_the_figure_has_both_costs_and_joins_each_frontier():
     assert sorted(front.get_xdata()) == [0.01, 0.03, 0.05]
 
 
+def test_labels_of_settings_that_cost_the_same_do_not_overlap():
+    """Two settings at one cost and nearly one quality (grid:1 and confidence:1 were): their labels
+    are moved apart, and the family names are in the legend, not in every label."""
+    from dlm.workbench import plots
+
+    table = pareto_csv_table()
+    table.loc[4, ["cpu_s_per_sample", "batch1_s", "teacher_ppl", "ppl_min", "ppl_max"]] = \
+        table.loc[1, ["cpu_s_per_sample", "batch1_s", "teacher_ppl", "ppl_min", "ppl_max"]].to_numpy() * [1, 1, 1.02, 1.02, 1.02]
+    figure = plots.quality_against_speed(table, heldout_perplexity=70.0)
+    figure.draw_without_rendering()
+    for ax in figure.axes:
+        boxes = [text.get_window_extent() for text in ax.texts]
+        assert len(boxes) == len(table)
+        assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert {text.get_text() for text in figure.legends[0].texts} >= {"autoregressive", "masked diffusion"}
+
+
 def test_the_index_shows_quality_against_cost_only_with_a_table(tmp_path):
     from dlm.workbench.workbook import write_index
 

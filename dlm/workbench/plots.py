@@ -409,23 +409,46 @@ def _log_log(ax, xlabel: str, ylabel: str, x_margin: float) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def _spread_labels(ax, labels: list, step: float = 8.0, tries: int = 12) -> None:
+    """Moves each point label down by `step` points until its box overlaps no label placed before it
+    and stays inside the axes: two settings that cost the same would otherwise print one on top of
+    the other. Greedy, in drawing order; a label that finds no free place in `tries` stays put."""
+    inside, placed = ax.get_window_extent(), []
+    for label in labels:
+        start = label.xyann
+        for attempt in range(tries):
+            label.xyann = (start[0], start[1] - attempt * step)
+            box = label.get_window_extent()
+            if not any(box.overlaps(other) for other in placed) and inside.y0 <= box.y0 and box.x1 <= inside.x1:
+                break
+        else:
+            label.xyann = start
+        placed.append(label.get_window_extent())
+
+
 def quality_against_speed(table: pd.DataFrame, heldout_perplexity: float | None = None) -> Figure:
     """The Pareto figure of benchmarks/pareto.py: each row's teacher perplexity at held-out entropy
     (log; its seeds' range as a bar) against its CPU seconds per sample in a batch and against the
-    wall seconds of one sample alone (log), a colour per family, each row's frontier joined by a
-    line. `table`: pareto.csv (row, family, setting, teacher_ppl, ppl_min, ppl_max,
-    cpu_s_per_sample, batch1_s). Held-out text's perplexity is the dashed line."""
+    wall seconds of one sample alone (log), a colour per family (in the legend below the panels, so
+    the points' own labels name the setting only), each row's frontier joined by a line.
+    `table`: pareto.csv (row, family, setting, teacher_ppl, ppl_min, ppl_max, cpu_s_per_sample,
+    batch1_s). Held-out text's perplexity is the dashed line."""
     panels = [("cpu_s_per_sample", "CPU seconds per sample (batch of 64)"),
               ("batch1_s", "seconds for one sample alone (batch of 1)")]
-    figure, axes = _figure(1, len(panels), 6.0 * len(panels), 4.2)
     families = list(dict.fromkeys(table["family"]))
+    # one family a row: its name goes to the legend and the label keeps the setting
+    family_rows = table.groupby("family")["row"].nunique().to_dict()
+    figure, axes = _figure(1, len(panels), 6.0 * len(panels), 4.6)
     for ax, (column, label) in zip(axes[0], panels):
-        for _, row in table.iterrows():
+        labels = []
+        for _, row in table.sort_values("teacher_ppl", ascending=False).iterrows():
             color = f"C{families.index(row['family'])}"
             spread = [[row["teacher_ppl"] - row["ppl_min"]], [row["ppl_max"] - row["teacher_ppl"]]]
             ax.errorbar(row[column], row["teacher_ppl"], yerr=spread, fmt="o", markersize=6, color=color, capsize=2)
-            ax.annotate(f"{row['row']}: {row['setting']}" if row["setting"] != "its own" else str(row["row"]),
-                        (row[column], row["teacher_ppl"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+            name = str(row["row"]) if row["setting"] == "its own" else (
+                str(row["setting"]) if family_rows[row["family"]] == 1 else f"{row['row']}: {row['setting']}")
+            labels.append(ax.annotate(name, (row[column], row["teacher_ppl"]), textcoords="offset points",
+                                      xytext=(5, 3), fontsize=7, color=color))
         front = table[table[f"frontier_{column}"].astype(bool)].sort_values(column) \
             if f"frontier_{column}" in table else table.iloc[0:0]
         if len(front) > 1:
@@ -433,8 +456,11 @@ def quality_against_speed(table: pd.DataFrame, heldout_perplexity: float | None 
                     label="the frontier: nothing cheaper is better")
         if heldout_perplexity is not None:
             ax.axhline(heldout_perplexity, label="held-out text", **HELDOUT_STYLE)
-        _log_log(ax, label, "teacher perplexity at held-out entropy", x_margin=0.2)
+        _log_log(ax, label, "teacher perplexity at held-out entropy", x_margin=0.25)
+        figure.draw_without_rendering()  # the labels' boxes need the laid-out axes
+        _spread_labels(ax, labels)
     for index, name in enumerate(families):
         axes[0][0].plot([], [], "o", color=f"C{index}", label=name)
-    _legend(axes[0][0], fontsize=8)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8, frameon=False)
     return figure
