@@ -18,6 +18,10 @@ and better.
 
 Writes pareto.csv, pareto.md and pareto.png to --out (default benchmarks/results/); with --index
 REPORTS also REPORTS/pareto.csv, which the report index shows (and the index is rewritten).
+--keep TABLE adds rows to an earlier pareto.csv: its rows stay (the AR's too, which is then not
+measured again) unless this run measures the same row and setting; each row's `measured` column
+gives its date, so rows from separate invocations read as such (their costs were taken under
+whatever else the machine ran then).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--index", metavar="REPORTS", help="also put pareto.csv beside the report index, rewrite it")
+    parser.add_argument("--keep", metavar="TABLE", help="an earlier pareto.csv whose rows stay unless measured again")
     return parser.parse_args(argv)
 
 
@@ -111,7 +116,23 @@ def measure(run, teacher, setting: Setting, target: float, args: argparse.Namesp
             "heldout_ppl": results[0]["heldout"]["teacher_perplexity"],
             "cpu_s_per_sample": batch_cpu / args.samples,
             "batch1_s": statistics.median(wall for wall, _ in alone),
-            "batch1_cpu_s": statistics.median(cpu for _, cpu in alone)}
+            "batch1_cpu_s": statistics.median(cpu for _, cpu in alone), "measured": time.strftime("%Y-%m-%d")}
+
+
+def kept_rows(path: str | None) -> pd.DataFrame:
+    """The rows of an earlier table (--keep) without its derived columns, or an empty frame."""
+    if path is None:
+        return pd.DataFrame()
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--keep {path}: cannot read it as a pareto.csv ({error}); give benchmarks/results/pareto.csv "
+                        "or leave --keep out.") from None
+    missing = {"row", "setting", "teacher_ppl", *COSTS} - set(table.columns)
+    if missing:
+        raise UserError(f"--keep {path}: not a pareto.csv (no {', '.join(sorted(missing))}); "
+                        "give benchmarks/results/pareto.csv or leave --keep out.")
+    return table.drop(columns=[c for c in table.columns if c.startswith("frontier_") or c.endswith("_ok")])
 
 
 def pareto_table(args: argparse.Namespace) -> None:
@@ -125,6 +146,7 @@ def pareto_table(args: argparse.Namespace) -> None:
         check_destination(out / name, "--out")
     if args.index:
         check_destination(Path(args.index) / "pareto.csv", "--index")
+    kept = kept_rows(args.keep)
     teacher = load_run(args.teacher)
     check_teacher(teacher)
     loaded = []
@@ -137,13 +159,20 @@ def pareto_table(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     target = heldout_entropy(teacher, args.samples, teacher)
     start, rows = time.perf_counter(), []
+    ar_kept = not kept.empty and (kept["row"] == AR_ROW).any()
     with torch.inference_mode():
-        for label, run, settings in [(AR_ROW, teacher, [Setting()]), *loaded]:
+        for label, run, settings in [*([] if ar_kept else [(AR_ROW, teacher, [Setting()])]), *loaded]:
             for setting in settings:
                 rows.append({"row": label, **measure(run, teacher, setting, target, args)})
                 print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
                 pd.DataFrame(rows).to_csv(out / "pareto.partial.csv", index=False)  # kept if a later row fails
-    table = race(pd.DataFrame(rows), AR_ROW, rows[0]["heldout_ppl"])
+    measured = pd.DataFrame(rows)
+    if not kept.empty:  # a row measured now replaces its earlier self, in the earlier table's order
+        again = kept.set_index(["row", "setting"]).index.isin(measured.set_index(["row", "setting"]).index)
+        measured = pd.concat([kept[~again], measured], ignore_index=True)
+        ar = measured["row"] == AR_ROW
+        measured = pd.concat([measured[ar], measured[~ar]], ignore_index=True)
+    table = race(measured, AR_ROW, float(measured["heldout_ppl"].iloc[0]))
     for cost in COSTS:
         table[f"frontier_{cost}"] = frontier(table, cost)
     write_outputs(table, args, target, time.perf_counter() - start)
@@ -158,7 +187,8 @@ def write_outputs(table: pd.DataFrame, args: argparse.Namespace, target: float, 
     plots.quality_against_speed(table, table["heldout_ppl"].iloc[0]).savefig(out / "pareto.png")
     cpu = machine()
     command = "python benchmarks/pareto.py --teacher " + args.teacher + "".join(f' "{r}"' for r in args.runs) + \
-        f" --seeds {args.seeds} --samples {args.samples} --threads {args.threads}"
+        f" --seeds {args.seeds} --samples {args.samples} --threads {args.threads}" + \
+        (f" --keep {args.keep}" if args.keep else "")
     shown = table.drop(columns=["heldout_ppl", "ppl_min", "ppl_max", "matched"])
     shown.insert(shown.columns.get_loc("teacher_ppl") + 1, "ppl range",
                  [f"{lo:,.1f}-{hi:,.1f}" for lo, hi in zip(table["ppl_min"], table["ppl_max"])])

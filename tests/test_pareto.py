@@ -152,6 +152,30 @@ def test_pareto_rows_per_setting_beside_the_ar(tmp_path, capsys):
     assert not (tmp_path / "out" / "pareto.partial.csv").exists()
 
 
+def test_keep_adds_rows_to_an_earlier_table_without_measuring_it_again(tmp_path, capsys):
+    corpus = str(make_corpus(tmp_path / "corpus.txt"))
+    masked = toy_run_dir(tmp_path / "m", model="masked", corpus=corpus)
+    ar = toy_run_dir(tmp_path / "ar", model="ar", corpus=corpus)
+    earlier = pareto_csv_table().drop(columns=["frontier_cpu_s_per_sample"])
+    earlier.loc[0, "row"] = load_pareto().AR_ROW
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    assert load_pareto().main([f"m={masked}::grid:2", f"fast bad={masked}::grid:10", "--teacher", str(ar),
+                               "--samples", "4", "--seeds", "1", "--latency_repeats", "1",
+                               "--out", str(tmp_path / "out"), "--keep", str(tmp_path / "earlier.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "pareto.csv")))
+    assert [(r["row"], r["setting"]) for r in rows] == [
+        (load_pareto().AR_ROW, "its own"), ("fast good", "grid:1"), ("slow good", "its own"),
+        ("good alone only", "first_hitting"), ("m", "grid:2"), ("fast bad", "grid:10")]
+    # the AR and the kept rows are the earlier table's numbers; "fast bad" (grid:10) was measured again
+    assert float(rows[0]["cpu_s_per_sample"]) == float(earlier.loc[0, "cpu_s_per_sample"])
+    assert float(rows[5]["cpu_s_per_sample"]) != float(earlier.loc[2, "cpu_s_per_sample"]) and rows[5]["measured"]
+    assert rows[4]["quality_ok"] in ("True", "False") and "--keep" in (tmp_path / "out" / "pareto.md").read_text()
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    assert load_pareto().main([f"m={masked}", "--teacher", str(ar), "--out", str(tmp_path / "out2"),
+                               "--keep", str(tmp_path / "bad.csv")]) == 2
+    assert "--keep" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
 def test_a_sampler_on_a_family_without_one_is_refused_before_sampling(tmp_path, capsys):
     corpus = str(make_corpus(tmp_path / "corpus.txt"))
     gaussian = toy_run_dir(tmp_path / "g", corpus=corpus)
