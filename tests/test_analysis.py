@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -124,6 +125,30 @@ def test_analyse_run_and_write_verdict(trained_run):
     verdict = json.loads(path.read_text())
     assert verdict["run"] == "tiny" and verdict["checkpoints"] == 2 and "heldout" in verdict
     assert path == RunDir(trained_run).verdict and RunDir(trained_run).series.is_file()
+
+
+def test_a_run_kept_without_checkpoints_is_read_from_its_recorded_analysis(trained_run, tmp_path, capsys):
+    """A committed report keeps a run's analysis/ and not its checkpoints (reference/run_10x): the
+    collapse page still puts its series and verdict beside a run that has them."""
+    result = analysis.analyse_run(trained_run, max_checkpoints=2, num_samples=4, steps=5, name="tiny")
+    analysis.write_verdict([result])
+    kept = tmp_path / "run_10x"
+    kept.mkdir()
+    for name in ("config.yaml", "metrics.csv", "analysis"):
+        source = trained_run / name
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, kept / name)
+    recorded = analysis.analyse_run(kept, max_checkpoints=2, num_samples=4, name="x10")
+    assert recorded.series["run"].tolist() == ["x10", "x10"]
+    assert recorded.series[["epoch", "unigram_entropy", "nn_over_sigma0"]].equals(
+        result.series[["epoch", "unigram_entropy", "nn_over_sigma0"]])
+    assert recorded.heldout == pytest.approx(result.heldout)
+    assert {k: v for k, v in recorded.verdict().items() if k != "run"} == \
+        {k: v for k, v in result.verdict().items() if k != "run"}
+    assert analysis.with_geometry([result, recorded]) == [result]
+    assert "x10: its checkpoints are not kept" in capsys.readouterr().out
+    shutil.rmtree(kept / "analysis")  # neither checkpoints nor an analysis: the one line names the fix
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        analysis.analyse_run(kept)
 
 
 def test_checkpoint_samples_table(trained_run):

@@ -47,10 +47,29 @@ class RunAnalysis:
         return run_collapse_verdict(self.series, self.heldout, self.name)
 
 
+def recorded_analysis(run_dir: str | Path, name: str | None = None) -> RunAnalysis:
+    """The analysis a run without checkpoints recorded in its analysis/ folder (a committed report's
+    run_10x/, whose checkpoints are not kept): its series over checkpoints and the held-out text it
+    was judged against, without geometry, projections or sample texts (those need the checkpoints)."""
+    run = RunDir(run_dir)
+    if not (run.series.is_file() and run.verdict.is_file()):
+        raise UserError(f"'{run.path}' holds no checkpoints and no recorded analysis (analysis/series.csv and "
+                        "verdict.json): train into it first (dlm train), or give a run that has either.")
+    series = pd.read_csv(run.series)
+    series["run"] = name or run.path.name
+    series["signals"] = series["signals"].fillna("")
+    heldout = json.loads(run.verdict.read_text(encoding="utf-8"))["heldout"]
+    logger.info("analysis: %s has no checkpoints; its recorded analysis/series.csv is shown", run.path)
+    return RunAnalysis(name=name or run.path.name, run_dir=run.path, heldout=heldout, series=series)
+
+
 def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int = 64, steps: int | None = None,
                 seed: int = 0, name: str | None = None, keep_samples: int = 3) -> RunAnalysis:
-    """Sample every picked checkpoint of one run and measure samples and embedding geometry."""
+    """Sample every picked checkpoint of one run and measure samples and embedding geometry; a run
+    without checkpoints is read from the analysis it recorded (`recorded_analysis`)."""
     run_dir = Path(run_dir)
+    if not RunDir(run_dir).has_checkpoint() and RunDir(run_dir).series.is_file():
+        return recorded_analysis(run_dir, name)
     paths = run_checkpoints(run_dir, max_checkpoints)
     model = load_run(run_dir, paths[-1]).config.model if paths else None
     if model is not None and not supports(model, "geometry"):
@@ -85,6 +104,23 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
     series["signals"] = [", ".join(k for k, v in f.items() if v) for f in flags]
     analysis.series = series
     return analysis
+
+
+def with_geometry(analyses: Sequence[RunAnalysis]) -> list[RunAnalysis]:
+    """The analyses that read checkpoints (what the geometry, projection and rounding-bias sections
+    show), after one line for each that did not, saying why its sections are missing."""
+    for a in analyses:
+        if not a.geometry:
+            print(f"{a.name}: its checkpoints are not kept, so its series over training comes from its recorded "
+                  "analysis/series.csv, and its embedding geometry, projection, rounding bias and sample texts are "
+                  "not available.")
+    return [a for a in analyses if a.geometry]
+
+
+def first_and_last(a: RunAnalysis) -> list[int]:
+    """The first and the last analysed epoch of a run (one when it has one)."""
+    epochs = sorted(a.geometry)
+    return [epochs[0], epochs[-1]] if len(epochs) > 1 else epochs
 
 
 def write_sample_summary(run_dir: str | Path, streams: dict[str, Sequence[Sequence[str]]], **meta) -> Path:
