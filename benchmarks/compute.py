@@ -2,7 +2,7 @@
 kept checkpoints into the smaller budgets, each budget scored as the families table is.
 
     python benchmarks/compute.py [--threads 1] train FAMILY          # resumable: run it again to go on
-    python benchmarks/compute.py status                               # what is trained, what is left
+    python benchmarks/compute.py status                               # what is trained and left; overfitting
     python benchmarks/compute.py score --teacher runs/ar [FAMILY ...] [--seeds 2]
     python benchmarks/compute.py plot                                 # reports/compute/index.html
 
@@ -118,12 +118,34 @@ def train(family: str, root: Path, threads: int | None) -> int:
     return 0
 
 
+def validation_trend(folder: Path) -> str:
+    """The long run's validation loss in words: its lowest (step) and its latest, and whether it has
+    risen since: the measurement that says a family overfits before 4x and needs dropout or weight
+    decay (item 2 of issue 36), read while the run goes on."""
+    import pandas as pd
+
+    metrics = folder / "metrics.csv"
+    if not metrics.is_file():
+        return ""
+    try:
+        validation = pd.read_csv(metrics)[["step", "val_total"]].dropna()
+    except (KeyError, ValueError):
+        return ""
+    if validation.empty:
+        return ""
+    best, last = validation.loc[validation["val_total"].idxmin()], validation.iloc[-1]
+    risen = last["val_total"] > best["val_total"] * 1.01
+    return (f"val loss lowest {best['val_total']:.4f} at step {int(best['step'])}, latest {last['val_total']:.4f} at "
+            f"step {int(last['step'])}" + (": risen over 1% since, it overfits" if risen else ""))
+
+
 def status(root: Path) -> int:
     for family in FAMILIES:
         reached = {budget: trained_to(budget_folder(family, budget, root)) for budget in (0.25, 0.5, 1.0, 2.0, 4.0)}
         cells = ", ".join(f"{budget:g}x {'done' if (s or 0) >= final_step(budget) else f'{s or 0}/{final_step(budget)}'}"
                           for budget, s in reached.items())
-        print(f"{family:18s} {cells}")
+        trend = validation_trend(budget_folder(family, 4.0, root))
+        print(f"{family:18s} {cells}" + (f"\n{'':18s} {trend}" if trend else ""))
     return 0
 
 

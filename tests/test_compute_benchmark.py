@@ -74,3 +74,16 @@ def test_the_compute_multiple_follows_a_power_law_between_budgets():
     assert compute.compute_multiple(points, 50.0, 1.0) == pytest.approx(2.0)
     assert compute.compute_multiple(points, 100.0, 2.0) == pytest.approx(0.5)  # at its first budget already
     assert compute.compute_multiple(points, 10.0, 1.0) is None  # never within the sweep
+
+
+def test_status_says_when_the_long_run_s_validation_loss_has_risen(tmp_path, capsys):
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("step,epoch,total,val_total\n50,1,5.0,\n65,1,4.9,4.80\n130,2,4.5,4.40\n"
+                                        "195,3,4.2,4.41\n")
+    assert compute.validation_trend(folder) == "val loss lowest 4.4000 at step 130, latest 4.4100 at step 195"
+    (folder / "metrics.csv").write_text("step,epoch,total,val_total\n65,1,4.9,4.80\n130,2,4.5,4.40\n195,3,4.2,4.60\n")
+    assert compute.validation_trend(folder).endswith("latest 4.6000 at step 195: risen over 1% since, it overfits")
+    assert compute.validation_trend(tmp_path / "ar") == ""
+    compute.status(tmp_path)
+    assert "it overfits" in capsys.readouterr().out
