@@ -478,12 +478,7 @@ PAGE_CHECKS = ("width", "headings", "slider")
 # The committed pages drawn before these checks, and the check each fails until it is redrawn with
 # the commands of reports/README.md (the runs' checkpoints are not committed: a redraw trains again,
 # or takes --from_run of a run kept elsewhere).
-DRAWN_BEFORE = {
-    ("blocks1/sample.html", "slider"): (
-        "'step 640 of 10' on one slider of 640 positions (drawn before the block slider); redraw: dlm report "
-        "params/blocks1.yaml --name blocks1 --overwrite --param sample.teacher_dir=runs/ar --param "
-        "sample.curve_samples=64 --param sample.curve_steps=2,5,10,20,50 --param train.nll_windows=64"),
-}
+DRAWN_BEFORE: dict[tuple[str, str], str] = {}  # none since blocks1/ was redrawn (2026-12-07)
 
 
 @pytest.fixture(scope="module")
