@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from dlm.core.textstats import content_tokens, punctuation_share
 from dlm.evaluation.tokens import rank_frequency, top_tokens
@@ -407,14 +408,21 @@ def _log_log(ax, xlabel: str, ylabel: str, x_margin: float) -> None:
     ax.set_ylabel(ylabel, fontsize=9)
     ax.margins(x=x_margin, y=0.15)
     ax.grid(alpha=0.3, which="both")
+    for axis, (low, high) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        if low > 0 and high / low > 10:  # over a decade, the 2x-9x labels run into each other
+            axis.set_minor_formatter(NullFormatter())
 
 
 def _spread_labels(ax, labels: list, step: float = 8.0, tries: int = 12) -> None:
     """Moves each point label down by `step` points until its box overlaps no label placed before it
-    and stays inside the axes: two settings that cost the same would otherwise print one on top of
-    the other. Greedy, in drawing order; a label that finds no free place in `tries` stays put."""
+    and stays inside the axes (a label that would cross the right edge goes to the left of its point
+    first): two settings that cost the same would otherwise print one on top of the other. Greedy,
+    in drawing order; a label that finds no free place in `tries` stays where it started."""
     inside, placed = ax.get_window_extent(), []
     for label in labels:
+        if label.get_window_extent().x1 > inside.x1:
+            label.set_horizontalalignment("right")
+            label.xyann = (-label.xyann[0], label.xyann[1])
         start = label.xyann
         for attempt in range(tries):
             label.xyann = (start[0], start[1] - attempt * step)
