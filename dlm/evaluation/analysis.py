@@ -68,7 +68,8 @@ def analyse_run(run_dir: str | Path, max_checkpoints: int = 6, num_samples: int 
     """Sample every picked checkpoint of one run and measure samples and embedding geometry; a run
     without checkpoints is read from the analysis it recorded (`recorded_analysis`)."""
     run_dir = Path(run_dir)
-    if not RunDir(run_dir).has_checkpoint() and RunDir(run_dir).series.is_file():
+    folder = RunDir(run_dir)
+    if not folder.has_checkpoint() and folder.series.is_file():
         return recorded_analysis(run_dir, name)
     paths = run_checkpoints(run_dir, max_checkpoints)
     model = load_run(run_dir, paths[-1]).config.model if paths else None

@@ -196,10 +196,14 @@ def word_scores(logits: torch.Tensor, temperature: float, banned: Sequence[int] 
     return weights, torch.logsumexp(weights, dim=-1).double()
 
 
+def normalised(weights: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """log x_theta (..., V) in float64 from `word_scores`' log-weights (..., V) and normaliser (...,)."""
+    return weights.double() - normaliser[..., None]
+
+
 def word_log_probs(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
     """log x_theta (..., V) in float64: `word_scores` normalised."""
-    weights, normaliser = word_scores(logits, temperature, banned)
-    return weights.double() - normaliser[..., None]
+    return normalised(*word_scores(logits, temperature, banned))
 
 
 def reverse_step(log_x: torch.Tensor, z: torch.Tensor, t: float, s: float,
@@ -217,7 +221,7 @@ def reverse_step(log_x: torch.Tensor, z: torch.Tensor, t: float, s: float,
     z_s = torch.where(coin < keep, z, uniform)
     pick = (coin >= keep) & (coin < 1 - from_uniform)  # x_theta's part: the rest
     if pick.any():
-        z_s[pick] = inverse_cdf((log_x[pick].double() - normaliser[pick][:, None]).exp(), generator).to(z.device)
+        z_s[pick] = inverse_cdf(normalised(log_x[pick], normaliser[pick]).exp(), generator).to(z.device)
     return z_s
 
 
@@ -241,7 +245,7 @@ def sample_ids(model: UniformDiffusionLM, ids: torch.Tensor, known: torch.Tensor
             logits = model(z, torch.full((batch,), t, device=device))
         weights, normaliser = word_scores(logits, temperature, banned)
         if keep_scores and index == steps - 1:
-            probs = reverse_probs((weights.double() - normaliser[..., None]).exp(), z, t, s)
+            probs = reverse_probs(normalised(weights, normaliser).exp(), z, t, s)
             scores = torch.where(known.cpu()[..., None], 0.0, probs.log().float().cpu())
         z = torch.where(known, ids, reverse_step(weights, z, t, s, generator, normaliser))
         if on_step is not None:
